@@ -1,0 +1,235 @@
+"""The `npuswarm` command: run the operator, or look at placement without writing anything."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from npuswarm import __version__, api, crd, logs
+from npuswarm.api import ModelDeployment, validation_message
+from npuswarm.npus import device_name, format_npu_ids
+from npuswarm.observed import SwarmSnapshot
+from npuswarm.reconcile import Reconciler
+from npuswarm.settings import Settings
+from npuswarm.swarm import Swarm, SwarmUnavailable
+
+CRD_PATH = Path("crds") / f"{api.PLURAL}.{api.GROUP}.yaml"
+
+
+class UsageError(Exception):
+    """Bad input from the command line or a file: printed, exit code 2."""
+
+
+def load_deployments(paths: Sequence[str]) -> list[ModelDeployment]:
+    """Every ModelDeployment document in the files, validated; other kinds are an error."""
+    found: list[ModelDeployment] = []
+    for path in paths:
+        try:
+            documents = list(yaml.safe_load_all(Path(path).read_text()))
+        except (OSError, yaml.YAMLError) as error:
+            raise UsageError(f"{path}: {error}") from error
+        for number, document in enumerate(d for d in documents if d is not None):
+            where = f"{path} (document {number + 1})"
+            if not isinstance(document, dict) or document.get("kind") != api.KIND:
+                raise UsageError(f"{where}: not a {api.KIND}")
+            try:
+                found.append(ModelDeployment.model_validate(document))
+            except ValidationError as error:
+                raise UsageError(f"{where}: {validation_message(error)}") from error
+    if not found:
+        raise UsageError("no ModelDeployment found in the given files")
+    return found
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    deployments = load_deployments(args.file)
+    reconciler = Reconciler(Swarm(), Settings.from_env())
+    report: list[dict[str, Any]] = []
+    for md in deployments:
+        snapshot, placement, plan, requests = reconciler.plan(md, deployments)
+        replicas = []
+        for request in requests:
+            assignment = placement.assignments.get(request.key)
+            unplaced = placement.unplaced.get(request.key)
+            node = snapshot.node(assignment.node_id) if assignment else None
+            replicas.append(
+                {
+                    "replica": request.slot,
+                    "node": node.hostname if node else None,
+                    "nodeId": assignment.node_id if assignment else None,
+                    "npus": sorted(assignment.npus) if assignment else [],
+                    "kept": assignment.kept if assignment else False,
+                    "unplaced": f"{unplaced.reason}: {unplaced.message}" if unplaced else None,
+                }
+            )
+        report.append(
+            {
+                "deployment": md.key,
+                "replicas": replicas,
+                "actions": [
+                    {"action": a.kind, "service": a.service_name, "reason": a.reason}
+                    for a in plan.actions
+                ],
+                "deferred": [
+                    {"action": a.kind, "service": a.service_name, "reason": a.reason}
+                    for a in plan.deferred
+                ],
+            }
+        )
+    if args.output == "json":
+        print(json.dumps(report, indent=2))
+        return 0
+    for item in report:
+        print(f"ModelDeployment {item['deployment']}")
+        for replica in item["replicas"]:
+            if replica["unplaced"]:
+                print(f"  replica {replica['replica']}: UNPLACED {replica['unplaced']}")
+            else:
+                how = "keeps" if replica["kept"] else "gets"
+                npus = ", ".join(device_name(i) for i in replica["npus"])
+                print(f"  replica {replica['replica']}: {how} node {replica['node']} [{npus}]")
+        if not item["actions"] and not item["deferred"]:
+            print("  no changes")
+        for action in item["actions"]:
+            print(f"  {action['action']:<7} {action['service']}  ({action['reason']})")
+        for action in item["deferred"]:
+            print(f"  later   {action['action']} {action['service']}  ({action['reason']})")
+    return 0
+
+
+def nodes_map(snapshot: SwarmSnapshot) -> str:
+    """One block per node: every davinciN with the replica that holds it."""
+    holders: dict[tuple[str, int], str] = {}
+    for service in snapshot.services:
+        allocation = service.allocation()
+        if allocation is None:
+            continue
+        for npu in allocation.npus:
+            who = f"{allocation.deployment}[{allocation.slot}] {service.name}"
+            previous = holders.get((allocation.node_id, npu))
+            holders[(allocation.node_id, npu)] = f"{previous} AND {who} (CONFLICT)" if previous else who
+    lines = []
+    for node in snapshot.nodes:
+        lines.append(
+            f"{node.hostname} ({node.id[:12]})  {node.state}/{node.availability}  "
+            f"topology={node.topology}  npus={format_npu_ids(node.npus) or '-'}"
+        )
+        lines.extend(f"  ! {problem}" for problem in node.problems)
+        if not node.npus:
+            lines.append("  (no NPUs)")
+        for npu in sorted(node.npus):
+            if npu in node.reserved:
+                holder = "reserved"
+            else:
+                holder = holders.get((node.id, npu), "free")
+            lines.append(f"  {device_name(npu):<10} {holder}")
+        strays = sorted(
+            npu for (node_id, npu) in holders if node_id == node.id and npu not in node.npus
+        )
+        for npu in strays:
+            lines.append(f"  {device_name(npu):<10} {holders[(node.id, npu)]} (NPU not on node)")
+    return "\n".join(lines)
+
+
+def cmd_nodes(args: argparse.Namespace) -> int:
+    snapshot = Swarm().observe()
+    if args.output == "json":
+        data = [
+            {
+                "id": n.id,
+                "hostname": n.hostname,
+                "state": n.state,
+                "availability": n.availability,
+                "topology": n.topology,
+                "npus": sorted(n.npus),
+                "reserved": sorted(n.reserved),
+            }
+            for n in snapshot.nodes
+        ]
+        print(json.dumps(data, indent=2))
+    else:
+        print(nodes_map(snapshot))
+    return 0
+
+
+def cmd_crd(args: argparse.Namespace) -> int:
+    text = crd.render_yaml()
+    if args.check:
+        path = Path(args.check)
+        if not path.exists() or path.read_text() != text:
+            print(f"{path} is stale: run `npuswarm crd > {path}`", file=sys.stderr)
+            return 1
+        return 0
+    sys.stdout.write(text)
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import kopf
+
+    import npuswarm.handlers  # noqa: F401 - registers the handlers with kopf
+
+    kopf.configure(verbose=args.verbose)
+    logs.configure(fmt=args.log_format)
+    kopf.run(
+        standalone=args.standalone,
+        clusterwide=not args.namespace,
+        namespaces=args.namespace or (),
+        liveness_endpoint=args.liveness,
+        priority=args.priority,
+        peering_name=args.peering_name,
+    )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="npuswarm", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"npuswarm {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the operator (kopf)")
+    run.add_argument("-n", "--namespace", action="append", help="watch only these namespaces")
+    run.add_argument("--standalone", action="store_true", help="no peering (single instance)")
+    run.add_argument("--liveness", default="http://0.0.0.0:8080/healthz")
+    run.add_argument("--priority", type=int, default=100, help="kopf peering priority")
+    run.add_argument("--peering-name", default="npuswarm")
+    run.add_argument("--log-format", choices=["auto", "json", "console"], default="auto")
+    run.add_argument("-v", "--verbose", action="store_true")
+    run.set_defaults(func=cmd_run)
+
+    plan = sub.add_parser("plan", help="show placement and the Swarm diff; writes nothing")
+    plan.add_argument("-f", "--file", action="append", required=True, help="ModelDeployment YAML")
+    plan.add_argument("-o", "--output", choices=["text", "json"], default="text")
+    plan.set_defaults(func=cmd_plan)
+
+    nodes = sub.add_parser("nodes", help="map of every node's NPUs and who holds them")
+    nodes.add_argument("-o", "--output", choices=["text", "json"], default="text")
+    nodes.set_defaults(func=cmd_nodes)
+
+    crd_cmd = sub.add_parser("crd", help="print the CRD generated from the API models")
+    crd_cmd.add_argument("--check", metavar="PATH", help="fail if PATH differs from the output")
+    crd_cmd.set_defaults(func=cmd_crd)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except UsageError as error:
+        print(f"npuswarm: {error}", file=sys.stderr)
+        return 2
+    except SwarmUnavailable as error:
+        print(f"npuswarm: cannot reach the Swarm manager: {error}", file=sys.stderr)
+        return 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,215 @@
+"""kopf wiring only: decorators that hand each event to the Reconciler and write back status,
+events and reconcile metrics. Everything that decides anything lives in the pure modules."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+import kopf
+import structlog
+from prometheus_client import start_http_server
+from pydantic import ValidationError
+
+from npuswarm import api, metrics
+from npuswarm.api import ModelDeployment, validation_message
+from npuswarm.events import Event, EventFilter, EventType
+from npuswarm.reconcile import Reconciler, utcnow
+from npuswarm.settings import Settings
+from npuswarm.status import invalid_spec_status, unavailable_status
+from npuswarm.swarm import Swarm, SwarmUnavailable
+
+log = structlog.get_logger("npuswarm.handlers")
+RESOURCE = (api.GROUP, api.VERSION, api.PLURAL)
+SETTINGS = Settings.from_env()
+MAX_BACKOFF_SECONDS = 300.0
+MAX_WORKERS = 4
+
+_reconciler: Reconciler | None = None
+_events = EventFilter()
+
+
+def reconciler() -> Reconciler:
+    global _reconciler  # noqa: PLW0603 - one per process, created when the operator starts
+    if _reconciler is None:
+        _reconciler = Reconciler(Swarm(timeout=SETTINGS.docker_timeout_seconds), SETTINGS)
+    return _reconciler
+
+
+@kopf.on.startup()
+def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+    settings.persistence.finalizer = f"{api.GROUP}/finalizer"
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=api.GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=api.GROUP, key="last-handled-configuration"
+    )
+    # kopf would post an Event for every successful timer tick; only npuswarm's own events
+    # and real warnings should reach `kubectl describe`.
+    settings.posting.level = logging.WARNING
+    settings.execution.max_workers = MAX_WORKERS
+    settings.watching.server_timeout = 300
+    metrics.max_concurrent_reconciles.labels(metrics.CONTROLLER).set(MAX_WORKERS)
+    metrics.leader.set(1)
+    start_http_server(SETTINGS.metrics_port, registry=metrics.REGISTRY)
+    threading.Thread(target=_probe_swarm, name="swarm-probe", daemon=True).start()
+    log.info("npuswarm started", metrics_port=SETTINGS.metrics_port, settings=SETTINGS.__dict__)
+
+
+def _probe_swarm() -> None:
+    """Reachability of the manager goes into a metric, not liveness: restarting the operator
+    would not bring Docker back, and a restart loop would hide the real problem."""
+    while True:
+        reconciler().swarm.ping()
+        time.sleep(SETTINGS.swarm_probe_seconds)
+
+
+@kopf.index(*RESOURCE)
+def deployments(body: kopf.Body, namespace: str, name: str, **_: Any) -> dict[Any, Any]:
+    return {(namespace, name): {"metadata": dict(body.metadata), "spec": dict(body.spec)}}
+
+
+def _parse(raw: dict[str, Any]) -> ModelDeployment:
+    return ModelDeployment.model_validate(raw)
+
+
+def _everyone(index: kopf.Index[Any, Any]) -> list[ModelDeployment]:
+    """All valid deployments; an invalid one asks for nothing until it is fixed."""
+    valid = []
+    for store in index.values():
+        for raw in store:
+            try:
+                valid.append(_parse(raw))
+            except ValidationError:
+                continue
+    return valid
+
+
+def _reconcile(
+    body: kopf.Body,
+    patch: kopf.Patch,
+    deployments: kopf.Index[Any, Any],
+    retry: int,
+) -> None:
+    started = time.monotonic()
+    namespace, name = body.metadata.namespace, body.metadata.name
+    obj = f"{namespace}/{name}"
+    generation = int(body.metadata.get("generation") or 0)
+    previous = dict(body.get("status") or {})
+    metrics.active_workers.labels(metrics.CONTROLLER).inc()
+    result = "error"
+    try:
+        try:
+            md = _parse({"metadata": dict(body.metadata), "spec": dict(body.spec)})
+        except ValidationError as error:
+            message = validation_message(error)
+            patch.status.update(
+                invalid_spec_status(generation, message, previous, utcnow()).model_dump(mode="json")
+            )
+            _post(body, obj, "Warning", "InvalidSpec", message)
+            log.warning("invalid spec", deployment=obj, error=message)
+            result = "success"  # handled: a status, not a retry loop
+            return
+        try:
+            outcome = reconciler().reconcile(md, _everyone(deployments), previous)
+        except SwarmUnavailable as error:
+            patch.status.update(
+                unavailable_status(generation, str(error), previous, utcnow()).model_dump(
+                    mode="json"
+                )
+            )
+            delay = min(MAX_BACKOFF_SECONDS, 5.0 * 2**retry)
+            log.warning("swarm unavailable", deployment=obj, error=str(error), retry_in=delay)
+            raise kopf.TemporaryError(f"Swarm unavailable: {error}", delay=delay) from error
+        patch.status.update(outcome.status.model_dump(mode="json"))
+        for event in outcome.events:
+            _post(body, obj, event.type, event.reason, event.message)
+        _record(md, outcome.status, outcome.unplaced_reasons)
+        result = "requeue_after" if outcome.requeue else "success"
+    finally:
+        elapsed = time.monotonic() - started
+        metrics.active_workers.labels(metrics.CONTROLLER).dec()
+        metrics.reconcile_total.labels(metrics.CONTROLLER, result).inc()
+        metrics.reconcile_time_seconds.labels(metrics.CONTROLLER).observe(elapsed)
+        if result == "error":
+            metrics.reconcile_errors_total.labels(metrics.CONTROLLER).inc()
+        log.info("reconciled", deployment=obj, result=result, duration_seconds=round(elapsed, 3))
+
+
+def _post(body: kopf.Body, obj: str, type_: EventType, reason: str, message: str) -> None:
+    if _events.admit(obj, Event(type_, reason, message)):
+        kopf.event(body, type=type_, reason=reason, message=message)
+
+
+def _record(
+    md: ModelDeployment, status: api.ModelDeploymentStatus, unplaced: dict[str, int]
+) -> None:
+    namespace, name = md.metadata.namespace, md.metadata.name
+    metrics.replicas_desired.labels(namespace, name).set(status.replicas)
+    metrics.replicas_placed.labels(namespace, name).set(status.placedReplicas)
+    metrics.replicas_ready.labels(namespace, name).set(status.readyReplicas)
+    metrics.set_unplaced(namespace, name, unplaced)
+    metrics.last_success_timestamp.labels(namespace, name).set(time.time())
+    _PHASES[(namespace, name)] = status.phase
+    _publish_phases()
+
+
+_PHASES: dict[tuple[str, str], str] = {}
+
+
+def _publish_phases() -> None:
+    counts = dict.fromkeys(("Pending", "Progressing", "Ready", "Degraded", "Invalid"), 0)
+    for phase in _PHASES.values():
+        counts[phase] = counts.get(phase, 0) + 1
+    for phase, count in counts.items():
+        metrics.deployments.labels(phase).set(count)
+
+
+@kopf.on.resume(*RESOURCE)
+def on_resume(
+    body: kopf.Body, patch: kopf.Patch, deployments: kopf.Index[Any, Any], retry: int, **_: Any
+) -> None:
+    _reconcile(body, patch, deployments, retry)
+
+
+@kopf.on.create(*RESOURCE)
+def on_create(
+    body: kopf.Body, patch: kopf.Patch, deployments: kopf.Index[Any, Any], retry: int, **_: Any
+) -> None:
+    _reconcile(body, patch, deployments, retry)
+
+
+@kopf.on.update(*RESOURCE, field="spec")
+def on_update(
+    body: kopf.Body, patch: kopf.Patch, deployments: kopf.Index[Any, Any], retry: int, **_: Any
+) -> None:
+    _reconcile(body, patch, deployments, retry)
+
+
+@kopf.timer(*RESOURCE, interval=SETTINGS.resync_seconds, initial_delay=SETTINGS.resync_seconds)
+def resync(
+    body: kopf.Body, patch: kopf.Patch, deployments: kopf.Index[Any, Any], retry: int, **_: Any
+) -> None:
+    """Level-triggered safety net: drift in Swarm raises no Kubernetes event."""
+    _reconcile(body, patch, deployments, retry)
+
+
+@kopf.on.delete(*RESOURCE)
+def on_delete(namespace: str, name: str, **_: Any) -> None:
+    """Runs behind npuswarm's finalizer: the services go before the resource does."""
+    try:
+        removed = reconciler().finalize(namespace, name)
+    except SwarmUnavailable as error:
+        raise kopf.TemporaryError(f"Swarm unavailable, services kept: {error}", delay=15) from error
+    _events.forget(f"{namespace}/{name}")
+    _PHASES.pop((namespace, name), None)
+    _publish_phases()
+    metrics.forget_deployment(namespace, name)
+    log.info("deployment deleted", deployment=f"{namespace}/{name}", services_removed=removed)
+
+
+@kopf.on.probe(id="swarm")
+def swarm_probe(**_: Any) -> bool:
+    """Shown in the liveness endpoint's JSON, not used to fail it (see _probe_swarm)."""
+    return reconciler().swarm.ping()

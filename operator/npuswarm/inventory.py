@@ -1,0 +1,133 @@
+"""Swarm nodes as npuswarm sees them: which NPUs each has, and whether it can take replicas."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from npuswarm import labels
+from npuswarm.npus import npu_id_from_device, parse_npu_ids
+
+Topology = Literal["any", "rings-of-4"]
+TOPOLOGIES: tuple[Topology, ...] = ("any", "rings-of-4")
+
+
+class NodeInfo(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    id: str
+    hostname: str
+    state: str  # Swarm: ready, down, unknown, disconnected
+    availability: str  # Swarm: active, pause, drain
+    labels: dict[str, str] = {}
+    npus: frozenset[int] = frozenset()
+    reserved: frozenset[int] = frozenset()
+    topology: Topology = "any"
+    status_since: datetime | None = None
+    problems: tuple[str, ...] = ()
+
+    @property
+    def usable_npus(self) -> frozenset[int]:
+        return self.npus - self.reserved
+
+    @property
+    def accepts_new_replicas(self) -> bool:
+        return self.state == "ready" and self.availability == "active"
+
+    @property
+    def drained(self) -> bool:
+        return self.availability == "drain"
+
+    def is_lost(self, now: datetime, grace_seconds: float) -> bool:
+        """Down for longer than the grace: its replicas are placed elsewhere.
+
+        Swarm records no "down since"; UpdatedAt changes when the node's status does, which
+        is close enough for a grace period measured in tens of seconds.
+        """
+        if self.state == "ready":
+            return False
+        if self.status_since is None:
+            return True
+        return (now - self.status_since).total_seconds() >= grace_seconds
+
+    def matches(self, selector: dict[str, str]) -> bool:
+        return all(self.labels.get(key) == value for key, value in selector.items())
+
+
+def parse_engine_time(text: str | None) -> datetime | None:
+    if not text:
+        return None
+    # Docker prints nanoseconds; fromisoformat takes at most microseconds.
+    head, dot, tail = text.rstrip("Z").partition(".")
+    fraction = tail[:6] if dot else ""
+    try:
+        parsed = datetime.fromisoformat(f"{head}.{fraction.ljust(6, '0')}+00:00")
+    except ValueError:
+        return None
+    return parsed
+
+
+def node_from_engine(attrs: dict[str, Any]) -> NodeInfo:
+    """Build a NodeInfo from ``GET /nodes`` output; bad NPU labels become problems, not errors."""
+    spec = attrs.get("Spec") or {}
+    description = attrs.get("Description") or {}
+    node_labels: dict[str, str] = dict(spec.get("Labels") or {})
+    problems: list[str] = []
+
+    npus = _generic_resource_npus(description)
+    if not npus and labels.NODE_NPUS in node_labels:
+        npus = _label_ids(node_labels, labels.NODE_NPUS, problems)
+    problems_before_reserved = len(problems)
+    reserved = _label_ids(node_labels, labels.NODE_NPUS_RESERVED, problems)
+    if len(problems) > problems_before_reserved:
+        # Unknown reservations could cover any NPU: handing any out could collide with them.
+        npus = frozenset()
+
+    topology_label = node_labels.get(labels.NODE_TOPOLOGY, "any")
+    topology: Topology = "any"
+    if topology_label in TOPOLOGIES:
+        topology = topology_label  # type: ignore[assignment]
+    else:
+        problems.append(
+            f"unknown {labels.NODE_TOPOLOGY}={topology_label!r} (known: {', '.join(TOPOLOGIES)}); "
+            "node gets no replicas"
+        )
+        npus = frozenset()
+
+    return NodeInfo(
+        id=attrs["ID"],
+        hostname=description.get("Hostname", ""),
+        state=(attrs.get("Status") or {}).get("State", "unknown"),
+        availability=spec.get("Availability", "active"),
+        labels=node_labels,
+        npus=npus,
+        reserved=reserved,
+        topology=topology,
+        status_since=parse_engine_time(attrs.get("UpdatedAt")),
+        problems=tuple(problems),
+    )
+
+
+def _generic_resource_npus(description: dict[str, Any]) -> frozenset[int]:
+    ids = set()
+    resources = (description.get("Resources") or {}).get("GenericResources") or []
+    for resource in resources:
+        named = resource.get("NamedResourceSpec")
+        if named and named.get("Kind") == "NPU":
+            npu_id = npu_id_from_device(str(named.get("Value", "")))
+            if npu_id is not None:
+                ids.add(npu_id)
+    return frozenset(ids)
+
+
+def _label_ids(node_labels: dict[str, str], key: str, problems: list[str]) -> frozenset[int]:
+    text = node_labels.get(key)
+    if text is None:
+        return frozenset()
+    try:
+        return parse_npu_ids(text)
+    except ValueError as error:
+        problems.append(f"label {key}: {error}")
+        return frozenset()

@@ -1,0 +1,23 @@
+"""Label keys: on Swarm services they are the source of truth for NPU allocations, on Swarm
+nodes they describe NPUs that generic resources do not."""
+
+PREFIX = "npuswarm.io"
+
+# Service labels.
+MANAGED_BY = f"{PREFIX}/managed-by"
+MANAGED_BY_VALUE = "npuswarm"
+OWNER_NAMESPACE = f"{PREFIX}/owner-namespace"
+OWNER_NAME = f"{PREFIX}/owner-name"
+OWNER_UID = f"{PREFIX}/owner-uid"
+REPLICA = f"{PREFIX}/replica"
+NODE = f"{PREFIX}/node"
+NPUS = f"{PREFIX}/npus"
+SPEC_HASH = f"{PREFIX}/spec-hash"
+MODEL = f"{PREFIX}/model"
+
+# Node labels.
+NODE_NPUS = f"{PREFIX}/npus"
+NODE_NPUS_RESERVED = f"{PREFIX}/npus-reserved"
+NODE_TOPOLOGY = f"{PREFIX}/topology"
+
+OWNED_FILTER = f"{MANAGED_BY}={MANAGED_BY_VALUE}"

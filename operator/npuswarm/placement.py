@@ -1,0 +1,283 @@
+"""Placement: which node and which NPUs each replica of every ModelDeployment gets. Pure.
+
+The same inputs always give the same result, whatever order allocations were listed in:
+requests come in priority order (oldest deployment first), and everything else is sorted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from npuswarm import topology
+from npuswarm.inventory import NodeInfo
+
+ReplicaKey = tuple[str, str]  # (deployment "namespace/name", slot)
+UnplacedReason = Literal["NoMatchingNode", "NodesUnavailable", "InsufficientNPUs"]
+
+
+class ReplicaRequest(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    deployment: str
+    slot: str
+    npus: int
+    node_selector: dict[str, str] = {}
+    pinned_node: str | None = None  # PerNode mode: the one node this slot lives on
+    one_per_node: bool = False  # a host-mode published port fits once per node
+
+    @property
+    def key(self) -> ReplicaKey:
+        return (self.deployment, self.slot)
+
+
+class Allocation(BaseModel):
+    """An NPU claim read back from a Swarm service's labels."""
+
+    model_config = ConfigDict(frozen=True)
+
+    deployment: str
+    slot: str
+    node_id: str
+    npus: frozenset[int]
+    service: str
+
+    @property
+    def key(self) -> ReplicaKey:
+        return (self.deployment, self.slot)
+
+
+class Assignment(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    deployment: str
+    slot: str
+    node_id: str
+    npus: frozenset[int]
+    kept: bool  # True: the replica stays where it runs (sticky)
+
+    @property
+    def key(self) -> ReplicaKey:
+        return (self.deployment, self.slot)
+
+
+class Unplaced(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    deployment: str
+    slot: str
+    reason: UnplacedReason
+    message: str
+
+
+@dataclass
+class PlacementResult:
+    assignments: dict[ReplicaKey, Assignment] = field(default_factory=dict)
+    unplaced: dict[ReplicaKey, Unplaced] = field(default_factory=dict)
+    # Why an existing allocation was not kept (conflict, lost node, ...), per replica.
+    moved: dict[ReplicaKey, str] = field(default_factory=dict)
+    # Services whose NPU claims overlap an earlier claim: reported, never double-booked.
+    conflicts: list[tuple[str, str]] = field(default_factory=list)  # (deployment, message)
+    # NPUs claimed per node once everything is placed; what is left over is spare.
+    taken: dict[str, set[int]] = field(default_factory=dict)
+
+    def for_deployment(self, deployment: str) -> list[Assignment]:
+        return [a for key, a in sorted(self.assignments.items()) if key[0] == deployment]
+
+
+def place(
+    nodes: list[NodeInfo],
+    requests: list[ReplicaRequest],
+    allocations: list[Allocation],
+    *,
+    now: datetime,
+    lost_node_grace_seconds: float,
+) -> PlacementResult:
+    """Keep every valid allocation, then place what is missing, best fit, in request order."""
+    result = PlacementResult()
+    nodes_by_id = {node.id: node for node in nodes}
+    taken = result.taken
+    taken.update({node.id: set() for node in nodes})
+    holder: dict[tuple[str, int], str] = {}
+    priority = {request.key: index for index, request in enumerate(requests)}
+    requests_by_key = {request.key: request for request in requests}
+
+    def claim(node_id: str, npus: frozenset[int], service: str) -> None:
+        taken.setdefault(node_id, set()).update(npus)
+        for npu in npus:
+            holder[(node_id, npu)] = service
+
+    # Desired replicas claim first (by priority), then allocations nobody wants any more:
+    # those still run until removed, so their NPUs stay taken in this pass.
+    ordered = sorted(
+        allocations,
+        key=lambda a: (priority.get(a.key, len(priority)), a.deployment, a.slot, a.service),
+    )
+    for allocation in ordered:
+        overlap = sorted(npu for npu in allocation.npus if npu in taken.get(allocation.node_id, ()))
+        if overlap:
+            other = holder[(allocation.node_id, overlap[0])]
+            result.conflicts.append(
+                (
+                    allocation.deployment,
+                    f"service {allocation.service} claims NPUs {overlap} on node "
+                    f"{allocation.node_id} already claimed by {other}",
+                )
+            )
+            if allocation.key in requests_by_key and allocation.key not in result.assignments:
+                result.moved[allocation.key] = f"NPUs {overlap} are also claimed by {other}"
+            continue
+        request = requests_by_key.get(allocation.key)
+        if request is not None and allocation.key not in result.assignments:
+            problem = _keep_problem(
+                allocation, request, nodes_by_id, now, lost_node_grace_seconds, result
+            )
+            if problem is None:
+                result.assignments[allocation.key] = Assignment(
+                    deployment=allocation.deployment,
+                    slot=allocation.slot,
+                    node_id=allocation.node_id,
+                    npus=allocation.npus,
+                    kept=True,
+                )
+            else:
+                result.moved[allocation.key] = problem
+                if _node_lost(allocation.node_id, nodes_by_id, now, lost_node_grace_seconds):
+                    # A lost node's NPUs are unreachable anyway; not claiming them lets the
+                    # replica's service be re-pointed without waiting for the node.
+                    continue
+        claim(allocation.node_id, allocation.npus, allocation.service)
+
+    for request in requests:
+        if request.key in result.assignments:
+            continue
+        assignment = _best_fit(request, nodes, taken, result)
+        if isinstance(assignment, Unplaced):
+            result.unplaced[request.key] = assignment
+            continue
+        result.assignments[request.key] = assignment
+        claim(assignment.node_id, assignment.npus, f"{request.deployment}[{request.slot}]")
+    return result
+
+
+def spare_assignment(
+    result: PlacementResult, nodes: list[NodeInfo], request: ReplicaRequest
+) -> Assignment | None:
+    """Place one extra copy of a replica on NPUs nobody was given (a surge during updates).
+
+    The claim is recorded in ``result`` so two surges of one pass never share NPUs.
+    """
+    assignment = _best_fit(request, nodes, result.taken, result)
+    if isinstance(assignment, Unplaced):
+        return None
+    result.taken.setdefault(assignment.node_id, set()).update(assignment.npus)
+    return assignment
+
+
+def _node_lost(
+    node_id: str, nodes_by_id: dict[str, NodeInfo], now: datetime, grace: float
+) -> bool:
+    node = nodes_by_id.get(node_id)
+    return node is None or node.is_lost(now, grace)
+
+
+def _keep_problem(
+    allocation: Allocation,
+    request: ReplicaRequest,
+    nodes_by_id: dict[str, NodeInfo],
+    now: datetime,
+    grace: float,
+    result: PlacementResult,
+) -> str | None:
+    """None when the replica may stay where it is, else why it must move."""
+    node = nodes_by_id.get(allocation.node_id)
+    if node is None:
+        return f"node {allocation.node_id} left the swarm"
+    if request.pinned_node is None and node.is_lost(now, grace):
+        return f"node {node.hostname} is {node.state} for longer than {grace:g}s"
+    if node.drained:
+        return f"node {node.hostname} is drained"
+    if not node.matches(request.node_selector):
+        return f"node {node.hostname} no longer matches the nodeSelector"
+    if request.pinned_node is not None and request.pinned_node != node.id:
+        return "replica is pinned to another node"
+    if len(allocation.npus) != request.npus:
+        return f"holds {len(allocation.npus)} NPUs, needs {request.npus}"
+    if not allocation.npus <= node.usable_npus:
+        return f"NPUs {sorted(allocation.npus - node.usable_npus)} are reserved or absent"
+    if not topology.is_valid_set(allocation.npus, node.topology):
+        return f"NPUs {sorted(allocation.npus)} break the {node.topology} rule of the node"
+    if request.one_per_node and any(
+        a.deployment == request.deployment and a.node_id == node.id
+        for a in result.assignments.values()
+    ):
+        return f"another replica already publishes the port on {node.hostname}"
+    return None
+
+
+def _best_fit(
+    request: ReplicaRequest,
+    nodes: list[NodeInfo],
+    taken: dict[str, set[int]],
+    result: PlacementResult,
+) -> Assignment | Unplaced:
+    matching = [
+        node
+        for node in nodes
+        if node.matches(request.node_selector)
+        and node.usable_npus
+        and (request.pinned_node is None or node.id == request.pinned_node)
+    ]
+    if not matching:
+        return _unplaced(
+            request,
+            "NoMatchingNode",
+            f"no node with NPUs matches nodeSelector {request.node_selector or '{}'}",
+        )
+    available = [node for node in matching if node.accepts_new_replicas]
+    if request.one_per_node:
+        used = {
+            a.node_id for a in result.assignments.values() if a.deployment == request.deployment
+        }
+        available = [node for node in available if node.id not in used]
+    if not available:
+        return _unplaced(
+            request,
+            "NodesUnavailable",
+            f"{len(matching)} matching node(s) are down, drained, paused"
+            + (" or already run a replica publishing the port" if request.one_per_node else ""),
+        )
+
+    best: tuple[tuple[int, str, str], NodeInfo, frozenset[int]] | None = None
+    most_free = 0
+    for node in available:
+        free = frozenset(node.usable_npus - taken.get(node.id, set()))
+        most_free = max(most_free, len(free))
+        chosen = topology.choose(free, request.npus, node.topology)
+        if chosen is None:
+            continue
+        score = (len(free) - request.npus, node.hostname, node.id)
+        if best is None or score < best[0]:
+            best = (score, node, chosen)
+    if best is None:
+        return _unplaced(
+            request,
+            "InsufficientNPUs",
+            f"needs {request.npus} free NPUs on one node; the most free on a matching "
+            f"node is {most_free}",
+        )
+    _, node, chosen = best
+    return Assignment(
+        deployment=request.deployment,
+        slot=request.slot,
+        node_id=node.id,
+        npus=chosen,
+        kept=False,
+    )
+
+
+def _unplaced(request: ReplicaRequest, reason: UnplacedReason, message: str) -> Unplaced:
+    return Unplaced(deployment=request.deployment, slot=request.slot, reason=reason, message=message)

@@ -1,0 +1,294 @@
+"""From desired ModelDeployments and a Swarm snapshot to the writes that converge Swarm. Pure."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Literal
+
+from npuswarm.api import ModelDeployment
+from npuswarm.inventory import NodeInfo
+from npuswarm.labels import SPEC_HASH
+from npuswarm.observed import ObservedService, SwarmSnapshot
+from npuswarm.placement import (
+    Allocation,
+    Assignment,
+    PlacementResult,
+    ReplicaRequest,
+    place,
+    spare_assignment,
+)
+from npuswarm.render import essential, render_service, service_name
+
+ActionKind = Literal["create", "update", "remove"]
+DriftKind = Literal["service_recreated", "service_updated", "replica_replaced"]
+
+
+def priority(md: ModelDeployment, position: int) -> tuple[str, int, str, str]:
+    """Older deployments are placed first, so a newcomer can never take NPUs from them.
+
+    Objects not yet created (files given to `npuswarm plan`) come last, in the given order.
+    """
+    created = md.metadata.creationTimestamp
+    return (created or "~", 0 if created else position, md.metadata.namespace, md.metadata.name)
+
+
+def replica_requests(md: ModelDeployment, nodes: Iterable[NodeInfo]) -> list[ReplicaRequest]:
+    spec = md.spec
+    common: dict[str, Any] = {
+        "deployment": md.key,
+        "npus": spec.npus_per_replica,
+        "node_selector": spec.nodeSelector,
+        "one_per_node": spec.publish is not None and spec.publish.mode == "host",
+    }
+    if spec.mode == "Replicated":
+        return [ReplicaRequest(slot=str(index), **common) for index in range(spec.replicas)]
+    # PerNode: every matching node with NPUs, including one that is down right now: its
+    # replica waits for it rather than being dropped and recreated on every flap.
+    return [
+        ReplicaRequest(slot=node.id, pinned_node=node.id, **common)
+        for node in sorted(nodes, key=lambda n: n.id)
+        if node.matches(spec.nodeSelector) and node.usable_npus and not node.drained
+    ]
+
+
+def place_all(
+    deployments: list[ModelDeployment],
+    snapshot: SwarmSnapshot,
+    *,
+    now: datetime,
+    lost_node_grace_seconds: float,
+) -> tuple[PlacementResult, dict[str, list[ReplicaRequest]]]:
+    """One placement over every deployment, so each reconcile sees the same global answer."""
+    requests_by_deployment: dict[str, list[ReplicaRequest]] = {}
+    ordered: list[ReplicaRequest] = []
+    ranked = sorted(enumerate(deployments), key=lambda item: priority(item[1], item[0]))
+    for _, md in ranked:
+        requests = replica_requests(md, snapshot.nodes)
+        requests_by_deployment[md.key] = requests
+        ordered.extend(requests)
+    result = place(
+        snapshot.nodes,
+        ordered,
+        snapshot.allocations(),
+        now=now,
+        lost_node_grace_seconds=lost_node_grace_seconds,
+    )
+    return result, requests_by_deployment
+
+
+@dataclass(frozen=True)
+class Action:
+    kind: ActionKind
+    slot: str
+    service_name: str
+    reason: str
+    service_id: str | None = None
+    version: int | None = None
+    spec: dict[str, Any] | None = None
+    drift: DriftKind | None = None
+
+
+@dataclass
+class DeploymentPlan:
+    deployment: str
+    desired: dict[str, dict[str, Any]]  # slot -> rendered service spec
+    actions: list[Action] = field(default_factory=list)
+    # Updates held back by maxUnavailable; they go out on a later reconcile.
+    deferred: list[Action] = field(default_factory=list)
+
+    @property
+    def changes(self) -> bool:
+        return bool(self.actions or self.deferred)
+
+
+SURGE_SUFFIX = "-surge"
+
+
+def plan_deployment(
+    md: ModelDeployment,
+    requests: list[ReplicaRequest],
+    placement: PlacementResult,
+    snapshot: SwarmSnapshot,
+    known_services: frozenset[str] = frozenset(),
+) -> DeploymentPlan:
+    """Diff the rendered services of one deployment against the owned services found in Swarm.
+
+    ``known_services`` are names this deployment's status last reported: one of them missing
+    was removed by hand (drift), not merely never created. Surge copies take spare NPUs out
+    of ``placement`` so that two of them never share NPUs.
+    """
+    assignments = {a.slot: a for a in placement.for_deployment(md.key)}
+    requests_by_slot = {r.slot: r for r in requests}
+    by_slot: dict[str, list[ObservedService]] = {}
+    for service in snapshot.services_of(md.key):
+        by_slot.setdefault(service.slot, []).append(service)
+
+    plan = DeploymentPlan(deployment=md.key, desired={})
+    updates: list[tuple[Action, bool]] = []  # (action, replica currently ready)
+    for slot, assignment in sorted(assignments.items()):
+        services = sorted(by_slot.get(slot, []), key=lambda s: s.name)
+        if len(services) > 1 and _settle_surge(md, slot, services, plan):
+            continue
+        primary = next((s for s in services if s.name == service_name(md, slot)), None)
+        if primary is None and services:
+            primary = services[0]
+        spec = render_service(md, assignment, name=primary.name if primary else None)
+        plan.desired[slot] = spec
+        for extra in services:
+            if extra is not primary:
+                plan.actions.append(_remove(extra, "duplicate service for the replica"))
+        if primary is None:
+            recreated = spec["Name"] in known_services
+            plan.actions.append(
+                Action(
+                    kind="create",
+                    slot=slot,
+                    service_name=spec["Name"],
+                    spec=spec,
+                    reason="service removed outside npuswarm" if recreated else "new replica",
+                    drift="service_recreated" if recreated else None,
+                )
+            )
+            continue
+        if essential(primary.spec) == essential(spec):
+            continue
+        moved = placement.moved.get((md.key, slot))
+        drift: DriftKind | None
+        if moved is not None:
+            reason, drift = f"re-placed: {moved}", "replica_replaced"
+        elif primary.spec_hash == spec["Labels"].get(SPEC_HASH):
+            reason, drift = "service edited outside npuswarm", "service_updated"
+        else:
+            reason, drift = "spec changed", None
+        action = Action(
+            kind="update",
+            slot=slot,
+            service_name=primary.name,
+            service_id=primary.id,
+            version=primary.version,
+            spec=spec,
+            reason=reason,
+            drift=drift,
+        )
+        updates.append((action, primary.running_current_spec and moved is None))
+
+    for slot, services in sorted(by_slot.items()):
+        if slot not in requests_by_slot:
+            plan.actions.extend(_remove(s, "replica no longer wanted") for s in services)
+
+    updates = _surge(md, updates, requests_by_slot, placement, snapshot, by_slot, plan)
+    _limit_unavailable(plan, updates, md, by_slot)
+    return plan
+
+
+def _settle_surge(
+    md: ModelDeployment, slot: str, services: list[ObservedService], plan: DeploymentPlan
+) -> bool:
+    """A replica with an old and a surge copy: drop the old one once the new one is Ready.
+
+    Returns False when no copy is up to date, leaving the slot to the ordinary diff.
+    """
+    current = [s for s in services if _up_to_date(md, s)]
+    if not current:
+        return False
+    newest = current[0]
+    allocation = newest.allocation()
+    assert allocation is not None  # _up_to_date renders from the allocation
+    plan.desired[slot] = render_service(md, _as_assignment(allocation), name=newest.name)
+    if newest.running_current_spec:
+        plan.actions.extend(
+            _remove(s, f"surge copy {newest.name} is ready") for s in services if s is not newest
+        )
+    return True
+
+
+def _up_to_date(md: ModelDeployment, service: ObservedService) -> bool:
+    allocation = service.allocation()
+    if allocation is None:
+        return False
+    rendered = render_service(md, _as_assignment(allocation), name=service.name)
+    return essential(service.spec) == essential(rendered)
+
+
+def _as_assignment(allocation: Allocation) -> Assignment:
+    return Assignment(
+        deployment=allocation.deployment,
+        slot=allocation.slot,
+        node_id=allocation.node_id,
+        npus=allocation.npus,
+        kept=True,
+    )
+
+
+def _surge(
+    md: ModelDeployment,
+    updates: list[tuple[Action, bool]],
+    requests_by_slot: dict[str, ReplicaRequest],
+    placement: PlacementResult,
+    snapshot: SwarmSnapshot,
+    by_slot: dict[str, list[ObservedService]],
+    plan: DeploymentPlan,
+) -> list[tuple[Action, bool]]:
+    """Turn updates of ready replicas into surge copies while spare NPUs and maxSurge allow.
+
+    Returns the updates still to be done in place.
+    """
+    budget = md.spec.updateStrategy.maxSurge - sum(1 for s in by_slot.values() if len(s) > 1)
+    remaining: list[tuple[Action, bool]] = []
+    for action, ready in updates:
+        request = requests_by_slot.get(action.slot)
+        spare = None
+        if ready and budget > 0 and action.drift is None and request is not None:
+            spare = spare_assignment(placement, snapshot.nodes, request)
+        if spare is None:
+            remaining.append((action, ready))
+            continue
+        base = service_name(md, action.slot)
+        name = base + SURGE_SUFFIX if action.service_name == base else base
+        plan.actions.append(
+            Action(
+                kind="create",
+                slot=action.slot,
+                service_name=name,
+                spec=render_service(md, spare, name=name),
+                reason=f"spec changed: surge copy on spare NPUs before {action.service_name} stops",
+            )
+        )
+        budget -= 1
+    return remaining
+
+
+def _remove(service: ObservedService, reason: str) -> Action:
+    return Action(
+        kind="remove",
+        slot=service.slot,
+        service_name=service.name,
+        service_id=service.id,
+        reason=reason,
+    )
+
+
+def _limit_unavailable(
+    plan: DeploymentPlan,
+    updates: list[tuple[Action, bool]],
+    md: ModelDeployment,
+    by_slot: dict[str, list[ObservedService]],
+) -> None:
+    """Roll replica by replica: restarting a ready replica is allowed only while fewer than
+    maxUnavailable replicas are down. Replicas that are down anyway are updated at once."""
+    not_ready = sum(
+        1
+        for slot in plan.desired
+        if not any(s.running_current_spec for s in by_slot.get(slot, []))
+    )
+    budget = max(0, md.spec.updateStrategy.maxUnavailable - not_ready)
+    for action, ready in updates:
+        if not ready:
+            plan.actions.append(action)
+        elif budget > 0:
+            plan.actions.append(action)
+            budget -= 1
+        else:
+            plan.deferred.append(action)

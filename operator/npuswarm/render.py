@@ -1,0 +1,240 @@
+"""Render: a ModelDeployment plus one replica's placement -> a Swarm ServiceSpec. Pure.
+
+The output is Engine API JSON (``POST /services/create``), so what is tested here is exactly
+what is sent. One service per replica, because every replica needs its own
+ASCEND_VISIBLE_DEVICES and Swarm gives all tasks of a service the same env.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from npuswarm import labels
+from npuswarm.api import ModelDeployment
+from npuswarm.npus import format_npu_ids
+from npuswarm.placement import Assignment
+
+SECOND_NS = 1_000_000_000
+MAX_SERVICE_NAME = 63
+
+
+def service_name(md: ModelDeployment, slot: str) -> str:
+    """``<namespace>-<name>-<slot>``, shortened with a hash when Swarm's 63 characters run out."""
+    name = f"{md.metadata.namespace}-{md.metadata.name}-{slot}"
+    if len(name) <= MAX_SERVICE_NAME:
+        return name
+    digest = hashlib.sha256(name.encode()).hexdigest()[:8]
+    return f"{name[: MAX_SERVICE_NAME - 9]}-{digest}"
+
+
+def network_alias(md: ModelDeployment) -> str | None:
+    if md.spec.network is None:
+        return None
+    return md.spec.network.alias or md.metadata.name
+
+
+def vllm_args(md: ModelDeployment) -> list[str]:
+    """The `vllm serve` argument list; a list, so no shell ever re-splits user values."""
+    spec = md.spec
+    engine = spec.engine
+    args = [
+        "serve",
+        spec.model,
+        "--served-model-name",
+        spec.served_model_name,
+        "--tensor-parallel-size",
+        str(engine.tensorParallelSize),
+        "--host",
+        "0.0.0.0",
+        "--port",
+        str(engine.port),
+    ]
+    if engine.enableExpertParallel:
+        args.append("--enable-expert-parallel")
+    if engine.maxModelLen is not None:
+        args += ["--max-model-len", str(engine.maxModelLen)]
+    return args + list(engine.extraArgs)
+
+
+def container_env(md: ModelDeployment, npus: frozenset[int]) -> list[str]:
+    env = dict(md.spec.engine.env)
+    # The runtime hook mounts exactly these host NPUs; inside, they are renumbered 0..N-1.
+    env["ASCEND_VISIBLE_DEVICES"] = format_npu_ids(npus)
+    env["ASCEND_RT_VISIBLE_DEVICES"] = format_npu_ids(range(len(npus)))
+    return [f"{key}={value}" for key, value in sorted(env.items())]
+
+
+def health_command(port: int, path: str, timeout_seconds: int) -> list[str]:
+    # python3 is in every vLLM image; curl is not guaranteed. urlopen raises on non-2xx.
+    probe = (
+        "import urllib.request; "
+        f"urllib.request.urlopen('http://127.0.0.1:{port}{path}', timeout={timeout_seconds})"
+    )
+    return ["CMD", "python3", "-c", probe]
+
+
+def owner_labels(md: ModelDeployment) -> dict[str, str]:
+    return {
+        labels.MANAGED_BY: labels.MANAGED_BY_VALUE,
+        labels.OWNER_NAMESPACE: md.metadata.namespace,
+        labels.OWNER_NAME: md.metadata.name,
+        labels.OWNER_UID: md.metadata.uid,
+    }
+
+
+def render_service(
+    md: ModelDeployment, assignment: Assignment, name: str | None = None
+) -> dict[str, Any]:
+    """``name`` keeps an existing service's name: Swarm cannot rename a service."""
+    spec = md.spec
+    replica_labels = owner_labels(md) | {
+        labels.REPLICA: assignment.slot,
+        labels.NODE: assignment.node_id,
+        labels.NPUS: format_npu_ids(assignment.npus),
+        labels.MODEL: spec.served_model_name,
+    }
+    mounts: list[dict[str, Any]] = [
+        {
+            "Type": "bind",
+            "Source": volume.hostPath,
+            "Target": volume.mountPath,
+            "ReadOnly": volume.readOnly,
+        }
+        for volume in spec.volumes
+    ]
+    # Swarm has no shm_size: a sized tmpfs on /dev/shm is the documented replacement.
+    mounts.append(
+        {"Type": "tmpfs", "Target": "/dev/shm", "TmpfsOptions": {"SizeBytes": spec.shm_size_bytes}}
+    )
+    health = spec.healthCheck
+    container: dict[str, Any] = {
+        "Image": spec.image,
+        "Command": ["vllm"],
+        "Args": vllm_args(md),
+        "Env": container_env(md, assignment.npus),
+        "Labels": dict(replica_labels),
+        "Mounts": mounts,
+        "Init": True,
+        "Healthcheck": {
+            "Test": health_command(spec.engine.port, health.path, health.timeoutSeconds),
+            "Interval": health.intervalSeconds * SECOND_NS,
+            "Timeout": health.timeoutSeconds * SECOND_NS,
+            "Retries": health.retries,
+            "StartPeriod": health.startPeriodSeconds * SECOND_NS,
+        },
+    }
+    task_template: dict[str, Any] = {
+        "ContainerSpec": container,
+        "Placement": {"Constraints": [f"node.id=={assignment.node_id}"]},
+        "RestartPolicy": {
+            "Condition": spec.restartPolicy.condition,
+            "Delay": spec.restartPolicy.delaySeconds * SECOND_NS,
+            "MaxAttempts": spec.restartPolicy.maxAttempts,
+        },
+    }
+    if spec.network is not None:
+        # Networks belong in the task template; the top-level field is deprecated.
+        task_template["Networks"] = [
+            {"Target": spec.network.name, "Aliases": [network_alias(md)]}
+        ]
+    endpoint: dict[str, Any] = {
+        "Mode": spec.network.endpointMode if spec.network is not None else "vip"
+    }
+    if spec.publish is not None:
+        endpoint["Ports"] = [
+            {
+                "Protocol": "tcp",
+                "TargetPort": spec.engine.port,
+                "PublishedPort": spec.publish.port,
+                "PublishMode": spec.publish.mode,
+            }
+        ]
+    rendered: dict[str, Any] = {
+        "Name": name or service_name(md, assignment.slot),
+        "Labels": dict(replica_labels),
+        "TaskTemplate": task_template,
+        "Mode": {"Replicated": {"Replicas": 1}},
+        # Stop first: the replacement task needs the NPUs the old one holds.
+        "UpdateConfig": {"Parallelism": 1, "Order": "stop-first", "FailureAction": "pause"},
+        "EndpointSpec": endpoint,
+    }
+    digest = spec_hash(rendered)
+    # On the container too, so each task tells which spec it was started from.
+    rendered["Labels"][labels.SPEC_HASH] = digest
+    container["Labels"][labels.SPEC_HASH] = digest
+    return rendered
+
+
+def spec_hash(rendered: dict[str, Any]) -> str:
+    """A stable digest of what npuswarm renders, so a changed spec is told apart from hand edits."""
+    comparable = essential(rendered)
+    comparable["Labels"].pop(labels.SPEC_HASH, None)
+    comparable["ContainerLabels"].pop(labels.SPEC_HASH, None)
+    blob = json.dumps(comparable, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def essential(spec: dict[str, Any]) -> dict[str, Any]:
+    """The fields npuswarm sets, in one canonical form, for rendered and observed specs alike.
+
+    Swarm fills in defaults and reorders lists on its side; comparing only this projection
+    keeps an unchanged service from looking changed (which would restart a loaded model).
+    """
+    template = spec.get("TaskTemplate") or {}
+    container = template.get("ContainerSpec") or {}
+    health = container.get("Healthcheck") or {}
+    restart = template.get("RestartPolicy") or {}
+    endpoint = spec.get("EndpointSpec") or {}
+    return {
+        "Name": spec.get("Name"),
+        "Labels": dict(spec.get("Labels") or {}),
+        "Image": container.get("Image"),
+        "Command": list(container.get("Command") or []),
+        "Args": list(container.get("Args") or []),
+        "Env": sorted(container.get("Env") or []),
+        "ContainerLabels": dict(container.get("Labels") or {}),
+        "Mounts": sorted(
+            (
+                {
+                    "Type": mount.get("Type", "bind"),
+                    "Source": mount.get("Source", ""),
+                    "Target": mount.get("Target"),
+                    "ReadOnly": bool(mount.get("ReadOnly", False)),
+                    "SizeBytes": (mount.get("TmpfsOptions") or {}).get("SizeBytes", 0),
+                }
+                for mount in container.get("Mounts") or []
+            ),
+            key=lambda m: (str(m["Target"]), str(m["Source"])),
+        ),
+        "Init": bool(container.get("Init", False)),
+        "Healthcheck": {
+            "Test": list(health.get("Test") or []),
+            "Interval": health.get("Interval", 0),
+            "Timeout": health.get("Timeout", 0),
+            "Retries": health.get("Retries", 0),
+            "StartPeriod": health.get("StartPeriod", 0),
+        },
+        "Constraints": sorted((template.get("Placement") or {}).get("Constraints") or []),
+        "Restart": {
+            "Condition": restart.get("Condition", "any"),
+            "Delay": restart.get("Delay", 0),
+            "MaxAttempts": restart.get("MaxAttempts", 0),
+        },
+        "Networks": sorted(
+            (network.get("Target"), tuple(sorted(network.get("Aliases") or [])))
+            for network in template.get("Networks") or []
+        ),
+        "Replicas": ((spec.get("Mode") or {}).get("Replicated") or {}).get("Replicas"),
+        "EndpointMode": endpoint.get("Mode", "vip"),
+        "Ports": sorted(
+            (
+                port.get("Protocol", "tcp"),
+                port.get("TargetPort"),
+                port.get("PublishedPort"),
+                port.get("PublishMode", "ingress"),
+            )
+            for port in endpoint.get("Ports") or []
+        ),
+    }

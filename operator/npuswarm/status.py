@@ -1,0 +1,272 @@
+"""Status and conditions of a ModelDeployment, computed from what was planned and seen. Pure."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from npuswarm.api import (
+    Condition,
+    ConditionStatus,
+    ConditionType,
+    ModelDeployment,
+    ModelDeploymentStatus,
+    Phase,
+    ReplicaStatus,
+)
+from npuswarm.labels import SPEC_HASH
+from npuswarm.observed import ObservedService, SwarmSnapshot
+from npuswarm.placement import PlacementResult, ReplicaRequest
+from npuswarm.plan import Action, DeploymentPlan
+from npuswarm.render import network_alias
+
+MAX_MESSAGE = 1024
+
+
+@dataclass(frozen=True)
+class ConditionValue:
+    status: ConditionStatus
+    reason: str
+    message: str = ""
+
+
+def timestamp(now: datetime) -> str:
+    return now.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def conditions(
+    values: dict[ConditionType, ConditionValue],
+    previous: Sequence[dict[str, Any]],
+    generation: int,
+    now: datetime,
+) -> list[Condition]:
+    """Kubernetes-style conditions; lastTransitionTime moves only when the status flips."""
+    before = {c.get("type"): c for c in previous}
+    result = []
+    for kind, value in values.items():
+        old = before.get(kind) or {}
+        since = old.get("lastTransitionTime") if old.get("status") == value.status else None
+        result.append(
+            Condition(
+                type=kind,
+                status=value.status,
+                reason=value.reason,
+                message=value.message[:MAX_MESSAGE],
+                lastTransitionTime=since or timestamp(now),
+                observedGeneration=generation,
+            )
+        )
+    return result
+
+
+def _current_error(service: ObservedService) -> str | None:
+    """The newest error of a task started from the service's current spec; older specs'
+    failures are history, not a reason to call the replica failing now."""
+    failed = [t for t in service.tasks if t.error and t.spec_hash == service.spec_hash]
+    return max(failed, key=lambda t: (t.updated, t.id)).error if failed else None
+
+
+def deployment_status(
+    md: ModelDeployment,
+    requests: list[ReplicaRequest],
+    placement: PlacementResult,
+    plan: DeploymentPlan,
+    snapshot: SwarmSnapshot,
+    applied: list[Action],
+    rejected: dict[str, str],
+    previous_conditions: Sequence[dict[str, Any]],
+    now: datetime,
+) -> ModelDeploymentStatus:
+    """``applied`` are the writes made in this pass; ``rejected`` maps a slot to Swarm's refusal."""
+    touched = {a.slot for a in applied}
+    deferred = {a.slot for a in plan.deferred}
+    observed = {s.name: s for s in snapshot.services_of(md.key)}
+    replicas: list[ReplicaStatus] = []
+    failing: list[str] = []
+    for request in requests:
+        key = request.key
+        assignment = placement.assignments.get(key)
+        unplaced = placement.unplaced.get(key)
+        desired = plan.desired.get(request.slot)
+        service = observed.get(desired["Name"]) if desired else None
+        node = snapshot.node(assignment.node_id) if assignment else None
+        ready = bool(
+            service is not None
+            and desired is not None
+            and request.slot not in touched
+            and service.spec_hash == desired["Labels"].get(SPEC_HASH)
+            and service.running_current_spec
+        )
+        error = _current_error(service) if service is not None and not ready else None
+        message = None
+        if unplaced is not None:
+            message = unplaced.message
+        elif request.slot in rejected:
+            message = rejected[request.slot]
+        elif key in placement.moved:
+            message = f"moving: {placement.moved[key]}"
+        elif request.slot in deferred:
+            message = "waiting for its turn in the rolling update (updateStrategy)"
+        elif request.slot in touched:
+            message = "service written, waiting for the task to run"
+        if error:
+            failing.append(f"replica {request.slot}: {error}")
+        newest = service.newest_task if service is not None else None
+        replicas.append(
+            ReplicaStatus(
+                replica=request.slot,
+                nodeId=assignment.node_id if assignment else None,
+                hostname=node.hostname if node else None,
+                npus=sorted(assignment.npus) if assignment else [],
+                service=desired["Name"] if desired else None,
+                taskState=newest.state if newest else None,
+                ready=ready,
+                lastError=service.last_error if service is not None else None,
+                message=message,
+            )
+        )
+
+    desired_count = len(requests)
+    ready_count = sum(1 for r in replicas if r.ready)
+    placed = [r for r in replicas if r.nodeId is not None]
+    unplaced = [u for k, u in sorted(placement.unplaced.items()) if k[0] == md.key]
+    conflicts = [message for owner, message in placement.conflicts if owner == md.key]
+
+    degraded = ConditionValue("False", "AsExpected")
+    if failing:
+        degraded = ConditionValue("True", "TaskFailed", "; ".join(failing))
+    elif unplaced:
+        degraded = ConditionValue(
+            "True",
+            unplaced[0].reason,
+            "; ".join(f"replica {u.slot}: {u.message}" for u in unplaced),
+        )
+    elif rejected:
+        degraded = ConditionValue(
+            "True", "SwarmRejected", "; ".join(f"replica {s}: {m}" for s, m in rejected.items())
+        )
+    elif conflicts:
+        degraded = ConditionValue("True", "NPUConflict", "; ".join(conflicts))
+
+    rolling = bool(applied or plan.deferred)
+    starting = any(r.nodeId and not r.ready for r in replicas)
+    if rolling:
+        progressing = ConditionValue(
+            "True", "RollingOut", f"{len(applied)} write(s) made, {len(plan.deferred)} waiting"
+        )
+    elif starting and degraded.status == "False":
+        progressing = ConditionValue("True", "ReplicasStarting", "waiting for tasks to run")
+    elif degraded.status == "True":
+        progressing = ConditionValue("False", "Stalled", degraded.message)
+    else:
+        progressing = ConditionValue("False", "Complete", "all replicas run the current spec")
+
+    all_ready = ready_count == desired_count and not rolling and degraded.status == "False"
+    if all_ready:
+        ready = ConditionValue(
+            "True",
+            "ScaledToZero" if desired_count == 0 else "AllReplicasReady",
+            f"{ready_count}/{desired_count} replicas ready",
+        )
+    else:
+        ready = ConditionValue(
+            "False", "ReplicasNotReady", f"{ready_count}/{desired_count} replicas ready"
+        )
+
+    phase: Phase
+    if degraded.status == "True":
+        phase = "Degraded"
+    elif all_ready:
+        phase = "Ready"
+    elif placed:
+        phase = "Progressing"
+    else:
+        phase = "Pending"
+
+    return ModelDeploymentStatus(
+        observedGeneration=md.metadata.generation,
+        phase=phase,
+        replicas=desired_count,
+        readyReplicas=ready_count,
+        placedReplicas=len(placed),
+        npus=sum(len(r.npus) for r in placed),
+        endpoint=_endpoint(md),
+        replicaStatuses=replicas,
+        conditions=conditions(
+            {"Ready": ready, "Progressing": progressing, "Degraded": degraded},
+            previous_conditions,
+            md.metadata.generation,
+            now,
+        ),
+    )
+
+
+def _endpoint(md: ModelDeployment) -> str | None:
+    alias = network_alias(md)
+    if alias is not None:
+        return f"{alias}:{md.spec.engine.port}"
+    if md.spec.publish is not None:
+        return f"<node>:{md.spec.publish.port}"
+    return None
+
+
+def invalid_spec_status(
+    generation: int, message: str, previous: dict[str, Any], now: datetime
+) -> ModelDeploymentStatus:
+    """A spec that does not validate: say why, keep the last known replicas, change nothing."""
+    return _held_status(
+        generation,
+        previous,
+        now,
+        phase="Invalid",
+        ready=ConditionValue("False", "InvalidSpec", message),
+        degraded=ConditionValue("True", "InvalidSpec", message),
+        progressing=ConditionValue("False", "InvalidSpec", "fix the spec to continue"),
+    )
+
+
+def unavailable_status(
+    generation: int, message: str, previous: dict[str, Any], now: datetime
+) -> ModelDeploymentStatus:
+    """Swarm could not be asked: nothing is known to have changed, so nothing is removed."""
+    return _held_status(
+        generation,
+        previous,
+        now,
+        phase=previous.get("phase", "Pending"),
+        ready=ConditionValue("Unknown", "SwarmUnavailable", message),
+        degraded=ConditionValue("True", "SwarmUnavailable", message),
+        progressing=ConditionValue("Unknown", "SwarmUnavailable", "retrying with backoff"),
+    )
+
+
+def _held_status(
+    generation: int,
+    previous: dict[str, Any],
+    now: datetime,
+    *,
+    phase: Phase,
+    ready: ConditionValue,
+    degraded: ConditionValue,
+    progressing: ConditionValue,
+) -> ModelDeploymentStatus:
+    kept = {
+        k: previous[k]
+        for k in ("replicas", "readyReplicas", "placedReplicas", "npus", "endpoint")
+        if k in previous
+    }
+    replica_statuses = [ReplicaStatus.model_validate(r) for r in previous.get("replicaStatuses", [])]
+    return ModelDeploymentStatus(
+        observedGeneration=generation,
+        phase=phase,
+        replicaStatuses=replica_statuses,
+        conditions=conditions(
+            {"Ready": ready, "Progressing": progressing, "Degraded": degraded},
+            previous.get("conditions", []),
+            generation,
+            now,
+        ),
+        **kept,
+    )

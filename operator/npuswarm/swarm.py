@@ -1,0 +1,144 @@
+"""The only module that talks to the Docker Engine API.
+
+Every call is timed and counted (npuswarm_swarm_api_*). Errors that mean "try again later"
+(connection refused, timeouts, 5xx) become SwarmUnavailable so callers can back off without
+ever concluding that something is gone.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import docker
+import docker.errors
+import requests.exceptions
+from docker.utils import kwargs_from_env
+
+from npuswarm import labels, metrics
+from npuswarm.observed import SwarmSnapshot, snapshot_from_engine
+
+OUT_OF_SEQUENCE = "update out of sequence"
+UPDATE_ATTEMPTS = 4
+
+
+class SwarmUnavailable(Exception):
+    """The manager could not be asked: retry later, and assume nothing about Swarm's state."""
+
+
+class SwarmRejected(Exception):
+    """The manager refused a write (e.g. a name taken by a service npuswarm does not own)."""
+
+
+def _translate(operation: str, error: Exception) -> Exception:
+    if isinstance(error, docker.errors.APIError):
+        status = error.status_code or 0
+        explanation = str(error.explanation or error)
+        if status >= 500 and "out of sequence" not in explanation:
+            return SwarmUnavailable(f"{operation}: {explanation}")
+        return SwarmRejected(f"{operation}: {explanation}")
+    return SwarmUnavailable(f"{operation}: {error}")
+
+
+_TRANSIENT = (
+    docker.errors.APIError,
+    docker.errors.DockerException,
+    requests.exceptions.RequestException,
+    OSError,
+)
+
+
+class Swarm:
+    """A connection to one Swarm manager; DOCKER_HOST / DOCKER_TLS_VERIFY / DOCKER_CERT_PATH apply."""
+
+    def __init__(self, base_url: str | None = None, timeout: float = 30.0) -> None:
+        kwargs: dict[str, Any] = kwargs_from_env()
+        if base_url is not None:
+            kwargs["base_url"] = base_url
+        self._kwargs = kwargs
+        self._timeout = timeout
+        self._client: docker.APIClient | None = None
+
+    @property
+    def api(self) -> docker.APIClient:
+        # Connect lazily: the operator must start (and report the outage) while Docker is down.
+        if self._client is None:
+            with metrics.swarm_call("version"):
+                try:
+                    self._client = docker.APIClient(
+                        version="auto", timeout=int(self._timeout), **self._kwargs
+                    )
+                except _TRANSIENT as error:
+                    raise _translate("connect", error) from error
+        return self._client
+
+    def _call(self, operation: str, method: str, *args: Any, **kwargs: Any) -> Any:
+        api = self.api
+        with metrics.swarm_call(operation):
+            try:
+                return getattr(api, method)(*args, **kwargs)
+            except _TRANSIENT as error:
+                raise _translate(operation, error) from error
+
+    def ping(self) -> bool:
+        try:
+            self._call("ping", "ping")
+        except (SwarmUnavailable, SwarmRejected):
+            metrics.swarm_reachable.set(0)
+            return False
+        metrics.swarm_reachable.set(1)
+        return True
+
+    def observe(self) -> SwarmSnapshot:
+        """One consistent view with exactly four list calls, however many deployments exist."""
+        nodes = self._call("list_nodes", "nodes")
+        services = self._call("list_services", "services", filters={"label": labels.OWNED_FILTER})
+        tasks = self._call("list_tasks", "tasks")
+        networks = self._call("list_networks", "networks")
+        metrics.swarm_reachable.set(1)
+        return snapshot_from_engine(nodes, services, tasks, networks)
+
+    def create_service(self, spec: dict[str, Any]) -> str:
+        result = self._call(
+            "create_service",
+            "create_service",
+            task_template=spec["TaskTemplate"],
+            name=spec["Name"],
+            labels=spec["Labels"],
+            mode=spec["Mode"],
+            update_config=spec.get("UpdateConfig"),
+            endpoint_spec=spec.get("EndpointSpec"),
+        )
+        return str(result["ID"])
+
+    def update_service(self, service_id: str, version: int, spec: dict[str, Any]) -> None:
+        """Send the full spec; on a stale version re-read the service and try again."""
+        for _ in range(UPDATE_ATTEMPTS):
+            try:
+                self._call(
+                    "update_service",
+                    "update_service",
+                    service_id,
+                    version,
+                    task_template=spec["TaskTemplate"],
+                    name=spec["Name"],
+                    labels=spec["Labels"],
+                    mode=spec["Mode"],
+                    update_config=spec.get("UpdateConfig"),
+                    endpoint_spec=spec.get("EndpointSpec"),
+                )
+                return
+            except SwarmRejected as error:
+                if OUT_OF_SEQUENCE not in str(error):
+                    raise
+                current = self._call("inspect_service", "inspect_service", service_id)
+                version = int(current["Version"]["Index"])
+        raise SwarmUnavailable(
+            f"update_service {service_id}: still out of sequence after {UPDATE_ATTEMPTS} tries"
+        )
+
+    def remove_service(self, service_id: str) -> None:
+        try:
+            self._call("remove_service", "remove_service", service_id)
+        except SwarmRejected as error:
+            if "not found" not in str(error):
+                raise
