@@ -1,0 +1,64 @@
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from npuswarm.api import ModelDeploymentSpec, quantity_to_bytes, validation_message
+
+BASE = {"image": "img", "model": "/models/m"}
+
+
+def spec(**fields: object) -> ModelDeploymentSpec:
+    return ModelDeploymentSpec.model_validate({**BASE, **fields})
+
+
+def test_npus_per_replica_defaults_to_tensor_parallel_size() -> None:
+    assert spec(engine={"tensorParallelSize": 4}).npus_per_replica == 4
+    assert spec(engine={"tensorParallelSize": 2}, npusPerReplica=4).npus_per_replica == 4
+
+
+def test_served_model_name_defaults_to_model_path() -> None:
+    assert spec().served_model_name == "/models/m"
+    assert spec(servedModelName="qwen").served_model_name == "qwen"
+
+
+@pytest.mark.parametrize(
+    ("fields", "fragment"),
+    [
+        ({"npusPerReplica": 3}, "npusPerReplica"),
+        ({"engine": {"tensorParallelSize": 3}}, "tensorParallelSize"),
+        ({"npusPerReplica": 2, "engine": {"tensorParallelSize": 4}}, "less than"),
+        ({"replicas": -1}, "replicas"),
+        ({"engine": {"port": 70000}}, "port"),
+        ({"engine": {"extraArgs": ["--port", "9"]}}, "must not set --port"),
+        ({"engine": {"extraArgs": ["--tensor-parallel-size=2"]}}, "--tensor-parallel-size"),
+        ({"engine": {"env": {"ASCEND_VISIBLE_DEVICES": "0"}}}, "ASCEND_VISIBLE_DEVICES"),
+        ({"engine": {"env": {"1BAD": "x"}}}, "not a valid variable name"),
+        ({"shmSize": "lots"}, "shmSize"),
+        ({"volumes": [{"hostPath": "relative", "mountPath": "/m"}]}, "hostPath"),
+        ({"npuPerReplica": 4}, "npuPerReplica"),  # typo: unknown fields are errors
+        ({"publish": {"port": 80, "mode": "ingress"}, "replicas": 2}, "single replica"),
+        ({"updateStrategy": {"maxUnavailable": 0, "maxSurge": 0}}, "both be 0"),
+        ({"network": {"name": "net", "alias": "Not_DNS"}}, "alias"),
+        ({"image": ""}, "image"),
+    ],
+)
+def test_invalid_specs_are_rejected_with_a_pointed_message(
+    fields: dict[str, object], fragment: str
+) -> None:
+    with pytest.raises(ValidationError) as caught:
+        spec(**fields)
+    assert fragment in validation_message(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [("1Gi", 2**30), ("512Mi", 512 * 2**20), ("16G", 16 * 10**9), ("100", 100)],
+)
+def test_quantities(text: str, size: int) -> None:
+    assert quantity_to_bytes(text) == size
+
+
+def test_bad_quantity() -> None:
+    with pytest.raises(ValueError, match="not a size"):
+        quantity_to_bytes("1 GB")

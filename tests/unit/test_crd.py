@@ -1,0 +1,49 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+from npuswarm.cli import CRD_PATH, main
+from npuswarm.crd import crd_manifest, render_yaml
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_crds_folder_is_generated_from_the_models() -> None:
+    committed = (REPO / CRD_PATH).read_text()
+    assert committed == render_yaml(), "crds/ is stale: run `npuswarm crd > crds/modeldeployments.npuswarm.io.yaml`"
+
+
+def test_crd_check_command_detects_staleness(tmp_path: Path) -> None:
+    stale = tmp_path / "crd.yaml"
+    stale.write_text("old")
+    assert main(["crd", "--check", str(stale)]) == 1
+    stale.write_text(render_yaml())
+    assert main(["crd", "--check", str(stale)]) == 0
+
+
+def walk(schema: object) -> list[dict[str, object]]:
+    found = []
+    if isinstance(schema, dict):
+        found.append(schema)
+        for value in schema.values():
+            found.extend(walk(value))
+    elif isinstance(schema, list):
+        for value in schema:
+            found.extend(walk(value))
+    return found
+
+
+def test_schema_is_structural_and_rejects_what_it_can() -> None:
+    version = crd_manifest()["spec"]["versions"][0]
+    schema = version["schema"]["openAPIV3Schema"]
+    for node in walk(schema):
+        assert "$ref" not in node and "anyOf" not in node and "title" not in node
+        assert not ("properties" in node and "additionalProperties" in node)
+    spec = schema["properties"]["spec"]["properties"]
+    assert spec["npusPerReplica"]["enum"] == [1, 2, 4, 8]
+    assert spec["engine"]["properties"]["tensorParallelSize"]["enum"] == [1, 2, 4, 8]
+    assert spec["replicas"]["minimum"] == 0
+    assert spec["mode"]["enum"] == ["Replicated", "PerNode"]
+    assert version["subresources"] == {"status": {}}
+    columns = [c["name"] for c in version["additionalPrinterColumns"]]
+    assert columns == ["Ready", "Replicas", "NPUs", "Phase", "Age"]
