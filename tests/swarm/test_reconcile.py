@@ -1,0 +1,199 @@
+"""The core loop against a real Swarm: create, converge, scale, edit, drift, delete, contention."""
+
+from __future__ import annotations
+
+import docker
+import pytest
+
+from npuswarm import metrics
+from npuswarm.reconcile import Reconciler
+from npuswarm.swarm import Swarm, SwarmUnavailable
+
+from .conftest import converge, model, wait_for
+
+
+def owned(client: docker.APIClient, namespace: str, name: str | None = None) -> dict[str, dict]:
+    filters = [f"npuswarm.io/owner-namespace={namespace}"]
+    if name:
+        filters.append(f"npuswarm.io/owner-name={name}")
+    return {s["Spec"]["Name"]: s for s in client.services(filters={"label": filters})}
+
+
+def env_of(service: dict) -> dict[str, str]:
+    pairs = service["Spec"]["TaskTemplate"]["ContainerSpec"]["Env"]
+    return dict(p.split("=", 1) for p in pairs)
+
+
+def writes() -> float:
+    return sum(
+        metrics.swarm_api_calls_total.labels(op, outcome)._value.get()  # noqa: SLF001
+        for op in ("create_service", "update_service", "remove_service")
+        for outcome in ("success", "error")
+    )
+
+
+def test_create_gives_each_replica_its_own_npus_env_constraint_and_labels(
+    docker_client: docker.APIClient, namespace: str, reconciler: Reconciler
+) -> None:
+    md = model(namespace, "qwen3", replicas=2, engine={"tensorParallelSize": 2})
+    outcome = converge(reconciler, md)
+    services = owned(docker_client, namespace)
+    assert len(services) == 2
+    node_id = docker_client.info()["Swarm"]["NodeID"]
+    seen: set[str] = set()
+    for service in services.values():
+        env = env_of(service)
+        npus = set(env["ASCEND_VISIBLE_DEVICES"].split(","))
+        assert len(npus) == 2 and not npus & seen
+        seen |= npus
+        assert env["ASCEND_RT_VISIBLE_DEVICES"] == "0,1"
+        assert service["Spec"]["TaskTemplate"]["Placement"]["Constraints"] == [f"node.id=={node_id}"]
+        labels = service["Spec"]["Labels"]
+        assert labels["npuswarm.io/npus"] == env["ASCEND_VISIBLE_DEVICES"]
+        assert labels["npuswarm.io/owner-name"] == "qwen3"
+        assert labels["npuswarm.io/node"] == node_id
+    assert outcome.status.readyReplicas == 2 and outcome.status.npus == 4
+    ready = next(c for c in outcome.status.conditions if c.type == "Ready")
+    assert ready.status == "True"
+
+
+def test_unchanged_deployment_makes_no_write_call(
+    docker_client: docker.APIClient, namespace: str, reconciler: Reconciler
+) -> None:
+    md = model(namespace, "steady", replicas=1)
+    outcome = converge(reconciler, md)
+    before = writes()
+    again = reconciler.reconcile(md, [md], outcome.status.model_dump(mode="json"))
+    assert again.applied == []
+    assert writes() == before
+
+
+def test_scale_down_removes_exactly_the_right_services(
+    docker_client: docker.APIClient, namespace: str, reconciler: Reconciler
+) -> None:
+    converge(reconciler, model(namespace, "m", replicas=3))
+    assert len(owned(docker_client, namespace)) == 3
+    converge(reconciler, model(namespace, "m", replicas=1))
+    names = sorted(owned(docker_client, namespace))
+    assert names == [f"{namespace}-m-0"]
+
+
+def test_spec_edit_updates_only_the_affected_deployment(
+    docker_client: docker.APIClient, namespace: str, reconciler: Reconciler
+) -> None:
+    a = model(namespace, "a", replicas=1)
+    b = model(namespace, "b", replicas=1, created="2026-01-02T00:00:00Z")
+    converge(reconciler, a, [a, b])
+    converge(reconciler, b, [a, b])
+    versions = {n: s["Version"]["Index"] for n, s in owned(docker_client, namespace).items()}
+    edited = model(namespace, "a", replicas=1, engine={"env": {"NEW": "1"}})
+    converge(reconciler, edited, [edited, b])
+    after = owned(docker_client, namespace)
+    assert after[f"{namespace}-b-0"]["Version"]["Index"] == versions[f"{namespace}-b-0"]
+    assert after[f"{namespace}-a-0"]["Version"]["Index"] > versions[f"{namespace}-a-0"]
+    assert env_of(after[f"{namespace}-a-0"])["NEW"] == "1"
+
+
+def test_service_deleted_by_hand_is_recreated_and_counted_as_drift(
+    docker_client: docker.APIClient, namespace: str, reconciler: Reconciler
+) -> None:
+    md = model(namespace, "m", replicas=1)
+    outcome = converge(reconciler, md)
+    docker_client.remove_service(f"{namespace}-m-0")
+    recreated = metrics.drift_corrections_total.labels("service_recreated")._value.get()  # noqa: SLF001
+    again = reconciler.reconcile(md, [md], outcome.status.model_dump(mode="json"))
+    assert [(a.kind, a.drift) for a in again.applied] == [("create", "service_recreated")]
+    assert f"{namespace}-m-0" in owned(docker_client, namespace)
+    assert metrics.drift_corrections_total.labels("service_recreated")._value.get() == recreated + 1  # noqa: SLF001
+
+
+def test_service_edited_by_hand_is_reverted(
+    docker_client: docker.APIClient, namespace: str, reconciler: Reconciler
+) -> None:
+    md = model(namespace, "m", replicas=1)
+    outcome = converge(reconciler, md)
+    service = owned(docker_client, namespace)[f"{namespace}-m-0"]
+    spec = service["Spec"]
+    spec["TaskTemplate"]["ContainerSpec"]["Env"].append("ASCEND_VISIBLE_DEVICES_HACK=1")
+    docker_client.update_service(service["ID"], service["Version"]["Index"], task_template=spec["TaskTemplate"],
+                                 name=spec["Name"], labels=spec["Labels"], mode=spec["Mode"],
+                                 endpoint_spec=spec.get("EndpointSpec"))
+    again = reconciler.reconcile(md, [md], outcome.status.model_dump(mode="json"))
+    assert [(a.kind, a.drift) for a in again.applied] == [("update", "service_updated")]
+    assert "ASCEND_VISIBLE_DEVICES_HACK" not in env_of(owned(docker_client, namespace)[f"{namespace}-m-0"])
+
+
+def test_delete_removes_every_owned_service_and_nothing_else(
+    docker_client: docker.APIClient, namespace: str, reconciler: Reconciler
+) -> None:
+    converge(reconciler, model(namespace, "gone", replicas=2))
+    converge(reconciler, model(namespace, "stays", replicas=1))
+    foreign = docker_client.create_service(
+        {"ContainerSpec": {"Image": "npuswarm/tiny-vllm:dev", "Command": ["sleep", "3600"]}},
+        name=f"{namespace}-gone-9",  # looks like ours by name, but has no npuswarm labels
+        labels={"npuswarm.io/owner-namespace": namespace},
+    )
+    try:
+        assert reconciler.finalize(namespace, "gone") == 2
+        names = set(owned(docker_client, namespace))
+        assert f"{namespace}-stays-0" in names and f"{namespace}-gone-9" in names
+        assert not any(n.startswith(f"{namespace}-gone-") and n != f"{namespace}-gone-9" for n in names)
+    finally:
+        docker_client.remove_service(foreign["ID"])
+
+
+def test_contention_never_double_books_and_the_loser_says_why(
+    docker_client: docker.APIClient, namespace: str, reconciler: Reconciler
+) -> None:
+    first = model(namespace, "first", replicas=1, engine={"tensorParallelSize": 8})
+    second = model(namespace, "second", replicas=2, npusPerReplica=4, created="2026-01-02T00:00:00Z")
+    everyone = [first, second]
+    converge(reconciler, first, everyone)
+    outcome = reconciler.reconcile(second, everyone, {})
+    assert outcome.applied == []
+    assert outcome.status.phase == "Degraded"
+    degraded = next(c for c in outcome.status.conditions if c.type == "Degraded")
+    assert degraded.reason == "InsufficientNPUs" and "needs 4 free NPUs" in degraded.message
+    claimed: list[str] = []
+    for service in owned(docker_client, namespace).values():
+        claimed += service["Spec"]["Labels"]["npuswarm.io/npus"].split(",")
+    assert sorted(claimed) == [str(i) for i in range(8)]
+
+
+def test_failing_task_makes_the_deployment_degraded_with_swarms_error(
+    docker_client: docker.APIClient, namespace: str, reconciler: Reconciler
+) -> None:
+    md = model(namespace, "broken", replicas=1, engine={"env": {"FAKE_REQUIRE_NPUS": "1"}})
+    status: dict = {}
+
+    def degraded() -> object:
+        nonlocal status
+        outcome = reconciler.reconcile(md, [md], status)
+        status = outcome.status.model_dump(mode="json")
+        condition = next(c for c in outcome.status.conditions if c.type == "Degraded")
+        return outcome if condition.reason == "TaskFailed" else None
+
+    outcome = wait_for(degraded, "the failing task to be reported", timeout=60)
+    replica = outcome.status.replicaStatuses[0]
+    assert replica.lastError == "task: non-zero exit (1)"  # Swarm's text, verbatim
+    assert outcome.status.phase == "Degraded" and not replica.ready
+
+
+def test_unreachable_swarm_raises_and_removes_nothing(
+    docker_client: docker.APIClient, namespace: str, tmp_path: pytest.TempPathFactory
+) -> None:
+    working = Reconciler(Swarm(), reconciler_settings())
+    md = model(namespace, "kept", replicas=1)
+    converge(working, md)
+    dead = Reconciler(Swarm(base_url=f"unix://{tmp_path}/no.sock", timeout=2), reconciler_settings())
+    with pytest.raises(SwarmUnavailable):
+        dead.reconcile(md, [], {})
+    with pytest.raises(SwarmUnavailable):
+        dead.finalize(namespace, "kept")
+    assert f"{namespace}-kept-0" in owned(docker_client, namespace)
+
+
+def reconciler_settings():  # type: ignore[no-untyped-def]
+    from npuswarm.settings import Settings
+
+    return Settings(lost_node_grace_seconds=5)
