@@ -194,7 +194,7 @@ class ModelDeploymentSpec(_Model):
     npusPerReplica: NpuCount | None = Field(
         None, description="NPUs per replica; defaults to engine.tensorParallelSize."
     )
-    engine: Engine = Field(default_factory=Engine)  # type: ignore[arg-type]
+    engine: Engine = Field(default_factory=Engine)
     volumes: list[Volume] = Field(default_factory=list)
     shmSize: str = Field("1Gi", pattern=QUANTITY_PATTERN, description="Size of /dev/shm.")
     nodeSelector: dict[str, str] = Field(
@@ -202,9 +202,9 @@ class ModelDeploymentSpec(_Model):
     )
     network: Network | None = None
     publish: Publish | None = None
-    healthCheck: HealthCheck = Field(default_factory=HealthCheck)  # type: ignore[arg-type]
-    updateStrategy: UpdateStrategy = Field(default_factory=UpdateStrategy)  # type: ignore[arg-type]
-    restartPolicy: RestartPolicy = Field(default_factory=RestartPolicy)  # type: ignore[arg-type]
+    healthCheck: HealthCheck = Field(default_factory=HealthCheck)
+    updateStrategy: UpdateStrategy = Field(default_factory=UpdateStrategy)
+    restartPolicy: RestartPolicy = Field(default_factory=RestartPolicy)
 
     @model_validator(mode="after")
     def _consistent(self) -> ModelDeploymentSpec:
@@ -213,12 +213,12 @@ class ModelDeploymentSpec(_Model):
                 f"npusPerReplica={self.npus_per_replica} is less than "
                 f"engine.tensorParallelSize={self.engine.tensorParallelSize}"
             )
-        if self.publish is not None and self.publish.mode == "ingress":
-            if self.mode == "PerNode" or self.replicas > 1:
-                raise ValueError(
-                    "publish.mode=ingress allows a single replica: every replica is its own "
-                    "Swarm service and an ingress port can be taken only once; use mode=host"
-                )
+        ingress = self.publish is not None and self.publish.mode == "ingress"
+        if ingress and (self.mode == "PerNode" or self.replicas > 1):
+            raise ValueError(
+                "publish.mode=ingress allows a single replica: every replica is its own "
+                "Swarm service and an ingress port can be taken only once; use mode=host"
+            )
         return self
 
     @property

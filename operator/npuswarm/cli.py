@@ -12,7 +12,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from npuswarm import __version__, api, crd, logs
+from npuswarm import __version__, api, crd, logs, stackfile
 from npuswarm.api import ModelDeployment, validation_message
 from npuswarm.npus import device_name, format_npu_ids
 from npuswarm.observed import SwarmSnapshot
@@ -114,7 +114,9 @@ def nodes_map(snapshot: SwarmSnapshot) -> str:
         for npu in allocation.npus:
             who = f"{allocation.deployment}[{allocation.slot}] {service.name}"
             previous = holders.get((allocation.node_id, npu))
-            holders[(allocation.node_id, npu)] = f"{previous} AND {who} (CONFLICT)" if previous else who
+            holders[(allocation.node_id, npu)] = (
+                f"{previous} AND {who} (CONFLICT)" if previous else who
+            )
     lines = []
     for node in snapshot.nodes:
         lines.append(
@@ -125,10 +127,7 @@ def nodes_map(snapshot: SwarmSnapshot) -> str:
         if not node.npus:
             lines.append("  (no NPUs)")
         for npu in sorted(node.npus):
-            if npu in node.reserved:
-                holder = "reserved"
-            else:
-                holder = holders.get((node.id, npu), "free")
+            holder = "reserved" if npu in node.reserved else holders.get((node.id, npu), "free")
             lines.append(f"  {device_name(npu):<10} {holder}")
         strays = sorted(
             npu for (node_id, npu) in holders if node_id == node.id and npu not in node.npus
@@ -216,6 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     crd_cmd = sub.add_parser("crd", help="print the CRD generated from the API models")
     crd_cmd.add_argument("--check", metavar="PATH", help="fail if PATH differs from the output")
     crd_cmd.set_defaults(func=cmd_crd)
+
+    stackfile.add_commands(sub)
     return parser
 
 

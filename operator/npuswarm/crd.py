@@ -33,11 +33,11 @@ def structural(schema: dict[str, Any], definitions: dict[str, Any] | None = None
         if len(options) != 1:
             raise ValueError(f"cannot express anyOf {schema['anyOf']} structurally")
         rest = {k: v for k, v in schema.items() if k != "anyOf"}
-        out = structural({**options[0], **rest}, definitions)
-        out["nullable"] = True
-        if out.get("default") is None:
-            out.pop("default", None)
-        return out
+        nullable = structural({**options[0], **rest}, definitions)
+        nullable["nullable"] = True
+        if nullable.get("default") is None:
+            nullable.pop("default", None)
+        return nullable
     out: dict[str, Any] = {}
     for key, value in schema.items():
         if key in _DROPPED_KEYS or key == "$defs":

@@ -66,7 +66,7 @@ def _probe_swarm() -> None:
 
 
 @kopf.index(*RESOURCE)
-def deployments(body: kopf.Body, namespace: str, name: str, **_: Any) -> dict[Any, Any]:
+def deployments(*, body: kopf.Body, namespace: str | None, name: str, **_: Any) -> dict[Any, Any]:
     return {(namespace, name): {"metadata": dict(body.metadata), "spec": dict(body.spec)}}
 
 
@@ -167,37 +167,30 @@ def _publish_phases() -> None:
 
 
 @kopf.on.resume(*RESOURCE)
-def on_resume(
-    body: kopf.Body, patch: kopf.Patch, deployments: kopf.Index[Any, Any], retry: int, **_: Any
-) -> None:
-    _reconcile(body, patch, deployments, retry)
+def on_resume(*, body: kopf.Body, patch: kopf.Patch, **kwargs: Any) -> None:
+    _reconcile(body, patch, kwargs["deployments"], kwargs.get("retry", 0))
 
 
 @kopf.on.create(*RESOURCE)
-def on_create(
-    body: kopf.Body, patch: kopf.Patch, deployments: kopf.Index[Any, Any], retry: int, **_: Any
-) -> None:
-    _reconcile(body, patch, deployments, retry)
+def on_create(*, body: kopf.Body, patch: kopf.Patch, **kwargs: Any) -> None:
+    _reconcile(body, patch, kwargs["deployments"], kwargs.get("retry", 0))
 
 
 @kopf.on.update(*RESOURCE, field="spec")
-def on_update(
-    body: kopf.Body, patch: kopf.Patch, deployments: kopf.Index[Any, Any], retry: int, **_: Any
-) -> None:
-    _reconcile(body, patch, deployments, retry)
+def on_update(*, body: kopf.Body, patch: kopf.Patch, **kwargs: Any) -> None:
+    _reconcile(body, patch, kwargs["deployments"], kwargs.get("retry", 0))
 
 
 @kopf.timer(*RESOURCE, interval=SETTINGS.resync_seconds, initial_delay=SETTINGS.resync_seconds)
-def resync(
-    body: kopf.Body, patch: kopf.Patch, deployments: kopf.Index[Any, Any], retry: int, **_: Any
-) -> None:
+def resync(*, body: kopf.Body, patch: kopf.Patch, **kwargs: Any) -> None:
     """Level-triggered safety net: drift in Swarm raises no Kubernetes event."""
-    _reconcile(body, patch, deployments, retry)
+    _reconcile(body, patch, kwargs["deployments"], kwargs.get("retry", 0))
 
 
 @kopf.on.delete(*RESOURCE)
-def on_delete(namespace: str, name: str, **_: Any) -> None:
+def on_delete(*, namespace: str | None, name: str, **_: Any) -> None:
     """Runs behind npuswarm's finalizer: the services go before the resource does."""
+    namespace = namespace or "default"
     try:
         removed = reconciler().finalize(namespace, name)
     except SwarmUnavailable as error:

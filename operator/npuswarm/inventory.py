@@ -88,7 +88,7 @@ def node_from_engine(attrs: dict[str, Any]) -> NodeInfo:
     topology_label = node_labels.get(labels.NODE_TOPOLOGY, "any")
     topology: Topology = "any"
     if topology_label in TOPOLOGIES:
-        topology = topology_label  # type: ignore[assignment]
+        topology = topology_label
     else:
         problems.append(
             f"unknown {labels.NODE_TOPOLOGY}={topology_label!r} (known: {', '.join(TOPOLOGIES)}); "

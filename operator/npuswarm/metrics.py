@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -140,13 +140,18 @@ def swarm_call(operation: str) -> Iterator[None]:
         swarm_api_calls_total.labels(operation, outcome).inc()
 
 
+def set_unplaced(namespace: str, name: str, counts: dict[str, int]) -> None:
+    """Replace a deployment's unplaced series: a reason that went away must read absent."""
+    for labels in list(unplaced_replicas._metrics):
+        if labels[:2] == (namespace, name) and labels[2] not in counts:
+            unplaced_replicas.remove(*labels)
+    for reason, count in counts.items():
+        unplaced_replicas.labels(namespace, name, reason).set(count)
+
+
 def forget_deployment(namespace: str, name: str) -> None:
     """Drop a deleted deployment's series so dashboards do not show ghosts."""
     for gauge in (replicas_desired, replicas_placed, replicas_ready, last_success_timestamp):
-        try:
+        with suppress(KeyError):
             gauge.remove(namespace, name)
-        except KeyError:
-            pass
-    for labels in list(unplaced_replicas._metrics):
-        if labels[:2] == (namespace, name):
-            unplaced_replicas.remove(*labels)
+    set_unplaced(namespace, name, {})

@@ -1,4 +1,4 @@
-"""NPU id sets and their text forms (``0-3``, ``1,3``, ``0-2,4``), as Ascend Docker Runtime reads them."""
+"""NPU id sets and their text forms (``0-3``, ``1,3``, ``0-2,4``), as the Ascend runtime reads."""
 
 from __future__ import annotations
 

@@ -36,7 +36,8 @@ class ObservedService:
 
     @property
     def deployment(self) -> str:
-        return f"{self.labels.get(labels.OWNER_NAMESPACE, '')}/{self.labels.get(labels.OWNER_NAME, '')}"
+        namespace = self.labels.get(labels.OWNER_NAMESPACE, "")
+        return f"{namespace}/{self.labels.get(labels.OWNER_NAME, '')}"
 
     @property
     def slot(self) -> str:
@@ -76,7 +77,11 @@ class ObservedService:
         except ValueError:
             return None
         return Allocation(
-            deployment=self.deployment, slot=self.slot, node_id=node_id, npus=npus, service=self.name
+            deployment=self.deployment,
+            slot=self.slot,
+            node_id=node_id,
+            npus=npus,
+            service=self.name,
         )
 
 

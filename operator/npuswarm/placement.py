@@ -177,9 +177,7 @@ def spare_assignment(
     return assignment
 
 
-def _node_lost(
-    node_id: str, nodes_by_id: dict[str, NodeInfo], now: datetime, grace: float
-) -> bool:
+def _node_lost(node_id: str, nodes_by_id: dict[str, NodeInfo], now: datetime, grace: float) -> bool:
     node = nodes_by_id.get(node_id)
     return node is None or node.is_lost(now, grace)
 
@@ -280,4 +278,6 @@ def _best_fit(
 
 
 def _unplaced(request: ReplicaRequest, reason: UnplacedReason, message: str) -> Unplaced:
-    return Unplaced(deployment=request.deployment, slot=request.slot, reason=reason, message=message)
+    return Unplaced(
+        deployment=request.deployment, slot=request.slot, reason=reason, message=message
+    )

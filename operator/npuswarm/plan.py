@@ -279,9 +279,7 @@ def _limit_unavailable(
     """Roll replica by replica: restarting a ready replica is allowed only while fewer than
     maxUnavailable replicas are down. Replicas that are down anyway are updated at once."""
     not_ready = sum(
-        1
-        for slot in plan.desired
-        if not any(s.running_current_spec for s in by_slot.get(slot, []))
+        1 for slot in plan.desired if not any(s.running_current_spec for s in by_slot.get(slot, []))
     )
     budget = max(0, md.spec.updateStrategy.maxUnavailable - not_ready)
     for action, ready in updates:

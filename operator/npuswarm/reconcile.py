@@ -28,6 +28,7 @@ from npuswarm.swarm import Swarm, SwarmRejected
 
 log = structlog.get_logger("npuswarm.reconcile")
 
+
 @dataclass
 class Outcome:
     status: ModelDeploymentStatus
@@ -114,7 +115,11 @@ class Reconciler:
             if key[0] == target.key:
                 unplaced[item.reason] = unplaced.get(item.reason, 0) + 1
         return Outcome(
-            status=status, events=events, requeue=requeue, applied=applied, unplaced_reasons=unplaced
+            status=status,
+            events=events,
+            requeue=requeue,
+            applied=applied,
+            unplaced_reasons=unplaced,
         )
 
     def _apply(
@@ -138,7 +143,9 @@ class Reconciler:
             except SwarmRejected as error:
                 rejected[action.slot] = str(error)
                 bound.warning(
-                    "swarm refused a write", action=action.kind, service=action.service_name,
+                    "swarm refused a write",
+                    action=action.kind,
+                    service=action.service_name,
                     error=str(error),
                 )
                 continue
@@ -146,7 +153,9 @@ class Reconciler:
             if action.drift is not None:
                 metrics.drift_corrections_total.labels(action.drift).inc()
             bound.info(
-                "service written", action=action.kind, service=action.service_name,
+                "service written",
+                action=action.kind,
+                service=action.service_name,
                 reason=action.reason,
             )
         return applied, rejected
@@ -161,7 +170,9 @@ class Reconciler:
         return len(owned)
 
 
-def _with_target(target: ModelDeployment, everyone: Iterable[ModelDeployment]) -> list[ModelDeployment]:
+def _with_target(
+    target: ModelDeployment, everyone: Iterable[ModelDeployment]
+) -> list[ModelDeployment]:
     """Every live deployment, with the freshest copy of the one being reconciled."""
     others = [
         md for md in everyone if md.key != target.key and md.metadata.deletionTimestamp is None
@@ -190,7 +201,9 @@ def _events(
             if action.kind == "create" or action.drift == "replica_replaced":
                 message = f"replica {action.slot} placed on {where} ({action.reason})"
                 events.append(Event("Normal", "Placed", message))
-                bound.info("placement decided", replica=action.slot, where=where, reason=action.reason)
+                bound.info(
+                    "placement decided", replica=action.slot, where=where, reason=action.reason
+                )
         if action.drift is not None:
             events.append(
                 Event(
@@ -249,7 +262,11 @@ def _record_npus(snapshot: SwarmSnapshot, applied: list[Action]) -> None:
                 "unhealthy": 0,
             }
         else:
-            counts = {"allocated": 0, "reserved": reserved, "free": 0,
-                      "unhealthy": len(node.usable_npus)}
+            counts = {
+                "allocated": 0,
+                "reserved": reserved,
+                "free": 0,
+                "unhealthy": len(node.usable_npus),
+            }
         for state, count in counts.items():
             metrics.npus.labels(node.hostname or node.id, state).set(count)

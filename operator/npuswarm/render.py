@@ -136,9 +136,7 @@ def render_service(
     }
     if spec.network is not None:
         # Networks belong in the task template; the top-level field is deprecated.
-        task_template["Networks"] = [
-            {"Target": spec.network.name, "Aliases": [network_alias(md)]}
-        ]
+        task_template["Networks"] = [{"Target": spec.network.name, "Aliases": [network_alias(md)]}]
     endpoint: dict[str, Any] = {
         "Mode": spec.network.endpointMode if spec.network is not None else "vip"
     }

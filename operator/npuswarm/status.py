@@ -88,21 +88,21 @@ def deployment_status(
     for request in requests:
         key = request.key
         assignment = placement.assignments.get(key)
-        unplaced = placement.unplaced.get(key)
+        unplaced_here = placement.unplaced.get(key)
         desired = plan.desired.get(request.slot)
         service = observed.get(desired["Name"]) if desired else None
         node = snapshot.node(assignment.node_id) if assignment else None
-        ready = bool(
+        replica_ready = bool(
             service is not None
             and desired is not None
             and request.slot not in touched
             and service.spec_hash == desired["Labels"].get(SPEC_HASH)
             and service.running_current_spec
         )
-        error = _current_error(service) if service is not None and not ready else None
+        error = _current_error(service) if service is not None and not replica_ready else None
         message = None
-        if unplaced is not None:
-            message = unplaced.message
+        if unplaced_here is not None:
+            message = unplaced_here.message
         elif request.slot in rejected:
             message = rejected[request.slot]
         elif key in placement.moved:
@@ -122,7 +122,7 @@ def deployment_status(
                 npus=sorted(assignment.npus) if assignment else [],
                 service=desired["Name"] if desired else None,
                 taskState=newest.state if newest else None,
-                ready=ready,
+                ready=replica_ready,
                 lastError=service.last_error if service is not None else None,
                 message=message,
             )
@@ -257,7 +257,9 @@ def _held_status(
         for k in ("replicas", "readyReplicas", "placedReplicas", "npus", "endpoint")
         if k in previous
     }
-    replica_statuses = [ReplicaStatus.model_validate(r) for r in previous.get("replicaStatuses", [])]
+    replica_statuses = [
+        ReplicaStatus.model_validate(r) for r in previous.get("replicaStatuses", [])
+    ]
     return ModelDeploymentStatus(
         observedGeneration=generation,
         phase=phase,

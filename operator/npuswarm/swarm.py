@@ -48,7 +48,7 @@ _TRANSIENT = (
 
 
 class Swarm:
-    """A connection to one Swarm manager; DOCKER_HOST / DOCKER_TLS_VERIFY / DOCKER_CERT_PATH apply."""
+    """One Swarm manager; DOCKER_HOST, DOCKER_TLS_VERIFY and DOCKER_CERT_PATH apply."""
 
     def __init__(self, base_url: str | None = None, timeout: float = 30.0) -> None:
         kwargs: dict[str, Any] = kwargs_from_env()

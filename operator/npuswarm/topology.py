@@ -23,7 +23,7 @@ def is_valid_set(npus: frozenset[int], topology: Topology) -> bool:
 
 
 def choose(free: frozenset[int], count: int, topology: Topology) -> frozenset[int] | None:
-    """Pick ``count`` NPUs out of ``free``, leaving the least fragmented remainder; None if impossible.
+    """Pick ``count`` NPUs out of ``free`` leaving the least fragmented rest; None if impossible.
 
     Lowest ids first keeps the choice deterministic and packs NPUs from one end of the node.
     """

@@ -1,0 +1,1439 @@
+"""Migration from `docker stack deploy`: compose stack files to ModelDeployments and back.
+
+``import_stack`` turns the services of a stack file that run ``vllm serve`` into
+ModelDeployment manifests and says, per service, what was mapped, what was dropped and why.
+``export_stack`` turns the services npuswarm would create (render.render_service output)
+into a compose file, for review or as a way back. Both are pure functions over parsed data;
+the ``cmd_*`` functions at the bottom are the CLI layer that reads, writes and asks Swarm.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import posixpath
+import re
+import shlex
+import sys
+import tempfile
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import ValidationError
+
+from npuswarm import api, labels
+from npuswarm.api import ModelDeployment, validation_message
+from npuswarm.npus import format_npu_ids, npu_id_from_device, parse_npu_ids
+from npuswarm.render import SECOND_NS
+
+# --- Facts about `docker stack deploy` --------------------------------------------------------
+
+# docker/cli cli/compose/types/types.go `UnsupportedProperties` (master as of 2025): stack
+# deploy prints "Ignoring unsupported options: ..." and deploys without them.
+SWARM_UNSUPPORTED = frozenset(
+    {
+        "build",
+        "cgroupns_mode",
+        "cgroup_parent",
+        "devices",
+        "domainname",
+        "external_links",
+        "ipc",
+        "links",
+        "mac_address",
+        "network_mode",
+        "pid",
+        "privileged",
+        "restart",
+        "security_opt",
+        "shm_size",
+        "userns_mode",
+    }
+)
+# Older CLIs had a longer list: cap_add/cap_drop became supported in 20.10 (docker/cli#2687),
+# sysctls and ulimits later; a cluster on such a CLI ignored these as well.
+SWARM_UNSUPPORTED_BEFORE = {
+    "cap_add": "20.10",
+    "cap_drop": "20.10",
+    "sysctls": "20.10",
+    "ulimits": "23.0",
+}
+# `DeprecatedProperties` of the same file: ignored with a warning.
+SWARM_DEPRECATED = frozenset({"container_name", "expose"})
+# `ForbiddenProperties`: stack deploy refuses a file that uses them.
+SWARM_FORBIDDEN = frozenset(
+    {
+        "extends",
+        "volume_driver",
+        "volumes_from",
+        "cpu_quota",
+        "cpu_shares",
+        "cpuset",
+        "mem_limit",
+        "memswap_limit",
+    }
+)
+
+# Mounted by Ascend Docker Runtime (its base.list) with the NPUs; mounting them again is noise
+# at best and a driver/library mismatch at worst when the runtime's list changes.
+RUNTIME_DRIVER_MOUNTS = frozenset(
+    {
+        "/usr/local/dcmi",
+        "/usr/local/bin/npu-smi",
+        "/usr/local/Ascend/driver/lib64",
+        "/usr/local/Ascend/driver/version.info",
+        "/etc/ascend_install.info",
+    }
+)
+# Control devices the runtime hook adds to every container that gets an NPU.
+RUNTIME_CONTROL_DEVICES = frozenset({"/dev/davinci_manager", "/dev/devmm_svm", "/dev/hisi_hdc"})
+
+SHM_PATH = "/dev/shm"
+# Swarm's default restart delay, for telling the user what changes when none was given.
+SWARM_RESTART_DELAY_SECONDS = 5
+EXTENSION = "x-npuswarm"
+COMPOSE_VERSION = "3.8"  # tmpfs size needs 3.6, extension fields on services 3.7
+
+_SHELLS = frozenset({"sh", "bash", "ash", "dash"})
+_SHELL_OPERATORS = frozenset({"&&", "||", ";", "|", "&", ";;", "(", ")", "<", ">", ">>"})
+_DNS_LABEL = re.compile(api.DNS_LABEL_PATTERN)
+_INTERPOLATION = re.compile(r"\$\$|\$\{[^}]*\}|\$[A-Za-z_][A-Za-z0-9_]*")
+_RAM = re.compile(r"^(\d+(?:\.\d+)?)\s*([kmgtp])?i?b?$", re.IGNORECASE)
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
+_DURATION_NS = {"ns": 1, "us": 10**3, "µs": 10**3, "ms": 10**6, "s": 10**9, "m": 60 * 10**9}
+_DURATION_NS["h"] = 3600 * 10**9
+_URL = re.compile(r"https?://[^/\s'\"]+(/[^\s'\"?#]*)?")
+_NODE_LABEL_EQ = re.compile(r"^node\.labels\.([^=!\s]+)\s*==\s*(.+?)\s*$")
+
+
+class StackFileError(ValueError):
+    """The stack file cannot be converted; the message names the service and the reason."""
+
+
+NoteKind = Literal["mapped", "dropped", "swarm-ignored", "check", "skipped"]
+
+
+@dataclass(frozen=True)
+class Note:
+    kind: NoteKind
+    key: str
+    text: str
+
+    def __str__(self) -> str:
+        return f"{self.kind:<13} {self.key}: {self.text}"
+
+
+@dataclass
+class _Notes:
+    items: list[Note] = field(default_factory=list)
+
+    def mapped(self, key: str, text: str) -> None:
+        self.items.append(Note("mapped", key, text))
+
+    def dropped(self, key: str, text: str) -> None:
+        self.items.append(Note("dropped", key, text))
+
+    def check(self, key: str, text: str) -> None:
+        """Something converted that a person must verify before applying."""
+        self.items.append(Note("check", key, text))
+
+
+@dataclass(frozen=True)
+class ImportedService:
+    service: str  # the compose service (or services, for an exported deployment)
+    deployment: ModelDeployment
+    manifest: dict[str, Any]  # what is written: only the fields the stack file set
+    notes: tuple[Note, ...]
+
+    @property
+    def name(self) -> str:
+        return self.deployment.metadata.name
+
+
+@dataclass(frozen=True)
+class StackImport:
+    services: list[ImportedService]
+    skipped: list[Note]
+
+
+# --- Small parsers for compose value forms ----------------------------------------------------
+
+
+def command_line(service: Mapping[str, Any]) -> list[str]:
+    """entrypoint + command as one argv; compose's string form is split like a shell would."""
+    return _argv(service.get("entrypoint"), "entrypoint") + _argv(service.get("command"), "command")
+
+
+def _argv(value: Any, key: str) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        try:
+            return shlex.split(value)
+        except ValueError as error:
+            raise StackFileError(f"{key}: cannot split {value!r}: {error}") from None
+    if isinstance(value, list):
+        return [_scalar(item) for item in value]
+    raise StackFileError(f"{key} must be a string or a list, not {type(value).__name__}")
+
+
+def _scalar(value: Any) -> str:
+    """A YAML scalar as compose reads it; bools as the lowercase words compose writes."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def vllm_serve_args(argv: Sequence[str]) -> tuple[list[str], str | None] | None:
+    """The arguments after ``vllm serve``, and how it was wrapped; None when it is not vLLM.
+
+    A ``sh -c 'vllm serve ...'`` wrapper is unwrapped; a shell script that also does other
+    things cannot be taken apart safely and is an error.
+    """
+    if len(argv) >= 2 and posixpath.basename(argv[0]) == "vllm" and argv[1] == "serve":
+        return list(argv[2:]), None
+    if len(argv) == 3 and posixpath.basename(argv[0]) in _SHELLS and argv[1] in ("-c", "-lc"):
+        script = argv[2]
+        if not re.search(r"\bvllm\s+serve\b", script):
+            return None
+        lexer = shlex.shlex(script, posix=True, punctuation_chars=True)
+        lexer.whitespace_split = True
+        try:
+            tokens = list(lexer)
+        except ValueError as error:
+            raise StackFileError(f"cannot split the shell script {script!r}: {error}") from None
+        if tokens[:1] == ["exec"]:
+            tokens = tokens[1:]
+        operators = sorted({t for t in tokens if t in _SHELL_OPERATORS})
+        if operators or tokens[:2] != ["vllm", "serve"]:
+            raise StackFileError(
+                f"runs `vllm serve` inside a shell script ({' '.join(operators) or 'prefix'}"
+                f" in {script!r}); npuswarm runs vllm directly: move the other steps into "
+                "the image and write the manifest by hand"
+            )
+        return tokens[2:], f"{argv[0]} {argv[1]}"
+    return None
+
+
+def ram_bytes(value: Any) -> int:
+    """Compose/Docker size (``1g``, ``512m``, ``1GiB``, a byte count): binary units."""
+    if isinstance(value, bool):
+        raise ValueError(f"not a size: {value!r}")
+    if isinstance(value, int):
+        return value
+    match = _RAM.match(str(value).strip())
+    if match is None:
+        raise ValueError(f"not a size: {value!r} (use e.g. 512m, 1g)")
+    power = "kmgtp".index(match.group(2).lower()) + 1 if match.group(2) else 0
+    return int(float(match.group(1)) * 1024**power)
+
+
+def quantity(size: int) -> str:
+    """Bytes as the largest whole binary quantity (``1Gi``, ``512Mi``), else plain bytes."""
+    for suffix, factor in (("Ti", 2**40), ("Gi", 2**30), ("Mi", 2**20), ("Ki", 2**10)):
+        if size and size % factor == 0:
+            return f"{size // factor}{suffix}"
+    return str(size)
+
+
+def duration_ns(value: Any) -> int:
+    """A Go duration string (``10s``, ``1m30s``, ``500ms``) as nanoseconds."""
+    text = str(value).strip()
+    if text in ("0", ""):
+        return 0
+    position, total = 0, 0.0
+    for match in _DURATION_PART.finditer(text):
+        if match.start() != position:
+            break
+        total += float(match.group(1)) * _DURATION_NS[match.group(2)]
+        position = match.end()
+    if position != len(text) or isinstance(value, bool | int | float):
+        raise ValueError(f"not a duration: {value!r} (use e.g. 10s, 1m30s)")
+    return round(total)
+
+
+def go_duration(nanoseconds: int) -> str:
+    if nanoseconds % SECOND_NS == 0:
+        return f"{nanoseconds // SECOND_NS}s"
+    return f"{nanoseconds}ns"
+
+
+def dns_label(name: str) -> str:
+    """A compose service name as a Kubernetes name and DNS label (lowercase, ``-``, <= 63)."""
+    label = re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-")
+    label = re.sub(r"-{2,}", "-", label)[:63].rstrip("-")
+    if not label:
+        raise StackFileError(f"service name {name!r} has no letters or digits to name it by")
+    return label
+
+
+def _clean_path(path: str) -> str:
+    return path if path == "/" else path.rstrip("/")
+
+
+def _unescape(value: Any, variables: set[str]) -> Any:
+    """Undo compose's ``$$`` escape; collect ``${VAR}`` references, which stay as written.
+
+    stack deploy filled references from the deploying shell; a manifest has no such shell,
+    so guessing a value would be worse than leaving them visible for review.
+    """
+    if isinstance(value, str):
+
+        def replace(match: re.Match[str]) -> str:
+            if match.group(0) == "$$":
+                return "$"
+            variables.add(match.group(0))
+            return match.group(0)
+
+        return _INTERPOLATION.sub(replace, value)
+    if isinstance(value, list):
+        return [_unescape(item, variables) for item in value]
+    if isinstance(value, dict):
+        return {key: _unescape(item, variables) for key, item in value.items()}
+    return value
+
+
+def _escape(value: Any) -> Any:
+    if isinstance(value, str):
+        return value.replace("$", "$$")
+    if isinstance(value, list):
+        return [_escape(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _escape(item) for key, item in value.items()}
+    return value
+
+
+# --- vllm serve arguments ---------------------------------------------------------------------
+
+
+@dataclass
+class ServeArgs:
+    model: str | None = None
+    served_model_name: str | None = None
+    tensor_parallel_size: int | None = None
+    enable_expert_parallel: bool | None = None
+    max_model_len: int | None = None
+    port: int | None = None
+    extra: list[str] = field(default_factory=list)
+
+
+def _flag_name(token: str) -> str:
+    """vLLM accepts ``--max_model_len`` for ``--max-model-len``; compare in one spelling."""
+    name = token.split("=", 1)[0]
+    return "--" + name[2:].replace("_", "-") if name.startswith("--") else name
+
+
+_VALUE_FLAGS = {
+    "--model": "model",
+    "--served-model-name": "served_model_name",
+    "--tensor-parallel-size": "tensor_parallel_size",
+    "-tp": "tensor_parallel_size",
+    "--max-model-len": "max_model_len",
+    "--port": "port",
+    "--host": "host",
+}
+_INT_FIELDS = frozenset({"tensor_parallel_size", "max_model_len", "port"})
+
+
+def parse_serve_args(args: Sequence[str], notes: _Notes) -> ServeArgs:
+    """Take the flags ModelDeployment types out of ``vllm serve`` args; keep the rest in order."""
+    parsed = ServeArgs()
+    rest = list(args)
+    if rest and not rest[0].startswith("-"):
+        parsed.model = rest.pop(0)
+    index = 0
+    while index < len(rest):
+        token = rest[index]
+        flag = _flag_name(token)
+        if flag in ("--enable-expert-parallel", "--no-enable-expert-parallel"):
+            parsed.enable_expert_parallel = flag == "--enable-expert-parallel"
+            index += 1
+            continue
+        target = _VALUE_FLAGS.get(flag)
+        if target is None:
+            parsed.extra.append(token)
+            index += 1
+            continue
+        if "=" in token:
+            values, index = [token.split("=", 1)[1]], index + 1
+        else:
+            values, index = _values_after(rest, index, many=target == "served_model_name")
+            if not values:
+                raise StackFileError(f"vllm serve {token} has no value")
+        _set_serve_field(parsed, target, token, values, notes)
+    return parsed
+
+
+def _values_after(args: list[str], index: int, *, many: bool) -> tuple[list[str], int]:
+    # --served-model-name takes one or more names (nargs="+"); other flags take exactly one.
+    values: list[str] = []
+    position = index + 1
+    while position < len(args) and not args[position].startswith("-"):
+        values.append(args[position])
+        position += 1
+        if not many:
+            break
+    return values, position
+
+
+def _set_serve_field(
+    parsed: ServeArgs, target: str, token: str, values: list[str], notes: _Notes
+) -> None:
+    flag = token.split("=", 1)[0]
+    if target == "host":
+        notes.dropped(f"command {flag}", f"{values[0]}: npuswarm always listens on 0.0.0.0")
+        return
+    if len(values) > 1:
+        notes.dropped(
+            f"command {flag}",
+            f"extra names {values[1:]}: a ModelDeployment serves one name ({values[0]})",
+        )
+    value: str | int = values[0]
+    if target in _INT_FIELDS:
+        try:
+            value = int(values[0])
+        except ValueError:
+            raise StackFileError(f"vllm serve {flag} {values[0]!r} is not a whole number") from None
+    if getattr(parsed, target) is not None:
+        notes.check(f"command {flag}", f"given twice; vLLM used the last one ({value})")
+    setattr(parsed, target, value)
+
+
+# --- One service ------------------------------------------------------------------------------
+
+
+@dataclass
+class _Context:
+    source: str
+    base_dir: str
+    namespace: str | None
+    top_networks: Mapping[str, Any]
+
+
+def _import_service(
+    name: str, service: Mapping[str, Any], ctx: _Context
+) -> tuple[ImportedService, dict[str, Any] | None]:
+    """One vLLM service -> a validated ModelDeployment; also its x-npuswarm extension, if any."""
+    notes = _Notes()
+    variables: set[str] = set()
+    service = _unescape(dict(service), variables)
+    serve = vllm_serve_args(command_line(service))
+    assert serve is not None  # the caller only passes vLLM services
+    serve_args, wrapper = serve
+    extension = service.get(EXTENSION) if isinstance(service.get(EXTENSION), dict) else None
+    if wrapper:
+        notes.mapped("command", f"unwrapped from `{wrapper}`: npuswarm runs vllm directly")
+    if variables:
+        notes.check(
+            "variables",
+            f"{', '.join(sorted(variables))} were filled in by docker stack deploy from the "
+            "deploying shell; the manifest keeps them literally: replace them",
+        )
+    spec: dict[str, Any] = {}
+    engine: dict[str, Any] = {}
+    _map_image(service, spec, notes)
+    _map_command(serve_args, spec, engine, notes)
+    env, env_npus = _map_environment(service.get("environment"), notes)
+    if env:
+        engine["env"] = env
+    spec["engine"] = engine
+    _map_npus(service.get("devices"), env_npus, engine, spec, notes)
+    shm_from_tmpfs = _map_volumes(service.get("volumes"), ctx.base_dir, spec, notes)
+    _map_shm(service.get("shm_size"), shm_from_tmpfs, spec, notes)
+    _map_deploy(service.get("deploy"), spec, notes, pinned_by_export=extension is not None)
+    _map_network(name, service.get("networks"), service.get("deploy"), ctx, spec, notes, extension)
+    _map_ports(service.get("ports"), spec, notes)
+    _map_healthcheck(service.get("healthcheck"), spec, notes)
+    _map_init(service.get("init"), notes)
+    _note_other_keys(service, notes)
+    if extension is not None:
+        _apply_extension(extension, spec, notes)
+    _check_model_path(spec, notes)
+    metadata = _metadata(name, extension, ctx, notes)
+    manifest = {"apiVersion": api.API_VERSION, "kind": api.KIND, "metadata": metadata, "spec": spec}
+    try:
+        deployment = ModelDeployment.model_validate(manifest)
+    except ValidationError as error:
+        raise StackFileError(validation_message(error)) from None
+    imported = ImportedService(name, deployment, manifest, tuple(notes.items))
+    return imported, extension
+
+
+def _metadata(
+    name: str, extension: Mapping[str, Any] | None, ctx: _Context, notes: _Notes
+) -> dict[str, Any]:
+    namespace = ctx.namespace
+    if extension is not None and isinstance(extension.get("deployment"), str):
+        # An exported replica: the deployment it came from, not the per-replica service name.
+        owner_namespace, _, owner_name = extension["deployment"].rpartition("/")
+        metadata_name = dns_label(owner_name)
+        namespace = namespace or owner_namespace or None
+    else:
+        metadata_name = dns_label(name)
+        if metadata_name != name:
+            notes.check("name", f"{name!r} is not a DNS label: named {metadata_name}")
+    metadata: dict[str, Any] = {"name": metadata_name}
+    if namespace:
+        metadata["namespace"] = namespace
+    metadata["annotations"] = {f"{labels.PREFIX}/imported-from": f"{ctx.source} service {name}"}
+    return metadata
+
+
+def _map_image(service: Mapping[str, Any], spec: dict[str, Any], notes: _Notes) -> None:
+    image = service.get("image")
+    if not isinstance(image, str) or not image:
+        raise StackFileError("has no image (stack deploy does not build images either)")
+    spec["image"] = image
+    notes.mapped("image", image)
+
+
+def _map_command(
+    args: list[str], spec: dict[str, Any], engine: dict[str, Any], notes: _Notes
+) -> None:
+    serve = parse_serve_args(args, notes)
+    if serve.model is None:
+        raise StackFileError("vllm serve has no model: give it as the first argument")
+    spec["model"] = serve.model
+    typed = [f"model={serve.model}"]
+    if serve.served_model_name is not None:
+        spec["servedModelName"] = serve.served_model_name
+        typed.append(f"servedModelName={serve.served_model_name}")
+    for value, key in (
+        (serve.tensor_parallel_size, "tensorParallelSize"),
+        (serve.enable_expert_parallel, "enableExpertParallel"),
+        (serve.max_model_len, "maxModelLen"),
+        (serve.port, "port"),
+    ):
+        if value is not None:
+            engine[key] = value
+            typed.append(f"engine.{key}={value}")
+    if serve.port is None:
+        notes.check("command --port", "not given: vLLM and npuswarm both default to 8000")
+    if serve.extra:
+        engine["extraArgs"] = serve.extra
+        typed.append(f"engine.extraArgs={shlex.join(serve.extra)}")
+    notes.mapped("command", "vllm serve -> " + ", ".join(typed))
+
+
+def _map_environment(raw: Any, notes: _Notes) -> tuple[dict[str, str], frozenset[int] | None]:
+    """Env as a mapping; ASCEND_VISIBLE_DEVICES is returned apart: npuswarm owns it."""
+    pairs: list[tuple[str, str | None]] = []
+    if isinstance(raw, list):
+        for item in raw:
+            name, sep, text = str(item).partition("=")
+            pairs.append((name, text if sep else None))
+    elif isinstance(raw, dict):
+        pairs = [(str(k), None if v is None else _scalar(v)) for k, v in raw.items()]
+    elif raw is not None:
+        raise StackFileError("environment must be a list or a mapping")
+    env: dict[str, str] = {}
+    npus: frozenset[int] | None = None
+    for key, value in pairs:
+        if value is None:
+            notes.dropped(f"environment {key}", "no value: stack deploy took it from the shell")
+        elif key == "ASCEND_VISIBLE_DEVICES":
+            try:
+                npus = parse_npu_ids(value)
+            except ValueError as error:
+                raise StackFileError(f"environment {key}: {error}") from None
+            notes.dropped(f"environment {key}", "npuswarm sets it from the placement")
+        elif key in api.OPERATOR_OWNED_ENV:
+            notes.dropped(f"environment {key}", "npuswarm sets it (0..N-1 inside the container)")
+        else:
+            env[key] = value
+    if env:
+        notes.mapped("environment", "engine.env: " + ", ".join(sorted(env)))
+    return env, npus
+
+
+def _map_npus(
+    devices: Any,
+    env_npus: frozenset[int] | None,
+    engine: dict[str, Any],
+    spec: dict[str, Any],
+    notes: _Notes,
+) -> None:
+    npus = _devices_npus(devices, notes)
+    source = "devices"
+    if npus is None and env_npus:
+        npus, source = env_npus, "ASCEND_VISIBLE_DEVICES"
+    if npus is None:
+        notes.check(
+            "npus", "no /dev/davinciN device: npusPerReplica defaults to the tensor parallel size"
+        )
+        return
+    count = len(npus)
+    if count not in api.NPU_COUNTS:
+        raise StackFileError(
+            f"{source} name {count} NPUs ({format_npu_ids(npus)}); npuswarm gives a replica "
+            f"1, 2, 4 or 8 NPUs"
+        )
+    spec["npusPerReplica"] = count
+    notes.mapped(
+        source,
+        f"npusPerReplica={count} (the stack fixed NPUs {format_npu_ids(npus)}; npuswarm "
+        "chooses free NPUs per replica)",
+    )
+    tp = engine.get("tensorParallelSize", 1)
+    if tp != count:
+        notes.check("npus", f"{count} NPUs but --tensor-parallel-size is {tp}")
+
+
+def _devices_npus(devices: Any, notes: _Notes) -> frozenset[int] | None:
+    if devices is None:
+        return None
+    if not isinstance(devices, list):
+        raise StackFileError("devices must be a list")
+    npus: set[int] = set()
+    control, other = [], []
+    for item in devices:
+        host = str(item.get("source", "")) if isinstance(item, dict) else str(item).split(":")[0]
+        npu = npu_id_from_device(posixpath.basename(host)) if host.startswith("/dev/") else None
+        if npu is not None:
+            npus.add(npu)
+        elif host in RUNTIME_CONTROL_DEVICES:
+            control.append(host)
+        else:
+            other.append(host)
+    if control:
+        notes.dropped("devices", f"{', '.join(control)}: Ascend Docker Runtime adds them")
+    if other:
+        notes.dropped(
+            "devices", f"{', '.join(other)}: Swarm services cannot have devices; only NPUs "
+            "reach a task (through ASCEND_VISIBLE_DEVICES)",
+        )
+    return frozenset(npus) if npus else None
+
+
+@dataclass(frozen=True)
+class _Mount:
+    source: str
+    target: str
+    read_only: bool
+
+
+def _map_volumes(raw: Any, base_dir: str, spec: dict[str, Any], notes: _Notes) -> int | None:
+    """Bind mounts -> spec.volumes; returns the size of a tmpfs on /dev/shm, if one is given."""
+    if raw is None:
+        return None
+    if not isinstance(raw, list):
+        raise StackFileError("volumes must be a list")
+    volumes: list[dict[str, Any]] = []
+    driver: list[str] = []
+    shm: int | None = None
+    for item in raw:
+        if isinstance(item, dict) and item.get("type") == "tmpfs":
+            shm = _tmpfs_volume(item, notes) if shm is None else shm
+            continue
+        mount = _bind_mount(item, base_dir, notes)
+        if mount is None:
+            continue
+        if mount.source in RUNTIME_DRIVER_MOUNTS:
+            driver.append(mount.source)
+        elif mount.target == SHM_PATH:
+            notes.dropped(
+                f"volumes {mount.source}", "npuswarm gives /dev/shm its own sized tmpfs (shmSize)"
+            )
+        elif any(v["mountPath"] == mount.target for v in volumes):
+            notes.dropped(f"volumes {mount.source}", f"{mount.target} is already mounted")
+        else:
+            volume: dict[str, Any] = {"hostPath": mount.source, "mountPath": mount.target}
+            if mount.read_only:
+                volume["readOnly"] = True
+            volumes.append(volume)
+    if driver:
+        notes.dropped("volumes", f"{', '.join(driver)}: Ascend Docker Runtime mounts the driver")
+    if volumes:
+        spec["volumes"] = volumes
+        notes.mapped("volumes", ", ".join(f"{v['hostPath']}:{v['mountPath']}" for v in volumes))
+    return shm
+
+
+def _tmpfs_volume(item: Mapping[str, Any], notes: _Notes) -> int | None:
+    target = _clean_path(str(item.get("target", "")))
+    size = (item.get("tmpfs") or {}).get("size")
+    if target != SHM_PATH or size is None:
+        notes.dropped(f"volumes tmpfs {target}", "no ModelDeployment field for other tmpfs mounts")
+        return None
+    try:
+        return ram_bytes(size)
+    except ValueError as error:
+        raise StackFileError(f"volumes tmpfs {target}: {error}") from None
+
+
+def _bind_mount(item: Any, base_dir: str, notes: _Notes) -> _Mount | None:
+    if isinstance(item, dict):
+        kind = item.get("type", "volume")
+        source, target = str(item.get("source", "")), str(item.get("target", ""))
+        read_only = bool(item.get("read_only", False))
+        if kind != "bind":
+            notes.dropped(f"volumes {source or target}", f"type {kind}: npuswarm mounts host paths")
+            return None
+        if item.get("bind"):
+            notes.dropped(f"volumes {source}", "bind options (propagation) have no field")
+    else:
+        parts = str(item).split(":")
+        if len(parts) == 1:
+            notes.dropped(f"volumes {item}", "anonymous volume: npuswarm mounts host paths")
+            return None
+        source, target = parts[0], parts[1]
+        options = set(parts[2].split(",")) if len(parts) > 2 else set()
+        read_only = "ro" in options
+        if options - {"ro", "rw"}:
+            notes.dropped(f"volumes {item}", f"options {sorted(options - {'ro', 'rw'})}")
+    host = _host_path(source, base_dir, notes)
+    if host is None or not target.startswith("/"):
+        return None
+    return _Mount(host, _clean_path(target), read_only)
+
+
+def _host_path(source: str, base_dir: str, notes: _Notes) -> str | None:
+    if source.startswith("/"):
+        return _clean_path(posixpath.normpath(source))
+    if source == "." or source.startswith(("./", "../")):
+        # stack deploy resolves it against the stack file's folder on the deploying machine.
+        resolved = _clean_path(posixpath.normpath(posixpath.join(base_dir, source)))
+        notes.check(
+            f"volumes {source}", f"relative path resolved to {resolved}: it must exist on every node"
+        )
+        return resolved
+    if source.startswith("~"):
+        notes.dropped(f"volumes {source}", "~ is the deploying user's home: write an absolute path")
+        return None
+    notes.dropped(f"volumes {source}", "named volume: npuswarm mounts host paths only")
+    return None
+
+
+def _map_shm(raw: Any, from_tmpfs: int | None, spec: dict[str, Any], notes: _Notes) -> None:
+    if from_tmpfs is not None:
+        spec["shmSize"] = quantity(from_tmpfs)
+        notes.mapped("volumes tmpfs /dev/shm", f"shmSize={spec['shmSize']}")
+        if raw is not None:
+            notes.dropped("shm_size", "the /dev/shm tmpfs mount is what Swarm applied")
+        return
+    if raw is None:
+        default = api.ModelDeploymentSpec.model_fields["shmSize"].default
+        notes.check("shm_size", f"not given: npuswarm's default /dev/shm size is {default}")
+        return
+    try:
+        spec["shmSize"] = quantity(ram_bytes(raw))
+    except ValueError as error:
+        raise StackFileError(f"shm_size: {error}") from None
+    notes.mapped("shm_size", f"shmSize={spec['shmSize']} (a tmpfs on /dev/shm)")
+
+
+def _map_deploy(
+    raw: Any, spec: dict[str, Any], notes: _Notes, *, pinned_by_export: bool
+) -> None:
+    deploy: Mapping[str, Any] = raw if isinstance(raw, dict) else {}
+    mode = deploy.get("mode", "replicated")
+    if mode == "global":
+        spec["mode"] = "PerNode"
+        notes.mapped("deploy.mode", "global -> mode=PerNode (one replica per matching node)")
+        if "replicas" in deploy:
+            notes.dropped("deploy.replicas", "global mode has no replica count")
+    elif mode == "replicated":
+        spec["mode"] = "Replicated"
+        spec["replicas"] = int(deploy.get("replicas", 1))
+        notes.mapped("deploy.mode", f"replicated -> mode=Replicated, replicas={spec['replicas']}")
+    else:
+        raise StackFileError(f"deploy.mode {mode}: a model server is not a job")
+    _map_restart(deploy.get("restart_policy"), spec, notes)
+    _map_placement(deploy.get("placement"), spec, notes, pinned_by_export=pinned_by_export)
+    for key, reason in (
+        ("resources", "npuswarm reserves NPUs itself; no field for CPU or memory limits"),
+        ("update_config", "replicas roll by spec.updateStrategy"),
+        ("rollback_config", "replicas roll by spec.updateStrategy"),
+        ("labels", "npuswarm sets the service labels"),
+    ):
+        if key in deploy:
+            notes.dropped(f"deploy.{key}", reason)
+
+
+def _map_restart(raw: Any, spec: dict[str, Any], notes: _Notes) -> None:
+    if not isinstance(raw, dict):
+        return
+    policy: dict[str, Any] = {}
+    if "condition" in raw:
+        policy["condition"] = raw["condition"]
+    if "delay" in raw:
+        policy["delaySeconds"] = _whole_seconds(raw["delay"], "deploy.restart_policy.delay", notes)
+    else:
+        notes.check(
+            "deploy.restart_policy.delay",
+            f"not given: Swarm waited {SWARM_RESTART_DELAY_SECONDS}s, npuswarm waits "
+            f"{api.RestartPolicy.model_fields['delaySeconds'].default}s",
+        )
+    if "max_attempts" in raw:
+        policy["maxAttempts"] = raw["max_attempts"]
+    if "window" in raw:
+        notes.dropped("deploy.restart_policy.window", "no ModelDeployment field")
+    spec["restartPolicy"] = policy
+    notes.mapped("deploy.restart_policy", ", ".join(f"{k}={v}" for k, v in policy.items()))
+
+
+def _whole_seconds(value: Any, key: str, notes: _Notes) -> int:
+    try:
+        nanoseconds = duration_ns(value)
+    except ValueError as error:
+        raise StackFileError(f"{key}: {error}") from None
+    seconds = math.ceil(nanoseconds / SECOND_NS)
+    if seconds * SECOND_NS != nanoseconds:
+        notes.check(key, f"{value} rounded up to {seconds}s (npuswarm counts whole seconds)")
+    return seconds
+
+
+def _map_placement(
+    raw: Any, spec: dict[str, Any], notes: _Notes, *, pinned_by_export: bool
+) -> None:
+    placement: Mapping[str, Any] = raw if isinstance(raw, dict) else {}
+    selector: dict[str, str] = {}
+    for constraint in placement.get("constraints") or []:
+        text = str(constraint).strip()
+        match = _NODE_LABEL_EQ.match(text)
+        if match:
+            selector[match.group(1)] = match.group(2)
+        elif pinned_by_export and text.startswith("node.id=="):
+            notes.dropped(f"constraint {text}", "the exported replica's node: npuswarm places it")
+        else:
+            notes.dropped(f"constraint {text}", _constraint_reason(text))
+    if selector:
+        spec["nodeSelector"] = selector
+        notes.mapped("deploy.placement.constraints", f"nodeSelector={selector}")
+    for key in ("preferences", "max_replicas_per_node"):
+        if key in placement:
+            notes.dropped(f"deploy.placement.{key}", "npuswarm packs replicas by free NPUs")
+
+
+def _constraint_reason(text: str) -> str:
+    if text.startswith("node.labels.") and "!=" in text:
+        return "nodeSelector can only require a label value (==)"
+    if text.startswith(("node.hostname", "node.id")):
+        return (
+            "nodeSelector matches node labels only: label the node "
+            "(docker node update --label-add KEY=VALUE) and select that label"
+        )
+    return "nodeSelector matches Swarm node labels (node.labels.KEY==VALUE) only"
+
+
+def _map_network(
+    name: str,
+    raw: Any,
+    deploy: Any,
+    ctx: _Context,
+    spec: dict[str, Any],
+    notes: _Notes,
+    extension: Mapping[str, Any] | None,
+) -> None:
+    names: list[str] = []
+    settings: Mapping[str, Any] = {}
+    if isinstance(raw, list):
+        names = [str(n) for n in raw]
+    elif isinstance(raw, dict):
+        names = [str(n) for n in raw]
+        settings = raw
+    if not names:
+        notes.check(
+            "networks",
+            "none: the stack put the service on its default network; without spec.network "
+            "the model is reachable only through spec.publish",
+        )
+        return
+    first = names[0]
+    aliases = [str(a) for a in ((settings.get(first) or {}).get("aliases") or [])]
+    # Clients reach a stack service by its service name; an exported replica's only alias
+    # is its deployment's.
+    alias = aliases[0] if extension is not None and aliases else dns_label(name)
+    network: dict[str, Any] = {"name": _swarm_network_name(first, ctx, notes), "alias": alias}
+    endpoint = (deploy or {}).get("endpoint_mode") if isinstance(deploy, dict) else None
+    if endpoint is not None:
+        network["endpointMode"] = endpoint
+    spec["network"] = network
+    notes.mapped("networks", f"network.name={network['name']}, alias={alias}")
+    if alias != name and extension is None:
+        notes.check("networks", f"clients that used {name!r} must use {alias!r}")
+    ignored_aliases = [a for a in aliases if a != alias]
+    if ignored_aliases:
+        notes.dropped(f"networks {first} aliases", f"{ignored_aliases}: one alias per model")
+    if len(names) > 1:
+        notes.dropped("networks", f"{names[1:]}: a ModelDeployment joins one network")
+
+
+def _swarm_network_name(key: str, ctx: _Context, notes: _Notes) -> str:
+    declared = ctx.top_networks.get(key)
+    config: Mapping[str, Any] = declared if isinstance(declared, dict) else {}
+    actual = str(config.get("name") or key)
+    if config.get("external"):
+        return actual
+    notes.check(
+        f"network {key}",
+        f"the stack created it (as <stack>_{key} unless named) and `docker stack rm` removes "
+        f"it: create it first with `docker network create --driver overlay --attachable {actual}`",
+    )
+    return actual
+
+
+def _map_ports(raw: Any, spec: dict[str, Any], notes: _Notes) -> None:
+    if not raw:
+        return
+    published: list[tuple[int, int | None, str, str]] = []  # (published, target, proto, mode)
+    for item in raw:
+        parsed = _port(item)
+        if parsed is None:
+            notes.dropped(f"ports {item}", "no published port (or a range)")
+        else:
+            published.append(parsed)
+    tcp = [p for p in published if p[2] == "tcp"]
+    for extra in [p for p in published if p not in tcp[:1]]:
+        notes.dropped(f"ports {extra[0]}", "a ModelDeployment publishes one TCP port (vLLM's)")
+    if not tcp:
+        return
+    port, target, _, mode = tcp[0]
+    several = spec.get("mode") == "PerNode" or spec.get("replicas", 1) > 1
+    if mode == "ingress" and several:
+        mode = "host"
+        notes.check(
+            f"ports {port}",
+            "ingress mode allows one replica in npuswarm (one service per replica): published "
+            "in host mode on each replica's node instead",
+        )
+    spec["publish"] = {"port": port, "mode": mode}
+    notes.mapped(f"ports {port}", f"publish.port={port}, publish.mode={mode}")
+    vllm_port = spec["engine"].get("port", 8000)
+    if target is not None and target != vllm_port:
+        notes.check(f"ports {port}", f"targeted {target}; npuswarm targets vLLM's port {vllm_port}")
+
+
+def _port(item: Any) -> tuple[int, int | None, str, str] | None:
+    if isinstance(item, dict):
+        if item.get("published") is None:
+            return None
+        target = item.get("target")
+        return (
+            int(item["published"]),
+            int(target) if target is not None else None,
+            str(item.get("protocol", "tcp")),
+            str(item.get("mode", "ingress")),
+        )
+    text, _, protocol = str(item).partition("/")
+    parts = text.split(":")
+    if len(parts) < 2 or "-" in text:
+        return None
+    try:
+        return int(parts[-2]), int(parts[-1]), protocol or "tcp", "ingress"
+    except ValueError:
+        return None
+
+
+def _map_healthcheck(raw: Any, spec: dict[str, Any], notes: _Notes) -> None:
+    if not isinstance(raw, dict):
+        return
+    test = raw.get("test")
+    words = [test] if isinstance(test, str) else [str(t) for t in test or []]
+    if raw.get("disable") or words[:1] == ["NONE"]:
+        notes.dropped("healthcheck", "npuswarm always checks health: Ready depends on it")
+        return
+    check: dict[str, Any] = {}
+    url = _URL.search(" ".join(words))
+    if url is not None:
+        check["path"] = url.group(1) or "/"
+    if words:
+        detail = f"path={check['path']}" if url else "no HTTP URL in it, so /health"
+        notes.mapped("healthcheck.test", f"{detail} (npuswarm probes vLLM's port itself)")
+    for key, target, minimum in (
+        ("interval", "intervalSeconds", 1),
+        ("timeout", "timeoutSeconds", 1),
+        ("start_period", "startPeriodSeconds", 0),
+    ):
+        if key in raw:
+            seconds = _whole_seconds(raw[key], f"healthcheck.{key}", notes)
+            check[target] = max(seconds, minimum)
+    if "retries" in raw:
+        check["retries"] = raw["retries"]
+    spec["healthCheck"] = check
+    notes.mapped("healthcheck", ", ".join(f"{k}={v}" for k, v in check.items()))
+
+
+def _map_init(raw: Any, notes: _Notes) -> None:
+    if raw is True:
+        notes.mapped("init", "npuswarm always runs an init process")
+    elif raw is False:
+        notes.dropped("init", "npuswarm always runs an init process")
+
+
+_MAPPED_KEYS = frozenset(
+    {
+        "image",
+        "entrypoint",
+        "command",
+        "environment",
+        "devices",
+        "volumes",
+        "shm_size",
+        "deploy",
+        "networks",
+        "ports",
+        "healthcheck",
+        "init",
+    }
+)
+_DROP_REASONS = {
+    "privileged": "NPUs reach the task through Ascend Docker Runtime, not privileged mode",
+    "restart": "deploy.restart_policy is what Swarm uses",
+    "network_mode": "npuswarm attaches spec.network (host networking clashes HCCL ports)",
+    "build": "Swarm runs images; build and push it, then set image",
+    "env_file": "read on the deploying machine: copy the variables into engine.env",
+    "labels": "npuswarm sets the container labels",
+    "container_name": "Swarm names tasks itself",
+    "expose": "services on one network reach every port",
+}
+
+
+def _note_other_keys(service: Mapping[str, Any], notes: _Notes) -> None:
+    """Every key not mapped is reported: silently losing `privileged` is how the seed failed."""
+    for key in sorted(service):
+        if key in _MAPPED_KEYS or key.startswith("x-"):
+            continue
+        reason = _DROP_REASONS.get(key, "no ModelDeployment field for it")
+        if key in SWARM_FORBIDDEN:
+            reason = f"docker stack deploy refuses it; {reason}"
+        notes.dropped(key, reason)
+    ignored = sorted(k for k in service if k in SWARM_UNSUPPORTED or k in SWARM_DEPRECATED)
+    older = sorted(k for k in service if k in SWARM_UNSUPPORTED_BEFORE)
+    if ignored:
+        notes.items.append(
+            Note(
+                "swarm-ignored",
+                ", ".join(ignored),
+                "docker stack deploy ignored these (\"Ignoring unsupported options\"); the "
+                "old services ran without them",
+            )
+        )
+    if older:
+        versions = ", ".join(f"{k} before {SWARM_UNSUPPORTED_BEFORE[k]}" for k in older)
+        notes.items.append(
+            Note("swarm-ignored", ", ".join(older), f"ignored by older docker CLIs ({versions})")
+        )
+
+
+def _apply_extension(extension: Mapping[str, Any], spec: dict[str, Any], notes: _Notes) -> None:
+    """What an npuswarm export kept out of compose: the deployment's mode and update strategy."""
+    mode = extension.get("mode")
+    if mode in ("Replicated", "PerNode"):
+        spec["mode"] = mode
+        spec.pop("replicas", None)
+        if mode == "Replicated":
+            spec["replicas"] = int(extension.get("replicas", 1))
+    if isinstance(extension.get("updateStrategy"), dict):
+        spec["updateStrategy"] = dict(extension["updateStrategy"])
+    notes.mapped(EXTENSION, f"mode={spec.get('mode')}, replicas={spec.get('replicas', '-')}")
+
+
+def _check_model_path(spec: Mapping[str, Any], notes: _Notes) -> None:
+    model = str(spec.get("model", ""))
+    if not model.startswith("/"):
+        return
+    mounts = [v["mountPath"] for v in spec.get("volumes", [])]
+    if not any(model == m or model.startswith(m.rstrip("/") + "/") for m in mounts):
+        notes.check("model", f"{model} is under no mounted volume: it must be in the image")
+
+
+# --- The whole file ---------------------------------------------------------------------------
+
+
+def parse_compose(text: str, source: str) -> dict[str, Any]:
+    """The YAML of a compose file, or StackFileError saying why it is not one."""
+    try:
+        documents = [d for d in yaml.safe_load_all(text) if d is not None]
+    except yaml.YAMLError as error:
+        raise StackFileError(f"{source}: not YAML: {error}") from None
+    if len(documents) != 1 or not isinstance(documents[0], dict):
+        raise StackFileError(f"{source}: not a compose file (expected one YAML mapping)")
+    compose: dict[str, Any] = documents[0]
+    if compose.get("kind") == api.KIND:
+        raise StackFileError(f"{source}: already a {api.KIND}; apply it with kubectl")
+    if not isinstance(compose.get("services"), dict) or not compose["services"]:
+        raise StackFileError(f"{source}: not a compose file (no `services` mapping)")
+    return compose
+
+
+def import_stack(
+    compose: Mapping[str, Any],
+    *,
+    source: str = "stack file",
+    base_dir: str = "/",
+    namespace: str | None = None,
+) -> StackImport:
+    """Every vLLM service of a parsed compose file as a validated ModelDeployment.
+
+    All services are converted before anything is returned, and every error is collected,
+    so the caller can report them together and never write part of the result.
+    """
+    networks = compose.get("networks")
+    ctx = _Context(source, base_dir, namespace, networks if isinstance(networks, dict) else {})
+    imported: list[tuple[ImportedService, Mapping[str, Any] | None]] = []
+    skipped: list[Note] = []
+    errors: list[str] = []
+    for name, service in compose["services"].items():
+        if not isinstance(service, dict):
+            errors.append(f"service {name}: not a mapping")
+            continue
+        try:
+            if vllm_serve_args(command_line(service)) is None:
+                skipped.append(Note("skipped", str(name), _why_not_vllm(command_line(service))))
+                continue
+            imported.append(_import_service(str(name), service, ctx))
+        except StackFileError as error:
+            errors.append(f"service {name}: {error}")
+    if errors:
+        raise StackFileError("\n".join(errors))
+    if not imported:
+        why = "; ".join(f"{n.key}: {n.text}" for n in skipped)
+        raise StackFileError(f"{source}: no service runs `vllm serve` ({why})")
+    services = _merge_exported_replicas(imported)
+    _check_unique_names(services)
+    return StackImport(services, skipped)
+
+
+def _why_not_vllm(argv: Sequence[str]) -> str:
+    if any("vllm.entrypoints" in word for word in argv):
+        return "runs vLLM's api_server module; rewrite it as `vllm serve MODEL ...` to import it"
+    shown = shlex.join(argv[:4]) + (" ..." if len(argv) > 4 else "") if argv else "image default"
+    return f"not a vLLM service (runs {shown})"
+
+
+def _merge_exported_replicas(
+    imported: Sequence[tuple[ImportedService, Mapping[str, Any] | None]],
+) -> list[ImportedService]:
+    """Services an export wrote for the replicas of one deployment become that one deployment."""
+    groups: dict[str, list[ImportedService]] = {}
+    for service, extension in imported:
+        key = service.name
+        if extension is not None and isinstance(extension.get("deployment"), str):
+            key = f"{EXTENSION}:{extension['deployment']}"
+        groups.setdefault(key, []).append(service)
+    merged: list[ImportedService] = []
+    for group in groups.values():
+        first = group[0]
+        for other in group[1:]:
+            if other.deployment.spec != first.deployment.spec:
+                raise StackFileError(
+                    f"services {first.service} and {other.service} are replicas of "
+                    f"{first.name} but differ beyond their node and NPUs"
+                )
+        if len(group) > 1:
+            names = ", ".join(s.service for s in group)
+            note = Note("mapped", "services", f"{names}: replicas of one deployment")
+            first = ImportedService(names, first.deployment, first.manifest, (*first.notes, note))
+        merged.append(first)
+    return merged
+
+
+def _check_unique_names(services: Sequence[ImportedService]) -> None:
+    seen: dict[str, str] = {}
+    for service in services:
+        other = seen.setdefault(service.name, service.service)
+        if other != service.service:
+            raise StackFileError(
+                f"services {other} and {service.service} would both be ModelDeployment "
+                f"{service.name}: rename one"
+            )
+
+
+# --- Output of an import ----------------------------------------------------------------------
+
+
+def manifest_yaml(service: ImportedService) -> str:
+    """One manifest, headed by the notes a reviewer needs before applying it."""
+    header = [f"# {service.name}: imported from service {service.service} by npuswarm import-stack"]
+    header += [
+        f"# {note.kind} {note.key}: {note.text}"
+        for note in service.notes
+        if note.kind in ("dropped", "check", "swarm-ignored")
+    ]
+    body = yaml.safe_dump(service.manifest, sort_keys=False, default_flow_style=False)
+    return "\n".join(header) + "\n" + body
+
+
+def manifests_yaml(result: StackImport) -> str:
+    return "---\n".join(manifest_yaml(service) for service in result.services)
+
+
+def import_report(result: StackImport) -> str:
+    """The per-service account printed to stderr."""
+    lines: list[str] = []
+    for service in result.services:
+        lines.append(f"service {service.service} -> ModelDeployment {service.name}")
+        lines += [f"  {note}" for note in service.notes]
+    lines += [f"service {note.key}: skipped, {note.text}" for note in result.skipped]
+    return "\n".join(lines) + "\n"
+
+
+# --- Export -----------------------------------------------------------------------------------
+
+
+def export_stack(
+    deployments: Sequence[ModelDeployment],
+    rendered: Mapping[str, Mapping[str, dict[str, Any]]],
+    unplaced: Mapping[str, Sequence[str]] | None = None,
+) -> str:
+    """A compose file of the rendered services: ``rendered[md.key][slot]`` is a ServiceSpec.
+
+    Compose can express the NPUs (ASCEND_VISIBLE_DEVICES, applied by Ascend Docker Runtime as
+    the default runtime), the node pin (node.id), the /dev/shm tmpfs and init. What it cannot
+    (the deployment a replica belongs to, its mode and update strategy) is kept under
+    ``x-npuswarm``, which import_stack reads back.
+    """
+    unplaced = unplaced or {}
+    blocks: list[str] = []
+    networks: set[str] = set()
+    for md in deployments:
+        for slot, spec in sorted(rendered.get(md.key, {}).items()):
+            service = compose_service(md, spec)
+            networks.update(service.get("networks", {}))
+            blocks.append(_service_block(md, slot, spec, service))
+        blocks += [f"  # {md.key}: NOT PLACED: {message}\n" for message in unplaced.get(md.key, [])]
+    text = _EXPORT_HEADER + f"version: \"{COMPOSE_VERSION}\"\nservices:\n"
+    text += "".join(blocks) if blocks else "  {}\n"
+    if networks:
+        # npuswarm attaches to existing networks; a stack must not create or remove them.
+        top = {name: {"external": True} for name in sorted(networks)}
+        text += yaml.safe_dump({"networks": top}, sort_keys=False)
+    return text
+
+
+_EXPORT_HEADER = """\
+# Written by `npuswarm export-stack`: the services npuswarm would run for the current placement.
+# One service per replica, pinned with node.id and given its NPUs through ASCEND_VISIBLE_DEVICES
+# (Ascend Docker Runtime must be each node's default runtime). This freezes today's placement:
+# nothing moves a replica when its node fails, and PerNode deployments do not grow to new nodes.
+# The npuswarm ownership labels are left out (see x-npuswarm), so a running npuswarm neither
+# adopts nor removes these services, and it does not see their NPUs as taken: do not run both.
+"""
+
+
+def _service_block(
+    md: ModelDeployment, slot: str, spec: Mapping[str, Any], service: dict[str, Any]
+) -> str:
+    npus = spec["Labels"].get(labels.NPUS, "")
+    comment = f"  # {md.key} replica {slot}: node {spec['Labels'].get(labels.NODE)}, NPUs {npus}\n"
+    body = yaml.safe_dump({spec["Name"]: service}, sort_keys=False, default_flow_style=False)
+    return comment + "".join(f"  {line}\n" for line in body.splitlines())
+
+
+def compose_service(md: ModelDeployment, spec: Mapping[str, Any]) -> dict[str, Any]:
+    """One rendered ServiceSpec as a compose service (`$` escaped: compose would expand it)."""
+    template = spec["TaskTemplate"]
+    container = template["ContainerSpec"]
+    service: dict[str, Any] = {
+        "image": container["Image"],
+        "entrypoint": list(container.get("Command") or []),
+        "command": list(container.get("Args") or []),
+        "environment": dict(item.split("=", 1) for item in container.get("Env") or []),
+        "init": bool(container.get("Init", False)),
+        "volumes": [_compose_mount(mount) for mount in container.get("Mounts") or []],
+    }
+    health = container.get("Healthcheck")
+    if health:
+        service["healthcheck"] = {
+            "test": list(health["Test"]),
+            "interval": go_duration(health["Interval"]),
+            "timeout": go_duration(health["Timeout"]),
+            "retries": health["Retries"],
+            "start_period": go_duration(health["StartPeriod"]),
+        }
+    if template.get("Networks"):
+        service["networks"] = {
+            net["Target"]: {"aliases": list(net.get("Aliases") or [])}
+            for net in template["Networks"]
+        }
+    ports = (spec.get("EndpointSpec") or {}).get("Ports") or []
+    if ports:
+        service["ports"] = [
+            {
+                "target": p["TargetPort"],
+                "published": p["PublishedPort"],
+                "protocol": p.get("Protocol", "tcp"),
+                "mode": p.get("PublishMode", "ingress"),
+            }
+            for p in ports
+        ]
+    service["deploy"] = _compose_deploy(md, spec)
+    service = _escape(service)
+    service[EXTENSION] = _extension(md, spec)
+    return service
+
+
+def _compose_mount(mount: Mapping[str, Any]) -> dict[str, Any]:
+    if mount.get("Type") == "tmpfs":
+        size = (mount.get("TmpfsOptions") or {}).get("SizeBytes", 0)
+        return {"type": "tmpfs", "target": mount["Target"], "tmpfs": {"size": size}}
+    return {
+        "type": "bind",
+        "source": mount["Source"],
+        "target": mount["Target"],
+        "read_only": bool(mount.get("ReadOnly", False)),
+    }
+
+
+def _compose_deploy(md: ModelDeployment, spec: Mapping[str, Any]) -> dict[str, Any]:
+    template = spec["TaskTemplate"]
+    restart = template.get("RestartPolicy") or {}
+    update = spec.get("UpdateConfig") or {}
+    # nodeSelector is not in the rendered spec (placement applied it); kept so it round-trips.
+    selector = [f"node.labels.{k}=={v}" for k, v in sorted(md.spec.nodeSelector.items())]
+    deploy: dict[str, Any] = {
+        "mode": "replicated",
+        "replicas": ((spec.get("Mode") or {}).get("Replicated") or {}).get("Replicas", 1),
+        "endpoint_mode": (spec.get("EndpointSpec") or {}).get("Mode", "vip"),
+        "placement": {
+            "constraints": list((template.get("Placement") or {}).get("Constraints") or [])
+            + selector
+        },
+        "restart_policy": {
+            "condition": restart.get("Condition", "any"),
+            "delay": go_duration(restart.get("Delay", 0)),
+            "max_attempts": restart.get("MaxAttempts", 0),
+        },
+    }
+    if update:
+        deploy["update_config"] = {
+            "parallelism": update.get("Parallelism", 1),
+            "order": update.get("Order", "stop-first"),
+            "failure_action": update.get("FailureAction", "pause"),
+        }
+    return deploy
+
+
+def _extension(md: ModelDeployment, spec: Mapping[str, Any]) -> dict[str, Any]:
+    service_labels = spec.get("Labels") or {}
+    extension: dict[str, Any] = {
+        "deployment": md.key,
+        "replica": service_labels.get(labels.REPLICA),
+        "node": service_labels.get(labels.NODE),
+        "npus": service_labels.get(labels.NPUS),
+        "mode": md.spec.mode,
+    }
+    if md.spec.mode == "Replicated":
+        extension["replicas"] = md.spec.replicas
+    extension["updateStrategy"] = md.spec.updateStrategy.model_dump()
+    return extension
+
+
+# --- CLI layer --------------------------------------------------------------------------------
+
+
+def add_commands(sub: Any) -> None:
+    """Register import-stack and export-stack on the `npuswarm` subparsers."""
+    importer = sub.add_parser(
+        "import-stack", help="convert a docker stack file into ModelDeployment manifests"
+    )
+    importer.add_argument("file", help="compose v3 stack file (- for stdin)")
+    importer.add_argument("-n", "--namespace", help="metadata.namespace of the manifests")
+    importer.add_argument("-o", "--output-dir", metavar="DIR", help="one file per model in DIR")
+    importer.add_argument("--overwrite", action="store_true", help="replace files in DIR")
+    importer.add_argument(
+        "--pin-npus", action="store_true", help="keep the stack's NPU ids (not supported yet)"
+    )
+    importer.set_defaults(func=cmd_import_stack)
+
+    exporter = sub.add_parser(
+        "export-stack", help="print the services npuswarm would create as a compose file"
+    )
+    exporter.add_argument(
+        "-f", "--file", action="append", required=True, help="ModelDeployment YAML"
+    )
+    exporter.set_defaults(func=cmd_export_stack)
+
+
+def cmd_import_stack(args: argparse.Namespace) -> int:
+    try:
+        _import_command(args, sys.stdout.write, sys.stderr.write)
+    except StackFileError as error:
+        print(f"npuswarm import-stack: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _import_command(
+    args: argparse.Namespace, out: Callable[[str], Any], err: Callable[[str], Any]
+) -> None:
+    if args.pin_npus:
+        raise StackFileError(
+            "--pin-npus is not supported yet: ModelDeployment has no field for fixed NPU ids "
+            "(proposed: spec.npuIds). Without it npuswarm chooses free NPUs for each replica."
+        )
+    if args.namespace is not None and not _DNS_LABEL.match(args.namespace):
+        raise StackFileError(f"--namespace {args.namespace!r} is not a DNS label")
+    path = args.file
+    try:
+        text = sys.stdin.read() if path == "-" else Path(path).read_text()
+    except OSError as error:
+        raise StackFileError(f"{path}: {error.strerror or error}") from None
+    base_dir = os.getcwd() if path == "-" else str(Path(path).resolve().parent)
+    result = import_stack(
+        parse_compose(text, path),
+        source=Path(path).name if path != "-" else "stdin",
+        base_dir=base_dir,
+        namespace=args.namespace,
+    )
+    err(import_report(result))
+    if args.output_dir is None:
+        out(manifests_yaml(result))
+        return
+    files = {f"{s.name}.yaml": manifest_yaml(s) for s in result.services}
+    written = write_files(Path(args.output_dir), files, overwrite=args.overwrite)
+    err("".join(f"wrote {p}\n" for p in written))
+
+
+def write_files(directory: Path, files: Mapping[str, str], *, overwrite: bool) -> list[Path]:
+    """All files or none: everything goes to temp files first, then each is renamed in place."""
+    targets = [directory / name for name in files]
+    existing = [str(t) for t in targets if t.exists()]
+    if existing and not overwrite:
+        raise StackFileError(f"{', '.join(existing)} exist: pass --overwrite or choose another -o")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise StackFileError(f"{directory}: {error.strerror or error}") from None
+    temps: list[tuple[str, Path]] = []
+    try:
+        for target, text in zip(targets, files.values(), strict=True):
+            handle, temp = tempfile.mkstemp(dir=directory, prefix=f".{target.name}.", suffix=".tmp")
+            temps.append((temp, target))
+            with os.fdopen(handle, "w") as stream:
+                stream.write(text)
+        for temp, target in temps:
+            os.replace(temp, target)
+    except OSError as error:
+        for temp, _ in temps:
+            Path(temp).unlink(missing_ok=True)
+        raise StackFileError(f"{directory}: {error.strerror or error}") from None
+    return targets
+
+
+def cmd_export_stack(args: argparse.Namespace) -> int:
+    # Imported here: cli imports this module to register the commands.
+    from npuswarm.cli import load_deployments
+    from npuswarm.reconcile import Reconciler
+    from npuswarm.settings import Settings
+    from npuswarm.swarm import Swarm
+
+    deployments = load_deployments(args.file)
+    reconciler = Reconciler(Swarm(), Settings.from_env())
+    rendered: dict[str, dict[str, dict[str, Any]]] = {}
+    unplaced: dict[str, list[str]] = {}
+    for md in deployments:
+        _, placement, plan, requests = reconciler.plan(md, deployments)
+        rendered[md.key] = plan.desired
+        unplaced[md.key] = _unplaced_messages(placement.unplaced.get(r.key) for r in requests)
+    sys.stdout.write(export_stack(deployments, rendered, unplaced))
+    return 0
+
+
+def _unplaced_messages(items: Iterable[Any]) -> list[str]:
+    return [f"replica {u.slot}: {u.reason}: {u.message}" for u in items if u is not None]
