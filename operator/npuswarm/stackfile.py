@@ -454,13 +454,26 @@ def _import_service(
         _apply_extension(extension, spec, notes)
     _check_model_path(spec, notes)
     metadata = _metadata(name, extension, ctx, notes)
-    manifest = {"apiVersion": api.API_VERSION, "kind": api.KIND, "metadata": metadata, "spec": spec}
+    manifest = {
+        "apiVersion": api.API_VERSION,
+        "kind": api.KIND,
+        "metadata": metadata,
+        "spec": _in_field_order(spec),
+    }
     try:
         deployment = ModelDeployment.model_validate(manifest)
     except ValidationError as error:
         raise StackFileError(validation_message(error)) from None
     imported = ImportedService(name, deployment, manifest, tuple(notes.items))
     return imported, extension
+
+
+def _in_field_order(spec: dict[str, Any]) -> dict[str, Any]:
+    """Keys in the order the API declares them, so every imported manifest reads alike."""
+    engine = spec.get("engine", {})
+    ordered = {k: spec[k] for k in api.ModelDeploymentSpec.model_fields if k in spec}
+    ordered["engine"] = {k: engine[k] for k in api.Engine.model_fields if k in engine}
+    return ordered
 
 
 def _metadata(
@@ -603,7 +616,8 @@ def _devices_npus(devices: Any, notes: _Notes) -> frozenset[int] | None:
         notes.dropped("devices", f"{', '.join(control)}: Ascend Docker Runtime adds them")
     if other:
         notes.dropped(
-            "devices", f"{', '.join(other)}: Swarm services cannot have devices; only NPUs "
+            "devices",
+            f"{', '.join(other)}: Swarm services cannot have devices; only NPUs "
             "reach a task (through ASCEND_VISIBLE_DEVICES)",
         )
     return frozenset(npus) if npus else None
@@ -698,7 +712,8 @@ def _host_path(source: str, base_dir: str, notes: _Notes) -> str | None:
         # stack deploy resolves it against the stack file's folder on the deploying machine.
         resolved = _clean_path(posixpath.normpath(posixpath.join(base_dir, source)))
         notes.check(
-            f"volumes {source}", f"relative path resolved to {resolved}: it must exist on every node"
+            f"volumes {source}",
+            f"relative path resolved to {resolved}: it must exist on every node",
         )
         return resolved
     if source.startswith("~"):
@@ -726,9 +741,7 @@ def _map_shm(raw: Any, from_tmpfs: int | None, spec: dict[str, Any], notes: _Not
     notes.mapped("shm_size", f"shmSize={spec['shmSize']} (a tmpfs on /dev/shm)")
 
 
-def _map_deploy(
-    raw: Any, spec: dict[str, Any], notes: _Notes, *, pinned_by_export: bool
-) -> None:
+def _map_deploy(raw: Any, spec: dict[str, Any], notes: _Notes, *, pinned_by_export: bool) -> None:
     deploy: Mapping[str, Any] = raw if isinstance(raw, dict) else {}
     mode = deploy.get("mode", "replicated")
     if mode == "global":
@@ -993,6 +1006,14 @@ _DROP_REASONS = {
 }
 
 
+# What ignoring a key meant for the old services: the reason they never served.
+_IGNORED_EFFECT = {
+    "devices": "the tasks started without any NPU",
+    "shm_size": "/dev/shm was Docker's default 64 MiB",
+    "privileged": "the tasks were not privileged",
+}
+
+
 def _note_other_keys(service: Mapping[str, Any], notes: _Notes) -> None:
     """Every key not mapped is reported: silently losing `privileged` is how the seed failed."""
     for key in sorted(service):
@@ -1005,12 +1026,13 @@ def _note_other_keys(service: Mapping[str, Any], notes: _Notes) -> None:
     ignored = sorted(k for k in service if k in SWARM_UNSUPPORTED or k in SWARM_DEPRECATED)
     older = sorted(k for k in service if k in SWARM_UNSUPPORTED_BEFORE)
     if ignored:
+        effects = [f"{k}: {_IGNORED_EFFECT[k]}" for k in ignored if k in _IGNORED_EFFECT]
         notes.items.append(
             Note(
                 "swarm-ignored",
                 ", ".join(ignored),
-                "docker stack deploy ignored these (\"Ignoring unsupported options\"); the "
-                "old services ran without them",
+                'docker stack deploy ignored these ("Ignoring unsupported options") and '
+                "deployed anyway" + (f"; so {'; '.join(effects)}" if effects else ""),
             )
         )
     if older:
@@ -1197,7 +1219,7 @@ def export_stack(
             networks.update(service.get("networks", {}))
             blocks.append(_service_block(md, slot, spec, service))
         blocks += [f"  # {md.key}: NOT PLACED: {message}\n" for message in unplaced.get(md.key, [])]
-    text = _EXPORT_HEADER + f"version: \"{COMPOSE_VERSION}\"\nservices:\n"
+    text = _EXPORT_HEADER + f'version: "{COMPOSE_VERSION}"\nservices:\n'
     text += "".join(blocks) if blocks else "  {}\n"
     if networks:
         # npuswarm attaches to existing networks; a stack must not create or remove them.
