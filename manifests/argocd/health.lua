@@ -1,0 +1,79 @@
+-- Argo CD health of a npuswarm.io ModelDeployment, read from the status npuswarm writes
+-- (operator/npuswarm/status.py). Installed by argocd-cm-patch.yaml, which embeds this file.
+-- Argo CD runs custom checks without Lua's string and math libraries: only base functions
+-- and `..` here.
+local hs = {}
+
+if obj.metadata ~= nil and obj.metadata.deletionTimestamp ~= nil then
+  hs.status = "Progressing"
+  hs.message = "being deleted: npuswarm's finalizer is removing the model's Swarm services"
+  return hs
+end
+
+local status = obj.status
+if status == nil or status.observedGeneration == nil then
+  hs.status = "Progressing"
+  hs.message = "waiting for the operator"
+  return hs
+end
+
+local generation = obj.metadata.generation
+
+-- Anything reported for an older generation says nothing about the spec Argo CD just
+-- applied: a Ready from before the change must not turn a new sync green.
+local function current(item)
+  return generation == nil or item.observedGeneration == generation
+end
+
+local function text(condition)
+  if condition.message ~= nil and condition.message ~= "" then
+    return condition.message
+  end
+  return condition.reason or ""
+end
+
+if not current(status) then
+  hs.status = "Progressing"
+  hs.message = "waiting for the operator to observe generation " .. tostring(generation)
+    .. " (last observed " .. tostring(status.observedGeneration) .. ")"
+  return hs
+end
+
+local conditions = {}
+if status.conditions ~= nil then
+  for _, condition in ipairs(status.conditions) do
+    if condition.type ~= nil and current(condition) then
+      conditions[condition.type] = condition
+    end
+  end
+end
+
+local degraded = conditions["Degraded"]
+if degraded ~= nil and degraded.status == "True" then
+  hs.status = "Degraded"
+  hs.message = text(degraded)
+  return hs
+end
+
+local ready = conditions["Ready"]
+if ready ~= nil and ready.status == "True" then
+  hs.status = "Healthy"
+  hs.message = text(ready)
+  return hs
+end
+
+local progressing = conditions["Progressing"]
+if progressing ~= nil and progressing.status == "True" then
+  hs.status = "Progressing"
+  hs.message = text(progressing)
+  return hs
+end
+
+-- No verdict for this generation yet (conditions missing, or written for an older one).
+hs.status = "Progressing"
+if ready ~= nil then
+  hs.message = text(ready)
+else
+  hs.message = "waiting for the operator to report on generation " .. tostring(generation)
+end
+return hs
