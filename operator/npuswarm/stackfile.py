@@ -1134,7 +1134,7 @@ def _merge_exported_replicas(
     """Services an export wrote for the replicas of one deployment become that one deployment."""
     groups: dict[str, list[ImportedService]] = {}
     for service, extension in imported:
-        key = service.name
+        key = f"service:{service.service}"  # plain services are never merged
         if extension is not None and isinstance(extension.get("deployment"), str):
             key = f"{EXTENSION}:{extension['deployment']}"
         groups.setdefault(key, []).append(service)
@@ -1418,6 +1418,10 @@ def write_files(directory: Path, files: Mapping[str, str], *, overwrite: bool) -
     existing = [str(t) for t in targets if t.exists()]
     if existing and not overwrite:
         raise StackFileError(f"{', '.join(existing)} exist: pass --overwrite or choose another -o")
+    # Checked before writing: a rename that fails half-way would leave part of the output.
+    blocked = [str(t) for t in targets if t.exists() and not t.is_file()]
+    if blocked:
+        raise StackFileError(f"{', '.join(blocked)}: not a regular file")
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as error:
