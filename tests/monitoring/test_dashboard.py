@@ -72,7 +72,7 @@ def test_queries_use_the_datasource_and_job_variables(dashboard: dict[str, Any])
         for target in panel["targets"]:
             for name in metric_names(target["expr"]):
                 assert re.search(rf'{name}\{{[^}}]*job=~"\$job"', target["expr"]), (
-                    f"{panel['title']}: {name} without job=~\"$job\""
+                    f'{panel["title"]}: {name} without job=~"$job"'
                 )
 
 
@@ -91,11 +91,12 @@ def test_panels_have_unique_ids_and_do_not_overlap(dashboard: dict[str, Any]) ->
 
 def test_dashboard_shows_what_operators_need(dashboard: dict[str, Any]) -> None:
     every_expr = " ".join(expr for _, expr in expressions(dashboard))
+    reconcile = "controller_runtime_reconcile"
     required = {
-        "reconcile rate by result": r"sum by \(result\) \(rate\(controller_runtime_reconcile_total",
-        "error ratio": r"controller_runtime_reconcile_errors_total.*/.*controller_runtime_reconcile_total",
-        "reconcile p50": r"histogram_quantile\(0\.5, .*controller_runtime_reconcile_time_seconds_bucket",
-        "reconcile p99": r"histogram_quantile\(0\.99, .*controller_runtime_reconcile_time_seconds_bucket",
+        "reconcile rate by result": rf"sum by \(result\) \(rate\({reconcile}_total",
+        "error ratio": rf"{reconcile}_errors_total.*/.*{reconcile}_total",
+        "reconcile p50": rf"histogram_quantile\(0\.5, .*{reconcile}_time_seconds_bucket",
+        "reconcile p99": rf"histogram_quantile\(0\.99, .*{reconcile}_time_seconds_bucket",
         "NPUs by state per node": r"sum by \(node, state\) \(npuswarm_npus",
         "deployments by phase": r"sum by \(phase\) \(npuswarm_modeldeployments",
         "replicas desired": r"npuswarm_replicas_desired",
