@@ -1,0 +1,129 @@
+"""Fixtures for tests against the multi-node Swarm lab (hack/swarmlab.py).
+
+The lab is real: dockerds in network namespaces, a Swarm, the runtime shim, the fake vLLM
+image. Nothing here is mocked. If the lab cannot start, every test using it errors: no skip.
+"""
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "hack"))
+from docker.types import (
+    ContainerSpec,
+    EndpointSpec,
+    NetworkAttachmentConfig,
+    Placement,
+    RestartPolicy,
+    TaskTemplate,
+)
+
+import swarmlab
+
+LAB_NAME = os.environ.get("NPUSWARM_TEST_LAB_NAME", "npsltest")
+TASK_TIMEOUT = 60.0
+
+
+@pytest.fixture(scope="session")
+def swarm_lab():
+    """A 3-node lab (node1 manager; node3 910A-style with rings of 4) for the session."""
+    with swarmlab.lab_session(nodes=3, npus=8, rings_node=True, name=LAB_NAME) as lab:
+        yield lab
+
+
+@pytest.fixture(scope="session")
+def manager(swarm_lab):
+    """docker SDK client of the Swarm manager."""
+    return swarm_lab.client(1)
+
+
+@pytest.fixture
+def services(manager):
+    """Creates fake vLLM services for one test and removes them (and its networks) after it."""
+    made = Services(manager)
+    yield made
+    made.remove_all()
+
+
+class Services:
+    def __init__(self, client) -> None:
+        self.client = client
+        self.ids: list[str] = []
+        self.networks: list = []
+
+    def network(self, name: str):
+        net = self.client.networks.create(name, driver="overlay", attachable=True)
+        self.networks.append(net)
+        return net
+
+    def fake_vllm(
+        self,
+        name: str,
+        node_id: str,
+        args: list[str],
+        env: dict | None = None,
+        published_port: int | None = None,
+        network=None,
+        aliases=None,
+    ) -> str:
+        """One service = one replica pinned to one node, as npuswarm renders them. The image is
+        never resolved against a registry: the SDK's create_service does not, and dockerd runs
+        with DOCKER_SERVICE_PREFER_OFFLINE_IMAGE=1."""
+        spec = ContainerSpec(swarmlab.IMAGE, command=["vllm"], args=["serve", *args], env=env or {})
+        networks = [NetworkAttachmentConfig(network.id, aliases=aliases or [])] if network else None
+        template = TaskTemplate(
+            spec,
+            restart_policy=RestartPolicy(condition="none"),
+            networks=networks,
+            placement=Placement(constraints=[f"node.id=={node_id}"]),
+        )
+        ports = {published_port: (8000, "tcp", "host")} if published_port else None
+        endpoint = EndpointSpec(mode="dnsrr", ports=ports)
+        service_id = self.client.api.create_service(template, name=name, endpoint_spec=endpoint)[
+            "ID"
+        ]
+        self.ids.append(service_id)
+        return service_id
+
+    def tasks(self, service_id: str) -> list[dict]:
+        return self.client.api.tasks(filters={"service": service_id})
+
+    def wait_task_state(
+        self, service_id: str, states: set[str], timeout: float = TASK_TIMEOUT
+    ) -> dict:
+        """Poll until a task of the service reaches one of `states`; return that task."""
+
+        def reached():
+            return next((t for t in self.tasks(service_id) if t["Status"]["State"] in states), None)
+
+        try:
+            return swarmlab.wait_for(
+                reached, timeout, f"a task of {service_id} in {sorted(states)}"
+            )
+        except swarmlab.LabError as exc:
+            raise AssertionError(
+                f"{exc}; tasks: {[t['Status'] for t in self.tasks(service_id)]}"
+            ) from None
+
+    def remove_all(self) -> None:
+        for service_id in self.ids:
+            self.client.api.remove_service(service_id)
+        # Networks can only go once their tasks are gone, which takes a moment.
+        for net in self.networks:
+            swarmlab.wait_for(
+                lambda net=net: remove_network(net), 30, f"network {net.name} to be removable"
+            )
+
+
+def remove_network(net) -> bool:
+    import docker
+
+    try:
+        net.remove()
+    except docker.errors.NotFound:
+        return True
+    except docker.errors.APIError:
+        return False
+    return True
