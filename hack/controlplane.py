@@ -133,7 +133,7 @@ def binaries() -> dict[str, Path]:
     if missing:
         raise BinariesMissingError(
             f"control plane binaries missing in {directory}: {', '.join(missing)}. "
-            f"Build them with `{BUILD_SCRIPT}` (about 15 minutes cold, "
+            f"Build them with `{BUILD_SCRIPT}` (about 7 minutes cold, "
             "seconds once built; needs Go and the Go module proxy)."
         )
     return paths

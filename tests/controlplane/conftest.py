@@ -23,7 +23,10 @@ def binaries() -> dict[str, Path]:
     try:
         return controlplane.binaries()
     except controlplane.BinariesMissingError as error:
-        pytest.fail(str(error), pytrace=False)
+        message = str(error)
+    # Outside the except block, so the report is the message alone rather
+    # than two chained tracebacks.
+    pytest.fail(message, pytrace=False)
 
 
 @pytest.fixture(scope="session")
