@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -176,14 +177,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     import npuswarm.handlers  # noqa: F401 - registers the handlers with kopf
 
     kopf.configure(verbose=args.verbose)
-    logs.configure(fmt=args.log_format)
+    logs.configure(level=logging.DEBUG if args.verbose else logging.INFO, fmt=args.log_format)
     kopf.run(
         standalone=args.standalone,
         clusterwide=not args.namespace,
         namespaces=args.namespace or (),
         liveness_endpoint=args.liveness,
         priority=args.priority,
-        peering_name=args.peering_name,
+        # kopf makes peering mandatory whenever a name is given, even with standalone.
+        peering_name=None if args.standalone else args.peering_name,
     )
     return 0
 
@@ -198,7 +200,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--standalone", action="store_true", help="no peering (single instance)")
     run.add_argument("--liveness", default="http://0.0.0.0:8080/healthz")
     run.add_argument("--priority", type=int, default=100, help="kopf peering priority")
-    run.add_argument("--peering-name", default="npuswarm")
+    run.add_argument(
+        "--peering-name",
+        help="kopf peering object; makes peering mandatory (default: auto, standalone if absent)",
+    )
     run.add_argument("--log-format", choices=["auto", "json", "console"], default="auto")
     run.add_argument("-v", "--verbose", action="store_true")
     run.set_defaults(func=cmd_run)

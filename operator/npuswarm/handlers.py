@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import uuid
 from typing import Any
 
 import kopf
@@ -92,49 +93,71 @@ def _reconcile(
     deployments: kopf.Index[Any, Any],
     retry: int,
 ) -> None:
+    """Reconcile metrics and log context around one pass."""
     started = time.monotonic()
-    namespace, name = body.metadata.namespace, body.metadata.name
-    obj = f"{namespace}/{name}"
-    generation = int(body.metadata.get("generation") or 0)
-    previous = dict(body.get("status") or {})
+    obj = f"{body.metadata.namespace}/{body.metadata.name}"
     metrics.active_workers.labels(metrics.CONTROLLER).inc()
     result = "error"
+    # Every line logged during this reconcile, here or deeper, carries these two fields.
+    with structlog.contextvars.bound_contextvars(
+        deployment=obj, reconcile_id=uuid.uuid4().hex[:12]
+    ):
+        try:
+            result = _reconcile_once(body, patch, deployments, retry)
+        finally:
+            elapsed = time.monotonic() - started
+            metrics.active_workers.labels(metrics.CONTROLLER).dec()
+            metrics.reconcile_total.labels(metrics.CONTROLLER, result).inc()
+            metrics.reconcile_time_seconds.labels(metrics.CONTROLLER).observe(elapsed)
+            if result == "error":
+                metrics.reconcile_errors_total.labels(metrics.CONTROLLER).inc()
+            log.info("reconciled", result=result, duration_seconds=round(elapsed, 3))
+
+
+def _reconcile_once(
+    body: kopf.Body,
+    patch: kopf.Patch,
+    deployments: kopf.Index[Any, Any],
+    retry: int,
+) -> str:
+    """One pass; returns controller-runtime's result label, raises to make kopf retry."""
+    obj = f"{body.metadata.namespace}/{body.metadata.name}"
+    generation = int(body.metadata.get("generation") or 0)
+    previous = dict(body.get("status") or {})
     try:
-        try:
-            md = _parse({"metadata": dict(body.metadata), "spec": dict(body.spec)})
-        except ValidationError as error:
-            message = validation_message(error)
-            patch.status.update(
-                invalid_spec_status(generation, message, previous, utcnow()).model_dump(mode="json")
-            )
-            _post(body, obj, "Warning", "InvalidSpec", message)
-            log.warning("invalid spec", deployment=obj, error=message)
-            result = "success"  # handled: a status, not a retry loop
-            return
-        try:
-            outcome = reconciler().reconcile(md, _everyone(deployments), previous)
-        except SwarmUnavailable as error:
-            patch.status.update(
-                unavailable_status(generation, str(error), previous, utcnow()).model_dump(
-                    mode="json"
-                )
-            )
-            delay = min(MAX_BACKOFF_SECONDS, 5.0 * 2**retry)
-            log.warning("swarm unavailable", deployment=obj, error=str(error), retry_in=delay)
-            raise kopf.TemporaryError(f"Swarm unavailable: {error}", delay=delay) from error
-        patch.status.update(outcome.status.model_dump(mode="json"))
-        for event in outcome.events:
-            _post(body, obj, event.type, event.reason, event.message)
-        _record(md, outcome.status, outcome.unplaced_reasons)
-        result = "requeue_after" if outcome.requeue else "success"
-    finally:
-        elapsed = time.monotonic() - started
-        metrics.active_workers.labels(metrics.CONTROLLER).dec()
-        metrics.reconcile_total.labels(metrics.CONTROLLER, result).inc()
-        metrics.reconcile_time_seconds.labels(metrics.CONTROLLER).observe(elapsed)
-        if result == "error":
-            metrics.reconcile_errors_total.labels(metrics.CONTROLLER).inc()
-        log.info("reconciled", deployment=obj, result=result, duration_seconds=round(elapsed, 3))
+        md = _parse({"metadata": dict(body.metadata), "spec": dict(body.spec)})
+    except ValidationError as error:
+        message = validation_message(error)
+        patch.status.update(
+            _status_patch(invalid_spec_status(generation, message, previous, utcnow()))
+        )
+        _post(body, obj, "Warning", "InvalidSpec", message)
+        _record_phase(body.metadata.namespace or "default", body.metadata.name or "", "Invalid")
+        log.warning("invalid spec", error=message)
+        return "success"  # handled: a status to fix, not a retry loop
+    try:
+        outcome = reconciler().reconcile(md, _everyone(deployments), previous)
+    except SwarmUnavailable as error:
+        patch.status.update(
+            _status_patch(unavailable_status(generation, str(error), previous, utcnow()))
+        )
+        delay = min(MAX_BACKOFF_SECONDS, 5.0 * 2**retry)
+        log.warning("swarm unavailable", error=str(error), retry_in=delay)
+        raise kopf.TemporaryError(f"Swarm unavailable: {error}", delay=delay) from error
+    patch.status.update(_status_patch(outcome.status))
+    for event in outcome.events:
+        _post(body, obj, event.type, event.reason, event.message)
+    _record(md, outcome.status, outcome.unplaced_reasons)
+    return "requeue_after" if outcome.requeue else "success"
+
+
+def _status_patch(status: api.ModelDeploymentStatus) -> dict[str, Any]:
+    """A merge patch: unset nested fields are left out, unset top-level ones are deleted."""
+    patch: dict[str, Any] = status.model_dump(mode="json", exclude_none=True)
+    for key, value in status.model_dump(mode="json").items():
+        if value is None:
+            patch[key] = None
+    return patch
 
 
 def _post(body: kopf.Body, obj: str, type_: EventType, reason: str, message: str) -> None:
@@ -150,8 +173,13 @@ def _record(
     metrics.replicas_placed.labels(namespace, name).set(status.placedReplicas)
     metrics.replicas_ready.labels(namespace, name).set(status.readyReplicas)
     metrics.set_unplaced(namespace, name, unplaced)
+    _record_phase(namespace, name, status.phase)
+
+
+def _record_phase(namespace: str, name: str, phase: str) -> None:
+    """An invalid spec is handled too: it is the user's to fix, not a stalled operator."""
     metrics.last_success_timestamp.labels(namespace, name).set(time.time())
-    _PHASES[(namespace, name)] = status.phase
+    _PHASES[(namespace, name)] = phase
     _publish_phases()
 
 

@@ -44,5 +44,6 @@ def configure(level: int = logging.INFO, fmt: str = "auto") -> None:
     root.handlers[:] = [handler]
     root.setLevel(level)
     # Per-request chatter of the HTTP clients would drown the reconcile lines.
-    for noisy in ("urllib3", "docker", "kubernetes", "asyncio"):
+    # kopf.objects logs every successful timer tick; npuswarm's "reconciled" line says more.
+    for noisy in ("urllib3", "docker", "kubernetes", "asyncio", "kopf.objects", "aiohttp.access"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -7,7 +7,6 @@ cannot both be handed the same free NPU.
 from __future__ import annotations
 
 import threading
-import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -77,8 +76,7 @@ class Reconciler:
         everyone: Iterable[ModelDeployment],
         previous_status: dict[str, Any],
     ) -> Outcome:
-        reconcile_id = uuid.uuid4().hex[:12]
-        bound = log.bind(deployment=target.key, reconcile_id=reconcile_id)
+        bound = log.bind(deployment=target.key)
         with self.lock:
             snapshot = self.swarm.observe()
             deployments = _with_target(target, everyone)

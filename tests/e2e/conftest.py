@@ -1,0 +1,292 @@
+"""End-to-end fixtures: a real kube-apiserver + etcd (hack/controlplane.py), the manifests
+installed with `kubectl apply -k`, and `npuswarm run` as a real process that authenticates as
+the operator's ServiceAccount, so RBAC that is too narrow fails these tests.
+
+The operator reaches Docker through a TCP relay owned by the test session, so a test can cut
+the Swarm off (and restore it) without touching the dockerd other tests use.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import docker
+import pytest
+import yaml
+
+from tests.swarm.conftest import IMAGE, NETWORK, wait_for
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "hack"))
+
+import controlplane  # noqa: E402
+
+OPERATOR_NAMESPACE = "npuswarm-system"
+SERVICE_ACCOUNT = f"system:serviceaccount:{OPERATOR_NAMESPACE}:npuswarm"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+class DockerRelay:
+    """127.0.0.1:<port> -> the local Docker socket, which a test can switch off and on."""
+
+    def __init__(self, target: str = "/var/run/docker.sock") -> None:
+        self.target = target
+        self.port = free_port()
+        self.url = f"tcp://127.0.0.1:{self.port}"
+        self._listener: socket.socket | None = None
+        self._connections: list[socket.socket] = []
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(64)
+        self._listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+
+    def stop(self) -> None:
+        """Refuse new connections and cut open ones: to the operator, Docker is gone."""
+        with self._lock:
+            if self._listener is not None:
+                self._listener.close()
+                self._listener = None
+            for conn in self._connections:
+                try:
+                    conn.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                conn.close()
+            self._connections.clear()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            upstream = socket.socket(socket.AF_UNIX)
+            try:
+                upstream.connect(self.target)
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                self._connections += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (source, sink):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+
+@dataclass
+class Cluster:
+    plane: controlplane.ControlPlane
+    operator_kubeconfig: Path
+    metrics_url: str
+    health_url: str
+    relay: DockerRelay
+    operator: subprocess.Popen[bytes]
+    log_path: Path
+    docker: docker.APIClient
+    namespaces: list[str] = field(default_factory=list)
+
+    def kubectl(self, *args: str, check: bool = True, input: str | None = None,
+                kubeconfig: Path | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        argv = [str(self.plane.kubectl), "--kubeconfig", str(kubeconfig or self.plane.kubeconfig), *args]
+        result = subprocess.run(argv, input=input, capture_output=True, text=True, timeout=timeout)
+        if check and result.returncode != 0:
+            raise AssertionError(f"{' '.join(args)} failed ({result.returncode}): {result.stderr}{result.stdout}")
+        return result
+
+    def get(self, namespace: str, name: str) -> dict[str, Any]:
+        out = self.kubectl("-n", namespace, "get", "md", name, "-o", "json").stdout
+        return json.loads(out)
+
+    def metrics(self) -> str:
+        with urllib.request.urlopen(self.metrics_url, timeout=5) as response:
+            return response.read().decode()
+
+    def operator_log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def write_kubeconfig(path: Path, plane: controlplane.ControlPlane, token: str) -> None:
+    config = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "local", "cluster": {"server": plane.server, "certificate-authority": str(plane.ca_file)}}],
+        "users": [{"name": "npuswarm", "user": {"token": token}}],
+        "contexts": [{"name": "npuswarm", "context": {"cluster": "local", "user": "npuswarm"}}],
+        "current-context": "npuswarm",
+    }
+    path.write_text(yaml.safe_dump(config))
+    path.chmod(0o600)
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    try:
+        controlplane.binaries()
+    except controlplane.BinariesMissingError as error:
+        pytest.fail(str(error), pytrace=False)
+    client = docker.APIClient(version="auto")
+    try:
+        client.info()
+    except Exception as error:  # noqa: BLE001
+        pytest.fail(f"no dockerd answers ({error}): run `hack/local-swarm up` first", pytrace=False)
+    if not client.networks(names=[NETWORK]):
+        client.create_network(NETWORK, driver="overlay", attachable=True)
+    if not client.networks(names=["vllm-net"]):
+        client.create_network("vllm-net", driver="overlay", attachable=True)
+
+    state = tmp_path_factory.mktemp("e2e")
+    with controlplane.running(state / "controlplane") as plane:
+        admin = Cluster(plane, Path(), "", "", DockerRelay(), None, Path(), client)  # type: ignore[arg-type]
+        admin.kubectl("apply", "-k", str(REPO / "manifests"))
+        admin.kubectl("wait", "--for=condition=Established", "crd/modeldeployments.npuswarm.io", "--timeout=60s")
+        token = admin.kubectl("-n", OPERATOR_NAMESPACE, "create", "token", "npuswarm", "--duration=2h").stdout.strip()
+        operator_kubeconfig = state / "operator.kubeconfig"
+        write_kubeconfig(operator_kubeconfig, plane, token)
+
+        relay = DockerRelay()
+        relay.start()
+        metrics_port, health_port = free_port(), free_port()
+        log_path = state / "operator.log"
+        env = {
+            **os.environ,
+            "KUBECONFIG": str(operator_kubeconfig),
+            "DOCKER_HOST": relay.url,
+            "NPUSWARM_RESYNC_SECONDS": "2",
+            "NPUSWARM_LOST_NODE_GRACE_SECONDS": "5",
+            "NPUSWARM_METRICS_PORT": str(metrics_port),
+            "NPUSWARM_SWARM_PROBE_SECONDS": "1",
+            "NPUSWARM_DOCKER_TIMEOUT_SECONDS": "5",
+        }
+        with log_path.open("wb") as log:
+            operator = subprocess.Popen(
+                [sys.executable, "-m", "npuswarm.cli", "run", "--standalone", "--log-format", "json",
+                 f"--liveness=http://127.0.0.1:{health_port}/healthz"],
+                env=env, stdout=log, stderr=subprocess.STDOUT,
+            )
+        result = Cluster(
+            plane=plane,
+            operator_kubeconfig=operator_kubeconfig,
+            metrics_url=f"http://127.0.0.1:{metrics_port}/metrics",
+            health_url=f"http://127.0.0.1:{health_port}/healthz",
+            relay=relay,
+            operator=operator,
+            log_path=log_path,
+            docker=client,
+        )
+        try:
+            wait_for(lambda: _answers(result.health_url) or operator.poll() is not None,
+                     "the operator's liveness endpoint", timeout=60)
+            if operator.poll() is not None:
+                pytest.fail(f"operator exited: {result.operator_log()[-3000:]}", pytrace=False)
+            yield result
+        finally:
+            operator.terminate()
+            try:
+                operator.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                operator.kill()
+                operator.wait()
+            relay.stop()
+            for namespace in result.namespaces:
+                for service in client.services(filters={"label": f"npuswarm.io/owner-namespace={namespace}"}):
+                    client.remove_service(service["ID"])
+            print(result.operator_log()[-5000:])
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return bool(response.status == 200)
+    except OSError:
+        return False
+
+
+@pytest.fixture
+def namespace(cluster: Cluster) -> Iterator[str]:
+    """A namespace per test; its ModelDeployments are deleted afterwards (through the
+    finalizer), so the next test finds every NPU free again."""
+    name = f"e2e-{uuid.uuid4().hex[:6]}"
+    cluster.kubectl("create", "namespace", name)
+    cluster.namespaces.append(name)
+    yield name
+    cluster.kubectl("-n", name, "delete", "md", "--all", "--timeout=90s", check=False, timeout=120)
+
+
+def manifest(name: str, **spec: Any) -> str:
+    body: dict[str, Any] = {
+        "image": IMAGE,
+        "model": f"/models/{name}",
+        "engine": {"port": 8000},
+        "healthCheck": {"startPeriodSeconds": 10, "intervalSeconds": 1, "timeoutSeconds": 2},
+        "network": {"name": NETWORK},
+        "restartPolicy": {"delaySeconds": 1},
+    }
+    body.update(spec)
+    return yaml.safe_dump({"apiVersion": "npuswarm.io/v1alpha1", "kind": "ModelDeployment",
+                           "metadata": {"name": name}, "spec": body})
+
+
+def condition(obj: dict[str, Any], kind: str) -> dict[str, Any]:
+    return next((c for c in obj.get("status", {}).get("conditions", []) if c["type"] == kind), {})
+
+
+def wait_md(cluster: Cluster, namespace: str, name: str, check: Callable[[dict[str, Any]], bool],
+            what: str, timeout: float = 90) -> dict[str, Any]:
+    def probe() -> dict[str, Any] | None:
+        result = cluster.kubectl("-n", namespace, "get", "md", name, "-o", "json", check=False)
+        if result.returncode != 0:
+            return None
+        obj: dict[str, Any] = json.loads(result.stdout)
+        return obj if check(obj) else None
+
+    try:
+        return wait_for(probe, f"{namespace}/{name}: {what}", timeout=timeout, interval=0.5)
+    except pytest.fail.Exception:
+        print(cluster.operator_log()[-4000:])
+        raise
+
+
+def is_ready(obj: dict[str, Any]) -> bool:
+    status = obj.get("status", {})
+    return (
+        condition(obj, "Ready").get("status") == "True"
+        and status.get("observedGeneration") == obj["metadata"]["generation"]
+    )
+
+
+__all__ = ["Cluster", "condition", "is_ready", "manifest", "time", "wait_md"]
