@@ -919,15 +919,33 @@ def lab_session(
     nodes: int = 3, npus: int = 8, rings_node: bool = False, name: str = "npsltest", octet: int = -1
 ) -> Iterator[Lab]:
     """A lab for one test session: leftovers of a lab of this name (a crashed earlier run)
-    are removed first, and the lab is torn down on exit, whatever happened inside."""
+    are removed first, and the lab is torn down on exit, whatever happened inside.
+    Test folders that need labs at the same time must give them different names."""
     if os.geteuid() != 0:
         raise LabError("the Swarm lab needs root (network namespaces, cgroups, dockerd)")
     cfg = LabConfig(name=name, nodes=nodes, npus=npus, rings_node=rings_node, octet=octet)
+    owner = session_owner(cfg)
+    if owner is not None:
+        raise LabError(
+            f"lab {name} belongs to the live test session of pid {owner}; "
+            "give this session's lab another name (e.g. NPUSWARM_TEST_LAB_NAME)"
+        )
     if leftovers(cfg):
         log(f"removing leftovers of an earlier lab {name}")
         down(name)
     lab = up(cfg)
     try:
+        (cfg.run_dir / "session.pid").write_text(str(os.getpid()))
         yield lab
     finally:
         down(name, lab)
+
+
+def session_owner(cfg: LabConfig) -> int | None:
+    """PID of the live process whose lab_session holds this lab (this process included:
+    two fixtures of one pytest session must not share, and so destroy, one lab)."""
+    with contextlib.suppress(FileNotFoundError, ValueError, ProcessLookupError):
+        pid = int((cfg.run_dir / "session.pid").read_text())
+        os.kill(pid, 0)
+        return pid
+    return None

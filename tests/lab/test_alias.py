@@ -35,9 +35,13 @@ def test_alias_spreads_requests_over_both_replicas(swarm_lab, manager, services)
         "60",
         "http://qwen:8000/npus",
     ]
-    output = manager.containers.run(
-        swarmlab.IMAGE, client_cmd, network=net.name, remove=True
-    ).decode()
+    client = manager.containers.run(swarmlab.IMAGE, client_cmd, network=net.name, detach=True)
+    try:
+        exit_code = client.wait(timeout=90)["StatusCode"]
+        output = client.logs(stdout=True, stderr=False).decode()
+    finally:
+        client.remove(force=True)
+    assert exit_code == 0, output
     lines = [json.loads(line) for line in output.splitlines()]
     summary = lines[-1]["summary"]
     assert summary["ok"] == REQUESTS

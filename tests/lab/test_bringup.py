@@ -96,3 +96,12 @@ def test_up_refuses_over_leftovers_and_down_removes_them():
         removed = swarmlab.down("npslleft")
     assert removed == ["netns npsl-npslleft-1"]
     assert swarmlab.leftovers(cfg) == []
+
+
+def test_a_second_session_cannot_take_over_a_live_lab(swarm_lab):
+    with (
+        pytest.raises(swarmlab.LabError, match="belongs to the live test session"),
+        swarmlab.lab_session(name=swarm_lab.name),
+    ):
+        pass
+    assert swarm_lab.client(1).ping()  # the refused session touched nothing
