@@ -98,7 +98,8 @@ def run(*cmd: str, check: bool = True) -> subprocess.CompletedProcess:
 
 
 def wait_for(condition: Callable[[], object], timeout: float, what: str, interval: float = 0.2):
-    """Poll `condition` until it returns something truthy; raise LabError naming `what`."""
+    """Poll `condition` until it returns something truthy; raise LabError naming `what`.
+    A condition that raises is "not yet", except with LabError, which means "never"."""
     deadline = time.monotonic() + timeout
     last_error: Exception | None = None
     while True:
@@ -106,6 +107,8 @@ def wait_for(condition: Callable[[], object], timeout: float, what: str, interva
             value = condition()
             if value:
                 return value
+        except LabError:
+            raise
         except Exception as exc:
             last_error = exc
         if time.monotonic() >= deadline:
@@ -372,21 +375,8 @@ def create_bridge(cfg: LabConfig) -> None:
 def create_node_network(cfg: LabConfig, node: Node) -> None:
     run("ip", "netns", "add", node.netns)
     run("ip", "-n", node.netns, "link", "set", "lo", "up")
-    run(
-        "ip",
-        "-n",
-        cfg.bridge_netns,
-        "link",
-        "add",
-        node.bridge_port,
-        "type",
-        "veth",
-        "peer",
-        "name",
-        "eth0",
-        "netns",
-        node.netns,
-    )
+    peer = ["peer", "name", "eth0", "netns", node.netns]
+    run("ip", "-n", cfg.bridge_netns, "link", "add", node.bridge_port, "type", "veth", *peer)
     run("ip", "-n", cfg.bridge_netns, "link", "set", node.bridge_port, "master", "br0", "up")
     run("ip", "-n", node.netns, "addr", "add", f"{node.address}/24", "dev", "eth0")
     run("ip", "-n", node.netns, "link", "set", "eth0", "up")  # no default route: on purpose
@@ -606,8 +596,7 @@ def label_nodes(cfg: LabConfig) -> None:
 def build_image() -> tuple[Path, str]:
     """(tarball, key) of the fake vLLM image; built once and cached outside the repo."""
     tarball = Path(run(str(BUILD_IMAGE)).stdout.strip())
-    key = run(str(BUILD_IMAGE), "--print-key").stdout.strip()
-    return tarball, key
+    return tarball, tarball.stem.removeprefix("fake-vllm-")  # named by its content hash
 
 
 def import_image(node: Node, tarball: Path, key: str) -> None:
@@ -684,8 +673,8 @@ class Lab:
 
     # --- failure injection --------------------------------------------------------------
     def kill_dockerd(self, index: int) -> None:
-        """SIGKILL the node's dockerd only, as a daemon crash does; containerd, shims and
-        containers are left as they are."""
+        """SIGKILL the node's dockerd only, as a daemon crash does. Its containerd dies with it
+        (dockerd starts it with a parent-death signal); shims and containers stay."""
         node = self.node(index)
         pid = dockerd_pid(node)
         if pid is None:
@@ -711,18 +700,14 @@ class Lab:
 
     def disconnect(self, index: int) -> None:
         """Cut the node off the lab network (its bridge port goes down), as a pulled cable does."""
-        run(
-            "ip",
-            "-n",
-            self.config.bridge_netns,
-            "link",
-            "set",
-            self.node(index).bridge_port,
-            "down",
-        )
+        self._set_bridge_port(index, "down")
 
     def reconnect(self, index: int) -> None:
-        run("ip", "-n", self.config.bridge_netns, "link", "set", self.node(index).bridge_port, "up")
+        self._set_bridge_port(index, "up")
+
+    def _set_bridge_port(self, index: int, state: str) -> None:
+        port = self.node(index).bridge_port
+        run("ip", "-n", self.config.bridge_netns, "link", "set", port, state)
 
     # --- accounting ---------------------------------------------------------------------
     def memory_kib(self) -> dict[str, int]:
