@@ -66,6 +66,12 @@ class DockerRelay:
         """Refuse new connections and cut open ones: to the operator, Docker is gone."""
         with self._lock:
             if self._listener is not None:
+                # close() alone does not wake a thread blocked in accept(), which would
+                # go on accepting; shutdown() does.
+                try:
+                    self._listener.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
                 self._listener.close()
                 self._listener = None
             for conn in self._connections:
