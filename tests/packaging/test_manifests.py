@@ -407,8 +407,14 @@ def test_production_runs_the_base_arguments_plus_peering(render: Any) -> None:
     assert sorted(a for a in argv[1:] if not a.startswith("--priority=")) == sorted(
         [a for a in base_args if a != "--standalone"] + ["--peering-name=npuswarm"]
     )
+    # --peering-name makes peering mandatory: with the object missing, the operator waits
+    # instead of running unguarded next to another replica.
+    parsed = build_parser().parse_args(
+        [a.replace("$priority", "1") for a in argv[1:]]  # a number once the shell ran
+    )
     peering = only(render("manifests/overlays/production"), "ClusterKopfPeering")
-    assert build_parser().parse_args(["run"]).peering_name == peering["metadata"]["name"]
+    assert parsed.peering_name == peering["metadata"]["name"]
+    assert not parsed.standalone
 
 
 def test_peering_crd_matches_how_kopf_uses_it(render: Any) -> None:
