@@ -1213,14 +1213,17 @@ def export_stack(
     unplaced = unplaced or {}
     blocks: list[str] = []
     networks: set[str] = set()
+    services = 0
     for md in deployments:
         for slot, spec in sorted(rendered.get(md.key, {}).items()):
             service = compose_service(md, spec)
             networks.update(service.get("networks", {}))
             blocks.append(_service_block(md, slot, spec, service))
+            services += 1
         blocks += [f"  # {md.key}: NOT PLACED: {message}\n" for message in unplaced.get(md.key, [])]
-    text = _EXPORT_HEADER + f'version: "{COMPOSE_VERSION}"\nservices:\n'
-    text += "".join(blocks) if blocks else "  {}\n"
+    # Comments alone under `services:` would make it null, which compose rejects.
+    text = _EXPORT_HEADER + f'version: "{COMPOSE_VERSION}"\n'
+    text += "services:" + ("\n" if services else " {}\n") + "".join(blocks)
     if networks:
         # npuswarm attaches to existing networks; a stack must not create or remove them.
         top = {name: {"external": True} for name in sorted(networks)}
