@@ -231,6 +231,7 @@ def on_delete(*, namespace: str | None, name: str, **_: Any) -> None:
 
 
 @kopf.on.probe(id="swarm")
-def swarm_probe(**_: Any) -> bool:
-    """Shown in the liveness endpoint's JSON, not used to fail it (see _probe_swarm)."""
-    return reconciler().swarm.ping()
+def swarm_probe(**_: Any) -> bool | None:
+    """The background probe's last answer, shown in the liveness JSON. It never fails liveness
+    and never waits on Docker, so a slow manager cannot time the probe out (see _probe_swarm)."""
+    return reconciler().swarm.reachable

@@ -114,7 +114,9 @@ def render_service(
         "Command": ["vllm"],
         "Args": vllm_args(md),
         "Env": container_env(md, assignment.npus),
-        "Labels": dict(replica_labels),
+        # The owner uid stays off the task: a re-created ModelDeployment adopts its running
+        # replicas instead of restarting every one of them.
+        "Labels": {k: v for k, v in replica_labels.items() if k != labels.OWNER_UID},
         "Mounts": mounts,
         "Init": True,
         "Healthcheck": {
@@ -187,7 +189,8 @@ def essential(spec: dict[str, Any]) -> dict[str, Any]:
     endpoint = spec.get("EndpointSpec") or {}
     return {
         "Name": spec.get("Name"),
-        "Labels": dict(spec.get("Labels") or {}),
+        # The uid records which object created the service; it is not a reason to rewrite it.
+        "Labels": {k: v for k, v in (spec.get("Labels") or {}).items() if k != labels.OWNER_UID},
         "Image": container.get("Image"),
         "Command": list(container.get("Command") or []),
         "Args": list(container.get("Args") or []),

@@ -57,6 +57,8 @@ class Swarm:
         self._kwargs = kwargs
         self._timeout = timeout
         self._client: docker.APIClient | None = None
+        # The last probe's answer, for readers that must not wait on Docker (liveness).
+        self.reachable: bool | None = None
 
     @property
     def api(self) -> docker.APIClient:
@@ -83,8 +85,10 @@ class Swarm:
         try:
             self._call("ping", "ping")
         except (SwarmUnavailable, SwarmRejected):
+            self.reachable = False
             metrics.swarm_reachable.set(0)
             return False
+        self.reachable = True
         metrics.swarm_reachable.set(1)
         return True
 

@@ -43,10 +43,6 @@ def kustomization_roots() -> list[str]:
     return roots
 
 
-def monitoring_ready() -> bool:
-    return (MANIFESTS / "monitoring" / "kustomization.yaml").is_file()
-
-
 def rules(objects: list[dict[str, Any]]) -> set[tuple[str, str, str, tuple[str, ...]]]:
     """(apiGroup, resource, verb, resourceNames) for every grant of every (Cluster)Role."""
     found = set()
@@ -82,8 +78,6 @@ def test_every_kustomization_is_covered() -> None:
 
 @pytest.mark.parametrize("root", kustomization_roots())
 def test_kustomization_renders(render: Any, root: str) -> None:
-    if "monitoring" in root and not monitoring_ready():
-        pytest.skip("manifests/monitoring/kustomization.yaml is not there yet")
     objects = render(root)
     assert objects
     names = [(o["kind"], o["metadata"].get("namespace"), o["metadata"]["name"]) for o in objects]
@@ -478,8 +472,6 @@ def test_production_sets_pod_ip_from_the_downward_api(render: Any) -> None:
 
 
 def test_with_monitoring_scrapes_the_metrics_service(render: Any) -> None:
-    if not monitoring_ready():
-        pytest.skip("manifests/monitoring/kustomization.yaml is not there yet")
     objects = render("manifests/overlays/with-monitoring")
     service = only(objects, "Service", "npuswarm-metrics")
     monitors = of_kind(objects, "ServiceMonitor")

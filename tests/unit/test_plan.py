@@ -171,3 +171,11 @@ def test_unowned_services_are_invisible() -> None:
     foreign["Spec"] = dict(foreign["Spec"], Name="someone-elses", Labels={})
     snapshot = snapshot_from_engine(NODES, [*services, foreign], tasks, [])
     assert [s.id for s in snapshot.services] == ["id0"]
+
+
+def test_recreated_object_adopts_its_running_replicas() -> None:
+    services, tasks = converge(deployment(replicas=2))
+    recreated = deployment(replicas=2)
+    recreated.metadata.uid = "a-new-uid"
+    plan, _ = plan_for(recreated, services, tasks)
+    assert plan.actions == [] and plan.deferred == []
