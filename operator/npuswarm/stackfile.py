@@ -19,6 +19,7 @@ import sys
 import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
@@ -28,6 +29,8 @@ from pydantic import ValidationError
 from npuswarm import api, labels
 from npuswarm.api import ModelDeployment, validation_message
 from npuswarm.npus import format_npu_ids, npu_id_from_device, parse_npu_ids
+from npuswarm.observed import SwarmSnapshot
+from npuswarm.plan import place_all, plan_deployment
 from npuswarm.render import SECOND_NS
 
 # --- Facts about `docker stack deploy` --------------------------------------------------------
@@ -1448,20 +1451,38 @@ def write_files(directory: Path, files: Mapping[str, str], *, overwrite: bool) -
 def cmd_export_stack(args: argparse.Namespace) -> int:
     # Imported here: cli imports this module to register the commands.
     from npuswarm.cli import load_deployments
-    from npuswarm.reconcile import Reconciler
+    from npuswarm.reconcile import utcnow
     from npuswarm.settings import Settings
     from npuswarm.swarm import Swarm
 
     deployments = load_deployments(args.file)
-    reconciler = Reconciler(Swarm(), Settings.from_env())
+    grace = Settings.from_env().lost_node_grace_seconds
+    rendered, unplaced = planned_services(deployments, Swarm().observe(), utcnow(), grace)
+    sys.stdout.write(export_stack(deployments, rendered, unplaced))
+    return 0
+
+
+def planned_services(
+    deployments: Sequence[ModelDeployment],
+    snapshot: SwarmSnapshot,
+    now: datetime,
+    lost_node_grace_seconds: float,
+) -> tuple[dict[str, dict[str, dict[str, Any]]], dict[str, list[str]]]:
+    """The rendered services of every deployment, from ONE placement of them all.
+
+    One pass, not Reconciler.plan per deployment: that places each target as if it came
+    last, which for files without creationTimestamp gives two models the same NPUs.
+    """
+    placement, requests = place_all(
+        list(deployments), snapshot, now=now, lost_node_grace_seconds=lost_node_grace_seconds
+    )
     rendered: dict[str, dict[str, dict[str, Any]]] = {}
     unplaced: dict[str, list[str]] = {}
     for md in deployments:
-        _, placement, plan, requests = reconciler.plan(md, deployments)
-        rendered[md.key] = plan.desired
-        unplaced[md.key] = _unplaced_messages(placement.unplaced.get(r.key) for r in requests)
-    sys.stdout.write(export_stack(deployments, rendered, unplaced))
-    return 0
+        own = requests[md.key]
+        rendered[md.key] = plan_deployment(md, own, placement, snapshot).desired
+        unplaced[md.key] = _unplaced_messages(placement.unplaced.get(r.key) for r in own)
+    return rendered, unplaced
 
 
 def _unplaced_messages(items: Iterable[Any]) -> list[str]:

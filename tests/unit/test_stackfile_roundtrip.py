@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from npuswarm import api
-from npuswarm.api import ModelDeployment
+from npuswarm.api import ModelDeployment, ObjectMeta
+from npuswarm.observed import SwarmSnapshot
 from npuswarm.placement import Assignment
 from npuswarm.render import network_alias, render_service
 from npuswarm.stackfile import (
@@ -22,9 +23,10 @@ from npuswarm.stackfile import (
     import_stack,
     manifest_yaml,
     parse_compose,
+    planned_services,
 )
 
-from .builders import deployment
+from .builders import NOW, deployment, node
 
 
 def placed(md: ModelDeployment, nodes: int = 1) -> dict[str, dict[str, Any]]:
@@ -110,6 +112,21 @@ def test_export_says_which_replicas_are_not_placed() -> None:
     text = export_stack([md], {md.key: {}}, {md.key: ["replica 1: InsufficientNPUs: none free"]})
     assert "# default/qwen3: NOT PLACED: replica 1: InsufficientNPUs: none free" in text
     assert yaml.safe_load(text)["services"] == {}
+
+
+def test_export_places_all_files_in_one_pass_so_models_never_share_npus() -> None:
+    """Files have no creationTimestamp: each one must not be placed as if it came last."""
+    models = [
+        qwen3(mode="PerNode").model_copy(update={"metadata": ObjectMeta(name=name)})
+        for name in ("qwen3", "coder")
+    ]
+    snapshot = SwarmSnapshot(nodes=[node("n1", 8)], services=[])
+    rendered, unplaced = planned_services(models, snapshot, NOW, 120)
+    npus = {
+        key: specs["n1"]["Labels"]["npuswarm.io/npus"] for key, specs in rendered.items()
+    }
+    assert npus == {"default/qwen3": "0,1,2,3", "default/coder": "4,5,6,7"}
+    assert unplaced == {"default/qwen3": [], "default/coder": []}
 
 
 def test_exported_replicas_that_differ_are_not_merged() -> None:
