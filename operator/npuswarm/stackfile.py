@@ -919,9 +919,24 @@ def _map_ports(raw: Any, spec: dict[str, Any], notes: _Notes) -> None:
         )
     spec["publish"] = {"port": port, "mode": mode}
     notes.mapped(f"ports {port}", f"publish.port={port}, publish.mode={mode}")
+    if mode == "ingress":
+        _ingress_endpoint(spec, notes)
     vllm_port = spec["engine"].get("port", 8000)
     if target is not None and target != vllm_port:
         notes.check(f"ports {port}", f"targeted {target}; npuswarm targets vLLM's port {vllm_port}")
+
+
+def _ingress_endpoint(spec: dict[str, Any], notes: _Notes) -> None:
+    """Swarm rejects an ingress port on a dnsrr service (swarmkit#1693); npuswarm defaults to
+    dnsrr, but the stack, where nothing was said, used compose's vip."""
+    network = spec.get("network")
+    if network is None:
+        return
+    if "endpointMode" not in network:
+        network["endpointMode"] = "vip"
+        notes.mapped("deploy.endpoint_mode", "vip: compose's default, needed by an ingress port")
+    elif network["endpointMode"] == "dnsrr":
+        notes.check("ports", "Swarm rejects an ingress port with endpoint_mode dnsrr: use host")
 
 
 def _port(item: Any) -> tuple[int, int | None, str, str] | None:
