@@ -94,7 +94,8 @@ class Engine(_Model):
     @classmethod
     def _no_owned_flags(cls, args: list[str]) -> list[str]:
         for arg in args:
-            flag = arg.split("=", 1)[0]
+            # vLLM's parser takes --max_model_len for --max-model-len.
+            flag = arg.split("=", 1)[0].replace("_", "-")
             if flag in OPERATOR_OWNED_FLAGS:
                 raise ValueError(
                     f"extraArgs must not set {flag}: it is rendered from the typed engine field"
@@ -146,7 +147,10 @@ class Publish(_Model):
 
 
 class HealthCheck(_Model):
-    path: str = Field("/health", pattern=r"^/", description="HTTP path vLLM answers 200 on.")
+    # The path is pasted into the probe command: no quotes, spaces or backslashes.
+    path: str = Field(
+        "/health", pattern=r"^/[A-Za-z0-9/._~%&=?-]*$", description="HTTP path vLLM answers 200 on."
+    )
     startPeriodSeconds: Annotated[int, Field(ge=0)] = Field(
         1800, description="Time a model may take to load before failed checks count."
     )
@@ -214,6 +218,13 @@ class ModelDeploymentSpec(_Model):
                 f"engine.tensorParallelSize={self.engine.tensorParallelSize}"
             )
         ingress = self.publish is not None and self.publish.mode == "ingress"
+        if ingress and self.network is not None and self.network.endpointMode == "dnsrr":
+            raise ValueError(
+                "publish.mode=ingress needs network.endpointMode=vip: Swarm refuses ingress ports "
+                "on dnsrr services"
+            )
+        if any(volume.mountPath.rstrip("/") == "/dev/shm" for volume in self.volumes):
+            raise ValueError("volumes must not mount /dev/shm: set shmSize instead")
         if ingress and (self.mode == "PerNode" or self.replicas > 1):
             raise ValueError(
                 "publish.mode=ingress allows a single replica: every replica is its own "

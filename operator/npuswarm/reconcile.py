@@ -171,11 +171,14 @@ class Reconciler:
 def _with_target(
     target: ModelDeployment, everyone: Iterable[ModelDeployment]
 ) -> list[ModelDeployment]:
-    """Every live deployment, with the freshest copy of the one being reconciled."""
-    others = [
-        md for md in everyone if md.key != target.key and md.metadata.deletionTimestamp is None
-    ]
-    return [*others, target]
+    """Every live deployment, with the freshest copy of the one being reconciled in its place.
+
+    Its place matters where priority falls back to list order (files given to `plan`).
+    """
+    live = [md for md in everyone if md.metadata.deletionTimestamp is None]
+    if any(md.key == target.key for md in live):
+        return [target if md.key == target.key else md for md in live]
+    return [*live, target]
 
 
 def _events(

@@ -917,6 +917,12 @@ def _map_ports(raw: Any, spec: dict[str, Any], notes: _Notes) -> None:
             "ingress mode allows one replica in npuswarm (one service per replica): published "
             "in host mode on each replica's node instead",
         )
+    if mode == "ingress" and (spec.get("network") or {}).get("endpointMode") == "dnsrr":
+        mode = "host"
+        notes.check(
+            "ports",
+            "Swarm rejects an ingress port with endpoint_mode dnsrr: published in host mode",
+        )
     spec["publish"] = {"port": port, "mode": mode}
     notes.mapped(f"ports {port}", f"publish.port={port}, publish.mode={mode}")
     if mode == "ingress":
@@ -935,8 +941,6 @@ def _ingress_endpoint(spec: dict[str, Any], notes: _Notes) -> None:
     if "endpointMode" not in network:
         network["endpointMode"] = "vip"
         notes.mapped("deploy.endpoint_mode", "vip: compose's default, needed by an ingress port")
-    elif network["endpointMode"] == "dnsrr":
-        notes.check("ports", "Swarm rejects an ingress port with endpoint_mode dnsrr: use host")
 
 
 def _port(item: Any) -> tuple[int, int | None, str, str] | None:

@@ -168,3 +168,18 @@ def scrape(cluster: Cluster) -> dict[str, float]:
             key, _, value = line.rpartition(" ")
             values[key] = float(value)
     return values
+
+
+def test_logs_are_json_with_deployment_reconcile_id_and_duration(cluster: Cluster, namespace: str) -> None:
+    cluster.kubectl("-n", namespace, "apply", "-f", "-", input=manifest("logged"))
+    wait_md(cluster, namespace, "logged", is_ready, "Ready")
+    lines = [json.loads(line) for line in cluster.operator_log().splitlines() if line.startswith("{")]
+    assert lines and all("event" in line and "level" in line for line in lines)
+    mine = [line for line in lines if line.get("deployment") == f"{namespace}/logged"]
+    reconciled = [line for line in mine if line["event"] == "reconciled"]
+    assert reconciled and all(line["reconcile_id"] and "duration_seconds" in line for line in reconciled)
+    decided = [line for line in mine if line["event"] == "placement decided"]
+    assert len(decided) == 1 and decided[0]["reason"] == "new replica"
+    # The placement line shares the reconcile id of the pass that made the decision.
+    assert decided[0]["reconcile_id"] in {line["reconcile_id"] for line in reconciled}
+    assert any(line.get("logger", "").startswith("kopf") for line in lines), "kopf's lines go through structlog"

@@ -16,32 +16,11 @@ import docker
 import pytest
 
 from npuswarm import cli
-from npuswarm.api import ModelDeployment
 
 from .conftest import wait_for
 
 pytestmark = pytest.mark.swarm
 
-
-def _plan_ranks_the_target_last() -> bool:
-    """Whether Reconciler.plan moves the deployment it plans to the end of the list.
-
-    Files given to `npuswarm plan` have no creationTimestamp, so they rank by list position:
-    moving each target last places every deployment as if the others went first, and the plan
-    shows two models on the same NPUs (reconcile._with_target; see the migration report).
-    """
-    from npuswarm import reconcile
-
-    with_target = getattr(reconcile, "_with_target", None)
-    if with_target is None:
-        return False
-    first, second = (
-        ModelDeployment.model_validate(
-            {"metadata": {"name": name}, "spec": {"image": "i", "model": "m"}}
-        )
-        for name in ("a", "b")
-    )
-    return [md.key for md in with_target(first, [first, second])] != [first.key, second.key]
 
 SHARED = Path(
     os.environ.get("NPUSWARM_SHARED", Path(__file__).resolve().parents[2].parent / "shared")
@@ -62,12 +41,6 @@ def npus_held(client: docker.APIClient) -> list[str]:
     return [s["Spec"]["Name"] for s in services]
 
 
-@pytest.mark.xfail(
-    _plan_ranks_the_target_last(),
-    reason="npuswarm plan places each given file as if it came last: both models get the "
-    "same NPUs in the report (reconcile._with_target reorders the deployments)",
-    strict=True,
-)
 def test_seed_stack_imports_into_two_models_placed_4_plus_4_without_writing(
     docker_client: docker.APIClient,
     namespace: str,

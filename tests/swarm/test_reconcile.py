@@ -197,3 +197,24 @@ def reconciler_settings():  # type: ignore[no-untyped-def]
     from npuswarm.settings import Settings
 
     return Settings(lost_node_grace_seconds=5)
+
+
+def test_surge_update_starts_the_new_copy_on_spare_npus_before_the_old_one_goes(
+    docker_client: docker.APIClient, namespace: str, reconciler: Reconciler
+) -> None:
+    strategy = {"maxSurge": 1, "maxUnavailable": 0}
+    md = model(namespace, "surge", replicas=1, npusPerReplica=2, updateStrategy=strategy)
+    converge(reconciler, md)
+    old = owned(docker_client, namespace)[f"{namespace}-surge-0"]
+    edited = model(namespace, "surge", replicas=1, npusPerReplica=2, updateStrategy=strategy,
+                   engine={"env": {"VERSION": "2"}})
+    first = reconciler.reconcile(edited, [edited], {})
+    assert [(a.kind, a.service_name) for a in first.applied] == [("create", f"{namespace}-surge-0-surge")]
+    both = owned(docker_client, namespace)
+    assert set(both) == {f"{namespace}-surge-0", f"{namespace}-surge-0-surge"}
+    new_npus = both[f"{namespace}-surge-0-surge"]["Spec"]["Labels"]["npuswarm.io/npus"]
+    assert not set(new_npus.split(",")) & set(old["Spec"]["Labels"]["npuswarm.io/npus"].split(","))
+    converge(reconciler, edited)
+    remaining = owned(docker_client, namespace)
+    assert set(remaining) == {f"{namespace}-surge-0-surge"}
+    assert env_of(remaining[f"{namespace}-surge-0-surge"])["VERSION"] == "2"

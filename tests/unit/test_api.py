@@ -41,6 +41,13 @@ def test_served_model_name_defaults_to_model_path() -> None:
         ({"updateStrategy": {"maxUnavailable": 0, "maxSurge": 0}}, "both be 0"),
         ({"network": {"name": "net", "alias": "Not_DNS"}}, "alias"),
         ({"image": ""}, "image"),
+        ({"engine": {"extraArgs": ["--max_model_len", "4096"]}}, "--max-model-len"),
+        ({"healthCheck": {"path": "/health'); import os; ('"}}, "path"),
+        ({"volumes": [{"hostPath": "/big", "mountPath": "/dev/shm"}]}, "shmSize"),
+        (
+            {"publish": {"port": 80, "mode": "ingress"}, "network": {"name": "n"}},
+            "endpointMode=vip",
+        ),
     ],
 )
 def test_invalid_specs_are_rejected_with_a_pointed_message(
@@ -62,3 +69,17 @@ def test_quantities(text: str, size: int) -> None:
 def test_bad_quantity() -> None:
     with pytest.raises(ValueError, match="not a size"):
         quantity_to_bytes("1 GB")
+
+
+def test_identical_events_are_let_through_once_per_window() -> None:
+    from npuswarm.events import Event, EventFilter
+
+    events = EventFilter(window_seconds=60)
+    placed = Event("Normal", "Placed", "replica 0 placed on node a NPUs 0")
+    assert events.admit("ns/m", placed, now=0)
+    assert not events.admit("ns/m", placed, now=30)
+    assert events.admit("ns/other", placed, now=30)
+    assert events.admit("ns/m", Event("Normal", "Placed", "replica 1 placed"), now=30)
+    assert events.admit("ns/m", placed, now=61)
+    events.forget("ns/m")
+    assert events.admit("ns/m", placed, now=62)
