@@ -49,6 +49,16 @@ class Allocation(BaseModel):
     def key(self) -> ReplicaKey:
         return (self.deployment, self.slot)
 
+    def kept(self) -> Assignment:
+        """The assignment that leaves this replica where it is."""
+        return Assignment(
+            deployment=self.deployment,
+            slot=self.slot,
+            node_id=self.node_id,
+            npus=self.npus,
+            kept=True,
+        )
+
 
 class Assignment(BaseModel):
     model_config = ConfigDict(frozen=True)
@@ -136,13 +146,7 @@ def place(
                 allocation, request, nodes_by_id, now, lost_node_grace_seconds, result
             )
             if problem is None:
-                result.assignments[allocation.key] = Assignment(
-                    deployment=allocation.deployment,
-                    slot=allocation.slot,
-                    node_id=allocation.node_id,
-                    npus=allocation.npus,
-                    kept=True,
-                )
+                result.assignments[allocation.key] = allocation.kept()
             else:
                 result.moved[allocation.key] = problem
                 if _node_lost(allocation.node_id, nodes_by_id, now, lost_node_grace_seconds):

@@ -12,8 +12,6 @@ from npuswarm.inventory import NodeInfo
 from npuswarm.labels import SPEC_HASH
 from npuswarm.observed import ObservedService, SwarmSnapshot
 from npuswarm.placement import (
-    Allocation,
-    Assignment,
     PlacementResult,
     ReplicaRequest,
     place,
@@ -196,7 +194,7 @@ def _settle_surge(
     newest = current[0]
     allocation = newest.allocation()
     assert allocation is not None  # _up_to_date renders from the allocation
-    plan.desired[slot] = render_service(md, _as_assignment(allocation), name=newest.name)
+    plan.desired[slot] = render_service(md, allocation.kept(), name=newest.name)
     if newest.running_current_spec:
         plan.actions.extend(
             _remove(s, f"surge copy {newest.name} is ready") for s in services if s is not newest
@@ -208,18 +206,8 @@ def _up_to_date(md: ModelDeployment, service: ObservedService) -> bool:
     allocation = service.allocation()
     if allocation is None:
         return False
-    rendered = render_service(md, _as_assignment(allocation), name=service.name)
+    rendered = render_service(md, allocation.kept(), name=service.name)
     return essential(service.spec) == essential(rendered)
-
-
-def _as_assignment(allocation: Allocation) -> Assignment:
-    return Assignment(
-        deployment=allocation.deployment,
-        slot=allocation.slot,
-        node_id=allocation.node_id,
-        npus=allocation.npus,
-        kept=True,
-    )
 
 
 def _surge(

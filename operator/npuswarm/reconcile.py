@@ -19,7 +19,7 @@ from npuswarm.api import ModelDeployment, ModelDeploymentStatus
 from npuswarm.events import Event
 from npuswarm.npus import parse_npu_ids
 from npuswarm.observed import SwarmSnapshot
-from npuswarm.placement import PlacementResult
+from npuswarm.placement import PlacementResult, ReplicaRequest
 from npuswarm.plan import Action, DeploymentPlan, place_all, plan_deployment
 from npuswarm.settings import Settings
 from npuswarm.status import deployment_status
@@ -55,19 +55,24 @@ class Reconciler:
         self.lock = threading.Lock()
 
     def plan(
-        self, target: ModelDeployment, everyone: Iterable[ModelDeployment]
-    ) -> tuple[SwarmSnapshot, PlacementResult, DeploymentPlan, list[Any]]:
-        """Observe and plan without writing: what `npuswarm plan` prints."""
+        self,
+        target: ModelDeployment,
+        everyone: Iterable[ModelDeployment],
+        known_services: frozenset[str] = frozenset(),
+    ) -> tuple[SwarmSnapshot, PlacementResult, DeploymentPlan, list[ReplicaRequest]]:
+        """Observe, place every deployment and diff ``target``; writes nothing.
+
+        `npuswarm plan` prints this; a reconcile applies it while holding the lock.
+        """
         snapshot = self.swarm.observe()
-        deployments = _with_target(target, everyone)
         placement, requests = place_all(
-            deployments,
+            _with_target(target, everyone),
             snapshot,
             now=self.clock(),
             lost_node_grace_seconds=self.settings.lost_node_grace_seconds,
         )
         own_requests = requests[target.key]
-        plan = plan_deployment(target, own_requests, placement, snapshot)
+        plan = plan_deployment(target, own_requests, placement, snapshot, known_services)
         return snapshot, placement, plan, own_requests
 
     def reconcile(
@@ -77,20 +82,11 @@ class Reconciler:
         previous_status: dict[str, Any],
     ) -> Outcome:
         bound = log.bind(deployment=target.key)
+        known = frozenset(
+            r["service"] for r in previous_status.get("replicaStatuses", []) if r.get("service")
+        )
         with self.lock:
-            snapshot = self.swarm.observe()
-            deployments = _with_target(target, everyone)
-            placement, requests = place_all(
-                deployments,
-                snapshot,
-                now=self.clock(),
-                lost_node_grace_seconds=self.settings.lost_node_grace_seconds,
-            )
-            own_requests = requests[target.key]
-            known = frozenset(
-                r["service"] for r in previous_status.get("replicaStatuses", []) if r.get("service")
-            )
-            plan = plan_deployment(target, own_requests, placement, snapshot, known)
+            snapshot, placement, plan, own_requests = self.plan(target, everyone, known)
             applied, rejected = self._apply(plan, bound)
         _record_npus(snapshot, applied)
         events = _events(target, placement, plan, applied, rejected, snapshot, bound)
