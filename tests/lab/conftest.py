@@ -4,6 +4,7 @@ The lab is real: dockerds in network namespaces, a Swarm, the runtime shim, the 
 image. Nothing here is mocked. If the lab cannot start, every test using it errors: no skip.
 """
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -127,3 +128,19 @@ def remove_network(net) -> bool:
     except docker.errors.APIError:
         return False
     return True
+
+
+def ask_from_client_container(manager, network: str, url: str, count: int) -> list[dict]:
+    """Run fakevllm-client `count` times against `url` from a container on `network`.
+
+    Returns its JSON lines: one per request, then one with the summary.
+    """
+    command = ["fakevllm-client", "--count", str(count), "--timeout", "60", url]
+    client = manager.containers.run(swarmlab.IMAGE, command, network=network, detach=True)
+    try:
+        exit_code = client.wait(timeout=90)["StatusCode"]
+        output = client.logs(stdout=True, stderr=False).decode()
+    finally:
+        client.remove(force=True)
+    assert exit_code == 0, output
+    return [json.loads(line) for line in output.splitlines()]

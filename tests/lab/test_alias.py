@@ -1,11 +1,9 @@
 """One endpoint per model: replicas (one service each) share a network alias on an overlay,
 with endpoint mode dnsrr (the lab kernel has no IPVS for VIPs)."""
 
-import json
-
 import pytest
 
-import swarmlab
+from .conftest import ask_from_client_container
 
 pytestmark = pytest.mark.lab
 
@@ -27,22 +25,7 @@ def test_alias_spreads_requests_over_both_replicas(swarm_lab, manager, services)
     ]
     for service in replicas:
         services.wait_task_state(service, {"running"})
-    client_cmd = [
-        "fakevllm-client",
-        "--count",
-        str(REQUESTS),
-        "--timeout",
-        "60",
-        "http://qwen:8000/npus",
-    ]
-    client = manager.containers.run(swarmlab.IMAGE, client_cmd, network=net.name, detach=True)
-    try:
-        exit_code = client.wait(timeout=90)["StatusCode"]
-        output = client.logs(stdout=True, stderr=False).decode()
-    finally:
-        client.remove(force=True)
-    assert exit_code == 0, output
-    lines = [json.loads(line) for line in output.splitlines()]
+    lines = ask_from_client_container(manager, net.name, "http://qwen:8000/npus", REQUESTS)
     summary = lines[-1]["summary"]
     assert summary["ok"] == REQUESTS
     replies = [line["body"] for line in lines[:-1] if line.get("status") == 200]

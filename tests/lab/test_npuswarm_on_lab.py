@@ -9,13 +9,15 @@ import urllib.request
 from typing import Any
 
 import pytest
-import swarmlab
 
+import swarmlab
 from npuswarm.api import ModelDeployment
 from npuswarm.reconcile import Reconciler
 from npuswarm.settings import Settings
 from npuswarm.swarm import Swarm
 from tests.swarm.conftest import converge, wait_for
+
+from .conftest import ask_from_client_container
 
 NETWORK = "npuswarm-lab-net"
 GRACE_SECONDS = 3.0
@@ -118,17 +120,9 @@ def test_alias_spreads_over_every_replica(
     status = converge(lab_reconciler, md, [md], timeout=120).status
     assert status.endpoint == "spread:8000"
     requests = 12
-    client = swarm_lab.client(1).containers.run(
-        swarmlab.IMAGE, ["fakevllm-client", "--count", str(requests), "--timeout", "60", "http://spread:8000/npus"],
-        network=lab_network, detach=True,
+    lines = ask_from_client_container(
+        swarm_lab.client(1), lab_network, "http://spread:8000/npus", requests
     )
-    try:
-        exit_code = client.wait(timeout=90)["StatusCode"]
-        output = client.logs(stdout=True, stderr=False).decode()
-    finally:
-        client.remove(force=True)
-    assert exit_code == 0, output
-    lines = [json.loads(line) for line in output.splitlines()]
     summary = lines[-1]["summary"]
     assert summary["ok"] == requests
     replies = [line["body"] for line in lines[:-1] if line.get("status") == 200]
