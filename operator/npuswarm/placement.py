@@ -6,6 +6,7 @@ requests come in priority order (oldest deployment first), and everything else i
 
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Literal
@@ -16,6 +17,7 @@ from npuswarm import topology
 from npuswarm.inventory import NodeInfo
 
 ReplicaKey = tuple[str, str]  # (deployment "namespace/name", slot)
+CandidateKey = tuple[tuple[tuple[str, str], ...], str | None]  # (nodeSelector, pinned node)
 UnplacedReason = Literal["NoMatchingNode", "NodesUnavailable", "InsufficientNPUs"]
 
 
@@ -93,6 +95,33 @@ class PlacementResult:
     conflicts: list[tuple[str, str]] = field(default_factory=list)  # (deployment, message)
     # NPUs claimed per node once everything is placed; what is left over is spare.
     taken: dict[str, set[int]] = field(default_factory=dict)
+    # Usable NPUs nobody claims, per node, kept in step with ``taken``.
+    free: dict[str, set[int]] = field(default_factory=dict)
+    # Nodes that already run a replica of a deployment (for one-replica-per-node requests).
+    nodes_used: dict[str, set[str]] = field(default_factory=dict)
+    _candidates: dict[CandidateKey, list[NodeInfo]] = field(default_factory=dict)
+    _accepting: dict[CandidateKey, list[NodeInfo]] = field(default_factory=dict)
+    _nodes: dict[str, NodeInfo] = field(default_factory=dict)
+    # Per candidate set: heaps of (hostname, id) by free NPU count. Free counts only fall
+    # during a pass, so a node enters each bucket at most once; stale entries are dropped
+    # when met. This keeps best fit near O(1) per replica on clusters of hundreds of nodes.
+    _buckets: dict[CandidateKey, dict[int, list[tuple[str, str]]]] = field(default_factory=dict)
+    _keys_of_node: dict[str, list[CandidateKey]] = field(default_factory=dict)
+    _hostnames: dict[str, str] = field(default_factory=dict)
+
+    def claim(self, node_id: str, npus: frozenset[int]) -> None:
+        self.taken.setdefault(node_id, set()).update(npus)
+        free = self.free.get(node_id)
+        if free is None:
+            return
+        free.difference_update(npus)
+        for key in self._keys_of_node.get(node_id, ()):
+            entry = (self._hostnames[node_id], node_id)
+            heapq.heappush(self._buckets[key].setdefault(len(free), []), entry)
+
+    def assign(self, assignment: Assignment) -> None:
+        self.assignments[assignment.key] = assignment
+        self.nodes_used.setdefault(assignment.deployment, set()).add(assignment.node_id)
 
     def for_deployment(self, deployment: str) -> list[Assignment]:
         return [a for key, a in sorted(self.assignments.items()) if key[0] == deployment]
@@ -108,15 +137,20 @@ def place(
 ) -> PlacementResult:
     """Keep every valid allocation, then place what is missing, best fit, in request order."""
     result = PlacementResult()
+    # Hostname order makes ties deterministic and lets the search stop at the first exact fit.
+    nodes = sorted(nodes, key=lambda n: (n.hostname, n.id))
     nodes_by_id = {node.id: node for node in nodes}
     taken = result.taken
     taken.update({node.id: set() for node in nodes})
+    result.free.update({node.id: set(node.usable_npus) for node in nodes})
+    result._hostnames.update({node.id: node.hostname for node in nodes})
+    result._nodes.update({node.id: node for node in nodes})
     holder: dict[tuple[str, int], str] = {}
     priority = {request.key: index for index, request in enumerate(requests)}
     requests_by_key = {request.key: request for request in requests}
 
     def claim(node_id: str, npus: frozenset[int], service: str) -> None:
-        taken.setdefault(node_id, set()).update(npus)
+        result.claim(node_id, npus)
         for npu in npus:
             holder[(node_id, npu)] = service
 
@@ -146,7 +180,7 @@ def place(
                 allocation, request, nodes_by_id, now, lost_node_grace_seconds, result
             )
             if problem is None:
-                result.assignments[allocation.key] = allocation.kept()
+                result.assign(allocation.kept())
             else:
                 result.moved[allocation.key] = problem
                 if _node_lost(allocation.node_id, nodes_by_id, now, lost_node_grace_seconds):
@@ -158,11 +192,11 @@ def place(
     for request in requests:
         if request.key in result.assignments:
             continue
-        assignment = _best_fit(request, nodes, taken, result)
+        assignment = _best_fit(request, nodes, result)
         if isinstance(assignment, Unplaced):
             result.unplaced[request.key] = assignment
             continue
-        result.assignments[request.key] = assignment
+        result.assign(assignment)
         claim(assignment.node_id, assignment.npus, f"{request.deployment}[{request.slot}]")
     return result
 
@@ -174,10 +208,10 @@ def spare_assignment(
 
     The claim is recorded in ``result`` so two surges of one pass never share NPUs.
     """
-    assignment = _best_fit(request, nodes, result.taken, result)
+    assignment = _best_fit(request, sorted(nodes, key=lambda n: (n.hostname, n.id)), result)
     if isinstance(assignment, Unplaced):
         return None
-    result.taken.setdefault(assignment.node_id, set()).update(assignment.npus)
+    result.claim(assignment.node_id, assignment.npus)
     return assignment
 
 
@@ -212,39 +246,30 @@ def _keep_problem(
         return f"NPUs {sorted(allocation.npus - node.usable_npus)} are reserved or absent"
     if not topology.is_valid_set(allocation.npus, node.topology):
         return f"NPUs {sorted(allocation.npus)} break the {node.topology} rule of the node"
-    if request.one_per_node and any(
-        a.deployment == request.deployment and a.node_id == node.id
-        for a in result.assignments.values()
-    ):
+    if request.one_per_node and node.id in result.nodes_used.get(request.deployment, ()):
         return f"another replica already publishes the port on {node.hostname}"
     return None
 
 
 def _best_fit(
-    request: ReplicaRequest,
-    nodes: list[NodeInfo],
-    taken: dict[str, set[int]],
-    result: PlacementResult,
+    request: ReplicaRequest, nodes: list[NodeInfo], result: PlacementResult
 ) -> Assignment | Unplaced:
-    matching = [
-        node
-        for node in nodes
-        if node.matches(request.node_selector)
-        and node.usable_npus
-        and (request.pinned_node is None or node.id == request.pinned_node)
-    ]
+    """The node this replica fills most (least slack), the first by hostname among equals."""
+    key: CandidateKey = (tuple(sorted(request.node_selector.items())), request.pinned_node)
+    matching = _candidates(key, request, nodes, result)
     if not matching:
         return _unplaced(
             request,
             "NoMatchingNode",
             f"no node with NPUs matches nodeSelector {request.node_selector or '{}'}",
         )
-    available = [node for node in matching if node.accepts_new_replicas]
     if request.one_per_node:
-        used = {
-            a.node_id for a in result.assignments.values() if a.deployment == request.deployment
-        }
-        available = [node for node in available if node.id not in used]
+        used = result.nodes_used.get(request.deployment, set())
+        available = [n for n in matching if n.accepts_new_replicas and n.id not in used]
+        found = _scan(request, available, result)
+    else:
+        available = result._accepting[key]
+        found = _from_buckets(request, key, result)
     if not available:
         return _unplaced(
             request,
@@ -252,26 +277,15 @@ def _best_fit(
             f"{len(matching)} matching node(s) are down, drained, paused"
             + (" or already run a replica publishing the port" if request.one_per_node else ""),
         )
-
-    best: tuple[tuple[int, str, str], NodeInfo, frozenset[int]] | None = None
-    most_free = 0
-    for node in available:
-        free = frozenset(node.usable_npus - taken.get(node.id, set()))
-        most_free = max(most_free, len(free))
-        chosen = topology.choose(free, request.npus, node.topology)
-        if chosen is None:
-            continue
-        score = (len(free) - request.npus, node.hostname, node.id)
-        if best is None or score < best[0]:
-            best = (score, node, chosen)
-    if best is None:
+    if found is None:
+        most_free = max(len(result.free[n.id]) for n in available)
         return _unplaced(
             request,
             "InsufficientNPUs",
             f"needs {request.npus} free NPUs on one node; the most free on a matching "
             f"node is {most_free}",
         )
-    _, node, chosen = best
+    node, chosen = found
     return Assignment(
         deployment=request.deployment,
         slot=request.slot,
@@ -279,6 +293,76 @@ def _best_fit(
         npus=chosen,
         kept=False,
     )
+
+
+def _candidates(
+    key: CandidateKey, request: ReplicaRequest, nodes: list[NodeInfo], result: PlacementResult
+) -> list[NodeInfo]:
+    """Nodes with NPUs that match a request's selector and pin, computed once per pass."""
+    matching = result._candidates.get(key)
+    if matching is None:
+        matching = [
+            node
+            for node in nodes
+            if node.usable_npus
+            and node.matches(request.node_selector)
+            and (request.pinned_node is None or node.id == request.pinned_node)
+        ]
+        result._candidates[key] = matching
+        result._accepting[key] = [n for n in matching if n.accepts_new_replicas]
+        buckets: dict[int, list[tuple[str, str]]] = {}
+        for node in result._accepting[key]:
+            if node.accepts_new_replicas:
+                free = len(result.free[node.id])
+                heapq.heappush(buckets.setdefault(free, []), (node.hostname, node.id))
+                result._keys_of_node.setdefault(node.id, []).append(key)
+        result._buckets[key] = buckets
+    return matching
+
+
+def _from_buckets(
+    request: ReplicaRequest, key: CandidateKey, result: PlacementResult
+) -> tuple[NodeInfo, frozenset[int]] | None:
+    buckets = result._buckets[key]
+    for count in sorted(c for c in buckets if c >= request.npus):
+        heap = buckets[count]
+        passed_over: list[tuple[str, str]] = []
+        found = None
+        while heap:
+            entry = heap[0]
+            node = result._nodes[entry[1]]
+            free = result.free[node.id]
+            if len(free) != count:
+                heapq.heappop(heap)  # stale: the node has moved to a fuller bucket
+                continue
+            chosen = topology.choose(frozenset(free), request.npus, node.topology)
+            if chosen is not None:
+                found = (node, chosen)
+                break
+            passed_over.append(heapq.heappop(heap))  # enough NPUs, but not in one ring
+        for entry in passed_over:
+            heapq.heappush(heap, entry)
+        if found is not None:
+            return found
+    return None
+
+
+def _scan(
+    request: ReplicaRequest, available: list[NodeInfo], result: PlacementResult
+) -> tuple[NodeInfo, frozenset[int]] | None:
+    """Linear best fit, for requests whose allowed nodes change with each replica placed."""
+    best: tuple[int, NodeInfo, frozenset[int]] | None = None
+    for node in available:
+        free = result.free[node.id]
+        slack = len(free) - request.npus
+        if slack < 0 or (best is not None and slack >= best[0]):
+            continue
+        chosen = topology.choose(frozenset(free), request.npus, node.topology)
+        if chosen is not None:
+            best = (slack, node, chosen)
+            if slack == 0:
+                break
+    return (best[1], best[2]) if best is not None else None
 
 
 def _unplaced(request: ReplicaRequest, reason: UnplacedReason, message: str) -> Unplaced:

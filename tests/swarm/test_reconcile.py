@@ -57,15 +57,29 @@ def test_create_gives_each_replica_its_own_npus_env_constraint_and_labels(
     assert ready.status == "True"
 
 
-def test_unchanged_deployment_makes_no_write_call(
+def calls(operation: str) -> float:
+    return sum(
+        metrics.swarm_api_calls_total.labels(operation, outcome)._value.get()  # noqa: SLF001
+        for outcome in ("success", "error")
+    )
+
+
+def test_unchanged_deployment_makes_no_write_and_four_list_calls(
     docker_client: docker.APIClient, namespace: str, reconciler: Reconciler
 ) -> None:
-    md = model(namespace, "steady", replicas=1)
-    outcome = converge(reconciler, md)
+    md = model(namespace, "steady", replicas=3)
+    others = [model(namespace, f"other{i}", replicas=1, created=f"2026-01-0{i + 2}T00:00:00Z") for i in range(2)]
+    everyone = [md, *others]
+    for each in everyone:
+        converge(reconciler, each, everyone)
     before = writes()
-    again = reconciler.reconcile(md, [md], outcome.status.model_dump(mode="json"))
+    lists = ("list_nodes", "list_services", "list_tasks", "list_networks")
+    listed = {op: calls(op) for op in lists}
+    again = reconciler.reconcile(md, everyone, {})
     assert again.applied == []
     assert writes() == before
+    # One call per kind, however many deployments, replicas and tasks there are.
+    assert {op: calls(op) - listed[op] for op in lists} == dict.fromkeys(lists, 1)
 
 
 def test_scale_down_removes_exactly_the_right_services(

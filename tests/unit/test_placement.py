@@ -251,3 +251,24 @@ def test_sticky_running_replicas_keep_their_npus_when_others_arrive(
         kept = second.assignments[claim.key]
         assert kept.kept and kept.node_id == claim.node_id and kept.npus == claim.npus
     assert_sound(nodes, newcomers + existing, second)
+
+
+@settings(max_examples=200, deadline=None)
+@given(nodes_strategy, claims_strategy, st.sampled_from([1, 2, 4, 8]), st.lists(st.sampled_from([1, 2, 4]), max_size=6))
+def test_bucket_index_picks_what_a_full_scan_picks(
+    nodes: list[NodeInfo], claims: list[Allocation], npus: int, earlier: list[int]
+) -> None:
+    from npuswarm.placement import _best_fit, _scan
+
+    # Place a few replicas first so the index has seen claims after it was built.
+    requests = [request("ns/first", str(i), n) for i, n in enumerate(earlier)]
+    result = run(nodes, requests, claims)
+    ordered = sorted(nodes, key=lambda n: (n.hostname, n.id))
+    probe = request("ns/probe", "0", npus)
+    indexed = _best_fit(probe, ordered, result)
+    accepting = [n for n in ordered if n.usable_npus and n.accepts_new_replicas]
+    scanned = _scan(probe, accepting, result)
+    if scanned is None:
+        assert not hasattr(indexed, "node_id")
+    else:
+        assert (indexed.node_id, indexed.npus) == (scanned[0].id, scanned[1])  # type: ignore[union-attr]
