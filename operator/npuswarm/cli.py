@@ -174,7 +174,7 @@ def cmd_crd(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     import kopf
 
-    import npuswarm.handlers  # noqa: F401 - registers the handlers with kopf
+    import npuswarm.handlers  # registers the handlers with kopf
 
     kopf.configure(verbose=args.verbose)
     logs.configure(level=logging.DEBUG if args.verbose else logging.INFO, fmt=args.log_format)
@@ -184,6 +184,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         namespaces=args.namespace or (),
         liveness_endpoint=args.liveness,
         priority=args.priority,
+        # kopf types this as its own NewType of str, which it does not export.
+        identity=npuswarm.handlers.IDENTITY,  # type: ignore[arg-type]
         # kopf makes peering mandatory whenever a name is given, even with standalone.
         peering_name=None if args.standalone else args.peering_name,
     )

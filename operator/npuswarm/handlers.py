@@ -4,6 +4,8 @@ events and reconcile metrics. Everything that decides anything lives in the pure
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import threading
 import time
 import uuid
@@ -17,6 +19,7 @@ from pydantic import ValidationError
 from npuswarm import api, metrics
 from npuswarm.api import ModelDeployment, validation_message
 from npuswarm.events import Event, EventFilter, EventType
+from npuswarm.peering import is_active
 from npuswarm.reconcile import Reconciler, utcnow
 from npuswarm.settings import Settings
 from npuswarm.status import invalid_spec_status, unavailable_status
@@ -27,6 +30,9 @@ RESOURCE = (api.GROUP, api.VERSION, api.PLURAL)
 SETTINGS = Settings.from_env()
 MAX_BACKOFF_SECONDS = 300.0
 MAX_WORKERS = 4
+
+# Who this instance is in kopf's peering object: the pod name in a cluster, else host and pid.
+IDENTITY = os.environ.get("POD_ID") or f"npuswarm@{socket.gethostname()}/{os.getpid()}"
 
 _reconciler: Reconciler | None = None
 _events = EventFilter()
@@ -52,10 +58,41 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.execution.max_workers = MAX_WORKERS
     settings.watching.server_timeout = 300
     metrics.max_concurrent_reconciles.labels(metrics.CONTROLLER).set(MAX_WORKERS)
-    metrics.leader.set(1)
     start_http_server(SETTINGS.metrics_port, registry=metrics.REGISTRY)
     threading.Thread(target=_probe_swarm, name="swarm-probe", daemon=True).start()
+    peering = settings.peering
+    threading.Thread(
+        target=_watch_leadership,
+        args=(peering.standalone, peering.mandatory, peering.name, peering.priority),
+        name="leadership",
+        daemon=True,
+    ).start()
     log.info("npuswarm started", metrics_port=SETTINGS.metrics_port, settings=SETTINGS.__dict__)
+
+
+def _watch_leadership(standalone: bool, mandatory: bool, name: str, priority: int) -> None:
+    """npuswarm_leader: 1 while kopf lets this instance work, by kopf's own peering rule."""
+    if standalone:
+        metrics.leader.set(1)
+        return
+    import kubernetes
+
+    try:
+        kubernetes.config.load_incluster_config()  # type: ignore[no-untyped-call]
+    except kubernetes.config.ConfigException:
+        kubernetes.config.load_kube_config()  # type: ignore[no-untyped-call]
+    objects = kubernetes.client.CustomObjectsApi()
+    while True:
+        try:
+            peering: dict[str, Any] = objects.get_cluster_custom_object(  # type: ignore[assignment]
+                "kopf.dev", "v1", "clusterkopfpeerings", name
+            )
+            active = is_active(peering.get("status") or {}, IDENTITY, priority, utcnow())
+        except kubernetes.client.ApiException as error:
+            # No peering object: kopf runs standalone, unless peering was made mandatory.
+            active = error.status == 404 and not mandatory
+        metrics.leader.set(1 if active else 0)
+        time.sleep(SETTINGS.swarm_probe_seconds)
 
 
 def _probe_swarm() -> None:
