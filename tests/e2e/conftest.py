@@ -26,7 +26,7 @@ import docker
 import pytest
 import yaml
 
-from tests.swarm.conftest import IMAGE, NETWORK, wait_for
+from tests.swarm.conftest import NETWORK, fast_spec, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "hack"))
@@ -254,14 +254,7 @@ def namespace(cluster: Cluster) -> Iterator[str]:
 
 
 def manifest(name: str, **spec: Any) -> str:
-    body: dict[str, Any] = {
-        "image": IMAGE,
-        "model": f"/models/{name}",
-        "engine": {"port": 8000},
-        "healthCheck": {"startPeriodSeconds": 10, "intervalSeconds": 1, "timeoutSeconds": 2},
-        "network": {"name": NETWORK},
-        "restartPolicy": {"delaySeconds": 1},
-    }
+    body = fast_spec(name)
     body.update(spec)
     return yaml.safe_dump({"apiVersion": "npuswarm.io/v1alpha1", "kind": "ModelDeployment",
                            "metadata": {"name": name}, "spec": body})
