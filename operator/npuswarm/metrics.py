@@ -128,6 +128,13 @@ last_success_timestamp = Gauge(
 )
 
 
+# Every result series exists from the start, at 0, so rate() and ratio alerts see a zero
+# rather than an absent series before the first error.
+for _result in ("success", "error", "requeue", "requeue_after"):
+    reconcile_total.labels(CONTROLLER, _result)
+reconcile_errors_total.labels(CONTROLLER)
+
+
 @contextmanager
 def swarm_call(operation: str) -> Iterator[None]:
     started = time.monotonic()

@@ -88,12 +88,21 @@ def test_failing_task_is_degraded_with_the_swarm_error(cluster: Cluster, namespa
     assert "non-zero exit (1)" in condition(obj, "Degraded")["message"]
     assert obj["status"]["phase"] == "Degraded"
     assert obj["status"]["replicaStatuses"][0]["lastError"] == "task: non-zero exit (1)"
+    events = json.loads(cluster.kubectl("-n", namespace, "get", "events", "-o", "json").stdout)["items"]
+    failed = [e for e in events if e["reason"] == "TaskFailed"]
+    assert failed and "task: non-zero exit (1)" in failed[0]["message"]
+    # The status was rewritten on every 2 s resync while the task kept failing; the event not.
+    messages = [e["message"] for e in failed]
+    assert len(messages) == len(set(messages)), f"identical events were repeated: {messages}"
 
 
 def test_delete_removes_services_through_the_finalizer(cluster: Cluster, namespace: str) -> None:
     cluster.kubectl("-n", namespace, "apply", "-f", "-", input=manifest("doomed", replicas=2))
     obj = wait_md(cluster, namespace, "doomed", is_ready, "Ready")
-    assert "npuswarm.io/finalizer" in obj["metadata"]["finalizers"]
+    assert obj["metadata"]["finalizers"] == ["npuswarm.io/finalizer"]
+    annotations = obj["metadata"].get("annotations", {})
+    assert "npuswarm.io/last-handled-configuration" in annotations
+    assert not [k for k in annotations if k.startswith("kopf.zalando.org")]
     assert len(services(cluster, namespace, "doomed")) == 2
     cluster.kubectl("-n", namespace, "delete", "md", "doomed", "--timeout=60s")
     assert services(cluster, namespace, "doomed") == {}
