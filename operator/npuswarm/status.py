@@ -230,12 +230,13 @@ def invalid_spec_status(
 def unavailable_status(
     generation: int, message: str, previous: dict[str, Any], now: datetime
 ) -> ModelDeploymentStatus:
-    """Swarm could not be asked: nothing is known to have changed, so nothing is removed."""
+    """Swarm could not be asked: nothing is known to have changed, so nothing is removed, but
+    nothing may be called Ready either."""
     return _held_status(
         generation,
         previous,
         now,
-        phase=previous.get("phase", "Pending"),
+        phase="Degraded",
         ready=ConditionValue("Unknown", "SwarmUnavailable", message),
         degraded=ConditionValue("True", "SwarmUnavailable", message),
         progressing=ConditionValue("Unknown", "SwarmUnavailable", "retrying with backoff"),

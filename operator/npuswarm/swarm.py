@@ -47,6 +47,19 @@ _TRANSIENT = (
 )
 
 
+def _service_kwargs(spec: dict[str, Any]) -> dict[str, Any]:
+    """A rendered ServiceSpec as docker-py's keyword arguments. Networks stay inside the task
+    template: docker-py's ``networks=`` writes the deprecated top-level field."""
+    return {
+        "task_template": spec["TaskTemplate"],
+        "name": spec["Name"],
+        "labels": spec["Labels"],
+        "mode": spec["Mode"],
+        "update_config": spec.get("UpdateConfig"),
+        "endpoint_spec": spec.get("EndpointSpec"),
+    }
+
+
 class Swarm:
     """One Swarm manager; DOCKER_HOST, DOCKER_TLS_VERIFY and DOCKER_CERT_PATH apply."""
 
@@ -102,16 +115,7 @@ class Swarm:
         return snapshot_from_engine(nodes, services, tasks, networks)
 
     def create_service(self, spec: dict[str, Any]) -> str:
-        result = self._call(
-            "create_service",
-            "create_service",
-            task_template=spec["TaskTemplate"],
-            name=spec["Name"],
-            labels=spec["Labels"],
-            mode=spec["Mode"],
-            update_config=spec.get("UpdateConfig"),
-            endpoint_spec=spec.get("EndpointSpec"),
-        )
+        result = self._call("create_service", "create_service", **_service_kwargs(spec))
         return str(result["ID"])
 
     def update_service(self, service_id: str, version: int, spec: dict[str, Any]) -> None:
@@ -123,12 +127,7 @@ class Swarm:
                     "update_service",
                     service_id,
                     version,
-                    task_template=spec["TaskTemplate"],
-                    name=spec["Name"],
-                    labels=spec["Labels"],
-                    mode=spec["Mode"],
-                    update_config=spec.get("UpdateConfig"),
-                    endpoint_spec=spec.get("EndpointSpec"),
+                    **_service_kwargs(spec),
                 )
                 return
             except SwarmRejected as error:

@@ -179,3 +179,18 @@ def test_recreated_object_adopts_its_running_replicas() -> None:
     recreated.metadata.uid = "a-new-uid"
     plan, _ = plan_for(recreated, services, tasks)
     assert plan.actions == [] and plan.deferred == []
+
+
+def test_outage_status_keeps_replicas_but_is_never_ready() -> None:
+    from npuswarm.status import unavailable_status
+
+    previous = {"phase": "Ready", "readyReplicas": 2, "replicas": 2,
+                "replicaStatuses": [{"replica": "0", "ready": True}],
+                "conditions": [{"type": "Ready", "status": "True", "reason": "AllReplicasReady",
+                                "lastTransitionTime": "2026-11-30T11:00:00Z"}]}
+    status = unavailable_status(3, "list_nodes: connection refused", previous, NOW)
+    assert status.phase == "Degraded" and status.observedGeneration == 3
+    assert status.replicaStatuses[0].replica == "0" and status.readyReplicas == 2
+    ready = next(c for c in status.conditions if c.type == "Ready")
+    assert (ready.status, ready.reason) == ("Unknown", "SwarmUnavailable")
+    assert ready.lastTransitionTime != "2026-11-30T11:00:00Z"
