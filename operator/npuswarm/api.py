@@ -198,6 +198,13 @@ class ModelDeploymentSpec(_Model):
     npusPerReplica: NpuCount | None = Field(
         None, description="NPUs per replica; defaults to engine.tensorParallelSize."
     )
+    npuIds: list[Annotated[int, Field(ge=0, le=63)]] | None = Field(
+        None,
+        description=(
+            "Host NPU ids (davinciN) every replica must use, instead of any free ones. "
+            "As many as npusPerReplica; at most one replica per node."
+        ),
+    )
     engine: Engine = Field(default_factory=Engine)
     volumes: list[Volume] = Field(default_factory=list)
     shmSize: str = Field("1Gi", pattern=QUANTITY_PATTERN, description="Size of /dev/shm.")
@@ -217,6 +224,14 @@ class ModelDeploymentSpec(_Model):
                 f"npusPerReplica={self.npus_per_replica} is less than "
                 f"engine.tensorParallelSize={self.engine.tensorParallelSize}"
             )
+        if self.npuIds is not None:
+            if len(set(self.npuIds)) != len(self.npuIds):
+                raise ValueError(f"npuIds {self.npuIds} repeats an NPU")
+            if len(self.npuIds) != self.npus_per_replica:
+                raise ValueError(
+                    f"npuIds names {len(self.npuIds)} NPUs but a replica gets "
+                    f"{self.npus_per_replica} (npusPerReplica)"
+                )
         ingress = self.publish is not None and self.publish.mode == "ingress"
         if ingress and self.network is not None and self.network.endpointMode == "dnsrr":
             raise ValueError(

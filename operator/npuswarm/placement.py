@@ -30,6 +30,7 @@ class ReplicaRequest(BaseModel):
     node_selector: dict[str, str] = {}
     pinned_node: str | None = None  # PerNode mode: the one node this slot lives on
     one_per_node: bool = False  # a host-mode published port fits once per node
+    npu_ids: frozenset[int] | None = None  # spec.npuIds: these NPUs or none
 
     @property
     def key(self) -> ReplicaKey:
@@ -242,6 +243,8 @@ def _keep_problem(
         return "replica is pinned to another node"
     if len(allocation.npus) != request.npus:
         return f"holds {len(allocation.npus)} NPUs, needs {request.npus}"
+    if request.npu_ids is not None and allocation.npus != request.npu_ids:
+        return f"holds NPUs {sorted(allocation.npus)}, pinned to {sorted(request.npu_ids)}"
     if not allocation.npus <= node.usable_npus:
         return f"NPUs {sorted(allocation.npus - node.usable_npus)} are reserved or absent"
     if not topology.is_valid_set(allocation.npus, node.topology):
@@ -263,7 +266,7 @@ def _best_fit(
             "NoMatchingNode",
             f"no node with NPUs matches nodeSelector {request.node_selector or '{}'}",
         )
-    if request.one_per_node:
+    if request.one_per_node or request.npu_ids is not None:
         used = result.nodes_used.get(request.deployment, set())
         available = [n for n in matching if n.accepts_new_replicas and n.id not in used]
         found = _scan(request, available, result)
@@ -276,6 +279,13 @@ def _best_fit(
             "NodesUnavailable",
             f"{len(matching)} matching node(s) are down, drained, paused"
             + (" or already run a replica publishing the port" if request.one_per_node else ""),
+        )
+    if found is None and request.npu_ids is not None:
+        return _unplaced(
+            request,
+            "InsufficientNPUs",
+            f"pinned NPUs {sorted(request.npu_ids)} are not free on any matching node without a "
+            "replica of this deployment",
         )
     if found is None:
         most_free = max(len(result.free[n.id]) for n in available)
@@ -350,14 +360,20 @@ def _from_buckets(
 def _scan(
     request: ReplicaRequest, available: list[NodeInfo], result: PlacementResult
 ) -> tuple[NodeInfo, frozenset[int]] | None:
-    """Linear best fit, for requests whose allowed nodes change with each replica placed."""
+    """Linear best fit, for requests whose allowed nodes change with each replica placed
+    (one replica per node) or whose NPUs are fixed."""
     best: tuple[int, NodeInfo, frozenset[int]] | None = None
     for node in available:
         free = result.free[node.id]
         slack = len(free) - request.npus
         if slack < 0 or (best is not None and slack >= best[0]):
             continue
-        chosen = topology.choose(frozenset(free), request.npus, node.topology)
+        if request.npu_ids is not None:
+            pinned = request.npu_ids
+            fits = pinned <= free and topology.is_valid_set(pinned, node.topology)
+            chosen = pinned if fits else None
+        else:
+            chosen = topology.choose(frozenset(free), request.npus, node.topology)
         if chosen is not None:
             best = (slack, node, chosen)
             if slack == 0:

@@ -38,7 +38,10 @@ def replica_requests(md: ModelDeployment, nodes: Iterable[NodeInfo]) -> list[Rep
         "deployment": md.key,
         "npus": spec.npus_per_replica,
         "node_selector": spec.nodeSelector,
-        "one_per_node": spec.publish is not None and spec.publish.mode == "host",
+        # Fixed NPU ids, like a host port, can be taken only once per node.
+        "one_per_node": spec.npuIds is not None
+        or (spec.publish is not None and spec.publish.mode == "host"),
+        "npu_ids": frozenset(spec.npuIds) if spec.npuIds is not None else None,
     }
     if spec.mode == "Replicated":
         return [ReplicaRequest(slot=str(index), **common) for index in range(spec.replicas)]

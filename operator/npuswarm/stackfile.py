@@ -415,6 +415,7 @@ class _Context:
     base_dir: str
     namespace: str | None
     top_networks: Mapping[str, Any]
+    pin_npus: bool = False
 
 
 def _import_service(
@@ -444,7 +445,7 @@ def _import_service(
     if env:
         engine["env"] = env
     spec["engine"] = engine
-    _map_npus(service.get("devices"), env_npus, engine, spec, notes)
+    _map_npus(service.get("devices"), env_npus, engine, spec, notes, pin=ctx.pin_npus)
     shm_from_tmpfs = _map_volumes(service.get("volumes"), ctx.base_dir, spec, notes)
     _map_shm(service.get("shm_size"), shm_from_tmpfs, spec, notes)
     _map_deploy(service.get("deploy"), spec, notes, pinned_by_export=extension is not None)
@@ -572,6 +573,8 @@ def _map_npus(
     engine: dict[str, Any],
     spec: dict[str, Any],
     notes: _Notes,
+    *,
+    pin: bool = False,
 ) -> None:
     npus = _devices_npus(devices, notes)
     source = "devices"
@@ -589,11 +592,19 @@ def _map_npus(
             f"1, 2, 4 or 8 NPUs"
         )
     spec["npusPerReplica"] = count
-    notes.mapped(
-        source,
-        f"npusPerReplica={count} (the stack fixed NPUs {format_npu_ids(npus)}; npuswarm "
-        "chooses free NPUs per replica)",
-    )
+    if pin:
+        spec["npuIds"] = sorted(npus)
+        notes.mapped(
+            source,
+            f"npusPerReplica={count}, npuIds={sorted(npus)} (--pin-npus: every replica uses "
+            "exactly these NPUs, one replica per node)",
+        )
+    else:
+        notes.mapped(
+            source,
+            f"npusPerReplica={count} (the stack fixed NPUs {format_npu_ids(npus)}; npuswarm "
+            "chooses free NPUs per replica)",
+        )
     tp = engine.get("tensorParallelSize", 1)
     if tp != count:
         notes.check("npus", f"{count} NPUs but --tensor-parallel-size is {tp}")
@@ -1074,6 +1085,8 @@ def _apply_extension(extension: Mapping[str, Any], spec: dict[str, Any], notes: 
             spec["replicas"] = int(extension.get("replicas", 1))
     if isinstance(extension.get("updateStrategy"), dict):
         spec["updateStrategy"] = dict(extension["updateStrategy"])
+    if isinstance(extension.get("npuIds"), list):
+        spec["npuIds"] = [int(i) for i in extension["npuIds"]]
     notes.mapped(EXTENSION, f"mode={spec.get('mode')}, replicas={spec.get('replicas', '-')}")
 
 
@@ -1111,6 +1124,7 @@ def import_stack(
     source: str = "stack file",
     base_dir: str = "/",
     namespace: str | None = None,
+    pin_npus: bool = False,
 ) -> StackImport:
     """Every vLLM service of a parsed compose file as a validated ModelDeployment.
 
@@ -1118,7 +1132,9 @@ def import_stack(
     so the caller can report them together and never write part of the result.
     """
     networks = compose.get("networks")
-    ctx = _Context(source, base_dir, namespace, networks if isinstance(networks, dict) else {})
+    ctx = _Context(
+        source, base_dir, namespace, networks if isinstance(networks, dict) else {}, pin_npus
+    )
     imported: list[tuple[ImportedService, Mapping[str, Any] | None]] = []
     skipped: list[Note] = []
     errors: list[str] = []
@@ -1368,6 +1384,9 @@ def _extension(md: ModelDeployment, spec: Mapping[str, Any]) -> dict[str, Any]:
     if md.spec.mode == "Replicated":
         extension["replicas"] = md.spec.replicas
     extension["updateStrategy"] = md.spec.updateStrategy.model_dump()
+    if md.spec.npuIds is not None:
+        # The env shows this replica's NPUs either way; only this says they were pinned.
+        extension["npuIds"] = list(md.spec.npuIds)
     return extension
 
 
@@ -1384,7 +1403,9 @@ def add_commands(sub: Any) -> None:
     importer.add_argument("-o", "--output-dir", metavar="DIR", help="one file per model in DIR")
     importer.add_argument("--overwrite", action="store_true", help="replace files in DIR")
     importer.add_argument(
-        "--pin-npus", action="store_true", help="keep the stack's NPU ids (not supported yet)"
+        "--pin-npus",
+        action="store_true",
+        help="keep the stack's NPU ids as spec.npuIds instead of letting npuswarm choose",
     )
     importer.set_defaults(func=cmd_import_stack)
 
@@ -1409,11 +1430,6 @@ def cmd_import_stack(args: argparse.Namespace) -> int:
 def _import_command(
     args: argparse.Namespace, out: Callable[[str], Any], err: Callable[[str], Any]
 ) -> None:
-    if args.pin_npus:
-        raise StackFileError(
-            "--pin-npus is not supported yet: ModelDeployment has no field for fixed NPU ids "
-            "(proposed: spec.npuIds). Without it npuswarm chooses free NPUs for each replica."
-        )
     if args.namespace is not None and not _DNS_LABEL.match(args.namespace):
         raise StackFileError(f"--namespace {args.namespace!r} is not a DNS label")
     path = args.file
@@ -1427,6 +1443,7 @@ def _import_command(
         source=Path(path).name if path != "-" else "stdin",
         base_dir=base_dir,
         namespace=args.namespace,
+        pin_npus=args.pin_npus,
     )
     err(import_report(result))
     if args.output_dir is None:

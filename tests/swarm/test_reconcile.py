@@ -232,3 +232,13 @@ def test_surge_update_starts_the_new_copy_on_spare_npus_before_the_old_one_goes(
     remaining = owned(docker_client, namespace)
     assert set(remaining) == {f"{namespace}-surge-0-surge"}
     assert env_of(remaining[f"{namespace}-surge-0-surge"])["VERSION"] == "2"
+
+
+def test_pinned_npus_are_the_ones_the_service_gets(
+    docker_client: docker.APIClient, namespace: str, reconciler: Reconciler
+) -> None:
+    md = model(namespace, "pinned", replicas=1, npusPerReplica=2, npuIds=[6, 5])
+    converge(reconciler, md)
+    service = owned(docker_client, namespace)[f"{namespace}-pinned-0"]
+    assert env_of(service)["ASCEND_VISIBLE_DEVICES"] == "5,6"
+    assert service["Spec"]["Labels"]["npuswarm.io/npus"] == "5,6"

@@ -272,3 +272,24 @@ def test_bucket_index_picks_what_a_full_scan_picks(
         assert not hasattr(indexed, "node_id")
     else:
         assert (indexed.node_id, indexed.npus) == (scanned[0].id, scanned[1])  # type: ignore[union-attr]
+
+
+def test_pinned_npus_one_replica_per_node_and_only_those_npus() -> None:
+    pinned = frozenset({4, 5})
+    existing = [Allocation(deployment="x/other", slot="0", node_id="a", npus=frozenset({4}), service="s")]
+    requests = [request("x/other", "0", 1)] + [
+        request("x/pin", str(i), 2, npu_ids=pinned, one_per_node=True) for i in range(3)
+    ]
+    result = run([node("a"), node("b"), node("c")], requests, existing)
+    # Node a holds davinci4 for someone else, so the pinned replicas go to b and c, on 4-5.
+    assert {result.assignments[("x/pin", str(i))].node_id for i in range(2)} == {"b", "c"}
+    assert all(result.assignments[("x/pin", str(i))].npus == pinned for i in range(2))
+    unplaced = result.unplaced[("x/pin", "2")]
+    assert unplaced.reason == "InsufficientNPUs" and "pinned NPUs [4, 5]" in unplaced.message
+
+
+def test_a_replica_off_its_pinned_npus_is_moved_onto_them() -> None:
+    off = Allocation(deployment="x/pin", slot="0", node_id="a", npus=frozenset({0, 1}), service="s")
+    result = run([node("a")], [request("x/pin", "0", 2, npu_ids=frozenset({6, 7}), one_per_node=True)], [off])
+    assert result.assignments[("x/pin", "0")].npus == {6, 7}
+    assert "pinned to [6, 7]" in result.moved[("x/pin", "0")]

@@ -470,16 +470,18 @@ def test_cli_prints_manifests_and_reports_on_stderr(capsys: pytest.CaptureFixtur
     assert "# swarm-ignored devices, shm_size" in out
 
 
-def test_cli_pin_npus_is_refused_until_the_api_has_a_field(
+def test_cli_pin_npus_keeps_the_stacks_npu_ids(
     capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
     code = cli.main(["import-stack", str(SEED_STACK), "--pin-npus", "-o", str(tmp_path / "out")])
-    out, err = capsys.readouterr()
-    assert code == 2
-    assert "--pin-npus is not supported yet" in err
-    assert "spec.npuIds" in err
-    assert out == ""
-    assert not (tmp_path / "out").exists()
+    _, err = capsys.readouterr()
+    assert code == 0, err
+    pinned = {
+        path.stem: cli.ModelDeployment.model_validate(yaml.safe_load(path.read_text())).spec.npuIds
+        for path in (tmp_path / "out").glob("*.yaml")
+    }
+    assert pinned == {"vllm-qwen3": [0, 1, 2, 3], "vllm-coder": [4, 5, 6, 7]}
+    assert "--pin-npus: every replica uses exactly these NPUs" in err
 
 
 def test_cli_writes_one_file_per_model(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:

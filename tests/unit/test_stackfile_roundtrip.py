@@ -184,7 +184,8 @@ def model_deployments(draw: st.DrawFn) -> ModelDeployment:
         "servedModelName": draw(st.none() | word),
         "mode": mode,
         "replicas": draw(st.integers(1, 3)),
-        "npusPerReplica": draw(st.none() | st.sampled_from([n for n in api.NPU_COUNTS if n >= tp])),
+        "npusPerReplica": (npus := draw(st.none() | st.sampled_from([n for n in api.NPU_COUNTS if n >= tp]))),
+        "npuIds": draw(st.none() | st.sets(st.integers(0, 7), min_size=npus or tp, max_size=npus or tp).map(sorted)),
         "engine": {
             "tensorParallelSize": tp,
             "enableExpertParallel": draw(st.booleans()),
@@ -272,6 +273,7 @@ def meaning(md: ModelDeployment) -> dict[str, Any]:
         "publish": spec.publish.model_dump() if spec.publish else None,
         "health": spec.healthCheck.model_dump(),
         "update": spec.updateStrategy.model_dump(),
+        "npuIds": spec.npuIds,
         "restart": spec.restartPolicy.model_dump(),
     }
 
