@@ -17,7 +17,8 @@ from npuswarm import __version__, api, crd, logs, stackfile
 from npuswarm.api import ModelDeployment, validation_message
 from npuswarm.npus import device_name, format_npu_ids
 from npuswarm.observed import SwarmSnapshot
-from npuswarm.reconcile import Reconciler
+from npuswarm.plan import plan_many
+from npuswarm.reconcile import utcnow
 from npuswarm.settings import Settings
 from npuswarm.swarm import Swarm, SwarmUnavailable
 
@@ -51,10 +52,16 @@ def load_deployments(paths: Sequence[str]) -> list[ModelDeployment]:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     deployments = load_deployments(args.file)
-    reconciler = Reconciler(Swarm(), Settings.from_env())
+    snapshot = Swarm().observe()
+    placement, plans = plan_many(
+        deployments,
+        snapshot,
+        now=utcnow(),
+        lost_node_grace_seconds=Settings.from_env().lost_node_grace_seconds,
+    )
     report: list[dict[str, Any]] = []
     for md in deployments:
-        snapshot, placement, plan, requests = reconciler.plan(md, deployments)
+        requests, plan = plans[md.key]
         replicas = []
         for request in requests:
             assignment = placement.assignments.get(request.key)

@@ -140,7 +140,7 @@ def _reconcile(
         deployment=obj, reconcile_id=uuid.uuid4().hex[:12]
     ):
         try:
-            result = _reconcile_once(body, patch, deployments, retry)
+            result = _reconcile_once(obj, body, patch, deployments, retry)
         finally:
             elapsed = time.monotonic() - started
             metrics.active_workers.labels(metrics.CONTROLLER).dec()
@@ -152,13 +152,13 @@ def _reconcile(
 
 
 def _reconcile_once(
+    obj: str,
     body: kopf.Body,
     patch: kopf.Patch,
     deployments: kopf.Index[Any, Any],
     retry: int,
 ) -> str:
     """One pass; returns controller-runtime's result label, raises to make kopf retry."""
-    obj = f"{body.metadata.namespace}/{body.metadata.name}"
     generation = int(body.metadata.get("generation") or 0)
     previous = dict(body.get("status") or {})
     try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -53,8 +54,14 @@ class ObservedService:
 
     @property
     def last_error(self) -> str | None:
-        failed = [t for t in self.tasks if t.error]
-        return max(failed, key=lambda t: (t.updated, t.id)).error if failed else None
+        """The newest task error of any spec, for the record."""
+        return _newest_error(self.tasks)
+
+    @property
+    def current_error(self) -> str | None:
+        """The newest error of a task started from the current spec; older specs' failures
+        are history, not a reason to call the replica failing now."""
+        return _newest_error(t for t in self.tasks if t.spec_hash == self.spec_hash)
 
     @property
     def running_current_spec(self) -> bool:
@@ -83,6 +90,11 @@ class ObservedService:
             npus=npus,
             service=self.name,
         )
+
+
+def _newest_error(tasks: Iterable[ObservedTask]) -> str | None:
+    failed = [t for t in tasks if t.error]
+    return max(failed, key=lambda t: (t.updated, t.id)).error if failed else None
 
 
 @dataclass

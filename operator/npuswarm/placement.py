@@ -108,7 +108,8 @@ class PlacementResult:
     # when met. This keeps best fit near O(1) per replica on clusters of hundreds of nodes.
     _buckets: dict[CandidateKey, dict[int, list[tuple[str, str]]]] = field(default_factory=dict)
     _keys_of_node: dict[str, list[CandidateKey]] = field(default_factory=dict)
-    _hostnames: dict[str, str] = field(default_factory=dict)
+    # Hostname order makes ties deterministic and lets a scan stop at the first exact fit.
+    _ordered: list[NodeInfo] = field(default_factory=list)
 
     def claim(self, node_id: str, npus: frozenset[int]) -> None:
         self.taken.setdefault(node_id, set()).update(npus)
@@ -117,7 +118,7 @@ class PlacementResult:
             return
         free.difference_update(npus)
         for key in self._keys_of_node.get(node_id, ()):
-            entry = (self._hostnames[node_id], node_id)
+            entry = (self._nodes[node_id].hostname, node_id)
             heapq.heappush(self._buckets[key].setdefault(len(free), []), entry)
 
     def assign(self, assignment: Assignment) -> None:
@@ -138,14 +139,12 @@ def place(
 ) -> PlacementResult:
     """Keep every valid allocation, then place what is missing, best fit, in request order."""
     result = PlacementResult()
-    # Hostname order makes ties deterministic and lets the search stop at the first exact fit.
-    nodes = sorted(nodes, key=lambda n: (n.hostname, n.id))
-    nodes_by_id = {node.id: node for node in nodes}
+    result._ordered = sorted(nodes, key=lambda n: (n.hostname, n.id))
+    nodes_by_id = result._nodes
+    nodes_by_id.update({node.id: node for node in nodes})
     taken = result.taken
     taken.update({node.id: set() for node in nodes})
     result.free.update({node.id: set(node.usable_npus) for node in nodes})
-    result._hostnames.update({node.id: node.hostname for node in nodes})
-    result._nodes.update({node.id: node for node in nodes})
     holder: dict[tuple[str, int], str] = {}
     priority = {request.key: index for index, request in enumerate(requests)}
     requests_by_key = {request.key: request for request in requests}
@@ -193,7 +192,7 @@ def place(
     for request in requests:
         if request.key in result.assignments:
             continue
-        assignment = _best_fit(request, nodes, result)
+        assignment = _best_fit(request, result)
         if isinstance(assignment, Unplaced):
             result.unplaced[request.key] = assignment
             continue
@@ -202,14 +201,12 @@ def place(
     return result
 
 
-def spare_assignment(
-    result: PlacementResult, nodes: list[NodeInfo], request: ReplicaRequest
-) -> Assignment | None:
+def spare_assignment(result: PlacementResult, request: ReplicaRequest) -> Assignment | None:
     """Place one extra copy of a replica on NPUs nobody was given (a surge during updates).
 
     The claim is recorded in ``result`` so two surges of one pass never share NPUs.
     """
-    assignment = _best_fit(request, sorted(nodes, key=lambda n: (n.hostname, n.id)), result)
+    assignment = _best_fit(request, result)
     if isinstance(assignment, Unplaced):
         return None
     result.claim(assignment.node_id, assignment.npus)
@@ -254,12 +251,10 @@ def _keep_problem(
     return None
 
 
-def _best_fit(
-    request: ReplicaRequest, nodes: list[NodeInfo], result: PlacementResult
-) -> Assignment | Unplaced:
+def _best_fit(request: ReplicaRequest, result: PlacementResult) -> Assignment | Unplaced:
     """The node this replica fills most (least slack), the first by hostname among equals."""
     key: CandidateKey = (tuple(sorted(request.node_selector.items())), request.pinned_node)
-    matching = _candidates(key, request, nodes, result)
+    matching = _candidates(key, request, result)
     if not matching:
         return _unplaced(
             request,
@@ -306,14 +301,14 @@ def _best_fit(
 
 
 def _candidates(
-    key: CandidateKey, request: ReplicaRequest, nodes: list[NodeInfo], result: PlacementResult
+    key: CandidateKey, request: ReplicaRequest, result: PlacementResult
 ) -> list[NodeInfo]:
     """Nodes with NPUs that match a request's selector and pin, computed once per pass."""
     matching = result._candidates.get(key)
     if matching is None:
         matching = [
             node
-            for node in nodes
+            for node in result._ordered
             if node.usable_npus
             and node.matches(request.node_selector)
             and (request.pinned_node is None or node.id == request.pinned_node)
@@ -322,10 +317,9 @@ def _candidates(
         result._accepting[key] = [n for n in matching if n.accepts_new_replicas]
         buckets: dict[int, list[tuple[str, str]]] = {}
         for node in result._accepting[key]:
-            if node.accepts_new_replicas:
-                free = len(result.free[node.id])
-                heapq.heappush(buckets.setdefault(free, []), (node.hostname, node.id))
-                result._keys_of_node.setdefault(node.id, []).append(key)
+            free = len(result.free[node.id])
+            heapq.heappush(buckets.setdefault(free, []), (node.hostname, node.id))
+            result._keys_of_node.setdefault(node.id, []).append(key)
         result._buckets[key] = buckets
     return matching
 

@@ -99,10 +99,6 @@ class DeploymentPlan:
     # Updates held back by maxUnavailable; they go out on a later reconcile.
     deferred: list[Action] = field(default_factory=list)
 
-    @property
-    def changes(self) -> bool:
-        return bool(self.actions or self.deferred)
-
 
 SURGE_SUFFIX = "-surge"
 
@@ -184,6 +180,25 @@ def plan_deployment(
     return plan
 
 
+def plan_many(
+    deployments: list[ModelDeployment],
+    snapshot: SwarmSnapshot,
+    *,
+    now: datetime,
+    lost_node_grace_seconds: float,
+) -> tuple[PlacementResult, dict[str, tuple[list[ReplicaRequest], DeploymentPlan]]]:
+    """The plans of several deployments from one snapshot and one placement of them all
+    (the files given to `npuswarm plan` or `export-stack`): writes nothing."""
+    placement, requests = place_all(
+        deployments, snapshot, now=now, lost_node_grace_seconds=lost_node_grace_seconds
+    )
+    plans = {
+        md.key: (requests[md.key], plan_deployment(md, requests[md.key], placement, snapshot))
+        for md in deployments
+    }
+    return placement, plans
+
+
 def _settle_surge(
     md: ModelDeployment, slot: str, services: list[ObservedService], plan: DeploymentPlan
 ) -> bool:
@@ -232,7 +247,7 @@ def _surge(
         request = requests_by_slot.get(action.slot)
         spare = None
         if ready and budget > 0 and action.drift is None and request is not None:
-            spare = spare_assignment(placement, snapshot.nodes, request)
+            spare = spare_assignment(placement, request)
         if spare is None:
             remaining.append((action, ready))
             continue

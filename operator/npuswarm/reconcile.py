@@ -14,7 +14,7 @@ from typing import Any
 
 import structlog
 
-from npuswarm import metrics
+from npuswarm import labels, metrics
 from npuswarm.api import ModelDeployment, ModelDeploymentStatus
 from npuswarm.events import Event
 from npuswarm.npus import parse_npu_ids
@@ -62,7 +62,7 @@ class Reconciler:
     ) -> tuple[SwarmSnapshot, PlacementResult, DeploymentPlan, list[ReplicaRequest]]:
         """Observe, place every deployment and diff ``target``; writes nothing.
 
-        `npuswarm plan` prints this; a reconcile applies it while holding the lock.
+        A reconcile applies the result while it still holds the lock.
         """
         snapshot = self.swarm.observe()
         placement, requests = place_all(
@@ -101,8 +101,7 @@ class Reconciler:
             previous_status.get("conditions", []),
             self.clock(),
         )
-        for event in _task_failure_events(status):
-            events.append(event)
+        events.extend(_task_failure_events(status))
         requeue = bool(applied or plan.deferred) or status.readyReplicas < status.placedReplicas
         unplaced: dict[str, int] = {}
         for key, item in placement.unplaced.items():
@@ -169,7 +168,7 @@ def _with_target(
 ) -> list[ModelDeployment]:
     """Every live deployment, with the freshest copy of the one being reconciled in its place.
 
-    Its place matters where priority falls back to list order (files given to `plan`).
+    Its place matters where priority falls back to list order (no creationTimestamp).
     """
     live = [md for md in everyone if md.metadata.deletionTimestamp is None]
     if any(md.key == target.key for md in live):
@@ -189,11 +188,11 @@ def _events(
     events: list[Event] = []
     for action in applied:
         if action.kind != "remove" and action.spec is not None:
-            labels = action.spec["Labels"]
-            node = snapshot.node(labels["npuswarm.io/node"])
+            service_labels = action.spec["Labels"]
+            node = snapshot.node(service_labels[labels.NODE])
             where = (
-                f"node {node.hostname if node else labels['npuswarm.io/node']} "
-                f"NPUs {labels['npuswarm.io/npus']}"
+                f"node {node.hostname if node else service_labels[labels.NODE]} "
+                f"NPUs {service_labels[labels.NPUS]}"
             )
             if action.kind == "create" or action.drift == "replica_replaced":
                 message = f"replica {action.slot} placed on {where} ({action.reason})"
@@ -239,10 +238,10 @@ def _record_npus(snapshot: SwarmSnapshot, applied: list[Action]) -> None:
         if action.kind == "remove":
             claims.pop(action.service_name, None)
         elif action.spec is not None:
-            labels = action.spec["Labels"]
+            service_labels = action.spec["Labels"]
             claims[action.service_name] = (
-                labels["npuswarm.io/node"],
-                parse_npu_ids(labels["npuswarm.io/npus"]),
+                service_labels[labels.NODE],
+                parse_npu_ids(service_labels[labels.NPUS]),
             )
     claimed: dict[str, set[int]] = {}
     for node_id, npus in claims.values():

@@ -30,7 +30,7 @@ from npuswarm import api, labels
 from npuswarm.api import ModelDeployment, validation_message
 from npuswarm.npus import format_npu_ids, npu_id_from_device, parse_npu_ids
 from npuswarm.observed import SwarmSnapshot
-from npuswarm.plan import place_all, plan_deployment
+from npuswarm.plan import plan_many
 from npuswarm.render import SECOND_NS
 
 # --- Facts about `docker stack deploy` --------------------------------------------------------
@@ -1504,19 +1504,15 @@ def planned_services(
     now: datetime,
     lost_node_grace_seconds: float,
 ) -> tuple[dict[str, dict[str, dict[str, Any]]], dict[str, list[str]]]:
-    """The rendered services of every deployment, from ONE placement of them all.
-
-    One pass, not Reconciler.plan per deployment: that places each target as if it came
-    last, which for files without creationTimestamp gives two models the same NPUs.
-    """
-    placement, requests = place_all(
+    """The rendered services of every deployment, from one placement of them all."""
+    placement, plans = plan_many(
         list(deployments), snapshot, now=now, lost_node_grace_seconds=lost_node_grace_seconds
     )
     rendered: dict[str, dict[str, dict[str, Any]]] = {}
     unplaced: dict[str, list[str]] = {}
     for md in deployments:
-        own = requests[md.key]
-        rendered[md.key] = plan_deployment(md, own, placement, snapshot).desired
+        own, plan = plans[md.key]
+        rendered[md.key] = plan.desired
         unplaced[md.key] = _unplaced_messages(placement.unplaced.get(r.key) for r in own)
     return rendered, unplaced
 

@@ -17,7 +17,7 @@ from npuswarm.api import (
     ReplicaStatus,
 )
 from npuswarm.labels import SPEC_HASH
-from npuswarm.observed import ObservedService, SwarmSnapshot
+from npuswarm.observed import SwarmSnapshot
 from npuswarm.placement import PlacementResult, ReplicaRequest
 from npuswarm.plan import Action, DeploymentPlan
 from npuswarm.render import network_alias
@@ -61,13 +61,6 @@ def conditions(
     return result
 
 
-def _current_error(service: ObservedService) -> str | None:
-    """The newest error of a task started from the service's current spec; older specs'
-    failures are history, not a reason to call the replica failing now."""
-    failed = [t for t in service.tasks if t.error and t.spec_hash == service.spec_hash]
-    return max(failed, key=lambda t: (t.updated, t.id)).error if failed else None
-
-
 def deployment_status(
     md: ModelDeployment,
     requests: list[ReplicaRequest],
@@ -99,7 +92,7 @@ def deployment_status(
             and service.spec_hash == desired["Labels"].get(SPEC_HASH)
             and service.running_current_spec
         )
-        error = _current_error(service) if service is not None and not replica_ready else None
+        error = service.current_error if service is not None and not replica_ready else None
         message = None
         if unplaced_here is not None:
             message = unplaced_here.message

@@ -98,12 +98,15 @@ class Swarm:
         try:
             self._call("ping", "ping")
         except (SwarmUnavailable, SwarmRejected):
-            self.reachable = False
-            metrics.swarm_reachable.set(0)
+            self._seen(reachable=False)
             return False
-        self.reachable = True
-        metrics.swarm_reachable.set(1)
+        self._seen(reachable=True)
         return True
+
+    def _seen(self, *, reachable: bool) -> None:
+        """The attribute (read by liveness) and the gauge always say the same."""
+        self.reachable = reachable
+        metrics.swarm_reachable.set(1 if reachable else 0)
 
     def observe(self) -> SwarmSnapshot:
         """One consistent view with exactly four list calls, however many deployments exist."""
@@ -111,7 +114,7 @@ class Swarm:
         services = self._call("list_services", "services", filters={"label": labels.OWNED_FILTER})
         tasks = self._call("list_tasks", "tasks")
         networks = self._call("list_networks", "networks")
-        metrics.swarm_reachable.set(1)
+        self._seen(reachable=True)
         return snapshot_from_engine(nodes, services, tasks, networks)
 
     def create_service(self, spec: dict[str, Any]) -> str:
