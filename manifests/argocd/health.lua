@@ -48,27 +48,18 @@ if status.conditions ~= nil then
   end
 end
 
-local degraded = conditions["Degraded"]
-if degraded ~= nil and degraded.status == "True" then
-  hs.status = "Degraded"
-  hs.message = text(degraded)
-  return hs
+-- The first condition that is True decides, in this order of precedence.
+local verdicts = {{"Degraded", "Degraded"}, {"Ready", "Healthy"}, {"Progressing", "Progressing"}}
+for _, verdict in ipairs(verdicts) do
+  local condition = conditions[verdict[1]]
+  if condition ~= nil and condition.status == "True" then
+    hs.status = verdict[2]
+    hs.message = text(condition)
+    return hs
+  end
 end
 
 local ready = conditions["Ready"]
-if ready ~= nil and ready.status == "True" then
-  hs.status = "Healthy"
-  hs.message = text(ready)
-  return hs
-end
-
-local progressing = conditions["Progressing"]
-if progressing ~= nil and progressing.status == "True" then
-  hs.status = "Progressing"
-  hs.message = text(progressing)
-  return hs
-end
-
 -- No verdict for this generation yet (conditions missing, or written for an older one).
 hs.status = "Progressing"
 if ready ~= nil then
