@@ -10,8 +10,8 @@ READY_DEADLINE = 30.0
 
 def test_killed_dockerd_marks_the_node_down_and_restart_brings_it_back(swarm_lab, manager):
     swarm_lab.kill_dockerd(3)
-    took = swarm_lab.wait_node_state(3, "down", DOWN_DEADLINE)
-    assert took < DOWN_DEADLINE
+    # wait_node_state fails the test at the deadline; the time taken is a figure, not a check.
+    swarm_lab.wait_node_state(3, "down", DOWN_DEADLINE)
     assert swarm_lab.swarm_node(2)["Status"]["State"] == "ready"  # only the lost node
     swarm_lab.start_dockerd(3)
     swarm_lab.wait_node_state(3, "ready", READY_DEADLINE)
