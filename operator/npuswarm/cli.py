@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -183,6 +184,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     import npuswarm.handlers  # registers the handlers with kopf
 
+    if args.namespace:
+        # The pass judges orphans and leadership only in the namespaces kopf watches.
+        os.environ[npuswarm.handlers.NAMESPACES_ENV] = ",".join(args.namespace)
     kopf.configure(verbose=args.verbose)
     logs.configure(level=logging.DEBUG if args.verbose else logging.INFO, fmt=args.log_format)
     kopf.run(

@@ -1,274 +1,139 @@
-"""kopf wiring only: decorators that hand each event to the Reconciler and write back status,
-events and reconcile metrics. Everything that decides anything lives in the pure modules."""
+"""kopf wiring only. Handlers do not observe or place: they mark a deployment as wanting a
+pass, and the pass loop (npuswarm.runtime, kept in kopf's memo) serves them all at once.
+Deletion runs behind npuswarm's finalizer and waits for any running pass."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import socket
-import threading
-import time
-import uuid
 from typing import Any
 
 import kopf
 import structlog
 from prometheus_client import start_http_server
-from pydantic import ValidationError
 
 from npuswarm import api, metrics
-from npuswarm.api import ModelDeployment, validation_message
-from npuswarm.events import Event, EventFilter, EventType
-from npuswarm.peering import is_active
-from npuswarm.reconcile import Reconciler, utcnow
+from npuswarm.kube import Kube
+from npuswarm.reconcile import Reconciler
+from npuswarm.runtime import Leadership, Runtime
 from npuswarm.settings import Settings
-from npuswarm.status import invalid_spec_status, unavailable_status
 from npuswarm.swarm import Swarm, SwarmUnavailable
 
 log = structlog.get_logger("npuswarm.handlers")
 RESOURCE = (api.GROUP, api.VERSION, api.PLURAL)
-SETTINGS = Settings.from_env()
-MAX_BACKOFF_SECONDS = 300.0
 MAX_WORKERS = 4
 
 # Who this instance is in kopf's peering object: the pod name in a cluster, else host and pid.
 IDENTITY = os.environ.get("POD_ID") or f"npuswarm@{socket.gethostname()}/{os.getpid()}"
-
-_reconciler: Reconciler | None = None
-_events = EventFilter()
-
-
-def reconciler() -> Reconciler:
-    global _reconciler  # noqa: PLW0603 - one per process, created when the operator starts
-    if _reconciler is None:
-        _reconciler = Reconciler(Swarm(timeout=SETTINGS.docker_timeout_seconds), SETTINGS)
-    return _reconciler
+# The namespaces `npuswarm run -n` watches (comma-separated); unset: the whole cluster.
+NAMESPACES_ENV = "NPUSWARM_WATCH_NAMESPACES"
 
 
 @kopf.on.startup()
-def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **kwargs: Any) -> None:
     settings.persistence.finalizer = f"{api.GROUP}/finalizer"
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=api.GROUP)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix=api.GROUP, key="last-handled-configuration"
     )
-    # kopf would post an Event for every successful timer tick; only npuswarm's own events
-    # and real warnings should reach `kubectl describe`.
+    # kopf would post an Event for every handler run; only npuswarm's own events and real
+    # warnings should reach `kubectl describe`.
     settings.posting.level = logging.WARNING
     settings.execution.max_workers = MAX_WORKERS
     settings.watching.server_timeout = 300
-    metrics.max_concurrent_reconciles.labels(metrics.CONTROLLER).set(MAX_WORKERS)
-    start_http_server(SETTINGS.metrics_port, registry=metrics.REGISTRY)
-    threading.Thread(target=_probe_swarm, name="swarm-probe", daemon=True).start()
+    metrics.max_concurrent_reconciles.labels(metrics.CONTROLLER).set(1)
+
+    config = Settings.from_env()
+    watched = os.environ.get(NAMESPACES_ENV)
+    namespaces = frozenset(n for n in watched.split(",") if n) if watched else None
+    swarm = Swarm(timeout=config.docker_timeout_seconds, instance=config.instance)
+    kube = Kube(namespaces)
     peering = settings.peering
-    threading.Thread(
-        target=_watch_leadership,
-        args=(peering.standalone, peering.mandatory, peering.name, peering.priority),
-        name="leadership",
-        daemon=True,
-    ).start()
-    log.info("npuswarm started", metrics_port=SETTINGS.metrics_port, settings=SETTINGS.__dict__)
+    runtime = Runtime(
+        settings=config,
+        reconciler=Reconciler(swarm, config, owners=kube),
+        kube=kube,
+        leadership=Leadership(
+            standalone=peering.standalone,
+            mandatory=peering.mandatory,
+            name=peering.name,
+            priority=peering.priority,
+            identity=IDENTITY,
+            namespaces=namespaces,
+        ),
+        index=kwargs["deployments"],
+        loop=asyncio.get_running_loop(),
+    )
+    memo.runtime = runtime
+    start_http_server(config.metrics_port, registry=metrics.REGISTRY)
+    runtime.start_threads()
+    runtime.tasks.append(asyncio.create_task(runtime.run_passes(), name="npuswarm passes"))
+    log.info("npuswarm started", metrics_port=config.metrics_port, settings=config.__dict__)
 
 
-def _watch_leadership(standalone: bool, mandatory: bool, name: str, priority: int) -> None:
-    """npuswarm_leader: 1 while kopf lets this instance work, by kopf's own peering rule."""
-    if standalone:
-        metrics.leader.set(1)
-        return
-    import kubernetes
-
-    try:
-        kubernetes.config.load_incluster_config()  # type: ignore[no-untyped-call]
-    except kubernetes.config.ConfigException:
-        kubernetes.config.load_kube_config()  # type: ignore[no-untyped-call]
-    objects = kubernetes.client.CustomObjectsApi()
-    while True:
-        try:
-            peering: dict[str, Any] = objects.get_cluster_custom_object(  # type: ignore[assignment]
-                "kopf.dev", "v1", "clusterkopfpeerings", name
-            )
-            active = is_active(peering.get("status") or {}, IDENTITY, priority, utcnow())
-        except kubernetes.client.ApiException as error:
-            # No peering object: kopf runs standalone, unless peering was made mandatory.
-            active = error.status == 404 and not mandatory
-        metrics.leader.set(1 if active else 0)
-        time.sleep(SETTINGS.swarm_probe_seconds)
-
-
-def _probe_swarm() -> None:
-    """Reachability of the manager goes into a metric, not liveness: restarting the operator
-    would not bring Docker back, and a restart loop would hide the real problem."""
-    while True:
-        reconciler().swarm.ping()
-        time.sleep(SETTINGS.swarm_probe_seconds)
+@kopf.on.cleanup()
+async def stop(memo: kopf.Memo, **_: Any) -> None:
+    runtime: Runtime = memo.runtime
+    runtime.stop.set()
+    stream = getattr(runtime, "_stream", None)
+    if stream is not None:
+        stream.close()
+    for task in runtime.tasks:
+        task.cancel()
+    await asyncio.gather(*runtime.tasks, return_exceptions=True)
+    await asyncio.to_thread(runtime.reconciler.close)
 
 
 @kopf.index(*RESOURCE)
-def deployments(*, body: kopf.Body, namespace: str | None, name: str, **_: Any) -> dict[Any, Any]:
-    return {(namespace, name): {"metadata": dict(body.metadata), "spec": dict(body.spec)}}
+async def deployments(
+    *, body: kopf.Body, namespace: str | None, name: str, **_: Any
+) -> dict[Any, Any]:
+    return {
+        (namespace, name): {
+            "metadata": dict(body.metadata),
+            "spec": dict(body.spec),
+            "status": dict(body.get("status") or {}),
+        }
+    }
 
 
-def _parse(raw: dict[str, Any]) -> ModelDeployment:
-    return ModelDeployment.model_validate(raw)
-
-
-def _everyone(index: kopf.Index[Any, Any]) -> list[ModelDeployment]:
-    """All valid deployments; an invalid one asks for nothing until it is fixed."""
-    valid = []
-    for store in index.values():
-        for raw in store:
-            try:
-                valid.append(_parse(raw))
-            except ValidationError:
-                continue
-    return valid
-
-
-def _reconcile(
-    body: kopf.Body,
-    patch: kopf.Patch,
-    deployments: kopf.Index[Any, Any],
-    retry: int,
-) -> None:
-    """Reconcile metrics and log context around one pass."""
-    started = time.monotonic()
-    obj = f"{body.metadata.namespace}/{body.metadata.name}"
-    metrics.active_workers.labels(metrics.CONTROLLER).inc()
-    result = "error"
-    # Every line logged during this reconcile, here or deeper, carries these two fields.
-    with structlog.contextvars.bound_contextvars(
-        deployment=obj, reconcile_id=uuid.uuid4().hex[:12]
-    ):
-        try:
-            result = _reconcile_once(obj, body, patch, deployments, retry)
-        finally:
-            elapsed = time.monotonic() - started
-            metrics.active_workers.labels(metrics.CONTROLLER).dec()
-            metrics.reconcile_total.labels(metrics.CONTROLLER, result).inc()
-            metrics.reconcile_time_seconds.labels(metrics.CONTROLLER).observe(elapsed)
-            if result == "error":
-                metrics.reconcile_errors_total.labels(metrics.CONTROLLER).inc()
-            log.info("reconciled", result=result, duration_seconds=round(elapsed, 3))
-
-
-def _reconcile_once(
-    obj: str,
-    body: kopf.Body,
-    patch: kopf.Patch,
-    deployments: kopf.Index[Any, Any],
-    retry: int,
-) -> str:
-    """One pass; returns controller-runtime's result label, raises to make kopf retry."""
-    generation = int(body.metadata.get("generation") or 0)
-    previous = dict(body.get("status") or {})
-    try:
-        md = _parse({"metadata": dict(body.metadata), "spec": dict(body.spec)})
-    except ValidationError as error:
-        message = validation_message(error)
-        patch.status.update(
-            _status_patch(invalid_spec_status(generation, message, previous, utcnow()))
-        )
-        _post(body, obj, "Warning", "InvalidSpec", message)
-        _record_phase(body.metadata.namespace or "default", body.metadata.name or "", "Invalid")
-        log.warning("invalid spec", error=message)
-        return "success"  # handled: a status to fix, not a retry loop
-    try:
-        outcome = reconciler().reconcile(md, _everyone(deployments), previous)
-    except SwarmUnavailable as error:
-        patch.status.update(
-            _status_patch(unavailable_status(generation, str(error), previous, utcnow()))
-        )
-        delay = min(MAX_BACKOFF_SECONDS, 5.0 * 2**retry)
-        log.warning("swarm unavailable", error=str(error), retry_in=delay)
-        raise kopf.TemporaryError(f"Swarm unavailable: {error}", delay=delay) from error
-    patch.status.update(_status_patch(outcome.status))
-    for event in outcome.events:
-        _post(body, obj, event.type, event.reason, event.message)
-    _record(md, outcome.status, outcome.unplaced_reasons)
-    return "requeue_after" if outcome.requeue else "success"
-
-
-def _status_patch(status: api.ModelDeploymentStatus) -> dict[str, Any]:
-    """A merge patch: unset nested fields are left out, unset top-level ones are deleted."""
-    patch: dict[str, Any] = status.model_dump(mode="json", exclude_none=True)
-    for key, value in status.model_dump(mode="json").items():
-        if value is None:
-            patch[key] = None
-    return patch
-
-
-def _post(body: kopf.Body, obj: str, type_: EventType, reason: str, message: str) -> None:
-    if _events.admit(obj, Event(type_, reason, message)):
-        kopf.event(body, type=type_, reason=reason, message=message)
-
-
-def _record(
-    md: ModelDeployment, status: api.ModelDeploymentStatus, unplaced: dict[str, int]
-) -> None:
-    namespace, name = md.metadata.namespace, md.metadata.name
-    metrics.replicas_desired.labels(namespace, name).set(status.replicas)
-    metrics.replicas_placed.labels(namespace, name).set(status.placedReplicas)
-    metrics.replicas_ready.labels(namespace, name).set(status.readyReplicas)
-    metrics.set_unplaced(namespace, name, unplaced)
-    _record_phase(namespace, name, status.phase)
-
-
-def _record_phase(namespace: str, name: str, phase: str) -> None:
-    """An invalid spec is handled too: it is the user's to fix, not a stalled operator."""
-    metrics.last_success_timestamp.labels(namespace, name).set(time.time())
-    _PHASES[(namespace, name)] = phase
-    _publish_phases()
-
-
-_PHASES: dict[tuple[str, str], str] = {}
-
-
-def _publish_phases() -> None:
-    counts = dict.fromkeys(("Pending", "Progressing", "Ready", "Degraded", "Invalid"), 0)
-    for phase in _PHASES.values():
-        counts[phase] = counts.get(phase, 0) + 1
-    for phase, count in counts.items():
-        metrics.deployments.labels(phase).set(count)
+def _key(namespace: str | None, name: str | None) -> str:
+    return f"{namespace or 'default'}/{name}"
 
 
 @kopf.on.resume(*RESOURCE)
-def on_resume(*, body: kopf.Body, patch: kopf.Patch, **kwargs: Any) -> None:
-    _reconcile(body, patch, kwargs["deployments"], kwargs.get("retry", 0))
-
-
 @kopf.on.create(*RESOURCE)
-def on_create(*, body: kopf.Body, patch: kopf.Patch, **kwargs: Any) -> None:
-    _reconcile(body, patch, kwargs["deployments"], kwargs.get("retry", 0))
-
-
 @kopf.on.update(*RESOURCE, field="spec")
-def on_update(*, body: kopf.Body, patch: kopf.Patch, **kwargs: Any) -> None:
-    _reconcile(body, patch, kwargs["deployments"], kwargs.get("retry", 0))
-
-
-@kopf.timer(*RESOURCE, interval=SETTINGS.resync_seconds, initial_delay=SETTINGS.resync_seconds)
-def resync(*, body: kopf.Body, patch: kopf.Patch, **kwargs: Any) -> None:
-    """Level-triggered safety net: drift in Swarm raises no Kubernetes event."""
-    _reconcile(body, patch, kwargs["deployments"], kwargs.get("retry", 0))
+async def wants_pass(*, namespace: str | None, name: str | None, memo: kopf.Memo, **_: Any) -> None:
+    memo.runtime.request(_key(namespace, name))
 
 
 @kopf.on.delete(*RESOURCE)
-def on_delete(*, namespace: str | None, name: str, **_: Any) -> None:
-    """Runs behind npuswarm's finalizer: the services go before the resource does."""
-    namespace = namespace or "default"
+def on_delete(
+    *, namespace: str | None, name: str, uid: str | None, memo: kopf.Memo, **_: Any
+) -> None:
+    """Behind npuswarm's finalizer: the services go before the resource does. Waits for a
+    running pass, and no later pass writes for this deployment again."""
+    runtime: Runtime = memo.runtime
+    key = _key(namespace, name)
     try:
-        removed = reconciler().finalize(namespace, name)
+        removed = runtime.reconciler.finalize(namespace or "default", name, uid or "")
     except SwarmUnavailable as error:
         raise kopf.TemporaryError(f"Swarm unavailable, services kept: {error}", delay=15) from error
-    _events.forget(f"{namespace}/{name}")
-    _PHASES.pop((namespace, name), None)
-    _publish_phases()
-    metrics.forget_deployment(namespace, name)
-    log.info("deployment deleted", deployment=f"{namespace}/{name}", services_removed=removed)
+    runtime.request_threadsafe(None)  # the NPUs it held are free for others now
+    assert runtime.loop is not None
+    runtime.loop.call_soon_threadsafe(runtime.forget, key)
+    log.info("deployment deleted", deployment=key, services_removed=removed)
 
 
 @kopf.on.probe(id="swarm")
-def swarm_probe(**_: Any) -> bool | None:
-    """The background probe's last answer, shown in the liveness JSON. It never fails liveness
-    and never waits on Docker, so a slow manager cannot time the probe out (see _probe_swarm)."""
-    return reconciler().swarm.reachable
+def swarm_probe(memo: kopf.Memo, **_: Any) -> bool | None:
+    """The background probe's last answer, shown in the liveness JSON. It never fails
+    liveness and never waits on Docker, so a slow manager cannot time the probe out."""
+    runtime: Runtime | None = getattr(memo, "runtime", None)
+    if runtime is None:
+        return None
+    reachable: bool | None = runtime.reconciler.swarm.reachable  # type: ignore[attr-defined]
+    return reachable

@@ -14,6 +14,10 @@ NODE = f"{PREFIX}/node"
 NPUS = f"{PREFIX}/npus"
 SPEC_HASH = f"{PREFIX}/spec-hash"
 MODEL = f"{PREFIX}/model"
+# Which npuswarm installation owns the service, when several share one Swarm (absent: the
+# default one). Another installation's services are foreign: read for their NPUs, never touched.
+INSTANCE = f"{PREFIX}/instance"
+DEFAULT_INSTANCE = "default"
 
 # Node labels.
 NODE_NPUS = f"{PREFIX}/npus"

@@ -7,11 +7,14 @@ ids or error strings.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 CONTROLLER = "modeldeployment"
@@ -60,42 +63,6 @@ leader = Gauge(
     "1 while this operator instance is the active one (kopf peering), else 0.",
     registry=REGISTRY,
 )
-npus = Gauge(
-    "npuswarm_npus",
-    "NPUs per Swarm node by state: free, allocated, reserved or unhealthy (node not ready).",
-    ["node", "state"],
-    registry=REGISTRY,
-)
-deployments = Gauge(
-    "npuswarm_modeldeployments",
-    "ModelDeployments by phase.",
-    ["phase"],
-    registry=REGISTRY,
-)
-replicas_desired = Gauge(
-    "npuswarm_replicas_desired",
-    "Replicas a ModelDeployment asks for.",
-    ["namespace", "name"],
-    registry=REGISTRY,
-)
-replicas_placed = Gauge(
-    "npuswarm_replicas_placed",
-    "Replicas of a ModelDeployment that have a node and NPUs.",
-    ["namespace", "name"],
-    registry=REGISTRY,
-)
-replicas_ready = Gauge(
-    "npuswarm_replicas_ready",
-    "Replicas of a ModelDeployment whose Swarm task runs the current spec.",
-    ["namespace", "name"],
-    registry=REGISTRY,
-)
-unplaced_replicas = Gauge(
-    "npuswarm_unplaced_replicas",
-    "Replicas that could not be placed, by reason.",
-    ["namespace", "name", "reason"],
-    registry=REGISTRY,
-)
 drift_corrections_total = Counter(
     "npuswarm_drift_corrections_total",
     "Corrections of Swarm drift by kind: service_recreated, service_updated, replica_replaced.",
@@ -120,10 +87,38 @@ swarm_reachable = Gauge(
     "1 when the last probe of the Swarm manager answered, else 0.",
     registry=REGISTRY,
 )
-last_success_timestamp = Gauge(
-    "npuswarm_last_successful_reconcile_timestamp_seconds",
-    "Unix time of the last successful reconcile of a ModelDeployment.",
-    ["namespace", "name"],
+passes_total = Counter(
+    "npuswarm_passes_total",
+    "Reconcile passes over the whole Swarm, by result (success, error).",
+    ["result"],
+    registry=REGISTRY,
+)
+pass_duration_seconds = Histogram(
+    "npuswarm_pass_duration_seconds",
+    "Duration of one reconcile pass over the whole Swarm (observe, plan, writes).",
+    buckets=RECONCILE_BUCKETS,
+    registry=REGISTRY,
+)
+pass_writes_total = Counter(
+    "npuswarm_pass_writes_total",
+    "Swarm writes made by reconcile passes.",
+    registry=REGISTRY,
+)
+orphans_removed_total = Counter(
+    "npuswarm_orphans_removed_total",
+    "Services removed because their owner ModelDeployment no longer exists.",
+    registry=REGISTRY,
+)
+background_errors_total = Counter(
+    "npuswarm_background_errors_total",
+    "Exceptions survived by a background loop (pass, events, task-poll, swarm-probe, leadership).",
+    ["loop"],
+    registry=REGISTRY,
+)
+workqueue_depth = Gauge(
+    "workqueue_depth",
+    "ModelDeployments waiting for the next pass.",
+    ["name"],
     registry=REGISTRY,
 )
 
@@ -133,6 +128,11 @@ last_success_timestamp = Gauge(
 for _result in ("success", "error", "requeue", "requeue_after"):
     reconcile_total.labels(CONTROLLER, _result)
 reconcile_errors_total.labels(CONTROLLER)
+for _result in ("success", "error"):
+    passes_total.labels(_result)
+for _loop in ("pass", "events", "task-poll", "swarm-probe", "leadership"):
+    background_errors_total.labels(_loop)
+workqueue_depth.labels(CONTROLLER)
 
 
 @contextmanager
@@ -147,18 +147,100 @@ def swarm_call(operation: str) -> Iterator[None]:
         swarm_api_calls_total.labels(operation, outcome).inc()
 
 
-def set_unplaced(namespace: str, name: str, counts: dict[str, int]) -> None:
-    """Replace a deployment's unplaced series: a reason that went away must read absent."""
-    for labels in list(unplaced_replicas._metrics):
-        if labels[:2] == (namespace, name) and labels[2] not in counts:
-            unplaced_replicas.remove(*labels)
-    for reason, count in counts.items():
-        unplaced_replicas.labels(namespace, name, reason).set(count)
+class PassCollector:
+    """Gauges that describe the last finished pass: NPUs per node and state, deployments by
+    phase, replicas per deployment. Collected from one immutable view swapped in whole, so a
+    scrape never sees a half-filled set and an older pass never overwrites a newer one."""
+
+    def __init__(self) -> None:
+        self._view: PassMetrics | None = None
+        self._lock = threading.Lock()
+
+    def publish(self, view: PassMetrics) -> None:
+        with self._lock:
+            if self._view is None or view.sequence > self._view.sequence:
+                self._view = view
+
+    def collect(self) -> Iterator[Metric]:
+        view = self._view
+        npus = GaugeMetricFamily(
+            "npuswarm_npus",
+            "NPUs per Swarm node by state: free, allocated, foreign (held by a service "
+            "npuswarm does not own), reserved or unhealthy (node not ready).",
+            labels=["node", "state"],
+        )
+        phases = GaugeMetricFamily(
+            "npuswarm_modeldeployments", "ModelDeployments by phase.", labels=["phase"]
+        )
+        per_deployment = {
+            name: GaugeMetricFamily(name, text, labels=["namespace", "name"])
+            for name, text in REPLICA_GAUGES.items()
+        }
+        unplaced = GaugeMetricFamily(
+            "npuswarm_unplaced_replicas",
+            "Replicas that could not be placed, by reason.",
+            labels=["namespace", "name", "reason"],
+        )
+        last_success = GaugeMetricFamily(
+            "npuswarm_last_successful_reconcile_timestamp_seconds",
+            "Unix time of the last successful reconcile of a ModelDeployment.",
+            labels=["namespace", "name"],
+        )
+        counts = dict.fromkeys(PHASES, 0)
+        if view is not None:
+            for (node, state), value in sorted(view.npus.items()):
+                npus.add_metric([node, state], value)
+            for key, replicas in sorted(view.deployments.items()):
+                namespace, _, name = key.partition("/")
+                counts[replicas.phase] = counts.get(replicas.phase, 0) + 1
+                for metric, value in (
+                    ("npuswarm_replicas_desired", replicas.desired),
+                    ("npuswarm_replicas_placed", replicas.placed),
+                    ("npuswarm_replicas_ready", replicas.ready),
+                ):
+                    per_deployment[metric].add_metric([namespace, name], value)
+                for reason, count in sorted(replicas.unplaced.items()):
+                    unplaced.add_metric([namespace, name, reason], count)
+                last_success.add_metric([namespace, name], replicas.served_at)
+        for phase, count in counts.items():
+            phases.add_metric([phase], count)
+        yield npus
+        yield phases
+        yield from per_deployment.values()
+        yield unplaced
+        yield last_success
+
+    def describe(self) -> Iterator[Metric]:
+        # Known names without a collect: registering must not wait for the first pass.
+        return self.collect()
 
 
-def forget_deployment(namespace: str, name: str) -> None:
-    """Drop a deleted deployment's series so dashboards do not show ghosts."""
-    for gauge in (replicas_desired, replicas_placed, replicas_ready, last_success_timestamp):
-        with suppress(KeyError):
-            gauge.remove(namespace, name)
-    set_unplaced(namespace, name, {})
+PHASES = ("Pending", "Progressing", "Ready", "Degraded", "Invalid")
+REPLICA_GAUGES = {
+    "npuswarm_replicas_desired": "Replicas a ModelDeployment asks for.",
+    "npuswarm_replicas_placed": "Replicas of a ModelDeployment that have a node and NPUs.",
+    "npuswarm_replicas_ready": (
+        "Replicas of a ModelDeployment whose Swarm task runs the current spec."
+    ),
+}
+
+
+@dataclass(frozen=True)
+class DeploymentMetrics:
+    phase: str
+    desired: int
+    placed: int
+    ready: int
+    unplaced: dict[str, int]
+    served_at: float  # unix time of the last pass that served it
+
+
+@dataclass(frozen=True)
+class PassMetrics:
+    sequence: int
+    npus: dict[tuple[str, str], int]
+    deployments: dict[str, DeploymentMetrics]
+
+
+pass_gauges = PassCollector()
+REGISTRY.register(pass_gauges)

@@ -9,7 +9,7 @@ from typing import Any
 
 from npuswarm import labels
 from npuswarm.inventory import NodeInfo, node_from_engine, parse_engine_time
-from npuswarm.npus import parse_npu_ids
+from npuswarm.npus import npu_id_from_device, parse_npu_ids
 from npuswarm.placement import Allocation
 
 
@@ -97,19 +97,55 @@ def _newest_error(tasks: Iterable[ObservedTask]) -> str | None:
     return max(failed, key=lambda t: (t.updated, t.id)).error if failed else None
 
 
+@dataclass(frozen=True)
+class ForeignClaim:
+    """NPUs that a service npuswarm does not own holds (or will hold) on one node."""
+
+    service: str
+    node_id: str
+    npus: frozenset[int]
+
+    def allocation(self) -> Allocation:
+        return Allocation(
+            deployment="",
+            slot="",
+            node_id=self.node_id,
+            npus=self.npus,
+            service=self.service,
+            foreign=True,
+        )
+
+
 @dataclass
 class SwarmSnapshot:
     nodes: list[NodeInfo]
     services: list[ObservedService]
+    foreign: list[ForeignClaim] = field(default_factory=list)
+    # Names of every network in the Swarm (npuswarm's or not).
+    networks: frozenset[str] = frozenset()
+    _by_deployment: dict[str, list[ObservedService]] = field(default_factory=dict, repr=False)
+    _nodes_by_id: dict[str, NodeInfo] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        # Indexed once: every deployment of a pass looks its services and nodes up here.
+        for service in self.services:
+            self._by_deployment.setdefault(service.deployment, []).append(service)
+        self._nodes_by_id.update({node.id: node for node in self.nodes})
 
     def services_of(self, deployment: str) -> list[ObservedService]:
-        return [s for s in self.services if s.deployment == deployment]
+        return self._by_deployment.get(deployment, [])
+
+    def deployments(self) -> set[str]:
+        """Every owner (``namespace/name``) that has services in Swarm."""
+        return set(self._by_deployment)
 
     def allocations(self) -> list[Allocation]:
-        return [a for a in (s.allocation() for s in self.services) if a is not None]
+        """npuswarm's claims from its labels, then every foreign claim."""
+        own = [a for a in (s.allocation() for s in self.services) if a is not None]
+        return own + [claim.allocation() for claim in self.foreign]
 
     def node(self, node_id: str) -> NodeInfo | None:
-        return next((n for n in self.nodes if n.id == node_id), None)
+        return self._nodes_by_id.get(node_id)
 
 
 def snapshot_from_engine(
@@ -117,14 +153,22 @@ def snapshot_from_engine(
     services: list[dict[str, Any]],
     tasks: list[dict[str, Any]],
     networks: list[dict[str, Any]],
+    instance: str = labels.DEFAULT_INSTANCE,
 ) -> SwarmSnapshot:
-    """Assemble one consistent view out of the four list calls of an observe pass."""
+    """Assemble one consistent view out of the four list calls of an observe pass.
+
+    ``services`` are all of Swarm's: those of this npuswarm ``instance`` are its own; every
+    other one (hand-made, a stack, another npuswarm) is only read for the NPUs it holds.
+    """
     network_names = {n["Id"]: n["Name"] for n in networks if "Id" in n and "Name" in n}
-    owned = [
-        s
-        for s in services
-        if (s.get("Spec", {}).get("Labels") or {}).get(labels.MANAGED_BY) == labels.MANAGED_BY_VALUE
-    ]
+    owned: list[dict[str, Any]] = []
+    others: list[dict[str, Any]] = []
+    for raw in services:
+        service_labels = (raw.get("Spec") or {}).get("Labels") or {}
+        mine = service_labels.get(labels.MANAGED_BY) == labels.MANAGED_BY_VALUE and (
+            service_labels.get(labels.INSTANCE, labels.DEFAULT_INSTANCE) == instance
+        )
+        (owned if mine else others).append(raw)
     by_id: dict[str, ObservedService] = {}
     for raw in owned:
         spec = _with_network_names(raw.get("Spec") or {}, network_names)
@@ -135,14 +179,120 @@ def snapshot_from_engine(
             labels=dict(spec.get("Labels") or {}),
             spec=spec,
         )
+    foreign_tasks: dict[str, list[dict[str, Any]]] = {}
     for raw_task in tasks:
-        service = by_id.get(raw_task.get("ServiceID", ""))
+        service_id = raw_task.get("ServiceID", "")
+        service = by_id.get(service_id)
         if service is not None:
             service.tasks.append(_task_from_engine(raw_task))
+        else:
+            foreign_tasks.setdefault(service_id, []).append(raw_task)
+    node_infos = sorted((node_from_engine(n) for n in nodes), key=lambda n: (n.hostname, n.id))
+    hostnames = {node.hostname: node.id for node in node_infos}
+    foreign = [
+        claim
+        for raw in others
+        for claim in foreign_claims(raw, foreign_tasks.get(raw.get("ID", ""), []), hostnames)
+    ]
     return SwarmSnapshot(
-        nodes=sorted((node_from_engine(n) for n in nodes), key=lambda n: (n.hostname, n.id)),
+        nodes=node_infos,
         services=sorted(by_id.values(), key=lambda s: s.name),
+        foreign=sorted(foreign, key=lambda c: (c.node_id, c.service)),
+        networks=frozenset(network_names.values()),
     )
+
+
+LIVE_TASK_STATES = frozenset(
+    {"new", "pending", "assigned", "accepted", "preparing", "ready", "starting", "running"}
+)
+
+
+def foreign_claims(
+    service: dict[str, Any], tasks: list[dict[str, Any]], hostnames: dict[str, str]
+) -> list[ForeignClaim]:
+    """The NPUs a service that npuswarm does not own holds, node by node.
+
+    Three signs, any of which counts: another npuswarm's allocation labels; the NPU generic
+    resources Swarm assigned to its live tasks; ASCEND_VISIBLE_DEVICES in its env, on the
+    nodes its live tasks run on and on the node its constraints pin it to (a pending task
+    takes those NPUs as soon as it starts). Over-counting only keeps NPUs idle; missing a
+    claim would give one NPU to two workloads.
+    """
+    spec = service.get("Spec") or {}
+    name = spec.get("Name") or service.get("ID", "")
+    service_labels = spec.get("Labels") or {}
+    claims: dict[str, set[int]] = {}
+    if service_labels.get(labels.MANAGED_BY) == labels.MANAGED_BY_VALUE:
+        node_id = service_labels.get(labels.NODE)
+        try:
+            npus = parse_npu_ids(service_labels.get(labels.NPUS, ""))
+        except ValueError:
+            npus = frozenset()
+        if node_id and npus:
+            claims.setdefault(node_id, set()).update(npus)
+    template = spec.get("TaskTemplate") or {}
+    env_npus = _env_npus((template.get("ContainerSpec") or {}).get("Env") or [])
+    live = [
+        t
+        for t in tasks
+        if t.get("DesiredState") == "running"
+        and ((t.get("Status") or {}).get("State") in LIVE_TASK_STATES)
+        and t.get("NodeID")
+    ]
+    for task in live:
+        node_id = task["NodeID"]
+        for resource in task.get("AssignedGenericResources") or []:
+            named = resource.get("NamedResourceSpec") or {}
+            npu = (
+                npu_id_from_device(str(named.get("Value", "")))
+                if named.get("Kind") == "NPU"
+                else None
+            )
+            if npu is not None:
+                claims.setdefault(node_id, set()).add(npu)
+        if env_npus:
+            claims.setdefault(node_id, set()).update(env_npus)
+    if env_npus:
+        for node_id in _constrained_nodes(template, hostnames):
+            claims.setdefault(node_id, set()).update(env_npus)
+    return [
+        ForeignClaim(service=name, node_id=node_id, npus=frozenset(npus))
+        for node_id, npus in sorted(claims.items())
+        if npus
+    ]
+
+
+def _env_npus(env: list[str]) -> frozenset[int]:
+    for pair in env:
+        key, _, value = pair.partition("=")
+        if key == "ASCEND_VISIBLE_DEVICES":
+            try:
+                return parse_npu_ids(value)
+            except ValueError:
+                return frozenset()
+    return frozenset()
+
+
+def _constrained_nodes(template: dict[str, Any], hostnames: dict[str, str]) -> list[str]:
+    constraints = (template.get("Placement") or {}).get("Constraints") or []
+    nodes = []
+    for constraint in constraints:
+        field_name, op, value = (part.strip() for part in _split_constraint(constraint))
+        if op != "==":
+            continue
+        if field_name == "node.id":
+            nodes.append(value)
+        elif field_name == "node.hostname" and value in hostnames:
+            nodes.append(hostnames[value])
+    return nodes
+
+
+def _split_constraint(constraint: str) -> tuple[str, str, str]:
+    for op in ("==", "!="):
+        left, found, right = constraint.partition(op)
+        if found:
+            return left, op, right
+    return constraint, "", ""
 
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)

@@ -38,7 +38,7 @@ class ReplicaRequest(BaseModel):
 
 
 class Allocation(BaseModel):
-    """An NPU claim read back from a Swarm service's labels."""
+    """An NPU claim read back from a Swarm service: npuswarm's labels, or a foreign service."""
 
     model_config = ConfigDict(frozen=True)
 
@@ -47,6 +47,8 @@ class Allocation(BaseModel):
     node_id: str
     npus: frozenset[int]
     service: str
+    # Held by a service npuswarm does not own: taken, reported, never moved or kept.
+    foreign: bool = False
 
     @property
     def key(self) -> ReplicaKey:
@@ -94,6 +96,8 @@ class PlacementResult:
     moved: dict[ReplicaKey, str] = field(default_factory=dict)
     # Services whose NPU claims overlap an earlier claim: reported, never double-booked.
     conflicts: list[tuple[str, str]] = field(default_factory=list)  # (deployment, message)
+    # NPUs held by services npuswarm does not own, per node: (npu, service name).
+    foreign: dict[str, dict[int, str]] = field(default_factory=dict)
     # NPUs claimed per node once everything is placed; what is left over is spare.
     taken: dict[str, set[int]] = field(default_factory=dict)
     # Usable NPUs nobody claims, per node, kept in step with ``taken``.
@@ -145,25 +149,48 @@ def place(
     taken = result.taken
     taken.update({node.id: set() for node in nodes})
     result.free.update({node.id: set(node.usable_npus) for node in nodes})
-    holder: dict[tuple[str, int], str] = {}
+    holder: dict[tuple[str, int], tuple[str, str]] = {}  # -> (deployment, service)
     priority = {request.key: index for index, request in enumerate(requests)}
     requests_by_key = {request.key: request for request in requests}
 
-    def claim(node_id: str, npus: frozenset[int], service: str) -> None:
+    def claim(node_id: str, npus: frozenset[int], deployment: str, service: str) -> None:
         result.claim(node_id, npus)
         for npu in npus:
-            holder[(node_id, npu)] = service
+            holder[(node_id, npu)] = (deployment, service)
 
     # Desired replicas claim first (by priority), then allocations nobody wants any more:
-    # those still run until removed, so their NPUs stay taken in this pass.
+    # those still run until removed, so their NPUs stay taken in this pass. Foreign claims
+    # come last: a replica that already runs keeps its NPUs when a foreign service appears
+    # on them (both keep running, the conflict is reported), and no new replica is ever
+    # placed on them.
     ordered = sorted(
         allocations,
-        key=lambda a: (priority.get(a.key, len(priority)), a.deployment, a.slot, a.service),
+        key=lambda a: (
+            a.foreign,
+            priority.get(a.key, len(priority)),
+            a.deployment,
+            a.slot,
+            a.service,
+        ),
     )
     for allocation in ordered:
+        if allocation.foreign:
+            held = result.foreign.setdefault(allocation.node_id, {})
+            held.update(dict.fromkeys(allocation.npus, allocation.service))
         overlap = sorted(npu for npu in allocation.npus if npu in taken.get(allocation.node_id, ()))
         if overlap:
-            other = holder[(allocation.node_id, overlap[0])]
+            owner, other = holder[(allocation.node_id, overlap[0])]
+            if allocation.foreign:
+                if owner:  # two foreign services overlapping is not npuswarm's to report
+                    result.conflicts.append(
+                        (
+                            owner,
+                            f"service {allocation.service}, not managed by npuswarm, also uses "
+                            f"NPUs {overlap} on node {allocation.node_id} held by {other}",
+                        )
+                    )
+                claim(allocation.node_id, allocation.npus - taken[allocation.node_id], "", "")
+                continue
             result.conflicts.append(
                 (
                     allocation.deployment,
@@ -173,6 +200,9 @@ def place(
             )
             if allocation.key in requests_by_key and allocation.key not in result.assignments:
                 result.moved[allocation.key] = f"NPUs {overlap} are also claimed by {other}"
+            continue
+        if allocation.foreign:
+            claim(allocation.node_id, allocation.npus, "", allocation.service)
             continue
         request = requests_by_key.get(allocation.key)
         if request is not None and allocation.key not in result.assignments:
@@ -187,7 +217,7 @@ def place(
                     # A lost node's NPUs are unreachable anyway; not claiming them lets the
                     # replica's service be re-pointed without waiting for the node.
                     continue
-        claim(allocation.node_id, allocation.npus, allocation.service)
+        claim(allocation.node_id, allocation.npus, allocation.deployment, allocation.service)
 
     for request in requests:
         if request.key in result.assignments:
@@ -197,7 +227,12 @@ def place(
             result.unplaced[request.key] = assignment
             continue
         result.assign(assignment)
-        claim(assignment.node_id, assignment.npus, f"{request.deployment}[{request.slot}]")
+        claim(
+            assignment.node_id,
+            assignment.npus,
+            request.deployment,
+            f"{request.deployment}[{request.slot}]",
+        )
     return result
 
 

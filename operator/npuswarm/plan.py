@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any, Literal
 
 from npuswarm.api import ModelDeployment
 from npuswarm.inventory import NodeInfo
-from npuswarm.labels import SPEC_HASH
+from npuswarm.labels import DEFAULT_INSTANCE, SPEC_HASH
 from npuswarm.observed import ObservedService, SwarmSnapshot
 from npuswarm.placement import (
     PlacementResult,
@@ -89,6 +89,15 @@ class Action:
     version: int | None = None
     spec: dict[str, Any] | None = None
     drift: DriftKind | None = None
+    owner: str = ""  # the deployment (namespace/name) the service belongs to
+
+
+@dataclass
+class Applied:
+    """What the apply step did for one deployment: the writes made, and Swarm's refusals."""
+
+    done: list[Action] = field(default_factory=list)
+    rejected: dict[str, str] = field(default_factory=dict)  # slot -> error
 
 
 @dataclass
@@ -98,6 +107,22 @@ class DeploymentPlan:
     actions: list[Action] = field(default_factory=list)
     # Updates held back by maxUnavailable; they go out on a later reconcile.
     deferred: list[Action] = field(default_factory=list)
+    requests: list[ReplicaRequest] = field(default_factory=list)
+
+
+@dataclass
+class PassPlan:
+    """Every deployment's plan from one snapshot and one placement of them all."""
+
+    snapshot: SwarmSnapshot
+    placement: PlacementResult
+    plans: dict[str, DeploymentPlan]  # by deployment key, in priority order
+    # Removals of services whose owner no longer exists.
+    orphans: list[Action] = field(default_factory=list)
+
+    @property
+    def actions(self) -> list[Action]:
+        return [a for plan in self.plans.values() for a in plan.actions] + self.orphans
 
 
 SURGE_SUFFIX = "-surge"
@@ -109,6 +134,7 @@ def plan_deployment(
     placement: PlacementResult,
     snapshot: SwarmSnapshot,
     known_services: frozenset[str] = frozenset(),
+    instance: str = DEFAULT_INSTANCE,
 ) -> DeploymentPlan:
     """Diff the rendered services of one deployment against the owned services found in Swarm.
 
@@ -122,16 +148,18 @@ def plan_deployment(
     for service in snapshot.services_of(md.key):
         by_slot.setdefault(service.slot, []).append(service)
 
-    plan = DeploymentPlan(deployment=md.key, desired={})
+    plan = DeploymentPlan(deployment=md.key, desired={}, requests=requests)
     updates: list[tuple[Action, bool]] = []  # (action, replica currently ready)
     for slot, assignment in sorted(assignments.items()):
         services = sorted(by_slot.get(slot, []), key=lambda s: s.name)
-        if len(services) > 1 and _settle_surge(md, slot, services, plan):
+        if len(services) > 1 and _settle_surge(md, slot, services, plan, instance):
             continue
         primary = next((s for s in services if s.name == service_name(md, slot)), None)
         if primary is None and services:
             primary = services[0]
-        spec = render_service(md, assignment, name=primary.name if primary else None)
+        spec = render_service(
+            md, assignment, name=primary.name if primary else None, instance=instance
+        )
         plan.desired[slot] = spec
         for extra in services:
             if extra is not primary:
@@ -175,9 +203,45 @@ def plan_deployment(
         if slot not in requests_by_slot:
             plan.actions.extend(_remove(s, "replica no longer wanted") for s in services)
 
-    updates = _surge(md, updates, requests_by_slot, placement, snapshot, by_slot, plan)
+    updates = _surge(md, updates, requests_by_slot, placement, by_slot, plan, instance)
     _limit_unavailable(plan, updates, md, by_slot)
+    plan.actions = [replace(a, owner=md.key) for a in plan.actions]
+    plan.deferred = [replace(a, owner=md.key) for a in plan.deferred]
     return plan
+
+
+def plan_pass(
+    deployments: list[ModelDeployment],
+    snapshot: SwarmSnapshot,
+    *,
+    now: datetime,
+    lost_node_grace_seconds: float,
+    known_services: dict[str, frozenset[str]] | None = None,
+    orphan_owners: frozenset[str] = frozenset(),
+    instance: str = DEFAULT_INSTANCE,
+) -> PassPlan:
+    """One placement of every deployment, then each one's diff; writes nothing.
+
+    ``known_services`` per deployment: the names its status last reported (see
+    plan_deployment). ``orphan_owners``: deployments known to be gone, whose services are
+    removed; the caller decides that only from a complete read of the ModelDeployments.
+    """
+    known = known_services or {}
+    placement, requests = place_all(
+        deployments, snapshot, now=now, lost_node_grace_seconds=lost_node_grace_seconds
+    )
+    plans = {
+        key: plan_deployment(
+            md, requests[key], placement, snapshot, known.get(key, frozenset()), instance
+        )
+        for key, md in ((md.key, md) for md in _by_priority(deployments))
+    }
+    orphans = [
+        _remove(service, f"owner ModelDeployment {owner} no longer exists")
+        for owner in sorted(orphan_owners - plans.keys())
+        for service in snapshot.services_of(owner)
+    ]
+    return PassPlan(snapshot=snapshot, placement=placement, plans=plans, orphans=orphans)
 
 
 def plan_many(
@@ -187,32 +251,36 @@ def plan_many(
     now: datetime,
     lost_node_grace_seconds: float,
 ) -> tuple[PlacementResult, dict[str, tuple[list[ReplicaRequest], DeploymentPlan]]]:
-    """The plans of several deployments from one snapshot and one placement of them all
-    (the files given to `npuswarm plan` or `export-stack`): writes nothing."""
-    placement, requests = place_all(
+    """plan_pass for the files given to `npuswarm plan` or `export-stack`, by deployment."""
+    whole = plan_pass(
         deployments, snapshot, now=now, lost_node_grace_seconds=lost_node_grace_seconds
     )
-    plans = {
-        md.key: (requests[md.key], plan_deployment(md, requests[md.key], placement, snapshot))
-        for md in deployments
-    }
-    return placement, plans
+    return whole.placement, {key: (p.requests, p) for key, p in whole.plans.items()}
+
+
+def _by_priority(deployments: list[ModelDeployment]) -> list[ModelDeployment]:
+    ranked = sorted(enumerate(deployments), key=lambda item: priority(item[1], item[0]))
+    return [md for _, md in ranked]
 
 
 def _settle_surge(
-    md: ModelDeployment, slot: str, services: list[ObservedService], plan: DeploymentPlan
+    md: ModelDeployment,
+    slot: str,
+    services: list[ObservedService],
+    plan: DeploymentPlan,
+    instance: str,
 ) -> bool:
     """A replica with an old and a surge copy: drop the old one once the new one is Ready.
 
     Returns False when no copy is up to date, leaving the slot to the ordinary diff.
     """
-    current = [s for s in services if _up_to_date(md, s)]
+    current = [s for s in services if _up_to_date(md, s, instance)]
     if not current:
         return False
     newest = current[0]
     allocation = newest.allocation()
     assert allocation is not None  # _up_to_date renders from the allocation
-    plan.desired[slot] = render_service(md, allocation.kept(), name=newest.name)
+    plan.desired[slot] = render_service(md, allocation.kept(), name=newest.name, instance=instance)
     if newest.running_current_spec:
         plan.actions.extend(
             _remove(s, f"surge copy {newest.name} is ready") for s in services if s is not newest
@@ -220,11 +288,11 @@ def _settle_surge(
     return True
 
 
-def _up_to_date(md: ModelDeployment, service: ObservedService) -> bool:
+def _up_to_date(md: ModelDeployment, service: ObservedService, instance: str) -> bool:
     allocation = service.allocation()
     if allocation is None:
         return False
-    rendered = render_service(md, allocation.kept(), name=service.name)
+    rendered = render_service(md, allocation.kept(), name=service.name, instance=instance)
     return essential(service.spec) == essential(rendered)
 
 
@@ -233,9 +301,9 @@ def _surge(
     updates: list[tuple[Action, bool]],
     requests_by_slot: dict[str, ReplicaRequest],
     placement: PlacementResult,
-    snapshot: SwarmSnapshot,
     by_slot: dict[str, list[ObservedService]],
     plan: DeploymentPlan,
+    instance: str,
 ) -> list[tuple[Action, bool]]:
     """Turn updates of ready replicas into surge copies while spare NPUs and maxSurge allow.
 
@@ -258,7 +326,7 @@ def _surge(
                 kind="create",
                 slot=action.slot,
                 service_name=name,
-                spec=render_service(md, spare, name=name),
+                spec=render_service(md, spare, name=name, instance=instance),
                 reason=f"spec changed: surge copy on spare NPUs before {action.service_name} stops",
             )
         )
@@ -273,6 +341,7 @@ def _remove(service: ObservedService, reason: str) -> Action:
         service_name=service.name,
         service_id=service.id,
         reason=reason,
+        owner=service.deployment,
     )
 
 

@@ -1,16 +1,19 @@
-"""One reconcile: observe Swarm, place every deployment, diff one, apply, compute its status.
+"""One pass for the whole Swarm: observe once, place every deployment, diff them all, apply
+the writes, and compute every deployment's status and events.
 
-Placement and writes happen under one lock, so two deployments reconciled at the same time
-cannot both be handed the same free NPU.
+Passes never overlap (one lock, shared with deletion), so no NPU can be handed out twice and
+a deletion can never be undone by a pass that was already running.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterable
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 
@@ -19,174 +22,278 @@ from npuswarm.api import ModelDeployment, ModelDeploymentStatus
 from npuswarm.events import Event
 from npuswarm.npus import parse_npu_ids
 from npuswarm.observed import SwarmSnapshot
-from npuswarm.placement import PlacementResult, ReplicaRequest
-from npuswarm.plan import Action, DeploymentPlan, place_all, plan_deployment
+from npuswarm.plan import Action, Applied, PassPlan, plan_pass
 from npuswarm.settings import Settings
-from npuswarm.status import deployment_status
-from npuswarm.swarm import Swarm, SwarmRejected
+from npuswarm.status import deployment_status, invalid_spec_status
+from npuswarm.swarm import SwarmRejected
 
 log = structlog.get_logger("npuswarm.reconcile")
-
-
-@dataclass
-class Outcome:
-    status: ModelDeploymentStatus
-    events: list[Event] = field(default_factory=list)
-    # Reconcile again soon (a rollout is under way) rather than at the next resync.
-    requeue: bool = False
-    applied: list[Action] = field(default_factory=list)
-    unplaced_reasons: dict[str, int] = field(default_factory=dict)
+MAX_TOMBSTONES = 10_000
 
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+class SwarmAPI(Protocol):
+    """What a pass needs of Swarm: the real manager (swarm.Swarm) or an in-memory one."""
+
+    def observe(self) -> SwarmSnapshot: ...
+    def create_service(self, spec: dict[str, Any]) -> str: ...
+    def update_service(self, service_id: str, version: int, spec: dict[str, Any]) -> None: ...
+    def remove_service(self, service_id: str) -> None: ...
+    def owned_services(self, namespace: str, name: str) -> list[dict[str, Any]]: ...
+
+
+class OwnerCatalog(Protocol):
+    """A complete read of which ModelDeployments exist, asked only when services look orphaned."""
+
+    def existing(self, owners: set[str]) -> set[str] | None:
+        """Those of ``owners`` (``namespace/name``) that exist; None when that is not known."""
+        ...
+
+
+@dataclass(frozen=True)
+class Desired:
+    """What Kubernetes asks for, as a pass reads it (from kopf's index)."""
+
+    deployments: list[ModelDeployment] = field(default_factory=list)
+    # Deployments whose spec npuswarm refuses: key -> (generation, why). Their services are
+    # left as they are; they ask for nothing new.
+    invalid: dict[str, tuple[int, str]] = field(default_factory=dict)
+    # Deployments being deleted: their finalizer removes their services, the pass leaves them.
+    deleting: frozenset[str] = frozenset()
+    # The last status each deployment has (key -> status dict), for conditions and drift.
+    previous: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # The namespaces this operator watches; None: all. Services of others are never judged.
+    namespaces: frozenset[str] | None = None
+
+    def known(self) -> set[str]:
+        return {md.key for md in self.deployments} | set(self.invalid) | set(self.deleting)
+
+    def watches(self, owner: str) -> bool:
+        return self.namespaces is None or owner.split("/", 1)[0] in self.namespaces
+
+
+@dataclass
+class DeploymentView:
+    """One deployment as a pass served it."""
+
+    key: str
+    status: ModelDeploymentStatus
+    events: list[Event] = field(default_factory=list)
+    applied: list[Action] = field(default_factory=list)
+    # Work under way (a rollout step, replicas starting): look again soon, not at the resync.
+    requeue: bool = False
+    unplaced_reasons: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class PassResult:
+    plan: PassPlan
+    views: dict[str, DeploymentView]
+    orphans_removed: list[Action] = field(default_factory=list)
+
+    @property
+    def requeue(self) -> bool:
+        return any(view.requeue for view in self.views.values())
+
+    @property
+    def writes(self) -> int:
+        return sum(len(v.applied) for v in self.views.values()) + len(self.orphans_removed)
+
+    def npu_states(self) -> dict[tuple[str, str], int]:
+        return npu_states(self.plan.snapshot, self.plan.placement.foreign, self.all_applied())
+
+    def all_applied(self) -> list[Action]:
+        return [a for v in self.views.values() for a in v.applied] + self.orphans_removed
+
+
 class Reconciler:
     def __init__(
         self,
-        swarm: Swarm,
+        swarm: SwarmAPI,
         settings: Settings,
         clock: Callable[[], datetime] = utcnow,
+        owners: OwnerCatalog | None = None,
     ) -> None:
         self.swarm = swarm
         self.settings = settings
         self.clock = clock
+        self.owners = owners
         self.lock = threading.Lock()
+        # uids of deleted deployments: no pass may write for them again, even one that read
+        # its desired state before the deletion.
+        self._tombstones: OrderedDict[str, None] = OrderedDict()
+        self._writers = ThreadPoolExecutor(
+            max_workers=max(1, settings.write_concurrency), thread_name_prefix="swarm-write"
+        )
 
-    def plan(
-        self,
-        target: ModelDeployment,
-        everyone: Iterable[ModelDeployment],
-        known_services: frozenset[str] = frozenset(),
-    ) -> tuple[SwarmSnapshot, PlacementResult, DeploymentPlan, list[ReplicaRequest]]:
-        """Observe, place every deployment and diff ``target``; writes nothing.
+    def close(self) -> None:
+        self._writers.shutdown(wait=True)
 
-        A reconcile applies the result while it still holds the lock.
-        """
-        snapshot = self.swarm.observe()
-        placement, requests = place_all(
-            _with_target(target, everyone),
+    def plan(self, desired: Desired) -> PassPlan:
+        """Observe and plan every deployment; writes nothing (also `npuswarm plan`)."""
+        return self._plan(desired, self.swarm.observe())
+
+    def _plan(self, desired: Desired, snapshot: SwarmSnapshot) -> PassPlan:
+        return plan_pass(
+            desired.deployments,
             snapshot,
             now=self.clock(),
             lost_node_grace_seconds=self.settings.lost_node_grace_seconds,
+            known_services={
+                key: _reported_services(status) for key, status in desired.previous.items()
+            },
+            orphan_owners=self._orphan_owners(desired, snapshot),
+            instance=self.settings.instance,
         )
-        own_requests = requests[target.key]
-        plan = plan_deployment(target, own_requests, placement, snapshot, known_services)
-        return snapshot, placement, plan, own_requests
 
-    def reconcile(
-        self,
-        target: ModelDeployment,
-        everyone: Iterable[ModelDeployment],
-        previous_status: dict[str, Any],
-    ) -> Outcome:
-        bound = log.bind(deployment=target.key)
-        known = frozenset(
-            r["service"] for r in previous_status.get("replicaStatuses", []) if r.get("service")
-        )
+    def run_pass(self, desired: Desired) -> PassResult:
+        """Raises SwarmUnavailable when Swarm cannot be read or written: nothing is concluded
+        from a failed read, so nothing is removed; the caller retries with backoff."""
         with self.lock:
-            snapshot, placement, plan, own_requests = self.plan(target, everyone, known)
-            applied, rejected = self._apply(plan, bound)
-        _record_npus(snapshot, applied)
-        events = _events(target, placement, plan, applied, rejected, snapshot, bound)
-        status = deployment_status(
-            target,
-            own_requests,
-            placement,
-            plan,
-            snapshot,
-            applied,
-            rejected,
-            previous_status.get("conditions", []),
-            self.clock(),
-        )
-        events.extend(_task_failure_events(status))
-        requeue = bool(applied or plan.deferred) or status.readyReplicas < status.placedReplicas
-        unplaced: dict[str, int] = {}
-        for key, item in placement.unplaced.items():
-            if key[0] == target.key:
-                unplaced[item.reason] = unplaced.get(item.reason, 0) + 1
-        return Outcome(
-            status=status,
-            events=events,
-            requeue=requeue,
-            applied=applied,
-            unplaced_reasons=unplaced,
+            desired = self._without_tombstoned(desired)
+            whole = self.plan(desired)
+            applied = self._apply(whole.actions)
+        now = self.clock()
+        views: dict[str, DeploymentView] = {}
+        for md in desired.deployments:
+            writes = applied.get(md.key, Applied())
+            previous = desired.previous.get(md.key, {})
+            status = deployment_status(md, whole, writes, previous.get("conditions", []), now)
+            events = deployment_events(md, whole, writes) + task_failure_events(status)
+            unplaced: dict[str, int] = {}
+            for replica, item in whole.placement.unplaced.items():
+                if replica[0] == md.key:
+                    unplaced[item.reason] = unplaced.get(item.reason, 0) + 1
+            views[md.key] = DeploymentView(
+                key=md.key,
+                status=status,
+                events=events,
+                applied=writes.done,
+                requeue=bool(writes.done or whole.plans[md.key].deferred)
+                or status.readyReplicas < status.placedReplicas,
+                unplaced_reasons=unplaced,
+            )
+        for invalid_key, (generation, message) in desired.invalid.items():
+            previous = desired.previous.get(invalid_key, {})
+            views[invalid_key] = DeploymentView(
+                key=invalid_key,
+                status=invalid_spec_status(generation, message, previous, now),
+                events=[Event("Warning", "InvalidSpec", message)],
+            )
+        orphans = [a for owner in {o.owner for o in whole.orphans} for a in applied[owner].done]
+        for action in orphans:
+            log.info("orphan removed", service=action.service_name, reason=action.reason)
+        return PassResult(plan=whole, views=views, orphans_removed=orphans)
+
+    def _orphan_owners(self, desired: Desired, snapshot: SwarmSnapshot) -> frozenset[str]:
+        """Owners of services that no ModelDeployment claims, confirmed gone by a complete
+        read. A failed or partial read confirms nothing, so nothing is removed."""
+        candidates = {
+            owner for owner in snapshot.deployments() - desired.known() if desired.watches(owner)
+        }
+        if not candidates or self.owners is None:
+            return frozenset()
+        existing = self.owners.existing(candidates)
+        if existing is None:
+            return frozenset()
+        return frozenset(candidates - existing)
+
+    def _without_tombstoned(self, desired: Desired) -> Desired:
+        if not self._tombstones:
+            return desired
+        alive = [md for md in desired.deployments if md.metadata.uid not in self._tombstones]
+        if len(alive) == len(desired.deployments):
+            return desired
+        gone = {md.key for md in desired.deployments} - {md.key for md in alive}
+        return Desired(
+            deployments=alive,
+            invalid=desired.invalid,
+            deleting=desired.deleting | gone,
+            previous=desired.previous,
+            namespaces=desired.namespaces,
         )
 
-    def _apply(
-        self, plan: DeploymentPlan, bound: structlog.typing.FilteringBoundLogger
-    ) -> tuple[list[Action], dict[str, str]]:
-        """Writes in plan order. A refused write is reported for its replica and the rest go
-        on; SwarmUnavailable propagates, so the caller retries the whole reconcile."""
-        applied: list[Action] = []
-        rejected: dict[str, str] = {}
-        for action in plan.actions:
+    def _apply(self, actions: list[Action]) -> dict[str, Applied]:
+        """Every write of the pass, a bounded number at a time: within a pass no write depends
+        on another (NPUs freed by a removal are only handed out by a later pass). A refused
+        write is reported for its replica and the rest go on; SwarmUnavailable propagates once
+        all started writes have ended."""
+        futures = [(action, self._writers.submit(self._write, action)) for action in actions]
+        applied: dict[str, Applied] = {}
+        unavailable: Exception | None = None
+        for action, future in futures:
+            owner = action.owner
+            record = applied.setdefault(owner, Applied())
             try:
-                if action.kind == "create":
-                    assert action.spec is not None
-                    self.swarm.create_service(action.spec)
-                elif action.kind == "update":
-                    assert action.spec is not None and action.service_id is not None
-                    self.swarm.update_service(action.service_id, action.version or 0, action.spec)
-                else:
-                    assert action.service_id is not None
-                    self.swarm.remove_service(action.service_id)
+                future.result()
             except SwarmRejected as error:
-                rejected[action.slot] = str(error)
-                bound.warning(
+                record.rejected[action.slot] = str(error)
+                log.warning(
                     "swarm refused a write",
+                    deployment=owner,
                     action=action.kind,
                     service=action.service_name,
                     error=str(error),
                 )
                 continue
-            applied.append(action)
+            except Exception as error:
+                unavailable = unavailable or error
+                continue
+            record.done.append(action)
             if action.drift is not None:
                 metrics.drift_corrections_total.labels(action.drift).inc()
-            bound.info(
+            log.info(
                 "service written",
+                deployment=owner,
                 action=action.kind,
                 service=action.service_name,
                 reason=action.reason,
             )
-        return applied, rejected
+        if unavailable is not None:
+            raise unavailable
+        return applied
 
-    def finalize(self, namespace: str, name: str) -> int:
-        """Remove every service this deployment owns (found by label, never by name)."""
+    def _write(self, action: Action) -> None:
+        if action.kind == "create":
+            assert action.spec is not None
+            self.swarm.create_service(action.spec)
+        elif action.kind == "update":
+            assert action.spec is not None and action.service_id is not None
+            self.swarm.update_service(action.service_id, action.version or 0, action.spec)
+        else:
+            assert action.service_id is not None
+            self.swarm.remove_service(action.service_id)
+
+    def finalize(self, namespace: str, name: str, uid: str) -> int:
+        """Remove every service this deployment owns (found by label, never by name), after
+        any running pass ended; no later pass writes for this uid again."""
         with self.lock:
-            snapshot = self.swarm.observe()
-            owned = snapshot.services_of(f"{namespace}/{name}")
+            if uid:
+                self._tombstones[uid] = None
+                while len(self._tombstones) > MAX_TOMBSTONES:
+                    self._tombstones.popitem(last=False)
+            owned = [
+                s
+                for s in self.swarm.owned_services(namespace, name)
+                if not uid
+                or (s.get("Spec", {}).get("Labels") or {}).get(labels.OWNER_UID, uid) == uid
+            ]
             for service in owned:
-                self.swarm.remove_service(service.id)
+                self.swarm.remove_service(service["ID"])
         return len(owned)
 
 
-def _with_target(
-    target: ModelDeployment, everyone: Iterable[ModelDeployment]
-) -> list[ModelDeployment]:
-    """Every live deployment, with the freshest copy of the one being reconciled in its place.
-
-    Its place matters where priority falls back to list order (no creationTimestamp).
-    """
-    live = [md for md in everyone if md.metadata.deletionTimestamp is None]
-    if any(md.key == target.key for md in live):
-        return [target if md.key == target.key else md for md in live]
-    return [*live, target]
+def _reported_services(status: Mapping[str, Any]) -> frozenset[str]:
+    return frozenset(r["service"] for r in status.get("replicaStatuses", []) if r.get("service"))
 
 
-def _events(
-    md: ModelDeployment,
-    placement: PlacementResult,
-    plan: DeploymentPlan,
-    applied: list[Action],
-    rejected: dict[str, str],
-    snapshot: SwarmSnapshot,
-    bound: structlog.typing.FilteringBoundLogger,
-) -> list[Event]:
+def deployment_events(md: ModelDeployment, whole: PassPlan, writes: Applied) -> list[Event]:
+    snapshot, placement = whole.snapshot, whole.placement
     events: list[Event] = []
-    for action in applied:
+    for action in writes.done:
         if action.kind != "remove" and action.spec is not None:
             service_labels = action.spec["Labels"]
             node = snapshot.node(service_labels[labels.NODE])
@@ -197,8 +304,12 @@ def _events(
             if action.kind == "create" or action.drift == "replica_replaced":
                 message = f"replica {action.slot} placed on {where} ({action.reason})"
                 events.append(Event("Normal", "Placed", message))
-                bound.info(
-                    "placement decided", replica=action.slot, where=where, reason=action.reason
+                log.info(
+                    "placement decided",
+                    deployment=md.key,
+                    replica=action.slot,
+                    where=where,
+                    reason=action.reason,
                 )
         if action.drift is not None:
             events.append(
@@ -215,7 +326,7 @@ def _events(
             events.append(
                 Event("Warning", unplaced.reason, f"replica {unplaced.slot}: {unplaced.message}")
             )
-    for slot, error in sorted(rejected.items()):
+    for slot, error in sorted(writes.rejected.items()):
         events.append(Event("Warning", "SwarmRejected", f"replica {slot}: {error}"))
     for owner, message in placement.conflicts:
         if owner == md.key:
@@ -223,7 +334,7 @@ def _events(
     return events
 
 
-def _task_failure_events(status: ModelDeploymentStatus) -> list[Event]:
+def task_failure_events(status: ModelDeploymentStatus) -> list[Event]:
     return [
         Event("Warning", "TaskFailed", f"replica {r.replica} on {r.hostname}: {r.lastError}")
         for r in status.replicaStatuses
@@ -231,9 +342,16 @@ def _task_failure_events(status: ModelDeploymentStatus) -> list[Event]:
     ]
 
 
-def _record_npus(snapshot: SwarmSnapshot, applied: list[Action]) -> None:
-    """npuswarm_npus{node,state}: the claims in Swarm labels once this pass's writes landed."""
-    claims = {a.service: (a.node_id, a.npus) for a in snapshot.allocations()}
+NPU_STATES = ("allocated", "foreign", "reserved", "free", "unhealthy")
+
+
+def npu_states(
+    snapshot: SwarmSnapshot, foreign: Mapping[str, Mapping[int, str]], applied: Iterable[Action]
+) -> dict[tuple[str, str], int]:
+    """NPUs per (node, state) once this pass's writes landed: npuswarm's claims from its
+    labels, NPUs that services npuswarm does not own hold, reserved, free, and every NPU of a
+    node that is not ready."""
+    claims = {a.service: (a.node_id, a.npus) for a in snapshot.allocations() if not a.foreign}
     for action in applied:
         if action.kind == "remove":
             claims.pop(action.service_name, None)
@@ -246,23 +364,23 @@ def _record_npus(snapshot: SwarmSnapshot, applied: list[Action]) -> None:
     claimed: dict[str, set[int]] = {}
     for node_id, npus in claims.values():
         claimed.setdefault(node_id, set()).update(npus)
-    metrics.npus.clear()
+    counts: dict[tuple[str, str], int] = {}
     for node in snapshot.nodes:
+        name = node.hostname or node.id
         allocated = claimed.get(node.id, set()) & node.npus
-        reserved = len(node.reserved & node.npus)
+        held = set(foreign.get(node.id, {})) & node.npus - allocated
+        reserved = node.reserved & node.npus
         if node.state == "ready":
-            counts = {
+            values = {
                 "allocated": len(allocated),
-                "reserved": reserved,
-                "free": len(node.usable_npus - allocated),
+                "foreign": len(held),
+                "reserved": len(reserved),
+                "free": len(node.usable_npus - allocated - held),
                 "unhealthy": 0,
             }
         else:
-            counts = {
-                "allocated": 0,
-                "reserved": reserved,
-                "free": 0,
-                "unhealthy": len(node.usable_npus),
-            }
-        for state, count in counts.items():
-            metrics.npus.labels(node.hostname or node.id, state).set(count)
+            values = dict.fromkeys(NPU_STATES, 0)
+            values["reserved"] = len(reserved)
+            values["unhealthy"] = len(node.usable_npus)
+        counts.update({(name, state): value for state, value in values.items()})
+    return counts

@@ -75,21 +75,29 @@ def health_command(port: int, path: str, timeout_seconds: int) -> list[str]:
     return ["CMD", "python3", "-c", probe]
 
 
-def owner_labels(md: ModelDeployment) -> dict[str, str]:
-    return {
+def owner_labels(md: ModelDeployment, instance: str = labels.DEFAULT_INSTANCE) -> dict[str, str]:
+    owner = {
         labels.MANAGED_BY: labels.MANAGED_BY_VALUE,
         labels.OWNER_NAMESPACE: md.metadata.namespace,
         labels.OWNER_NAME: md.metadata.name,
         labels.OWNER_UID: md.metadata.uid,
     }
+    # The default installation writes no instance label, so services made before instances
+    # existed are still its own and are not rewritten on upgrade.
+    if instance != labels.DEFAULT_INSTANCE:
+        owner[labels.INSTANCE] = instance
+    return owner
 
 
 def render_service(
-    md: ModelDeployment, assignment: Assignment, name: str | None = None
+    md: ModelDeployment,
+    assignment: Assignment,
+    name: str | None = None,
+    instance: str = labels.DEFAULT_INSTANCE,
 ) -> dict[str, Any]:
     """``name`` keeps an existing service's name: Swarm cannot rename a service."""
     spec = md.spec
-    replica_labels = owner_labels(md) | {
+    replica_labels = owner_labels(md, instance) | {
         labels.REPLICA: assignment.slot,
         labels.NODE: assignment.node_id,
         labels.NPUS: format_npu_ids(assignment.npus),

@@ -30,6 +30,15 @@ class Settings:
     metrics_port: int = 8081
     docker_timeout_seconds: float = 30.0
     swarm_probe_seconds: float = 15.0
+    # How often the cheap task poll looks for task state changes (Docker's event stream has
+    # none), and how often while a rollout or a start is under way.
+    task_poll_seconds: float = 5.0
+    task_poll_busy_seconds: float = 1.0
+    # Swarm writes of one pass in flight at once.
+    write_concurrency: int = 8
+    # Which npuswarm installation this is, when several share one Swarm: each owns only the
+    # services carrying its name, and treats the others' as foreign.
+    instance: str = "default"
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -43,4 +52,10 @@ class Settings:
                 "NPUSWARM_DOCKER_TIMEOUT_SECONDS", cls.docker_timeout_seconds
             ),
             swarm_probe_seconds=_number("NPUSWARM_SWARM_PROBE_SECONDS", cls.swarm_probe_seconds),
+            task_poll_seconds=_number("NPUSWARM_TASK_POLL_SECONDS", cls.task_poll_seconds),
+            task_poll_busy_seconds=_number(
+                "NPUSWARM_TASK_POLL_BUSY_SECONDS", cls.task_poll_busy_seconds
+            ),
+            write_concurrency=int(_number("NPUSWARM_WRITE_CONCURRENCY", cls.write_concurrency)),
+            instance=os.environ.get("NPUSWARM_INSTANCE") or cls.instance,
         )

@@ -17,9 +17,7 @@ from npuswarm.api import (
     ReplicaStatus,
 )
 from npuswarm.labels import SPEC_HASH
-from npuswarm.observed import SwarmSnapshot
-from npuswarm.placement import PlacementResult, ReplicaRequest
-from npuswarm.plan import Action, DeploymentPlan
+from npuswarm.plan import Applied, PassPlan
 from npuswarm.render import network_alias
 
 MAX_MESSAGE = 1024
@@ -63,16 +61,15 @@ def conditions(
 
 def deployment_status(
     md: ModelDeployment,
-    requests: list[ReplicaRequest],
-    placement: PlacementResult,
-    plan: DeploymentPlan,
-    snapshot: SwarmSnapshot,
-    applied: list[Action],
-    rejected: dict[str, str],
+    whole: PassPlan,
+    writes: Applied,
     previous_conditions: Sequence[dict[str, Any]],
     now: datetime,
 ) -> ModelDeploymentStatus:
-    """``applied`` are the writes made in this pass; ``rejected`` maps a slot to Swarm's refusal."""
+    """One deployment's status from the pass that served it and the writes made for it."""
+    plan = whole.plans[md.key]
+    placement, snapshot, requests = whole.placement, whole.snapshot, plan.requests
+    applied, rejected = writes.done, writes.rejected
     touched = {a.slot for a in applied}
     deferred = {a.slot for a in plan.deferred}
     observed = {s.name: s for s in snapshot.services_of(md.key)}

@@ -60,15 +60,25 @@ def _service_kwargs(spec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+# What reading a broken event stream raises (docker-py leaves them untranslated).
+stream_errors = _TRANSIENT
+
+
 class Swarm:
     """One Swarm manager; DOCKER_HOST, DOCKER_TLS_VERIFY and DOCKER_CERT_PATH apply."""
 
-    def __init__(self, base_url: str | None = None, timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        base_url: str | None = None,
+        timeout: float = 30.0,
+        instance: str = labels.DEFAULT_INSTANCE,
+    ) -> None:
         kwargs: dict[str, Any] = kwargs_from_env()
         if base_url is not None:
             kwargs["base_url"] = base_url
         self._kwargs = kwargs
         self._timeout = timeout
+        self.instance = instance
         self._client: docker.APIClient | None = None
         # The last probe's answer, for readers that must not wait on Docker (liveness).
         self.reachable: bool | None = None
@@ -109,13 +119,50 @@ class Swarm:
         metrics.swarm_reachable.set(1 if reachable else 0)
 
     def observe(self) -> SwarmSnapshot:
-        """One consistent view with exactly four list calls, however many deployments exist."""
+        """One consistent view with exactly four list calls, however many deployments exist.
+
+        Every service is listed, not only npuswarm's: the others may hold NPUs."""
         nodes = self._call("list_nodes", "nodes")
-        services = self._call("list_services", "services", filters={"label": labels.OWNED_FILTER})
+        services = self._call("list_services", "services")
         tasks = self._call("list_tasks", "tasks")
         networks = self._call("list_networks", "networks")
         self._seen(reachable=True)
-        return snapshot_from_engine(nodes, services, tasks, networks)
+        return snapshot_from_engine(nodes, services, tasks, networks, self.instance)
+
+    def owned_services(self, namespace: str, name: str) -> list[dict[str, Any]]:
+        """This installation's services of one deployment: one list call, by label."""
+        owner = [
+            labels.OWNED_FILTER,
+            f"{labels.OWNER_NAMESPACE}={namespace}",
+            f"{labels.OWNER_NAME}={name}",
+        ]
+        found: list[dict[str, Any]] = self._call(
+            "list_services", "services", filters={"label": owner}
+        )
+        return [
+            s
+            for s in found
+            if (s.get("Spec", {}).get("Labels") or {}).get(labels.INSTANCE, labels.DEFAULT_INSTANCE)
+            == self.instance
+        ]
+
+    def task_states(self) -> dict[str, tuple[str, str]]:
+        """Task id -> (service id, state) of every task Swarm wants running: the cheap poll
+        that notices tasks failing or becoming ready (Docker's events have no task events)."""
+        tasks = self._call("poll_tasks", "tasks", filters={"desired-state": "running"})
+        return {
+            t.get("ID", ""): (t.get("ServiceID", ""), (t.get("Status") or {}).get("State", ""))
+            for t in tasks
+        }
+
+    def event_stream(self) -> Any:
+        """Service and node events from the manager, decoded; iterate it, ``close()`` it to
+        stop. A broken stream raises while iterating: see ``stream_errors``."""
+        api = self.api
+        try:
+            return api.events(decode=True, filters={"type": ["service", "node"]})
+        except _TRANSIENT as error:
+            raise _translate("events", error) from error
 
     def create_service(self, spec: dict[str, Any]) -> str:
         result = self._call("create_service", "create_service", **_service_kwargs(spec))

@@ -41,7 +41,7 @@ def cleanup(swarm_lab: swarmlab.Lab, lab_reconciler: Reconciler) -> Any:
     created: list[ModelDeployment] = []
     yield created
     for md in created:
-        lab_reconciler.finalize(md.metadata.namespace, md.metadata.name)
+        lab_reconciler.finalize(md.metadata.namespace, md.metadata.name, md.metadata.uid)
 
 
 def lab_model(

@@ -15,7 +15,7 @@ import docker
 import pytest
 
 from npuswarm.api import ModelDeployment
-from npuswarm.reconcile import Outcome, Reconciler
+from npuswarm.reconcile import DeploymentView, Desired, Reconciler
 from npuswarm.settings import Settings
 from npuswarm.swarm import Swarm
 
@@ -99,17 +99,26 @@ def model(namespace: str, name: str, created: str = "2026-01-01T00:00:00Z", **sp
     )
 
 
+def serve(
+    reconciler: Reconciler, md: ModelDeployment, everyone: list[ModelDeployment], status: dict[str, Any]
+) -> DeploymentView:
+    """One pass over ``everyone`` (md's freshest copy among them); md's view of it."""
+    deployments = [md, *(other for other in everyone if other.key != md.key)]
+    result = reconciler.run_pass(Desired(deployments=deployments, previous={md.key: status}))
+    return result.views[md.key]
+
+
 def converge(
     reconciler: Reconciler, md: ModelDeployment, everyone: list[ModelDeployment] | None = None,
     timeout: float = 90.0,
-) -> Outcome:
-    """Reconcile like the resync timer does until the deployment reports Ready."""
+) -> DeploymentView:
+    """Run passes like the operator does until the deployment reports Ready."""
     status: dict[str, Any] = {}
 
-    def ready() -> Outcome | None:
+    def ready() -> DeploymentView | None:
         nonlocal status
-        outcome = reconciler.reconcile(md, everyone or [md], status)
-        status = outcome.status.model_dump(mode="json")
-        return outcome if outcome.status.phase == "Ready" else None
+        view = serve(reconciler, md, everyone or [md], status)
+        status = view.status.model_dump(mode="json")
+        return view if view.status.phase == "Ready" else None
 
     return wait_for(ready, f"{md.key} to become Ready", timeout=timeout, interval=0.5)

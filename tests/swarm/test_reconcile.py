@@ -9,7 +9,7 @@ from npuswarm import metrics
 from npuswarm.reconcile import Reconciler
 from npuswarm.swarm import Swarm, SwarmUnavailable
 
-from .conftest import converge, model, wait_for
+from .conftest import converge, model, serve, wait_for
 
 
 def owned(client: docker.APIClient, namespace: str, name: str | None = None) -> dict[str, dict]:
@@ -75,7 +75,7 @@ def test_unchanged_deployment_makes_no_write_and_four_list_calls(
     before = writes()
     lists = ("list_nodes", "list_services", "list_tasks", "list_networks")
     listed = {op: calls(op) for op in lists}
-    again = reconciler.reconcile(md, everyone, {})
+    again = serve(reconciler, md, everyone, {})
     assert again.applied == []
     assert writes() == before
     # One call per kind, however many deployments, replicas and tasks there are.
@@ -115,7 +115,7 @@ def test_service_deleted_by_hand_is_recreated_and_counted_as_drift(
     outcome = converge(reconciler, md)
     docker_client.remove_service(f"{namespace}-m-0")
     recreated = metrics.drift_corrections_total.labels("service_recreated")._value.get()  # noqa: SLF001
-    again = reconciler.reconcile(md, [md], outcome.status.model_dump(mode="json"))
+    again = serve(reconciler, md, [md], outcome.status.model_dump(mode="json"))
     assert [(a.kind, a.drift) for a in again.applied] == [("create", "service_recreated")]
     assert f"{namespace}-m-0" in owned(docker_client, namespace)
     assert metrics.drift_corrections_total.labels("service_recreated")._value.get() == recreated + 1  # noqa: SLF001
@@ -132,7 +132,7 @@ def test_service_edited_by_hand_is_reverted(
     docker_client.update_service(service["ID"], service["Version"]["Index"], task_template=spec["TaskTemplate"],
                                  name=spec["Name"], labels=spec["Labels"], mode=spec["Mode"],
                                  endpoint_spec=spec.get("EndpointSpec"))
-    again = reconciler.reconcile(md, [md], outcome.status.model_dump(mode="json"))
+    again = serve(reconciler, md, [md], outcome.status.model_dump(mode="json"))
     assert [(a.kind, a.drift) for a in again.applied] == [("update", "service_updated")]
     assert "ASCEND_VISIBLE_DEVICES_HACK" not in env_of(owned(docker_client, namespace)[f"{namespace}-m-0"])
 
@@ -148,7 +148,7 @@ def test_delete_removes_every_owned_service_and_nothing_else(
         labels={"npuswarm.io/owner-namespace": namespace},
     )
     try:
-        assert reconciler.finalize(namespace, "gone") == 2
+        assert reconciler.finalize(namespace, "gone", f"uid-{namespace}-gone") == 2
         names = set(owned(docker_client, namespace))
         assert f"{namespace}-stays-0" in names and f"{namespace}-gone-9" in names
         assert not any(n.startswith(f"{namespace}-gone-") and n != f"{namespace}-gone-9" for n in names)
@@ -163,7 +163,7 @@ def test_contention_never_double_books_and_the_loser_says_why(
     second = model(namespace, "second", replicas=2, npusPerReplica=4, created="2026-01-02T00:00:00Z")
     everyone = [first, second]
     converge(reconciler, first, everyone)
-    outcome = reconciler.reconcile(second, everyone, {})
+    outcome = serve(reconciler, second, everyone, {})
     assert outcome.applied == []
     assert outcome.status.phase == "Degraded"
     degraded = next(c for c in outcome.status.conditions if c.type == "Degraded")
@@ -182,7 +182,7 @@ def test_failing_task_makes_the_deployment_degraded_with_swarms_error(
 
     def degraded() -> object:
         nonlocal status
-        outcome = reconciler.reconcile(md, [md], status)
+        outcome = serve(reconciler, md, [md], status)
         status = outcome.status.model_dump(mode="json")
         condition = next(c for c in outcome.status.conditions if c.type == "Degraded")
         return outcome if condition.reason == "TaskFailed" else None
@@ -201,9 +201,9 @@ def test_unreachable_swarm_raises_and_removes_nothing(
     converge(working, md)
     dead = Reconciler(Swarm(base_url=f"unix://{tmp_path}/no.sock", timeout=2), reconciler_settings())
     with pytest.raises(SwarmUnavailable):
-        dead.reconcile(md, [], {})
+        serve(dead, md, [], {})
     with pytest.raises(SwarmUnavailable):
-        dead.finalize(namespace, "kept")
+        dead.finalize(namespace, "kept", f"uid-{namespace}-kept")
     assert f"{namespace}-kept-0" in owned(docker_client, namespace)
 
 
@@ -222,7 +222,7 @@ def test_surge_update_starts_the_new_copy_on_spare_npus_before_the_old_one_goes(
     old = owned(docker_client, namespace)[f"{namespace}-surge-0"]
     edited = model(namespace, "surge", replicas=1, npusPerReplica=2, updateStrategy=strategy,
                    engine={"env": {"VERSION": "2"}})
-    first = reconciler.reconcile(edited, [edited], {})
+    first = serve(reconciler, edited, [edited], {})
     assert [(a.kind, a.service_name) for a in first.applied] == [("create", f"{namespace}-surge-0-surge")]
     both = owned(docker_client, namespace)
     assert set(both) == {f"{namespace}-surge-0", f"{namespace}-surge-0-surge"}

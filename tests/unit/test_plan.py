@@ -4,7 +4,7 @@ from typing import Any
 
 from npuswarm.api import ModelDeployment
 from npuswarm.observed import SwarmSnapshot, snapshot_from_engine
-from npuswarm.plan import DeploymentPlan, place_all, plan_deployment
+from npuswarm.plan import Applied, DeploymentPlan, place_all, plan_deployment, plan_pass
 from npuswarm.status import deployment_status
 
 from .builders import NOW, deployment, engine_node, engine_service, engine_task
@@ -137,8 +137,8 @@ def test_other_deployments_claims_are_respected() -> None:
     second = deployment("second", engine={"tensorParallelSize": 4}, created="2026-01-02T00:00:00Z")
     plan, snapshot = plan_for(second, services, tasks, others=[first])
     assert plan.actions == []
-    placement, requests = place_all([first, second], snapshot, now=NOW, lost_node_grace_seconds=60)
-    status = deployment_status(second, requests[second.key], placement, plan, snapshot, [], {}, [], NOW)
+    whole = plan_pass([first, second], snapshot, now=NOW, lost_node_grace_seconds=60)
+    status = deployment_status(second, whole, Applied(), [], NOW)
     assert status.phase == "Degraded"
     degraded = next(c for c in status.conditions if c.type == "Degraded")
     assert degraded.reason == "InsufficientNPUs"
@@ -149,14 +149,13 @@ def test_status_ready_only_when_tasks_run_and_degraded_with_the_task_error() -> 
     md = deployment(replicas=2)
     services, tasks = converge(md)
     plan, snapshot = plan_for(md, services, tasks)
-    placement, requests = place_all([md], snapshot, now=NOW, lost_node_grace_seconds=60)
-    status = deployment_status(md, requests[md.key], placement, plan, snapshot, [], {}, [], NOW)
+    status = deployment_status(md, plan_pass([md], snapshot, now=NOW, lost_node_grace_seconds=60), Applied(), [], NOW)
     assert (status.phase, status.readyReplicas, status.replicas, status.npus) == ("Ready", 2, 2, 2)
 
     error = "starting container failed: no NPU devices"
     tasks[1] = engine_task("id1", plan.desired["1"], state="failed", desired="running", error=error, task_id="t1")
     plan, snapshot = plan_for(md, services, tasks)
-    status = deployment_status(md, requests[md.key], placement, plan, snapshot, [], {}, [], NOW)
+    status = deployment_status(md, plan_pass([md], snapshot, now=NOW, lost_node_grace_seconds=60), Applied(), [], NOW)
     ready = next(c for c in status.conditions if c.type == "Ready")
     degraded = next(c for c in status.conditions if c.type == "Degraded")
     assert ready.status == "False"
@@ -164,13 +163,17 @@ def test_status_ready_only_when_tasks_run_and_degraded_with_the_task_error() -> 
     assert status.replicaStatuses[1].lastError == error
 
 
-def test_unowned_services_are_invisible() -> None:
+def test_unowned_services_are_never_npuswarms_but_their_npus_are_taken() -> None:
     md = deployment(replicas=1)
     services, tasks = converge(md)
     foreign = engine_service(services[0]["Spec"], "foreign")
     foreign["Spec"] = dict(foreign["Spec"], Name="someone-elses", Labels={})
     snapshot = snapshot_from_engine(NODES, [*services, foreign], tasks, [])
     assert [s.id for s in snapshot.services] == ["id0"]
+    held = services[0]["Spec"]["Labels"]["npuswarm.io/npus"]
+    assert [(c.service, c.node_id, sorted(c.npus)) for c in snapshot.foreign] == [
+        ("someone-elses", "node-a", [int(held)])
+    ]
 
 
 def test_recreated_object_adopts_its_running_replicas() -> None:

@@ -1,0 +1,81 @@
+"""The Kubernetes side of a pass that kopf does not cover: writing many statuses from one
+pass, the complete read that confirms orphans, and the peering objects for leadership."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import kubernetes
+import structlog
+
+from npuswarm import api
+
+log = structlog.get_logger("npuswarm.kube")
+
+
+class Kube:
+    def __init__(self, namespaces: frozenset[str] | None = None) -> None:
+        # None: cluster-wide; else only these namespaces may be listed (a namespaced Role).
+        self.namespaces = namespaces
+        try:
+            kubernetes.config.load_incluster_config()  # type: ignore[no-untyped-call]
+        except kubernetes.config.ConfigException:
+            kubernetes.config.load_kube_config()  # type: ignore[no-untyped-call]
+        self.objects = kubernetes.client.CustomObjectsApi()
+
+    def patch_status(self, namespace: str, name: str, patch: dict[str, Any]) -> bool:
+        """A merge patch of the status subresource; False when the object is gone."""
+        try:
+            self.objects.patch_namespaced_custom_object_status(
+                api.GROUP, api.VERSION, namespace, api.PLURAL, name, {"status": patch}
+            )
+        except kubernetes.client.ApiException as error:
+            if error.status == 404:
+                return False
+            raise
+        return True
+
+    def existing(self, owners: set[str]) -> set[str] | None:
+        """Which of ``owners`` exist, from one complete LIST; None on any failure, so that
+        nothing is ever removed on a failed or partial read."""
+        found: set[str] = set()
+        scopes: list[str | None] = [None]
+        if self.namespaces is not None:
+            scopes = [*sorted({o.split("/", 1)[0] for o in owners} & self.namespaces)]
+        for namespace in scopes:
+            try:
+                if namespace is None:
+                    listed: dict[str, Any] = self.objects.list_cluster_custom_object(  # type: ignore[assignment]
+                        api.GROUP, api.VERSION, api.PLURAL
+                    )
+                else:
+                    listed = self.objects.list_namespaced_custom_object(  # type: ignore[assignment]
+                        api.GROUP, api.VERSION, namespace, api.PLURAL
+                    )
+            except Exception as error:
+                log.warning("cannot list ModelDeployments; orphans are kept", error=str(error))
+                return None
+            if (listed.get("metadata") or {}).get("continue"):
+                return None  # a partial page: not a complete read
+            found.update(
+                f"{item['metadata'].get('namespace', '')}/{item['metadata']['name']}"
+                for item in listed.get("items") or []
+            )
+        return owners & found
+
+    def peering_status(self, name: str, namespace: str | None) -> dict[str, Any] | None:
+        """kopf's peering object's status; None when there is no such object."""
+        try:
+            if namespace is None:
+                found: dict[str, Any] = self.objects.get_cluster_custom_object(  # type: ignore[assignment]
+                    "kopf.dev", "v1", "clusterkopfpeerings", name
+                )
+            else:
+                found = self.objects.get_namespaced_custom_object(  # type: ignore[assignment]
+                    "kopf.dev", "v1", namespace, "kopfpeerings", name
+                )
+        except kubernetes.client.ApiException as error:
+            if error.status == 404:
+                return None
+            raise
+        return dict(found.get("status") or {})

@@ -1,0 +1,471 @@
+"""The operator's running state (kept in kopf's memo): the pass loop that serves every trigger,
+and the background loops that watch Swarm (events, a cheap task poll, reachability) and
+leadership. Every loop survives any exception and counts it in
+npuswarm_background_errors_total{loop}.
+
+Triggers only mark deployments as wanting a pass; triggers that arrive together are served by
+one pass. The periodic resync is the safety net.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+import structlog
+from pydantic import ValidationError
+
+from npuswarm import api, metrics
+from npuswarm.api import ModelDeployment, validation_message
+from npuswarm.events import Event, EventFilter
+from npuswarm.kube import Kube
+from npuswarm.peering import is_active
+from npuswarm.reconcile import Desired, PassResult, Reconciler, utcnow
+from npuswarm.settings import Settings
+from npuswarm.status import unavailable_status
+from npuswarm.swarm import Swarm, SwarmUnavailable, stream_errors
+
+log = structlog.get_logger("npuswarm.runtime")
+
+# Triggers that arrive within this window are served by one pass.
+COALESCE_SECONDS = 0.1
+MAX_BACKOFF_SECONDS = 300.0
+STATUS_WRITERS = 8
+# A Swarm event about a service this operator wrote so recently is its own echo.
+ECHO_SECONDS = 5.0
+
+
+@dataclass
+class Parsed:
+    """kopf's index entry of one ModelDeployment, parsed once per generation."""
+
+    stamp: tuple[str, int, str | None]  # uid, generation, deletionTimestamp
+    model: ModelDeployment | None
+    problem: str | None
+
+
+@dataclass
+class Leadership:
+    standalone: bool
+    mandatory: bool
+    name: str
+    priority: int
+    identity: str
+    namespaces: frozenset[str] | None
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    reconciler: Reconciler
+    kube: Kube
+    leadership: Leadership
+    # kopf's index of ModelDeployments: (namespace, name) -> store of index values.
+    index: Mapping[Any, Any] = field(default_factory=dict)
+    loop: asyncio.AbstractEventLoop | None = None
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    dirty: set[str] = field(default_factory=set)
+    everything: bool = True  # the first pass serves every deployment
+    leader: bool = False
+    busy: bool = False  # the last pass left work under way: poll tasks faster
+    stop: threading.Event = field(default_factory=threading.Event)
+    events: EventFilter = field(default_factory=EventFilter)
+    written: dict[str, dict[str, Any]] = field(default_factory=dict)
+    parsed: dict[str, Parsed] = field(default_factory=dict)
+    owner_of_service: dict[str, str] = field(default_factory=dict)  # service id -> owner
+    recent_writes: dict[str, float] = field(default_factory=dict)  # service name -> monotonic
+    sequence: int = 0
+    failures: int = 0
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    threads: list[threading.Thread] = field(default_factory=list)
+
+    # -- triggers -------------------------------------------------------------------------
+
+    def request(self, key: str | None = None, *, everything: bool = False) -> None:
+        """Ask for a pass (in the event loop's thread). ``key``: the deployment that wants
+        it; ``everything``: serve every deployment (resync, node change)."""
+        if everything:
+            self.everything = True
+        elif key is not None:
+            self.dirty.add(key)
+        metrics.workqueue_depth.labels(metrics.CONTROLLER).set(len(self.dirty))
+        self.wake.set()
+
+    def request_threadsafe(self, key: str | None = None, *, everything: bool = False) -> None:
+        if self.loop is not None and not self.stop.is_set():
+            self.loop.call_soon_threadsafe(lambda: self.request(key, everything=everything))
+
+    # -- the pass loop --------------------------------------------------------------------
+
+    async def run_passes(self) -> None:
+        last_pass = 0.0
+        while not self.stop.is_set():
+            try:
+                delay = self.settings.resync_seconds - (time.monotonic() - last_pass)
+                if self.failures:
+                    delay = min(MAX_BACKOFF_SECONDS, 5.0 * 2 ** (self.failures - 1))
+                try:
+                    await asyncio.wait_for(self.wake.wait(), timeout=max(0.0, delay))
+                except TimeoutError:
+                    self.everything = True
+                if self.failures:
+                    # An outage: wait out the backoff even if triggers keep coming.
+                    await asyncio.sleep(max(0.0, delay - (time.monotonic() - last_pass)))
+                await asyncio.sleep(COALESCE_SECONDS)
+                self.wake.clear()
+                if not self.leader:
+                    continue  # another instance acts; triggers are kept for when we lead
+                served, everything = set(self.dirty), self.everything
+                self.dirty.clear()
+                self.everything = False
+                metrics.workqueue_depth.labels(metrics.CONTROLLER).set(0)
+                last_pass = time.monotonic()
+                await self.one_pass(served, everything)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                metrics.background_errors_total.labels("pass").inc()
+                log.exception("pass loop error; continuing")
+                self.failures += 1
+
+    async def one_pass(self, served: set[str], everything: bool) -> None:
+        desired = self.desired()
+        if everything:
+            served = desired.known()
+        self.sequence += 1
+        pass_id = uuid.uuid4().hex[:12]
+        started = time.monotonic()
+        with structlog.contextvars.bound_contextvars(reconcile_id=pass_id):
+            try:
+                result = await asyncio.to_thread(self.reconciler.run_pass, desired)
+            except SwarmUnavailable as error:
+                await self._outage(desired, served, str(error), time.monotonic() - started)
+                return
+            self.failures = 0
+            elapsed = time.monotonic() - started
+            await self._publish(result, desired, served, everything)
+            total = time.monotonic() - started
+            log.info(
+                "pass",
+                deployments=len(desired.deployments),
+                served=len(served),
+                writes=result.writes,
+                orphans_removed=len(result.orphans_removed),
+                swarm_seconds=round(elapsed, 3),
+                duration_seconds=round(total, 3),
+            )
+        metrics.passes_total.labels("success").inc()
+        metrics.pass_duration_seconds.observe(total)
+        metrics.pass_writes_total.inc(result.writes)
+        metrics.orphans_removed_total.inc(len(result.orphans_removed))
+        for key in served:
+            view = result.views.get(key)
+            if view is None:
+                continue
+            label = "requeue_after" if view.requeue else "success"
+            metrics.reconcile_total.labels(metrics.CONTROLLER, label).inc()
+            metrics.reconcile_time_seconds.labels(metrics.CONTROLLER).observe(total)
+
+    def desired(self) -> Desired:
+        """Every ModelDeployment kopf's index knows, parsed once per generation."""
+        deployments: list[ModelDeployment] = []
+        invalid: dict[str, tuple[int, str]] = {}
+        deleting: set[str] = set()
+        previous: dict[str, dict[str, Any]] = {}
+        seen: set[str] = set()
+        for store in self.index.values():
+            for raw in store:
+                metadata = raw["metadata"]
+                key = f"{metadata.get('namespace') or 'default'}/{metadata.get('name')}"
+                seen.add(key)
+                previous[key] = self.written.get(key) or dict(raw.get("status") or {})
+                parsed = self._parse(key, raw)
+                if metadata.get("deletionTimestamp"):
+                    deleting.add(key)
+                elif parsed.model is None:
+                    invalid[key] = (int(metadata.get("generation") or 0), parsed.problem or "")
+                else:
+                    deployments.append(parsed.model)
+        for gone in set(self.parsed) - seen:
+            del self.parsed[gone]
+        return Desired(
+            deployments=deployments,
+            invalid=invalid,
+            deleting=frozenset(deleting),
+            previous=previous,
+            namespaces=self.leadership.namespaces,
+        )
+
+    def _parse(self, key: str, raw: Mapping[str, Any]) -> Parsed:
+        metadata = raw["metadata"]
+        stamp = (
+            str(metadata.get("uid") or ""),
+            int(metadata.get("generation") or 0),
+            metadata.get("deletionTimestamp"),
+        )
+        cached = self.parsed.get(key)
+        if cached is not None and cached.stamp == stamp:
+            return cached
+        try:
+            model = ModelDeployment.model_validate(
+                {"metadata": dict(metadata), "spec": dict(raw.get("spec") or {})}
+            )
+            parsed = Parsed(stamp, model, None)
+        except ValidationError as error:
+            parsed = Parsed(stamp, None, validation_message(error))
+        self.parsed[key] = parsed
+        return parsed
+
+    async def _publish(
+        self, result: PassResult, desired: Desired, served: set[str], everything: bool
+    ) -> None:
+        for action in result.all_applied():
+            self.recent_writes[action.service_name] = time.monotonic()
+        self.owner_of_service = {s.id: s.deployment for s in result.plan.snapshot.services}
+        self.busy = result.requeue
+        statuses = {key: view.status for key, view in result.views.items()}
+        await self._write_statuses(statuses, desired, resync=everything)
+        uids = {md.key: md.metadata.uid for md in desired.deployments}
+        for key, view in result.views.items():
+            self._post(key, uids.get(key, ""), view.events)
+        now = time.time()
+        deployments = {
+            key: metrics.DeploymentMetrics(
+                phase=view.status.phase,
+                desired=view.status.replicas,
+                placed=view.status.placedReplicas,
+                ready=view.status.readyReplicas,
+                unplaced=view.unplaced_reasons,
+                served_at=now if key in served or everything else self._served_at(key, now),
+            )
+            for key, view in result.views.items()
+        }
+        self._last_metrics = metrics.PassMetrics(
+            sequence=self.sequence, npus=result.npu_states(), deployments=deployments
+        )
+        metrics.pass_gauges.publish(self._last_metrics)
+
+    def _served_at(self, key: str, default: float) -> float:
+        last = getattr(self, "_last_metrics", None)
+        if last is not None and key in last.deployments:
+            served_at: float = last.deployments[key].served_at
+            return served_at
+        return default
+
+    async def _outage(
+        self, desired: Desired, served: set[str], message: str, elapsed: float
+    ) -> None:
+        """Swarm could not be read or written: say so in every status, remove nothing,
+        back off."""
+        self.failures += 1
+        metrics.passes_total.labels("error").inc()
+        for _ in served:
+            metrics.reconcile_total.labels(metrics.CONTROLLER, "error").inc()
+            metrics.reconcile_errors_total.labels(metrics.CONTROLLER).inc()
+            metrics.reconcile_time_seconds.labels(metrics.CONTROLLER).observe(elapsed)
+        log.warning("swarm unavailable", error=message, failures=self.failures)
+        now = utcnow()
+        statuses = {
+            md.key: unavailable_status(
+                md.metadata.generation, message, desired.previous.get(md.key, {}), now
+            )
+            for md in desired.deployments
+        }
+        await self._write_statuses(statuses, desired, resync=False)
+
+    async def _write_statuses(
+        self, statuses: Mapping[str, api.ModelDeploymentStatus], desired: Desired, resync: bool
+    ) -> None:
+        """Write the statuses that changed, and only those, a few at a time."""
+        changed: list[tuple[str, dict[str, Any]]] = []
+        for key, status in statuses.items():
+            patch = status_patch(status)
+            # A resync compares with what the API server has (heals a lost write); other
+            # passes with what this operator last wrote (the index may still lag behind it).
+            before = desired.previous.get(key) if resync else self.written.get(key)
+            if before is None:
+                before = desired.previous.get(key)
+            if not _same_status(before or {}, patch):
+                changed.append((key, patch))
+        limit = asyncio.Semaphore(STATUS_WRITERS)
+
+        async def write(key: str, patch: dict[str, Any]) -> None:
+            namespace, _, name = key.partition("/")
+            async with limit:
+                try:
+                    found = await asyncio.to_thread(self.kube.patch_status, namespace, name, patch)
+                except Exception as error:
+                    log.warning("status write failed", deployment=key, error=str(error))
+                    self.written.pop(key, None)
+                    return
+            if found:
+                self.written[key] = {k: v for k, v in patch.items() if v is not None}
+            else:
+                self.written.pop(key, None)
+
+        await asyncio.gather(*(write(key, patch) for key, patch in changed))
+
+    def _post(self, key: str, uid: str, events: Iterable[Event]) -> None:
+        import kopf
+
+        namespace, _, name = key.partition("/")
+        body: dict[str, Any] = {
+            "apiVersion": f"{api.GROUP}/{api.VERSION}",
+            "kind": api.KIND,
+            "metadata": {"namespace": namespace, "name": name, "uid": uid},
+        }
+        for event in events:
+            if self.events.admit(key, event):
+                # kopf reads only the reference fields of a body; a plain dict has them.
+                reference = cast(kopf.Body, body)
+                kopf.event(reference, type=event.type, reason=event.reason, message=event.message)
+
+    def forget(self, key: str) -> None:
+        self.written.pop(key, None)
+        self.parsed.pop(key, None)
+        self.events.forget(key)
+
+    # -- background loops (threads: they block on Docker and the API server) -------------
+
+    def start_threads(self) -> None:
+        for name, target in (
+            ("events", self._follow_events),
+            ("task-poll", self._poll_tasks),
+            ("swarm-probe", self._probe_swarm),
+            ("leadership", self._watch_leadership),
+        ):
+            thread = threading.Thread(target=_survive(name, target, self.stop), name=name)
+            thread.daemon = True
+            thread.start()
+            self.threads.append(thread)
+
+    def _follow_events(self) -> None:
+        """Swarm's service and node events start a pass within about a second."""
+        swarm = self.reconciler.swarm
+        assert isinstance(swarm, Swarm)
+        stream = swarm.event_stream()
+        self._stream = stream
+        try:
+            # A pass right after (re)connecting covers whatever happened while disconnected.
+            self.request_threadsafe(everything=True)
+            for event in stream:
+                if self.stop.is_set():
+                    return
+                self._on_swarm_event(event)
+        except stream_errors as error:
+            raise SwarmUnavailable(f"event stream: {error}") from error
+        finally:
+            stream.close()
+
+    def _on_swarm_event(self, event: Mapping[str, Any]) -> None:
+        if event.get("Type") == "node":
+            self.request_threadsafe(everything=True)
+            return
+        actor = event.get("Actor") or {}
+        name = (actor.get("Attributes") or {}).get("name", "")
+        written = self.recent_writes.get(name)
+        if written is not None and time.monotonic() - written < ECHO_SECONDS:
+            return
+        self.request_threadsafe(self.owner_of_service.get(actor.get("ID", "")))
+
+    def _poll_tasks(self) -> None:
+        """Docker's event stream has no task events: a cheap list of the tasks Swarm wants
+        running notices a task failing or becoming ready, faster while work is under way."""
+        swarm = self.reconciler.swarm
+        assert isinstance(swarm, Swarm)
+        last: dict[str, tuple[str, str]] | None = None
+        while not self.stop.is_set():
+            settings = self.settings
+            interval = settings.task_poll_busy_seconds if self.busy else settings.task_poll_seconds
+            if self.stop.wait(interval):
+                return
+            if not self.leader:
+                continue
+            states = swarm.task_states()
+            if last is not None and states != last:
+                changed = [
+                    (states.get(t) or last[t])[0]
+                    for t in states.keys() | last.keys()
+                    if states.get(t) != last.get(t)
+                ]
+                # A foreign task changing may move the NPUs it holds: a pass, serving no one.
+                for owner in {self.owner_of_service.get(service) for service in changed}:
+                    self.request_threadsafe(owner)
+            last = states
+
+    def _probe_swarm(self) -> None:
+        """Reachability goes into a metric, not liveness: restarting the operator would not
+        bring Docker back, and a restart loop would hide the real problem."""
+        while not self.stop.is_set():
+            self.reconciler.swarm.ping()  # type: ignore[attr-defined]
+            if self.stop.wait(self.settings.swarm_probe_seconds):
+                return
+
+    def _watch_leadership(self) -> None:
+        """npuswarm_leader, and the gate of every pass: by kopf's own peering rule, read from
+        the cluster peering object, or each watched namespace's."""
+        lead = self.leadership
+        while not self.stop.is_set():
+            active = lead.standalone or self._active()
+            if active and not self.leader:
+                self.request_threadsafe(everything=True)
+            self.leader = active
+            metrics.leader.set(1 if active else 0)
+            if self.stop.wait(self.settings.swarm_probe_seconds):
+                return
+
+    def _active(self) -> bool:
+        lead = self.leadership
+        scopes: list[str | None] = [None]
+        if lead.namespaces is not None:
+            scopes = [*sorted(lead.namespaces)]
+        now = utcnow()
+        for scope in scopes:
+            status = self.kube.peering_status(lead.name, scope)
+            if status is None:
+                # No peering object: kopf runs standalone, unless peering is mandatory.
+                if lead.mandatory:
+                    return False
+                continue
+            if not is_active(status, lead.identity, lead.priority, now):
+                return False
+        return True
+
+
+def _survive(name: str, body: Callable[[], None], stop: threading.Event) -> Callable[[], None]:
+    """Run ``body`` until ``stop``; any exception is counted, logged and retried with backoff."""
+
+    def loop() -> None:
+        failures = 0
+        while not stop.is_set():
+            started = time.monotonic()
+            try:
+                body()
+            except Exception as error:
+                metrics.background_errors_total.labels(name).inc()
+                log.warning("background loop failed; retrying", loop=name, error=repr(error))
+                failures = 0 if time.monotonic() - started > 60 else failures + 1
+                stop.wait(min(30.0, 0.5 * 2**failures))
+            else:
+                if not stop.is_set():
+                    stop.wait(1.0)
+
+    return loop
+
+
+def status_patch(status: api.ModelDeploymentStatus) -> dict[str, Any]:
+    """A merge patch: unset nested fields are left out, unset top-level ones are deleted."""
+    patch: dict[str, Any] = status.model_dump(mode="json", exclude_none=True)
+    for key, value in status.model_dump(mode="json").items():
+        if value is None:
+            patch[key] = None
+    return patch
+
+
+def _same_status(before: Mapping[str, Any], patch: Mapping[str, Any]) -> bool:
+    return all(before.get(key) == value for key, value in patch.items())

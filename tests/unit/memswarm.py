@@ -1,0 +1,134 @@
+"""An in-memory Swarm behind the same interface as npuswarm.swarm.Swarm (reconcile.SwarmAPI).
+
+It keeps Engine API JSON, so the pass reads it through the real snapshot_from_engine; it
+counts every call, and can refuse writes, fail reads, or run a service's task on request.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from collections import Counter
+from typing import Any
+
+from npuswarm import labels
+from npuswarm.observed import SwarmSnapshot, snapshot_from_engine
+from npuswarm.swarm import SwarmRejected, SwarmUnavailable
+
+from .builders import engine_node
+
+
+class MemorySwarm:
+    def __init__(self, nodes: int = 2, npus: int = 8, instance: str = labels.DEFAULT_INSTANCE) -> None:
+        self.nodes = [
+            engine_node(f"node{i}", f"host{i}", npus=[f"davinci{n}" for n in range(npus)])
+            for i in range(1, nodes + 1)
+        ]
+        self.services: dict[str, dict[str, Any]] = {}
+        self.tasks: list[dict[str, Any]] = []
+        self.networks = [{"Id": "net-id", "Name": "vllm-net"}]
+        self.instance = instance
+        self.calls: Counter[str] = Counter()
+        self.refuse: dict[str, str] = {}  # service name -> error for its next writes
+        self.down = False
+        self.reachable: bool | None = None
+        self._ids = itertools.count(1)
+
+    # -- the interface ------------------------------------------------------------------
+
+    def observe(self) -> SwarmSnapshot:
+        for kind in ("list_nodes", "list_services", "list_tasks", "list_networks"):
+            self._call(kind)
+        return snapshot_from_engine(
+            copy.deepcopy(self.nodes),
+            copy.deepcopy(list(self.services.values())),
+            copy.deepcopy(self.tasks),
+            self.networks,
+            self.instance,
+        )
+
+    def create_service(self, spec: dict[str, Any]) -> str:
+        self._call("create_service", spec["Name"])
+        if any(s["Spec"]["Name"] == spec["Name"] for s in self.services.values()):
+            raise SwarmRejected(f"create_service: name {spec['Name']} is already in use")
+        service_id = f"svc{next(self._ids)}"
+        self.services[service_id] = {"ID": service_id, "Version": {"Index": 1}, "Spec": copy.deepcopy(spec)}
+        return service_id
+
+    def update_service(self, service_id: str, version: int, spec: dict[str, Any]) -> None:
+        self._call("update_service", spec["Name"])
+        service = self.services[service_id]
+        if version != service["Version"]["Index"]:
+            raise SwarmRejected("update_service: update out of sequence")
+        service["Spec"] = copy.deepcopy(spec)
+        service["Version"]["Index"] += 1
+
+    def remove_service(self, service_id: str) -> None:
+        name = self.services.get(service_id, {}).get("Spec", {}).get("Name", "")
+        self._call("remove_service", name)
+        self.services.pop(service_id, None)
+        self.tasks = [t for t in self.tasks if t["ServiceID"] != service_id]
+
+    def owned_services(self, namespace: str, name: str) -> list[dict[str, Any]]:
+        self._call("list_services")
+        return [
+            copy.deepcopy(s)
+            for s in self.services.values()
+            if s["Spec"]["Labels"].get(labels.OWNER_NAMESPACE) == namespace
+            and s["Spec"]["Labels"].get(labels.OWNER_NAME) == name
+        ]
+
+    def ping(self) -> bool:
+        return not self.down
+
+    # -- what a test does to it ----------------------------------------------------------
+
+    def add_service(self, spec: dict[str, Any], *, node_id: str | None = None) -> str:
+        """A service npuswarm did not make (e.g. a stack's), with a running task on node_id."""
+        service_id = f"other{next(self._ids)}"
+        self.services[service_id] = {"ID": service_id, "Version": {"Index": 1}, "Spec": spec}
+        if node_id is not None:
+            self.tasks.append(
+                {
+                    "ID": f"task-{service_id}",
+                    "ServiceID": service_id,
+                    "NodeID": node_id,
+                    "DesiredState": "running",
+                    "CreatedAt": "2026-11-30T11:00:00Z",
+                    "Status": {"State": "running", "Timestamp": "2026-11-30T11:00:00Z"},
+                    "Spec": {"ContainerSpec": {"Labels": {}}},
+                }
+            )
+        return service_id
+
+    def run_all(self, state: str = "running") -> None:
+        """Every npuswarm service's task runs its current spec (as Swarm would, in time)."""
+        self.tasks = [t for t in self.tasks if t["ServiceID"] not in self.services or t["ID"].startswith("task-")]
+        for service_id, service in self.services.items():
+            spec = service["Spec"]
+            if labels.NODE not in spec["Labels"]:
+                continue
+            self.tasks.append(
+                {
+                    "ID": f"t-{service_id}-{service['Version']['Index']}",
+                    "ServiceID": service_id,
+                    "NodeID": spec["Labels"][labels.NODE],
+                    "DesiredState": "running",
+                    "CreatedAt": "2026-11-30T11:00:00Z",
+                    "Status": {"State": state, "Timestamp": "2026-11-30T11:00:00Z"},
+                    "Spec": {"ContainerSpec": {"Labels": spec["TaskTemplate"]["ContainerSpec"]["Labels"]}},
+                }
+            )
+
+    def by_name(self) -> dict[str, dict[str, Any]]:
+        return {s["Spec"]["Name"]: s for s in self.services.values()}
+
+    def writes(self) -> int:
+        return sum(self.calls[k] for k in ("create_service", "update_service", "remove_service"))
+
+    def _call(self, kind: str, name: str = "") -> None:
+        self.calls[kind] += 1
+        if self.down:
+            raise SwarmUnavailable(f"{kind}: connection refused")
+        if name in self.refuse and kind != "list_services":
+            raise SwarmRejected(f"{kind}: {self.refuse[name]}")
