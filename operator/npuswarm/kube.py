@@ -3,6 +3,7 @@ pass, the complete read that confirms orphans, and the peering objects for leade
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
 import kubernetes
@@ -22,6 +23,7 @@ class Kube:
         except kubernetes.config.ConfigException:
             kubernetes.config.load_kube_config()  # type: ignore[no-untyped-call]
         self.objects = kubernetes.client.CustomObjectsApi()
+        self.core = kubernetes.client.CoreV1Api()
 
     def patch_status(self, namespace: str, name: str, patch: dict[str, Any]) -> bool:
         """A merge patch of the status subresource; False when the object is gone."""
@@ -34,6 +36,30 @@ class Kube:
                 return False
             raise
         return True
+
+    def post_event(self, reference: dict[str, str], type_: str, reason: str, message: str) -> None:
+        """A core/v1 Event on a ModelDeployment, as kopf posts them (POST only)."""
+        now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        namespace = reference["namespace"]
+        body: Any = {
+            "metadata": {"generateName": f"{reference['name']}.", "namespace": namespace},
+            "involvedObject": {
+                "apiVersion": f"{api.GROUP}/{api.VERSION}",
+                "kind": api.KIND,
+                "namespace": namespace,
+                "name": reference["name"],
+                "uid": reference["uid"],
+            },
+            "type": type_,
+            "reason": reason,
+            "message": message[:1024],
+            "source": {"component": "npuswarm"},
+            "reportingComponent": "npuswarm",
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "count": 1,
+        }
+        self.core.create_namespaced_event(namespace, body)
 
     def existing(self, owners: set[str]) -> set[str] | None:
         """Which of ``owners`` exist, from one complete LIST; None on any failure, so that

@@ -13,9 +13,9 @@ import asyncio
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any
 
 import structlog
 from pydantic import ValidationError
@@ -81,6 +81,7 @@ class Runtime:
     recent_writes: dict[str, float] = field(default_factory=dict)  # service name -> monotonic
     sequence: int = 0
     failures: int = 0
+    last_changed: set[str] = field(default_factory=set)  # statuses written by the last pass
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     threads: list[threading.Thread] = field(default_factory=list)
 
@@ -170,6 +171,18 @@ class Runtime:
             label = "requeue_after" if view.requeue else "success"
             metrics.reconcile_total.labels(metrics.CONTROLLER, label).inc()
             metrics.reconcile_time_seconds.labels(metrics.CONTROLLER).observe(total)
+            if view.applied or key in self.last_changed:
+                # Only deployments the pass changed something for: a resync of a quiet fleet
+                # logs one "pass" line, not one per deployment.
+                log.info(
+                    "reconciled",
+                    deployment=key,
+                    reconcile_id=pass_id,
+                    result=label,
+                    phase=view.status.phase,
+                    writes=len(view.applied),
+                    duration_seconds=round(total, 3),
+                )
 
     def desired(self) -> Desired:
         """Every ModelDeployment kopf's index knows, parsed once per generation."""
@@ -230,9 +243,7 @@ class Runtime:
         self.busy = result.requeue
         statuses = {key: view.status for key, view in result.views.items()}
         await self._write_statuses(statuses, desired, resync=everything)
-        uids = {md.key: md.metadata.uid for md in desired.deployments}
-        for key, view in result.views.items():
-            self._post(key, uids.get(key, ""), view.events)
+        await self._post_events(result.views, self.uids(desired))
         now = time.time()
         deployments = {
             key: metrics.DeploymentMetrics(
@@ -249,6 +260,14 @@ class Runtime:
             sequence=self.sequence, npus=result.npu_states(), deployments=deployments
         )
         metrics.pass_gauges.publish(self._last_metrics)
+
+    def uids(self, desired: Desired) -> dict[str, str]:
+        found = {md.key: md.metadata.uid for md in desired.deployments}
+        for key in desired.invalid:
+            parsed = self.parsed.get(key)
+            if parsed is not None:
+                found[key] = parsed.stamp[0]
+        return found
 
     def _served_at(self, key: str, default: float) -> float:
         last = getattr(self, "_last_metrics", None)
@@ -309,21 +328,31 @@ class Runtime:
                 self.written.pop(key, None)
 
         await asyncio.gather(*(write(key, patch) for key, patch in changed))
+        self.last_changed = {key for key, _ in changed}
 
-    def _post(self, key: str, uid: str, events: Iterable[Event]) -> None:
-        import kopf
+    async def _post_events(self, views: Mapping[str, Any], uids: Mapping[str, str]) -> None:
+        """New events only (an identical one is let through once an hour), a few at a time."""
+        limit = asyncio.Semaphore(STATUS_WRITERS)
 
-        namespace, _, name = key.partition("/")
-        body: dict[str, Any] = {
-            "apiVersion": f"{api.GROUP}/{api.VERSION}",
-            "kind": api.KIND,
-            "metadata": {"namespace": namespace, "name": name, "uid": uid},
-        }
-        for event in events:
-            if self.events.admit(key, event):
-                # kopf reads only the reference fields of a body; a plain dict has them.
-                reference = cast(kopf.Body, body)
-                kopf.event(reference, type=event.type, reason=event.reason, message=event.message)
+        async def post(key: str, event: Event) -> None:
+            namespace, _, name = key.partition("/")
+            reference = {"namespace": namespace, "name": name, "uid": uids.get(key, "")}
+            async with limit:
+                try:
+                    await asyncio.to_thread(
+                        self.kube.post_event, reference, event.type, event.reason, event.message
+                    )
+                except Exception as error:
+                    log.warning("event not posted", deployment=key, error=str(error))
+
+        await asyncio.gather(
+            *(
+                post(key, event)
+                for key, view in views.items()
+                for event in view.events
+                if self.events.admit(key, event)
+            )
+        )
 
     def forget(self, key: str) -> None:
         self.written.pop(key, None)
