@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import logging
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -184,6 +186,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     import npuswarm.handlers  # registers the handlers with kopf
 
+    # `kill -USR1 <pid>` prints every thread's stack: what a stuck operator is waiting on.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     if args.namespace:
         # The pass judges orphans and leadership only in the namespaces kopf watches.
         os.environ[npuswarm.handlers.NAMESPACES_ENV] = ",".join(args.namespace)

@@ -37,6 +37,9 @@ OPERATOR_NAMESPACE = "npuswarm-system"
 SERVICE_ACCOUNT = f"system:serviceaccount:{OPERATOR_NAMESPACE}:npuswarm"
 
 
+INSTANCE = f"e2e{uuid.uuid4().hex[:8]}"
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -192,11 +195,16 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
             **os.environ,
             "KUBECONFIG": str(operator_kubeconfig),
             "DOCKER_HOST": relay.url,
-            "NPUSWARM_RESYNC_SECONDS": "2",
+            # Far beyond any test: every reaction must come from a trigger (kopf, Swarm events,
+            # the task poll), not from the safety-net resync.
+            "NPUSWARM_RESYNC_SECONDS": "600",
             "NPUSWARM_LOST_NODE_GRACE_SECONDS": "5",
             "NPUSWARM_METRICS_PORT": str(metrics_port),
             "NPUSWARM_SWARM_PROBE_SECONDS": "1",
             "NPUSWARM_DOCKER_TIMEOUT_SECONDS": "5",
+            # This session's own installation: services of other sessions sharing the
+            # developer's dockerd are foreign to it (never swept as orphans).
+            "NPUSWARM_INSTANCE": INSTANCE,
         }
         with log_path.open("wb") as log:
             operator = subprocess.Popen(

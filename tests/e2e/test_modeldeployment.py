@@ -7,7 +7,7 @@ import re
 
 from tests.swarm.conftest import IMAGE, wait_for
 
-from .conftest import Cluster, condition, is_ready, manifest, wait_md
+from .conftest import INSTANCE, Cluster, condition, is_ready, manifest, wait_md
 
 REPO_EXAMPLES = __import__("pathlib").Path(__file__).resolve().parents[2] / "examples"
 
@@ -157,7 +157,7 @@ def test_npu_gauges_match_the_placement(cluster: Cluster, namespace: str) -> Non
     wait_md(cluster, namespace, "gauge", is_ready, "Ready")
     claimed = sum(
         len(s["Spec"]["Labels"]["npuswarm.io/npus"].split(","))
-        for s in cluster.docker.services(filters={"label": "npuswarm.io/managed-by=npuswarm"})
+        for s in cluster.docker.services(filters={"label": f"npuswarm.io/instance={INSTANCE}"})
     )
     hostname = cluster.docker.info()["Name"]
 
