@@ -118,12 +118,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def nodes_map(snapshot: SwarmSnapshot) -> str:
     """One block per node: every davinciN with the replica that holds it."""
     holders: dict[tuple[str, int], str] = {}
-    for service in snapshot.services:
-        allocation = service.allocation()
-        if allocation is None:
-            continue
+    for allocation in snapshot.allocations():
+        who = (
+            f"foreign: {allocation.service}"
+            if allocation.foreign
+            else f"{allocation.deployment}[{allocation.slot}] {allocation.service}"
+        )
         for npu in allocation.npus:
-            who = f"{allocation.deployment}[{allocation.slot}] {service.name}"
             previous = holders.get((allocation.node_id, npu))
             holders[(allocation.node_id, npu)] = (
                 f"{previous} AND {who} (CONFLICT)" if previous else who

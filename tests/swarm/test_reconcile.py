@@ -242,3 +242,35 @@ def test_pinned_npus_are_the_ones_the_service_gets(
     service = owned(docker_client, namespace)[f"{namespace}-pinned-0"]
     assert env_of(service)["ASCEND_VISIBLE_DEVICES"] == "5,6"
     assert service["Spec"]["Labels"]["npuswarm.io/npus"] == "5,6"
+
+
+def test_a_stack_service_holding_npus_is_never_given_them_nor_touched(
+    docker_client: docker.APIClient, namespace: str, reconciler: Reconciler
+) -> None:
+    """The new user's case: an old stack-deployed service still holds davinci0-3 on the node."""
+    from npuswarm.cli import nodes_map
+
+    hostname = docker_client.info()["Name"]
+    stack = docker_client.create_service(
+        {
+            "ContainerSpec": {
+                "Image": "npuswarm/tiny-vllm:dev",
+                "Command": ["sleep", "3600"],
+                "Env": ["ASCEND_VISIBLE_DEVICES=0-3"],
+            },
+            "Placement": {"Constraints": [f"node.hostname=={hostname}"]},
+        },
+        name=f"{namespace}_vllm-qwen3",
+        labels={"com.docker.stack.namespace": namespace},
+    )
+    try:
+        view = converge(reconciler, model(namespace, "newcomer", replicas=1, npusPerReplica=4))
+        assert not set(view.status.replicaStatuses[0].npus) & {0, 1, 2, 3}
+        snapshot = reconciler.swarm.observe()  # type: ignore[attr-defined]
+        shown = nodes_map(snapshot)
+        assert f"davinci0   foreign: {namespace}_vllm-qwen3" in shown
+        versions = docker_client.inspect_service(stack["ID"])["Version"]["Index"]
+        serve(reconciler, model(namespace, "newcomer", replicas=1, npusPerReplica=4), [], {})
+        assert docker_client.inspect_service(stack["ID"])["Version"]["Index"] == versions
+    finally:
+        docker_client.remove_service(stack["ID"])

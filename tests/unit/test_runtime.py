@@ -1,0 +1,121 @@
+"""The operator's running state without kopf: reading the index, loops that survive, gauges."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+
+from npuswarm import metrics
+from npuswarm.reconcile import Reconciler
+from npuswarm.runtime import Leadership, Runtime, _same_status, _survive
+from npuswarm.settings import Settings
+
+from .memswarm import MemorySwarm
+
+
+def entry(name: str, generation: int = 1, deleting: bool = False, **spec: Any) -> dict[str, Any]:
+    metadata: dict[str, Any] = {
+        "name": name,
+        "namespace": "team",
+        "uid": f"uid-{name}",
+        "generation": generation,
+        "creationTimestamp": "2026-01-01T00:00:00Z",
+    }
+    if deleting:
+        metadata["deletionTimestamp"] = "2026-12-01T00:00:00Z"
+    body = {"image": "vllm-ascend:test", "model": f"/models/{name}", **spec}
+    return {"metadata": metadata, "spec": body, "status": {"phase": "Ready"}}
+
+
+def runtime(index: dict[Any, Any]) -> Runtime:
+    settings = Settings()
+    return Runtime(
+        settings=settings,
+        reconciler=Reconciler(MemorySwarm(), settings),
+        kube=None,  # type: ignore[arg-type] - desired() never calls the API server
+        leadership=Leadership(True, False, "default", 0, "me", frozenset({"team"})),
+        index=index,
+    )
+
+
+def test_desired_sorts_the_index_into_valid_invalid_and_deleting_and_parses_once() -> None:
+    index = {
+        ("team", "ok"): [entry("ok")],
+        ("team", "bad"): [entry("bad", generation=3, npusPerReplica=3)],
+        ("team", "going"): [entry("going", deleting=True)],
+    }
+    rt = runtime(index)
+    desired = rt.desired()
+    assert [md.key for md in desired.deployments] == ["team/ok"]
+    generation, message = desired.invalid["team/bad"]
+    assert generation == 3 and "npusPerReplica" in message
+    assert desired.deleting == {"team/going"}
+    assert desired.previous["team/ok"] == {"phase": "Ready"}
+    assert desired.namespaces == {"team"}
+    # The same generation is not parsed again; a new one is.
+    assert rt.desired().deployments[0] is desired.deployments[0]
+    index[("team", "ok")] = [entry("ok", generation=2, replicas=2)]
+    assert rt.desired().deployments[0].spec.replicas == 2
+    # What this operator wrote last counts before the index catches up with it.
+    rt.written["team/ok"] = {"phase": "Progressing"}
+    assert rt.desired().previous["team/ok"] == {"phase": "Progressing"}
+    del index[("team", "bad")]
+    rt.desired()
+    assert "team/bad" not in rt.parsed
+
+
+def test_a_status_is_unchanged_when_every_patched_field_is_equal() -> None:
+    before = {"phase": "Ready", "replicas": 1, "endpoint": "x:1"}
+    assert _same_status(before, {"phase": "Ready", "replicas": 1, "endpoint": "x:1"})
+    assert _same_status(before | {"old": 1}, {"phase": "Ready", "replicas": 1, "endpoint": "x:1"})
+    assert not _same_status(before, {"phase": "Ready", "replicas": 2, "endpoint": "x:1"})
+    # A field the patch deletes (None) differs from one the server still has.
+    assert not _same_status(before, {"phase": "Ready", "replicas": 1, "endpoint": None})
+
+
+def test_a_background_loop_survives_any_exception_and_counts_it() -> None:
+    stop = threading.Event()
+    calls = []
+
+    def flaky() -> None:
+        calls.append(1)
+        if len(calls) < 3:
+            raise ConnectionError("apiserver gone") if len(calls) == 1 else KeyError("surprise")
+        stop.set()
+
+    def errors() -> float:
+        return metrics.REGISTRY.get_sample_value(
+            "npuswarm_background_errors_total", {"loop": "leadership"}
+        ) or 0.0
+
+    before = errors()
+    loop = threading.Thread(target=_survive("leadership", flaky, stop))
+    loop.start()
+    loop.join(timeout=30)
+    assert not loop.is_alive() and len(calls) == 3
+    assert errors() - before == 2
+
+
+def test_gauges_come_from_the_newest_pass_only() -> None:
+    collector = metrics.PassCollector()
+    registry = CollectorRegistry()
+    registry.register(collector)
+
+    def view(sequence: int, free: int) -> metrics.PassMetrics:
+        replicas = metrics.DeploymentMetrics("Ready", 1, 1, 1, {}, 1.0)
+        return metrics.PassMetrics(
+            sequence=sequence,
+            npus={("host1", "free"): free, ("host1", "foreign"): 4},
+            deployments={"team/ok": replicas},
+        )
+
+    assert registry.get_sample_value("npuswarm_npus", {"node": "host1", "state": "free"}) is None
+    collector.publish(view(2, 3))
+    collector.publish(view(1, 8))  # an older pass finishing late changes nothing
+    assert registry.get_sample_value("npuswarm_npus", {"node": "host1", "state": "free"}) == 3
+    assert registry.get_sample_value("npuswarm_npus", {"node": "host1", "state": "foreign"}) == 4
+    assert registry.get_sample_value("npuswarm_modeldeployments", {"phase": "Ready"}) == 1
+    assert registry.get_sample_value("npuswarm_modeldeployments", {"phase": "Degraded"}) == 0
+    assert registry.get_sample_value("npuswarm_replicas_ready", {"namespace": "team", "name": "ok"}) == 1
