@@ -10,6 +10,7 @@ one pass. The periodic resync is the safety net.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 import uuid
@@ -69,6 +70,7 @@ class Runtime:
     index: Mapping[Any, Any] = field(default_factory=dict)
     loop: asyncio.AbstractEventLoop | None = None
     wake: asyncio.Event = field(default_factory=asyncio.Event)
+    recovery: asyncio.Event = field(default_factory=asyncio.Event)
     dirty: set[str] = field(default_factory=set)
     everything: bool = True  # the first pass serves every deployment
     leader: bool = False
@@ -87,9 +89,15 @@ class Runtime:
 
     # -- triggers -------------------------------------------------------------------------
 
-    def request(self, key: str | None = None, *, everything: bool = False) -> None:
+    def request(
+        self, key: str | None = None, *, everything: bool = False, recovered: bool = False
+    ) -> None:
         """Ask for a pass (in the event loop's thread). ``key``: the deployment that wants
-        it; ``everything``: serve every deployment (resync, node change)."""
+        it; ``everything``: serve every deployment (resync, node change); ``recovered``:
+        Swarm answers again, so the outage backoff ends."""
+        if recovered:
+            self.failures = 0
+            self.recovery.set()
         if everything:
             self.everything = True
         elif key is not None:
@@ -97,9 +105,13 @@ class Runtime:
         metrics.workqueue_depth.labels(metrics.CONTROLLER).set(len(self.dirty))
         self.wake.set()
 
-    def request_threadsafe(self, key: str | None = None, *, everything: bool = False) -> None:
+    def request_threadsafe(
+        self, key: str | None = None, *, everything: bool = False, recovered: bool = False
+    ) -> None:
         if self.loop is not None and not self.stop.is_set():
-            self.loop.call_soon_threadsafe(lambda: self.request(key, everything=everything))
+            self.loop.call_soon_threadsafe(
+                lambda: self.request(key, everything=everything, recovered=recovered)
+            )
 
     # -- the pass loop --------------------------------------------------------------------
 
@@ -107,16 +119,21 @@ class Runtime:
         last_pass = 0.0
         while not self.stop.is_set():
             try:
-                delay = self.settings.resync_seconds - (time.monotonic() - last_pass)
+                since = time.monotonic() - last_pass
                 if self.failures:
-                    delay = min(MAX_BACKOFF_SECONDS, 5.0 * 2 ** (self.failures - 1))
-                try:
-                    await asyncio.wait_for(self.wake.wait(), timeout=max(0.0, delay))
-                except TimeoutError:
+                    # An outage: triggers do not cut the backoff short; Swarm answering
+                    # again (the probe) does.
+                    backoff = min(MAX_BACKOFF_SECONDS, 5.0 * 2 ** (self.failures - 1))
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self.recovery.wait(), max(0.0, backoff - since))
+                    self.recovery.clear()
                     self.everything = True
-                if self.failures:
-                    # An outage: wait out the backoff even if triggers keep coming.
-                    await asyncio.sleep(max(0.0, delay - (time.monotonic() - last_pass)))
+                else:
+                    try:
+                        delay = max(0.0, self.settings.resync_seconds - since)
+                        await asyncio.wait_for(self.wake.wait(), timeout=delay)
+                    except TimeoutError:
+                        self.everything = True
                 await asyncio.sleep(COALESCE_SECONDS)
                 self.wake.clear()
                 if not self.leader:
@@ -430,8 +447,15 @@ class Runtime:
     def _probe_swarm(self) -> None:
         """Reachability goes into a metric, not liveness: restarting the operator would not
         bring Docker back, and a restart loop would hide the real problem."""
+        swarm = self.reconciler.swarm
+        assert isinstance(swarm, Swarm)
         while not self.stop.is_set():
-            self.reconciler.swarm.ping()  # type: ignore[attr-defined]
+            before = swarm.reachable
+            reachable = swarm.ping()
+            if before is not None and reachable != before:
+                # Lost: a pass reports the outage in every status. Back: recover now rather
+                # than at the end of the backoff.
+                self.request_threadsafe(everything=True, recovered=reachable)
             if self.stop.wait(self.settings.swarm_probe_seconds):
                 return
 
