@@ -30,7 +30,7 @@ task history. Service and node events go out on /events as Engine 20.10 writes t
 Benchmark controls, outside the Docker API (never counted):
   GET  /sim/stats                     requests per "METHOD /route", bytes sent, object counts
   POST /sim/reset                     zero the counters
-  GET  /sim/services                  [{ID, Name, Labels, Version, CreatedAt, Running}]
+  GET  /sim/services                  [{ID, Name, Labels, Version, Image, Running, ..}]
   POST /sim/nodes/{id|hostname}/down  (and /up): the node's state, with a node event
   POST /sim/seed?count=M&prefix=P     M services (one replica, running at once), spread over
                                       the nodes; an optional JSON body gives Labels
@@ -888,6 +888,7 @@ class EngineSim:
                     "Name": s["Spec"]["Name"],
                     "Labels": s["Spec"].get("Labels") or {},
                     "Version": s["Version"]["Index"],
+                    "Image": s["Spec"]["TaskTemplate"]["ContainerSpec"].get("Image"),
                     "CreatedAt": s["CreatedAt"],
                     "Running": running[s["ID"]],
                 }
@@ -1203,10 +1204,8 @@ class _Handler(BaseHTTPRequestHandler):
             sim.set_node_state(params["id"], state)
             self._reply(route, 200, {})
         elif route == "POST /sim/seed":
-            body = self._body(raw_body)
-            ids = sim.seed(
-                int(query.get("count", "0")), query.get("prefix", "seed"), body.get("Labels")
-            )
+            seed_labels = self._body(raw_body).get("Labels")
+            ids = sim.seed(int(query.get("count", "0")), query.get("prefix", "seed"), seed_labels)
             self._reply(route, 200, {"IDs": ids})
         elif route == "DELETE /sim/services/{id}":
             sim.remove_service(params["id"])
