@@ -12,12 +12,13 @@ or, in Python::
     with EngineSim(nodes=50).start() as sim:
         docker.APIClient(base_url=sim.url, version="auto").services()
 
-Docker API: GET /_ping /version /info /nodes /nodes/{id} /services /services/{id} /tasks
-/tasks/{id} /networks /networks/{id} /events (chunked JSON lines); POST /services/create
-/services/{id}/update?version=N (stale N: 500 "update out of sequence", as Swarm answers)
-/nodes/{id}/update?version=N; DELETE /services/{id}. List filters: services id, name, label,
-mode; tasks id, name, service, node, desired-state, label; nodes id, name, role, membership,
-node.label; networks id, name, driver, scope. An optional /v1.NN prefix is accepted.
+Docker API: GET /_ping /version /info /nodes /nodes/{id} /services (and ?status=true)
+/services/{id} /tasks /tasks/{id} /networks /networks/{id} /events (chunked JSON lines);
+POST /services/create /services/{id}/update?version=N (a stale N gets 500 "update out of
+sequence", as from Swarm) /nodes/{id}/update?version=N; DELETE /services/{id}.
+List filters: services id, name, label, mode; tasks id, name, service, node, desired-state,
+label; nodes id, name, role, membership, node.label; networks id, name, driver, scope.
+An optional /v1.NN prefix is accepted.
 
 A scheduler stands in for Swarm's: every replica slot of a service gets a task on a node that
 satisfies its constraints (node.id / node.hostname / node.role / node.labels.*, == and !=),
@@ -618,11 +619,19 @@ class EngineSim:
 
     def _schedule(self, task: dict[str, Any], immediate: bool) -> None:
         constraints = (task["Spec"].get("Placement") or {}).get("Constraints") or []
-        candidates = [
-            n
-            for n in ([self.nodes[task["NodeID"]]] if task.get("NodeID") else self.nodes.values())
-            if node_satisfies(n, constraints)
-        ]
+        pinned = task.get("NodeID") or next(
+            (
+                c.split("==", 1)[1].strip()
+                for c in constraints
+                if c.replace(" ", "").startswith("node.id==")
+            ),
+            None,
+        )
+        # A node.id constraint names the one node to try, instead of testing a thousand.
+        pool = (
+            [self.nodes[pinned]] if pinned in self.nodes else [] if pinned else self.nodes.values()
+        )
+        candidates = [n for n in pool if node_satisfies(n, constraints)]
         usable = [n for n in candidates if self._usable(n)]
         if not usable:
             unavailable = len(candidates)
@@ -736,6 +745,22 @@ class EngineSim:
             return matches[0]
         raise ApiError(404, f"service {ref} not found")
 
+    def _find_task(self, ref: str) -> dict[str, Any]:
+        if ref not in self.tasks:
+            raise ApiError(404, f"task {ref} not found")
+        return self.tasks[ref]
+
+    def _find_network(self, ref: str) -> dict[str, Any]:
+        for net in self.networks.values():
+            if ref in (net["Id"], net["Name"]):
+                return net
+        raise ApiError(404, f"network {ref} not found")
+
+    def dump(self, find: Callable[[], Any]) -> bytes:
+        """One object serialized under the lock, so the socket write happens outside it."""
+        with self._lock:
+            return json.dumps(find(), separators=(",", ":")).encode()
+
     def _find_node(self, ref: str) -> dict[str, Any]:
         if ref in self.nodes:
             return self.nodes[ref]
@@ -747,7 +772,10 @@ class EngineSim:
             return matches[0]
         raise ApiError(404, f"node {ref} not found")
 
-    def _list_services(self, filters: dict[str, list[str]]) -> list[dict[str, Any]]:
+    def _list_services(
+        self, filters: dict[str, list[str]], with_status: bool = False
+    ) -> list[dict[str, Any]]:
+        """``with_status``: API 1.41's task counts per service (``?status=true``)."""
         result = []
         for service in self.services.values():
             spec = service["Spec"]
@@ -761,8 +789,14 @@ class EngineSim:
                 mode = "global" if "Global" in spec.get("Mode", {}) else "replicated"
                 if mode not in filters["mode"]:
                     continue
-            result.append(service)
+            result.append(self._with_status(service) if with_status else service)
         return result
+
+    def _with_status(self, service: dict[str, Any]) -> dict[str, Any]:
+        live = [t for t in self._tasks_of(service["ID"]) if t["DesiredState"] == "running"]
+        running = sum(1 for t in live if t["Status"]["State"] == "running")
+        counts = {"RunningTasks": running, "DesiredTasks": len(live), "CompletedTasks": 0}
+        return dict(service, ServiceStatus=counts)
 
     def _list_tasks(self, filters: dict[str, list[str]]) -> list[dict[str, Any]]:
         service_ids = (
@@ -1150,20 +1184,19 @@ class _Handler(BaseHTTPRequestHandler):
         elif route == "GET /nodes":
             self._reply(route, 200, sim.cached_list(route, key, lambda: sim._list_nodes(filters)))
         elif route == "GET /nodes/{id}":
-            with sim._lock:
-                self._reply(route, 200, sim._find_node(params["id"]))
+            self._reply(route, 200, sim.dump(lambda: sim._find_node(params["id"])))
         elif route == "POST /nodes/{id}/update":
             sim.update_node(params["id"], _version_param(query), self._body(raw_body))
             self._reply(route, 200, b"", "text/plain")
         elif route == "GET /services":
-            body = sim.cached_list(route, key, lambda: sim._list_services(filters))
+            with_status = query.get("status", "").lower() in ("1", "true")
+            body = sim.cached_list(route, key, lambda: sim._list_services(filters, with_status))
             self._reply(route, 200, body)
         elif route == "POST /services/create":
             service_id = sim.create_service(self._body(raw_body))
             self._reply(route, 201, {"ID": service_id})
         elif route == "GET /services/{id}":
-            with sim._lock:
-                self._reply(route, 200, sim._find_service(params["id"]))
+            self._reply(route, 200, sim.dump(lambda: sim._find_service(params["id"])))
         elif route == "POST /services/{id}/update":
             sim.update_service(params["id"], _version_param(query), self._body(raw_body))
             self._reply(route, 200, {})
@@ -1175,21 +1208,13 @@ class _Handler(BaseHTTPRequestHandler):
                 body = sim.cached_list(route, key, lambda: sim._list_tasks(filters))
             self._reply(route, 200, body)
         elif route == "GET /tasks/{id}":
-            with sim._lock:
-                task = sim.tasks.get(params["id"])
-                if task is None:
-                    raise ApiError(404, f"task {params['id']} not found")
-                self._reply(route, 200, task)
+            self._reply(route, 200, sim.dump(lambda: sim._find_task(params["id"])))
         elif route == "GET /networks":
             self._reply(
                 route, 200, sim.cached_list(route, key, lambda: sim._list_networks(filters))
             )
         elif route == "GET /networks/{id}":
-            with sim._lock:
-                found = [n for n in sim.networks.values() if params["id"] in (n["Id"], n["Name"])]
-                if not found:
-                    raise ApiError(404, f"network {params['id']} not found")
-                self._reply(route, 200, found[0])
+            self._reply(route, 200, sim.dump(lambda: sim._find_network(params["id"])))
         elif route == "GET /sim/stats":
             self._reply(route, 200, sim.stats())
         elif route == "POST /sim/reset":

@@ -98,7 +98,7 @@ def test_create_schedules_a_task_that_becomes_running_on_its_node(client: docker
     assert taken.value.status_code == 409
 
 
-def test_label_filter_and_unfiltered_list(client: docker.APIClient) -> None:
+def test_label_filter_unfiltered_list_and_status(client: docker.APIClient, sim: EngineSim) -> None:
     node = client.nodes()[0]["ID"]
     client.create_service(template(node), name="owned", labels=OWNED)
     client.create_service(template(node), name="foreign", labels={"team": "x"})
@@ -107,6 +107,10 @@ def test_label_filter_and_unfiltered_list(client: docker.APIClient) -> None:
     assert sorted(s["Spec"]["Name"] for s in client.services()) == ["foreign", "owned"]
     assert client.services(filters={"label": "team"})[0]["Spec"]["Name"] == "foreign"
     assert client.services(filters={"label": "team=y"}) == []
+    wait_for(lambda: sim.stats()["running_tasks"] == 2, "both tasks to run", timeout=10)
+    counts = {s["Spec"]["Name"]: s["ServiceStatus"] for s in client.services(status=True)}
+    assert counts["owned"] == {"RunningTasks": 1, "DesiredTasks": 1, "CompletedTasks": 0}
+    assert "ServiceStatus" not in client.services()[0]
 
 
 def test_update_replaces_the_task_and_refuses_a_stale_version(client: docker.APIClient) -> None:
