@@ -653,7 +653,10 @@ def targets(results: list[dict[str, Any]]) -> str:
             value is not None and value < 60,
             " s",
             r,
-            _at(r, "converge", "all_running_s_note") or "",
+            # Services that never all appeared leave no running time, only that note.
+            _at(r, "converge", "all_running_s_note")
+            or _at(r, "converge", "all_services_s_note")
+            or "",
         )
         ready = _at(r, "converge", "all_ready_s")
         return text + (f"; all Ready {ready} s" if ready is not None else "")
