@@ -357,23 +357,34 @@ class Run:
             "DOCKER_HOST": sim.docker_host,
             "NPUSWARM_METRICS_PORT": str(metrics_port),
         }
-        log = (self.state / "operator.log").open("wb")
-        self.operator = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "npuswarm.cli",
-                "run",
-                "--standalone",
-                "--log-format",
-                "json",
-                f"--liveness=http://127.0.0.1:{health_port}/healthz",
-            ],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
+        with (self.state / "operator.log").open("wb") as log:
+            self.operator = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "npuswarm.cli",
+                    "run",
+                    "--standalone",
+                    "--log-format",
+                    "json",
+                    f"--liveness=http://127.0.0.1:{health_port}/healthz",
+                ],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
         return self.operator.pid, f"http://127.0.0.1:{metrics_port}/metrics"
+
+    def alive(self) -> bool:
+        """True, or raise: a phase must not wait out its deadline on a dead operator."""
+        assert self.operator is not None
+        code = self.operator.poll()
+        if code is not None:
+            raise RuntimeError(
+                f"the operator exited with {code} (negative: killed by that signal); "
+                f"see {self.state / 'operator.log'} (kept with --keep)"
+            )
+        return True
 
     def measure(self, sim: Sim, kube: Kube, kubeconfig: Path) -> None:
         o = self.o
@@ -388,15 +399,9 @@ class Run:
 
         def all_running() -> bool:
             services = [s for s in sim.services() if s["Labels"].get(OWNER_NAME) in wanted]
-            return wanted <= owners() and all(s["Running"] >= 1 for s in services)
+            return self.alive() and wanted <= owners() and all(s["Running"] >= 1 for s in services)
 
-        def alive() -> bool:
-            assert self.operator is not None
-            if self.operator.poll() is not None:
-                raise RuntimeError(f"the operator exited; see {self.state / 'operator.log'}")
-            return True
-
-        seconds = wait(lambda: alive() and wanted <= owners(), o.timeout, poll)
+        seconds = wait(lambda: self.alive() and wanted <= owners(), o.timeout, poll)
         if seconds is None:
             self.missed("converge", "all_services_s", o.timeout)
         else:
@@ -413,6 +418,7 @@ class Run:
         rest = max(0.0, o.timeout - (time.monotonic() - start))
 
         def all_ready() -> bool:
+            self.alive()
             phases = kube.phases()
             return len(phases) >= o.deployments and all(p == "Ready" for p in phases.values())
 
@@ -425,7 +431,11 @@ class Run:
             self.note("converge", all_ready_s=round(time.monotonic() - start, 2))
         self.note("converge", writes=sim.stats()["writes"])
 
+        self.alive()
         self.steady(sim, pid, metrics_url)
+        self.alive()  # figures of a window in which the operator died are no figures
+        # A window that opens before convergence measures catching up, not a steady state.
+        self.note("steady", after_all_ready=ready is not None)
         self.note(
             "memory",
             **{k.lower() + "_mib": round(v / 1024, 1) for k, v in memory_kib(pid).items()},
@@ -487,7 +497,9 @@ class Run:
         kube.apply([deployment(name)])
         applied = time.monotonic() - started
         seconds = wait(
-            lambda: any(s["Labels"].get(OWNER_NAME) == name for s in sim.services()),
+            lambda: (
+                self.alive() and any(s["Labels"].get(OWNER_NAME) == name for s in sim.services())
+            ),
             self.o.phase_timeout,
             0.05,
         )
@@ -502,7 +514,9 @@ class Run:
         sim.call(f"/sim/services/{victim['ID']}", method="DELETE")
 
         def back() -> bool:
-            return any(s["Labels"].get(OWNER_NAME) == "md-00000" for s in sim.services())
+            return self.alive() and any(
+                s["Labels"].get(OWNER_NAME) == "md-00000" for s in sim.services()
+            )
 
         seconds = wait(back, self.o.phase_timeout, 0.05)
         if seconds is None:
@@ -517,6 +531,7 @@ class Run:
         kube.apply([deployment(n, image="sim/vllm:bench-2") for n in changed])
 
         def done() -> bool:
+            self.alive()
             images = {s["Labels"].get(OWNER_NAME): s for s in sim.services()}
             return all(
                 images.get(n, {}).get("Image") == "sim/vllm:bench-2" and images[n]["Running"] >= 1
@@ -585,13 +600,14 @@ def markdown(results: list[dict[str, Any]]) -> str:
             if u.get("writes") is not None
             else _fmt(u, "all_updated_s")
         )
+        stopped = f" (stopped: {r['error']})" if r.get("error") else ""
         rows.append(
             f"| {r['params']['nodes']} x {r['params']['deployments']} | `{r['checkout']}` "
             f"| {_fmt(c, 'all_services_s', ' s')} | {_fmt(c, 'all_ready_s', ' s')} "
             f"| {_fmt(s, 'operator_cpu_pct', ' %')} | {_fmt(s, 'list_calls_per_min')} "
             f"| {_fmt(s, 'reconciles_per_min')} | {_fmt(s, 'writes_per_min')} "
             f"| {_fmt(n, 'service_created_s', ' s')} | {_fmt(rs, 'service_back_s', ' s')} "
-            f"| {update} | {_fmt(m, 'vmrss_mib', ' MiB')} | {r.get('duration_s', '-')} s |"
+            f"| {update} | {_fmt(m, 'vmrss_mib', ' MiB')} | {r.get('duration_s', '-')} s{stopped} |"
         )
     return header + "\n".join(rows) + "\n"
 
@@ -676,7 +692,8 @@ def targets(results: list[dict[str, Any]]) -> str:
 
     def sweep(_: Any, runs: list[dict[str, Any]]) -> str:
         parts = []
-        for r in runs:
+        latest = {r["params"]["deployments"]: r for r in runs}  # runs are sorted by time
+        for r in latest.values():
             per_reconcile = _at(r, "steady", "list_calls_per_reconcile")
             parts.append(
                 f"M={r['params']['deployments']}: "
@@ -854,8 +871,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.nodes * 8 < args.deployments + args.changed + 1:
         parser.error(f"{args.nodes} nodes x 8 NPUs cannot hold {args.deployments} deployments")
-    # One file per size and checkout: "before" and "after" rows stay side by side.
-    out = args.out or RESULTS / f"fleet-{args.nodes}x{args.deployments}-{checkout()}.json"
+    # One file per run, named by size, checkout and time: "before" and "after" rows, and
+    # repeated runs (the spread on a shared machine), stay side by side.
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M")
+    out = args.out or RESULTS / f"fleet-{args.nodes}x{args.deployments}-{checkout()}-{stamp}.json"
     options = Options(
         args.nodes,
         args.deployments,
