@@ -210,6 +210,7 @@ class EngineSim:
         self._generation = 0  # bumps on every change; list caches are keyed on it
         self._ids = itertools.count()
         self._cache: dict[str, _Cached] = {}
+        self._fragments: dict[str, tuple[int, bytes]] = {}  # id -> (Version.Index, JSON)
         self.nodes: dict[str, dict[str, Any]] = {}
         self.services: dict[str, dict[str, Any]] = {}
         self.tasks: dict[str, dict[str, Any]] = {}
@@ -458,6 +459,8 @@ class EngineSim:
             # Swarm shuts the tasks down and forgets them once their containers are gone.
             for task_id in self._by_service.pop(service["ID"], {}):
                 del self.tasks[task_id]
+                self._fragments.pop(task_id, None)
+            self._fragments.pop(service["ID"], None)
             self._emit("service", "remove", service["ID"], {"name": service["Spec"]["Name"]})
             self._touch()
 
@@ -513,6 +516,7 @@ class EngineSim:
                 # The orchestrator replaces the task; the old one keeps its last reported
                 # state while its node is unreachable, or stops at once when drained.
                 task["DesiredState"] = "shutdown"
+                task["Version"] = {"Index": self._next_index()}
                 if node["Status"]["State"] == "ready":
                     self._set_task_state(task, "shutdown", "shutdown")
             elif (
@@ -581,6 +585,7 @@ class EngineSim:
             key = (task["Slot"], task["NodeID"] if task["Slot"] == 0 else None)
             if key not in wanted_keys or task["Spec"] != template:
                 task["DesiredState"] = "shutdown"
+                task["Version"] = {"Index": self._next_index()}
                 node = self.nodes.get(task.get("NodeID") or "")
                 if node is None or node["Status"]["State"] == "ready":
                     self._set_task_state(task, "shutdown", "shutdown")
@@ -680,6 +685,7 @@ class EngineSim:
             )
             for task in old[: max(0, len(tasks) - TASK_HISTORY)]:
                 del self.tasks[task["ID"]]
+                self._fragments.pop(task["ID"], None)
                 del self._by_service[service_id][task["ID"]]
 
     def _maybe_complete_update(self, service: dict[str, Any]) -> None:
@@ -862,18 +868,37 @@ class EngineSim:
             result.append(net)
         return result
 
-    def cached_list(self, route: str, query: str, build: Callable[[], Any]) -> bytes:
-        """The serialized answer, reused until the state changes."""
+    def cached_list(
+        self, route: str, query: str, build: Callable[[], Any], per_object: bool = True
+    ) -> bytes:
+        """The serialized answer, reused until the state changes. After a change only the
+        objects whose Version moved are serialized again (``per_object``; off for answers
+        that add fields to the stored objects)."""
         key = f"{route}?{query}"
         with self._lock:
             hit = self._cache.get(key)
             if hit is not None and hit.generation == self._generation:
                 return hit.body
-            body = json.dumps(build(), separators=(",", ":")).encode()
+            items = build()
+            if per_object:
+                body = b"[" + b",".join(self._fragment(item) for item in items) + b"]"
+            else:
+                body = json.dumps(items, separators=(",", ":")).encode()
             if len(self._cache) > 256:
                 self._cache.clear()
             self._cache[key] = _Cached(self._generation, body)
             return body
+
+    def _fragment(self, obj: dict[str, Any]) -> bytes:
+        """One object's JSON, kept while its Version.Index stays (every change bumps it)."""
+        key = obj.get("ID") or obj["Id"]
+        version = (obj.get("Version") or {}).get("Index", 0)
+        hit = self._fragments.get(key)
+        if hit is not None and hit[0] == version:
+            return hit[1]
+        data = json.dumps(obj, separators=(",", ":")).encode()
+        self._fragments[key] = (version, data)
+        return data
 
     # -- benchmark controls ------------------------------------------------------------------
 
@@ -1190,7 +1215,9 @@ class _Handler(BaseHTTPRequestHandler):
             self._reply(route, 200, b"", "text/plain")
         elif route == "GET /services":
             with_status = query.get("status", "").lower() in ("1", "true")
-            body = sim.cached_list(route, key, lambda: sim._list_services(filters, with_status))
+            body = sim.cached_list(
+                route, key, lambda: sim._list_services(filters, with_status), not with_status
+            )
             self._reply(route, 200, body)
         elif route == "POST /services/create":
             service_id = sim.create_service(self._body(raw_body))
@@ -1222,7 +1249,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._reply(route, 200, {})
         elif route == "GET /sim/services":
             # Polled by benchmarks while the operator works: cached like the lists.
-            self._reply(route, 200, sim.cached_list(route, "", sim.summary))
+            self._reply(route, 200, sim.cached_list(route, "", sim.summary, per_object=False))
         elif route == "POST /sim/nodes/{id}/{state}":
             state = {"down": "down", "up": "ready", "ready": "ready"}.get(params["state"])
             if state is None:
