@@ -1,0 +1,270 @@
+"""bench/enginesim.py, driven by the real docker-py client over loopback HTTP.
+
+The fleet benchmark trusts this server to answer like a Swarm manager; these tests hold it to
+the shapes and rules npuswarm depends on (versions, filters, task states, events).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from typing import Any
+
+import docker
+import docker.errors
+import pytest
+
+from npuswarm import labels
+from npuswarm.swarm import Swarm
+from tests.conftest import REPO
+from tests.swarm.conftest import wait_for
+
+sys.path.insert(0, str(REPO / "bench"))
+
+from enginesim import EngineSim
+
+OWNED = {labels.MANAGED_BY: labels.MANAGED_BY_VALUE, labels.OWNER_NAMESPACE: "ns"}
+
+
+@pytest.fixture
+def sim() -> Iterator[EngineSim]:
+    with EngineSim(nodes=3, task_delay=0.1).start() as running:
+        yield running
+
+
+@pytest.fixture
+def client(sim: EngineSim) -> docker.APIClient:
+    return docker.APIClient(base_url=sim.url, version="auto", timeout=10)
+
+
+def template(node_id: str, image: str = "img:1") -> dict[str, Any]:
+    return {
+        "ContainerSpec": {"Image": image, "Labels": {labels.SPEC_HASH: image}},
+        "Placement": {"Constraints": [f"node.id=={node_id}"]},
+        "Networks": [{"Target": "vllm-net", "Aliases": ["m"]}],
+    }
+
+
+def tasks_of(client: docker.APIClient, service_id: str) -> list[dict[str, Any]]:
+    tasks: list[dict[str, Any]] = client.tasks(filters={"service": service_id})
+    return sorted(tasks, key=lambda t: t["CreatedAt"])
+
+
+def sim_get(sim: EngineSim, path: str, method: str = "GET") -> Any:
+    request = urllib.request.Request(sim.http_url + path, method=method)
+    with urllib.request.urlopen(request, timeout=5) as response:
+        return json.loads(response.read())
+
+
+def test_engine_identity_and_nodes(client: docker.APIClient) -> None:
+    assert client.version()["ApiVersion"] == "1.41"
+    assert client.ping() is True
+    assert client.info()["Swarm"]["LocalNodeState"] == "active"
+    nodes = client.nodes()
+    assert [n["Description"]["Hostname"] for n in nodes] == ["sim-0001", "sim-0002", "sim-0003"]
+    npus = [
+        r["NamedResourceSpec"] for r in nodes[0]["Description"]["Resources"]["GenericResources"]
+    ]
+    assert npus == [{"Kind": "NPU", "Value": f"davinci{i}"} for i in range(8)]
+    assert {n["Status"]["State"] for n in nodes} == {"ready"}
+    assert {n["Spec"]["Availability"] for n in nodes} == {"active"}
+
+
+def test_create_schedules_a_task_that_becomes_running_on_its_node(client: docker.APIClient) -> None:
+    node = client.nodes()[1]["ID"]
+    service_id = client.create_service(template(node), name="a-0", labels=OWNED)["ID"]
+    service = client.inspect_service("a-0")
+    assert service["ID"] == service_id
+    assert service["Spec"]["Labels"] == OWNED
+    # Swarm keeps network ids, not the names it was given.
+    vllm_net = client.networks(names=["vllm-net"])[0]["Id"]
+    assert service["Spec"]["TaskTemplate"]["Networks"][0]["Target"] == vllm_net
+    running = wait_for(
+        lambda: [t for t in tasks_of(client, service_id) if t["Status"]["State"] == "running"],
+        "the task to run",
+        timeout=10,
+        interval=0.05,
+    )
+    task = running[0]
+    assert task["NodeID"] == node
+    assert task["DesiredState"] == "running"
+    assert task["Spec"]["ContainerSpec"]["Labels"] == {labels.SPEC_HASH: "img:1"}
+    with pytest.raises(docker.errors.APIError) as taken:
+        client.create_service(template(node), name="a-0")
+    assert taken.value.status_code == 409
+
+
+def test_label_filter_unfiltered_list_and_status(client: docker.APIClient, sim: EngineSim) -> None:
+    node = client.nodes()[0]["ID"]
+    client.create_service(template(node), name="owned", labels=OWNED)
+    client.create_service(template(node), name="foreign", labels={"team": "x"})
+    owned = client.services(filters={"label": labels.OWNED_FILTER})
+    assert [s["Spec"]["Name"] for s in owned] == ["owned"]
+    assert sorted(s["Spec"]["Name"] for s in client.services()) == ["foreign", "owned"]
+    assert client.services(filters={"label": "team"})[0]["Spec"]["Name"] == "foreign"
+    assert client.services(filters={"label": "team=y"}) == []
+    wait_for(lambda: sim.stats()["running_tasks"] == 2, "both tasks to run", timeout=10)
+    counts = {s["Spec"]["Name"]: s["ServiceStatus"] for s in client.services(status=True)}
+    assert counts["owned"] == {"RunningTasks": 1, "DesiredTasks": 1, "CompletedTasks": 0}
+    assert "ServiceStatus" not in client.services()[0]
+
+
+def test_update_replaces_the_task_and_refuses_a_stale_version(client: docker.APIClient) -> None:
+    node = client.nodes()[2]["ID"]
+    service_id = client.create_service(template(node), name="u", labels=OWNED)["ID"]
+    version = client.inspect_service(service_id)["Version"]["Index"]
+    client.update_service(
+        service_id, version, task_template=template(node, "img:2"), name="u", labels=OWNED
+    )
+    with pytest.raises(docker.errors.APIError) as stale:
+        client.update_service(
+            service_id, version, task_template=template(node, "img:3"), name="u", labels=OWNED
+        )
+    assert stale.value.status_code == 500
+    assert "update out of sequence" in str(stale.value.explanation)
+
+    def settled() -> list[tuple[str, str, str]]:
+        states = [
+            (t["Spec"]["ContainerSpec"]["Image"], t["Status"]["State"], t["DesiredState"])
+            for t in tasks_of(client, service_id)
+        ]
+        return states if states[-1][1] == "running" else []
+
+    assert wait_for(settled, "the new task to run", timeout=10, interval=0.05) == [
+        ("img:1", "shutdown", "shutdown"),
+        ("img:2", "running", "running"),
+    ]
+    # Finishing the rollout bumps the version again, as Swarm does.
+    service = client.inspect_service(service_id)
+    assert service["UpdateStatus"]["State"] == "completed"
+    assert service["Version"]["Index"] > version + 1
+
+
+def test_npuswarm_update_retries_a_stale_version(client: docker.APIClient) -> None:
+    node = client.nodes()[0]["ID"]
+    service_id = client.create_service(template(node), name="r", labels=OWNED)["ID"]
+    stale = client.inspect_service(service_id)["Version"]["Index"] - 1
+    spec = {
+        "Name": "r",
+        "Labels": OWNED,
+        "TaskTemplate": template(node, "img:9"),
+        "Mode": {"Replicated": {"Replicas": 1}},
+    }
+    Swarm(base_url=client.base_url.replace("http://", "tcp://")).update_service(
+        service_id, stale, spec
+    )
+    image = client.inspect_service(service_id)["Spec"]["TaskTemplate"]["ContainerSpec"]["Image"]
+    assert image == "img:9"
+
+
+def test_remove_takes_the_tasks_along(client: docker.APIClient, sim: EngineSim) -> None:
+    node = client.nodes()[0]["ID"]
+    service_id = client.create_service(template(node), name="gone", labels=OWNED)["ID"]
+    client.remove_service(service_id)
+    assert client.services() == []
+    assert client.tasks() == []
+    with pytest.raises(docker.errors.NotFound):
+        client.remove_service(service_id)
+    assert sim.stats()["writes"] == 3
+
+
+def test_events_stream_service_and_node_changes(client: docker.APIClient, sim: EngineSim) -> None:
+    seen: list[dict[str, Any]] = []
+    stream = client.events(decode=True, filters={"type": ["service", "node"]})
+
+    def follow() -> None:
+        for event in stream:
+            seen.append(event)
+
+    threading.Thread(target=follow, daemon=True).start()
+    wait_for(lambda: sim.stats()["requests"].get("GET /events"), "the stream", timeout=5)
+    node = client.nodes()[1]
+    service_id = client.create_service(template(node["ID"]), name="e", labels=OWNED)["ID"]
+    version = client.inspect_service(service_id)["Version"]["Index"]
+    client.update_service(
+        service_id, version, task_template=template(node["ID"], "img:2"), name="e"
+    )
+    client.remove_service(service_id)
+    sim_get(sim, f"/sim/nodes/{node['ID']}/down", method="POST")
+    wait_for(lambda: any(e["Type"] == "node" for e in seen), "the node event", timeout=5)
+    stream.close()
+    service_events = [(e["Action"], e["Actor"]["ID"]) for e in seen if e["Type"] == "service"]
+    assert service_events[0] == ("create", service_id)
+    assert service_events[1] == ("update", service_id)
+    assert service_events[-1] == ("remove", service_id)
+    node_event = next(e for e in seen if e["Type"] == "node")
+    assert node_event["Actor"]["ID"] == node["ID"]
+    assert node_event["Actor"]["Attributes"]["state.new"] == "down"
+    assert all(e["Actor"]["Attributes"]["name"] for e in seen)
+    assert all(e["timeNano"] // 1_000_000_000 == e["time"] for e in seen)
+
+
+def test_node_down_leaves_the_replacement_pending_until_it_is_back(
+    client: docker.APIClient, sim: EngineSim
+) -> None:
+    node = client.nodes()[2]["ID"]
+    service_id = client.create_service(template(node), name="d", labels=OWNED)["ID"]
+    wait_for(
+        lambda: tasks_of(client, service_id)[0]["Status"]["State"] == "running",
+        "the task to run",
+        timeout=10,
+        interval=0.05,
+    )
+    sim_get(sim, f"/sim/nodes/{node}/down", method="POST")
+    old, new = tasks_of(client, service_id)
+    assert (old["Status"]["State"], old["DesiredState"]) == ("running", "shutdown")
+    assert new["Status"]["State"] == "pending"
+    assert "no suitable node" in new["Status"]["Err"]
+    assert client.inspect_node(node)["Status"]["State"] == "down"
+    sim_get(sim, f"/sim/nodes/{node}/up", method="POST")
+    wait_for(
+        lambda: tasks_of(client, service_id)[-1]["Status"]["State"] == "running",
+        "the replacement to run",
+        timeout=10,
+        interval=0.05,
+    )
+    assert tasks_of(client, service_id)[0]["Status"]["State"] == "shutdown"
+
+
+def test_counters_seed_and_reset(client: docker.APIClient, sim: EngineSim) -> None:
+    seeded = sim_get(sim, "/sim/seed?count=6&prefix=s", method="POST")["IDs"]
+    assert len(seeded) == 6
+    summary = sim_get(sim, "/sim/services")
+    assert sorted(s["Name"] for s in summary) == [f"s-{i}" for i in range(6)]
+    assert {s["Running"] for s in summary} == {1}
+    sim_get(sim, "/sim/reset", method="POST")
+    client.nodes()
+    client.services()
+    client.services()
+    client.tasks()
+    stats = sim_get(sim, "/sim/stats")
+    assert stats["requests"] == {"GET /nodes": 1, "GET /services": 2, "GET /tasks": 1}
+    assert (stats["list_calls"], stats["writes"], stats["running_tasks"]) == (4, 0, 6)
+
+
+def test_npuswarm_observes_the_sim(client: docker.APIClient, sim: EngineSim) -> None:
+    nodes = client.nodes()
+    service_id = client.create_service(
+        template(nodes[1]["ID"]),
+        name="ns-m-0",
+        labels={**OWNED, labels.OWNER_NAME: "m", labels.SPEC_HASH: "img:1"},
+    )["ID"]
+    client.create_service(template(nodes[0]["ID"]), name="not-ours", labels={})
+    wait_for(
+        lambda: sim.stats()["running_tasks"] == 2, "both tasks to run", timeout=10, interval=0.05
+    )
+    sim.reset_counters()
+    started = time.monotonic()
+    snapshot = Swarm(base_url=sim.url).observe()
+    assert time.monotonic() - started < 10
+    assert [n.hostname for n in snapshot.nodes] == ["sim-0001", "sim-0002", "sim-0003"]
+    assert all(n.npus == frozenset(range(8)) and n.accepts_new_replicas for n in snapshot.nodes)
+    (service,) = snapshot.services
+    assert (service.id, service.deployment) == (service_id, "ns/m")
+    assert service.running_current_spec
+    assert service.spec["TaskTemplate"]["Networks"][0]["Target"] == "vllm-net"
+    assert sim.stats()["list_calls"] == 4
