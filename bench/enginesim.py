@@ -1171,10 +1171,12 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(data)
+        # Counted before the client can read the answer: a counter read right after a
+        # call returns must include it.
         if not route.startswith(("GET /sim", "POST /sim", "DELETE /sim")):
             self.sim.count(route, len(data), status)
+        if self.command != "HEAD":
+            self.wfile.write(data)
 
     def _body(self, raw: bytes) -> dict[str, Any]:
         if not raw:

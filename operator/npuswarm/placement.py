@@ -104,6 +104,7 @@ class PlacementResult:
     free: dict[str, set[int]] = field(default_factory=dict)
     # Nodes that already run a replica of a deployment (for one-replica-per-node requests).
     nodes_used: dict[str, set[str]] = field(default_factory=dict)
+    _by_deployment: dict[str, dict[str, Assignment]] = field(default_factory=dict)
     _candidates: dict[CandidateKey, list[NodeInfo]] = field(default_factory=dict)
     _accepting: dict[CandidateKey, list[NodeInfo]] = field(default_factory=dict)
     _nodes: dict[str, NodeInfo] = field(default_factory=dict)
@@ -128,9 +129,12 @@ class PlacementResult:
     def assign(self, assignment: Assignment) -> None:
         self.assignments[assignment.key] = assignment
         self.nodes_used.setdefault(assignment.deployment, set()).add(assignment.node_id)
+        self._by_deployment.setdefault(assignment.deployment, {})[assignment.slot] = assignment
 
     def for_deployment(self, deployment: str) -> list[Assignment]:
-        return [a for key, a in sorted(self.assignments.items()) if key[0] == deployment]
+        """In slot order; looked up, not scanned: every deployment of a pass asks."""
+        slots = self._by_deployment.get(deployment, {})
+        return [slots[slot] for slot in sorted(slots)]
 
 
 def place(

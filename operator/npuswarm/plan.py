@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 from npuswarm.api import ModelDeployment
 from npuswarm.inventory import NodeInfo
-from npuswarm.labels import DEFAULT_INSTANCE, SPEC_HASH
+from npuswarm.labels import SPEC_HASH
 from npuswarm.observed import ObservedService, SwarmSnapshot
 from npuswarm.placement import (
     PlacementResult,
@@ -17,7 +17,7 @@ from npuswarm.placement import (
     place,
     spare_assignment,
 )
-from npuswarm.render import essential, render_service, service_name
+from npuswarm.render import Renderer, service_name
 
 ActionKind = Literal["create", "update", "remove"]
 DriftKind = Literal["service_recreated", "service_updated", "replica_replaced"]
@@ -134,7 +134,7 @@ def plan_deployment(
     placement: PlacementResult,
     snapshot: SwarmSnapshot,
     known_services: frozenset[str] = frozenset(),
-    instance: str = DEFAULT_INSTANCE,
+    renderer: Renderer | None = None,
 ) -> DeploymentPlan:
     """Diff the rendered services of one deployment against the owned services found in Swarm.
 
@@ -142,6 +142,7 @@ def plan_deployment(
     was removed by hand (drift), not merely never created. Surge copies take spare NPUs out
     of ``placement`` so that two of them never share NPUs.
     """
+    renderer = renderer or Renderer()
     assignments = {a.slot: a for a in placement.for_deployment(md.key)}
     requests_by_slot = {r.slot: r for r in requests}
     by_slot: dict[str, list[ObservedService]] = {}
@@ -152,14 +153,12 @@ def plan_deployment(
     updates: list[tuple[Action, bool]] = []  # (action, replica currently ready)
     for slot, assignment in sorted(assignments.items()):
         services = sorted(by_slot.get(slot, []), key=lambda s: s.name)
-        if len(services) > 1 and _settle_surge(md, slot, services, plan, instance):
+        if len(services) > 1 and _settle_surge(md, slot, services, plan, renderer):
             continue
         primary = next((s for s in services if s.name == service_name(md, slot)), None)
         if primary is None and services:
             primary = services[0]
-        spec = render_service(
-            md, assignment, name=primary.name if primary else None, instance=instance
-        )
+        spec = renderer.render(md, assignment, name=primary.name if primary else None)
         plan.desired[slot] = spec
         for extra in services:
             if extra is not primary:
@@ -177,7 +176,7 @@ def plan_deployment(
                 )
             )
             continue
-        if essential(primary.spec) == essential(spec):
+        if renderer.matches(primary.id, primary.version, primary.spec, spec):
             continue
         moved = placement.moved.get((md.key, slot))
         drift: DriftKind | None
@@ -203,7 +202,7 @@ def plan_deployment(
         if slot not in requests_by_slot:
             plan.actions.extend(_remove(s, "replica no longer wanted") for s in services)
 
-    updates = _surge(md, updates, requests_by_slot, placement, by_slot, plan, instance)
+    updates = _surge(md, updates, requests_by_slot, placement, by_slot, plan, renderer)
     _limit_unavailable(plan, updates, md, by_slot)
     plan.actions = [replace(a, owner=md.key) for a in plan.actions]
     plan.deferred = [replace(a, owner=md.key) for a in plan.deferred]
@@ -218,7 +217,7 @@ def plan_pass(
     lost_node_grace_seconds: float,
     known_services: dict[str, frozenset[str]] | None = None,
     orphan_owners: frozenset[str] = frozenset(),
-    instance: str = DEFAULT_INSTANCE,
+    renderer: Renderer | None = None,
 ) -> PassPlan:
     """One placement of every deployment, then each one's diff; writes nothing.
 
@@ -227,12 +226,14 @@ def plan_pass(
     removed; the caller decides that only from a complete read of the ModelDeployments.
     """
     known = known_services or {}
+    renderer = renderer or Renderer()
+    renderer.new_pass()
     placement, requests = place_all(
         deployments, snapshot, now=now, lost_node_grace_seconds=lost_node_grace_seconds
     )
     plans = {
         key: plan_deployment(
-            md, requests[key], placement, snapshot, known.get(key, frozenset()), instance
+            md, requests[key], placement, snapshot, known.get(key, frozenset()), renderer
         )
         for key, md in ((md.key, md) for md in _by_priority(deployments))
     }
@@ -268,19 +269,19 @@ def _settle_surge(
     slot: str,
     services: list[ObservedService],
     plan: DeploymentPlan,
-    instance: str,
+    renderer: Renderer,
 ) -> bool:
     """A replica with an old and a surge copy: drop the old one once the new one is Ready.
 
     Returns False when no copy is up to date, leaving the slot to the ordinary diff.
     """
-    current = [s for s in services if _up_to_date(md, s, instance)]
+    current = [s for s in services if _up_to_date(md, s, renderer)]
     if not current:
         return False
     newest = current[0]
     allocation = newest.allocation()
     assert allocation is not None  # _up_to_date renders from the allocation
-    plan.desired[slot] = render_service(md, allocation.kept(), name=newest.name, instance=instance)
+    plan.desired[slot] = renderer.render(md, allocation.kept(), name=newest.name)
     if newest.running_current_spec:
         plan.actions.extend(
             _remove(s, f"surge copy {newest.name} is ready") for s in services if s is not newest
@@ -288,12 +289,12 @@ def _settle_surge(
     return True
 
 
-def _up_to_date(md: ModelDeployment, service: ObservedService, instance: str) -> bool:
+def _up_to_date(md: ModelDeployment, service: ObservedService, renderer: Renderer) -> bool:
     allocation = service.allocation()
     if allocation is None:
         return False
-    rendered = render_service(md, allocation.kept(), name=service.name, instance=instance)
-    return essential(service.spec) == essential(rendered)
+    rendered = renderer.render(md, allocation.kept(), name=service.name)
+    return renderer.matches(service.id, service.version, service.spec, rendered)
 
 
 def _surge(
@@ -303,7 +304,7 @@ def _surge(
     placement: PlacementResult,
     by_slot: dict[str, list[ObservedService]],
     plan: DeploymentPlan,
-    instance: str,
+    renderer: Renderer,
 ) -> list[tuple[Action, bool]]:
     """Turn updates of ready replicas into surge copies while spare NPUs and maxSurge allow.
 
@@ -326,7 +327,7 @@ def _surge(
                 kind="create",
                 slot=action.slot,
                 service_name=name,
-                spec=render_service(md, spare, name=name, instance=instance),
+                spec=renderer.render(md, spare, name=name),
                 reason=f"spec changed: surge copy on spare NPUs before {action.service_name} stops",
             )
         )

@@ -7,10 +7,12 @@ a deletion can never be undone by a pass that was already running.
 
 from __future__ import annotations
 
+import gc
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -23,6 +25,7 @@ from npuswarm.events import Event
 from npuswarm.npus import parse_npu_ids
 from npuswarm.observed import SwarmSnapshot
 from npuswarm.plan import Action, Applied, PassPlan, plan_pass
+from npuswarm.render import Renderer
 from npuswarm.settings import Settings
 from npuswarm.status import deployment_status, invalid_spec_status
 from npuswarm.swarm import SwarmRejected
@@ -122,6 +125,7 @@ class Reconciler:
         self.clock = clock
         self.owners = owners
         self.lock = threading.Lock()
+        self.renderer = Renderer(settings.instance)
         # uids of deleted deployments: no pass may write for them again, even one that read
         # its desired state before the deletion.
         self._tombstones: OrderedDict[str, None] = OrderedDict()
@@ -146,16 +150,19 @@ class Reconciler:
                 key: _reported_services(status) for key, status in desired.previous.items()
             },
             orphan_owners=self._orphan_owners(desired, snapshot),
-            instance=self.settings.instance,
+            renderer=self.renderer,
         )
 
     def run_pass(self, desired: Desired) -> PassResult:
         """Raises SwarmUnavailable when Swarm cannot be read or written: nothing is concluded
         from a failed read, so nothing is removed; the caller retries with backoff."""
-        with self.lock:
+        with self.lock, _collector_paused():
             desired = self._without_tombstoned(desired)
             whole = self.plan(desired)
             applied = self._apply(whole.actions)
+            return self._result(desired, whole, applied)
+
+    def _result(self, desired: Desired, whole: PassPlan, applied: dict[str, Applied]) -> PassResult:
         now = self.clock()
         views: dict[str, DeploymentView] = {}
         for md in desired.deployments:
@@ -284,6 +291,20 @@ class Reconciler:
             for service in owned:
                 self.swarm.remove_service(service["ID"])
         return len(owned)
+
+
+@contextmanager
+def _collector_paused() -> Iterator[None]:
+    """A pass allocates about a million short-lived objects (the Engine JSON) and frees them
+    by reference counting; the cyclic collector would walk them all several times for
+    nothing, which measured as more than half of a pass's CPU at 2,000 deployments."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def _reported_services(status: Mapping[str, Any]) -> frozenset[str]:

@@ -247,3 +247,63 @@ def essential(spec: dict[str, Any]) -> dict[str, Any]:
             for port in endpoint.get("Ports") or []
         ),
     }
+
+
+class Renderer:
+    """render_service and essential for one installation, remembered across passes: between
+    two passes almost no deployment and no service changes, and rendering and comparing
+    thousands of specs again would dominate a pass. Results are shared: never mutate them."""
+
+    def __init__(self, instance: str = labels.DEFAULT_INSTANCE) -> None:
+        self.instance = instance
+        self._rendered: dict[tuple[Any, ...], tuple[dict[str, Any], dict[str, Any]]] = {}
+        self._observed: dict[tuple[str, int], dict[str, Any]] = {}
+        self._previous: tuple[dict[Any, Any], dict[Any, Any]] = ({}, {})
+        # id of a spec this pass returned -> its essential projection (the cache holds the
+        # spec, so the id stays its own while it is in here).
+        self._essentials: dict[int, dict[str, Any]] = {}
+
+    def new_pass(self) -> None:
+        """Keep what the last pass used, drop the rest: the memory follows the fleet."""
+        self._previous = (self._rendered, self._observed)
+        self._rendered, self._observed, self._essentials = {}, {}, {}
+
+    def render(
+        self, md: ModelDeployment, assignment: Assignment, name: str | None = None
+    ) -> dict[str, Any]:
+        return self._render(md, assignment, name)[0]
+
+    def matches(
+        self, service_id: str, version: int, observed: dict[str, Any], rendered: dict[str, Any]
+    ) -> bool:
+        """Whether an observed service (its id, Swarm version and spec) already is
+        ``rendered`` (a spec this renderer returned)."""
+        key = (service_id, version)
+        seen = self._observed.get(key) or self._previous[1].get(key)
+        if seen is None:
+            seen = essential(observed)
+        self._observed[key] = seen
+        wanted = self._essentials.get(id(rendered))
+        return seen == (wanted if wanted is not None else essential(rendered))
+
+    def _render(
+        self, md: ModelDeployment, assignment: Assignment, name: str | None
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        meta = md.metadata
+        key = (
+            md.spec.model_dump_json(),
+            meta.namespace,
+            meta.name,
+            meta.uid,
+            assignment.slot,
+            assignment.node_id,
+            assignment.npus,
+            name,
+        )
+        entry = self._rendered.get(key) or self._previous[0].get(key)
+        if entry is None:
+            spec = render_service(md, assignment, name=name, instance=self.instance)
+            entry = (spec, essential(spec))
+        self._rendered[key] = entry
+        self._essentials[id(entry[0])] = entry[1]
+        return entry
