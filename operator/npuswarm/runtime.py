@@ -79,6 +79,8 @@ class Runtime:
     events: EventFilter = field(default_factory=EventFilter)
     written: dict[str, dict[str, Any]] = field(default_factory=dict)
     parsed: dict[str, Parsed] = field(default_factory=dict)
+    # The (uid, generation, deletionTimestamp) each deployment was last seen with.
+    generations: dict[str, tuple[Any, ...]] = field(default_factory=dict)
     owner_of_service: dict[str, str] = field(default_factory=dict)  # service id -> owner
     recent_writes: dict[str, float] = field(default_factory=dict)  # service name -> monotonic
     sequence: int = 0
@@ -373,6 +375,7 @@ class Runtime:
 
     def forget(self, key: str) -> None:
         self.written.pop(key, None)
+        self.generations.pop(key, None)
         self.parsed.pop(key, None)
         self.events.forget(key)
 
