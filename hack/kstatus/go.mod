@@ -1,6 +1,6 @@
 module npuswarm.local/hack/kstatus
 
-go 1.24.0
+go 1.22.0
 
 require (
 	k8s.io/apimachinery v0.30.1
