@@ -11,7 +11,9 @@ if obj.metadata ~= nil and obj.metadata.deletionTimestamp ~= nil then
 end
 
 local status = obj.status
-if status == nil or status.observedGeneration == nil then
+-- The API server serves observedGeneration 0 (the CRD's status default) until npuswarm's first
+-- write: generations start at 1, so 0 means never observed.
+if status == nil or status.observedGeneration == nil or status.observedGeneration == 0 then
   hs.status = "Progressing"
   hs.message = "waiting for the operator"
   return hs

@@ -260,7 +260,9 @@ class ModelDeploymentSpec(_Model):
         return quantity_to_bytes(self.shmSize)
 
 
-ConditionType = Literal["Ready", "Progressing", "Degraded"]
+# Ready, Progressing and Degraded are for people and Argo CD (manifests/argocd/health.lua);
+# Reconciling and Stalled are kstatus's abnormal-true pair, for Flux, kpt and cli-utils.
+ConditionType = Literal["Ready", "Progressing", "Degraded", "Reconciling", "Stalled"]
 ConditionStatus = Literal["True", "False", "Unknown"]
 Phase = Literal["Pending", "Progressing", "Ready", "Degraded", "Invalid"]
 

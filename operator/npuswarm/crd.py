@@ -61,6 +61,10 @@ def structural(schema: dict[str, Any], definitions: dict[str, Any] | None = None
 def crd_manifest() -> dict[str, Any]:
     spec_schema = structural(api.ModelDeploymentSpec.model_json_schema())
     status_schema = structural(api.ModelDeploymentStatus.model_json_schema())
+    # The API server serves an object without status with this one (defaulting on read), so
+    # before npuswarm's first write kstatus reads generation 1 as not yet observed (InProgress)
+    # instead of "no conditions, so Current", agreeing with Argo CD's health.lua (Progressing).
+    status_schema["default"] = {"observedGeneration": 0}
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",

