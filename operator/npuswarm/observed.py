@@ -123,6 +123,8 @@ class SwarmSnapshot:
     foreign: list[ForeignClaim] = field(default_factory=list)
     # Names of every network in the Swarm (npuswarm's or not).
     networks: frozenset[str] = frozenset()
+    # Networks this installation created: name -> id.
+    own_networks: dict[str, str] = field(default_factory=dict)
     _by_deployment: dict[str, list[ObservedService]] = field(default_factory=dict, repr=False)
     _nodes_by_id: dict[str, NodeInfo] = field(default_factory=dict, repr=False)
 
@@ -165,10 +167,7 @@ def snapshot_from_engine(
     others: list[dict[str, Any]] = []
     for raw in services:
         service_labels = (raw.get("Spec") or {}).get("Labels") or {}
-        mine = service_labels.get(labels.MANAGED_BY) == labels.MANAGED_BY_VALUE and (
-            service_labels.get(labels.INSTANCE, labels.DEFAULT_INSTANCE) == instance
-        )
-        (owned if mine else others).append(raw)
+        (owned if _is_own(service_labels, instance) else others).append(raw)
     by_id: dict[str, ObservedService] = {}
     for raw in owned:
         spec = _with_network_names(raw.get("Spec") or {}, network_names)
@@ -199,6 +198,17 @@ def snapshot_from_engine(
         services=sorted(by_id.values(), key=lambda s: s.name),
         foreign=sorted(foreign, key=lambda c: (c.node_id, c.service)),
         networks=frozenset(network_names.values()),
+        own_networks={
+            n["Name"]: n["Id"]
+            for n in networks
+            if _is_own(n.get("Labels") or {}, instance) and "Id" in n and "Name" in n
+        },
+    )
+
+
+def _is_own(object_labels: dict[str, str], instance: str) -> bool:
+    return object_labels.get(labels.MANAGED_BY) == labels.MANAGED_BY_VALUE and (
+        object_labels.get(labels.INSTANCE, labels.DEFAULT_INSTANCE) == instance
     )
 
 

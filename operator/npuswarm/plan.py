@@ -119,6 +119,10 @@ class PassPlan:
     plans: dict[str, DeploymentPlan]  # by deployment key, in priority order
     # Removals of services whose owner no longer exists.
     orphans: list[Action] = field(default_factory=list)
+    # Overlay networks a deployment names that do not exist yet: created before any service.
+    networks_to_create: list[str] = field(default_factory=list)
+    # npuswarm's own networks nothing of npuswarm's uses any more: (name, id), removed last.
+    networks_to_remove: list[tuple[str, str]] = field(default_factory=list)
 
     @property
     def actions(self) -> list[Action]:
@@ -242,7 +246,29 @@ def plan_pass(
         for owner in sorted(orphan_owners - plans.keys())
         for service in snapshot.services_of(owner)
     ]
-    return PassPlan(snapshot=snapshot, placement=placement, plans=plans, orphans=orphans)
+    wanted = {md.spec.network.name for md in deployments if md.spec.network is not None}
+    removed = {
+        a.service_name for plan in plans.values() for a in plan.actions if a.kind == "remove"
+    }
+    removed |= {a.service_name for a in orphans}
+    in_use = {
+        network.get("Target")
+        for service in snapshot.services
+        if service.name not in removed
+        for network in (service.spec.get("TaskTemplate") or {}).get("Networks") or []
+    }
+    return PassPlan(
+        snapshot=snapshot,
+        placement=placement,
+        plans=plans,
+        orphans=orphans,
+        networks_to_create=sorted(wanted - snapshot.networks),
+        networks_to_remove=sorted(
+            (name, network_id)
+            for name, network_id in snapshot.own_networks.items()
+            if name not in wanted and name not in in_use
+        ),
+    )
 
 
 def plan_many(

@@ -25,7 +25,7 @@ from npuswarm.events import Event
 from npuswarm.npus import parse_npu_ids
 from npuswarm.observed import SwarmSnapshot
 from npuswarm.plan import Action, Applied, PassPlan, plan_pass
-from npuswarm.render import Renderer
+from npuswarm.render import Renderer, network_labels
 from npuswarm.settings import Settings
 from npuswarm.status import deployment_status, invalid_spec_status
 from npuswarm.swarm import SwarmRejected
@@ -45,6 +45,8 @@ class SwarmAPI(Protocol):
     def create_service(self, spec: dict[str, Any]) -> str: ...
     def update_service(self, service_id: str, version: int, spec: dict[str, Any]) -> None: ...
     def remove_service(self, service_id: str) -> None: ...
+    def create_network(self, name: str, network_labels: dict[str, str]) -> None: ...
+    def remove_network(self, network_id: str) -> None: ...
     def owned_services(self, namespace: str, name: str) -> list[dict[str, Any]]: ...
 
 
@@ -159,8 +161,25 @@ class Reconciler:
         with self.lock, _collector_paused():
             desired = self._without_tombstoned(desired)
             whole = self.plan(desired)
+            self._networks(whole.networks_to_create, create=True)
             applied = self._apply(whole.actions)
+            self._networks([network_id for _, network_id in whole.networks_to_remove], create=False)
             return self._result(desired, whole, applied)
+
+    def _networks(self, names_or_ids: list[str], *, create: bool) -> None:
+        """Networks go before the services that attach to them and after the last service
+        that used them. A refusal (e.g. a network still in use by someone else's service) is
+        logged: the services that need a missing network say so in their own status."""
+        for target in names_or_ids:
+            try:
+                if create:
+                    self.swarm.create_network(target, network_labels(self.settings.instance))
+                else:
+                    self.swarm.remove_network(target)
+            except SwarmRejected as error:
+                log.warning("network write refused", network=target, error=str(error))
+                continue
+            log.info("network " + ("created" if create else "removed"), network=target)
 
     def _result(self, desired: Desired, whole: PassPlan, applied: dict[str, Applied]) -> PassResult:
         now = self.clock()

@@ -89,6 +89,14 @@ def owner_labels(md: ModelDeployment, instance: str = labels.DEFAULT_INSTANCE) -
     return owner
 
 
+def network_labels(instance: str = labels.DEFAULT_INSTANCE) -> dict[str, str]:
+    """Marks a network npuswarm created, so it removes only its own."""
+    marks = {labels.MANAGED_BY: labels.MANAGED_BY_VALUE}
+    if instance != labels.DEFAULT_INSTANCE:
+        marks[labels.INSTANCE] = instance
+    return marks
+
+
 def render_service(
     md: ModelDeployment,
     assignment: Assignment,

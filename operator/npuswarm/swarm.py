@@ -189,6 +189,24 @@ class Swarm:
             f"update_service {service_id}: still out of sequence after {UPDATE_ATTEMPTS} tries"
         )
 
+    def create_network(self, name: str, network_labels: dict[str, str]) -> None:
+        """An attachable overlay network, as the seed's stack file declared ``vllm-net``."""
+        self._call(
+            "create_network",
+            "create_network",
+            name,
+            driver="overlay",
+            attachable=True,
+            labels=network_labels,
+        )
+
+    def remove_network(self, network_id: str) -> None:
+        try:
+            self._call("remove_network", "remove_network", network_id)
+        except SwarmRejected as error:
+            if "not found" not in str(error):
+                raise
+
     def remove_service(self, service_id: str) -> None:
         try:
             self._call("remove_service", "remove_service", service_id)

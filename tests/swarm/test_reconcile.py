@@ -274,3 +274,28 @@ def test_a_stack_service_holding_npus_is_never_given_them_nor_touched(
         assert docker_client.inspect_service(stack["ID"])["Version"]["Index"] == versions
     finally:
         docker_client.remove_service(stack["ID"])
+
+
+def test_a_missing_overlay_network_is_created_and_removed_with_its_last_deployment(
+    docker_client: docker.APIClient, namespace: str, reconciler: Reconciler
+) -> None:
+    network = f"{namespace}-net"
+    md = model(namespace, "netted", replicas=1, network={"name": network})
+    try:
+        converge(reconciler, md)
+        found = docker_client.networks(names=[network])
+        assert len(found) == 1
+        inspected = docker_client.inspect_network(found[0]["Id"])
+        assert (inspected["Driver"], inspected["Attachable"]) == ("overlay", True)
+        assert inspected["Labels"]["npuswarm.io/managed-by"] == "npuswarm"
+        reconciler.finalize(namespace, "netted", md.metadata.uid)
+
+        def gone() -> bool:
+            # Swarm may still be detaching the removed task: a later pass removes it then.
+            serve(reconciler, model(namespace, "unrelated", replicas=0), [], {})
+            return not docker_client.networks(names=[network])
+
+        wait_for(gone, "the network to go", timeout=30)
+    finally:
+        for leftover in docker_client.networks(names=[network]):
+            docker_client.remove_network(leftover["Id"])

@@ -69,6 +69,14 @@ class MemorySwarm:
         self.services.pop(service_id, None)
         self.tasks = [t for t in self.tasks if t["ServiceID"] != service_id]
 
+    def create_network(self, name: str, network_labels: dict[str, str]) -> None:
+        self._call("create_network", name)
+        self.networks.append({"Id": f"net-{name}", "Name": name, "Labels": dict(network_labels)})
+
+    def remove_network(self, network_id: str) -> None:
+        self._call("remove_network")
+        self.networks = [n for n in self.networks if n["Id"] != network_id]
+
     def owned_services(self, namespace: str, name: str) -> list[dict[str, Any]]:
         self._call("list_services")
         return [

@@ -194,3 +194,23 @@ def test_an_unreachable_swarm_raises_and_removes_nothing() -> None:
         run(r, [])
     swarm.down = False
     assert len(swarm.services) == 2
+
+
+def test_a_missing_network_is_created_first_and_removed_when_nothing_uses_it() -> None:
+    swarm = MemorySwarm()
+    swarm.networks.append({"Id": "theirs", "Name": "shared", "Labels": {}})
+    r = reconciler(swarm, Catalog(set()))
+    md = deployment("netted", network={"name": "models-net"})
+    on_shared = deployment("other", network={"name": "shared"}, created="2026-01-02T00:00:00Z")
+    run(r, [md, on_shared])
+    created = {n["Name"]: n for n in swarm.networks}
+    assert created["models-net"]["Labels"] == {"npuswarm.io/managed-by": "npuswarm"}
+    assert swarm.calls["create_network"] == 1  # "shared" exists: never created, never owned
+    service = swarm.by_name()["default-netted-0"]["Spec"]["TaskTemplate"]["Networks"]
+    assert service[0]["Target"] == "models-net"
+    assert run(r, [md, on_shared]).writes == 0 and swarm.calls["create_network"] == 1
+
+    # Gone from every spec: the services go, then the network npuswarm made; never "shared".
+    run(r, [])
+    assert {n["Name"] for n in swarm.networks} == {"vllm-net", "shared"}
+    assert swarm.services == {}
