@@ -158,13 +158,17 @@ class Reconciler:
     def run_pass(self, desired: Desired) -> PassResult:
         """Raises SwarmUnavailable when Swarm cannot be read or written: nothing is concluded
         from a failed read, so nothing is removed; the caller retries with backoff."""
-        with self.lock, _collector_paused():
-            desired = self._without_tombstoned(desired)
-            whole = self.plan(desired)
+        with self.lock:
+            with _collector_paused():
+                desired = self._without_tombstoned(desired)
+                whole = self.plan(desired)
+            # Writes wait on Swarm, while the rest of the process goes on making garbage:
+            # the collector runs meanwhile.
             self._networks(whole.networks_to_create, create=True)
             applied = self._apply(whole.actions)
             self._networks([network_id for _, network_id in whole.networks_to_remove], create=False)
-            return self._result(desired, whole, applied)
+            with _collector_paused():
+                return self._result(desired, whole, applied)
 
     def _networks(self, names_or_ids: list[str], *, create: bool) -> None:
         """Networks go before the services that attach to them and after the last service
@@ -316,7 +320,9 @@ class Reconciler:
 def _collector_paused() -> Iterator[None]:
     """A pass allocates about a million short-lived objects (the Engine JSON) and frees them
     by reference counting; the cyclic collector would walk them all several times for
-    nothing, which measured as more than half of a pass's CPU at 2,000 deployments."""
+    nothing, which measured as more than half of a pass's CPU at 2,000 deployments. Only
+    around computation: the pause is process-wide, and a long pause lets other threads'
+    cyclic garbage pile up."""
     enabled = gc.isenabled()
     gc.disable()
     try:

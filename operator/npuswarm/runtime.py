@@ -37,6 +37,7 @@ log = structlog.get_logger("npuswarm.runtime")
 COALESCE_SECONDS = 0.1
 MAX_BACKOFF_SECONDS = 300.0
 STATUS_WRITERS = 8
+STATUS_RETRY_SECONDS = 3.0
 # A Swarm event about a service this operator wrote so recently is its own echo.
 ECHO_SECONDS = 5.0
 
@@ -280,6 +281,10 @@ class Runtime:
         )
         metrics.pass_gauges.publish(self._last_metrics)
 
+    def _retry(self, keys: list[str]) -> None:
+        for key in keys:
+            self.request(key)
+
     def uids(self, desired: Desired) -> dict[str, str]:
         found = {md.key: md.metadata.uid for md in desired.deployments}
         for key in desired.invalid:
@@ -331,6 +336,7 @@ class Runtime:
             if not _same_status(before or {}, patch):
                 changed.append((key, patch))
         limit = asyncio.Semaphore(STATUS_WRITERS)
+        failed: list[str] = []
 
         async def write(key: str, patch: dict[str, Any]) -> None:
             namespace, _, name = key.partition("/")
@@ -348,6 +354,11 @@ class Runtime:
 
         await asyncio.gather(*(write(key, patch) for key, patch in changed))
         self.last_changed = {key for key, _ in changed}
+        if failed:
+            # e.g. the API server throttling (429) while kopf adds finalizers to a fleet:
+            # these statuses are retried by a pass in a few seconds, not at the resync.
+            assert self.loop is not None
+            self.loop.call_later(STATUS_RETRY_SECONDS, self._retry, failed)
 
     async def _post_events(self, views: Mapping[str, Any], uids: Mapping[str, str]) -> None:
         """New events only (an identical one is let through once an hour), a few at a time."""
@@ -512,6 +523,11 @@ def _survive(name: str, body: Callable[[], None], stop: threading.Event) -> Call
                     stop.wait(1.0)
 
     return loop
+
+
+def _short(error: Exception) -> str:
+    """An API error's first line: a 429's headers and body say nothing more."""
+    return str(error).splitlines()[0] if str(error) else repr(error)
 
 
 def status_patch(status: api.ModelDeploymentStatus) -> dict[str, Any]:
