@@ -13,7 +13,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from npuswarm import __version__, api, crd, logs, stackfile
+from npuswarm import __version__, api, crd, logs, policy, stackfile
 from npuswarm.api import ModelDeployment, validation_message
 from npuswarm.npus import device_name, format_npu_ids
 from npuswarm.observed import SwarmSnapshot
@@ -52,12 +52,18 @@ def load_deployments(paths: Sequence[str]) -> list[ModelDeployment]:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     deployments = load_deployments(args.file)
+    settings = Settings.from_env()
+    # The operator would refuse these with a PolicyViolation condition: say so before any
+    # Swarm call, with the same messages.
+    refused = [f"{md.key}: {v}" for md in deployments for v in policy.violations(md, settings)]
+    if refused:
+        raise UsageError(f"{policy.REASON}: " + "; ".join(refused))
     snapshot = Swarm().observe()
     placement, plans = plan_many(
         deployments,
         snapshot,
         now=utcnow(),
-        lost_node_grace_seconds=Settings.from_env().lost_node_grace_seconds,
+        lost_node_grace_seconds=settings.lost_node_grace_seconds,
     )
     report: list[dict[str, Any]] = []
     for md in deployments:

@@ -16,7 +16,7 @@ import structlog
 from prometheus_client import start_http_server
 from pydantic import ValidationError
 
-from npuswarm import api, metrics
+from npuswarm import api, metrics, policy
 from npuswarm.api import ModelDeployment, validation_message
 from npuswarm.events import Event, EventFilter, EventType
 from npuswarm.peering import is_active
@@ -118,9 +118,11 @@ def _everyone(index: kopf.Index[Any, Any]) -> list[ModelDeployment]:
     for store in index.values():
         for raw in store:
             try:
-                valid.append(_parse(raw))
+                md = _parse(raw)
             except ValidationError:
                 continue
+            if not policy.violations(md, SETTINGS):
+                valid.append(md)
     return valid
 
 
@@ -163,14 +165,16 @@ def _reconcile_once(
     previous = dict(body.get("status") or {})
     try:
         md = _parse({"metadata": dict(body.metadata), "spec": dict(body.spec)})
+        reason, message = policy.REASON, "; ".join(policy.violations(md, SETTINGS))
     except ValidationError as error:
-        message = validation_message(error)
+        reason, message = "InvalidSpec", validation_message(error)
+    if message:
         patch.status.update(
-            _status_patch(invalid_spec_status(generation, message, previous, utcnow()))
+            _status_patch(invalid_spec_status(generation, message, previous, utcnow(), reason))
         )
-        _post(body, obj, "Warning", "InvalidSpec", message)
+        _post(body, obj, "Warning", reason, message)
         _record_phase(body.metadata.namespace or "default", body.metadata.name or "", "Invalid")
-        log.warning("invalid spec", error=message)
+        log.warning("invalid spec", reason=reason, error=message)
         return "success"  # handled: a status to fix, not a retry loop
     try:
         outcome = reconciler().reconcile(md, _everyone(deployments), previous)
