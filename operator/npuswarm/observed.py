@@ -102,6 +102,9 @@ class SwarmSnapshot:
     nodes: list[NodeInfo]
     services: list[ObservedService]
 
+    def names(self) -> frozenset[str]:
+        return frozenset(s.name for s in self.services)
+
     def services_of(self, deployment: str) -> list[ObservedService]:
         return [s for s in self.services if s.deployment == deployment]
 

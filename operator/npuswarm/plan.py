@@ -17,7 +17,7 @@ from npuswarm.placement import (
     place,
     spare_assignment,
 )
-from npuswarm.render import essential, render_service, service_name
+from npuswarm.render import essential, free_service_name, render_service, service_name
 
 ActionKind = Literal["create", "update", "remove"]
 DriftKind = Literal["service_recreated", "service_updated", "replica_replaced"]
@@ -131,7 +131,8 @@ def plan_deployment(
         primary = next((s for s in services if s.name == service_name(md, slot)), None)
         if primary is None and services:
             primary = services[0]
-        spec = render_service(md, assignment, name=primary.name if primary else None)
+        name = primary.name if primary else free_service_name(md, slot, snapshot.names())
+        spec = render_service(md, assignment, name=name)
         plan.desired[slot] = spec
         for extra in services:
             if extra is not primary:
