@@ -8,9 +8,17 @@ forgetting to regenerate fails a test.
 from __future__ import annotations
 
 import re
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, JsonValue, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    JsonValue,
+    field_validator,
+    model_validator,
+)
 
 GROUP = "npuswarm.io"
 VERSION = "v1alpha1"
@@ -20,8 +28,17 @@ SINGULAR = "modeldeployment"
 SHORT_NAMES = ["md"]
 API_VERSION = f"{GROUP}/{VERSION}"
 
+
+def _not_float(value: Any) -> Any:
+    """2.0 is not an integer, here as in the API server (crd.py adds the rule there: the
+    OpenAPI check alone takes it); strict mode already refuses it except in a Literal."""
+    if isinstance(value, float):
+        raise ValueError("must be an integer")
+    return value
+
+
 NPU_COUNTS = (1, 2, 4, 8)
-NpuCount = Literal[1, 2, 4, 8]
+NpuCount = Annotated[Literal[1, 2, 4, 8], BeforeValidator(_not_float)]
 
 # Env names the operator owns: a user value would silently give a replica the wrong NPUs.
 OPERATOR_OWNED_ENV = frozenset({"ASCEND_VISIBLE_DEVICES", "ASCEND_RT_VISIBLE_DEVICES"})
@@ -94,7 +111,32 @@ def quantity_to_bytes(quantity: str) -> int:
 
 class _Model(BaseModel):
     # Unknown fields are errors: a typo such as `npuPerReplica` must not be silently ignored.
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    # Strict types, as the API server checks them: "2" or true is not an integer, 1 is not a
+    # boolean, so what one accepts the other accepts.
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_unset(cls, data: Any) -> Any:
+        """The API server drops a null where the schema does not allow one (so the default
+        applies, or a required field is missing); so do the models."""
+        if not isinstance(data, dict):
+            return data
+        fields = cls.model_fields
+        return {
+            key: value
+            for key, value in data.items()
+            if value is not None
+            or key not in fields
+            or (not fields[key].is_required() and fields[key].default is None)
+        }
+
+
+def _without_null_values(mapping: Any) -> Any:
+    """The API server drops null values of a string map, as it drops null fields."""
+    if isinstance(mapping, dict):
+        return {key: value for key, value in mapping.items() if value is not None}
+    return mapping
 
 
 class Engine(_Model):
@@ -105,7 +147,7 @@ class Engine(_Model):
             "x-kubernetes-validations": [
                 {
                     "rule": "!has(self.extraArgs) || self.extraArgs.all(a, "
-                    "!a.replace('_', '-').matches('^("
+                    "!a.replace('_', '-').matches('(?s)^("
                     + "|".join(sorted(OPERATOR_OWNED_FLAGS))
                     + ")(=.*)?$'))",
                     "message": "extraArgs must not set a flag rendered from a typed engine field "
@@ -148,6 +190,11 @@ class Engine(_Model):
         description="Environment of the vLLM process; names match " + ENV_NAME_PATTERN + ".",
     )
 
+    @field_validator("env", mode="before")
+    @classmethod
+    def _null_values_are_unset(cls, env: Any) -> Any:
+        return _without_null_values(env)
+
     @field_validator("extraArgs")
     @classmethod
     def _no_owned_flags(cls, args: list[str]) -> list[str]:
@@ -164,7 +211,8 @@ class Engine(_Model):
     @classmethod
     def _no_owned_env(cls, env: dict[str, str]) -> dict[str, str]:
         for name in env:
-            if not re.match(ENV_NAME_PATTERN, name) or len(name) > 256:
+            # fullmatch: re's '$' would also match before a trailing newline.
+            if not re.fullmatch(ENV_NAME_PATTERN.strip("^$"), name) or len(name) > 256:
                 raise ValueError(f"env name {name!r} is not a valid variable name")
             if name in OPERATOR_OWNED_ENV:
                 raise ValueError(f"env must not set {name}: npuswarm sets it from the placement")
@@ -407,6 +455,11 @@ class ModelDeploymentSpec(_Model):
     healthCheck: HealthCheck = Field(default_factory=HealthCheck)
     updateStrategy: UpdateStrategy = Field(default_factory=UpdateStrategy)
     restartPolicy: RestartPolicy = Field(default_factory=RestartPolicy)
+
+    @field_validator("nodeSelector", mode="before")
+    @classmethod
+    def _null_values_are_unset(cls, selector: Any) -> Any:
+        return _without_null_values(selector)
 
     @model_validator(mode="after")
     def _consistent(self) -> ModelDeploymentSpec:
