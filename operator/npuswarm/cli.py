@@ -59,6 +59,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if refused:
         raise UsageError(f"{policy.REASON}: " + "; ".join(refused))
     snapshot = Swarm().observe()
+    refused = [
+        f"{md.key}: {v}"
+        for md in deployments
+        for v in policy.network_violations(md, snapshot.networks)
+    ]
+    if refused:
+        raise UsageError(f"{policy.REASON}: " + "; ".join(refused))
     placement, plans = plan_many(
         deployments,
         snapshot,

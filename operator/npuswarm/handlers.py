@@ -169,15 +169,11 @@ def _reconcile_once(
     except ValidationError as error:
         reason, message = "InvalidSpec", validation_message(error)
     if message:
-        patch.status.update(
-            _status_patch(invalid_spec_status(generation, message, previous, utcnow(), reason))
-        )
-        _post(body, obj, "Warning", reason, message)
-        _record_phase(body.metadata.namespace or "default", body.metadata.name or "", "Invalid")
-        log.warning("invalid spec", reason=reason, error=message)
-        return "success"  # handled: a status to fix, not a retry loop
+        return _refuse(obj, body, patch, reason, message)
     try:
         outcome = reconciler().reconcile(md, _everyone(deployments), previous)
+    except policy.Refused as error:
+        return _refuse(obj, body, patch, policy.REASON, str(error))
     except SwarmUnavailable as error:
         patch.status.update(
             _status_patch(unavailable_status(generation, str(error), previous, utcnow()))
@@ -190,6 +186,19 @@ def _reconcile_once(
         _post(body, obj, event.type, event.reason, event.message)
     _record(md, outcome.status, outcome.unplaced_reasons)
     return "requeue_after" if outcome.requeue else "success"
+
+
+def _refuse(obj: str, body: kopf.Body, patch: kopf.Patch, reason: str, message: str) -> str:
+    """An invalid or refused spec: say why in the status and an event, write nothing."""
+    generation = int(body.metadata.get("generation") or 0)
+    previous = dict(body.get("status") or {})
+    patch.status.update(
+        _status_patch(invalid_spec_status(generation, message, previous, utcnow(), reason))
+    )
+    _post(body, obj, "Warning", reason, message)
+    _record_phase(body.metadata.namespace or "default", body.metadata.name or "", "Invalid")
+    log.warning("invalid spec", reason=reason, error=message)
+    return "success"  # handled: a status to fix, not a retry loop
 
 
 def _status_patch(status: api.ModelDeploymentStatus) -> dict[str, Any]:

@@ -101,6 +101,8 @@ def _newest_error(tasks: Iterable[ObservedTask]) -> str | None:
 class SwarmSnapshot:
     nodes: list[NodeInfo]
     services: list[ObservedService]
+    # Network name -> "swarm", "local" or "ingress" (policy.network_violations reads it).
+    networks: dict[str, str] = field(default_factory=dict)
 
     def names(self) -> frozenset[str]:
         return frozenset(s.name for s in self.services)
@@ -145,6 +147,11 @@ def snapshot_from_engine(
     return SwarmSnapshot(
         nodes=sorted((node_from_engine(n) for n in nodes), key=lambda n: (n.hostname, n.id)),
         services=sorted(by_id.values(), key=lambda s: s.name),
+        networks={
+            n["Name"]: "ingress" if n.get("Ingress") else str(n.get("Scope") or "local")
+            for n in networks
+            if "Name" in n
+        },
     )
 
 

@@ -8,6 +8,7 @@ trusting RBAC to keep such objects out.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from npuswarm.paths import SOCKET_SUFFIX, denied_root, is_within, normalise_host_path
@@ -18,6 +19,10 @@ if TYPE_CHECKING:
 
 # The condition reason of a deployment that violates the policy (Degraded, no Swarm write).
 REASON = "PolicyViolation"
+
+
+class Refused(Exception):
+    """A rule that needs what Swarm holds (its networks) refused the deployment: no write."""
 
 
 def host_path_violation(host_path: str, allowed: tuple[str, ...]) -> str | None:
@@ -49,3 +54,28 @@ def violations(md: ModelDeployment, settings: Settings) -> list[str]:
         if problem is not None:
             found.append(f"spec.volumes[{index}]: {problem}")
     return found
+
+
+def network_violations(md: ModelDeployment, networks: Mapping[str, str]) -> list[str]:
+    """The network must be a swarm-scoped network that exists under exactly this name.
+
+    Docker resolves a service's network by id, then name, then id *prefix*: a name that no
+    network has, such as ``efd`` or ``mwi``, can select the host network. ``networks`` maps
+    the names Swarm lists to their scope ("swarm", "local" or "ingress").
+    """
+    network = md.spec.network
+    if network is None:
+        return []
+    kind = networks.get(network.name)
+    if kind is None:
+        return [
+            f"spec.network.name: no network is named {network.name!r}; create it first "
+            f"(docker network create --driver overlay --attachable {network.name}); "
+            "npuswarm does not let Docker read it as a network id, which could be the host's"
+        ]
+    if kind != "swarm":
+        return [
+            f"spec.network.name: {network.name!r} is a {kind} network; replicas join only "
+            "swarm-scoped networks of your own (overlay)"
+        ]
+    return []

@@ -14,7 +14,7 @@ from typing import Any
 
 import structlog
 
-from npuswarm import labels, metrics
+from npuswarm import labels, metrics, policy
 from npuswarm.api import ModelDeployment, ModelDeploymentStatus
 from npuswarm.events import Event
 from npuswarm.npus import parse_npu_ids
@@ -65,6 +65,9 @@ class Reconciler:
         A reconcile applies the result while it still holds the lock.
         """
         snapshot = self.swarm.observe()
+        refused = policy.network_violations(target, snapshot.networks)
+        if refused:
+            raise policy.Refused("; ".join(refused))
         placement, requests = place_all(
             _with_target(target, everyone),
             snapshot,

@@ -275,6 +275,11 @@ def test_operator_refuses_accepted_bodies_with_a_condition_and_writes_nothing(
 ) -> None:
     for name, volumes in REFUSED.items():
         cluster.kubectl("-n", namespace, "apply", "-f", "-", input=manifest(name, volumes=volumes))
+    # A valid network name that no network has, but that prefixes the host network's id:
+    # Docker alone would attach the replica to the node's network stack.
+    host_prefix = cluster.docker.networks(names=["host"])[0]["Id"][:5]
+    cluster.kubectl("-n", namespace, "apply", "-f", "-",
+                    input=manifest("host-net", network={"name": host_prefix}))
     cluster.kubectl("-n", namespace, "apply", "-f", "-",
                     input=manifest("allowed", volumes=[{"hostPath": "/models", "mountPath": "/models",
                                                         "readOnly": True}]))
@@ -286,6 +291,9 @@ def test_operator_refuses_accepted_bodies_with_a_condition_and_writes_nothing(
         assert "NPUSWARM_ALLOWED_HOST_PATHS" in message or "never allowed" in message or "socket" in message
         assert condition(obj, "Ready")["status"] == "False"
         assert obj["status"]["phase"] == "Invalid"
+    host_net = wait_md(cluster, namespace, "host-net",
+                       lambda o: condition(o, "Degraded").get("reason") == policy.REASON, policy.REASON)
+    assert f"no network is named '{host_prefix}'" in condition(host_net, "Degraded")["message"]
     docker_sock = condition(cluster.get(namespace, "docker-sock"), "Degraded")["message"]
     assert "hostPath /var/run/docker.sock is never allowed" in docker_sock
     # The allowed one gets its service (whether /models exists on this machine is Swarm's
@@ -298,7 +306,8 @@ def test_operator_refuses_accepted_bodies_with_a_condition_and_writes_nothing(
     (mount,) = [m for m in owned[0]["Spec"]["TaskTemplate"]["ContainerSpec"]["Mounts"] if m["Type"] == "bind"]
     assert mount["Source"] == "/models" and mount["ReadOnly"] is True
     events = json.loads(cluster.kubectl("-n", namespace, "get", "events", "-o", "json").stdout)["items"]
-    assert {e["involvedObject"]["name"] for e in events if e["reason"] == policy.REASON} == set(REFUSED)
+    refused = {e["involvedObject"]["name"] for e in events if e["reason"] == policy.REASON}
+    assert refused == {*REFUSED, "host-net"}
     assert cluster.operator.poll() is None
 
 

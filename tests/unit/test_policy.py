@@ -127,3 +127,30 @@ def test_plan_refuses_what_the_operator_would(tmp_path: pytest.TempPathFactory,
     err = capsys.readouterr().err
     assert err.startswith("npuswarm: PolicyViolation: team/sock: spec.volumes[0]: hostPath "
                           "/var/run/docker.sock is never allowed")
+
+
+NETWORKS = {"vllm-net": "swarm", "host": "local", "bridge": "local", "ingress": "ingress"}
+
+
+def test_network_must_exist_by_exact_name_and_be_swarm_scoped() -> None:
+    from npuswarm.policy import network_violations
+
+    assert network_violations(deployment(), NETWORKS) == []
+    assert network_violations(deployment(network={"name": "vllm-net"}), NETWORKS) == []
+    # Docker would read an unknown name as an id prefix: "efd" can be the host network.
+    (missing,) = network_violations(deployment(network={"name": "efd"}), NETWORKS)
+    assert "no network is named 'efd'" in missing and "docker network create" in missing
+    for name, kind in (("my-bridge", "local"), ("my-ingress", "ingress")):
+        (local,) = network_violations(deployment(network={"name": name}), {name: kind})
+        assert f"is a {kind} network" in local
+
+
+def test_snapshot_records_network_scopes() -> None:
+    from npuswarm.observed import snapshot_from_engine
+
+    snapshot = snapshot_from_engine([], [], [], [
+        {"Id": "a", "Name": "vllm-net", "Scope": "swarm"},
+        {"Id": "b", "Name": "host", "Scope": "local"},
+        {"Id": "c", "Name": "ingress", "Scope": "swarm", "Ingress": True},
+    ])
+    assert snapshot.networks == {"vllm-net": "swarm", "host": "local", "ingress": "ingress"}
