@@ -484,3 +484,16 @@ def test_with_monitoring_scrapes_the_metrics_service(render: Any) -> None:
         assert {e["port"] for e in monitor["spec"]["endpoints"]} == {"metrics"}
         namespaces = monitor["spec"].get("namespaceSelector", {}).get("matchNames")
         assert monitor["metadata"].get("namespace") == NAMESPACE or namespaces == [NAMESPACE]
+
+
+def test_every_npuswarm_setting_in_the_deployment_is_valid(
+    render: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for root in INSTALLS:
+        container = operator_container(render(root))
+        values = {e["name"]: e["value"] for e in container["env"] if e["name"].startswith("NPUSWARM_")}
+        assert "NPUSWARM_ALLOWED_HOST_PATHS" in values
+        for name, value in values.items():
+            monkeypatch.setenv(name, value)
+        settings = Settings.from_env()  # exits with the bad variable's name otherwise
+        assert settings.allowed_host_paths == ("/models", "/data")
