@@ -34,6 +34,7 @@ from .conftest import Cluster, condition, manifest, wait_md
 pytestmark = pytest.mark.e2e
 
 EXAMPLES = 400
+SAMPLES = 10
 SHELL = ["$(id)", "`id`", "; rm -rf /", "| nc 10.0.0.1 1", "&& reboot", "'\"", "a\nb", "${HOME}",
          "*", "~root", "\\", "--port=1", "-tp", "--max_model_len=9", "\x00", "\t", " "]
 GOOD_PATHS = ["/models", "/models/Qwen", "/data", "/data/cache/", "/mnt/x", "/root/.cache", "/srv"]
@@ -159,6 +160,7 @@ class Tally:
     refused_by_policy: int = 0
     disagreements: list[str] = field(default_factory=list)
     crashes: list[str] = field(default_factory=list)
+    samples: list[Any] = field(default_factory=list)  # accepted bodies, for the operator
 
 
 @dataclass
@@ -177,12 +179,15 @@ class Server:
         self.context = ssl.create_default_context(cafile=str(cluster.plane.ca_file))
 
     def dry_run(self, namespace: str, spec: Any) -> Reply:
+        return self.create(namespace, "fuzz", spec, dry_run=True)
+
+    def create(self, namespace: str, name: str, spec: Any, *, dry_run: bool = False) -> Reply:
         body = {"apiVersion": "npuswarm.io/v1alpha1", "kind": "ModelDeployment",
-                "metadata": {"name": "fuzz", "namespace": namespace}, "spec": spec}
+                "metadata": {"name": name, "namespace": namespace}, "spec": spec}
         request = urllib.request.Request(
             # As `kubectl apply` sends it: unknown fields are errors, not silently dropped.
             f"{self.base}/apis/npuswarm.io/v1alpha1/namespaces/{namespace}/modeldeployments"
-            "?dryRun=All&fieldValidation=Strict",
+            f"?fieldValidation=Strict{'&dryRun=All' if dry_run else ''}",
             data=json.dumps(body).encode(), method="POST",
             headers={"Authorization": f"Bearer {self.token}", "Content-Type": "application/json"},
         )
@@ -241,6 +246,8 @@ def test_api_server_and_models_agree_on_hostile_bodies(cluster: Cluster, namespa
             tally.rejected += 1
             return
         tally.accepted += 1
+        if len(tally.samples) < SAMPLES:
+            tally.samples.append(spec)
         # The server's defaults are the models' defaults.
         stored, _ = pydantic_verdict(response.body["spec"], namespace)
         if stored is None or stored.spec != md.spec:
@@ -259,6 +266,22 @@ def test_api_server_and_models_agree_on_hostile_bodies(cluster: Cluster, namespa
     assert tally.crashes == [], "\n".join(tally.crashes[:10])
     assert tally.disagreements == [], "\n".join(tally.disagreements[:10])
     assert tally.tried >= EXAMPLES // 2 and tally.accepted > 0 and tally.rejected > 0
+
+    # Some accepted bodies for real, with no replicas (nothing to start on the shared Swarm):
+    # the operator answers each with a status for its generation and keeps running.
+    names = []
+    for index, spec in enumerate(tally.samples):
+        quiet = {**spec, "mode": "Replicated", "replicas": 0}
+        if server.create(namespace, f"fuzz-{index}", quiet).status in (200, 201):
+            names.append(f"fuzz-{index}")
+    assert names
+    for name in names:
+        wait_md(cluster, namespace, name,
+                lambda o: bool(o.get("status", {}).get("conditions"))
+                and o["status"].get("observedGeneration") == o["metadata"]["generation"],
+                "a status for its generation")
+    assert cluster.operator.poll() is None
+    print(f"accepted bodies applied for real: {len(names)}, each with a status")
 
 
 REFUSED = {
