@@ -983,9 +983,7 @@ def lab_session(
     Test folders that need labs at the same time must give them different names."""
     if os.geteuid() != 0:
         raise LabError("the Swarm lab needs root (network namespaces, cgroups, dockerd)")
-    cfg = LabConfig(
-        name=name, nodes=nodes, npus=npus, rings_node=rings_node, octet=octet, tls=tls
-    )
+    cfg = LabConfig(name=name, nodes=nodes, npus=npus, rings_node=rings_node, octet=octet, tls=tls)
     owner = session_owner(cfg)
     if owner is not None:
         raise LabError(
