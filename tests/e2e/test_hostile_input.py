@@ -44,7 +44,8 @@ PATHS = ["/models", "/models/", "/models/x", "/data/cache", "/models/../etc", "/
          "/sys", "/dev/mem", "/root/.ssh", "/home/user", "/dev/shm", "/dev/shm/", "C:\\x",
          "/models/ünïcode", "/models/" + "x" * 1100, "/models\x00/x", "/models/a b"]
 TEXT = st.text(st.characters(exclude_categories=("Cs",)), max_size=30)
-INTS = st.one_of(st.integers(-3, 70000), st.sampled_from([-(2**63), 2**63 - 1, 2**31, 10**12]))
+INTS = st.one_of(st.integers(-3, 70000),
+                 st.sampled_from([-(2**63), 2**63 - 1, 2**63, 2**64, 10**30, -(10**30), 2**31, 10**12]))
 SCALARS = st.one_of(
     st.none(), st.booleans(), INTS, st.floats(allow_nan=False, allow_infinity=False),
     st.sampled_from([2.0, 1.5, -0.0]), TEXT, st.sampled_from(SHELL + PATHS),
@@ -90,7 +91,7 @@ FIELDS: dict[tuple[str, ...], st.SearchStrategy[Any]] = {
     ("model",): either(st.one_of(st.sampled_from(SHELL + PATHS + ["Qwen/Qwen3"]), TEXT)),
     ("servedModelName",): either(st.one_of(st.sampled_from(SHELL), TEXT)),
     ("mode",): either(st.sampled_from(["Replicated", "PerNode", "Global", "replicated"])),
-    ("replicas",): either(ints(-2, 1002)),
+    ("replicas",): either(st.one_of(ints(-2, 1002), st.sampled_from([2**63, 2**64, 10**30, 1e300]))),
     ("npusPerReplica",): either(st.sampled_from([0, 1, 2, 3, 4, 8, 16])),
     ("npuIds",): either(st.lists(st.one_of(ints(-1, 65), st.none()), max_size=9)),
     ("engine", "tensorParallelSize"): either(st.sampled_from([1, 2, 3, 4, 8])),
