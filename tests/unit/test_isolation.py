@@ -7,6 +7,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from npuswarm.observed import snapshot_from_engine
 from npuswarm.plan import place_all, plan_deployment
 from npuswarm.render import service_name
 
@@ -78,10 +79,7 @@ def test_no_plan_ever_acts_on_a_service_of_another_deployment(
         if action.kind == "create" and action.spec is not None
     ]
     b_ids = {s["ID"] for s in b_services}
-    snapshot_nodes = NODES
-    from npuswarm.observed import snapshot_from_engine
-
-    both = snapshot_from_engine(snapshot_nodes, services + b_services, tasks, [])
+    both = snapshot_from_engine(NODES, services + b_services, tasks, [])
     placement, requests = place_all([a, b], both, now=NOW, lost_node_grace_seconds=60)
     again = plan_deployment(a, requests[a.key], placement, both)
     assert not {x.service_id for x in again.actions + again.deferred} & b_ids
