@@ -73,6 +73,11 @@ RINGS_NODE_LABELS = {
 }
 CONTROL_DEVICES = ("davinci_manager", "devmm_svm", "hisi_hdc")
 
+# With --tls the manager also listens on tcp://<its address>:TLS_PORT and demands a client
+# certificate signed by the lab's CA, as a production manager reached over the network does.
+TLS_PORT = 2376
+TLS_DAYS = "7"
+
 DAEMON_START_TIMEOUT = 60.0
 SWARM_READY_TIMEOUT = 60.0
 KILL_TIMEOUT = 15.0
@@ -197,6 +202,7 @@ class LabConfig:
     npus: int = 8
     rings_node: bool = False
     octet: int = -1  # -1: derive from the name
+    tls: bool = False  # the manager also listens on TCP with --tlsverify
 
     def __post_init__(self) -> None:
         if not NAME_RE.match(self.name):
@@ -241,6 +247,11 @@ class LabConfig:
     @property
     def config_file(self) -> Path:
         return self.state_dir / "lab.json"
+
+    @property
+    def tls_dir(self) -> Path:
+        """The CA and server files; ``client/`` is a DOCKER_CERT_PATH (ca, cert, key .pem)."""
+        return self.state_dir / "tls"
 
     def node(self, index: int) -> Node:
         return Node(
@@ -404,12 +415,54 @@ def make_fake_npus(cfg: LabConfig, node: Node) -> None:
         (node.dev_dir / name).write_text(f"fake Ascend device {name} of {node.hostname}\n")
 
 
+def openssl(*args: str, cwd: Path) -> None:
+    result = subprocess.run(["openssl", *args], cwd=cwd, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise LabError(f"openssl {' '.join(args)} failed: {result.stderr.strip()}")
+
+
+def make_certificates(directory: Path, server_ip: str, server_name: str) -> None:
+    """A CA, a server certificate for the manager's address and a client certificate, laid
+    out as Docker's "protect the daemon socket" guide does. EC keys: generated in ms."""
+    directory.mkdir(parents=True)
+    client = directory / "client"
+    client.mkdir()
+    key = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    openssl("req", "-x509", *key, "-days", TLS_DAYS, "-subj", "/CN=npuswarm-lab-ca",
+            "-keyout", "ca-key.pem", "-out", "ca.pem", cwd=directory)  # fmt: skip
+    for name, subject, extensions in (
+        ("server", f"/CN={server_name}",
+         f"subjectAltName=IP:{server_ip},DNS:{server_name}\nextendedKeyUsage=serverAuth"),
+        ("client", "/CN=npuswarm", "extendedKeyUsage=clientAuth"),
+    ):  # fmt: skip
+        (directory / f"{name}.ext").write_text(extensions + "\n")
+        openssl("req", *key, "-subj", subject, "-keyout", f"{name}-key.pem",
+                "-out", f"{name}.csr", cwd=directory)  # fmt: skip
+        openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca-key.pem",
+                "-CAcreateserial", "-days", TLS_DAYS, "-extfile", f"{name}.ext",
+                "-out", f"{name}-cert.pem", cwd=directory)  # fmt: skip
+    shutil.copy(directory / "ca.pem", client / "ca.pem")
+    shutil.copy(directory / "client-cert.pem", client / "cert.pem")
+    shutil.copy(directory / "client-key.pem", client / "key.pem")
+
+
 def daemon_config(cfg: LabConfig, node: Node) -> dict:
-    return {
+    hosts = [node.endpoint]
+    tls: dict = {}
+    if cfg.tls and node.is_manager:
+        # The unix socket stays as it is (TLS applies to TCP listeners only).
+        hosts.append(f"tcp://{node.address}:{TLS_PORT}")
+        tls = {
+            "tlsverify": True,
+            "tlscacert": str(cfg.tls_dir / "ca.pem"),
+            "tlscert": str(cfg.tls_dir / "server-cert.pem"),
+            "tlskey": str(cfg.tls_dir / "server-key.pem"),
+        }
+    return tls | {
         "data-root": str(node.state_dir / "docker"),
         "exec-root": str(node.run_dir / "exec"),
         "pidfile": str(node.pidfile),
-        "hosts": [node.endpoint],
+        "hosts": hosts,
         "cgroup-parent": "/" + node.cgroup,
         "exec-opts": ["native.cgroupdriver=cgroupfs"],
         "storage-driver": "overlay2",
@@ -641,6 +694,18 @@ class Lab:
     def endpoint(self) -> str:
         return self.manager.endpoint
 
+    @property
+    def tls_endpoint(self) -> str:
+        """The manager over TCP with TLS (``up --tls``); use with DOCKER_TLS_VERIFY=1 and
+        DOCKER_CERT_PATH=``tls_client_dir``."""
+        if not self.config.tls:
+            raise LabError(f"lab {self.name} was brought up without --tls")
+        return f"tcp://{self.manager.address}:{TLS_PORT}"
+
+    @property
+    def tls_client_dir(self) -> Path:
+        return self.config.tls_dir / "client"
+
     def node(self, index: int) -> Node:
         if not 1 <= index <= self.config.nodes:
             raise LabError(f"lab {self.name} has no node {index}")
@@ -801,6 +866,9 @@ def create_lab(lab: Lab, tarball: Path, key: str) -> None:
         str(cfg.state_dir),
     )
     cfg.config_file.write_text(json.dumps(asdict(cfg)))
+    if cfg.tls:
+        manager = cfg.node(1)
+        make_certificates(cfg.tls_dir, manager.address, manager.hostname)
     create_bridge(cfg)
     for node in cfg.all_nodes():
         node.run_dir.mkdir()
@@ -896,19 +964,26 @@ def status(name: str) -> dict:
         "subnet": cfg.subnet,
         "nodes": nodes,
         "memory_kib": lab.memory_kib(),
+        "tls_endpoint": lab.tls_endpoint if cfg.tls else None,
+        "tls_client_dir": str(lab.tls_client_dir) if cfg.tls else None,
     }
 
 
 @contextlib.contextmanager
 def lab_session(
-    nodes: int = 3, npus: int = 8, rings_node: bool = False, name: str = "npsltest", octet: int = -1
+    nodes: int = 3,
+    npus: int = 8,
+    rings_node: bool = False,
+    name: str = "npsltest",
+    octet: int = -1,
+    tls: bool = False,
 ) -> Iterator[Lab]:
     """A lab for one test session: leftovers of a lab of this name (a crashed earlier run)
     are removed first, and the lab is torn down on exit, whatever happened inside.
     Test folders that need labs at the same time must give them different names."""
     if os.geteuid() != 0:
         raise LabError("the Swarm lab needs root (network namespaces, cgroups, dockerd)")
-    cfg = LabConfig(name=name, nodes=nodes, npus=npus, rings_node=rings_node, octet=octet)
+    cfg = LabConfig(name=name, nodes=nodes, npus=npus, rings_node=rings_node, octet=octet, tls=tls)
     owner = session_owner(cfg)
     if owner is not None:
         raise LabError(

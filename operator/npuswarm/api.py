@@ -8,9 +8,17 @@ forgetting to regenerate fails a test.
 from __future__ import annotations
 
 import re
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    JsonValue,
+    field_validator,
+    model_validator,
+)
 
 GROUP = "npuswarm.io"
 VERSION = "v1alpha1"
@@ -20,8 +28,17 @@ SINGULAR = "modeldeployment"
 SHORT_NAMES = ["md"]
 API_VERSION = f"{GROUP}/{VERSION}"
 
+
+def _not_float(value: Any) -> Any:
+    """2.0 is not an integer, here as in the API server (crd.py adds the rule there: the
+    OpenAPI check alone takes it); strict mode already refuses it except in a Literal."""
+    if isinstance(value, float):
+        raise ValueError("must be an integer")
+    return value
+
+
 NPU_COUNTS = (1, 2, 4, 8)
-NpuCount = Literal[1, 2, 4, 8]
+NpuCount = Annotated[Literal[1, 2, 4, 8], BeforeValidator(_not_float)]
 
 # Env names the operator owns: a user value would silently give a replica the wrong NPUs.
 OPERATOR_OWNED_ENV = frozenset({"ASCEND_VISIBLE_DEVICES", "ASCEND_RT_VISIBLE_DEVICES"})
@@ -56,6 +73,32 @@ QUANTITY_PATTERN = _QUANTITY.pattern
 ENV_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
 # A Swarm network alias is a DNS label.
 DNS_LABEL_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+# Docker's own rule for network names.
+NETWORK_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+# Networks that would give a replica the node's network stack, or that Swarm manages itself.
+RESERVED_NETWORKS = ("host", "bridge", "none", "ingress", "docker_gwbridge")
+# An image reference: [registry[:port]/]path[:tag][@digest]; no spaces or control characters.
+IMAGE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._/:@-]*$"
+# A path segment that is neither '.' nor '..' (RE2 has no lookahead, so spelled out).
+_SEGMENT = r"([^/.\x00][^/\x00]*|\.[^/.\x00][^/\x00]*|\.\.[^/\x00]+)"
+# Absolute, no '.', '..' or empty segments: the path means what it says on every node.
+HOST_PATH_PATTERN = rf"^(/|(/{_SEGMENT})+/?)$"
+MOUNT_PATH_PATTERN = rf"^(/{_SEGMENT})+/?$"
+# NUL cannot cross execve or the Engine API; everything else is passed as one argv/env item.
+NO_NUL_PATTERN = r"^[^\x00]*$"
+# An argument vLLM would read as a flag where a value is expected (model, served name).
+NOT_A_FLAG_PATTERN = r"^[^-\x00][^\x00]*$"
+MAX_SHM_BYTES = 2**40  # 1Ti
+
+# Bounds a user would expect, and that keep every number inside what Docker stores (int64
+# nanoseconds) and every list small enough for the API server's validation cost budget.
+MAX_REPLICAS = 1000
+MAX_STRING = 1024
+MAX_ARG = 4096
+MAX_ENV_VALUE = 32768
+MAX_ITEMS = 128
+MAX_VOLUMES = 32
+DAY_SECONDS = 86400
 
 
 def quantity_to_bytes(quantity: str) -> int:
@@ -68,27 +111,89 @@ def quantity_to_bytes(quantity: str) -> int:
 
 class _Model(BaseModel):
     # Unknown fields are errors: a typo such as `npuPerReplica` must not be silently ignored.
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    # Strict types, as the API server checks them: "2" or true is not an integer, 1 is not a
+    # boolean, so what one accepts the other accepts.
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_unset(cls, data: Any) -> Any:
+        """The API server drops a null where the schema does not allow one (so the default
+        applies, or a required field is missing); so do the models."""
+        if not isinstance(data, dict):
+            return data
+        fields = cls.model_fields
+        return {
+            key: value
+            for key, value in data.items()
+            if value is not None
+            or key not in fields
+            or (not fields[key].is_required() and fields[key].default is None)
+        }
+
+
+def _without_null_values(mapping: Any) -> Any:
+    """The API server drops null values of a string map, as it drops null fields."""
+    if isinstance(mapping, dict):
+        return {key: value for key, value in mapping.items() if value is not None}
+    return mapping
 
 
 class Engine(_Model):
     """How vLLM is started inside the container."""
 
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "!has(self.extraArgs) || self.extraArgs.all(a, "
+                    "!a.replace('_', '-').matches('(?s)^("
+                    + "|".join(sorted(OPERATOR_OWNED_FLAGS))
+                    + ")(=.*)?$'))",
+                    "message": "extraArgs must not set a flag rendered from a typed engine field "
+                    "(" + ", ".join(sorted(OPERATOR_OWNED_FLAGS)) + ")",
+                },
+                {
+                    "rule": "!has(self.env) || self.env.all(k, k.matches('"
+                    + ENV_NAME_PATTERN
+                    + "') && size(k) <= 256)",
+                    "message": "env names must match " + ENV_NAME_PATTERN + " (at most 256)",
+                },
+                {
+                    "rule": "!has(self.env) || self.env.all(k, !(k in ["
+                    + ", ".join(f"'{n}'" for n in sorted(OPERATOR_OWNED_ENV))
+                    + "]))",
+                    "message": "env must not set "
+                    + " or ".join(sorted(OPERATOR_OWNED_ENV))
+                    + ": npuswarm sets it from the placement",
+                },
+            ]
+        }
+    )
+
     tensorParallelSize: NpuCount = Field(1, description="vLLM --tensor-parallel-size.")
     enableExpertParallel: bool = Field(False, description="vLLM --enable-expert-parallel.")
-    maxModelLen: Annotated[int, Field(ge=1)] | None = Field(
+    maxModelLen: Annotated[int, Field(ge=1, le=2**24)] | None = Field(
         None, description="vLLM --max-model-len; vLLM's default when unset."
     )
     port: Annotated[int, Field(ge=1, le=65535)] = Field(
         8000, description="Port vLLM listens on inside the container."
     )
-    extraArgs: list[str] = Field(
+    extraArgs: list[Annotated[str, Field(max_length=MAX_ARG, pattern=NO_NUL_PATTERN)]] = Field(
         default_factory=list,
+        max_length=MAX_ITEMS,
         description="More `vllm serve` arguments, one list item per argument (no shell).",
     )
-    env: dict[str, str] = Field(
-        default_factory=dict, description="Environment of the vLLM process."
+    env: dict[str, Annotated[str, Field(max_length=MAX_ENV_VALUE, pattern=NO_NUL_PATTERN)]] = Field(
+        default_factory=dict,
+        max_length=MAX_ITEMS,
+        description="Environment of the vLLM process; names match " + ENV_NAME_PATTERN + ".",
     )
+
+    @field_validator("env", mode="before")
+    @classmethod
+    def _null_values_are_unset(cls, env: Any) -> Any:
+        return _without_null_values(env)
 
     @field_validator("extraArgs")
     @classmethod
@@ -106,7 +211,8 @@ class Engine(_Model):
     @classmethod
     def _no_owned_env(cls, env: dict[str, str]) -> dict[str, str]:
         for name in env:
-            if not re.match(ENV_NAME_PATTERN, name):
+            # fullmatch: re's '$' would also match before a trailing newline.
+            if not re.fullmatch(ENV_NAME_PATTERN.strip("^$"), name) or len(name) > 256:
                 raise ValueError(f"env name {name!r} is not a valid variable name")
             if name in OPERATOR_OWNED_ENV:
                 raise ValueError(f"env must not set {name}: npuswarm sets it from the placement")
@@ -114,13 +220,45 @@ class Engine(_Model):
 
 
 class Volume(_Model):
-    hostPath: str = Field(..., min_length=1, pattern=r"^/", description="Absolute host path.")
-    mountPath: str = Field(..., min_length=1, pattern=r"^/", description="Path in the container.")
+    hostPath: str = Field(
+        ...,
+        max_length=MAX_STRING,
+        pattern=HOST_PATH_PATTERN,
+        description=(
+            "Absolute host path without '.' or '..' segments; the operator allows only paths "
+            "under its allow-list (NPUSWARM_ALLOWED_HOST_PATHS)."
+        ),
+    )
+    mountPath: str = Field(
+        ...,
+        max_length=MAX_STRING,
+        pattern=MOUNT_PATH_PATTERN,
+        description="Absolute path in the container (not /), without '.' or '..' segments.",
+    )
     readOnly: bool = False
 
 
 class Network(_Model):
-    name: str = Field(..., min_length=1, description="An existing attachable overlay network.")
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "!(self.name in ["
+                    + ", ".join(f"'{n}'" for n in RESERVED_NETWORKS)
+                    + "])",
+                    "message": "network.name must be an overlay network of your own, not "
+                    + ", ".join(RESERVED_NETWORKS),
+                }
+            ]
+        }
+    )
+
+    name: str = Field(
+        ...,
+        max_length=255,
+        pattern=NETWORK_NAME_PATTERN,
+        description="An existing attachable overlay network.",
+    )
     alias: str | None = Field(
         None,
         pattern=DNS_LABEL_PATTERN,
@@ -133,6 +271,13 @@ class Network(_Model):
             "vip needs IPVS on every node; dnsrr resolves the alias to every replica's task."
         ),
     )
+
+    @field_validator("name")
+    @classmethod
+    def _not_reserved(cls, name: str) -> str:
+        if name in RESERVED_NETWORKS:
+            raise ValueError(f"network.name must be an overlay network of your own, not {name!r}")
+        return name
 
 
 class Publish(_Model):
@@ -149,21 +294,37 @@ class Publish(_Model):
 class HealthCheck(_Model):
     # The path is pasted into the probe command: no quotes, spaces or backslashes.
     path: str = Field(
-        "/health", pattern=r"^/[A-Za-z0-9/._~%&=?-]*$", description="HTTP path vLLM answers 200 on."
+        "/health",
+        max_length=MAX_STRING,
+        pattern=r"^/[A-Za-z0-9/._~%&=?-]*$",
+        description="HTTP path vLLM answers 200 on.",
     )
-    startPeriodSeconds: Annotated[int, Field(ge=0)] = Field(
+    startPeriodSeconds: Annotated[int, Field(ge=0, le=DAY_SECONDS)] = Field(
         1800, description="Time a model may take to load before failed checks count."
     )
-    intervalSeconds: Annotated[int, Field(ge=1)] = 30
-    timeoutSeconds: Annotated[int, Field(ge=1)] = 10
-    retries: Annotated[int, Field(ge=1)] = 3
+    intervalSeconds: Annotated[int, Field(ge=1, le=DAY_SECONDS)] = 30
+    timeoutSeconds: Annotated[int, Field(ge=1, le=DAY_SECONDS)] = 10
+    retries: Annotated[int, Field(ge=1, le=100)] = 3
 
 
 class UpdateStrategy(_Model):
-    maxUnavailable: Annotated[int, Field(ge=0)] = Field(
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "!has(self.maxUnavailable) || !has(self.maxSurge) "
+                    "|| self.maxUnavailable > 0 || self.maxSurge > 0",
+                    "message": "maxUnavailable and maxSurge cannot both be 0: "
+                    "no update could start",
+                }
+            ]
+        }
+    )
+
+    maxUnavailable: Annotated[int, Field(ge=0, le=MAX_REPLICAS)] = Field(
         1, description="Replicas that may be down at once while a spec change rolls out."
     )
-    maxSurge: Annotated[int, Field(ge=0)] = Field(
+    maxSurge: Annotated[int, Field(ge=0, le=MAX_REPLICAS)] = Field(
         0,
         description=(
             "Replicas that may start on spare NPUs before their old copy is removed; "
@@ -180,42 +341,125 @@ class UpdateStrategy(_Model):
 
 class RestartPolicy(_Model):
     condition: Literal["none", "on-failure", "any"] = "any"
-    delaySeconds: Annotated[int, Field(ge=0)] = 10
-    maxAttempts: Annotated[int, Field(ge=0)] = Field(0, description="0 means unlimited.")
+    delaySeconds: Annotated[int, Field(ge=0, le=DAY_SECONDS)] = 10
+    maxAttempts: Annotated[int, Field(ge=0, le=10000)] = Field(0, description="0 means unlimited.")
+
+
+def _trimmed(path: str) -> str:
+    """CEL for ``path`` without its trailing '/' (the patterns allow at most one)."""
+    return f"({path}.endsWith('/') ? {path}.substring(0, size({path}) - 1) : {path})"
+
+
+_NPUS_PER_REPLICA = (
+    "(has(self.npusPerReplica) ? self.npusPerReplica : "
+    "(has(self.engine) && has(self.engine.tensorParallelSize) "
+    "? self.engine.tensorParallelSize : 1))"
+)
+_INGRESS = "(has(self.publish) && has(self.publish.mode) && self.publish.mode == 'ingress')"
+# The cross-field rules of ModelDeploymentSpec._consistent, for `kubectl apply` to refuse at
+# admission. Defaults are applied before these run, but fields defaulted by a factory in
+# pydantic (engine, ...) may still be absent, hence the has() guards.
+SPEC_RULES: list[JsonValue] = [
+    {
+        "rule": "!has(self.npusPerReplica) || !has(self.engine) "
+        "|| !has(self.engine.tensorParallelSize) "
+        "|| self.npusPerReplica >= self.engine.tensorParallelSize",
+        "message": "npusPerReplica is less than engine.tensorParallelSize",
+    },
+    {
+        "rule": f"!has(self.npuIds) || size(self.npuIds) == {_NPUS_PER_REPLICA}",
+        "message": "npuIds must name as many NPUs as a replica gets (npusPerReplica)",
+    },
+    {
+        "rule": f"!{_INGRESS} || !has(self.network) || !has(self.network.endpointMode) "
+        "|| self.network.endpointMode != 'dnsrr'",
+        "message": "publish.mode=ingress needs network.endpointMode=vip: Swarm refuses ingress "
+        "ports on dnsrr services",
+    },
+    {
+        "rule": "!has(self.volumes) || self.volumes.all(v, "
+        "v.mountPath != '/dev/shm' && v.mountPath != '/dev/shm/')",
+        "message": "volumes must not mount /dev/shm: set shmSize instead",
+    },
+    {
+        "rule": f"!{_INGRESS} || ((!has(self.mode) || self.mode != 'PerNode') "
+        "&& (!has(self.replicas) || self.replicas <= 1))",
+        "message": "publish.mode=ingress allows a single replica: every replica is its own "
+        "Swarm service and an ingress port can be taken only once; use mode=host",
+    },
+    {
+        "rule": "!has(self.volumes) || self.volumes.all(v, self.volumes.exists_one(w, "
+        f"{_trimmed('w.mountPath')} == {_trimmed('v.mountPath')}))",
+        "message": "two volumes use the same mountPath",
+    },
+    {
+        "rule": "!has(self.shmSize) || (quantity(self.shmSize).isGreaterThan(quantity('0')) "
+        "&& quantity(self.shmSize).compareTo(quantity('1Ti')) <= 0)",
+        "message": "shmSize must be more than 0 and at most 1Ti",
+    },
+]
 
 
 class ModelDeploymentSpec(_Model):
-    image: str = Field(..., min_length=1, description="The vllm-ascend image.")
-    model: str = Field(..., min_length=1, description="Model path inside the container.")
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": SPEC_RULES})
+
+    image: str = Field(
+        ..., max_length=MAX_STRING, pattern=IMAGE_PATTERN, description="The vllm-ascend image."
+    )
+    model: str = Field(
+        ...,
+        max_length=MAX_STRING,
+        pattern=NOT_A_FLAG_PATTERN,
+        description="Model path inside the container (or a model id); not starting with '-'.",
+    )
     servedModelName: str | None = Field(
-        None, description="Name clients ask for; defaults to the model path."
+        None,
+        max_length=MAX_STRING,
+        pattern=NOT_A_FLAG_PATTERN,
+        description="Name clients ask for; defaults to the model path.",
     )
     mode: Literal["Replicated", "PerNode"] = Field(
         "Replicated",
         description="PerNode runs one replica on every matching node (compose's global mode).",
     )
-    replicas: Annotated[int, Field(ge=0)] = Field(1, description="Ignored in PerNode mode.")
+    replicas: Annotated[int, Field(ge=0, le=MAX_REPLICAS)] = Field(
+        1, description="Ignored in PerNode mode."
+    )
     npusPerReplica: NpuCount | None = Field(
         None, description="NPUs per replica; defaults to engine.tensorParallelSize."
     )
     npuIds: list[Annotated[int, Field(ge=0, le=63)]] | None = Field(
         None,
+        max_length=8,
+        json_schema_extra={"x-kubernetes-list-type": "set"},
         description=(
             "Host NPU ids (davinciN) every replica must use, instead of any free ones. "
             "As many as npusPerReplica; at most one replica per node."
         ),
     )
     engine: Engine = Field(default_factory=Engine)
-    volumes: list[Volume] = Field(default_factory=list)
-    shmSize: str = Field("1Gi", pattern=QUANTITY_PATTERN, description="Size of /dev/shm.")
-    nodeSelector: dict[str, str] = Field(
-        default_factory=dict, description="Swarm node labels a node must carry."
+    volumes: list[Volume] = Field(default_factory=list, max_length=MAX_VOLUMES)
+    shmSize: str = Field(
+        "1Gi",
+        max_length=24,
+        pattern=QUANTITY_PATTERN,
+        description="Size of /dev/shm (at most 1Ti).",
+    )
+    nodeSelector: dict[str, Annotated[str, Field(max_length=MAX_STRING)]] = Field(
+        default_factory=dict,
+        max_length=64,
+        description="Swarm node labels a node must carry.",
     )
     network: Network | None = None
     publish: Publish | None = None
     healthCheck: HealthCheck = Field(default_factory=HealthCheck)
     updateStrategy: UpdateStrategy = Field(default_factory=UpdateStrategy)
     restartPolicy: RestartPolicy = Field(default_factory=RestartPolicy)
+
+    @field_validator("nodeSelector", mode="before")
+    @classmethod
+    def _null_values_are_unset(cls, selector: Any) -> Any:
+        return _without_null_values(selector)
 
     @model_validator(mode="after")
     def _consistent(self) -> ModelDeploymentSpec:
@@ -240,6 +484,11 @@ class ModelDeploymentSpec(_Model):
             )
         if any(volume.mountPath.rstrip("/") == "/dev/shm" for volume in self.volumes):
             raise ValueError("volumes must not mount /dev/shm: set shmSize instead")
+        mount_paths = [volume.mountPath.rstrip("/") for volume in self.volumes]
+        if len(set(mount_paths)) != len(mount_paths):
+            raise ValueError("two volumes use the same mountPath")
+        if not 0 < self.shm_size_bytes <= MAX_SHM_BYTES:
+            raise ValueError(f"shmSize must be more than 0 and at most 1Ti, not {self.shmSize}")
         if ingress and (self.mode == "PerNode" or self.replicas > 1):
             raise ValueError(
                 "publish.mode=ingress allows a single replica: every replica is its own "

@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from npuswarm import __version__, api, crd, logs, stackfile
+from npuswarm import __version__, api, crd, logs, policy, stackfile
 from npuswarm.api import ModelDeployment, validation_message
 from npuswarm.npus import device_name, format_npu_ids
 from npuswarm.observed import SwarmSnapshot
@@ -55,12 +55,25 @@ def load_deployments(paths: Sequence[str]) -> list[ModelDeployment]:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     deployments = load_deployments(args.file)
+    settings = Settings.from_env()
+    # The operator would refuse these with a PolicyViolation condition: say so before any
+    # Swarm call, with the same messages.
+    refused = [f"{md.key}: {v}" for md in deployments for v in policy.violations(md, settings)]
+    if refused:
+        raise UsageError(f"{policy.REASON}: " + "; ".join(refused))
     snapshot = Swarm().observe()
+    refused = [
+        f"{md.key}: {v}"
+        for md in deployments
+        for v in policy.network_violations(md, snapshot.networks)
+    ]
+    if refused:
+        raise UsageError(f"{policy.REASON}: " + "; ".join(refused))
     placement, plans = plan_many(
         deployments,
         snapshot,
         now=utcnow(),
-        lost_node_grace_seconds=Settings.from_env().lost_node_grace_seconds,
+        lost_node_grace_seconds=settings.lost_node_grace_seconds,
     )
     report: list[dict[str, Any]] = []
     for md in deployments:
@@ -187,6 +200,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     import npuswarm.handlers  # registers the handlers with kopf
 
+    # A bad setting stops here with one line, before kopf logs in or starts anything.
+    Settings.from_env()
     # `kill -USR1 <pid>` prints every thread's stack: what a stuck operator is waiting on.
     faulthandler.register(signal.SIGUSR1, all_threads=True)
     if args.namespace:

@@ -58,8 +58,29 @@ def structural(schema: dict[str, Any], definitions: dict[str, Any] | None = None
     return out
 
 
+# OpenAPI's "integer" takes 2.0, while every CEL rule that reads such a field then fails with
+# "expected int, got float64": refuse a fractional-looking number in every integer field, as
+# the models do, so acceptance never depends on whether some rule happens to read the field.
+INTEGER_RULE = {"rule": "type(self) == int", "message": "must be an integer"}
+
+
+def integers_only(schema: dict[str, Any]) -> dict[str, Any]:
+    out = dict(schema)
+    if "properties" in out:
+        out["properties"] = {k: integers_only(v) for k, v in out["properties"].items()}
+    for key in ("items", "additionalProperties"):
+        if isinstance(out.get(key), dict):
+            out[key] = integers_only(out[key])
+    if out.get("type") == "integer":
+        out["x-kubernetes-validations"] = [
+            *out.get("x-kubernetes-validations", []),
+            dict(INTEGER_RULE),
+        ]
+    return out
+
+
 def crd_manifest() -> dict[str, Any]:
-    spec_schema = structural(api.ModelDeploymentSpec.model_json_schema())
+    spec_schema = integers_only(structural(api.ModelDeploymentSpec.model_json_schema()))
     status_schema = structural(api.ModelDeploymentStatus.model_json_schema())
     # The API server serves an object without status with this one (defaulting on read), so
     # before npuswarm's first write kstatus reads generation 1 as not yet observed (InProgress)

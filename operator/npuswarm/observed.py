@@ -121,8 +121,11 @@ class SwarmSnapshot:
     nodes: list[NodeInfo]
     services: list[ObservedService]
     foreign: list[ForeignClaim] = field(default_factory=list)
-    # Names of every network in the Swarm (npuswarm's or not).
-    networks: frozenset[str] = frozenset()
+    # Network name -> "swarm", "local" or "ingress", npuswarm's or not
+    # (policy.network_violations reads it).
+    networks: dict[str, str] = field(default_factory=dict)
+    # Names of every service in the Swarm, npuswarm's or not: a name a create must avoid.
+    service_names: frozenset[str] = frozenset()
     # Networks this installation created: name -> id.
     own_networks: dict[str, str] = field(default_factory=dict)
     _by_deployment: dict[str, list[ObservedService]] = field(default_factory=dict, repr=False)
@@ -133,6 +136,9 @@ class SwarmSnapshot:
         for service in self.services:
             self._by_deployment.setdefault(service.deployment, []).append(service)
         self._nodes_by_id.update({node.id: node for node in self.nodes})
+
+    def names(self) -> frozenset[str]:
+        return self.service_names | {s.name for s in self.services}
 
     def services_of(self, deployment: str) -> list[ObservedService]:
         return self._by_deployment.get(deployment, [])
@@ -197,7 +203,12 @@ def snapshot_from_engine(
         nodes=node_infos,
         services=sorted(by_id.values(), key=lambda s: s.name),
         foreign=sorted(foreign, key=lambda c: (c.node_id, c.service)),
-        networks=frozenset(network_names.values()),
+        networks={
+            n["Name"]: "ingress" if n.get("Ingress") else str(n.get("Scope") or "local")
+            for n in networks
+            if "Name" in n
+        },
+        service_names=frozenset(str((raw.get("Spec") or {}).get("Name", "")) for raw in services),
         own_networks={
             n["Name"]: n["Id"]
             for n in networks

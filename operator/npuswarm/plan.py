@@ -7,6 +7,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any, Literal
 
+from npuswarm import policy
 from npuswarm.api import ModelDeployment
 from npuswarm.inventory import NodeInfo
 from npuswarm.labels import SPEC_HASH
@@ -17,7 +18,7 @@ from npuswarm.placement import (
     place,
     spare_assignment,
 )
-from npuswarm.render import Renderer, service_name
+from npuswarm.render import Renderer, free_service_name, service_name
 
 ActionKind = Literal["create", "update", "remove"]
 DriftKind = Literal["service_recreated", "service_updated", "replica_replaced"]
@@ -119,6 +120,8 @@ class PassPlan:
     plans: dict[str, DeploymentPlan]  # by deployment key, in priority order
     # Removals of services whose owner no longer exists.
     orphans: list[Action] = field(default_factory=list)
+    # Deployments the operator's policy refuses once Swarm is seen: key -> why.
+    refused: dict[str, str] = field(default_factory=dict)
     # Overlay networks a deployment names that do not exist yet: created before any service.
     networks_to_create: list[str] = field(default_factory=list)
     # npuswarm's own networks nothing of npuswarm's uses any more: (name, id), removed last.
@@ -162,7 +165,8 @@ def plan_deployment(
         primary = next((s for s in services if s.name == service_name(md, slot)), None)
         if primary is None and services:
             primary = services[0]
-        spec = renderer.render(md, assignment, name=primary.name if primary else None)
+        name = primary.name if primary else free_service_name(md, slot, snapshot.names())
+        spec = renderer.render(md, assignment, name=name)
         plan.desired[slot] = spec
         for extra in services:
             if extra is not primary:
@@ -232,6 +236,13 @@ def plan_pass(
     known = known_services or {}
     renderer = renderer or Renderer()
     renderer.new_pass()
+    # Read against what Swarm has: refused deployments ask for nothing and change nothing.
+    refused = {
+        md.key: "; ".join(found)
+        for md in deployments
+        if (found := policy.network_violations(md, snapshot.networks))
+    }
+    deployments = [md for md in deployments if md.key not in refused]
     placement, requests = place_all(
         deployments, snapshot, now=now, lost_node_grace_seconds=lost_node_grace_seconds
     )
@@ -262,7 +273,8 @@ def plan_pass(
         placement=placement,
         plans=plans,
         orphans=orphans,
-        networks_to_create=sorted(wanted - snapshot.networks),
+        refused=refused,
+        networks_to_create=sorted(wanted - snapshot.networks.keys()),
         networks_to_remove=sorted(
             (name, network_id)
             for name, network_id in snapshot.own_networks.items()

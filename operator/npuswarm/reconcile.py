@@ -19,7 +19,7 @@ from typing import Any, Protocol
 
 import structlog
 
-from npuswarm import labels, metrics
+from npuswarm import labels, metrics, policy
 from npuswarm.api import ModelDeployment, ModelDeploymentStatus
 from npuswarm.events import Event
 from npuswarm.npus import parse_npu_ids
@@ -63,9 +63,9 @@ class Desired:
     """What Kubernetes asks for, as a pass reads it (from kopf's index)."""
 
     deployments: list[ModelDeployment] = field(default_factory=list)
-    # Deployments whose spec npuswarm refuses: key -> (generation, why). Their services are
-    # left as they are; they ask for nothing new.
-    invalid: dict[str, tuple[int, str]] = field(default_factory=dict)
+    # Deployments whose spec npuswarm refuses: key -> (generation, reason, why). Their
+    # services are left as they are; they ask for nothing new.
+    invalid: dict[str, tuple[int, str, str]] = field(default_factory=dict)
     # Deployments being deleted: their finalizer removes their services, the pass leaves them.
     deleting: frozenset[str] = frozenset()
     # The last status each deployment has (key -> status dict), for conditions and drift.
@@ -189,6 +189,8 @@ class Reconciler:
         now = self.clock()
         views: dict[str, DeploymentView] = {}
         for md in desired.deployments:
+            if md.key in whole.refused:
+                continue
             writes = applied.get(md.key, Applied())
             previous = desired.previous.get(md.key, {})
             status = deployment_status(md, whole, writes, previous.get("conditions", []), now)
@@ -206,12 +208,16 @@ class Reconciler:
                 or status.readyReplicas < status.placedReplicas,
                 unplaced_reasons=unplaced,
             )
-        for invalid_key, (generation, message) in desired.invalid.items():
+        refusals = dict(desired.invalid)
+        for md in desired.deployments:
+            if md.key in whole.refused:
+                refusals[md.key] = (md.metadata.generation, policy.REASON, whole.refused[md.key])
+        for invalid_key, (generation, reason, message) in refusals.items():
             previous = desired.previous.get(invalid_key, {})
             views[invalid_key] = DeploymentView(
                 key=invalid_key,
-                status=invalid_spec_status(generation, message, previous, now),
-                events=[Event("Warning", "InvalidSpec", message)],
+                status=invalid_spec_status(generation, message, previous, now, reason),
+                events=[Event("Warning", reason, message)],
             )
         orphans = [a for owner in {o.owner for o in whole.orphans} for a in applied[owner].done]
         for action in orphans:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Collection
 from typing import Any
 
 from npuswarm import labels
@@ -22,7 +23,22 @@ MAX_SERVICE_NAME = 63
 
 def service_name(md: ModelDeployment, slot: str) -> str:
     """``<namespace>-<name>-<slot>``, shortened with a hash when Swarm's 63 characters run out."""
-    name = f"{md.metadata.namespace}-{md.metadata.name}-{slot}"
+    return _fit(f"{md.metadata.namespace}-{md.metadata.name}-{slot}")
+
+
+def free_service_name(md: ModelDeployment, slot: str, taken: Collection[str]) -> str:
+    """The name for a new service: ``service_name``, unless a service of another deployment
+    already has it (namespace ``c`` name ``a-b`` and namespace ``c-a`` name ``b`` both give
+    ``c-a-b-0``); then the owner's namespace/name hash makes it unique, so a neighbour's
+    choice of names can never block a create. Services are found by label, never by name."""
+    name = service_name(md, slot)
+    if name not in taken:
+        return name
+    owner = hashlib.sha256(f"{md.metadata.namespace}/{md.metadata.name}".encode()).hexdigest()[:8]
+    return _fit(f"{md.metadata.namespace}-{md.metadata.name}-{owner}-{slot}")
+
+
+def _fit(name: str) -> str:
     if len(name) <= MAX_SERVICE_NAME:
         return name
     digest = hashlib.sha256(name.encode()).hexdigest()[:8]

@@ -21,7 +21,7 @@ from typing import Any
 import structlog
 from pydantic import ValidationError
 
-from npuswarm import api, metrics
+from npuswarm import api, metrics, policy
 from npuswarm.api import ModelDeployment, validation_message
 from npuswarm.events import Event, EventFilter
 from npuswarm.kube import Kube
@@ -49,6 +49,7 @@ class Parsed:
     stamp: tuple[str, int, str | None]  # uid, generation, deletionTimestamp
     model: ModelDeployment | None
     problem: str | None
+    reason: str = "InvalidSpec"
 
 
 @dataclass
@@ -207,7 +208,7 @@ class Runtime:
     def desired(self) -> Desired:
         """Every ModelDeployment kopf's index knows, parsed once per generation."""
         deployments: list[ModelDeployment] = []
-        invalid: dict[str, tuple[int, str]] = {}
+        invalid: dict[str, tuple[int, str, str]] = {}
         deleting: set[str] = set()
         previous: dict[str, dict[str, Any]] = {}
         seen: set[str] = set()
@@ -221,7 +222,8 @@ class Runtime:
                 if metadata.get("deletionTimestamp"):
                     deleting.add(key)
                 elif parsed.model is None:
-                    invalid[key] = (int(metadata.get("generation") or 0), parsed.problem or "")
+                    generation = int(metadata.get("generation") or 0)
+                    invalid[key] = (generation, parsed.reason, parsed.problem or "")
                 else:
                     deployments.append(parsed.model)
         for gone in set(self.parsed) - seen:
@@ -248,9 +250,17 @@ class Runtime:
             model = ModelDeployment.model_validate(
                 {"metadata": dict(metadata), "spec": dict(raw.get("spec") or {})}
             )
-            parsed = Parsed(stamp, model, None)
         except ValidationError as error:
             parsed = Parsed(stamp, None, validation_message(error))
+        else:
+            # Host safety: what the API server accepted may still reach past the operator's
+            # settings (a hostPath outside the allow-list).
+            refused = policy.violations(model, self.settings)
+            parsed = (
+                Parsed(stamp, None, "; ".join(refused), policy.REASON)
+                if refused
+                else Parsed(stamp, model, None)
+            )
         self.parsed[key] = parsed
         return parsed
 

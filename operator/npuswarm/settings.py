@@ -1,61 +1,95 @@
-"""Operator settings, read once from the environment (12-factor: the Deployment sets them)."""
+"""Operator settings, read once from the environment (12-factor: the Deployment sets them).
+
+Every variable is ``NPUSWARM_<FIELD>``; unset or empty means the default. A bad value stops
+the operator at startup with one line naming the variable, instead of a crash loop of
+tracebacks or a silently clamped value.
+"""
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass
+from typing import Annotated, Any
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from npuswarm.paths import denied_root, normalise_host_path
+
+ENV_PREFIX = "NPUSWARM_"
+# Where model weights and caches usually live on a node; anything else must be allowed
+# explicitly by the cluster admin.
+DEFAULT_ALLOWED_HOST_PATHS = ("/models", "/data")
+# NPUSWARM_ALLOWED_HOST_PATHS=none: no hostPath volume at all.
+NO_HOST_PATHS = "none"
 
 
-def _number(name: str, default: float) -> float:
-    raw = os.environ.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise SystemExit(f"{name}={raw!r} is not a number") from None
-    if value < 0:
-        raise SystemExit(f"{name}={raw!r} must not be negative")
-    return value
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_ignore_empty=True,
+        frozen=True,
+        # A misspelt keyword in Settings(...) is an error, not a silently ignored value.
+        extra="forbid",
+    )
 
-
-@dataclass(frozen=True)
-class Settings:
     # How often every ModelDeployment is compared with Swarm, to catch drift (hand edits,
     # removed services, failing tasks, lost nodes) that raises no Kubernetes event.
-    resync_seconds: float = 30.0
+    resync_seconds: float = Field(30.0, gt=0, le=86400, allow_inf_nan=False)
     # How long a node may be down before its replicas are placed elsewhere. Moving a large
     # model costs minutes of loading, so a short network blip should not trigger it.
-    lost_node_grace_seconds: float = 120.0
-    metrics_port: int = 8081
-    docker_timeout_seconds: float = 30.0
-    swarm_probe_seconds: float = 15.0
+    lost_node_grace_seconds: float = Field(120.0, ge=0, le=7 * 86400, allow_inf_nan=False)
+    metrics_port: int = Field(8081, ge=1, le=65535)
+    docker_timeout_seconds: float = Field(30.0, gt=0, le=3600, allow_inf_nan=False)
+    swarm_probe_seconds: float = Field(15.0, gt=0, le=3600, allow_inf_nan=False)
     # How often the cheap task poll looks for task state changes (Docker's event stream has
     # none), and how often while a rollout or a start is under way.
-    task_poll_seconds: float = 5.0
-    task_poll_busy_seconds: float = 1.0
+    task_poll_seconds: float = Field(5.0, gt=0, le=3600, allow_inf_nan=False)
+    task_poll_busy_seconds: float = Field(1.0, gt=0, le=3600, allow_inf_nan=False)
     # Swarm writes of one pass in flight at once.
-    write_concurrency: int = 8
+    write_concurrency: int = Field(8, ge=1, le=64)
     # Which npuswarm installation this is, when several share one Swarm: each owns only the
-    # services carrying its name, and treats the others' as foreign.
-    instance: str = "default"
+    # services carrying its name, and treats the others' as foreign. It is a label value.
+    instance: str = Field("default", pattern=r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+    # Host directories a ModelDeployment's volumes may bind (each with everything below it).
+    allowed_host_paths: Annotated[tuple[str, ...], NoDecode] = DEFAULT_ALLOWED_HOST_PATHS
+
+    @field_validator("allowed_host_paths", mode="before")
+    @classmethod
+    def _split(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            if value.strip() == NO_HOST_PATHS:
+                return ()
+            return tuple(part.strip() for part in value.split(",") if part.strip())
+        return value
+
+    @field_validator("allowed_host_paths", mode="after")
+    @classmethod
+    def _safe_roots(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        roots = []
+        for raw in value:
+            if not raw.startswith("/"):
+                raise ValueError(f"{raw!r} is not an absolute path")
+            root = normalise_host_path(raw)
+            denied = denied_root(root)
+            if root == "/" or denied is not None:
+                # Fail at startup rather than allow what the policy refuses anyway.
+                raise ValueError(f"{raw!r} may not be allowed: {denied or '/'} is always refused")
+            roots.append(root)
+        return tuple(roots)
 
     @classmethod
     def from_env(cls) -> Settings:
-        return cls(
-            resync_seconds=_number("NPUSWARM_RESYNC_SECONDS", cls.resync_seconds),
-            lost_node_grace_seconds=_number(
-                "NPUSWARM_LOST_NODE_GRACE_SECONDS", cls.lost_node_grace_seconds
-            ),
-            metrics_port=int(_number("NPUSWARM_METRICS_PORT", cls.metrics_port)),
-            docker_timeout_seconds=_number(
-                "NPUSWARM_DOCKER_TIMEOUT_SECONDS", cls.docker_timeout_seconds
-            ),
-            swarm_probe_seconds=_number("NPUSWARM_SWARM_PROBE_SECONDS", cls.swarm_probe_seconds),
-            task_poll_seconds=_number("NPUSWARM_TASK_POLL_SECONDS", cls.task_poll_seconds),
-            task_poll_busy_seconds=_number(
-                "NPUSWARM_TASK_POLL_BUSY_SECONDS", cls.task_poll_busy_seconds
-            ),
-            write_concurrency=int(_number("NPUSWARM_WRITE_CONCURRENCY", cls.write_concurrency)),
-            instance=os.environ.get("NPUSWARM_INSTANCE") or cls.instance,
-        )
+        """The settings from the environment; a bad value exits with one line that names it."""
+        try:
+            return cls()
+        except ValidationError as error:
+            raise SystemExit(f"npuswarm: invalid settings: {settings_message(error)}") from None
+
+
+def settings_message(error: ValidationError) -> str:
+    parts = []
+    for item in error.errors():
+        field = str(item["loc"][0]) if item["loc"] else ""
+        name = f"{ENV_PREFIX}{field.upper()}" if field else "settings"
+        shown = item.get("input")
+        parts.append(f"{name}={shown!r}: {item['msg']}")
+    return "; ".join(parts)

@@ -31,7 +31,9 @@ from npuswarm.api import ModelDeployment, validation_message
 from npuswarm.npus import format_npu_ids, npu_id_from_device, parse_npu_ids
 from npuswarm.observed import SwarmSnapshot
 from npuswarm.plan import plan_many
+from npuswarm.policy import host_path_violation
 from npuswarm.render import SECOND_NS
+from npuswarm.settings import DEFAULT_ALLOWED_HOST_PATHS
 
 # --- Facts about `docker stack deploy` --------------------------------------------------------
 
@@ -678,6 +680,14 @@ def _map_volumes(raw: Any, base_dir: str, spec: dict[str, Any], notes: _Notes) -
     if volumes:
         spec["volumes"] = volumes
         notes.mapped("volumes", ", ".join(f"{v['hostPath']}:{v['mountPath']}" for v in volumes))
+    for volume in volumes:
+        # Judged by the default settings: the cluster's own allow-list is not known here.
+        problem = host_path_violation(volume["hostPath"], DEFAULT_ALLOWED_HOST_PATHS)
+        if problem is not None:
+            notes.check(
+                f"volumes {volume['hostPath']}",
+                f"{problem}: the operator would refuse this deployment (PolicyViolation)",
+            )
     return shm
 
 

@@ -234,17 +234,22 @@ def _endpoint(md: ModelDeployment) -> str | None:
 
 
 def invalid_spec_status(
-    generation: int, message: str, previous: dict[str, Any], now: datetime
+    generation: int,
+    message: str,
+    previous: dict[str, Any],
+    now: datetime,
+    reason: str = "InvalidSpec",
 ) -> ModelDeploymentStatus:
-    """A spec that does not validate: say why, keep the last known replicas, change nothing."""
+    """A spec that does not validate, or that the operator's policy refuses (``reason``):
+    say why, keep the last known replicas, change nothing."""
     return _held_status(
         generation,
         previous,
         now,
         phase="Invalid",
-        ready=ConditionValue("False", "InvalidSpec", message),
-        degraded=ConditionValue("True", "InvalidSpec", message),
-        progressing=ConditionValue("False", "InvalidSpec", "fix the spec to continue"),
+        ready=ConditionValue("False", reason, message),
+        degraded=ConditionValue("True", reason, message),
+        progressing=ConditionValue("False", reason, "fix the spec to continue"),
     )
 
 

@@ -12,6 +12,7 @@ from typing import Any
 import docker
 import docker.errors
 import requests.exceptions
+from docker.constants import MINIMUM_DOCKER_API_VERSION
 from docker.utils import kwargs_from_env
 
 from npuswarm import labels, metrics
@@ -64,6 +65,23 @@ def _service_kwargs(spec: dict[str, Any]) -> dict[str, Any]:
 stream_errors = _TRANSIENT
 
 
+def _client(kwargs: dict[str, Any], timeout: int, version: str) -> docker.APIClient:
+    client = docker.APIClient(version=version, timeout=timeout, **kwargs)
+    if "tls" in kwargs:
+        # requests lets REQUESTS_CA_BUNDLE replace a session's own CA (psf/requests#3829), so
+        # the CA of DOCKER_CERT_PATH would be ignored wherever that variable is set.
+        client.trust_env = False
+    return client
+
+
+def _connect(kwargs: dict[str, Any], timeout: int) -> docker.APIClient:
+    """A client speaking the server's API version (docker-py's version="auto", but asked
+    through a client that already ignores REQUESTS_CA_BUNDLE)."""
+    with _client(kwargs, timeout, MINIMUM_DOCKER_API_VERSION) as probe:
+        version = str(probe.version(api_version=False)["ApiVersion"])
+    return _client(kwargs, timeout, version)
+
+
 class Swarm:
     """One Swarm manager; DOCKER_HOST, DOCKER_TLS_VERIFY and DOCKER_CERT_PATH apply."""
 
@@ -73,7 +91,14 @@ class Swarm:
         timeout: float = 30.0,
         instance: str = labels.DEFAULT_INSTANCE,
     ) -> None:
-        kwargs: dict[str, Any] = kwargs_from_env()
+        # A DOCKER_CERT_PATH without cert.pem/key.pem is reported like an outage, with
+        # docker-py's reason, on every call: the operator keeps running and says why.
+        self._config_error: str | None = None
+        kwargs: dict[str, Any] = {}
+        try:
+            kwargs = kwargs_from_env()
+        except docker.errors.DockerException as error:
+            self._config_error = f"DOCKER_HOST/DOCKER_TLS_VERIFY/DOCKER_CERT_PATH: {error}"
         if base_url is not None:
             kwargs["base_url"] = base_url
         self._kwargs = kwargs
@@ -87,11 +112,11 @@ class Swarm:
     def api(self) -> docker.APIClient:
         # Connect lazily: the operator must start (and report the outage) while Docker is down.
         if self._client is None:
+            if self._config_error is not None:
+                raise SwarmUnavailable(self._config_error)
             with metrics.swarm_call("version"):
                 try:
-                    self._client = docker.APIClient(
-                        version="auto", timeout=int(self._timeout), **self._kwargs
-                    )
+                    self._client = _connect(self._kwargs, int(self._timeout))
                 except _TRANSIENT as error:
                     raise _translate("connect", error) from error
         return self._client

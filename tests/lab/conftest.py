@@ -30,7 +30,8 @@ TASK_TIMEOUT = 60.0
 @pytest.fixture(scope="session")
 def swarm_lab():
     """A 3-node lab (node1 manager; node3 910A-style with rings of 4) for the session."""
-    with swarmlab.lab_session(nodes=3, npus=8, rings_node=True, name=LAB_NAME) as lab:
+    # With the manager on TCP+TLS too (test_docker_tls.py): a few ms of openssl, no extra node.
+    with swarmlab.lab_session(nodes=3, npus=8, rings_node=True, name=LAB_NAME, tls=True) as lab:
         yield lab
 
 

@@ -275,7 +275,7 @@ def test_liveness_probe_hits_kopfs_endpoint(render: Any) -> None:
     assert port_number(container, probe["httpGet"]["port"]) == 8080
     # A Swarm outage must not restart the operator: /healthz reports the background probe's
     # last answer without waiting on Docker, so a short timeout is safe.
-    assert probe["timeoutSeconds"] < Settings.docker_timeout_seconds
+    assert probe["timeoutSeconds"] < Settings.model_fields["docker_timeout_seconds"].default
     assert probe["periodSeconds"] * probe["failureThreshold"] >= 60
 
 
@@ -341,7 +341,7 @@ def test_metrics_service_reaches_the_metrics_port(render: Any) -> None:
         assert port["name"] == "metrics" and port["port"] == 8081
         metrics_port = port_number(container, port["targetPort"])
         env = {e["name"]: e.get("value") for e in container["env"]}
-        assert metrics_port == int(env["NPUSWARM_METRICS_PORT"]) == Settings.metrics_port
+        assert metrics_port == int(env["NPUSWARM_METRICS_PORT"]) == Settings.model_fields["metrics_port"].default
 
 
 def test_image_can_be_replaced_with_kustomize_images(kubectl: str, tmp_path: Path) -> None:
@@ -484,3 +484,16 @@ def test_with_monitoring_scrapes_the_metrics_service(render: Any) -> None:
         assert {e["port"] for e in monitor["spec"]["endpoints"]} == {"metrics"}
         namespaces = monitor["spec"].get("namespaceSelector", {}).get("matchNames")
         assert monitor["metadata"].get("namespace") == NAMESPACE or namespaces == [NAMESPACE]
+
+
+def test_every_npuswarm_setting_in_the_deployment_is_valid(
+    render: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for root in INSTALLS:
+        container = operator_container(render(root))
+        values = {e["name"]: e["value"] for e in container["env"] if e["name"].startswith("NPUSWARM_")}
+        assert "NPUSWARM_ALLOWED_HOST_PATHS" in values
+        for name, value in values.items():
+            monkeypatch.setenv(name, value)
+        settings = Settings.from_env()  # exits with the bad variable's name otherwise
+        assert settings.allowed_host_paths == ("/models", "/data")

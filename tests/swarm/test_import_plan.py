@@ -14,6 +14,7 @@ from typing import Any
 
 import docker
 import pytest
+import yaml
 
 from npuswarm import cli
 
@@ -51,6 +52,14 @@ def test_seed_stack_imports_into_two_models_placed_4_plus_4_without_writing(
     run(["import-stack", str(SEED_STACK), "--namespace", namespace, "-o", str(tmp_path)], capsys)
     files = sorted(str(p) for p in tmp_path.glob("*.yaml"))
     assert [Path(f).name for f in files] == ["vllm-coder.yaml", "vllm-qwen3.yaml"]
+    # As the import's check note says: npuswarm never mounts /root, `plan` refuses it...
+    refused = cli.main(["plan", "-f", files[0]])
+    assert refused == 2 and "hostPath /root/.cache is never allowed" in capsys.readouterr().err
+    # ...so the cache moves under an allowed host path, as in examples/.
+    for f in files:
+        text = Path(f).read_text()
+        assert "- hostPath: /root/.cache\n" in text
+        Path(f).write_text(text.replace("- hostPath: /root/.cache\n", "- hostPath: /data/vllm-cache\n"))
 
     nodes = json.loads(run(["nodes", "-o", "json"], capsys))
     eight = [n for n in nodes if len(n["npus"]) == 8 and n["state"] == "ready"]
@@ -88,3 +97,18 @@ def test_seed_stack_imports_into_two_models_placed_4_plus_4_without_writing(
     # plan only looks: nothing of this namespace exists in Swarm.
     owned = docker_client.services(filters={"label": f"npuswarm.io/owner-namespace={namespace}"})
     assert owned == []
+
+
+def test_plan_refuses_a_network_name_docker_would_read_as_the_host_networks_id(
+    docker_client: docker.APIClient, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    prefix = docker_client.networks(names=["host"])[0]["Id"][:5]
+    path = tmp_path / "md.yaml"
+    path.write_text(yaml.safe_dump({
+        "apiVersion": "npuswarm.io/v1alpha1", "kind": "ModelDeployment",
+        "metadata": {"name": "sneaky", "namespace": "plan-test"},
+        "spec": {"image": "img", "model": "/models/m", "network": {"name": prefix}},
+    }))
+    assert cli.main(["plan", "-f", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"PolicyViolation: plan-test/sneaky: spec.network.name: no network is named '{prefix}'" in err

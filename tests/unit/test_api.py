@@ -51,6 +51,44 @@ def test_served_model_name_defaults_to_model_path() -> None:
             {"publish": {"port": 80, "mode": "ingress"}, "network": {"name": "n"}},
             "endpointMode=vip",
         ),
+        # Bounds a user would expect, and paths that mean what they say.
+        ({"replicas": 1001}, "replicas"),
+        ({"replicas": 2.5}, "replicas"),
+        ({"engine": {"port": 0}}, "port"),
+        ({"publish": {"port": 65536}}, "publish.port"),
+        ({"engine": {"maxModelLen": 2**40}}, "maxModelLen"),
+        ({"healthCheck": {"intervalSeconds": 10**12}}, "intervalSeconds"),
+        ({"restartPolicy": {"delaySeconds": -1}}, "delaySeconds"),
+        ({"image": "img; rm -rf /"}, "image"),
+        ({"image": "x" * 1025}, "image"),
+        ({"model": "--trust-remote-code"}, "model"),
+        ({"servedModelName": "-x"}, "servedModelName"),
+        ({"engine": {"extraArgs": ["a\x00b"]}}, "extraArgs"),
+        ({"engine": {"extraArgs": ["x"] * 129}}, "extraArgs"),
+        ({"engine": {"env": {"A B": "x"}}}, "not a valid variable name"),
+        ({"engine": {"env": {"A=B": "x"}}}, "not a valid variable name"),
+        ({"engine": {"env": {"ÄÖ": "x"}}}, "not a valid variable name"),
+        ({"engine": {"env": {"X" * 257: "x"}}}, "not a valid variable name"),
+        ({"engine": {"env": {"A": "nul\x00"}}}, "env"),
+        ({"volumes": [{"hostPath": "/models/../etc", "mountPath": "/m"}]}, "hostPath"),
+        ({"volumes": [{"hostPath": "/models//x", "mountPath": "/m"}]}, "hostPath"),
+        ({"volumes": [{"hostPath": "/models/./x", "mountPath": "/m"}]}, "hostPath"),
+        ({"volumes": [{"hostPath": "/models", "mountPath": "/"}]}, "mountPath"),
+        ({"volumes": [{"hostPath": "/models", "mountPath": "/a/.."}]}, "mountPath"),
+        (
+            {"volumes": [{"hostPath": "/a", "mountPath": "/m"}, {"hostPath": "/b", "mountPath": "/m/"}]},
+            "same mountPath",
+        ),
+        ({"volumes": [{"hostPath": "/m", "mountPath": f"/m{i}"} for i in range(33)]}, "volumes"),
+        ({"shmSize": "0"}, "more than 0"),
+        ({"shmSize": "2Ti"}, "at most 1Ti"),
+        ({"network": {"name": "host"}}, "not 'host'"),
+        ({"network": {"name": "-x"}}, "network.name"),
+        ({"npusPerReplica": 8, "npuIds": list(range(9))}, "npuIds"),
+        ({"privileged": True}, "privileged"),
+        ({"capAdd": ["SYS_ADMIN"]}, "capAdd"),
+        ({"devices": ["/dev/mem"]}, "devices"),
+        ({"engine": {"hostNetwork": True}}, "hostNetwork"),
     ],
 )
 def test_invalid_specs_are_rejected_with_a_pointed_message(
@@ -86,3 +124,16 @@ def test_identical_events_are_let_through_once_per_window() -> None:
     assert events.admit("ns/m", placed, now=61)
     events.forget("ns/m")
     assert events.admit("ns/m", placed, now=62)
+
+
+def test_paths_with_dots_in_names_and_one_trailing_slash_are_fine() -> None:
+    ok = spec(
+        volumes=[
+            {"hostPath": "/models/.cache/...x", "mountPath": "/root/.cache/"},
+            {"hostPath": "/data/lib64/", "mountPath": "/usr/local/lib64"},
+        ],
+        image="registry.example:5000/ascend/vllm-ascend:v0.9.2rc1@sha256:" + "a" * 64,
+        model="Qwen/Qwen3-30B-A3B",
+        engine={"env": {"_X1": "$(rm -rf /); `id` | && ; \n 'quoted'"}},
+    )
+    assert ok.volumes[1].hostPath == "/data/lib64/"

@@ -116,7 +116,7 @@ def test_services_of_deleting_and_invalid_deployments_are_left_alone() -> None:
     r = reconciler(swarm, Catalog(set()))
     a, b = models(2)
     run(r, [a, b])
-    result = run(r, [], deleting=frozenset({a.key}), invalid={b.key: (2, "spec.image: required")})
+    result = run(r, [], deleting=frozenset({a.key}), invalid={b.key: (2, "InvalidSpec", "spec.image: required")})
     assert len(swarm.services) == 2 and result.writes == 0
     invalid = result.views[b.key].status
     assert invalid.phase == "Invalid" and invalid.observedGeneration == 2
@@ -214,3 +214,14 @@ def test_a_missing_network_is_created_first_and_removed_when_nothing_uses_it() -
     run(r, [])
     assert {n["Name"] for n in swarm.networks} == {"vllm-net", "shared"}
     assert swarm.services == {}
+
+
+def test_a_network_that_is_not_swarm_scoped_is_refused_by_policy_and_writes_nothing() -> None:
+    swarm = MemorySwarm()
+    swarm.networks.append({"Id": "b1", "Name": "my-bridge", "Scope": "local", "Labels": {}})
+    result = run(reconciler(swarm), [deployment("bridged", network={"name": "my-bridge"})])
+    view = result.views["default/bridged"]
+    assert swarm.services == {} and result.writes == 0
+    assert view.status.phase == "Invalid"
+    degraded = next(c for c in view.status.conditions if c.type == "Degraded")
+    assert degraded.reason == "PolicyViolation" and "local network" in degraded.message

@@ -45,13 +45,17 @@ def test_desired_sorts_the_index_into_valid_invalid_and_deleting_and_parses_once
         ("team", "ok"): [entry("ok")],
         ("team", "bad"): [entry("bad", generation=3, npusPerReplica=3)],
         ("team", "going"): [entry("going", deleting=True)],
+        ("team", "sock"): [entry("sock", volumes=[{"hostPath": "/var/run/docker.sock", "mountPath": "/s"}])],
     }
     rt = runtime(index)
     desired = rt.desired()
     assert [md.key for md in desired.deployments] == ["team/ok"]
-    generation, message = desired.invalid["team/bad"]
-    assert generation == 3 and "npusPerReplica" in message
+    generation, reason, message = desired.invalid["team/bad"]
+    assert (generation, reason) == (3, "InvalidSpec") and "npusPerReplica" in message
     assert desired.deleting == {"team/going"}
+    # Valid for the API server, refused by the operator's host policy: no placement, a reason.
+    _, reason, message = desired.invalid["team/sock"]
+    assert reason == "PolicyViolation" and "/var/run/docker.sock" in message
     assert desired.previous["team/ok"] == {"phase": "Ready"}
     assert desired.namespaces == {"team"}
     # The same generation is not parsed again; a new one is.

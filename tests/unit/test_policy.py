@@ -1,0 +1,156 @@
+"""Host safety: hostPath volumes only under the admin's allow-list, never the node's innards."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from npuswarm import cli
+from npuswarm.paths import DENIED_HOST_PATHS, denied_root, is_within, normalise_host_path
+from npuswarm.policy import host_path_violation, violations
+from npuswarm.settings import Settings
+
+from .builders import deployment
+
+DEFAULTS = Settings(allowed_host_paths=("/models", "/data"))
+
+
+def volumes(*host_paths: str) -> list[dict[str, str]]:
+    return [{"hostPath": p, "mountPath": f"/mnt/{i}"} for i, p in enumerate(host_paths)]
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["/models", "/models/", "/models/Qwen/Qwen3", "/data/cache", "//models//x/", "/models/./a"],
+)
+def test_paths_under_the_allow_list_pass(path: str) -> None:
+    assert host_path_violation(path, DEFAULTS.allowed_host_paths) is None
+
+
+@pytest.mark.parametrize(
+    ("path", "fragment"),
+    [
+        ("/var/run/docker.sock", "/var/run and everything below it"),
+        ("/run/docker.sock", "/run and everything below it"),
+        ("/run/containerd/containerd.sock", "/run and everything below it"),
+        ("/", "never allowed (/ would"),
+        ("//", "never allowed (/ would"),
+        ("/etc", "/etc and everything"),
+        ("/etc/", "/etc and everything"),
+        ("/proc/1/root", "/proc and"),
+        ("/sys/fs/cgroup", "/sys and"),
+        ("/dev/davinci0", "/dev and"),
+        ("/root/.cache", "/root and"),
+        ("/var/lib/docker/volumes", "/var/lib/docker and"),
+        ("/models/../etc", "/models/../etc (= /etc) is never allowed"),
+        ("/models/../../../etc/shadow", "(= /etc/shadow) is never allowed"),
+        ("/data/x/../../var/run/docker.sock", "(= /var/run/docker.sock)"),
+        ("/models/run/docker.sock", "is a socket path"),
+        ("/modelsX", "outside the allowed host paths (/models, /data)"),
+        ("/models-evil/x", "outside the allowed host paths"),
+        ("/home/user", "outside the allowed host paths"),
+        ("/models/../home", "(= /home) is outside"),
+        ("relative/path", "not an absolute path"),
+    ],
+)
+def test_refused_paths_say_why(path: str, fragment: str) -> None:
+    problem = host_path_violation(path, DEFAULTS.allowed_host_paths)
+    assert problem is not None and fragment in problem
+
+
+def test_denied_paths_win_over_a_wider_allow_list() -> None:
+    wide = Settings(allowed_host_paths=("/var", "/srv"))
+    assert host_path_violation("/var/lib/models", wide.allowed_host_paths) is None
+    for path in ("/var/run/docker.sock", "/var/lib/docker", "/var/lib/containerd/x"):
+        problem = host_path_violation(path, wide.allowed_host_paths)
+        assert problem is not None and "never allowed" in problem
+
+
+def test_an_empty_allow_list_refuses_every_host_path() -> None:
+    problem = host_path_violation("/models", ())
+    assert problem is not None and "outside the allowed host paths (none)" in problem
+
+
+def test_violations_name_each_offending_volume() -> None:
+    md = deployment(volumes=volumes("/models", "/var/run/docker.sock", "/srv/x"))
+    found = violations(md, DEFAULTS)
+    assert len(found) == 2
+    assert found[0].startswith("spec.volumes[1]: hostPath /var/run/docker.sock is never allowed")
+    assert found[1].startswith("spec.volumes[2]: hostPath /srv/x is outside")
+    assert violations(deployment(volumes=volumes("/models/a", "/data")), DEFAULTS) == []
+    assert violations(deployment(), DEFAULTS) == []
+
+
+segments = st.sampled_from(["..", ".", "", "etc", "models", "data", "run", "var", "docker.sock", "x"])
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(segments, min_size=0, max_size=8))
+def test_no_spelling_of_a_path_reaches_outside_the_allow_list(parts: list[str]) -> None:
+    """Whatever the ``..``, ``.`` and ``//`` games, an accepted path normalises to one below an
+    allowed root and outside every denied one (checked by an independent resolver)."""
+    path = "/" + "/".join(parts)
+    resolved: list[str] = []
+    for part in parts:
+        if part == "..":
+            if resolved:
+                resolved.pop()
+        elif part not in ("", "."):
+            resolved.append(part)
+    real = "/" + "/".join(resolved)
+    assert normalise_host_path(path) == real
+    if host_path_violation(path, DEFAULTS.allowed_host_paths) is None:
+        assert any(is_within(real, root) for root in DEFAULTS.allowed_host_paths)
+        assert denied_root(real) is None and not real.endswith(".sock")
+    if any(is_within(real, d) for d in DENIED_HOST_PATHS if d != "/") or real == "/":
+        assert host_path_violation(path, ("/",)) is not None
+
+
+def test_plan_refuses_what_the_operator_would(tmp_path: pytest.TempPathFactory,
+                                              capsys: pytest.CaptureFixture[str],
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    import yaml
+
+    monkeypatch.delenv("NPUSWARM_ALLOWED_HOST_PATHS", raising=False)
+    # An unreachable Docker: the refusal must come before any Swarm call.
+    monkeypatch.setenv("DOCKER_HOST", "tcp://127.0.0.1:9")
+    body = {
+        "apiVersion": "npuswarm.io/v1alpha1", "kind": "ModelDeployment",
+        "metadata": {"name": "sock", "namespace": "team"},
+        "spec": {"image": "img", "model": "/models/m",
+                 "volumes": volumes("/var/run/docker.sock")},
+    }
+    path = tmp_path / "md.yaml"  # type: ignore[operator]
+    path.write_text(yaml.safe_dump(body))
+    assert cli.main(["plan", "-f", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("npuswarm: PolicyViolation: team/sock: spec.volumes[0]: hostPath "
+                          "/var/run/docker.sock is never allowed")
+
+
+NETWORKS = {"vllm-net": "swarm", "host": "local", "bridge": "local", "ingress": "ingress"}
+
+
+def test_network_must_be_swarm_scoped_or_missing_for_npuswarm_to_create() -> None:
+    from npuswarm.policy import network_violations
+
+    assert network_violations(deployment(), NETWORKS) == []
+    assert network_violations(deployment(network={"name": "vllm-net"}), NETWORKS) == []
+    # Docker would read an unknown name as an id prefix ("efd" can be the host network), but
+    # the pass creates an overlay network of exactly that name before any service uses it.
+    assert network_violations(deployment(network={"name": "efd"}), NETWORKS) == []
+    for name, kind in (("my-bridge", "local"), ("my-ingress", "ingress")):
+        (local,) = network_violations(deployment(network={"name": name}), {name: kind})
+        assert f"is a {kind} network" in local
+
+
+def test_snapshot_records_network_scopes() -> None:
+    from npuswarm.observed import snapshot_from_engine
+
+    snapshot = snapshot_from_engine([], [], [], [
+        {"Id": "a", "Name": "vllm-net", "Scope": "swarm"},
+        {"Id": "b", "Name": "host", "Scope": "local"},
+        {"Id": "c", "Name": "ingress", "Scope": "swarm", "Ingress": True},
+    ])
+    assert snapshot.networks == {"vllm-net": "swarm", "host": "local", "ingress": "ingress"}
