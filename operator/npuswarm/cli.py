@@ -65,7 +65,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     refused = [
         f"{md.key}: {v}"
         for md in deployments
-        for v in policy.network_violations(md, snapshot.networks)
+        for v in policy.network_violations(md, snapshot.networks, snapshot.network_ids)
     ]
     if refused:
         raise UsageError(f"{policy.REASON}: " + "; ".join(refused))

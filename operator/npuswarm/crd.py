@@ -35,6 +35,10 @@ def structural(schema: dict[str, Any], definitions: dict[str, Any] | None = None
         rest = {k: v for k, v in schema.items() if k != "anyOf"}
         nullable = structural({**options[0], **rest}, definitions)
         nullable["nullable"] = True
+        if "enum" in nullable and None not in nullable["enum"]:
+            # The API server checks a null against the enum too: without null in it, a
+            # field the models take as unset would be refused ("Unsupported value: null").
+            nullable["enum"] = [*nullable["enum"], None]
         if nullable.get("default") is None:
             nullable.pop("default", None)
         return nullable

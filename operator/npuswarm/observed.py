@@ -124,6 +124,8 @@ class SwarmSnapshot:
     # Network name -> "swarm", "local" or "ingress", npuswarm's or not
     # (policy.network_violations reads it).
     networks: dict[str, str] = field(default_factory=dict)
+    # Ids of every network: Docker reads a service's network as an id before a name.
+    network_ids: frozenset[str] = frozenset()
     # Names of every service in the Swarm, npuswarm's or not: a name a create must avoid.
     service_names: frozenset[str] = frozenset()
     # Networks this installation created: name -> id.
@@ -208,6 +210,7 @@ def snapshot_from_engine(
             for n in networks
             if "Name" in n
         },
+        network_ids=frozenset(str(n["Id"]) for n in networks if "Id" in n),
         service_names=frozenset(str((raw.get("Spec") or {}).get("Name", "")) for raw in services),
         own_networks={
             n["Name"]: n["Id"]

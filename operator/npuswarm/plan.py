@@ -240,7 +240,7 @@ def plan_pass(
     refused = {
         md.key: "; ".join(found)
         for md in deployments
-        if (found := policy.network_violations(md, snapshot.networks))
+        if (found := policy.network_violations(md, snapshot.networks, snapshot.network_ids))
     }
     deployments = [md for md in deployments if md.key not in refused]
     placement, requests = place_all(

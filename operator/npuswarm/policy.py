@@ -8,7 +8,7 @@ trusting RBAC to keep such objects out.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import TYPE_CHECKING
 
 from npuswarm.paths import SOCKET_SUFFIX, denied_root, is_within, normalise_host_path
@@ -56,7 +56,9 @@ def violations(md: ModelDeployment, settings: Settings) -> list[str]:
     return found
 
 
-def network_violations(md: ModelDeployment, networks: Mapping[str, str]) -> list[str]:
+def network_violations(
+    md: ModelDeployment, networks: Mapping[str, str], network_ids: Collection[str] = ()
+) -> list[str]:
     """The network must be swarm-scoped, or not exist yet: npuswarm then creates an overlay
     network under exactly this name before any service names it.
 
@@ -68,6 +70,12 @@ def network_violations(md: ModelDeployment, networks: Mapping[str, str]) -> list
     network = md.spec.network
     if network is None:
         return []
+    if network.name in network_ids:
+        # An id wins over a name, even over a network npuswarm would create with that name.
+        return [
+            f"spec.network.name: {network.name!r} is the id of an existing network; "
+            "Docker would attach the replicas to that network, whatever its name"
+        ]
     kind = networks.get(network.name)
     if kind is None:
         return []

@@ -84,6 +84,8 @@ class Runtime:
     # The (uid, generation, deletionTimestamp) each deployment was last seen with.
     generations: dict[str, tuple[Any, ...]] = field(default_factory=dict)
     owner_of_service: dict[str, str] = field(default_factory=dict)  # service id -> owner
+    tasks_seen: dict[str, str] = field(default_factory=dict)  # task id -> state, last pass
+    service_of_task: dict[str, str] = field(default_factory=dict)  # task id -> service id
     recent_writes: dict[str, float] = field(default_factory=dict)  # service name -> monotonic
     sequence: int = 0
     failures: int = 0
@@ -185,7 +187,10 @@ class Runtime:
         metrics.pass_duration_seconds.observe(total)
         metrics.pass_writes_total.inc(result.writes)
         metrics.orphans_removed_total.inc(len(result.orphans_removed))
-        for key in served:
+        # Served: the deployments that asked, and any the pass wrote or changed the status of
+        # (a pass triggered by someone else may be the one that places a new deployment).
+        changed = {key for key, view in result.views.items() if view.applied}
+        for key in served | changed | self.last_changed:
             view = result.views.get(key)
             if view is None:
                 continue
@@ -445,10 +450,15 @@ class Runtime:
 
     def _poll_tasks(self) -> None:
         """Docker's event stream has no task events: a cheap list of the tasks Swarm wants
-        running notices a task failing or becoming ready, faster while work is under way."""
+        running notices a task failing or becoming ready, faster while work is under way.
+        npuswarm's tasks are compared with what the last pass saw (a change a pass has not
+        seen yet asks for one); others' with the previous poll (a foreign task moving may move
+        the NPUs it holds)."""
         swarm = self.reconciler.swarm
         assert isinstance(swarm, Swarm)
-        last: dict[str, tuple[str, str]] | None = None
+        # Tasks of services the last pass did not know yet (it just created them) land here
+        # too, so a new replica's first states also ask for a pass.
+        foreign_before: dict[str, tuple[str, str]] = {}
         while not self.stop.is_set():
             settings = self.settings
             interval = settings.task_poll_busy_seconds if self.busy else settings.task_poll_seconds
@@ -457,16 +467,17 @@ class Runtime:
             if not self.leader:
                 continue
             states = swarm.task_states()
-            if last is not None and states != last:
-                changed = [
-                    (states.get(t) or last[t])[0]
-                    for t in states.keys() | last.keys()
-                    if states.get(t) != last.get(t)
-                ]
-                # A foreign task changing may move the NPUs it holds: a pass, serving no one.
-                for owner in {self.owner_of_service.get(service) for service in changed}:
-                    self.request_threadsafe(owner)
-            last = states
+            owners = self.owner_of_service
+            own = {t: state for t, (service, state) in states.items() if service in owners}
+            seen = self.tasks_seen
+            for task in own.keys() | seen.keys():
+                if own.get(task) != seen.get(task):
+                    service = states[task][0] if task in states else self.service_of_task.get(task)
+                    self.request_threadsafe(owners.get(service or ""))
+            foreign = {t: v for t, v in states.items() if v[0] not in owners}
+            if foreign != foreign_before:
+                self.request_threadsafe(None)
+            foreign_before = foreign
 
     def _probe_swarm(self) -> None:
         """Reachability goes into a metric, not liveness: restarting the operator would not

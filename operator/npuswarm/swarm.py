@@ -228,7 +228,8 @@ class Swarm:
     def remove_network(self, network_id: str) -> None:
         try:
             self._call("remove_network", "remove_network", network_id)
-        except SwarmRejected as error:
+        except (SwarmRejected, SwarmUnavailable) as error:
+            # Swarm answers a network already gone with a 500; gone is what was wanted.
             if "not found" not in str(error):
                 raise
 

@@ -31,9 +31,9 @@ def test_kstatus_and_argocd_agree_on_live_objects_and_kubectl_wait_works(
     assert run_health(yaml.safe_load(fresh))["status"] == "Progressing"
 
     cluster.kubectl("-n", namespace, "apply", "-f", "-", input=manifest("ready"))
-    # Passes the schema, fails the cross-field rule.
+    # Passes the schema (every rule kubectl can check), refused by the operator's host policy.
     cluster.kubectl("-n", namespace, "apply", "-f", "-",
-                    input=manifest("invalid", npusPerReplica=2, engine={"port": 8000, "tensorParallelSize": 4}))
+                    input=manifest("invalid", volumes=[{"hostPath": "/etc", "mountPath": "/etc"}]))
     # An NPU no node has (davinci63): unplaceable, and it holds none of the shared Swarm's NPUs.
     cluster.kubectl("-n", namespace, "apply", "-f", "-", input=manifest("no-npus", npuIds=[63]))
 
@@ -51,7 +51,7 @@ def test_kstatus_and_argocd_agree_on_live_objects_and_kubectl_wait_works(
     found = {v["name"]: v for v in kstatus.verdicts(stdin=listing)}
     assert {name: v["status"] for name, v in found.items()} == {
         "ready": "Current", "invalid": "Failed", "no-npus": "Failed"}
-    assert "npusPerReplica=2 is less than" in found["invalid"]["message"]
+    assert "hostPath /etc" in found["invalid"]["message"]
     assert found["no-npus"]["conditions"][0]["reason"] == "InsufficientNPUs"
     assert "pinned NPUs [63]" in found["no-npus"]["message"]
 

@@ -17,8 +17,9 @@ import pytest
 import yaml
 
 from npuswarm import cli
+from npuswarm.reconcile import Reconciler
 
-from .conftest import wait_for
+from .conftest import model, serve, wait_for
 
 pytestmark = pytest.mark.swarm
 
@@ -99,16 +100,22 @@ def test_seed_stack_imports_into_two_models_placed_4_plus_4_without_writing(
     assert owned == []
 
 
-def test_plan_refuses_a_network_name_docker_would_read_as_the_host_networks_id(
-    docker_client: docker.APIClient, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+def test_a_network_name_that_prefixes_the_host_networks_id_never_reaches_the_host_network(
+    docker_client: docker.APIClient, namespace: str, reconciler: Reconciler
 ) -> None:
-    prefix = docker_client.networks(names=["host"])[0]["Id"][:5]
-    path = tmp_path / "md.yaml"
-    path.write_text(yaml.safe_dump({
-        "apiVersion": "npuswarm.io/v1alpha1", "kind": "ModelDeployment",
-        "metadata": {"name": "sneaky", "namespace": "plan-test"},
-        "spec": {"image": "img", "model": "/models/m", "network": {"name": prefix}},
-    }))
-    assert cli.main(["plan", "-f", str(path)]) == 2
-    err = capsys.readouterr().err
-    assert f"PolicyViolation: plan-test/sneaky: spec.network.name: no network is named '{prefix}'" in err
+    """Docker reads a service's network as an id, then a name, then an id prefix: alone, a
+    name like the first letters of the host network's id attaches the replica to the node's
+    network stack. The pass first creates an overlay network of exactly that name."""
+    host = docker_client.networks(names=["host"])[0]["Id"]
+    md = model(namespace, "sneaky", replicas=1, network={"name": host[:5]})
+    try:
+        serve(reconciler, md, [md], {})
+        (created,) = docker_client.networks(names=[host[:5]])
+        assert created["Id"] != host and created["Driver"] == "overlay"
+        (service,) = docker_client.services(filters={"label": f"npuswarm.io/owner-namespace={namespace}"})
+        targets = [n["Target"] for n in service["Spec"]["TaskTemplate"]["Networks"]]
+        assert targets == [created["Id"]]
+    finally:
+        reconciler.finalize(namespace, "sneaky", md.metadata.uid)
+        for network in docker_client.networks(names=[host[:5]]):
+            docker_client.remove_network(network["Id"])

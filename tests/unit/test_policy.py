@@ -140,6 +140,10 @@ def test_network_must_be_swarm_scoped_or_missing_for_npuswarm_to_create() -> Non
     # Docker would read an unknown name as an id prefix ("efd" can be the host network), but
     # the pass creates an overlay network of exactly that name before any service uses it.
     assert network_violations(deployment(network={"name": "efd"}), NETWORKS) == []
+    # A name that is a whole network id would select that network, created or not.
+    host_id = "efd0123456789abcdefghijkl"
+    (by_id,) = network_violations(deployment(network={"name": host_id}), NETWORKS, {host_id})
+    assert "is the id of an existing network" in by_id
     for name, kind in (("my-bridge", "local"), ("my-ingress", "ingress")):
         (local,) = network_violations(deployment(network={"name": name}), {name: kind})
         assert f"is a {kind} network" in local
