@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import os
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +22,8 @@ from npuswarm.stackfile import (
     write_files,
 )
 
-SHARED_DEFAULT = Path(__file__).resolve().parents[2].parent / "shared"
-SEED = Path(os.environ.get("NPUSWARM_SHARED", SHARED_DEFAULT))
-SEED_STACK = SEED / "seed" / "vllm-stack.yml"
+# The stack file the examples were made from: the migration example.
+SEED_STACK = Path(__file__).resolve().parents[2] / "examples" / "vllm-stack.yml"
 
 BASE: dict[str, Any] = {
     "image": "vllm-ascend:test",
