@@ -96,3 +96,12 @@ def test_image_tag_is_the_project_version(render: Any) -> None:
 @pytest.mark.parametrize("script", ["build-image", "baseimage.py", "build-fakevllm-image"])
 def test_hack_scripts_are_executable(script: str) -> None:
     assert os.access(REPO / "hack" / script, os.X_OK)
+
+
+def test_cli_version_is_the_project_version() -> None:
+    import subprocess
+
+    version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+    said = subprocess.run([sys.executable, "-m", "npuswarm.cli", "--version"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    assert said == f"npuswarm {version}"
