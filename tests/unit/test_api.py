@@ -86,3 +86,16 @@ def test_identical_events_are_let_through_once_per_window() -> None:
     assert events.admit("ns/m", placed, now=61)
     events.forget("ns/m")
     assert events.admit("ns/m", placed, now=62)
+
+
+def test_event_filter_prunes_expired_keys_of_a_living_deployment() -> None:
+    from npuswarm.events import Event, EventFilter
+
+    events = EventFilter(window_seconds=60)
+    # A deployment that is never deleted, whose messages keep changing.
+    for second in range(0, 600, 10):
+        assert events.admit("ns/m", Event("Warning", "Unplaced", f"need {second} NPUs"), now=second)
+    # Only the keys of the last window or two remain, not all 60.
+    assert len(events) <= 12
+    # A key still inside its window is kept and still filtered.
+    assert not events.admit("ns/m", Event("Warning", "Unplaced", "need 590 NPUs"), now=595)
