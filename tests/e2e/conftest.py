@@ -27,7 +27,7 @@ import docker
 import pytest
 import yaml
 
-from tests.swarm.conftest import NETWORK, fast_spec, wait_for
+from tests.helpers import NETWORK, fast_spec, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "hack"))

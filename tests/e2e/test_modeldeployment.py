@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import re
 
-from tests.swarm.conftest import IMAGE, wait_for
+from tests.helpers import IMAGE, wait_for
 
 from .conftest import Cluster, condition, is_ready, manifest, wait_md
 

@@ -15,7 +15,8 @@ from npuswarm.api import ModelDeployment
 from npuswarm.reconcile import Reconciler
 from npuswarm.settings import Settings
 from npuswarm.swarm import Swarm
-from tests.swarm.conftest import converge, wait_for
+from tests.helpers import wait_for
+from tests.swarm.conftest import converge
 
 from .conftest import ask_from_client_container
 
