@@ -185,6 +185,15 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     kopf.configure(verbose=args.verbose)
     logs.configure(level=logging.DEBUG if args.verbose else logging.INFO, fmt=args.log_format)
+    if args.peering_name and not args.standalone:
+        from npuswarm.peering import PeeringUnavailableError, ensure_peering_object
+
+        try:
+            if ensure_peering_object(args.peering_name):
+                logging.getLogger(__name__).info("created peering object %s", args.peering_name)
+        except PeeringUnavailableError as error:
+            print(f"npuswarm: peering: {error}", file=sys.stderr)
+            return 1
     kopf.run(
         standalone=args.standalone,
         clusterwide=not args.namespace,
@@ -211,7 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--priority", type=int, default=100, help="kopf peering priority")
     run.add_argument(
         "--peering-name",
-        help="kopf peering object; makes peering mandatory (default: auto, standalone if absent)",
+        help="kopf peering object, created if missing; makes peering mandatory "
+        "(default: auto, standalone if absent)",
     )
     run.add_argument("--log-format", choices=["auto", "json", "console"], default="auto")
     run.add_argument("-v", "--verbose", action="store_true")
