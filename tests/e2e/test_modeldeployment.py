@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import pytest
+
 import json
 import re
 
 from tests.helpers import IMAGE, wait_for
 
 from .conftest import Cluster, condition, is_ready, manifest, wait_md
+
+pytestmark = pytest.mark.e2e
 
 REPO_EXAMPLES = __import__("pathlib").Path(__file__).resolve().parents[2] / "examples"
 

@@ -20,6 +20,8 @@ from tests.swarm.conftest import converge
 
 from .conftest import ask_from_client_container
 
+pytestmark = pytest.mark.lab
+
 NETWORK = "npuswarm-lab-net"
 GRACE_SECONDS = 3.0
 

@@ -6,6 +6,7 @@ They fail, never skip, when no Swarm answers: CI must not pass without exercisin
 from __future__ import annotations
 
 import uuid
+from pathlib import Path
 from collections.abc import Iterator
 from typing import Any
 
@@ -19,6 +20,15 @@ from npuswarm.swarm import Swarm
 from tests.helpers import IMAGE, NETWORK, fast_spec, wait_for
 
 __all__ = ["IMAGE", "NETWORK", "converge", "fast_spec", "model", "wait_for"]
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test of this suite needs the Swarm: marked here, so a new file cannot miss it."""
+    here = Path(__file__).parent
+    for item in items:
+        if here in item.path.parents:
+            item.add_marker(pytest.mark.swarm)
 
 
 @pytest.fixture(scope="session")
