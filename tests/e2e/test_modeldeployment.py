@@ -63,7 +63,7 @@ def test_status_follows_swarm_and_edits_update_only_what_changed(cluster: Cluste
     obj = wait_md(cluster, namespace, "a", is_ready, "Ready")
     wait_md(cluster, namespace, "b", is_ready, "Ready")
     assert obj["status"]["readyReplicas"] == 2
-    assert {r["hostname"] for r in obj["status"]["replicaStatuses"]}
+    assert all(r.get("hostname") for r in obj["status"]["replicaStatuses"]), obj["status"]
     for replica in obj["status"]["replicaStatuses"]:
         assert replica["taskState"] == "running" and len(replica["npus"]) == 1
     before = services(cluster, namespace)
@@ -97,6 +97,16 @@ def test_failing_task_is_degraded_with_the_swarm_error(cluster: Cluster, namespa
     assert "non-zero exit (1)" in condition(obj, "Degraded")["message"]
     assert obj["status"]["phase"] == "Degraded"
     assert obj["status"]["replicaStatuses"][0]["lastError"] == "task: non-zero exit (1)"
+
+    # Two more resyncs of a still-failing task, each of which could post the event again.
+    def reconciles() -> int:
+        return sum(
+            1 for line in cluster.operator_log().splitlines()
+            if '"event": "reconciled"' in line and f'"deployment": "{namespace}/broken"' in line
+        )
+
+    seen = reconciles()
+    wait_for(lambda: reconciles() >= seen + 2, "two more resyncs of the failing deployment", timeout=60)
     events = json.loads(cluster.kubectl("-n", namespace, "get", "events", "-o", "json").stdout)["items"]
     failed = [e for e in events if e["reason"] == "TaskFailed"]
     assert failed and "task: non-zero exit (1)" in failed[0]["message"]
