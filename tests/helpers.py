@@ -42,3 +42,11 @@ def fast_spec(name: str) -> dict[str, Any]:
         "network": {"name": NETWORK},
         "restartPolicy": {"delaySeconds": 1},
     }
+
+
+def sample(registry: Any, name: str, **labels: str) -> float:
+    """A sample's value through the public API (0 when the series does not exist yet), for
+    tests that count metrics: `sample(metrics.REGISTRY, "npuswarm_swarm_api_calls_total",
+    operation="list_services", outcome="ok")`."""
+    value = registry.get_sample_value(name, labels)
+    return 0.0 if value is None else float(value)
