@@ -10,17 +10,16 @@ import pytest
 import yaml
 
 from npuswarm import cli
-from npuswarm.stackfile import (
+from npuswarm.cli import write_files
+from npuswarm.compose import (
     Note,
     StackFileError,
-    StackImport,
     duration_ns,
-    import_stack,
     parse_compose,
     quantity,
     ram_bytes,
-    write_files,
 )
+from npuswarm.stack_import import StackImport, import_stack
 
 # The stack file the examples were made from: the migration example.
 SEED_STACK = Path(__file__).resolve().parents[2] / "examples" / "vllm-stack.yml"
