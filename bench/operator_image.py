@@ -70,8 +70,8 @@ def main() -> None:
     print(f"{platform.machine()}, {platform.python_version()}; {image}: {size / 1e6:.0f} MB")
     with tempfile.TemporaryDirectory() as tmp, controlplane.running(Path(tmp) / "cp") as plane:
         def kubectl(*argv: str) -> str:
-            return subprocess.run([str(plane.kubectl), "--kubeconfig", str(plane.kubeconfig), *argv],
-                                  capture_output=True, text=True, check=True).stdout
+            command = [str(plane.kubectl), "--kubeconfig", str(plane.kubeconfig), *argv]
+            return subprocess.run(command, capture_output=True, text=True, check=True).stdout
 
         kubectl("apply", "-k", str(REPO / "manifests"))
         token = kubectl("-n", operatorimage.NAMESPACE, "create", "token", "npuswarm").strip()
