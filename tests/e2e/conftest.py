@@ -161,6 +161,19 @@ def operator_image() -> str:
     return built.stdout.strip().splitlines()[-1]
 
 
+def deployment_args(plane: controlplane.ControlPlane, health_port: int) -> list[str]:
+    """The container arguments of manifests/' Deployment, its liveness endpoint moved from
+    0.0.0.0:8080 to a free loopback port (the container shares the host's network)."""
+    rendered = subprocess.run([str(plane.kubectl), "kustomize", str(REPO / "manifests")],
+                              capture_output=True, text=True, check=True, timeout=60).stdout
+    (deployment,) = [d for d in yaml.safe_load_all(rendered) if d and d["kind"] == "Deployment"]
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    liveness = "--liveness=http://0.0.0.0:8080/healthz"
+    assert liveness in container["args"], container["args"]
+    return [f"--liveness=http://127.0.0.1:{health_port}/healthz" if a == liveness else a
+            for a in container["args"]]
+
+
 def write_kubeconfig(path: Path, plane: controlplane.ControlPlane, token: str) -> None:
     config = {
         "apiVersion": "v1",
@@ -215,8 +228,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         sa_dir = operatorimage.service_account_dir(state / "serviceaccount", token, plane.ca_file)
         argv = operatorimage.docker_run_args(
             operator_image(), container, plane.server, sa_dir, env,
-            ["run", "--standalone", "--log-format", "json",
-             f"--liveness=http://127.0.0.1:{health_port}/healthz"],
+            deployment_args(plane, health_port),
         )
         with log_path.open("wb") as log:
             # `docker run` in the foreground: a signal to it stops the container (--rm).
