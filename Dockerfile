@@ -1,17 +1,23 @@
-# syntax=docker/dockerfile:1
-# The npuswarm operator image: `hack/build-image`. The wheel build and the install below are
-# the ones hack/check-image-install runs in CI without Docker; keep the two in step
-# (tests/packaging/test_image.py compares them).
-ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+# The npuswarm operator image: `hack/build-image`. Its build context holds only wheels/:
+# npuswarm's wheel and every dependency's, which hack/build-image makes on the build machine
+# with `pip wheel .`, so the build itself needs no network and no package index.
+# BASE_IMAGE is any Debian-like image with python3.11 and its venv module; CI uses the one
+# hack/baseimage.py makes (no registry here to pull python:3.11-slim from).
+ARG BASE_IMAGE=python:3.11-slim-bookworm
 
-FROM ${PYTHON_IMAGE} AS builder
-WORKDIR /src
-# Only what the wheel is made of, so an edit to tests or docs does not rebuild it.
-COPY pyproject.toml README.md ./
-COPY operator/ operator/
-RUN python -m pip wheel --no-deps --wheel-dir /dist .
+FROM ${BASE_IMAGE} AS install
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+COPY wheels/ /wheels/
+# pip compiles every module to .pyc here: at run time the root filesystem is read-only, and
+# without them each start would compile the kubernetes client anew. pip and setuptools go
+# once they have installed: nothing installs anything at run time.
+RUN python3 -m venv /opt/npuswarm \
+ && /opt/npuswarm/bin/python -m pip install --no-index --find-links /wheels npuswarm \
+ && /opt/npuswarm/bin/python -m pip check \
+ && /opt/npuswarm/bin/python -m pip uninstall --quiet --yes pip setuptools
 
-FROM ${PYTHON_IMAGE}
+FROM ${BASE_IMAGE}
 ARG VERSION=0.1.0
 ARG REVISION=unknown
 LABEL org.opencontainers.image.title="npuswarm" \
@@ -24,8 +30,6 @@ LABEL org.opencontainers.image.title="npuswarm" \
 # sit in a buffer when the pod is killed.
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
-    PIP_NO_CACHE_DIR=1 \
-    PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PATH=/opt/npuswarm/bin:$PATH
 
 # A fixed uid/gid, the one manifests/base/deployment.yaml runs as (runAsNonRoot can only
@@ -34,13 +38,9 @@ RUN groupadd --system --gid 10001 npuswarm \
  && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent \
         --shell /usr/sbin/nologin npuswarm
 
-# Only the wheel enters this stage; its dependencies come from the index, as in
-# hack/check-image-install.
-COPY --from=builder /dist/ /dist/
-RUN python -m venv /opt/npuswarm \
- && /opt/npuswarm/bin/python -m pip install /dist/*.whl \
- && rm -rf /dist \
- && npuswarm --version
+# Only the installed venv enters the final image, not the wheels it came from.
+COPY --from=install /opt/npuswarm /opt/npuswarm
+RUN npuswarm --version
 
 USER 10001:10001
 ENTRYPOINT ["npuswarm"]

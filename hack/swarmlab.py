@@ -36,6 +36,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 HACK = Path(__file__).resolve().parent
 SHIM = HACK / "ascend-runtime-shim"
@@ -102,22 +103,34 @@ def run(*cmd: str, check: bool = True) -> subprocess.CompletedProcess:
     return proc
 
 
-def wait_for(condition: Callable[[], object], timeout: float, what: str, interval: float = 0.2):
-    """Poll `condition` until it returns something truthy; raise LabError naming `what`.
-    A condition that raises is "not yet", except with LabError, which means "never"."""
+T = TypeVar("T")
+
+
+def wait_for(
+    condition: Callable[[], T],
+    what: str,
+    timeout: float = 60.0,
+    interval: float = 0.2,
+    retry: tuple[type[Exception], ...] = (Exception,),
+) -> T:
+    """Poll `condition` until it returns something truthy, and return that; raise LabError
+    naming `what` at the deadline. An exception of a `retry` type means "not yet" (LabError
+    always means "never"); others propagate. The one wait helper of hack/ and tests/
+    (tests/helpers.py turns the timeout into a test failure)."""
     deadline = time.monotonic() + timeout
     last_error: Exception | None = None
+    last: object = None
     while True:
         try:
-            value = condition()
-            if value:
-                return value
+            last = condition()
+            if last:
+                return last
         except LabError:
             raise
-        except Exception as exc:
+        except retry as exc:
             last_error = exc
         if time.monotonic() >= deadline:
-            detail = f" (last error: {last_error})" if last_error else ""
+            detail = f" (last error: {last_error})" if last_error else f" (last: {last!r})"
             raise LabError(f"timed out after {timeout:.0f}s waiting for {what}{detail}")
         time.sleep(interval)  # poll interval; the deadline above bounds the wait
 
@@ -349,7 +362,7 @@ def kill_cgroup(relative: str, timeout: float = KILL_TIMEOUT) -> None:
                 os.kill(pid, signal.SIGKILL)
         return not pids
 
-    wait_for(empty, timeout, f"the processes of cgroup {relative} to die")
+    wait_for(empty, f"the processes of cgroup {relative} to die", timeout)
 
 
 # ---------------------------------------------------------------------------------------
@@ -529,8 +542,8 @@ def start_holder(node: Node) -> int:
         lambda: (
             proc.poll() is not None or Path(f"/proc/{proc.pid}/comm").read_text().strip() == "sleep"
         ),
-        10,
         f"the namespaces of {node.hostname}",
+        10,
     )
     if proc.poll() is not None:
         raise LabError(
@@ -585,7 +598,7 @@ def wait_dockerd(node: Node, proc: subprocess.Popen | None = None) -> None:
         return node.socket.exists() and ping(node)
 
     try:
-        wait_for(up, DAEMON_START_TIMEOUT, f"dockerd of {node.hostname} to answer on {node.socket}")
+        wait_for(up, f"dockerd of {node.hostname} to answer on {node.socket}", DAEMON_START_TIMEOUT)
     except LabError as exc:
         raise LabError(f"{exc}\n{tail(node.state_dir / 'dockerd.log')}") from None
 
@@ -731,8 +744,8 @@ class Lab:
         began = time.monotonic()
         wait_for(
             lambda: self.swarm_node(index)["Status"]["State"] == state,
-            timeout,
             f"{self.node(index).hostname} to be {state}",
+            timeout,
         )
         return time.monotonic() - began
 
@@ -746,7 +759,7 @@ class Lab:
             raise LabError(f"dockerd of {node.hostname} is not running")
         os.kill(pid, signal.SIGKILL)
         wait_for(
-            lambda: dockerd_pid(node) is None, KILL_TIMEOUT, f"dockerd of {node.hostname} to die"
+            lambda: dockerd_pid(node) is None, f"dockerd of {node.hostname} to die", KILL_TIMEOUT
         )
         self._reap()
 
@@ -886,7 +899,7 @@ def create_lab(lab: Lab, tarball: Path, key: str) -> None:
         # The imports take longest; they need no Swarm, so they overlap with forming it.
         imports = [pool.submit(import_image, node, tarball, key) for node in cfg.all_nodes()]
         init_swarm(cfg)
-        wait_for(lambda: all_ready(cfg), SWARM_READY_TIMEOUT, f"all {cfg.nodes} nodes to be Ready")
+        wait_for(lambda: all_ready(cfg), f"all {cfg.nodes} nodes to be Ready", SWARM_READY_TIMEOUT)
         label_nodes(cfg)
         for future in imports:
             future.result()

@@ -8,3 +8,27 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 # The lab and control-plane tooling are plain modules under hack/, shared by tests and users.
 sys.path.insert(0, str(REPO / "hack"))
+
+# A test that uses one of these fixtures needs what the marker names; without the marker,
+# `pytest -m "not lab"` and friends would select tests that cannot run there.
+MARKER_OF_FIXTURE = {
+    "docker_client": "swarm",
+    "cluster": "e2e",
+    "binaries": "e2e",
+    "plane": "e2e",
+    "swarm_lab": "lab",
+}
+
+
+import pytest  # noqa: E402
+
+
+@pytest.hookimpl(trylast=True)  # after the suites' conftests have marked their items
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    wrong = []
+    for item in items:
+        needed = {MARKER_OF_FIXTURE[f] for f in getattr(item, "fixturenames", ()) if f in MARKER_OF_FIXTURE}
+        have = {m.name for m in item.iter_markers()}
+        wrong += [f"{item.nodeid}: needs @pytest.mark.{m}" for m in sorted(needed - have)]
+    if wrong:
+        raise pytest.UsageError("tests without the marker of what they need:\n" + "\n".join(wrong))

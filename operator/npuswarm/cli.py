@@ -7,25 +7,31 @@ import faulthandler
 import json
 import logging
 import os
+import re
 import signal
 import sys
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
 from pydantic import ValidationError
 
-from npuswarm import __version__, api, crd, logs, policy, stackfile
+from npuswarm import __version__, api, crd, logs, policy
 from npuswarm.api import ModelDeployment, validation_message
+from npuswarm.compose import StackFileError, parse_compose
 from npuswarm.npus import device_name, format_npu_ids
 from npuswarm.observed import SwarmSnapshot
 from npuswarm.plan import plan_many
 from npuswarm.reconcile import utcnow
 from npuswarm.settings import Settings
+from npuswarm.stack_export import export_stack, planned_services
+from npuswarm.stack_import import import_report, import_stack, manifest_yaml, manifests_yaml
 from npuswarm.swarm import Swarm, SwarmUnavailable
 
 CRD_PATH = Path("crds") / f"{api.PLURAL}.{api.GROUP}.yaml"
+_DNS_LABEL = re.compile(api.DNS_LABEL_PATTERN)
 
 
 class UsageError(Exception):
@@ -209,6 +215,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         os.environ[npuswarm.handlers.NAMESPACES_ENV] = ",".join(args.namespace)
     kopf.configure(verbose=args.verbose)
     logs.configure(level=logging.DEBUG if args.verbose else logging.INFO, fmt=args.log_format)
+    if args.peering_name and not args.standalone:
+        from npuswarm.peering import PeeringUnavailableError, ensure_peering_object
+
+        try:
+            if ensure_peering_object(args.peering_name):
+                logging.getLogger(__name__).info("created peering object %s", args.peering_name)
+        except PeeringUnavailableError as error:
+            print(f"npuswarm: peering: {error}", file=sys.stderr)
+            return 1
     kopf.run(
         standalone=args.standalone,
         clusterwide=not args.namespace,
@@ -220,6 +235,108 @@ def cmd_run(args: argparse.Namespace) -> int:
         # kopf makes peering mandatory whenever a name is given, even with standalone.
         peering_name=None if args.standalone else args.peering_name,
     )
+    return 0
+
+
+# --- import-stack and export-stack ---------------------------------------------------------
+
+
+def add_stack_commands(sub: Any) -> None:
+    """Register import-stack and export-stack on the `npuswarm` subparsers."""
+    importer = sub.add_parser(
+        "import-stack", help="convert a docker stack file into ModelDeployment manifests"
+    )
+    importer.add_argument("file", help="compose v3 stack file (- for stdin)")
+    importer.add_argument("-n", "--namespace", help="metadata.namespace of the manifests")
+    importer.add_argument("-o", "--output-dir", metavar="DIR", help="one file per model in DIR")
+    importer.add_argument("--overwrite", action="store_true", help="replace files in DIR")
+    importer.add_argument(
+        "--pin-npus",
+        action="store_true",
+        help="keep the stack's NPU ids as spec.npuIds instead of letting npuswarm choose",
+    )
+    importer.set_defaults(func=cmd_import_stack)
+
+    exporter = sub.add_parser(
+        "export-stack", help="print the services npuswarm would create as a compose file"
+    )
+    exporter.add_argument(
+        "-f", "--file", action="append", required=True, help="ModelDeployment YAML"
+    )
+    exporter.set_defaults(func=cmd_export_stack)
+
+
+def cmd_import_stack(args: argparse.Namespace) -> int:
+    try:
+        _import_command(args, sys.stdout.write, sys.stderr.write)
+    except StackFileError as error:
+        print(f"npuswarm import-stack: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _import_command(
+    args: argparse.Namespace, out: Callable[[str], Any], err: Callable[[str], Any]
+) -> None:
+    if args.namespace is not None and not _DNS_LABEL.match(args.namespace):
+        raise StackFileError(f"--namespace {args.namespace!r} is not a DNS label")
+    path = args.file
+    try:
+        text = sys.stdin.read() if path == "-" else Path(path).read_text()
+    except OSError as error:
+        raise StackFileError(f"{path}: {error.strerror or error}") from None
+    base_dir = os.getcwd() if path == "-" else str(Path(path).resolve().parent)
+    result = import_stack(
+        parse_compose(text, path),
+        source=Path(path).name if path != "-" else "stdin",
+        base_dir=base_dir,
+        namespace=args.namespace,
+        pin_npus=args.pin_npus,
+    )
+    err(import_report(result))
+    if args.output_dir is None:
+        out(manifests_yaml(result))
+        return
+    files = {f"{s.name}.yaml": manifest_yaml(s) for s in result.services}
+    written = write_files(Path(args.output_dir), files, overwrite=args.overwrite)
+    err("".join(f"wrote {p}\n" for p in written))
+
+
+def write_files(directory: Path, files: Mapping[str, str], *, overwrite: bool) -> list[Path]:
+    """All files or none: everything goes to temp files first, then each is renamed in place."""
+    targets = [directory / name for name in files]
+    existing = [str(t) for t in targets if t.exists()]
+    if existing and not overwrite:
+        raise StackFileError(f"{', '.join(existing)} exist: pass --overwrite or choose another -o")
+    # Checked before writing: a rename that fails half-way would leave part of the output.
+    blocked = [str(t) for t in targets if t.exists() and not t.is_file()]
+    if blocked:
+        raise StackFileError(f"{', '.join(blocked)}: not a regular file")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise StackFileError(f"{directory}: {error.strerror or error}") from None
+    temps: list[tuple[str, Path]] = []
+    try:
+        for target, text in zip(targets, files.values(), strict=True):
+            handle, temp = tempfile.mkstemp(dir=directory, prefix=f".{target.name}.", suffix=".tmp")
+            temps.append((temp, target))
+            with os.fdopen(handle, "w") as stream:
+                stream.write(text)
+        for temp, target in temps:
+            os.replace(temp, target)
+    except OSError as error:
+        for temp, _ in temps:
+            Path(temp).unlink(missing_ok=True)
+        raise StackFileError(f"{directory}: {error.strerror or error}") from None
+    return targets
+
+
+def cmd_export_stack(args: argparse.Namespace) -> int:
+    deployments = load_deployments(args.file)
+    grace = Settings.from_env().lost_node_grace_seconds
+    rendered, unplaced = planned_services(deployments, Swarm().observe(), utcnow(), grace)
+    sys.stdout.write(export_stack(deployments, rendered, unplaced))
     return 0
 
 
@@ -235,7 +352,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--priority", type=int, default=100, help="kopf peering priority")
     run.add_argument(
         "--peering-name",
-        help="kopf peering object; makes peering mandatory (default: auto, standalone if absent)",
+        help="kopf peering object, created if missing; makes peering mandatory "
+        "(default: auto, standalone if absent)",
     )
     run.add_argument("--log-format", choices=["auto", "json", "console"], default="auto")
     run.add_argument("-v", "--verbose", action="store_true")
@@ -254,7 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
     crd_cmd.add_argument("--check", metavar="PATH", help="fail if PATH differs from the output")
     crd_cmd.set_defaults(func=cmd_crd)
 
-    stackfile.add_commands(sub)
+    add_stack_commands(sub)
     return parser
 
 

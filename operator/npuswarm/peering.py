@@ -24,3 +24,61 @@ def is_active(status: dict[str, Any], own_id: str, own_priority: int, now: datet
         if int(info.get("priority", 0)) >= own_priority:
             return False
     return True
+
+
+GROUP, VERSION, PLURAL = "kopf.dev", "v1", "clusterkopfpeerings"
+
+
+class PeeringUnavailableError(RuntimeError):
+    """The peering object could not be found or created before the deadline."""
+
+
+def ensure_peering_object(name: str, timeout: float = 120.0, interval: float = 2.0) -> bool:
+    """Create the ClusterKopfPeering `name` unless it exists; True when this call created it.
+
+    The object is not in the manifests: kubectl cannot create an object of a kind whose CRD
+    is in the same apply, so `kubectl apply -k manifests/overlays/production` would need a
+    second pass. Its CRD is; right after an install it may not be served yet, hence the wait.
+    With mandatory peering, kopf would refuse to start without the object.
+    """
+    import time
+
+    import kubernetes
+
+    try:
+        kubernetes.config.load_incluster_config()  # type: ignore[no-untyped-call]
+    except kubernetes.config.ConfigException:
+        kubernetes.config.load_kube_config()  # type: ignore[no-untyped-call]
+    objects = kubernetes.client.CustomObjectsApi()
+    body = {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "ClusterKopfPeering",
+        "metadata": {"name": name, "labels": {"app.kubernetes.io/name": "npuswarm"}},
+    }
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            objects.get_cluster_custom_object(GROUP, VERSION, PLURAL, name)
+            return False
+        except kubernetes.client.ApiException as error:
+            if error.status != 404:
+                raise PeeringUnavailableError(
+                    f"reading {PLURAL}/{name}: {error.status} {error.reason}"
+                ) from error
+        try:
+            objects.create_cluster_custom_object(GROUP, VERSION, PLURAL, body)
+            return True
+        except kubernetes.client.ApiException as error:
+            if error.status == 409:  # another replica created it first
+                return False
+            if error.status != 404 or time.monotonic() > deadline:
+                raise PeeringUnavailableError(
+                    f"creating {PLURAL}/{name}: {error.status} {error.reason}"
+                    + (
+                        " (is the CRD clusterkopfpeerings.kopf.dev installed?)"
+                        if error.status == 404
+                        else ""
+                    )
+                ) from error
+        # 404 on create: the CRD is not served yet (installed in the same apply).
+        time.sleep(interval)

@@ -13,7 +13,6 @@ import pytest
 
 import controlplane
 
-pytestmark = pytest.mark.e2e
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "hack" / "controlplane.py"
@@ -74,10 +73,12 @@ def _wait_gone(plane: controlplane.ControlPlane, seconds: float = 10) -> list[st
         time.sleep(0.05)
 
 
+@pytest.mark.e2e
 def test_readyz_through_kubectl(kubectl):
     assert kubectl("get", "--raw", "/readyz").stdout.strip() == "ok"
 
 
+@pytest.mark.e2e
 def test_server_and_kubectl_report_the_built_version(kubectl, plane):
     result = kubectl("version", "-o", "json")
     versions = json.loads(result.stdout)
@@ -87,6 +88,7 @@ def test_server_and_kubectl_report_the_built_version(kubectl, plane):
     assert "WARNING" not in result.stderr
 
 
+@pytest.mark.e2e
 def test_crd_becomes_established_and_serves_objects(kubectl):
     kubectl("apply", "-f", "-", input=CRD)
     kubectl(
@@ -104,6 +106,7 @@ def test_crd_becomes_established_and_serves_objects(kubectl):
     assert widget["spec"] == {"size": 3}
 
 
+@pytest.mark.e2e
 def test_unprivileged_user_is_authenticated_but_forbidden(kubectl, plane):
     whoami = json.loads(
         kubectl("auth", "whoami", "-o", "json", kubeconfig=plane.user_kubeconfig).stdout
@@ -120,6 +123,7 @@ def test_unprivileged_user_is_authenticated_but_forbidden(kubectl, plane):
     assert kubectl("auth", "can-i", "list", "pods").stdout.strip() == "yes"
 
 
+@pytest.mark.e2e
 def test_privileged_pod_is_admitted_without_a_service_account(kubectl):
     # No controller-manager means no "default" ServiceAccount; the pod is
     # still accepted because the ServiceAccount admission plugin is off.
@@ -129,6 +133,7 @@ def test_privileged_pod_is_admitted_without_a_service_account(kubectl):
     kubectl("delete", "pod", "privileged", "-n", "default", "--wait=false")
 
 
+@pytest.mark.e2e
 def test_context_manager_stops_its_processes_and_removes_temp_state(binaries):
     with controlplane.running() as plane:
         assert controlplane.is_running(plane)
@@ -137,6 +142,7 @@ def test_context_manager_stops_its_processes_and_removes_temp_state(binaries):
     assert not state_dir.exists()
 
 
+@pytest.mark.e2e
 def test_cli_up_env_down_from_separate_processes(binaries, tmp_path):
     state_dir = tmp_path / "cp"
     up = subprocess.run(
@@ -210,10 +216,10 @@ def test_missing_binaries_fail_with_build_instructions(monkeypatch, tmp_path):
     assert not (tmp_path / "state").exists()
 
 
-def test_build_script_reuses_built_binaries_quickly(binaries, monkeypatch):
+@pytest.mark.e2e
+def test_build_script_reuses_built_binaries(binaries, monkeypatch):
     # The script knows nothing of the Python-side override.
     monkeypatch.delenv("NPUSWARM_CONTROLPLANE_BIN", raising=False)
-    started = time.monotonic()
     result = subprocess.run(
         [str(REPO / "hack" / "build-controlplane")],
         check=False,
@@ -221,8 +227,6 @@ def test_build_script_reuses_built_binaries_quickly(binaries, monkeypatch):
         text=True,
         timeout=120,
     )
-    elapsed = time.monotonic() - started
     assert result.returncode == 0, result.stderr
     assert "reusing" in result.stderr
     assert result.stdout.strip() == str(controlplane.bin_dir())
-    assert elapsed < 30

@@ -1,6 +1,7 @@
 """End-to-end fixtures: a real kube-apiserver + etcd (hack/controlplane.py), the manifests
-installed with `kubectl apply -k`, and `npuswarm run` as a real process that authenticates as
-the operator's ServiceAccount, so RBAC that is too narrow fails these tests.
+installed with `kubectl apply -k`, and the operator image (hack/build-image) run as the
+Deployment runs it (hack/operatorimage.py): non-root, read-only, with the ServiceAccount's
+token mounted where in-cluster config finds it, so RBAC that is too narrow fails these tests.
 
 The operator reaches Docker through a TCP relay owned by the test session, so a test can cut
 the Swarm off (and restore it) without touching the dockerd other tests use.
@@ -26,12 +27,13 @@ import docker
 import pytest
 import yaml
 
-from tests.swarm.conftest import NETWORK, fast_spec, wait_for
+from tests.helpers import NETWORK, fast_spec, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "hack"))
 
 import controlplane  # noqa: E402
+import operatorimage  # noqa: E402
 
 OPERATOR_NAMESPACE = "npuswarm-system"
 SERVICE_ACCOUNT = f"system:serviceaccount:{OPERATOR_NAMESPACE}:npuswarm"
@@ -149,6 +151,32 @@ class Cluster:
         return self.log_path.read_text(errors="replace")
 
 
+def operator_image() -> str:
+    """$NPUSWARM_OPERATOR_IMAGE (hack/test builds it first), else what hack/build-image
+    builds or finds for this checkout's sources."""
+    explicit = os.environ.get("NPUSWARM_OPERATOR_IMAGE")
+    if explicit:
+        return explicit
+    built = subprocess.run([str(REPO / "hack" / "build-image")], capture_output=True, text=True,
+                           check=False, timeout=900)
+    if built.returncode != 0:
+        pytest.fail(f"hack/build-image failed:\n{built.stderr[-3000:]}", pytrace=False)
+    return built.stdout.strip().splitlines()[-1]
+
+
+def deployment_args(plane: controlplane.ControlPlane, health_port: int) -> list[str]:
+    """The container arguments of manifests/' Deployment, its liveness endpoint moved from
+    0.0.0.0:8080 to a free loopback port (the container shares the host's network)."""
+    rendered = subprocess.run([str(plane.kubectl), "kustomize", str(REPO / "manifests")],
+                              capture_output=True, text=True, check=True, timeout=60).stdout
+    (deployment,) = [d for d in yaml.safe_load_all(rendered) if d and d["kind"] == "Deployment"]
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    liveness = "--liveness=http://0.0.0.0:8080/healthz"
+    assert liveness in container["args"], container["args"]
+    return [f"--liveness=http://127.0.0.1:{health_port}/healthz" if a == liveness else a
+            for a in container["args"]]
+
+
 def write_kubeconfig(path: Path, plane: controlplane.ControlPlane, token: str) -> None:
     config = {
         "apiVersion": "v1",
@@ -192,8 +220,6 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         metrics_port, health_port = free_port(), free_port()
         log_path = state / "operator.log"
         env = {
-            **os.environ,
-            "KUBECONFIG": str(operator_kubeconfig),
             "DOCKER_HOST": relay.url,
             # Far beyond any test: every reaction must come from a trigger (kopf, Swarm events,
             # the task poll), not from the safety-net resync.
@@ -206,12 +232,15 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
             # developer's dockerd are foreign to it (never swept as orphans).
             "NPUSWARM_INSTANCE": INSTANCE,
         }
+        container = f"npuswarm-e2e-{uuid.uuid4().hex[:8]}"
+        sa_dir = operatorimage.service_account_dir(state / "serviceaccount", token, plane.ca_file)
+        argv = operatorimage.docker_run_args(
+            operator_image(), container, plane.server, sa_dir, env,
+            deployment_args(plane, health_port),
+        )
         with log_path.open("wb") as log:
-            operator = subprocess.Popen(
-                [sys.executable, "-m", "npuswarm.cli", "run", "--standalone", "--log-format", "json",
-                 f"--liveness=http://127.0.0.1:{health_port}/healthz"],
-                env=env, stdout=log, stderr=subprocess.STDOUT,
-            )
+            # `docker run` in the foreground: a signal to it stops the container (--rm).
+            operator = subprocess.Popen(["docker", *argv], stdout=log, stderr=subprocess.STDOUT)
         result = Cluster(
             plane=plane,
             operator_kubeconfig=operator_kubeconfig,
@@ -235,6 +264,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
             except subprocess.TimeoutExpired:
                 operator.kill()
                 operator.wait()
+            subprocess.run(["docker", "rm", "--force", container], capture_output=True, check=False)
             relay.stop()
             for namespace in result.namespaces:
                 for service in client.services(filters={"label": f"npuswarm.io/owner-namespace={namespace}"}):

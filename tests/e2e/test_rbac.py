@@ -10,6 +10,8 @@ import pytest
 
 from .conftest import OPERATOR_NAMESPACE, SERVICE_ACCOUNT, Cluster
 
+pytestmark = pytest.mark.e2e
+
 NEEDED = [
     ("get", "modeldeployments.npuswarm.io", "-A"),
     ("list", "modeldeployments.npuswarm.io", "-A"),

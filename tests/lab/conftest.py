@@ -101,9 +101,7 @@ class Services:
             return next((t for t in self.tasks(service_id) if t["Status"]["State"] in states), None)
 
         try:
-            return swarmlab.wait_for(
-                reached, timeout, f"a task of {service_id} in {sorted(states)}"
-            )
+            return swarmlab.wait_for(reached, f"a task of {service_id} in {sorted(states)}", timeout)
         except swarmlab.LabError as exc:
             raise AssertionError(
                 f"{exc}; tasks: {[t['Status'] for t in self.tasks(service_id)]}"
@@ -115,7 +113,7 @@ class Services:
         # Networks can only go once their tasks are gone, which takes a moment.
         for net in self.networks:
             swarmlab.wait_for(
-                lambda net=net: remove_network(net), 30, f"network {net.name} to be removable"
+                lambda net=net: remove_network(net), f"network {net.name} to be removable", 30
             )
 
 

@@ -15,9 +15,12 @@ from npuswarm.api import ModelDeployment
 from npuswarm.reconcile import Reconciler
 from npuswarm.settings import Settings
 from npuswarm.swarm import Swarm
-from tests.swarm.conftest import converge, wait_for
+from tests.helpers import wait_for
+from tests.swarm.conftest import converge
 
 from .conftest import ask_from_client_container
+
+pytestmark = pytest.mark.lab
 
 NETWORK = "npuswarm-lab-net"
 GRACE_SECONDS = 3.0

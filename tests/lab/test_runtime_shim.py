@@ -129,7 +129,7 @@ def test_task_with_visible_devices_sees_exactly_those_npus(swarm_lab, services):
     )
     services.wait_task_state(service, {"running"})
     npus = swarmlab.wait_for(
-        lambda: get_json(f"http://{node.address}:18001/npus"), 30, "/npus of shim-tp2"
+        lambda: get_json(f"http://{node.address}:18001/npus"), "/npus of shim-tp2", 30
     )
     assert npus["devices"] == ["davinci1", "davinci3"]
     assert npus["control_devices"] == ["davinci_manager", "devmm_svm", "hisi_hdc"]

@@ -17,6 +17,7 @@ from .promql import (
     PROMETHEUS_SERIES,
     PROMTOOL_TESTS,
     RULE_FILE,
+    REPO,
     RUNBOOKS,
     alerts,
     duration_seconds,
@@ -26,7 +27,7 @@ from .promql import (
     selectors,
 )
 
-RUNBOOK_BASE = "https://github.com/npuswarm/npuswarm/blob/main/docs/runbooks.md#"
+RUNBOOK_BASE = "docs/runbooks.md#"
 SEVERITIES = {"critical", "warning", "info"}
 
 
@@ -141,6 +142,7 @@ def test_alerts_are_unique_and_fully_annotated() -> None:
         url = annotations["runbook_url"]
         assert url.startswith(RUNBOOK_BASE), name
         anchor = url.removeprefix(RUNBOOK_BASE)
+        assert (REPO / url.partition("#")[0]).is_file(), f"{name}: {url} is no file of the repo"
         assert anchor == name.lower(), f"{name}: runbook anchor {anchor}"
         assert anchor in anchors, f"{name}: docs/runbooks.md has no section {anchor}"
 

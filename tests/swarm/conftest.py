@@ -5,11 +5,10 @@ They fail, never skip, when no Swarm answers: CI must not pass without exercisin
 
 from __future__ import annotations
 
-import os
-import time
 import uuid
-from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from pathlib import Path
+from collections.abc import Iterator
+from typing import Any
 
 import docker
 import pytest
@@ -18,22 +17,18 @@ from npuswarm.api import ModelDeployment
 from npuswarm.reconcile import DeploymentView, Desired, Reconciler
 from npuswarm.settings import Settings
 from npuswarm.swarm import Swarm
+from tests.helpers import IMAGE, NETWORK, fast_spec, wait_for
 
-IMAGE = os.environ.get("NPUSWARM_TEST_IMAGE", "npuswarm/tiny-vllm:dev")
-NETWORK = "npuswarm-test-net"
-T = TypeVar("T")
+__all__ = ["IMAGE", "NETWORK", "converge", "fast_spec", "model", "wait_for"]
 
 
-def wait_for(condition: Callable[[], T], what: str, timeout: float = 60.0, interval: float = 0.3) -> T:
-    """Poll until ``condition`` returns something truthy; fail with ``what`` at the deadline."""
-    deadline = time.monotonic() + timeout
-    last: T = condition()
-    while not last:
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
-        time.sleep(interval)
-        last = condition()
-    return last
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test of this suite needs the Swarm: marked here, so a new file cannot miss it."""
+    here = Path(__file__).parent
+    for item in items:
+        if here in item.path.parents:
+            item.add_marker(pytest.mark.swarm)
 
 
 @pytest.fixture(scope="session")
@@ -64,18 +59,6 @@ def namespace(docker_client: docker.APIClient) -> Iterator[str]:
 @pytest.fixture
 def reconciler(docker_client: docker.APIClient) -> Reconciler:
     return Reconciler(Swarm(), Settings(lost_node_grace_seconds=5))
-
-
-def fast_spec(name: str) -> dict[str, Any]:
-    """A spec that starts in seconds on the tiny image: short health checks and restarts."""
-    return {
-        "image": IMAGE,
-        "model": f"/models/{name}",
-        "engine": {"port": 8000},
-        "healthCheck": {"startPeriodSeconds": 10, "intervalSeconds": 1, "timeoutSeconds": 2},
-        "network": {"name": NETWORK},
-        "restartPolicy": {"delaySeconds": 1},
-    }
 
 
 def model(namespace: str, name: str, created: str = "2026-01-01T00:00:00Z", **spec: Any) -> ModelDeployment:

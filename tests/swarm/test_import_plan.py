@@ -8,7 +8,6 @@ every 8-NPU node, without writing anything to Swarm.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +23,8 @@ from .conftest import model, serve, wait_for
 pytestmark = pytest.mark.swarm
 
 
-SHARED = Path(
-    os.environ.get("NPUSWARM_SHARED", Path(__file__).resolve().parents[2].parent / "shared")
-)
-SEED_STACK = SHARED / "seed" / "vllm-stack.yml"
+# The stack file the examples were made from: the migration example.
+SEED_STACK = Path(__file__).resolve().parents[2] / "examples" / "vllm-stack.yml"
 
 
 def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
@@ -49,7 +46,7 @@ def test_seed_stack_imports_into_two_models_placed_4_plus_4_without_writing(
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    assert SEED_STACK.is_file(), f"seed stack file not found at {SEED_STACK} (set NPUSWARM_SHARED)"
+    assert SEED_STACK.is_file()
     run(["import-stack", str(SEED_STACK), "--namespace", namespace, "-o", str(tmp_path)], capsys)
     files = sorted(str(p) for p in tmp_path.glob("*.yaml"))
     assert [Path(f).name for f in files] == ["vllm-coder.yaml", "vllm-qwen3.yaml"]

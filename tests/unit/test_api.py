@@ -137,3 +137,16 @@ def test_paths_with_dots_in_names_and_one_trailing_slash_are_fine() -> None:
         engine={"env": {"_X1": "$(rm -rf /); `id` | && ; \n 'quoted'"}},
     )
     assert ok.volumes[1].hostPath == "/data/lib64/"
+
+
+def test_event_filter_prunes_expired_keys_of_a_living_deployment() -> None:
+    from npuswarm.events import Event, EventFilter
+
+    events = EventFilter(window_seconds=60)
+    # A deployment that is never deleted, whose messages keep changing.
+    for second in range(0, 600, 10):
+        assert events.admit("ns/m", Event("Warning", "Unplaced", f"need {second} NPUs"), now=second)
+    # Only the keys of the last window or two remain, not all 60.
+    assert len(events) <= 12
+    # A key still inside its window is kept and still filtered.
+    assert not events.admit("ns/m", Event("Warning", "Unplaced", "need 590 NPUs"), now=595)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import os
 from pathlib import Path
 from typing import Any
 
@@ -11,21 +10,19 @@ import pytest
 import yaml
 
 from npuswarm import cli
-from npuswarm.stackfile import (
+from npuswarm.cli import write_files
+from npuswarm.compose import (
     Note,
     StackFileError,
-    StackImport,
     duration_ns,
-    import_stack,
     parse_compose,
     quantity,
     ram_bytes,
-    write_files,
 )
+from npuswarm.stack_import import StackImport, import_stack
 
-SHARED_DEFAULT = Path(__file__).resolve().parents[2].parent / "shared"
-SEED = Path(os.environ.get("NPUSWARM_SHARED", SHARED_DEFAULT))
-SEED_STACK = SEED / "seed" / "vllm-stack.yml"
+# The stack file the examples were made from: the migration example.
+SEED_STACK = Path(__file__).resolve().parents[2] / "examples" / "vllm-stack.yml"
 
 BASE: dict[str, Any] = {
     "image": "vllm-ascend:test",

@@ -15,16 +15,9 @@ from npuswarm.api import ModelDeployment, ObjectMeta
 from npuswarm.observed import SwarmSnapshot
 from npuswarm.placement import Assignment
 from npuswarm.render import network_alias, render_service
-from npuswarm.stackfile import (
-    EXTENSION,
-    RUNTIME_DRIVER_MOUNTS,
-    compose_service,
-    export_stack,
-    import_stack,
-    manifest_yaml,
-    parse_compose,
-    planned_services,
-)
+from npuswarm.compose import EXTENSION, RUNTIME_DRIVER_MOUNTS, parse_compose
+from npuswarm.stack_export import compose_service, export_stack, planned_services
+from npuswarm.stack_import import import_stack, manifest_yaml
 
 from .builders import NOW, deployment, node
 

@@ -1,150 +1,51 @@
-"""Migration from `docker stack deploy`: compose stack files to ModelDeployments and back.
-
-``import_stack`` turns the services of a stack file that run ``vllm serve`` into
-ModelDeployment manifests and says, per service, what was mapped, what was dropped and why.
-``export_stack`` turns the services npuswarm would create (render.render_service output)
-into a compose file, for review or as a way back. Both are pure functions over parsed data;
-the ``cmd_*`` functions at the bottom are the CLI layer that reads, writes and asks Swarm.
-"""
+"""Import: the services of a stack file that run `vllm serve`, as ModelDeployment manifests,
+with what was mapped, what was dropped and why. Pure functions over the parsed file."""
 
 from __future__ import annotations
 
-import argparse
 import math
-import os
 import posixpath
 import re
 import shlex
-import sys
-import tempfile
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
-from datetime import datetime
-from pathlib import Path
-from typing import Any, Literal
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import yaml
 from pydantic import ValidationError
 
 from npuswarm import api, labels
 from npuswarm.api import ModelDeployment, validation_message
+from npuswarm.compose import (
+    EXTENSION,
+    RUNTIME_CONTROL_DEVICES,
+    RUNTIME_DRIVER_MOUNTS,
+    SHM_PATH,
+    SWARM_DEPRECATED,
+    SWARM_FORBIDDEN,
+    SWARM_RESTART_DELAY_SECONDS,
+    SWARM_UNSUPPORTED,
+    SWARM_UNSUPPORTED_BEFORE,
+    Note,
+    Notes,
+    StackFileError,
+    clean_path,
+    command_line,
+    dns_label,
+    duration_ns,
+    quantity,
+    ram_bytes,
+    scalar,
+    unescape,
+)
 from npuswarm.npus import format_npu_ids, npu_id_from_device, parse_npu_ids
-from npuswarm.observed import SwarmSnapshot
-from npuswarm.plan import plan_many
 from npuswarm.policy import host_path_violation
 from npuswarm.render import SECOND_NS
 from npuswarm.settings import DEFAULT_ALLOWED_HOST_PATHS
+from npuswarm.vllm_args import parse_serve_args, vllm_serve_args
 
-# --- Facts about `docker stack deploy` --------------------------------------------------------
-
-# docker/cli cli/compose/types/types.go `UnsupportedProperties` (master as of 2025): stack
-# deploy prints "Ignoring unsupported options: ..." and deploys without them.
-SWARM_UNSUPPORTED = frozenset(
-    {
-        "build",
-        "cgroupns_mode",
-        "cgroup_parent",
-        "devices",
-        "domainname",
-        "external_links",
-        "ipc",
-        "links",
-        "mac_address",
-        "network_mode",
-        "pid",
-        "privileged",
-        "restart",
-        "security_opt",
-        "shm_size",
-        "userns_mode",
-    }
-)
-# Older CLIs had a longer list: cap_add/cap_drop became supported in 20.10 (docker/cli#2687),
-# sysctls and ulimits later; a cluster on such a CLI ignored these as well.
-SWARM_UNSUPPORTED_BEFORE = {
-    "cap_add": "20.10",
-    "cap_drop": "20.10",
-    "sysctls": "20.10",
-    "ulimits": "23.0",
-}
-# `DeprecatedProperties` of the same file: ignored with a warning.
-SWARM_DEPRECATED = frozenset({"container_name", "expose"})
-# `ForbiddenProperties`: stack deploy refuses a file that uses them.
-SWARM_FORBIDDEN = frozenset(
-    {
-        "extends",
-        "volume_driver",
-        "volumes_from",
-        "cpu_quota",
-        "cpu_shares",
-        "cpuset",
-        "mem_limit",
-        "memswap_limit",
-    }
-)
-
-# Mounted by Ascend Docker Runtime (its base.list) with the NPUs; mounting them again is noise
-# at best and a driver/library mismatch at worst when the runtime's list changes.
-RUNTIME_DRIVER_MOUNTS = frozenset(
-    {
-        "/usr/local/dcmi",
-        "/usr/local/bin/npu-smi",
-        "/usr/local/Ascend/driver/lib64",
-        "/usr/local/Ascend/driver/version.info",
-        "/etc/ascend_install.info",
-    }
-)
-# Control devices the runtime hook adds to every container that gets an NPU.
-RUNTIME_CONTROL_DEVICES = frozenset({"/dev/davinci_manager", "/dev/devmm_svm", "/dev/hisi_hdc"})
-
-SHM_PATH = "/dev/shm"
-# Swarm's default restart delay, for telling the user what changes when none was given.
-SWARM_RESTART_DELAY_SECONDS = 5
-EXTENSION = "x-npuswarm"
-COMPOSE_VERSION = "3.8"  # tmpfs size needs 3.6, extension fields on services 3.7
-
-_SHELLS = frozenset({"sh", "bash", "ash", "dash"})
-_SHELL_OPERATORS = frozenset({"&&", "||", ";", "|", "&", ";;", "(", ")", "<", ">", ">>"})
-_DNS_LABEL = re.compile(api.DNS_LABEL_PATTERN)
-_INTERPOLATION = re.compile(r"\$\$|\$\{[^}]*\}|\$[A-Za-z_][A-Za-z0-9_]*")
-_RAM = re.compile(r"^(\d+(?:\.\d+)?)\s*([kmgtp])?i?b?$", re.IGNORECASE)
-_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
-_DURATION_NS = {"ns": 1, "us": 10**3, "µs": 10**3, "ms": 10**6, "s": 10**9, "m": 60 * 10**9}
-_DURATION_NS["h"] = 3600 * 10**9
-_URL = re.compile(r"https?://[^/\s'\"]+(/[^\s'\"?#]*)?")
 _NODE_LABEL_EQ = re.compile(r"^node\.labels\.([^=!\s]+)\s*==\s*(.+?)\s*$")
-
-
-class StackFileError(ValueError):
-    """The stack file cannot be converted; the message names the service and the reason."""
-
-
-NoteKind = Literal["mapped", "dropped", "swarm-ignored", "check", "skipped"]
-
-
-@dataclass(frozen=True)
-class Note:
-    kind: NoteKind
-    key: str
-    text: str
-
-    def __str__(self) -> str:
-        return f"{self.kind:<13} {self.key}: {self.text}"
-
-
-@dataclass
-class _Notes:
-    items: list[Note] = field(default_factory=list)
-
-    def mapped(self, key: str, text: str) -> None:
-        self.items.append(Note("mapped", key, text))
-
-    def dropped(self, key: str, text: str) -> None:
-        self.items.append(Note("dropped", key, text))
-
-    def check(self, key: str, text: str) -> None:
-        """Something converted that a person must verify before applying."""
-        self.items.append(Note("check", key, text))
+_URL = re.compile(r"https?://[^/\s'\"]+(/[^\s'\"?#]*)?")
 
 
 @dataclass(frozen=True)
@@ -165,249 +66,6 @@ class StackImport:
     skipped: list[Note]
 
 
-# --- Small parsers for compose value forms ----------------------------------------------------
-
-
-def command_line(service: Mapping[str, Any]) -> list[str]:
-    """entrypoint + command as one argv; compose's string form is split like a shell would."""
-    return _argv(service.get("entrypoint"), "entrypoint") + _argv(service.get("command"), "command")
-
-
-def _argv(value: Any, key: str) -> list[str]:
-    if value is None:
-        return []
-    if isinstance(value, str):
-        try:
-            return shlex.split(value)
-        except ValueError as error:
-            raise StackFileError(f"{key}: cannot split {value!r}: {error}") from None
-    if isinstance(value, list):
-        return [_scalar(item) for item in value]
-    raise StackFileError(f"{key} must be a string or a list, not {type(value).__name__}")
-
-
-def _scalar(value: Any) -> str:
-    """A YAML scalar as compose reads it; bools as the lowercase words compose writes."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return str(value)
-
-
-def vllm_serve_args(argv: Sequence[str]) -> tuple[list[str], str | None] | None:
-    """The arguments after ``vllm serve``, and how it was wrapped; None when it is not vLLM.
-
-    A ``sh -c 'vllm serve ...'`` wrapper is unwrapped; a shell script that also does other
-    things cannot be taken apart safely and is an error.
-    """
-    if len(argv) >= 2 and posixpath.basename(argv[0]) == "vllm" and argv[1] == "serve":
-        return list(argv[2:]), None
-    if len(argv) == 3 and posixpath.basename(argv[0]) in _SHELLS and argv[1] in ("-c", "-lc"):
-        script = argv[2]
-        if not re.search(r"\bvllm\s+serve\b", script):
-            return None
-        lexer = shlex.shlex(script, posix=True, punctuation_chars=True)
-        lexer.whitespace_split = True
-        try:
-            tokens = list(lexer)
-        except ValueError as error:
-            raise StackFileError(f"cannot split the shell script {script!r}: {error}") from None
-        if tokens[:1] == ["exec"]:
-            tokens = tokens[1:]
-        operators = sorted({t for t in tokens if t in _SHELL_OPERATORS})
-        if operators or tokens[:2] != ["vllm", "serve"]:
-            raise StackFileError(
-                f"runs `vllm serve` inside a shell script ({' '.join(operators) or 'prefix'}"
-                f" in {script!r}); npuswarm runs vllm directly: move the other steps into "
-                "the image and write the manifest by hand"
-            )
-        return tokens[2:], f"{argv[0]} {argv[1]}"
-    return None
-
-
-def ram_bytes(value: Any) -> int:
-    """Compose/Docker size (``1g``, ``512m``, ``1GiB``, a byte count): binary units."""
-    if isinstance(value, bool):
-        raise ValueError(f"not a size: {value!r}")
-    if isinstance(value, int):
-        return value
-    match = _RAM.match(str(value).strip())
-    if match is None:
-        raise ValueError(f"not a size: {value!r} (use e.g. 512m, 1g)")
-    power = "kmgtp".index(match.group(2).lower()) + 1 if match.group(2) else 0
-    return int(float(match.group(1)) * 1024**power)
-
-
-def quantity(size: int) -> str:
-    """Bytes as the largest whole binary quantity (``1Gi``, ``512Mi``), else plain bytes."""
-    for suffix, factor in (("Ti", 2**40), ("Gi", 2**30), ("Mi", 2**20), ("Ki", 2**10)):
-        if size and size % factor == 0:
-            return f"{size // factor}{suffix}"
-    return str(size)
-
-
-def duration_ns(value: Any) -> int:
-    """A Go duration string (``10s``, ``1m30s``, ``500ms``) as nanoseconds."""
-    text = str(value).strip()
-    if text in ("0", ""):
-        return 0
-    position, total = 0, 0.0
-    for match in _DURATION_PART.finditer(text):
-        if match.start() != position:
-            break
-        total += float(match.group(1)) * _DURATION_NS[match.group(2)]
-        position = match.end()
-    if position != len(text) or isinstance(value, bool | int | float):
-        raise ValueError(f"not a duration: {value!r} (use e.g. 10s, 1m30s)")
-    return round(total)
-
-
-def go_duration(nanoseconds: int) -> str:
-    if nanoseconds % SECOND_NS == 0:
-        return f"{nanoseconds // SECOND_NS}s"
-    return f"{nanoseconds}ns"
-
-
-def dns_label(name: str) -> str:
-    """A compose service name as a Kubernetes name and DNS label (lowercase, ``-``, <= 63)."""
-    label = re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-")
-    label = re.sub(r"-{2,}", "-", label)[:63].rstrip("-")
-    if not label:
-        raise StackFileError(f"service name {name!r} has no letters or digits to name it by")
-    return label
-
-
-def _clean_path(path: str) -> str:
-    return path if path == "/" else path.rstrip("/")
-
-
-def _unescape(value: Any, variables: set[str]) -> Any:
-    """Undo compose's ``$$`` escape; collect ``${VAR}`` references, which stay as written.
-
-    stack deploy filled references from the deploying shell; a manifest has no such shell,
-    so guessing a value would be worse than leaving them visible for review.
-    """
-    if isinstance(value, str):
-
-        def replace(match: re.Match[str]) -> str:
-            if match.group(0) == "$$":
-                return "$"
-            variables.add(match.group(0))
-            return match.group(0)
-
-        return _INTERPOLATION.sub(replace, value)
-    if isinstance(value, list):
-        return [_unescape(item, variables) for item in value]
-    if isinstance(value, dict):
-        return {key: _unescape(item, variables) for key, item in value.items()}
-    return value
-
-
-def _escape(value: Any) -> Any:
-    if isinstance(value, str):
-        return value.replace("$", "$$")
-    if isinstance(value, list):
-        return [_escape(item) for item in value]
-    if isinstance(value, dict):
-        return {key: _escape(item) for key, item in value.items()}
-    return value
-
-
-# --- vllm serve arguments ---------------------------------------------------------------------
-
-
-@dataclass
-class ServeArgs:
-    model: str | None = None
-    served_model_name: str | None = None
-    tensor_parallel_size: int | None = None
-    enable_expert_parallel: bool | None = None
-    max_model_len: int | None = None
-    port: int | None = None
-    extra: list[str] = field(default_factory=list)
-
-
-def _flag_name(token: str) -> str:
-    """vLLM accepts ``--max_model_len`` for ``--max-model-len``; compare in one spelling."""
-    name = token.split("=", 1)[0]
-    return "--" + name[2:].replace("_", "-") if name.startswith("--") else name
-
-
-_VALUE_FLAGS = {
-    "--model": "model",
-    "--served-model-name": "served_model_name",
-    "--tensor-parallel-size": "tensor_parallel_size",
-    "-tp": "tensor_parallel_size",
-    "--max-model-len": "max_model_len",
-    "--port": "port",
-    "--host": "host",
-}
-_INT_FIELDS = frozenset({"tensor_parallel_size", "max_model_len", "port"})
-
-
-def parse_serve_args(args: Sequence[str], notes: _Notes) -> ServeArgs:
-    """Take the flags ModelDeployment types out of ``vllm serve`` args; keep the rest in order."""
-    parsed = ServeArgs()
-    rest = list(args)
-    if rest and not rest[0].startswith("-"):
-        parsed.model = rest.pop(0)
-    index = 0
-    while index < len(rest):
-        token = rest[index]
-        flag = _flag_name(token)
-        if flag in ("--enable-expert-parallel", "--no-enable-expert-parallel"):
-            parsed.enable_expert_parallel = flag == "--enable-expert-parallel"
-            index += 1
-            continue
-        target = _VALUE_FLAGS.get(flag)
-        if target is None:
-            parsed.extra.append(token)
-            index += 1
-            continue
-        if "=" in token:
-            values, index = [token.split("=", 1)[1]], index + 1
-        else:
-            values, index = _values_after(rest, index, many=target == "served_model_name")
-            if not values:
-                raise StackFileError(f"vllm serve {token} has no value")
-        _set_serve_field(parsed, target, token, values, notes)
-    return parsed
-
-
-def _values_after(args: list[str], index: int, *, many: bool) -> tuple[list[str], int]:
-    # --served-model-name takes one or more names (nargs="+"); other flags take exactly one.
-    values: list[str] = []
-    position = index + 1
-    while position < len(args) and not args[position].startswith("-"):
-        values.append(args[position])
-        position += 1
-        if not many:
-            break
-    return values, position
-
-
-def _set_serve_field(
-    parsed: ServeArgs, target: str, token: str, values: list[str], notes: _Notes
-) -> None:
-    flag = token.split("=", 1)[0]
-    if target == "host":
-        notes.dropped(f"command {flag}", f"{values[0]}: npuswarm always listens on 0.0.0.0")
-        return
-    if len(values) > 1:
-        notes.dropped(
-            f"command {flag}",
-            f"extra names {values[1:]}: a ModelDeployment serves one name ({values[0]})",
-        )
-    value: str | int = values[0]
-    if target in _INT_FIELDS:
-        try:
-            value = int(values[0])
-        except ValueError:
-            raise StackFileError(f"vllm serve {flag} {values[0]!r} is not a whole number") from None
-    if getattr(parsed, target) is not None:
-        notes.check(f"command {flag}", f"given twice; vLLM used the last one ({value})")
-    setattr(parsed, target, value)
-
-
 # --- One service ------------------------------------------------------------------------------
 
 
@@ -424,9 +82,9 @@ def _import_service(
     name: str, service: Mapping[str, Any], ctx: _Context
 ) -> tuple[ImportedService, dict[str, Any] | None]:
     """One vLLM service -> a validated ModelDeployment; also its x-npuswarm extension, if any."""
-    notes = _Notes()
+    notes = Notes()
     variables: set[str] = set()
-    service = _unescape(dict(service), variables)
+    service = unescape(dict(service), variables)
     serve = vllm_serve_args(command_line(service))
     assert serve is not None  # the caller only passes vLLM services
     serve_args, wrapper = serve
@@ -483,7 +141,7 @@ def _in_field_order(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def _metadata(
-    name: str, extension: Mapping[str, Any] | None, ctx: _Context, notes: _Notes
+    name: str, extension: Mapping[str, Any] | None, ctx: _Context, notes: Notes
 ) -> dict[str, Any]:
     namespace = ctx.namespace
     if extension is not None and isinstance(extension.get("deployment"), str):
@@ -502,7 +160,7 @@ def _metadata(
     return metadata
 
 
-def _map_image(service: Mapping[str, Any], spec: dict[str, Any], notes: _Notes) -> None:
+def _map_image(service: Mapping[str, Any], spec: dict[str, Any], notes: Notes) -> None:
     image = service.get("image")
     if not isinstance(image, str) or not image:
         raise StackFileError("has no image (stack deploy does not build images either)")
@@ -511,7 +169,7 @@ def _map_image(service: Mapping[str, Any], spec: dict[str, Any], notes: _Notes) 
 
 
 def _map_command(
-    args: list[str], spec: dict[str, Any], engine: dict[str, Any], notes: _Notes
+    args: list[str], spec: dict[str, Any], engine: dict[str, Any], notes: Notes
 ) -> None:
     serve = parse_serve_args(args, notes)
     if serve.model is None:
@@ -538,7 +196,7 @@ def _map_command(
     notes.mapped("command", "vllm serve -> " + ", ".join(typed))
 
 
-def _map_environment(raw: Any, notes: _Notes) -> tuple[dict[str, str], frozenset[int] | None]:
+def _map_environment(raw: Any, notes: Notes) -> tuple[dict[str, str], frozenset[int] | None]:
     """Env as a mapping; ASCEND_VISIBLE_DEVICES is returned apart: npuswarm owns it."""
     pairs: list[tuple[str, str | None]] = []
     if isinstance(raw, list):
@@ -546,7 +204,7 @@ def _map_environment(raw: Any, notes: _Notes) -> tuple[dict[str, str], frozenset
             name, sep, text = str(item).partition("=")
             pairs.append((name, text if sep else None))
     elif isinstance(raw, dict):
-        pairs = [(str(k), None if v is None else _scalar(v)) for k, v in raw.items()]
+        pairs = [(str(k), None if v is None else scalar(v)) for k, v in raw.items()]
     elif raw is not None:
         raise StackFileError("environment must be a list or a mapping")
     env: dict[str, str] = {}
@@ -574,7 +232,7 @@ def _map_npus(
     env_npus: frozenset[int] | None,
     engine: dict[str, Any],
     spec: dict[str, Any],
-    notes: _Notes,
+    notes: Notes,
     *,
     pin: bool = False,
 ) -> None:
@@ -612,7 +270,7 @@ def _map_npus(
         notes.check("npus", f"{count} NPUs but --tensor-parallel-size is {tp}")
 
 
-def _devices_npus(devices: Any, notes: _Notes) -> frozenset[int] | None:
+def _devices_npus(devices: Any, notes: Notes) -> frozenset[int] | None:
     if devices is None:
         return None
     if not isinstance(devices, list):
@@ -646,7 +304,7 @@ class _Mount:
     read_only: bool
 
 
-def _map_volumes(raw: Any, base_dir: str, spec: dict[str, Any], notes: _Notes) -> int | None:
+def _map_volumes(raw: Any, base_dir: str, spec: dict[str, Any], notes: Notes) -> int | None:
     """Bind mounts -> spec.volumes; returns the size of a tmpfs on /dev/shm, if one is given."""
     if raw is None:
         return None
@@ -691,8 +349,8 @@ def _map_volumes(raw: Any, base_dir: str, spec: dict[str, Any], notes: _Notes) -
     return shm
 
 
-def _tmpfs_volume(item: Mapping[str, Any], notes: _Notes) -> int | None:
-    target = _clean_path(str(item.get("target", "")))
+def _tmpfs_volume(item: Mapping[str, Any], notes: Notes) -> int | None:
+    target = clean_path(str(item.get("target", "")))
     size = (item.get("tmpfs") or {}).get("size")
     if target != SHM_PATH or size is None:
         notes.dropped(f"volumes tmpfs {target}", "no ModelDeployment field for other tmpfs mounts")
@@ -703,7 +361,7 @@ def _tmpfs_volume(item: Mapping[str, Any], notes: _Notes) -> int | None:
         raise StackFileError(f"volumes tmpfs {target}: {error}") from None
 
 
-def _bind_mount(item: Any, base_dir: str, notes: _Notes) -> _Mount | None:
+def _bind_mount(item: Any, base_dir: str, notes: Notes) -> _Mount | None:
     if isinstance(item, dict):
         kind = item.get("type", "volume")
         source, target = str(item.get("source", "")), str(item.get("target", ""))
@@ -726,15 +384,15 @@ def _bind_mount(item: Any, base_dir: str, notes: _Notes) -> _Mount | None:
     host = _host_path(source, base_dir, notes)
     if host is None or not target.startswith("/"):
         return None
-    return _Mount(host, _clean_path(target), read_only)
+    return _Mount(host, clean_path(target), read_only)
 
 
-def _host_path(source: str, base_dir: str, notes: _Notes) -> str | None:
+def _host_path(source: str, base_dir: str, notes: Notes) -> str | None:
     if source.startswith("/"):
-        return _clean_path(posixpath.normpath(source))
+        return clean_path(posixpath.normpath(source))
     if source == "." or source.startswith(("./", "../")):
         # stack deploy resolves it against the stack file's folder on the deploying machine.
-        resolved = _clean_path(posixpath.normpath(posixpath.join(base_dir, source)))
+        resolved = clean_path(posixpath.normpath(posixpath.join(base_dir, source)))
         notes.check(
             f"volumes {source}",
             f"relative path resolved to {resolved}: it must exist on every node",
@@ -747,7 +405,7 @@ def _host_path(source: str, base_dir: str, notes: _Notes) -> str | None:
     return None
 
 
-def _map_shm(raw: Any, from_tmpfs: int | None, spec: dict[str, Any], notes: _Notes) -> None:
+def _map_shm(raw: Any, from_tmpfs: int | None, spec: dict[str, Any], notes: Notes) -> None:
     if from_tmpfs is not None:
         spec["shmSize"] = quantity(from_tmpfs)
         notes.mapped("volumes tmpfs /dev/shm", f"shmSize={spec['shmSize']}")
@@ -765,7 +423,7 @@ def _map_shm(raw: Any, from_tmpfs: int | None, spec: dict[str, Any], notes: _Not
     notes.mapped("shm_size", f"shmSize={spec['shmSize']} (a tmpfs on /dev/shm)")
 
 
-def _map_deploy(raw: Any, spec: dict[str, Any], notes: _Notes, *, pinned_by_export: bool) -> None:
+def _map_deploy(raw: Any, spec: dict[str, Any], notes: Notes, *, pinned_by_export: bool) -> None:
     deploy: Mapping[str, Any] = raw if isinstance(raw, dict) else {}
     mode = deploy.get("mode", "replicated")
     if mode == "global":
@@ -791,7 +449,7 @@ def _map_deploy(raw: Any, spec: dict[str, Any], notes: _Notes, *, pinned_by_expo
             notes.dropped(f"deploy.{key}", reason)
 
 
-def _map_restart(raw: Any, spec: dict[str, Any], notes: _Notes) -> None:
+def _map_restart(raw: Any, spec: dict[str, Any], notes: Notes) -> None:
     if not isinstance(raw, dict):
         return
     policy: dict[str, Any] = {}
@@ -813,7 +471,7 @@ def _map_restart(raw: Any, spec: dict[str, Any], notes: _Notes) -> None:
     notes.mapped("deploy.restart_policy", ", ".join(f"{k}={v}" for k, v in policy.items()))
 
 
-def _whole_seconds(value: Any, key: str, notes: _Notes) -> int:
+def _whole_seconds(value: Any, key: str, notes: Notes) -> int:
     try:
         nanoseconds = duration_ns(value)
     except ValueError as error:
@@ -824,9 +482,7 @@ def _whole_seconds(value: Any, key: str, notes: _Notes) -> int:
     return seconds
 
 
-def _map_placement(
-    raw: Any, spec: dict[str, Any], notes: _Notes, *, pinned_by_export: bool
-) -> None:
+def _map_placement(raw: Any, spec: dict[str, Any], notes: Notes, *, pinned_by_export: bool) -> None:
     placement: Mapping[str, Any] = raw if isinstance(raw, dict) else {}
     selector: dict[str, str] = {}
     for constraint in placement.get("constraints") or []:
@@ -863,7 +519,7 @@ def _map_network(
     deploy: Any,
     ctx: _Context,
     spec: dict[str, Any],
-    notes: _Notes,
+    notes: Notes,
     extension: Mapping[str, Any] | None,
 ) -> None:
     names: list[str] = []
@@ -900,7 +556,7 @@ def _map_network(
         notes.dropped("networks", f"{names[1:]}: a ModelDeployment joins one network")
 
 
-def _swarm_network_name(key: str, ctx: _Context, notes: _Notes) -> str:
+def _swarm_network_name(key: str, ctx: _Context, notes: Notes) -> str:
     declared = ctx.top_networks.get(key)
     config: Mapping[str, Any] = declared if isinstance(declared, dict) else {}
     actual = str(config.get("name") or key)
@@ -914,7 +570,7 @@ def _swarm_network_name(key: str, ctx: _Context, notes: _Notes) -> str:
     return actual
 
 
-def _map_ports(raw: Any, spec: dict[str, Any], notes: _Notes) -> None:
+def _map_ports(raw: Any, spec: dict[str, Any], notes: Notes) -> None:
     if not raw:
         return
     published: list[tuple[int, int | None, str, str]] = []  # (published, target, proto, mode)
@@ -953,7 +609,7 @@ def _map_ports(raw: Any, spec: dict[str, Any], notes: _Notes) -> None:
         notes.check(f"ports {port}", f"targeted {target}; npuswarm targets vLLM's port {vllm_port}")
 
 
-def _ingress_endpoint(spec: dict[str, Any], notes: _Notes) -> None:
+def _ingress_endpoint(spec: dict[str, Any], notes: Notes) -> None:
     """Swarm rejects an ingress port on a dnsrr service (swarmkit#1693); npuswarm defaults to
     dnsrr, but the stack, where nothing was said, used compose's vip."""
     network = spec.get("network")
@@ -985,7 +641,7 @@ def _port(item: Any) -> tuple[int, int | None, str, str] | None:
         return None
 
 
-def _map_healthcheck(raw: Any, spec: dict[str, Any], notes: _Notes) -> None:
+def _map_healthcheck(raw: Any, spec: dict[str, Any], notes: Notes) -> None:
     if not isinstance(raw, dict):
         return
     test = raw.get("test")
@@ -1014,7 +670,7 @@ def _map_healthcheck(raw: Any, spec: dict[str, Any], notes: _Notes) -> None:
     notes.mapped("healthcheck", ", ".join(f"{k}={v}" for k, v in check.items()))
 
 
-def _map_init(raw: Any, notes: _Notes) -> None:
+def _map_init(raw: Any, notes: Notes) -> None:
     if raw is True:
         notes.mapped("init", "npuswarm always runs an init process")
     elif raw is False:
@@ -1057,7 +713,7 @@ _IGNORED_EFFECT = {
 }
 
 
-def _note_other_keys(service: Mapping[str, Any], notes: _Notes) -> None:
+def _note_other_keys(service: Mapping[str, Any], notes: Notes) -> None:
     """Every key not mapped is reported: silently losing `privileged` is how the seed failed."""
     for key in sorted(service):
         if key in _MAPPED_KEYS or key.startswith("x-"):
@@ -1085,7 +741,7 @@ def _note_other_keys(service: Mapping[str, Any], notes: _Notes) -> None:
         )
 
 
-def _apply_extension(extension: Mapping[str, Any], spec: dict[str, Any], notes: _Notes) -> None:
+def _apply_extension(extension: Mapping[str, Any], spec: dict[str, Any], notes: Notes) -> None:
     """What an npuswarm export kept out of compose: the deployment's mode and update strategy."""
     mode = extension.get("mode")
     if mode in ("Replicated", "PerNode"):
@@ -1100,32 +756,13 @@ def _apply_extension(extension: Mapping[str, Any], spec: dict[str, Any], notes: 
     notes.mapped(EXTENSION, f"mode={spec.get('mode')}, replicas={spec.get('replicas', '-')}")
 
 
-def _check_model_path(spec: Mapping[str, Any], notes: _Notes) -> None:
+def _check_model_path(spec: Mapping[str, Any], notes: Notes) -> None:
     model = str(spec.get("model", ""))
     if not model.startswith("/"):
         return
     mounts = [v["mountPath"] for v in spec.get("volumes", [])]
     if not any(model == m or model.startswith(m.rstrip("/") + "/") for m in mounts):
         notes.check("model", f"{model} is under no mounted volume: it must be in the image")
-
-
-# --- The whole file ---------------------------------------------------------------------------
-
-
-def parse_compose(text: str, source: str) -> dict[str, Any]:
-    """The YAML of a compose file, or StackFileError saying why it is not one."""
-    try:
-        documents = [d for d in yaml.safe_load_all(text) if d is not None]
-    except yaml.YAMLError as error:
-        raise StackFileError(f"{source}: not YAML: {error}") from None
-    if len(documents) != 1 or not isinstance(documents[0], dict):
-        raise StackFileError(f"{source}: not a compose file (expected one YAML mapping)")
-    compose: dict[str, Any] = documents[0]
-    if compose.get("kind") == api.KIND:
-        raise StackFileError(f"{source}: already a {api.KIND}; apply it with kubectl")
-    if not isinstance(compose.get("services"), dict) or not compose["services"]:
-        raise StackFileError(f"{source}: not a compose file (no `services` mapping)")
-    return compose
 
 
 def import_stack(
@@ -1241,291 +878,3 @@ def import_report(result: StackImport) -> str:
         lines += [f"  {note}" for note in service.notes]
     lines += [f"service {note.key}: skipped, {note.text}" for note in result.skipped]
     return "\n".join(lines) + "\n"
-
-
-# --- Export -----------------------------------------------------------------------------------
-
-
-def export_stack(
-    deployments: Sequence[ModelDeployment],
-    rendered: Mapping[str, Mapping[str, dict[str, Any]]],
-    unplaced: Mapping[str, Sequence[str]] | None = None,
-) -> str:
-    """A compose file of the rendered services: ``rendered[md.key][slot]`` is a ServiceSpec.
-
-    Compose can express the NPUs (ASCEND_VISIBLE_DEVICES, applied by Ascend Docker Runtime as
-    the default runtime), the node pin (node.id), the /dev/shm tmpfs and init. What it cannot
-    (the deployment a replica belongs to, its mode and update strategy) is kept under
-    ``x-npuswarm``, which import_stack reads back.
-    """
-    unplaced = unplaced or {}
-    blocks: list[str] = []
-    networks: set[str] = set()
-    services = 0
-    for md in deployments:
-        for slot, spec in sorted(rendered.get(md.key, {}).items()):
-            service = compose_service(md, spec)
-            networks.update(service.get("networks", {}))
-            blocks.append(_service_block(md, slot, spec, service))
-            services += 1
-        blocks += [f"  # {md.key}: NOT PLACED: {message}\n" for message in unplaced.get(md.key, [])]
-    # Comments alone under `services:` would make it null, which compose rejects.
-    text = _EXPORT_HEADER + f'version: "{COMPOSE_VERSION}"\n'
-    text += "services:" + ("\n" if services else " {}\n") + "".join(blocks)
-    if networks:
-        # npuswarm attaches to existing networks; a stack must not create or remove them.
-        top = {name: {"external": True} for name in sorted(networks)}
-        text += yaml.safe_dump({"networks": top}, sort_keys=False)
-    return text
-
-
-_EXPORT_HEADER = """\
-# Written by `npuswarm export-stack`: the services npuswarm would run for the current placement.
-# One service per replica, pinned with node.id and given its NPUs through ASCEND_VISIBLE_DEVICES
-# (Ascend Docker Runtime must be each node's default runtime). This freezes today's placement:
-# nothing moves a replica when its node fails, and PerNode deployments do not grow to new nodes.
-# The npuswarm ownership labels are left out (see x-npuswarm), so a running npuswarm neither
-# adopts nor removes these services, and it does not see their NPUs as taken: do not run both.
-"""
-
-
-def _service_block(
-    md: ModelDeployment, slot: str, spec: Mapping[str, Any], service: dict[str, Any]
-) -> str:
-    npus = spec["Labels"].get(labels.NPUS, "")
-    comment = f"  # {md.key} replica {slot}: node {spec['Labels'].get(labels.NODE)}, NPUs {npus}\n"
-    body = yaml.safe_dump({spec["Name"]: service}, sort_keys=False, default_flow_style=False)
-    return comment + "".join(f"  {line}\n" for line in body.splitlines())
-
-
-def compose_service(md: ModelDeployment, spec: Mapping[str, Any]) -> dict[str, Any]:
-    """One rendered ServiceSpec as a compose service (`$` escaped: compose would expand it)."""
-    template = spec["TaskTemplate"]
-    container = template["ContainerSpec"]
-    service: dict[str, Any] = {
-        "image": container["Image"],
-        "entrypoint": list(container.get("Command") or []),
-        "command": list(container.get("Args") or []),
-        "environment": dict(item.split("=", 1) for item in container.get("Env") or []),
-        "init": bool(container.get("Init", False)),
-        "volumes": [_compose_mount(mount) for mount in container.get("Mounts") or []],
-    }
-    health = container.get("Healthcheck")
-    if health:
-        service["healthcheck"] = {
-            "test": list(health["Test"]),
-            "interval": go_duration(health["Interval"]),
-            "timeout": go_duration(health["Timeout"]),
-            "retries": health["Retries"],
-            "start_period": go_duration(health["StartPeriod"]),
-        }
-    if template.get("Networks"):
-        service["networks"] = {
-            net["Target"]: {"aliases": list(net.get("Aliases") or [])}
-            for net in template["Networks"]
-        }
-    ports = (spec.get("EndpointSpec") or {}).get("Ports") or []
-    if ports:
-        service["ports"] = [
-            {
-                "target": p["TargetPort"],
-                "published": p["PublishedPort"],
-                "protocol": p.get("Protocol", "tcp"),
-                "mode": p.get("PublishMode", "ingress"),
-            }
-            for p in ports
-        ]
-    service["deploy"] = _compose_deploy(md, spec)
-    service = _escape(service)
-    service[EXTENSION] = _extension(md, spec)
-    return service
-
-
-def _compose_mount(mount: Mapping[str, Any]) -> dict[str, Any]:
-    if mount.get("Type") == "tmpfs":
-        size = (mount.get("TmpfsOptions") or {}).get("SizeBytes", 0)
-        return {"type": "tmpfs", "target": mount["Target"], "tmpfs": {"size": size}}
-    return {
-        "type": "bind",
-        "source": mount["Source"],
-        "target": mount["Target"],
-        "read_only": bool(mount.get("ReadOnly", False)),
-    }
-
-
-def _compose_deploy(md: ModelDeployment, spec: Mapping[str, Any]) -> dict[str, Any]:
-    template = spec["TaskTemplate"]
-    restart = template.get("RestartPolicy") or {}
-    update = spec.get("UpdateConfig") or {}
-    # nodeSelector is not in the rendered spec (placement applied it); kept so it round-trips.
-    selector = [f"node.labels.{k}=={v}" for k, v in sorted(md.spec.nodeSelector.items())]
-    deploy: dict[str, Any] = {
-        "mode": "replicated",
-        "replicas": ((spec.get("Mode") or {}).get("Replicated") or {}).get("Replicas", 1),
-        "endpoint_mode": (spec.get("EndpointSpec") or {}).get("Mode", "vip"),
-        "placement": {
-            "constraints": list((template.get("Placement") or {}).get("Constraints") or [])
-            + selector
-        },
-        "restart_policy": {
-            "condition": restart.get("Condition", "any"),
-            "delay": go_duration(restart.get("Delay", 0)),
-            "max_attempts": restart.get("MaxAttempts", 0),
-        },
-    }
-    if update:
-        deploy["update_config"] = {
-            "parallelism": update.get("Parallelism", 1),
-            "order": update.get("Order", "stop-first"),
-            "failure_action": update.get("FailureAction", "pause"),
-        }
-    return deploy
-
-
-def _extension(md: ModelDeployment, spec: Mapping[str, Any]) -> dict[str, Any]:
-    service_labels = spec.get("Labels") or {}
-    extension: dict[str, Any] = {
-        "deployment": md.key,
-        "replica": service_labels.get(labels.REPLICA),
-        "node": service_labels.get(labels.NODE),
-        "npus": service_labels.get(labels.NPUS),
-        "mode": md.spec.mode,
-    }
-    if md.spec.mode == "Replicated":
-        extension["replicas"] = md.spec.replicas
-    extension["updateStrategy"] = md.spec.updateStrategy.model_dump()
-    if md.spec.npuIds is not None:
-        # The env shows this replica's NPUs either way; only this says they were pinned.
-        extension["npuIds"] = list(md.spec.npuIds)
-    return extension
-
-
-# --- CLI layer --------------------------------------------------------------------------------
-
-
-def add_commands(sub: Any) -> None:
-    """Register import-stack and export-stack on the `npuswarm` subparsers."""
-    importer = sub.add_parser(
-        "import-stack", help="convert a docker stack file into ModelDeployment manifests"
-    )
-    importer.add_argument("file", help="compose v3 stack file (- for stdin)")
-    importer.add_argument("-n", "--namespace", help="metadata.namespace of the manifests")
-    importer.add_argument("-o", "--output-dir", metavar="DIR", help="one file per model in DIR")
-    importer.add_argument("--overwrite", action="store_true", help="replace files in DIR")
-    importer.add_argument(
-        "--pin-npus",
-        action="store_true",
-        help="keep the stack's NPU ids as spec.npuIds instead of letting npuswarm choose",
-    )
-    importer.set_defaults(func=cmd_import_stack)
-
-    exporter = sub.add_parser(
-        "export-stack", help="print the services npuswarm would create as a compose file"
-    )
-    exporter.add_argument(
-        "-f", "--file", action="append", required=True, help="ModelDeployment YAML"
-    )
-    exporter.set_defaults(func=cmd_export_stack)
-
-
-def cmd_import_stack(args: argparse.Namespace) -> int:
-    try:
-        _import_command(args, sys.stdout.write, sys.stderr.write)
-    except StackFileError as error:
-        print(f"npuswarm import-stack: {error}", file=sys.stderr)
-        return 2
-    return 0
-
-
-def _import_command(
-    args: argparse.Namespace, out: Callable[[str], Any], err: Callable[[str], Any]
-) -> None:
-    if args.namespace is not None and not _DNS_LABEL.match(args.namespace):
-        raise StackFileError(f"--namespace {args.namespace!r} is not a DNS label")
-    path = args.file
-    try:
-        text = sys.stdin.read() if path == "-" else Path(path).read_text()
-    except OSError as error:
-        raise StackFileError(f"{path}: {error.strerror or error}") from None
-    base_dir = os.getcwd() if path == "-" else str(Path(path).resolve().parent)
-    result = import_stack(
-        parse_compose(text, path),
-        source=Path(path).name if path != "-" else "stdin",
-        base_dir=base_dir,
-        namespace=args.namespace,
-        pin_npus=args.pin_npus,
-    )
-    err(import_report(result))
-    if args.output_dir is None:
-        out(manifests_yaml(result))
-        return
-    files = {f"{s.name}.yaml": manifest_yaml(s) for s in result.services}
-    written = write_files(Path(args.output_dir), files, overwrite=args.overwrite)
-    err("".join(f"wrote {p}\n" for p in written))
-
-
-def write_files(directory: Path, files: Mapping[str, str], *, overwrite: bool) -> list[Path]:
-    """All files or none: everything goes to temp files first, then each is renamed in place."""
-    targets = [directory / name for name in files]
-    existing = [str(t) for t in targets if t.exists()]
-    if existing and not overwrite:
-        raise StackFileError(f"{', '.join(existing)} exist: pass --overwrite or choose another -o")
-    # Checked before writing: a rename that fails half-way would leave part of the output.
-    blocked = [str(t) for t in targets if t.exists() and not t.is_file()]
-    if blocked:
-        raise StackFileError(f"{', '.join(blocked)}: not a regular file")
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise StackFileError(f"{directory}: {error.strerror or error}") from None
-    temps: list[tuple[str, Path]] = []
-    try:
-        for target, text in zip(targets, files.values(), strict=True):
-            handle, temp = tempfile.mkstemp(dir=directory, prefix=f".{target.name}.", suffix=".tmp")
-            temps.append((temp, target))
-            with os.fdopen(handle, "w") as stream:
-                stream.write(text)
-        for temp, target in temps:
-            os.replace(temp, target)
-    except OSError as error:
-        for temp, _ in temps:
-            Path(temp).unlink(missing_ok=True)
-        raise StackFileError(f"{directory}: {error.strerror or error}") from None
-    return targets
-
-
-def cmd_export_stack(args: argparse.Namespace) -> int:
-    # Imported here: cli imports this module to register the commands.
-    from npuswarm.cli import load_deployments
-    from npuswarm.reconcile import utcnow
-    from npuswarm.settings import Settings
-    from npuswarm.swarm import Swarm
-
-    deployments = load_deployments(args.file)
-    grace = Settings.from_env().lost_node_grace_seconds
-    rendered, unplaced = planned_services(deployments, Swarm().observe(), utcnow(), grace)
-    sys.stdout.write(export_stack(deployments, rendered, unplaced))
-    return 0
-
-
-def planned_services(
-    deployments: Sequence[ModelDeployment],
-    snapshot: SwarmSnapshot,
-    now: datetime,
-    lost_node_grace_seconds: float,
-) -> tuple[dict[str, dict[str, dict[str, Any]]], dict[str, list[str]]]:
-    """The rendered services of every deployment, from one placement of them all."""
-    placement, plans = plan_many(
-        list(deployments), snapshot, now=now, lost_node_grace_seconds=lost_node_grace_seconds
-    )
-    rendered: dict[str, dict[str, dict[str, Any]]] = {}
-    unplaced: dict[str, list[str]] = {}
-    for md in deployments:
-        own, plan = plans[md.key]
-        rendered[md.key] = plan.desired
-        unplaced[md.key] = _unplaced_messages(placement.unplaced.get(r.key) for r in own)
-    return rendered, unplaced
-
-
-def _unplaced_messages(items: Iterable[Any]) -> list[str]:
-    return [f"replica {u.slot}: {u.reason}: {u.message}" for u in items if u is not None]
