@@ -123,3 +123,34 @@ def test_gauges_come_from_the_newest_pass_only() -> None:
     assert registry.get_sample_value("npuswarm_modeldeployments", {"phase": "Ready"}) == 1
     assert registry.get_sample_value("npuswarm_modeldeployments", {"phase": "Degraded"}) == 0
     assert registry.get_sample_value("npuswarm_replicas_ready", {"namespace": "team", "name": "ok"}) == 1
+
+
+class Peerings:
+    """kube.peering_status per scope: None is the cluster-wide object."""
+
+    def __init__(self, statuses: dict[str | None, dict[str, Any] | None]) -> None:
+        self.statuses = statuses
+        self.asked: list[str | None] = []
+
+    def peering_status(self, name: str, namespace: str | None) -> dict[str, Any] | None:
+        self.asked.append(namespace)
+        return self.statuses.get(namespace)
+
+
+def test_leadership_reads_each_watched_namespaces_peering_and_yields_to_a_live_peer() -> None:
+    from datetime import UTC, datetime
+
+    now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    peer = {"other": {"priority": 100, "lastseen": now, "lifetime": 60}}
+    rt = runtime({})
+    rt.leadership = Leadership(False, False, "default", 100, "me", frozenset({"a", "b"}))
+    rt.kube = Peerings({"a": {}, "b": {}})  # type: ignore[assignment]
+    assert rt._active() and sorted(rt.kube.asked) == ["a", "b"]  # type: ignore[attr-defined]
+    rt.kube = Peerings({"a": {}, "b": peer})  # type: ignore[assignment]
+    assert not rt._active()  # a live peer of equal priority in one watched namespace
+    # Cluster-wide: the cluster object; none at all means standalone unless peering is mandatory.
+    rt.leadership = Leadership(False, False, "default", 100, "me", None)
+    rt.kube = Peerings({})  # type: ignore[assignment]
+    assert rt._active() and rt.kube.asked == [None]  # type: ignore[attr-defined]
+    rt.leadership = Leadership(False, True, "default", 100, "me", None)
+    assert not rt._active()
