@@ -11,6 +11,7 @@ from typing import Any
 
 import docker
 import docker.errors
+import orjson
 import requests.exceptions
 from docker.constants import MINIMUM_DOCKER_API_VERSION
 from docker.utils import kwargs_from_env
@@ -129,6 +130,24 @@ class Swarm:
             except _TRANSIENT as error:
                 raise _translate(operation, error) from error
 
+    def _list(self, operation: str, path: str) -> list[dict[str, Any]]:
+        """GET a whole list through docker-py's session, decoded with orjson: at 2,000
+        services the Engine JSON of one observation is about 8 MB, and the standard library's
+        decoder was most of a pass's CPU."""
+        api = self.api
+        with metrics.swarm_call(operation):
+            try:
+                response = api.get(
+                    f"{api.base_url}/v{api.api_version}{path}", timeout=self._timeout
+                )
+                response.raise_for_status()
+                found: list[dict[str, Any]] = orjson.loads(response.content)
+            except _TRANSIENT as error:
+                raise _translate(operation, error) from error
+            except orjson.JSONDecodeError as error:
+                raise SwarmUnavailable(f"{operation}: not JSON: {error}") from error
+        return found
+
     def ping(self) -> bool:
         try:
             self._call("ping", "ping")
@@ -147,10 +166,10 @@ class Swarm:
         """One consistent view with exactly four list calls, however many deployments exist.
 
         Every service is listed, not only npuswarm's: the others may hold NPUs."""
-        nodes = self._call("list_nodes", "nodes")
-        services = self._call("list_services", "services")
-        tasks = self._call("list_tasks", "tasks")
-        networks = self._call("list_networks", "networks")
+        nodes = self._list("list_nodes", "/nodes")
+        services = self._list("list_services", "/services")
+        tasks = self._list("list_tasks", "/tasks")
+        networks = self._list("list_networks", "/networks")
         self._seen(reachable=True)
         return snapshot_from_engine(nodes, services, tasks, networks, self.instance)
 

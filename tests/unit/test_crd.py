@@ -40,7 +40,9 @@ def test_schema_is_structural_and_rejects_what_it_can() -> None:
         assert "$ref" not in node and "anyOf" not in node and "title" not in node
         assert not ("properties" in node and "additionalProperties" in node)
     spec = schema["properties"]["spec"]["properties"]
-    assert spec["npusPerReplica"]["enum"] == [1, 2, 4, 8]
+    # Optional: null is in the enum too, or the API server would refuse an explicit null.
+    assert spec["npusPerReplica"]["enum"] == [1, 2, 4, 8, None]
+    assert spec["npusPerReplica"]["nullable"] is True
     assert spec["engine"]["properties"]["tensorParallelSize"]["enum"] == [1, 2, 4, 8]
     assert spec["replicas"]["minimum"] == 0
     assert spec["mode"]["enum"] == ["Replicated", "PerNode"]
