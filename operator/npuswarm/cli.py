@@ -201,6 +201,18 @@ def cmd_crd(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_memory(signum: int, frame: Any) -> None:
+    import tracemalloc
+
+    if not tracemalloc.is_tracing():
+        print("npuswarm: start with PYTHONTRACEMALLOC=1 to see allocations", file=sys.stderr)
+        return
+    current, peak = tracemalloc.get_traced_memory()
+    print(f"npuswarm: traced {current >> 20} MiB, peak {peak >> 20} MiB", file=sys.stderr)
+    for stat in tracemalloc.take_snapshot().statistics("lineno")[:25]:
+        print(f"  {stat}", file=sys.stderr)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     import kopf
 
@@ -208,8 +220,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     # A bad setting stops here with one line, before kopf logs in or starts anything.
     Settings.from_env()
-    # `kill -USR1 <pid>` prints every thread's stack: what a stuck operator is waiting on.
+    # `kill -USR1 <pid>` prints every thread's stack: what a stuck operator is waiting on;
+    # `kill -USR2 <pid>` the biggest allocation sites, when started with PYTHONTRACEMALLOC=1.
     faulthandler.register(signal.SIGUSR1, all_threads=True)
+    signal.signal(signal.SIGUSR2, _print_memory)
     if args.namespace:
         # The pass judges orphans and leadership only in the namespaces kopf watches.
         os.environ[npuswarm.handlers.NAMESPACES_ENV] = ",".join(args.namespace)
