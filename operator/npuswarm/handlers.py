@@ -77,9 +77,8 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **kwargs: Any)
 async def stop(memo: kopf.Memo, **_: Any) -> None:
     runtime: Runtime = memo.runtime
     runtime.stop.set()
-    stream = getattr(runtime, "_stream", None)
-    if stream is not None:
-        stream.close()
+    if runtime.event_stream is not None:
+        runtime.event_stream.close()
     for task in runtime.tasks:
         task.cancel()
     await asyncio.gather(*runtime.tasks, return_exceptions=True)

@@ -95,6 +95,8 @@ class Runtime:
     sequence: int = 0
     failures: int = 0
     last_changed: set[str] = field(default_factory=set)  # statuses written by the last pass
+    last_metrics: metrics.PassMetrics | None = None
+    event_stream: Any = None  # the open Swarm event stream: closing it ends its thread
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     threads: list[threading.Thread] = field(default_factory=list)
 
@@ -298,10 +300,10 @@ class Runtime:
             )
             for key, view in result.views.items()
         }
-        self._last_metrics = metrics.PassMetrics(
+        self.last_metrics = metrics.PassMetrics(
             sequence=self.sequence, npus=result.npu_states(), deployments=deployments
         )
-        metrics.pass_gauges.publish(self._last_metrics)
+        metrics.pass_gauges.publish(self.last_metrics)
 
     def _retry(self, keys: list[str]) -> None:
         for key in keys:
@@ -316,7 +318,7 @@ class Runtime:
         return found
 
     def _served_at(self, key: str, default: float) -> float:
-        last = getattr(self, "_last_metrics", None)
+        last = self.last_metrics
         if last is not None and key in last.deployments:
             served_at: float = last.deployments[key].served_at
             return served_at
@@ -431,7 +433,7 @@ class Runtime:
         swarm = self.reconciler.swarm
         assert isinstance(swarm, Swarm)
         stream = swarm.event_stream()
-        self._stream = stream
+        self.event_stream = stream
         try:
             # A pass right after (re)connecting covers whatever happened while disconnected.
             self.request_threadsafe(everything=True)
