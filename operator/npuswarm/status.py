@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -37,7 +38,9 @@ class ConditionValue:
 TIMESTAMP = "%Y-%m-%dT%H:%M:%SZ"
 
 
+@functools.lru_cache(maxsize=8)
 def timestamp(now: datetime) -> str:
+    # One pass stamps thousands of conditions with the same instant.
     return now.strftime(TIMESTAMP)
 
 
@@ -78,7 +81,9 @@ def conditions(
         old = before.get(kind) or {}
         since = old.get("lastTransitionTime") if old.get("status") == value.status else None
         result.append(
-            Condition(
+            # Built from values this module computed: validating them again was a third of
+            # a no-op pass's CPU at 2,000 deployments.
+            Condition.model_construct(
                 type=kind,
                 status=value.status,
                 reason=value.reason,
@@ -136,7 +141,7 @@ def deployment_status(
             failing.append(f"replica {request.slot}: {error}")
         newest = service.newest_task if service is not None else None
         replicas.append(
-            ReplicaStatus(
+            ReplicaStatus.model_construct(
                 replica=request.slot,
                 nodeId=assignment.node_id if assignment else None,
                 hostname=node.hostname if node else None,
@@ -206,7 +211,7 @@ def deployment_status(
     else:
         phase = "Pending"
 
-    return ModelDeploymentStatus(
+    return ModelDeploymentStatus.model_construct(
         observedGeneration=md.metadata.generation,
         phase=phase,
         replicas=desired_count,
