@@ -41,8 +41,10 @@ def instance_of(service: dict[str, Any]) -> str | None:
     return labels.get(f"{PREFIX}/instance", "default")
 
 
-def npu_conflicts(client: Any) -> list[str]:
-    services = {s["ID"]: s for s in client.services()}
+def npu_conflicts(client: Any, label: str | None = None) -> list[str]:
+    """Over the whole Swarm, or over the services with `label`."""
+    listed = client.services(filters={"label": label}) if label else client.services()
+    services = {s["ID"]: s for s in listed}
     holders: dict[tuple[str, str], list[str]] = {}
     for task in client.tasks():
         if task.get("DesiredState") not in {"running", "ready", "accepted"}:

@@ -36,12 +36,14 @@ def test_checker_reports_shared_npus_orphans_duplicates_status_and_foreign_edits
     inspected = docker_client.inspect_service(foreign["ID"])
     docker_client.update_service(foreign["ID"], version=inspected["Version"]["Index"],
                                  task_template=inspected["Spec"]["TaskTemplate"],
-                                 name=inspected["Spec"]["Name"], labels={"edited": "yes"})
+                                 name=inspected["Spec"]["Name"], labels={"npuswarm.io/owner-namespace": namespace, "edited": "yes"})
     md = {"metadata": {"namespace": namespace, "name": "m", "uid": "uid-2", "generation": 1},
           "status": {"observedGeneration": 1, "placedReplicas": 1, "npus": 1}}
 
     def all_found() -> list[str] | None:
         found = invariants.violations(docker_client, lambda: [md], instance, foreign_before=before)
+        # Only this test's services, so the conflict it makes is not seen by others' checks.
+        found += invariants.npu_conflicts(docker_client, label=f"npuswarm.io/owner-namespace={namespace}")
         return found if any("held by 2 tasks" in f for f in found) else None
 
     found = "\n".join(wait_for(all_found, "both tasks of NPU 6 running", timeout=60))
