@@ -130,6 +130,9 @@ class Cluster:
     log_path: Path
     docker: docker.APIClient
     namespaces: list[str] = field(default_factory=list)
+    # How the operator container was started, so a test can SIGKILL it and start it again.
+    container: str = ""
+    run_argv: list[str] = field(default_factory=list)
 
     def kubectl(self, *args: str, check: bool = True, input: str | None = None,
                 kubeconfig: Path | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -149,6 +152,26 @@ class Cluster:
 
     def operator_log(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+    def kill_operator(self) -> None:
+        """SIGKILL the operator process (no shutdown handler runs), as a node crash or the
+        OOM killer would, and wait until its container is gone."""
+        subprocess.run(["docker", "kill", "--signal", "KILL", self.container],
+                       capture_output=True, check=False, timeout=30)
+        self.operator.wait(timeout=30)
+        subprocess.run(["docker", "rm", "--force", self.container], capture_output=True,
+                       check=False, timeout=30)
+
+    def start_operator(self) -> None:
+        """Start the operator again with the same arguments (its log appended) and wait for
+        its liveness endpoint."""
+        with self.log_path.open("ab") as log:
+            self.operator = subprocess.Popen(["docker", *self.run_argv], stdout=log,
+                                             stderr=subprocess.STDOUT)
+        wait_for(lambda: _answers(self.health_url) or self.operator.poll() is not None,
+                 "the restarted operator's liveness endpoint", timeout=60)
+        if self.operator.poll() is not None:
+            pytest.fail(f"operator exited: {self.operator_log()[-3000:]}", pytrace=False)
 
 
 def operator_image() -> str:
@@ -250,6 +273,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
             operator=operator,
             log_path=log_path,
             docker=client,
+            container=container,
+            run_argv=argv,
         )
         try:
             wait_for(lambda: _answers(result.health_url) or operator.poll() is not None,
@@ -258,6 +283,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
                 pytest.fail(f"operator exited: {result.operator_log()[-3000:]}", pytrace=False)
             yield result
         finally:
+            operator = result.operator  # a test may have restarted it
             operator.terminate()
             try:
                 operator.wait(timeout=20)
