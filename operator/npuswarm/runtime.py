@@ -296,7 +296,7 @@ class Runtime:
                 placed=view.status.placedReplicas,
                 ready=view.status.readyReplicas,
                 unplaced=view.unplaced_reasons,
-                served_at=now if key in served or everything else self._served_at(key, now),
+                served_at=now if key in served else self._served_at(key, now),
             )
             for key, view in result.views.items()
         }
@@ -367,9 +367,10 @@ class Runtime:
             async with limit:
                 try:
                     found = await asyncio.to_thread(self.kube.patch_status, namespace, name, patch)
-                except Exception as error:
-                    log.warning("status write failed", deployment=key, error=str(error))
+                except Exception as error:  # a pass soon writes it again
+                    log.warning("status write failed", deployment=key, error=_short(error))
                     self.written.pop(key, None)
+                    failed.append(key)
                     return
             if found:
                 self.written[key] = {k: v for k, v in patch.items() if v is not None}

@@ -154,3 +154,42 @@ def test_leadership_reads_each_watched_namespaces_peering_and_yields_to_a_live_p
     assert rt._active() and rt.kube.asked == [None]  # type: ignore[attr-defined]
     rt.leadership = Leadership(False, True, "default", 100, "me", None)
     assert not rt._active()
+
+
+class Throttled:
+    """An API server that answers 429 to the first status write of each deployment."""
+
+    def __init__(self) -> None:
+        self.refused: set[str] = set()
+        self.written: list[str] = []
+
+    def patch_status(self, namespace: str, name: str, patch: dict[str, Any]) -> bool:
+        if name not in self.refused:
+            self.refused.add(name)
+            raise RuntimeError("(429)\nReason: Too Many Requests")
+        self.written.append(name)
+        return True
+
+
+def test_a_refused_status_write_asks_for_a_pass_soon_and_is_not_remembered(monkeypatch: Any) -> None:
+    import asyncio
+
+    from npuswarm import runtime as runtime_module
+    from npuswarm.api import ModelDeploymentStatus
+    from npuswarm.reconcile import Desired
+
+    monkeypatch.setattr(runtime_module, "STATUS_RETRY_SECONDS", 0.01)
+    rt = runtime({})
+    rt.kube = Throttled()  # type: ignore[assignment]
+    status = ModelDeploymentStatus(phase="Progressing", replicas=1)
+
+    async def scenario() -> set[str]:
+        rt.loop = asyncio.get_running_loop()
+        await rt._write_statuses({"team/a": status}, Desired(), resync=False)
+        assert "team/a" not in rt.written  # not written: the next pass must try again
+        deadline = rt.loop.time() + 10
+        while "team/a" not in rt.dirty and rt.loop.time() < deadline:
+            await asyncio.sleep(0.01)
+        return set(rt.dirty)
+
+    assert asyncio.run(scenario()) == {"team/a"}
