@@ -175,7 +175,7 @@ def snapshot_from_engine(
     others: list[dict[str, Any]] = []
     for raw in services:
         service_labels = (raw.get("Spec") or {}).get("Labels") or {}
-        (owned if _is_own(service_labels, instance) else others).append(raw)
+        (owned if is_own(service_labels, instance) else others).append(raw)
     by_id: dict[str, ObservedService] = {}
     for raw in owned:
         spec = _with_network_names(raw.get("Spec") or {}, network_names)
@@ -215,12 +215,13 @@ def snapshot_from_engine(
         own_networks={
             n["Name"]: n["Id"]
             for n in networks
-            if _is_own(n.get("Labels") or {}, instance) and "Id" in n and "Name" in n
+            if is_own(n.get("Labels") or {}, instance) and "Id" in n and "Name" in n
         },
     )
 
 
-def _is_own(object_labels: dict[str, str], instance: str) -> bool:
+def is_own(object_labels: dict[str, str], instance: str) -> bool:
+    """Made by this npuswarm installation (a service or a network)."""
     return object_labels.get(labels.MANAGED_BY) == labels.MANAGED_BY_VALUE and (
         object_labels.get(labels.INSTANCE, labels.DEFAULT_INSTANCE) == instance
     )

@@ -17,7 +17,7 @@ from docker.constants import MINIMUM_DOCKER_API_VERSION
 from docker.utils import kwargs_from_env
 
 from npuswarm import labels, metrics
-from npuswarm.observed import SwarmSnapshot, snapshot_from_engine
+from npuswarm.observed import SwarmSnapshot, is_own, snapshot_from_engine
 
 OUT_OF_SEQUENCE = "update out of sequence"
 UPDATE_ATTEMPTS = 4
@@ -183,12 +183,7 @@ class Swarm:
         found: list[dict[str, Any]] = self._call(
             "list_services", "services", filters={"label": owner}
         )
-        return [
-            s
-            for s in found
-            if (s.get("Spec", {}).get("Labels") or {}).get(labels.INSTANCE, labels.DEFAULT_INSTANCE)
-            == self.instance
-        ]
+        return [s for s in found if is_own(s.get("Spec", {}).get("Labels") or {}, self.instance)]
 
     def task_states(self) -> dict[str, tuple[str, str]]:
         """Task id -> (service id, state) of every task Swarm wants running: the cheap poll
