@@ -41,6 +41,8 @@ COALESCE_SECONDS = 0.1
 MAX_BACKOFF_SECONDS = 300.0
 STATUS_WRITERS = 8
 STATUS_RETRY_SECONDS = 3.0
+# Services that look orphaned while the API server cannot confirm it: asked again this soon.
+ORPHAN_RETRY_SECONDS = 10.0
 # A pass with this many Swarm and status writes made a burst of garbage worth giving back.
 RELEASE_AFTER_WRITES = 100
 # A Swarm event about a service this operator wrote so recently is its own echo.
@@ -190,6 +192,9 @@ class Runtime:
                 swarm_seconds=round(elapsed, 3),
                 duration_seconds=round(total, 3),
             )
+        if result.plan.unconfirmed_orphans:
+            assert self.loop is not None
+            self.loop.call_later(ORPHAN_RETRY_SECONDS, self.request, None)
         if result.writes + len(self.last_changed) >= RELEASE_AFTER_WRITES:
             await asyncio.to_thread(_release_memory)
         metrics.passes_total.labels("success").inc()
