@@ -41,6 +41,9 @@ COALESCE_SECONDS = 0.1
 MAX_BACKOFF_SECONDS = 300.0
 STATUS_WRITERS = 8
 STATUS_RETRY_SECONDS = 3.0
+# How often the peering object is read: a standby takes over at most this long after the
+# dead leader's record expires (one small GET per poll).
+LEADERSHIP_POLL_SECONDS = 2.0
 # Services that look orphaned while the API server cannot confirm it: asked again this soon.
 ORPHAN_RETRY_SECONDS = 10.0
 # A pass with this many Swarm and status writes made a burst of garbage worth giving back.
@@ -529,7 +532,7 @@ class Runtime:
                 self.request_threadsafe(everything=True)
             self.leader = active
             metrics.leader.set(1 if active else 0)
-            if self.stop.wait(self.settings.swarm_probe_seconds):
+            if self.stop.wait(min(self.settings.swarm_probe_seconds, LEADERSHIP_POLL_SECONDS)):
                 return
 
     def _active(self) -> bool:
