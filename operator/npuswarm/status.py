@@ -19,6 +19,7 @@ from npuswarm.api import (
 )
 from npuswarm.inventory import NodeInfo
 from npuswarm.labels import SPEC_HASH
+from npuswarm.placement import Unplaced
 from npuswarm.plan import Applied, PassPlan
 from npuswarm.render import network_alias
 
@@ -129,10 +130,16 @@ def deployment_status(
             and service.spec_hash == desired["Labels"].get(SPEC_HASH)
             and service.running_current_spec
         )
-        error = service.current_error if service is not None and not replica_ready else None
+        # On a node that stopped reporting, Swarm's task errors (a replacement task with "no
+        # suitable node") say less than the node's own state, which the message gives.
+        error = (
+            service.current_error
+            if service is not None and not replica_ready and node_down is None
+            else None
+        )
         message = None
         if unplaced_here is not None:
-            message = unplaced_here.message
+            message = _unplaced_message(unplaced_here, placement.moved.get(key))
         elif request.slot in rejected:
             message = rejected[request.slot]
         elif key in placement.moved:
@@ -176,7 +183,10 @@ def deployment_status(
         degraded = ConditionValue(
             "True",
             unplaced[0].reason,
-            "; ".join(f"replica {u.slot}: {u.message}" for u in unplaced),
+            "; ".join(
+                f"replica {u.slot}: {_unplaced_message(u, placement.moved.get((md.key, u.slot)))}"
+                for u in unplaced
+            ),
         )
     elif rejected:
         degraded = ConditionValue(
@@ -236,6 +246,13 @@ def deployment_status(
             now,
         ),
     )
+
+
+def _unplaced_message(unplaced: Unplaced, left_because: str | None) -> str:
+    """Why a replica has no place, and why it left the one it had (e.g. a lost node)."""
+    if left_because is None:
+        return unplaced.message
+    return f"left its place ({left_because}) and {unplaced.message}"
 
 
 def node_unavailable(node: NodeInfo | None, grace_seconds: float) -> str | None:
