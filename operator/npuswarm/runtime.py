@@ -376,6 +376,7 @@ class Runtime:
                 try:
                     found = await asyncio.to_thread(self.kube.patch_status, namespace, name, patch)
                 except Exception as error:  # a pass soon writes it again
+                    metrics.kube_api_errors_total.labels("status").inc()
                     log.warning("status write failed", deployment=key, error=_short(error))
                     self.written.pop(key, None)
                     failed.append(key)
@@ -406,6 +407,7 @@ class Runtime:
                         self.kube.post_event, reference, event.type, event.reason, event.message
                     )
                 except Exception as error:
+                    metrics.kube_api_errors_total.labels("event").inc()
                     log.warning("event not posted", deployment=key, error=str(error))
 
         await asyncio.gather(

@@ -145,6 +145,11 @@ def test_the_api_server_down_for_a_minute_keeps_swarm_converged_and_deletes_noth
     after = scrape(cluster)
     assert cluster.operator.poll() is None
     assert after["npuswarm_leader"] == 1 and after["npuswarm_swarm_manager_reachable"] == 1
+    # The failed orphan LIST and the status writes of the repaired replica were counted.
+    assert total(after, "npuswarm_kube_api_errors_total") > total(before, "npuswarm_kube_api_errors_total")
+    print("Kubernetes API errors counted: " + ", ".join(
+        f"{k.split('=')[1].rstrip('}').strip(chr(34))}={v - before.get(k, 0):g}"
+        for k, v in after.items() if k.startswith("npuswarm_kube_api_errors_total{")))
     assert after["npuswarm_drift_corrections_total{kind=\"service_recreated\"}"] > before.get(
         "npuswarm_drift_corrections_total{kind=\"service_recreated\"}", 0)
     obj = cluster.get(namespace, "steady")

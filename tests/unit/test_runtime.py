@@ -192,7 +192,10 @@ def test_a_refused_status_write_asks_for_a_pass_soon_and_is_not_remembered(monke
             await asyncio.sleep(0.01)
         return set(rt.dirty)
 
+    failed = {"operation": "status"}
+    before = metrics.REGISTRY.get_sample_value("npuswarm_kube_api_errors_total", failed) or 0
     assert asyncio.run(scenario()) == {"team/a"}
+    assert metrics.REGISTRY.get_sample_value("npuswarm_kube_api_errors_total", failed) == before + 1
 
 
 class ListFails:
