@@ -35,7 +35,7 @@ LabelValue = Annotated[str, Field(max_length=63, pattern=r"^([A-Za-z0-9][-A-Za-z
 
 
 class ModelSelector(_Model):
-    matchLabels: dict[Annotated[str, Field(max_length=MAX_STRING)], LabelValue] = Field(
+    matchLabels: dict[str, LabelValue] = Field(
         default_factory=dict,
         max_length=32,
         description="Labels a ModelDeployment (metadata.labels) must all carry; empty: all.",
@@ -99,7 +99,7 @@ class ModelGatewaySpec(_Model):
     )
     network: GatewayNetwork
     healthCheck: GatewayHealthCheck = Field(default_factory=GatewayHealthCheck)
-    nodeSelector: dict[Annotated[str, Field(max_length=MAX_STRING)], LabelValue] = Field(
+    nodeSelector: dict[str, LabelValue] = Field(
         default_factory=dict, max_length=32, description="Node labels gateway replicas need."
     )
 
