@@ -268,6 +268,7 @@ class GatewayReplica:
     node: str  # hostname, for the status
     admin_url: str  # http://<node address>:<adminPort>
     endpoint: str  # <node address>:<port>
+    task: str = ""  # a restarted gateway is a new task: it must be pushed to again
 
 
 def running_replicas(gateway: ModelGateway, snapshot: SwarmSnapshot) -> list[GatewayReplica]:
@@ -288,6 +289,7 @@ def running_replicas(gateway: ModelGateway, snapshot: SwarmSnapshot) -> list[Gat
                     node=node.hostname or node.id,
                     admin_url=f"http://{node.addr}:{gateway.spec.adminPort}",
                     endpoint=f"{node.addr}:{gateway.spec.port}",
+                    task=task.id,
                 )
             )
     return sorted(found, key=lambda r: r.admin_url)

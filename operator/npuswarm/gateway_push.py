@@ -9,6 +9,7 @@ twice is harmless and a restarted gateway is refilled by the next pass.
 from __future__ import annotations
 
 import json
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Mapping, Sequence
@@ -37,6 +38,10 @@ from npuswarm.plan import Action, PassPlan
 log = structlog.get_logger("npuswarm.gateway")
 PUSH_TIMEOUT_SECONDS = 5.0
 PUSH_CONCURRENCY = 8
+# The same state is not pushed again to the same gateway task for this long: a pass where
+# nothing changed makes no call. The gateway keeps what it got; the refresh only bounds how
+# long a gateway that lost it somehow (it cannot without a new task) would go without.
+REFRESH_SECONDS = 60.0
 NO_TOKEN = "NPUSWARM_GATEWAY_TOKEN is not set in the operator: gateways cannot be configured"
 # (admin URL, token, {"models": ...}) -> None, or raises with the reason.
 Sender = Callable[[str, str, Backends], None]
@@ -66,10 +71,19 @@ class GatewayPass:
 class Gateways:
     """What reconcile.Reconciler calls around a pass's writes (see run_pass)."""
 
-    def __init__(self, instance: str, token: str, send: Sender = put_backends) -> None:
+    def __init__(
+        self,
+        instance: str,
+        token: str,
+        send: Sender = put_backends,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.instance = instance
         self.token = token
         self.send = send
+        self.clock = clock
+        # (admin URL, task id) -> (backends, when) of the last push it accepted.
+        self._pushed: dict[tuple[str, str], tuple[Backends, float]] = {}
         self._pushers = ThreadPoolExecutor(PUSH_CONCURRENCY, thread_name_prefix="gateway-push")
 
     def close(self) -> None:
@@ -106,25 +120,37 @@ class Gateways:
         drop a stopped backend within interval x threshold)."""
         if not self.token:
             return
-        jobs = [
-            (
-                item,
-                replica.admin_url,
-                self._pushers.submit(self.send, replica.admin_url, self.token, item.backends),
-            )
-            for item in work.works
-            for replica in item.replicas
-        ]
-        for item, url, future in jobs:
+        now = self.clock()
+        live = {(r.admin_url, r.task) for item in work.works for r in item.replicas}
+        self._pushed = {key: value for key, value in self._pushed.items() if key in live}
+        jobs = []
+        for item in work.works:
+            for replica in item.replicas:
+                key = (replica.admin_url, replica.task)
+                last = self._pushed.get(key)
+                if (
+                    last is not None
+                    and last[0] == item.backends
+                    and now - last[1] < REFRESH_SECONDS
+                ):
+                    continue
+                send = self._pushers.submit(self.send, replica.admin_url, self.token, item.backends)
+                jobs.append((item, key, send))
+        for item, key, future in jobs:
             try:
                 future.result()
             except Exception as error:
-                item.push_errors[url] = str(error)[:300]
+                self._pushed.pop(key, None)
+                item.push_errors[key[0]] = str(error)[:300]
                 metrics.gateway_pushes_total.labels("error").inc()
                 log.warning(
-                    "gateway push failed", gateway=item.gateway.key, replica=url, error=str(error)
+                    "gateway push failed",
+                    gateway=item.gateway.key,
+                    replica=key[0],
+                    error=str(error),
                 )
             else:
+                self._pushed[key] = (item.backends, now)
                 metrics.gateway_pushes_total.labels("success").inc()
 
     def statuses(

@@ -241,27 +241,35 @@ def test_a_replica_leaves_every_gateway_before_its_task_is_stopped() -> None:
     r.run_pass(Desired(deployments=[a], gateways=[gw]))  # creates replicas and the gateway
     run_with_addresses(swarm)
     (gw_service,) = [s for s in swarm.services.values() if labels.GATEWAY_NAME in s["Spec"]["Labels"]]
-    swarm.tasks.append(
-        {
-            "ID": "gw-task",
-            "ServiceID": gw_service["ID"],
-            "NodeID": "node1",
-            "DesiredState": "running",
-            "CreatedAt": "2026-11-30T11:00:00Z",
-            "Status": {"State": "running", "Timestamp": "2026-11-30T11:00:00Z"},
-            "Spec": {"ContainerSpec": {"Labels": {}}},
-        }
-    )
+    gw_task = {
+        "ID": "gw-task",
+        "ServiceID": gw_service["ID"],
+        "NodeID": "node1",
+        "DesiredState": "running",
+        "CreatedAt": "2026-11-30T11:00:00Z",
+        "Status": {"State": "running", "Timestamp": "2026-11-30T11:00:00Z"},
+        "Spec": {"ContainerSpec": {"Labels": {}}},
+    }
+    swarm.tasks.append(gw_task)
     ready = r.run_pass(Desired(deployments=[a], gateways=[gw]))
     assert recorder.log == [("push", {"served-a": 2})]
     assert ready.gateways["default/gw"].phase == "Ready"
     assert ready.gateways["default/gw"].endpoint == "10.123.0.1:8000"
+
+    r.run_pass(Desired(deployments=[a], gateways=[gw]))
+    assert recorder.log == [("push", {"served-a": 2})], "nothing changed: no second push"
 
     recorder.log.clear()
     changed = model("a", replicas=2, engine={"maxModelLen": 4096})
     r.run_pass(Desired(deployments=[changed], gateways=[gw]))
     # maxUnavailable 1: one replica is updated, and the gateway dropped it first.
     assert recorder.log == [("push", {"served-a": 1}), ("update", "default-a-0")]
+
+    recorder.log.clear()
+    swarm.tasks = [t for t in swarm.tasks if t["ID"] != "gw-task"]
+    swarm.tasks.append(dict(gw_task, ID="gw-task-2"))  # the gateway restarted: a new task
+    r.run_pass(Desired(deployments=[changed], gateways=[gw]))
+    assert recorder.log and recorder.log[0][0] == "push", "a new gateway task is refilled"
 
 
 def test_without_a_token_gateways_are_not_run_and_say_why() -> None:
