@@ -178,7 +178,9 @@ class Reconciler:
             # the collector runs meanwhile.
             self._networks(whole.networks_to_create, create=True)
             applied = self._apply(whole.actions + gateway_pass.actions)
-            self._networks([network_id for _, network_id in whole.networks_to_remove], create=False)
+            kept = {gateway.spec.network.name for gateway in desired.gateways}
+            gone = [network_id for name, network_id in whole.networks_to_remove if name not in kept]
+            self._networks(gone, create=False)
             with _collector_paused():
                 result = self._result(desired, whole, applied)
             if self.gateways is not None:

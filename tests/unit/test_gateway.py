@@ -301,3 +301,16 @@ def test_running_replicas_are_reached_at_their_nodes_address() -> None:
     )
     (replica,) = running_replicas(gw, swarm.observe())
     assert replica.admin_url == "http://10.123.0.2:9000" and replica.node == "host2"
+
+
+def test_a_network_a_gateway_still_uses_is_not_removed() -> None:
+    swarm = overlay_swarm(nodes=1)
+    swarm.networks[0]["Labels"] = {labels.MANAGED_BY: labels.MANAGED_BY_VALUE}  # npuswarm's own
+    r = Reconciler(swarm, Settings(), clock=lambda: NOW, gateways=Gateways("default", "tok"))
+    r.run_pass(Desired(deployments=[], gateways=[gateway()]))  # creates the gateway's service
+    r.run_pass(Desired(deployments=[], gateways=[gateway()]))  # no deployment wants vllm-net
+    assert swarm.calls["remove_network"] == 0
+    r.run_pass(Desired(deployments=[]))  # the gateway gone (its finalizer ran)
+    r.finalize_gateway("default", "gw")
+    r.run_pass(Desired(deployments=[]))
+    assert swarm.calls["remove_network"] == 1
