@@ -275,9 +275,9 @@ def test_stream_chunks_come_one_token_delay_apart(start_server):
     assert [line for _, line in arrivals][-1] == b"data: [DONE]\n"
     tokens = [t for t, line in arrivals if line != b"data: [DONE]\n"]
     assert len(tokens) == 4
-    # Written as generated, not at the end: the first three gaps are each a token delay.
-    gaps = [b - a for a, b in zip(tokens, tokens[1:], strict=False)]
-    assert all(gap >= 0.15 for gap in gaps), gaps
+    # Written as generated, not at the end: 3 token delays from the first to the last (half of
+    # it leaves room for a busy client reading two chunks at once).
+    assert tokens[-1] - tokens[0] >= 3 * 0.2 * 0.5, tokens
 
 
 def test_time_to_first_token_is_in_metrics(start_server):

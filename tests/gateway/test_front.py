@@ -91,8 +91,8 @@ def test_a_stream_arrives_chunk_by_chunk(gateway: Gateway, fake_vllm: Any) -> No
     assert arrivals[-1][1] == b"data: [DONE]\n"
     tokens = [t for t, line in arrivals[:-1]]
     assert len(tokens) == 4
-    # Buffering anywhere (front or router) would deliver them together at the end.
-    gaps = [later - earlier for earlier, later in zip(tokens, tokens[1:], strict=False)]
-    assert all(gap >= 0.15 for gap in gaps), gaps
+    # Generated 250 ms apart; buffering anywhere (front or router) would deliver them together
+    # at the end. Half the spread leaves room for a busy client reading two chunks at once.
+    assert tokens[-1] - tokens[0] >= 3 * 0.25 * 0.5, tokens
     text = "".join(json.loads(line[6:])["choices"][0]["delta"]["content"] for _, line in arrivals[:-1])
     assert text == " ".join(CANNED.split()[:4])
