@@ -14,6 +14,10 @@ Environment that tests use to steer it:
   FAKE_VLLM_LOAD_SECONDS         simulated model load time before /health is 200 (default 0)
   FAKE_VLLM_CRASH_AFTER_SECONDS  exit with code 1 this long after start
   FAKE_VLLM_LATENCY_SECONDS      time each completion takes, so requests are seen running
+  FAKE_VLLM_TOKEN_DELAY_SECONDS  time between two generated tokens (a stream's chunks arrive
+                                 this far apart; default 0)
+  FAKE_VLLM_DRAIN_SECONDS        on SIGTERM, stop accepting and let requests under way finish
+                                 for at most this long, as vLLM's server does (default 30)
 """
 
 import argparse
@@ -33,6 +37,8 @@ CANNED_TEXT = "This is a canned answer from the fake vLLM server."
 CONTROL_DEVICES = ("davinci_manager", "devmm_svm", "hisi_hdc")
 # vLLM's own bucket bounds for vllm:e2e_request_latency_seconds.
 LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0)
+# vLLM's bucket bounds for vllm:time_to_first_token_seconds.
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0)
 DEVICE_RE = re.compile(r"^davinci(\d+)$")
 
 
@@ -129,6 +135,17 @@ class Metrics:
         self.bucket_counts = [0] * len(LATENCY_BUCKETS)
         self.latency_sum = 0.0
         self.latency_count = 0
+        self.ttft_counts = [0] * len(TTFT_BUCKETS)
+        self.ttft_sum = 0.0
+        self.ttft_count = 0
+
+    def first_token(self, seconds: float) -> None:
+        with self.lock:
+            self.ttft_sum += seconds
+            self.ttft_count += 1
+            for i, bound in enumerate(TTFT_BUCKETS):
+                if seconds <= bound:
+                    self.ttft_counts[i] += 1
 
     def start(self) -> None:
         with self.lock:
@@ -181,6 +198,18 @@ class Metrics:
                 f"{self.latency_count}",
                 f"vllm:e2e_request_latency_seconds_count{{{label}}} {self.latency_count}",
                 f"vllm:e2e_request_latency_seconds_sum{{{label}}} {self.latency_sum}",
+                "# HELP vllm:time_to_first_token_seconds Histogram of time to first token in "
+                "seconds.",
+                "# TYPE vllm:time_to_first_token_seconds histogram",
+            ]
+            for bound, count in zip(TTFT_BUCKETS, self.ttft_counts, strict=False):
+                lines.append(
+                    f'vllm:time_to_first_token_seconds_bucket{{le="{bound}",{label}}} {count}'
+                )
+            lines += [
+                f'vllm:time_to_first_token_seconds_bucket{{le="+Inf",{label}}} {self.ttft_count}',
+                f"vllm:time_to_first_token_seconds_count{{{label}}} {self.ttft_count}",
+                f"vllm:time_to_first_token_seconds_sum{{{label}}} {self.ttft_sum}",
             ]
         return "\n".join(lines) + "\n"
 
@@ -199,7 +228,22 @@ class FakeVllm:
         self.started = time.time()
         self.ready_at = self.started + float(env.get("FAKE_VLLM_LOAD_SECONDS") or 0)
         self.latency = float(env.get("FAKE_VLLM_LATENCY_SECONDS") or 0)
+        self.token_delay = float(env.get("FAKE_VLLM_TOKEN_DELAY_SECONDS") or 0)
+        self.drain_seconds = float(env.get("FAKE_VLLM_DRAIN_SECONDS") or 30)
         self.metrics = Metrics()
+        # Connections being served (the server speaks HTTP/1.0: one request each).
+        self.connections = 0
+        self.idle = threading.Condition()
+
+    def serving(self, delta: int) -> None:
+        with self.idle:
+            self.connections += delta
+            self.idle.notify_all()
+
+    def wait_idle(self, timeout: float) -> bool:
+        """True once no connection is being served, False if ``timeout`` passed first."""
+        with self.idle:
+            return self.idle.wait_for(lambda: self.connections == 0, timeout=timeout)
 
     def ready(self) -> bool:
         return time.time() >= self.ready_at
@@ -266,6 +310,13 @@ class Handler(BaseHTTPRequestHandler):
 
     def log_message(self, format, *args):
         pass  # tests poll often; an access log line per poll would drown the useful output
+
+    def handle(self):
+        self.app.serving(+1)
+        try:
+            super().handle()
+        finally:
+            self.app.serving(-1)
 
     # --- plumbing -------------------------------------------------------------------------
     def send_json(self, status: int, body, headers: dict | None = None) -> None:
@@ -360,8 +411,11 @@ class Handler(BaseHTTPRequestHandler):
             if self.app.latency:
                 time.sleep(self.app.latency)  # simulated inference time, not synchronisation
             if request.get("stream"):
-                self.stream(chat, model, tokens)
+                self.stream(chat, model, tokens, began)
             else:
+                self.app.metrics.first_token(time.time() - began)
+                # simulated decoding time, not synchronisation
+                time.sleep(self.app.token_delay * max(0, len(tokens) - 1))
                 self.send_json(200, self.completion_body(chat, model, tokens, prompt_tokens))
         finally:
             self.app.metrics.finish(prompt_tokens, len(tokens), time.time() - began)
@@ -387,8 +441,9 @@ class Handler(BaseHTTPRequestHandler):
             },
         }
 
-    def stream(self, chat: bool, model: str, tokens: list[str]) -> None:
-        """Server-sent events as vLLM sends them: one chunk per token, then [DONE]."""
+    def stream(self, chat: bool, model: str, tokens: list[str], began: float) -> None:
+        """Server-sent events as vLLM sends them: one chunk per token, each written and
+        flushed as it is made (FAKE_VLLM_TOKEN_DELAY_SECONDS apart), then [DONE]."""
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Cache-Control", "no-cache")
@@ -397,6 +452,10 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         ident = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         for i, token in enumerate(tokens):
+            if i == 0:
+                self.app.metrics.first_token(time.time() - began)
+            elif self.app.token_delay:
+                time.sleep(self.app.token_delay)  # simulated decoding time per token
             last = i == len(tokens) - 1
             choice = {"index": 0, "finish_reason": "stop" if last else None, "logprobs": None}
             choice.update(
@@ -410,6 +469,7 @@ class Handler(BaseHTTPRequestHandler):
                 "choices": [choice],
             }
             self.wfile.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+            self.wfile.flush()
         self.wfile.write(b"data: [DONE]\n\n")
         self.wfile.flush()
         self.close_connection = True
@@ -433,6 +493,20 @@ def arm_crash_timer(env) -> None:
     timer.start()
 
 
+def drain_and_exit(server: ThreadingHTTPServer, app: FakeVllm) -> None:
+    """Stop accepting, let the connections under way finish, exit 0. serve_forever must be
+    stopped from another thread than the one running it (the signal arrives on that one)."""
+
+    def drain() -> None:
+        server.shutdown()
+        server.server_close()  # new connections are refused from now on
+        finished = app.wait_idle(app.drain_seconds)
+        log("stopping" + ("" if finished else f": requests still running after {app.drain_seconds}s"))
+        os._exit(0)
+
+    threading.Thread(target=drain, daemon=True).start()
+
+
 def serve(args: argparse.Namespace, env) -> None:
     dev_dir = env.get("FAKE_VLLM_DEV_DIR") or "/dev"
     devices = find_devices(dev_dir)
@@ -441,8 +515,9 @@ def serve(args: argparse.Namespace, env) -> None:
     server = ThreadingHTTPServer((args.host, args.port), make_handler(app))
     server.daemon_threads = True
     # As PID 1 in a container, SIGTERM is ignored unless handled: handle it so that
-    # `docker service rm` and updates do not wait for the kill timeout.
-    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+    # `docker service rm` and updates do not wait for the kill timeout, and, like vLLM's
+    # server, let requests under way finish first (a rolling update must fail none).
+    signal.signal(signal.SIGTERM, lambda *_: drain_and_exit(server, app))
     arm_crash_timer(env)
     log(
         f"serving {app.served_name} (model {app.model}) on {args.host}:{args.port}, "
@@ -450,6 +525,7 @@ def serve(args: argparse.Namespace, env) -> None:
         + (f", ignoring {' '.join(args.ignored)}" if args.ignored else "")
     )
     server.serve_forever()
+    threading.Event().wait()  # the drain thread ends the process
 
 
 def main(argv: list[str] | None = None) -> int:

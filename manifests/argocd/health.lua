@@ -1,12 +1,12 @@
--- Argo CD health of a npuswarm.io ModelDeployment, read from the status npuswarm writes
--- (operator/npuswarm/status.py). Installed by argocd-cm-patch.yaml, which embeds this file.
+-- Argo CD health of a npuswarm.io ModelDeployment or ModelGateway, from the status npuswarm writes
+-- (status.py, gateway.py: the same conditions). Installed by argocd-cm-patch.yaml, which embeds it.
 -- Argo CD runs custom checks without Lua's string and math libraries: only base functions
 -- and `..` here.
 local hs = {}
 
 if obj.metadata ~= nil and obj.metadata.deletionTimestamp ~= nil then
   hs.status = "Progressing"
-  hs.message = "being deleted: npuswarm's finalizer is removing the model's Swarm services"
+  hs.message = "being deleted: npuswarm's finalizer is removing its Swarm services"
   return hs
 end
 

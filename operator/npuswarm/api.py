@@ -559,6 +559,8 @@ class ObjectMeta(BaseModel):
     generation: int = 0
     creationTimestamp: str | None = None
     deletionTimestamp: str | None = None
+    # A ModelGateway's modelSelector matches them.
+    labels: dict[str, str] = {}
 
 
 class ModelDeployment(BaseModel):

@@ -190,7 +190,7 @@ def cmd_nodes(args: argparse.Namespace) -> int:
 
 
 def cmd_crd(args: argparse.Namespace) -> int:
-    text = crd.render_yaml()
+    text = crd.render_yaml(args.kind)
     if args.check:
         path = Path(args.check)
         if not path.exists() or path.read_text() != text:
@@ -384,6 +384,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     crd_cmd = sub.add_parser("crd", help="print the CRD generated from the API models")
     crd_cmd.add_argument("--check", metavar="PATH", help="fail if PATH differs from the output")
+    crd_cmd.add_argument(
+        "--kind", choices=sorted(crd.CRD_FILES), default="ModelDeployment", help="which CRD"
+    )
     crd_cmd.set_defaults(func=cmd_crd)
 
     add_stack_commands(sub)

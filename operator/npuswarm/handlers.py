@@ -14,7 +14,8 @@ import kopf
 import structlog
 from prometheus_client import start_http_server
 
-from npuswarm import api, metrics
+from npuswarm import api, gateway_api, metrics
+from npuswarm.gateway_push import Gateways
 from npuswarm.kube import Kube
 from npuswarm.reconcile import Reconciler
 from npuswarm.runtime import Leadership, Runtime
@@ -23,6 +24,7 @@ from npuswarm.swarm import Swarm, SwarmUnavailable
 
 log = structlog.get_logger("npuswarm.handlers")
 RESOURCE = (api.GROUP, api.VERSION, api.PLURAL)
+GATEWAYS = (api.GROUP, api.VERSION, gateway_api.PLURAL)
 MAX_WORKERS = 4
 
 # Who this instance is in kopf's peering object: the pod name in a cluster, else host and pid.
@@ -54,7 +56,12 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **kwargs: Any)
     peering = settings.peering
     runtime = Runtime(
         settings=config,
-        reconciler=Reconciler(swarm, config, owners=kube),
+        reconciler=Reconciler(
+            swarm,
+            config,
+            owners=kube,
+            gateways=Gateways(config.instance, config.gateway_token.get_secret_value()),
+        ),
         kube=kube,
         leadership=Leadership(
             standalone=peering.standalone,
@@ -65,6 +72,7 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **kwargs: Any)
             namespaces=namespaces,
         ),
         index=kwargs["deployments"],
+        gateway_index=kwargs["gateways"],
         loop=asyncio.get_running_loop(),
     )
     memo.runtime = runtime
@@ -147,6 +155,44 @@ def on_delete(
     assert runtime.loop is not None
     runtime.loop.call_soon_threadsafe(runtime.forget, key)
     log.info("deployment deleted", deployment=key, services_removed=removed)
+
+
+@kopf.index(*GATEWAYS)
+async def gateways(
+    *, body: kopf.Body, namespace: str | None, name: str, **_: Any
+) -> dict[Any, Any]:
+    return {
+        (namespace, name): {
+            "metadata": dict(body.metadata),
+            "spec": dict(body.spec),
+            "status": dict(body.get("status") or {}),
+        }
+    }
+
+
+@kopf.on.event(*GATEWAYS)
+async def gateway_wants_pass(
+    *, type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any
+) -> None:
+    """A new gateway or a new generation: a pass (its status writes ask for nothing)."""
+    runtime: Runtime = memo.runtime
+    metadata = body.get("metadata") or {}
+    key = "gateway:" + _key(metadata.get("namespace"), metadata.get("name"))
+    stamp = (metadata.get("uid"), metadata.get("generation"), metadata.get("deletionTimestamp"))
+    if type == "DELETED" or runtime.generations.get(key) != stamp:
+        runtime.generations[key] = stamp
+        runtime.request(None)
+
+
+@kopf.on.delete(*GATEWAYS)
+def on_gateway_delete(*, namespace: str | None, name: str, memo: kopf.Memo, **_: Any) -> None:
+    """Behind npuswarm's finalizer: the gateway's services go before the resource does."""
+    runtime: Runtime = memo.runtime
+    try:
+        removed = runtime.reconciler.finalize_gateway(namespace or "default", name)
+    except SwarmUnavailable as error:
+        raise kopf.TemporaryError(f"Swarm unavailable, services kept: {error}", delay=15) from error
+    log.info("gateway deleted", gateway=_key(namespace, name), services_removed=removed)
 
 
 @kopf.on.probe(id="swarm")

@@ -27,6 +27,7 @@ class NodeInfo(BaseModel):
     topology: Topology = "any"
     status_since: datetime | None = None
     problems: tuple[str, ...] = ()
+    addr: str = ""  # where the node is reached (gateway admin ports are published there)
 
     @property
     def usable_npus(self) -> frozenset[int]:
@@ -107,7 +108,18 @@ def node_from_engine(attrs: dict[str, Any]) -> NodeInfo:
         topology=topology,
         status_since=parse_engine_time(attrs.get("UpdatedAt")),
         problems=tuple(problems),
+        addr=node_address(attrs),
     )
+
+
+def node_address(attrs: dict[str, Any]) -> str:
+    """Status.Addr, or a manager's ManagerStatus.Addr where Status.Addr says 0.0.0.0 (as
+    managers that listen on all addresses report it)."""
+    addr = str((attrs.get("Status") or {}).get("Addr") or "")
+    if addr in ("", "0.0.0.0"):
+        manager = str((attrs.get("ManagerStatus") or {}).get("Addr") or "")
+        addr = manager.rpartition(":")[0] if ":" in manager else manager
+    return addr
 
 
 def _generic_resource_npus(description: dict[str, Any]) -> frozenset[int]:

@@ -25,11 +25,13 @@ class Kube:
         self.objects = kubernetes.client.CustomObjectsApi()
         self.core = kubernetes.client.CoreV1Api()
 
-    def patch_status(self, namespace: str, name: str, patch: dict[str, Any]) -> bool:
+    def patch_status(
+        self, namespace: str, name: str, patch: dict[str, Any], plural: str = api.PLURAL
+    ) -> bool:
         """A merge patch of the status subresource; False when the object is gone."""
         try:
             self.objects.patch_namespaced_custom_object_status(
-                api.GROUP, api.VERSION, namespace, api.PLURAL, name, {"status": patch}
+                api.GROUP, api.VERSION, namespace, plural, name, {"status": patch}
             )
         except kubernetes.client.ApiException as error:
             if error.status == 404:

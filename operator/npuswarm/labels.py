@@ -14,6 +14,9 @@ NODE = f"{PREFIX}/node"
 NPUS = f"{PREFIX}/npus"
 SPEC_HASH = f"{PREFIX}/spec-hash"
 MODEL = f"{PREFIX}/model"
+# A ModelGateway's services carry these instead of the owner labels: they are not replicas.
+GATEWAY_NAMESPACE = f"{PREFIX}/gateway-namespace"
+GATEWAY_NAME = f"{PREFIX}/gateway-name"
 # Which npuswarm installation owns the service, when several share one Swarm (absent: the
 # default one). Another installation's services are foreign: read for their NPUs, never touched.
 INSTANCE = f"{PREFIX}/instance"

@@ -251,3 +251,23 @@ class PassMetrics:
 
 pass_gauges = PassCollector()
 REGISTRY.register(pass_gauges)
+
+# ModelGateways (gateway_push.py): set every pass from what was pushed.
+gateway_backends = Gauge(
+    "npuswarm_gateway_backends",
+    "Ready backends a ModelGateway holds per served model (0: the model answers 503).",
+    ["namespace", "gateway", "model"],
+    registry=REGISTRY,
+)
+gateway_replicas_ready = Gauge(
+    "npuswarm_gateway_replicas_ready",
+    "Gateway replicas running and holding the pushed backends.",
+    ["namespace", "gateway"],
+    registry=REGISTRY,
+)
+gateway_pushes_total = Counter(
+    "npuswarm_gateway_pushes_total",
+    "Pushes of backends to gateway replicas by outcome (success or error).",
+    ["outcome"],
+    registry=REGISTRY,
+)

@@ -24,6 +24,11 @@ class ObservedTask:
     created: datetime
     updated: datetime
     spec_hash: str | None  # the service spec this task was started from
+    # (network name, IP) of each overlay attachment: where a gateway reaches the replica.
+    addresses: tuple[tuple[str, str], ...] = ()
+
+    def address_on(self, network: str) -> str | None:
+        return next((ip for name, ip in self.addresses if name == network), None)
 
 
 @dataclass
@@ -130,6 +135,8 @@ class SwarmSnapshot:
     service_names: frozenset[str] = frozenset()
     # Networks this installation created: name -> id.
     own_networks: dict[str, str] = field(default_factory=dict)
+    # ModelGateways' services (npuswarm's, but not replicas of a deployment; gateway.py).
+    gateway_services: list[ObservedService] = field(default_factory=list)
     _by_deployment: dict[str, list[ObservedService]] = field(default_factory=dict, repr=False)
     _nodes_by_id: dict[str, NodeInfo] = field(default_factory=dict, repr=False)
 
@@ -194,6 +201,7 @@ def snapshot_from_engine(
             service.tasks.append(_task_from_engine(raw_task))
         else:
             foreign_tasks.setdefault(service_id, []).append(raw_task)
+    gateways = [by_id.pop(i) for i in list(by_id) if labels.GATEWAY_NAME in by_id[i].labels]
     node_infos = sorted((node_from_engine(n) for n in nodes), key=lambda n: (n.hostname, n.id))
     hostnames = {node.hostname: node.id for node in node_infos}
     foreign = [
@@ -217,6 +225,7 @@ def snapshot_from_engine(
             for n in networks
             if is_own(n.get("Labels") or {}, instance) and "Id" in n and "Name" in n
         },
+        gateway_services=sorted(gateways, key=lambda s: s.name),
     )
 
 
@@ -336,6 +345,11 @@ def _task_from_engine(raw: dict[str, Any]) -> ObservedTask:
         created=parse_engine_time(raw.get("CreatedAt")) or _EPOCH,
         updated=parse_engine_time(status.get("Timestamp") or raw.get("UpdatedAt")) or _EPOCH,
         spec_hash=container_labels.get(labels.SPEC_HASH),
+        addresses=tuple(
+            (str(((a.get("Network") or {}).get("Spec") or {}).get("Name", "")), ip.split("/")[0])
+            for a in raw.get("NetworksAttachments") or []
+            for ip in a.get("Addresses") or []
+        ),
     )
 
 

@@ -269,7 +269,8 @@ def plan_pass(
     removed |= {a.service_name for a in orphans}
     in_use = {
         network.get("Target")
-        for service in snapshot.services
+        # A ModelGateway's service keeps its network too (gateway.py).
+        for service in [*snapshot.services, *snapshot.gateway_services]
         if service.name not in removed
         for network in (service.spec.get("TaskTemplate") or {}).get("Networks") or []
     }

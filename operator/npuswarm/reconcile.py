@@ -22,6 +22,9 @@ import structlog
 from npuswarm import labels, metrics, policy
 from npuswarm.api import ModelDeployment, ModelDeploymentStatus
 from npuswarm.events import Event
+from npuswarm.gateway import gateway_of
+from npuswarm.gateway_api import ModelGateway, ModelGatewayStatus
+from npuswarm.gateway_push import GatewayPass, Gateways
 from npuswarm.npus import parse_npu_ids
 from npuswarm.observed import SwarmSnapshot
 from npuswarm.plan import Action, Applied, PassPlan, plan_pass
@@ -72,6 +75,9 @@ class Desired:
     previous: dict[str, dict[str, Any]] = field(default_factory=dict)
     # The namespaces this operator watches; None: all. Services of others are never judged.
     namespaces: frozenset[str] | None = None
+    # ModelGateways (gateway.py) and the last status of each, by namespace/name.
+    gateways: list[ModelGateway] = field(default_factory=list)
+    gateway_previous: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def known(self) -> set[str]:
         return {md.key for md in self.deployments} | set(self.invalid) | set(self.deleting)
@@ -98,6 +104,7 @@ class PassResult:
     plan: PassPlan
     views: dict[str, DeploymentView]
     orphans_removed: list[Action] = field(default_factory=list)
+    gateways: dict[str, ModelGatewayStatus] = field(default_factory=dict)
 
     @property
     def requeue(self) -> bool:
@@ -121,8 +128,10 @@ class Reconciler:
         settings: Settings,
         clock: Callable[[], datetime] = utcnow,
         owners: OwnerCatalog | None = None,
+        gateways: Gateways | None = None,
     ) -> None:
         self.swarm = swarm
+        self.gateways = gateways
         self.settings = settings
         self.clock = clock
         self.owners = owners
@@ -137,6 +146,8 @@ class Reconciler:
 
     def close(self) -> None:
         self._writers.shutdown(wait=True)
+        if self.gateways is not None:
+            self.gateways.close()
 
     def plan(self, desired: Desired) -> PassPlan:
         """Observe and plan every deployment; writes nothing (also `npuswarm plan`)."""
@@ -166,13 +177,30 @@ class Reconciler:
             with _collector_paused():
                 desired = self._without_tombstoned(desired)
                 whole = self.plan(desired)
+            gateway_pass = self._gateways_first(desired, whole)
             # Writes wait on Swarm, while the rest of the process goes on making garbage:
             # the collector runs meanwhile.
             self._networks(whole.networks_to_create, create=True)
-            applied = self._apply(whole.actions)
-            self._networks([network_id for _, network_id in whole.networks_to_remove], create=False)
+            applied = self._apply(whole.actions + gateway_pass.actions)
+            kept = {gateway.spec.network.name for gateway in desired.gateways}
+            gone = [network_id for name, network_id in whole.networks_to_remove if name not in kept]
+            self._networks(gone, create=False)
             with _collector_paused():
-                return self._result(desired, whole, applied)
+                result = self._result(desired, whole, applied)
+            if self.gateways is not None:
+                result.gateways = self.gateways.statuses(
+                    gateway_pass, desired.deployments, desired.gateway_previous, self.clock()
+                )
+            return result
+
+    def _gateways_first(self, desired: Desired, whole: PassPlan) -> GatewayPass:
+        """Before any write that stops a replica: every gateway drops it (and gets the
+        replicas that became ready). See gateway.py."""
+        if self.gateways is None or not desired.gateways:
+            return GatewayPass()
+        gateway_pass = self.gateways.prepare(desired.gateways, desired.deployments, whole)
+        self.gateways.push(gateway_pass)
+        return gateway_pass
 
     def _networks(self, names_or_ids: list[str], *, create: bool) -> None:
         """Networks go before the services that attach to them and after the last service
@@ -257,6 +285,8 @@ class Reconciler:
             deleting=desired.deleting | gone,
             previous=desired.previous,
             namespaces=desired.namespaces,
+            gateways=desired.gateways,
+            gateway_previous=desired.gateway_previous,
         )
 
     def _apply(self, actions: list[Action]) -> dict[str, Applied]:
@@ -327,6 +357,18 @@ class Reconciler:
             for service in owned:
                 self.swarm.remove_service(service["ID"])
         return len(owned)
+
+    def finalize_gateway(self, namespace: str, name: str) -> int:
+        """Remove a deleted ModelGateway's services (found by label), between passes."""
+        with self.lock:
+            gone = [
+                s
+                for s in self.swarm.observe().gateway_services
+                if gateway_of(s) == f"{namespace}/{name}"
+            ]
+            for service in gone:
+                self.swarm.remove_service(service.id)
+        return len(gone)
 
 
 @contextmanager

@@ -24,9 +24,11 @@ from typing import Any
 import structlog
 from pydantic import ValidationError
 
-from npuswarm import api, metrics, policy
+from npuswarm import api, gateway_api, metrics, policy
 from npuswarm.api import ModelDeployment, validation_message
 from npuswarm.events import Event, EventFilter
+from npuswarm.gateway import parse_gateways
+from npuswarm.gateway_api import ModelGatewayStatus
 from npuswarm.kube import Kube
 from npuswarm.peering import is_active
 from npuswarm.reconcile import Desired, PassResult, Reconciler, utcnow
@@ -80,6 +82,9 @@ class Runtime:
     leadership: Leadership
     # kopf's index of ModelDeployments: (namespace, name) -> store of index values.
     index: Mapping[Any, Any] = field(default_factory=dict)
+    # kopf's index of ModelGateways, and the gateway statuses this operator last wrote.
+    gateway_index: Mapping[Any, Any] = field(default_factory=dict)
+    gateways_written: dict[str, dict[str, Any]] = field(default_factory=dict)
     loop: asyncio.AbstractEventLoop | None = None
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     recovery: asyncio.Event = field(default_factory=asyncio.Event)
@@ -250,12 +255,15 @@ class Runtime:
                     deployments.append(parsed.model)
         for gone in set(self.parsed) - seen:
             del self.parsed[gone]
+        gateways, gateway_previous = parse_gateways(self.gateway_index, self.gateways_written)
         return Desired(
             deployments=deployments,
             invalid=invalid,
             deleting=frozenset(deleting),
             previous=previous,
             namespaces=self.leadership.namespaces,
+            gateways=gateways,
+            gateway_previous=gateway_previous,
         )
 
     def _parse(self, key: str, raw: Mapping[str, Any]) -> Parsed:
@@ -292,9 +300,12 @@ class Runtime:
         for action in result.all_applied():
             self.recent_writes[action.service_name] = time.monotonic()
         self.owner_of_service = {s.id: s.deployment for s in result.plan.snapshot.services}
-        self.busy = result.requeue
+        self.busy = result.requeue or any(
+            g.readyReplicas < g.replicas for g in result.gateways.values()
+        )
         statuses = {key: view.status for key, view in result.views.items()}
         await self._write_statuses(statuses, desired, resync=everything)
+        await self._write_gateway_statuses(result.gateways, desired)
         await self._post_events(result.views, self.uids(desired))
         now = time.time()
         deployments = {
@@ -393,6 +404,26 @@ class Runtime:
             # these statuses are retried by a pass in a few seconds, not at the resync.
             assert self.loop is not None
             self.loop.call_later(STATUS_RETRY_SECONDS, self._retry, failed)
+
+    async def _write_gateway_statuses(
+        self, statuses: Mapping[str, ModelGatewayStatus], desired: Desired
+    ) -> None:
+        """The gateway statuses that changed; a failed write is retried by the next pass."""
+        for key, status in statuses.items():
+            patch = status_patch(status)
+            before = self.gateways_written.get(key) or desired.gateway_previous.get(key) or {}
+            if _same_status(before, patch):
+                continue
+            namespace, _, name = key.partition("/")
+            try:
+                await asyncio.to_thread(
+                    self.kube.patch_status, namespace, name, patch, gateway_api.PLURAL
+                )
+            except Exception as error:
+                log.warning("gateway status write failed", gateway=key, error=_short(error))
+                self.gateways_written.pop(key, None)
+                continue
+            self.gateways_written[key] = {k: v for k, v in patch.items() if v is not None}
 
     async def _post_events(self, views: Mapping[str, Any], uids: Mapping[str, str]) -> None:
         """New events only (an identical one is let through once an hour), a few at a time."""
@@ -594,7 +625,7 @@ def _short(error: Exception) -> str:
     return str(error).splitlines()[0] if str(error) else repr(error)
 
 
-def status_patch(status: api.ModelDeploymentStatus) -> dict[str, Any]:
+def status_patch(status: api.ModelDeploymentStatus | ModelGatewayStatus) -> dict[str, Any]:
     """A merge patch: unset nested fields are left out, unset top-level ones are deleted."""
     patch: dict[str, Any] = status.model_dump(mode="json", exclude_none=True)
     for key, value in status.model_dump(mode="json").items():

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from npuswarm.paths import denied_root, normalise_host_path
@@ -53,6 +53,9 @@ class Settings(BaseSettings):
     # Which npuswarm installation this is, when several share one Swarm: each owns only the
     # services carrying its name, and treats the others' as foreign. It is a label value.
     instance: str = Field("default", pattern=r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+    # The bearer token npuswarm pushes gateway backends with; it is also put in each
+    # ModelGateway's service. Empty: gateways are reported NotConfigured and not run.
+    gateway_token: SecretStr = SecretStr("")
     # Host directories a ModelDeployment's volumes may bind (each with everything below it).
     allowed_host_paths: Annotated[tuple[str, ...], NoDecode] = DEFAULT_ALLOWED_HOST_PATHS
 

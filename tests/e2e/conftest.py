@@ -180,6 +180,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
             # This session's own installation: services of other sessions sharing the
             # developer's dockerd are foreign to it (never swept as orphans).
             "NPUSWARM_INSTANCE": INSTANCE,
+            "NPUSWARM_GATEWAY_TOKEN": GATEWAY_TOKEN,
         }
         container = f"npuswarm-e2e-{uuid.uuid4().hex[:8]}"
         sa_dir = operatorimage.service_account_dir(state / "serviceaccount", token, plane.ca_file)
@@ -222,6 +223,9 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
                 for service in client.services(filters={"label": f"npuswarm.io/owner-namespace={namespace}"}):
                     client.remove_service(service["ID"])
             print(result.operator_log()[-5000:])
+
+
+GATEWAY_TOKEN = "e2e-gateway-token"
 
 
 def _answers(url: str) -> bool:

@@ -248,3 +248,70 @@ def test_exits_promptly_on_sigterm(start_server):
     server = start_server(SERVE)
     server.proc.terminate()
     assert server.wait_exit(timeout=5)[0] == 0
+
+
+def stream_arrivals(server, body) -> list[tuple[float, bytes]]:
+    """Each SSE event of a streamed request with the time it arrived, read as it comes."""
+    import http.client
+
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    connection.request(
+        "POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"}
+    )
+    response = connection.getresponse()
+    arrivals = []
+    while line := response.readline():
+        if line.startswith(b"data: "):
+            arrivals.append((time.monotonic(), line))
+    connection.close()
+    return arrivals
+
+
+def test_stream_chunks_come_one_token_delay_apart(start_server):
+    server = start_server(SERVE, env={"FAKE_VLLM_TOKEN_DELAY_SECONDS": "0.2"})
+    body = {"model": "model-7b", "messages": [{"role": "user", "content": "hi"}],
+            "stream": True, "max_tokens": 4}
+    arrivals = stream_arrivals(server, body)
+    assert [line for _, line in arrivals][-1] == b"data: [DONE]\n"
+    tokens = [t for t, line in arrivals if line != b"data: [DONE]\n"]
+    assert len(tokens) == 4
+    # Written as generated, not at the end: 3 token delays from the first to the last (half of
+    # it leaves room for a busy client reading two chunks at once).
+    assert tokens[-1] - tokens[0] >= 3 * 0.2 * 0.5, tokens
+
+
+def test_time_to_first_token_is_in_metrics(start_server):
+    server = start_server(SERVE)
+    server.request("/v1/completions", {"model": "model-7b", "prompt": "x"})
+    text = server.request("/metrics").body.decode()
+    assert metric(text, "vllm:time_to_first_token_seconds_count") == 1
+    assert metric(text, "vllm:time_to_first_token_seconds_bucket", 'le="+Inf"') == 1
+
+
+def test_sigterm_lets_requests_under_way_finish_and_refuses_new_ones(start_server):
+    server = start_server(SERVE, env={"FAKE_VLLM_LATENCY_SECONDS": "1.5"})
+    answers = []
+
+    def ask() -> None:
+        answers.append(server.request("/v1/completions", {"model": "model-7b", "prompt": "x"}))
+
+    asker = threading.Thread(target=ask)
+    asker.start()
+    poll(lambda: metric(server.request("/metrics").body.decode(), "vllm:num_requests_running") == 1)
+    server.proc.terminate()
+    poll(lambda: not _accepts(server.port))
+    asker.join(timeout=30)
+    assert [a.status for a in answers] == [200]
+    code, err = server.wait_exit(timeout=10)
+    assert code == 0
+    assert "fake-vllm: stopping" in err and "still running" not in err
+
+
+def _accepts(port: int) -> bool:
+    import socket
+
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+    except OSError:
+        return False
+    return True

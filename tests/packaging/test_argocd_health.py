@@ -23,6 +23,7 @@ from .conftest import MANIFESTS, require
 
 ARGOCD = MANIFESTS / "argocd"
 HEALTH_KEY = "resource.customizations.health.npuswarm.io_ModelDeployment"
+GATEWAY_HEALTH_KEY = "resource.customizations.health.npuswarm.io_ModelGateway"
 STATUSES = {"Healthy", "Progressing", "Degraded", "Suspended", "Missing", "Unknown"}
 
 try:
@@ -137,11 +138,12 @@ def test_argocd_cm_patch_embeds_health_lua_verbatim() -> None:
     patch = yaml.safe_load((ARGOCD / "argocd-cm-patch.yaml").read_text())
     assert patch["apiVersion"] == "v1" and patch["kind"] == "ConfigMap"
     assert patch["metadata"] == {"name": "argocd-cm", "namespace": "argocd"}
-    assert list(patch["data"]) == [HEALTH_KEY]
-    assert patch["data"][HEALTH_KEY] == (ARGOCD / "health.lua").read_text(), (
-        "manifests/argocd/argocd-cm-patch.yaml no longer embeds health.lua: re-indent the "
-        "file by 4 spaces under the data key"
-    )
+    assert list(patch["data"]) == [HEALTH_KEY, GATEWAY_HEALTH_KEY]
+    for key in (HEALTH_KEY, GATEWAY_HEALTH_KEY):
+        assert patch["data"][key] == (ARGOCD / "health.lua").read_text(), (
+            "manifests/argocd/argocd-cm-patch.yaml no longer embeds health.lua: re-indent the "
+            "file by 4 spaces under each data key"
+        )
 
 
 def test_argocd_folder_is_not_a_kustomization() -> None:

@@ -14,7 +14,7 @@ from npuswarm.api import ModelDeployment
 from .conftest import REPO
 
 EXAMPLES = REPO / "examples" / "argocd"
-DOCS = ["install.md", "upgrade.md", "uninstall.md", "gitops.md"]
+DOCS = ["install.md", "upgrade.md", "uninstall.md", "gitops.md", "gateway.md"]
 CASCADE_FINALIZER = "resources-finalizer.argocd.argoproj.io"
 
 

@@ -22,6 +22,7 @@ NAMESPACE = "npuswarm-system"
 UID = 10001
 POD_LABELS = {"app.kubernetes.io/name": "npuswarm", "app.kubernetes.io/component": "operator"}
 CRD_FILE = "modeldeployments.npuswarm.io.yaml"
+CRD_FILES = [CRD_FILE, "modelgateways.npuswarm.io.yaml"]
 INSTALLS = ["manifests", "manifests/base", "manifests/overlays/production"]
 CLUSTER_SCOPED = {
     "Namespace",
@@ -93,6 +94,7 @@ def test_base_installs_these_objects_and_nothing_else(render: Any) -> None:
     assert found == {
         ("Namespace", NAMESPACE),
         ("CustomResourceDefinition", "modeldeployments.npuswarm.io"),
+        ("CustomResourceDefinition", "modelgateways.npuswarm.io"),
         ("ServiceAccount", "npuswarm"),
         ("ClusterRole", "npuswarm"),
         ("ClusterRoleBinding", "npuswarm"),
@@ -113,15 +115,19 @@ def test_namespaced_objects_live_in_npuswarm_system(render: Any, root: str) -> N
 # --- CRD ---------------------------------------------------------------------------------
 
 
-def test_crd_copy_is_byte_identical_to_crds() -> None:
-    copy = (MANIFESTS / "crd" / CRD_FILE).read_bytes()
-    source = (REPO / "crds" / CRD_FILE).read_bytes()
-    assert copy == source, f"run: cp crds/{CRD_FILE} manifests/crd/{CRD_FILE}"
+@pytest.mark.parametrize("crd_file", CRD_FILES)
+def test_crd_copy_is_byte_identical_to_crds(crd_file: str) -> None:
+    copy = (MANIFESTS / "crd" / crd_file).read_bytes()
+    source = (REPO / "crds" / crd_file).read_bytes()
+    assert copy == source, f"run: cp crds/{crd_file} manifests/crd/{crd_file}"
 
 
-def test_rendered_crd_differs_from_crds_only_by_argocd_protection(render: Any) -> None:
-    rendered = only(render("manifests"), "CustomResourceDefinition")
-    source = yaml.safe_load((REPO / "crds" / CRD_FILE).read_text())
+@pytest.mark.parametrize("crd_file", CRD_FILES)
+def test_rendered_crd_differs_from_crds_only_by_argocd_protection(
+    render: Any, crd_file: str
+) -> None:
+    rendered = only(render("manifests"), "CustomResourceDefinition", crd_file[: -len(".yaml")])
+    source = yaml.safe_load((REPO / "crds" / crd_file).read_text())
     annotations = rendered["metadata"]["annotations"]
     options = {o.strip() for o in annotations.pop("argocd.argoproj.io/sync-options").split(",")}
     assert options == {"Prune=false", "Delete=false"}
@@ -170,6 +176,12 @@ def test_base_rbac_is_exactly_what_kopf_and_npuswarm_use(render: Any) -> None:
         ("npuswarm.io", "modeldeployments", "patch", ()),
         ("npuswarm.io", "modeldeployments/status", "get", ()),
         ("npuswarm.io", "modeldeployments/status", "patch", ()),
+        ("npuswarm.io", "modelgateways", "get", ()),
+        ("npuswarm.io", "modelgateways", "list", ()),
+        ("npuswarm.io", "modelgateways", "watch", ()),
+        ("npuswarm.io", "modelgateways", "patch", ()),
+        ("npuswarm.io", "modelgateways/status", "get", ()),
+        ("npuswarm.io", "modelgateways/status", "patch", ()),
         # kopf.event() POSTs core/v1 Events
         ("", "events", "create", ()),
         ("apiextensions.k8s.io", "customresourcedefinitions", "get", ()),
@@ -216,6 +228,8 @@ def test_no_access_to_secrets_and_no_update(render: Any, root: str) -> None:
             assert (resource, verb) in {
                 ("modeldeployments", "patch"),
                 ("modeldeployments/status", "patch"),
+                ("modelgateways", "patch"),
+                ("modelgateways/status", "patch"),
                 ("events", "create"),
                 ("clusterkopfpeerings", "patch"),
                 # npuswarm run creates its own peering object (one-pass install)
@@ -510,7 +524,11 @@ def test_every_npuswarm_setting_in_the_deployment_is_valid(
 ) -> None:
     for root in INSTALLS:
         container = operator_container(render(root))
-        values = {e["name"]: e["value"] for e in container["env"] if e["name"].startswith("NPUSWARM_")}
+        values = {
+            e["name"]: e["value"]
+            for e in container["env"]
+            if e["name"].startswith("NPUSWARM_") and "value" in e  # not those from a Secret
+        }
         assert "NPUSWARM_ALLOWED_HOST_PATHS" in values
         for name, value in values.items():
             monkeypatch.setenv(name, value)

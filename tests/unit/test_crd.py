@@ -49,3 +49,20 @@ def test_schema_is_structural_and_rejects_what_it_can() -> None:
     assert version["subresources"] == {"status": {}}
     columns = [c["name"] for c in version["additionalPrinterColumns"]]
     assert columns == ["Ready", "Replicas", "NPUs", "Phase", "Age"]
+
+
+def test_committed_gateway_crd_is_current() -> None:
+    committed = (REPO / "crds" / "modelgateways.npuswarm.io.yaml").read_text()
+    assert committed == render_yaml("ModelGateway"), (
+        "crds/ is stale: run `npuswarm crd --kind ModelGateway > crds/modelgateways.npuswarm.io.yaml`"
+    )
+
+
+def test_gateway_crd_refuses_what_the_model_refuses() -> None:
+    schema = crd_manifest("ModelGateway")["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    spec = schema["properties"]["spec"]
+    assert spec["required"] == ["network"]
+    assert {"rule": "self.adminPort != self.port", "message": "adminPort must differ from port"} in spec[
+        "x-kubernetes-validations"
+    ]
+    assert spec["properties"]["policy"]["enum"] == ["cache_aware", "power_of_two", "round_robin", "random"]

@@ -1,0 +1,438 @@
+"""The front process of a ModelGateway container (``npuswarm gateway-front``).
+
+vllm-router does the routing (per-model policies, retries, circuit breakers, health checks);
+this process adds only what it lacks (docs/gateway.md, "What vllm-router lacks"):
+
+- ``GET /v1/models`` in OpenAI's shape, listing exactly the models with a ready backend;
+- an OpenAI-style 404 for a model the gateway does not serve and a 503 for one it serves
+  with no ready replica, where vllm-router would forward the request to another model's
+  worker;
+- one full-state admin call, ``PUT /backends`` with ``{"models": {model: [url, ...]}}``,
+  that npuswarm pushes and that is reconciled into vllm-router's ``/workers``. It is
+  idempotent, and the state is re-applied every few seconds, so a restarted vllm-router or
+  gateway is refilled by the next push or the next sync.
+
+Every other request is streamed to vllm-router on loopback chunk by chunk, never buffered.
+vllm-router runs as a child process; if it exits, so does this process (Swarm restarts the
+task).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hmac
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import quote
+
+import aiohttp
+from aiohttp import web
+
+TOKEN_ENV = "NPUSWARM_GATEWAY_TOKEN"
+MODEL_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings"})
+# Hop-by-hop headers (RFC 9110 7.6.1) and those aiohttp sets itself.
+HOP_HEADERS = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "host",
+        "content-length",
+    }
+)
+MAX_BODY = 64 * 1024 * 1024
+
+
+# --- pure parts -----------------------------------------------------------------------------
+
+
+def openai_error(
+    status: int, message: str, type_: str, code: str, param: str | None
+) -> web.Response:
+    body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
+    return web.json_response(body, status=status)
+
+
+def models_body(models: Mapping[str, tuple[str, ...]], created: int) -> dict[str, Any]:
+    """OpenAI's model list: the models that have at least one ready backend, sorted."""
+    return {
+        "object": "list",
+        "data": [
+            {"id": name, "object": "model", "created": created, "owned_by": "npuswarm"}
+            for name, backends in sorted(models.items())
+            if backends
+        ],
+    }
+
+
+def refusal(model: object, models: Mapping[str, tuple[str, ...]] | None) -> web.Response | None:
+    """The answer the gateway gives itself instead of forwarding, or None to forward."""
+    if models is None:
+        return openai_error(
+            503,
+            "the gateway has not received its backends from npuswarm yet",
+            "service_unavailable",
+            "gateway_not_configured",
+            None,
+        )
+    if not isinstance(model, str) or not model:
+        return openai_error(
+            400, "the request names no model", "invalid_request_error", "model_required", "model"
+        )
+    if model not in models:
+        return openai_error(
+            404,
+            f"The model `{model}` does not exist.",
+            "invalid_request_error",
+            "model_not_found",
+            "model",
+        )
+    if not models[model]:
+        return openai_error(
+            503,
+            f"The model `{model}` has no ready replica.",
+            "service_unavailable",
+            "model_not_ready",
+            "model",
+        )
+    return None
+
+
+def parse_state(body: object) -> dict[str, tuple[str, ...]]:
+    """The admin PUT's body: ``{"models": {name: [url, ...]}}``; ValueError when malformed."""
+    if not isinstance(body, dict) or not isinstance(body.get("models"), dict):
+        raise ValueError('expected {"models": {model: [url, ...]}}')
+    state: dict[str, tuple[str, ...]] = {}
+    owner: dict[str, str] = {}
+    for model, urls in body["models"].items():
+        if not isinstance(model, str) or not model:
+            raise ValueError("model names must be non-empty strings")
+        if not isinstance(urls, list) or not all(
+            isinstance(u, str) and u.startswith("http://") for u in urls
+        ):
+            raise ValueError(f"backends of {model!r} must be a list of http:// URLs")
+        for url in urls:
+            if owner.setdefault(url, model) != model:
+                raise ValueError(f"{url} is given for both {owner[url]!r} and {model!r}")
+        state[model] = tuple(sorted(set(urls)))
+    return state
+
+
+@dataclass(frozen=True)
+class WorkerDiff:
+    add: list[tuple[str, str]] = field(default_factory=list)  # (url, model)
+    remove: list[str] = field(default_factory=list)  # urls
+
+
+def worker_diff(
+    desired: Mapping[str, tuple[str, ...]], registered: Sequence[Mapping[str, Any]]
+) -> WorkerDiff:
+    """What to POST and DELETE on vllm-router's /workers so it holds exactly ``desired``.
+
+    A worker is keyed by URL in vllm-router; one registered under another model is removed
+    and added again. Removals come first in the result: they are what must happen before a
+    replica stops."""
+    wanted = {url: model for model, urls in desired.items() for url in urls}
+    have = {str(w.get("url")): str(w.get("model_id")) for w in registered}
+    remove = sorted(url for url, model in have.items() if wanted.get(url) != model)
+    add = sorted((url, model) for url, model in wanted.items() if have.get(url) != model)
+    return WorkerDiff(add=add, remove=remove)
+
+
+def authorised(header: str | None, token: str) -> bool:
+    if not token or not header or not header.startswith("Bearer "):
+        return False
+    return hmac.compare_digest(header[len("Bearer ") :].encode(), token.encode())
+
+
+# --- the process ----------------------------------------------------------------------------
+
+
+class Front:
+    def __init__(self, router_url: str, token: str, sync_seconds: float) -> None:
+        self.router_url = router_url
+        self.token = token
+        self.sync_seconds = sync_seconds
+        # None until npuswarm's first push: the gateway cannot tell unknown from not ready.
+        self.models: dict[str, tuple[str, ...]] | None = None
+        self.created = int(time.time())
+        self.lock = asyncio.Lock()
+        self.session: aiohttp.ClientSession | None = None
+        self.last_sync_error: str | None = None
+
+    async def start(self, app: web.Application) -> None:
+        # No total timeout: a stream lasts as long as the model generates.
+        self.session = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=5),
+            connector=aiohttp.TCPConnector(limit=0),
+            auto_decompress=False,
+        )
+
+    async def close(self, app: web.Application) -> None:
+        if self.session is not None:
+            await self.session.close()
+
+    # public port ------------------------------------------------------------------------
+    async def list_models(self, request: web.Request) -> web.Response:
+        if self.models is None:
+            refused = refusal(None, None)
+            assert refused is not None
+            return refused
+        return web.json_response(models_body(self.models, self.created))
+
+    async def health(self, request: web.Request) -> web.Response:
+        assert self.session is not None
+        try:
+            async with self.session.get(f"{self.router_url}/health") as answer:
+                ok = answer.status == 200
+        except aiohttp.ClientError:
+            ok = False
+        return web.json_response(
+            {"router": ok, "configured": self.models is not None}, status=200 if ok else 503
+        )
+
+    async def forward(self, request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        if request.method == "POST" and request.path in MODEL_ROUTES:
+            try:
+                model = json.loads(body or b"{}").get("model")
+            except (ValueError, AttributeError):
+                return openai_error(
+                    400, "the body is not a JSON object", "invalid_request_error", "bad_json", None
+                )
+            refused = refusal(model, self.models)
+            if refused is not None:
+                return refused
+        assert self.session is not None
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_HEADERS}
+        try:
+            upstream = await self.session.request(
+                request.method,
+                self.router_url + request.rel_url.raw_path_qs,
+                data=body,
+                headers=headers,
+            )
+        except aiohttp.ClientError as error:
+            return openai_error(
+                502, f"router unreachable: {error}", "service_unavailable", "bad_gateway", None
+            )
+        async with upstream:
+            response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+            for key, value in upstream.headers.items():
+                if key.lower() not in HOP_HEADERS:
+                    response.headers.add(key, value)
+            await response.prepare(request)
+            # Each chunk as it arrives: a streamed completion reaches the client token by token.
+            async for chunk in upstream.content.iter_any():
+                await response.write(chunk)
+            await response.write_eof()
+            return response
+
+    # admin port -------------------------------------------------------------------------
+    async def put_backends(self, request: web.Request) -> web.Response:
+        if not authorised(request.headers.get("Authorization"), self.token):
+            return web.json_response({"error": "unauthorised"}, status=401)
+        try:
+            state = parse_state(await request.json())
+        except ValueError as error:
+            return web.json_response({"error": str(error)}, status=400)
+        self.models = state
+        try:
+            await self.sync()
+        except (aiohttp.ClientError, RouterRefused) as error:
+            # Kept: the sync loop retries; the caller learns its push is not in effect yet.
+            return web.json_response({"error": f"router not updated: {error}"}, status=502)
+        return web.json_response({"models": {m: list(u) for m, u in state.items()}})
+
+    async def get_backends(self, request: web.Request) -> web.Response:
+        if not authorised(request.headers.get("Authorization"), self.token):
+            return web.json_response({"error": "unauthorised"}, status=401)
+        workers = await self.workers()
+        return web.json_response(
+            {
+                "models": None
+                if self.models is None
+                else {m: list(u) for m, u in self.models.items()},
+                "workers": workers,
+                "lastSyncError": self.last_sync_error,
+            }
+        )
+
+    # vllm-router's worker registry --------------------------------------------------------
+    async def workers(self) -> list[dict[str, Any]]:
+        assert self.session is not None
+        async with self.session.get(f"{self.router_url}/workers") as answer:
+            if answer.status != 200:
+                raise RouterRefused(f"GET /workers answered {answer.status}")
+            listed: list[dict[str, Any]] = (await answer.json()).get("workers") or []
+            return listed
+
+    async def sync(self) -> None:
+        """Make vllm-router's workers exactly the pushed state; removals first."""
+        if self.models is None:
+            return
+        assert self.session is not None
+        async with self.lock:
+            diff = worker_diff(self.models, await self.workers())
+            for url in diff.remove:
+                async with self.session.delete(
+                    f"{self.router_url}/workers/{quote(url, safe='')}"
+                ) as answer:
+                    if answer.status not in (200, 404):
+                        raise RouterRefused(
+                            f"DELETE worker {url}: {answer.status} {await answer.text()}"
+                        )
+            for url, model in diff.add:
+                payload = {"url": url, "model_id": model}
+                async with self.session.post(f"{self.router_url}/workers", json=payload) as answer:
+                    if answer.status != 200:
+                        raise RouterRefused(
+                            f"POST worker {url}: {answer.status} {await answer.text()}"
+                        )
+
+    async def sync_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.sync_seconds)
+            try:
+                await self.sync()
+                self.last_sync_error = None
+            except (aiohttp.ClientError, RouterRefused) as error:
+                self.last_sync_error = str(error)
+                log(f"sync with vllm-router failed: {error}")
+
+
+class RouterRefused(Exception):
+    pass
+
+
+def log(message: str) -> None:
+    print(f"npuswarm-gateway: {message}", file=sys.stderr, flush=True)
+
+
+def router_command(args: argparse.Namespace) -> list[str]:
+    return [
+        args.router_binary,
+        "--enable-igw",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(args.router_port),
+        "--policy",
+        args.policy,
+        "--health-check-interval-secs",
+        str(args.health_interval),
+        "--health-check-timeout-secs",
+        str(args.health_timeout),
+        "--health-failure-threshold",
+        str(args.health_failures),
+        "--health-check-endpoint",
+        "/health",
+        "--prometheus-host",
+        "0.0.0.0",
+        "--prometheus-port",
+        str(args.metrics_port),
+        "--log-level",
+        "warning",
+    ]
+
+
+def default_router_binary() -> str:
+    """The vllm-router installed beside this Python (the wheel's script), else from PATH."""
+    beside = os.path.join(os.path.dirname(sys.executable), "vllm-router")
+    return beside if os.path.exists(beside) else "vllm-router"
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="npuswarm gateway-front")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--admin-port", type=int, default=8079)
+    parser.add_argument("--router-port", type=int, default=30000)
+    parser.add_argument("--metrics-port", type=int, default=29000)
+    parser.add_argument("--router-binary", default=default_router_binary())
+    parser.add_argument("--policy", default="cache_aware")
+    parser.add_argument("--health-interval", type=int, default=5)
+    parser.add_argument("--health-timeout", type=int, default=3)
+    parser.add_argument("--health-failures", type=int, default=2)
+    parser.add_argument("--sync-seconds", type=float, default=5.0)
+    return parser.parse_args(argv)
+
+
+def build_apps(front: Front) -> tuple[web.Application, web.Application]:
+    public = web.Application(client_max_size=MAX_BODY)
+    public.router.add_get("/v1/models", front.list_models)
+    public.router.add_get("/health", front.health)
+    public.router.add_route("*", "/{tail:.*}", front.forward)
+    public.on_startup.append(front.start)
+    public.on_cleanup.append(front.close)
+    admin = web.Application()
+    admin.router.add_put("/backends", front.put_backends)
+    admin.router.add_get("/backends", front.get_backends)
+    return public, admin
+
+
+async def wait_for_router(front: Front, router: asyncio.subprocess.Process) -> None:
+    assert front.session is not None
+    while router.returncode is None:
+        try:
+            async with front.session.get(f"{front.router_url}/health") as answer:
+                if answer.status == 200:
+                    return
+        except aiohttp.ClientError:
+            pass
+        await asyncio.sleep(0.1)  # polling a child process's port until it listens
+    raise SystemExit(f"vllm-router exited with {router.returncode} before listening")
+
+
+async def run(args: argparse.Namespace) -> int:
+    token = os.environ.get(TOKEN_ENV, "")
+    if not token:
+        log(f"{TOKEN_ENV} is not set: the admin port refuses every push")
+    router = await asyncio.create_subprocess_exec(*router_command(args))
+    front = Front(f"http://127.0.0.1:{args.router_port}", token, args.sync_seconds)
+    public, admin = build_apps(front)
+    public_runner, admin_runner = web.AppRunner(public), web.AppRunner(admin)
+    await public_runner.setup()
+    await admin_runner.setup()
+    await wait_for_router(front, router)
+    await web.TCPSite(public_runner, "0.0.0.0", args.port).start()
+    await web.TCPSite(admin_runner, "0.0.0.0", args.admin_port).start()
+    log(f"serving on :{args.port}, admin on :{args.admin_port}, vllm-router on :{args.router_port}")
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    syncing = asyncio.create_task(front.sync_forever())
+    router_exit = asyncio.create_task(router.wait())
+    stopping = asyncio.create_task(stop.wait())
+    await asyncio.wait({router_exit, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    syncing.cancel()
+    code = 0
+    if router_exit.done():
+        log(f"vllm-router exited with {router.returncode}")
+        code = 1
+    else:
+        router.terminate()
+        await router.wait()
+    await public_runner.cleanup()
+    await admin_runner.cleanup()
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    return asyncio.run(run(parse_args(sys.argv[1:] if argv is None else argv)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

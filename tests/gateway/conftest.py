@@ -1,0 +1,145 @@
+"""The gateway front with a real vllm-router and fake vLLM servers, as local processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.fakevllm.conftest import SERVER, free_port, make_dev_dir, wait_listening
+
+TOKEN = "test-token"
+START_DEADLINE = 30.0
+
+
+@dataclass
+class Answer:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+    @property
+    def npus(self) -> str:
+        """Which fake replica answered: its ASCEND_VISIBLE_DEVICES."""
+        return str(json.loads(self.headers["x-fake-vllm-npus"])["ASCEND_VISIBLE_DEVICES"])
+
+
+def call(url: str, body: Any = None, method: str | None = None, token: str | None = None) -> Answer:
+    headers = {"Content-Type": "application/json"}
+    if token is not None:
+        headers["Authorization"] = f"Bearer {token}"
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, headers=headers, method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return Answer(response.status, _lower(response.headers), response.read())
+    except urllib.error.HTTPError as error:
+        return Answer(error.code, _lower(error.headers), error.read())
+
+
+def _lower(headers: Any) -> dict[str, str]:
+    """Header names are case-insensitive; vllm-router sends them lower-case."""
+    return {key.lower(): value for key, value in headers.items()}
+
+
+@dataclass
+class Gateway:
+    proc: subprocess.Popen[str]
+    port: int
+    admin_port: int
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def push(self, models: dict[str, list[str]], token: str = TOKEN) -> Answer:
+        return call(
+            f"http://127.0.0.1:{self.admin_port}/backends", {"models": models}, "PUT", token
+        )
+
+    def chat(self, model: str, **extra: Any) -> Answer:
+        body = {"model": model, "messages": [{"role": "user", "content": "hi"}], **extra}
+        return call(f"{self.url}/v1/chat/completions", body)
+
+
+@pytest.fixture
+def fake_vllm(tmp_path: Path) -> Iterator[Any]:
+    """fake_vllm(model, npus="0", env={}) -> base URL of a fake vLLM serving ``model``."""
+    procs: list[subprocess.Popen[str]] = []
+
+    def start(model: str, npus: str = "0", env: dict[str, str] | None = None) -> str:
+        dev = make_dev_dir(tmp_path / f"dev-{len(procs)}", [0])
+        port = free_port()
+        full_env = {
+            "PATH": "/usr/bin:/bin",
+            "FAKE_VLLM_DEV_DIR": str(dev),
+            "ASCEND_VISIBLE_DEVICES": npus,
+            **(env or {}),
+        }
+        proc = subprocess.Popen(
+            [sys.executable, str(SERVER), "serve", f"org/{model}", "--served-model-name", model,
+             "--port", str(port), "--host", "127.0.0.1"],
+            env=full_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        )
+        procs.append(proc)
+        wait_listening(proc, port)
+        return f"http://127.0.0.1:{port}"
+
+    yield start
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
+
+
+@pytest.fixture
+def gateway(tmp_path: Path) -> Iterator[Gateway]:
+    """`npuswarm-gateway` with its vllm-router child, health-checking backends every second."""
+    port, admin, router, metrics = (free_port() for _ in range(4))
+    binary = Path(sys.executable).with_name("npuswarm-gateway")
+    if not binary.exists():
+        pytest.fail(f"{binary} is missing: pip install -e '.[test]'")
+    log = (tmp_path / "gateway.log").open("w")
+    proc = subprocess.Popen(
+        [str(binary), "--port", str(port), "--admin-port", str(admin), "--router-port",
+         str(router), "--metrics-port", str(metrics), "--health-interval", "1",
+         "--health-failures", "1", "--sync-seconds", "1", "--policy", "round_robin"],
+        env={**os.environ, "NPUSWARM_GATEWAY_TOKEN": TOKEN}, stdout=log, stderr=log, text=True,
+    )
+    gateway = Gateway(proc, port, admin)
+    deadline = time.monotonic() + START_DEADLINE
+    while call(f"{gateway.url}/health").status != 200 if _listening(port) else True:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise AssertionError((tmp_path / "gateway.log").read_text()[-3000:])
+        time.sleep(0.1)  # poll interval while vllm-router starts
+    yield gateway
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    log.close()
+
+
+def _listening(port: int) -> bool:
+    import socket
+
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+    except OSError:
+        return False
+    return True

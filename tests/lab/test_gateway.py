@@ -1,0 +1,354 @@
+"""A ModelGateway on the multi-node lab: the gateway image (vllm-router + its front) as a Swarm
+service, two models behind it, backends following placement. The Reconciler runs passes here
+exactly as the operator runs them (with its gateway pushes); clients call the gateway's
+host-mode published port at a node's address, as they would on a cluster without IPVS."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import subprocess
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import swarmlab
+from npuswarm.api import ModelDeployment
+from npuswarm.gateway_api import ModelGateway
+from npuswarm.gateway_push import Gateways
+from npuswarm.reconcile import Desired, PassResult, Reconciler
+from npuswarm.settings import Settings
+from npuswarm.swarm import Swarm
+from tests.helpers import wait_for
+
+from .test_npuswarm_on_lab import lab_model
+
+pytestmark = pytest.mark.lab
+
+REPO = Path(__file__).resolve().parents[2]
+NETWORK = "npuswarm-gw-net"
+TOKEN = "lab-gateway-token"
+PORT, ADMIN_PORT = 18100, 18101
+# vllm-router's own health checks of the backends: every second, out after one failure.
+HEALTH = {"intervalSeconds": 1, "timeoutSeconds": 1, "failureThreshold": 1}
+# A killed replica is out of the router within interval + timeout; a little slack for load.
+HEALTH_WINDOW_SECONDS = 4.0
+TOKEN_DELAY = "0.05"
+
+
+@pytest.fixture(scope="module")
+def gateway_image(swarm_lab: swarmlab.Lab) -> str:
+    """hack/build-gateway-image's image, loaded into every lab node (no registry here)."""
+    built = subprocess.run(
+        [str(REPO / "hack" / "build-gateway-image"), "--save"], capture_output=True, text=True
+    )
+    if built.returncode != 0:
+        pytest.fail(f"hack/build-gateway-image --save failed:\n{built.stderr[-3000:]}")
+    tarball = Path(built.stdout.strip())
+    tag = "npuswarm-gateway:" + tarball.stem.rsplit("-", 1)[1]
+    for node in swarm_lab.nodes:
+        client = swarmlab.docker_client(node.endpoint, timeout=300)
+        if not client.images.list(name=tag):
+            with tarball.open("rb") as data:
+                client.images.load(data)
+    return tag
+
+
+@pytest.fixture(scope="module")
+def network(swarm_lab: swarmlab.Lab) -> Iterator[str]:
+    api = swarm_lab.client(1).api
+    if not api.networks(names=[NETWORK]):
+        api.create_network(NETWORK, driver="overlay", attachable=True)
+    yield NETWORK
+
+
+def model(name: str, created: str, generation: int = 1, **spec: Any) -> ModelDeployment:
+    """A fake vLLM model; another ``generation`` is a spec change (a rolling update)."""
+    env = {"FAKE_VLLM_TOKEN_DELAY_SECONDS": TOKEN_DELAY, "FAKE_GENERATION": str(generation)}
+    return lab_model(
+        name,
+        created,
+        NETWORK,
+        servedModelName=f"{name}-chat",
+        engine={"port": 8000, "env": env},
+        updateStrategy={"maxUnavailable": 1},
+        **spec,
+    )
+
+
+def gateway(image: str) -> ModelGateway:
+    return ModelGateway.model_validate(
+        {
+            "metadata": {"name": "gw", "namespace": "lab", "generation": 1},
+            "spec": {
+                "image": image,
+                "port": PORT,
+                "adminPort": ADMIN_PORT,
+                "replicas": 2,
+                "policy": "round_robin",
+                "network": {"name": NETWORK},
+                "healthCheck": HEALTH,
+            },
+        }
+    )
+
+
+@dataclass
+class Setup:
+    reconciler: Reconciler
+    deployments: list[ModelDeployment]
+    gateway: ModelGateway
+    last: PassResult | None = None
+
+    def desired(self) -> Desired:
+        return Desired(deployments=self.deployments, gateways=[self.gateway])
+
+    def converge(self, check: Callable[[PassResult], bool], what: str, timeout: float = 120) -> PassResult:
+        """Passes as the operator runs them (its busy task poll is 1 s) until ``check``."""
+
+        def done() -> PassResult | None:
+            self.last = self.reconciler.run_pass(self.desired())
+            return self.last if check(self.last) else None
+
+        return wait_for(done, what, timeout=timeout, interval=0.5)
+
+    @property
+    def url(self) -> str:
+        assert self.last is not None
+        status = self.last.gateways["lab/gw"]
+        assert status.endpoint
+        return "http://" + status.endpoint.split(", ")[0]
+
+    def backends(self, model_name: str) -> list[str]:
+        assert self.last is not None
+        status = self.last.gateways["lab/gw"]
+        return next((m.backends for m in status.models if m.model == model_name), [])
+
+
+def all_ready(result: PassResult, alpha_backends: int = 2) -> bool:
+    status = result.gateways["lab/gw"]
+    backends = {m.model: len(m.backends) for m in status.models}
+    return (
+        status.readyReplicas == 2
+        and backends == {"alpha-chat": alpha_backends, "beta-chat": 1, "gamma-chat": 0}
+        and all(v.status.phase == "Ready" for k, v in result.views.items() if k != "lab/gamma")
+    )
+
+
+@pytest.fixture(scope="module")
+def setup(swarm_lab: swarmlab.Lab, gateway_image: str, network: str) -> Iterator[Setup]:
+    settings = Settings(gateway_token=TOKEN, lost_node_grace_seconds=3)
+    reconciler = Reconciler(
+        Swarm(base_url=swarm_lab.endpoint),
+        settings,
+        gateways=Gateways(settings.instance, TOKEN),
+    )
+    alpha = model("alpha", "2026-01-10T00:00:00Z", replicas=2)
+    beta = model("beta", "2026-01-11T00:00:00Z", replicas=1)
+    # Never placed (no node has the label): declared, selected, and with no ready replica.
+    gamma = model("gamma", "2026-01-12T00:00:00Z", replicas=1, nodeSelector={"nowhere": "x"})
+    made = Setup(reconciler, [alpha, beta, gamma], gateway(gateway_image))
+    try:
+        made.converge(all_ready, "the gateway and both models to be ready", timeout=180)
+        yield made
+    finally:
+        for md in made.deployments:
+            reconciler.finalize(md.metadata.namespace, md.metadata.name, md.metadata.uid)
+        reconciler.finalize_gateway("lab", "gw")
+        reconciler.close()
+
+
+# --- the client side ----------------------------------------------------------------------
+
+
+@dataclass
+class Reply:
+    status: int
+    body: bytes
+    headers: dict[str, str]
+    started: float = 0.0
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+    @property
+    def replica(self) -> dict[str, Any]:
+        """The fake vLLM that answered: its container hostname and NPUs."""
+        return json.loads(self.headers["x-fake-vllm-npus"])  # type: ignore[no-any-return]
+
+
+def post(url: str, body: dict[str, Any], timeout: float = 30) -> Reply:
+    request = urllib.request.Request(
+        url, json.dumps(body).encode(), {"Content-Type": "application/json"}
+    )
+    started = time.monotonic()
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as answer:
+            headers = {k.lower(): v for k, v in answer.headers.items()}
+            return Reply(answer.status, answer.read(), headers, started)
+    except urllib.error.HTTPError as error:
+        headers = {k.lower(): v for k, v in error.headers.items()}
+        return Reply(error.code, error.read(), headers, started)
+    except OSError as error:
+        return Reply(0, str(error).encode(), {}, started)
+
+
+def chat(url: str, model_name: str, **extra: Any) -> Reply:
+    body = {"model": model_name, "messages": [{"role": "user", "content": "hi"}], **extra}
+    return post(f"{url}/v1/chat/completions", body)
+
+
+@dataclass
+class Load:
+    """Constant load: ``workers`` clients each sending one chat request after another."""
+
+    url: str
+    model_name: str
+    workers: int = 4
+    replies: list[Reply] = field(default_factory=list)
+    stop: threading.Event = field(default_factory=threading.Event)
+
+    def __enter__(self) -> Load:
+        self.threads = [threading.Thread(target=self._run) for _ in range(self.workers)]
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.stop.set()
+        for thread in self.threads:
+            thread.join(timeout=60)
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            self.replies.append(chat(self.url, self.model_name, max_tokens=3))
+
+    def failed(self, since: float = 0.0) -> list[Reply]:
+        return [r for r in self.replies if r.status != 200 and r.started >= since]
+
+
+# --- the tests ----------------------------------------------------------------------------
+
+
+def test_models_lists_exactly_the_ready_models(setup: Setup) -> None:
+    with urllib.request.urlopen(f"{setup.url}/v1/models", timeout=10) as answer:
+        listed = json.loads(answer.read())
+    assert listed["object"] == "list"
+    assert sorted(m["id"] for m in listed["data"]) == ["alpha-chat", "beta-chat"]
+    unknown = chat(setup.url, "nope")
+    assert unknown.status == 404 and unknown.json()["error"]["code"] == "model_not_found"
+    idle = chat(setup.url, "gamma-chat")  # declared, no ready replica: no hang, a clear 503
+    assert idle.status == 503 and idle.json()["error"]["code"] == "model_not_ready"
+
+
+def test_two_models_at_once_reach_their_own_replicas(setup: Setup) -> None:
+    assert setup.last is not None
+    npus = {
+        key.split("/")[1]: {",".join(map(str, r.npus)) for r in view.status.replicaStatuses}
+        for key, view in setup.last.views.items()
+    }
+    replies: dict[str, list[Reply]] = {"alpha-chat": [], "beta-chat": []}
+
+    def ask(name: str, kind: str) -> None:
+        if kind == "chat":
+            replies[name].append(chat(setup.url, name))
+        else:
+            replies[name].append(post(f"{setup.url}/v1/completions", {"model": name, "prompt": "x"}))
+
+    threads = [
+        threading.Thread(target=ask, args=(name, kind))
+        for _ in range(4)
+        for name in replies
+        for kind in ("chat", "completion")
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    for name, got in replies.items():
+        assert [r.status for r in got] == [200] * 8, [r.body[:200] for r in got]
+        assert all(r.json()["model"] == name for r in got)
+        deployment = name.removesuffix("-chat")
+        assert {r.replica["ASCEND_VISIBLE_DEVICES"] for r in got} <= npus[deployment]
+    # round_robin over alpha's two replicas: both answered.
+    assert len({r.replica["hostname"] for r in replies["alpha-chat"]}) == 2
+
+
+def test_a_stream_arrives_chunk_by_chunk(setup: Setup) -> None:
+    host, port = setup.url.removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=30)
+    body = {"model": "beta-chat", "messages": [{"role": "user", "content": "hi"}],
+            "stream": True, "max_tokens": 8}
+    connection.request("POST", "/v1/chat/completions", json.dumps(body),
+                       {"Content-Type": "application/json"})
+    response = connection.getresponse()
+    assert response.status == 200
+    arrivals = []
+    while line := response.readline():
+        if line.startswith(b"data: "):
+            arrivals.append(time.monotonic())
+    connection.close()
+    assert len(arrivals) == 9  # 8 tokens and [DONE]
+    # Generated 50 ms apart (350 ms from first to last); buffered anywhere, they would all
+    # arrive together at the end. Half the spread leaves room for a busy client that reads two
+    # chunks at once now and then.
+    assert arrivals[7] - arrivals[0] >= 7 * float(TOKEN_DELAY) * 0.5, arrivals
+
+
+def test_a_killed_replica_gets_no_new_request_after_the_health_check_time(
+    swarm_lab: swarmlab.Lab, setup: Setup
+) -> None:
+    assert setup.last is not None
+    victim = setup.last.views["lab/alpha"].status.replicaStatuses[0]
+    index = next(i for i in range(1, 4) if swarm_lab.node(i).hostname == victim.hostname)
+    client = swarm_lab.client(index)
+    (container,) = client.containers.list(
+        filters={"label": f"com.docker.swarm.service.name={victim.service}"}
+    )
+    killed_hostname = container.attrs["Config"]["Hostname"]
+    with Load(setup.url, "alpha-chat") as load:
+        wait_for(lambda: len(load.replies) >= 20, "the load to be under way")
+        container.kill()
+        killed = time.monotonic()
+        wait_for(
+            lambda: sum(r.started > killed + HEALTH_WINDOW_SECONDS for r in load.replies) >= 40,
+            "requests after the health-check window",
+        )
+    late = [r for r in load.replies if r.started > killed + HEALTH_WINDOW_SECONDS]
+    assert load.failed(since=killed + HEALTH_WINDOW_SECONDS) == [], [
+        r.body[:200] for r in load.failed(killed + HEALTH_WINDOW_SECONDS)
+    ]
+    assert all(r.replica["hostname"] != killed_hostname for r in late)
+    print(
+        f"\nkilled {killed_hostname}: {len(load.replies)} requests, "
+        f"{len(load.failed())} failed (all within {HEALTH_WINDOW_SECONDS}s of the kill)"
+    )
+    # Swarm restarts the replica's task; the next passes put it back behind the gateway.
+    setup.converge(all_ready, "the restarted replica back behind the gateway")
+
+
+def test_a_rolling_update_under_constant_load_fails_no_request(setup: Setup) -> None:
+    alpha = setup.deployments[0]
+    updated = model("alpha", alpha.metadata.creationTimestamp or "", generation=2, replicas=2)
+    writes: list[int] = []
+
+    def rolled(result: PassResult) -> bool:
+        """Both replicas were updated (a write each) and a pass then found nothing to do."""
+        writes.append(len(result.views["lab/alpha"].applied))
+        return sum(writes) >= 2 and writes[-1] == 0 and all_ready(result)
+
+    with Load(setup.url, "alpha-chat") as load:
+        wait_for(lambda: len(load.replies) >= 20, "the load to be under way")
+        setup.deployments[0] = updated
+        setup.converge(rolled, "alpha rolled to its new spec behind the gateway", timeout=180)
+        settled = len(load.replies)
+        wait_for(lambda: len(load.replies) >= settled + 20, "requests to the new replicas")
+    assert load.failed() == [], [r.body[:200] for r in load.failed()]
+    print(f"\nrolling update under load: {len(load.replies)} requests, 0 failed")

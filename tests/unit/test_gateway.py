@@ -1,0 +1,316 @@
+"""ModelGateways in a pass: selection, backends that follow placement, the gateway's service,
+its status, and the order of pushes and writes (a replica leaves the gateways first)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+
+from npuswarm import labels
+from npuswarm.api import ModelDeployment
+from npuswarm.gateway import (
+    GatewayReplica,
+    GatewayWork,
+    desired_backends,
+    gateway_actions,
+    gateway_status,
+    parse_gateways,
+    render_gateway,
+    running_replicas,
+    selected,
+    stopped_by,
+)
+from npuswarm.gateway_api import ModelGateway
+from npuswarm.gateway_push import Gateways
+from npuswarm.plan import Action
+from npuswarm.reconcile import Desired, Reconciler
+from npuswarm.settings import Settings
+
+from .builders import NOW, deployment
+from .memswarm import MemorySwarm
+
+NET = {"name": "vllm-net", "alias": None}
+
+
+def gateway(name: str = "gw", namespace: str = "default", **spec: Any) -> ModelGateway:
+    body: dict[str, Any] = {"network": {"name": "vllm-net"}}
+    body.update(spec)
+    return ModelGateway.model_validate(
+        {"metadata": {"name": name, "namespace": namespace, "generation": 3}, "spec": body}
+    )
+
+
+def model(name: str, replicas: int = 1, **extra: Any) -> ModelDeployment:
+    return deployment(
+        name,
+        replicas=replicas,
+        servedModelName=f"served-{name}",
+        network={"name": "vllm-net"},
+        updateStrategy={"maxUnavailable": 1},
+        **extra,
+    )
+
+
+# --- the API -------------------------------------------------------------------------------
+
+
+def test_gateway_defaults_and_refusals() -> None:
+    gw = gateway()
+    assert (gw.spec.port, gw.spec.adminPort, gw.spec.replicas, gw.spec.policy) == (
+        8000,
+        8079,
+        1,
+        "cache_aware",
+    )
+    assert gw.spec.publish.mode == "host"
+    for bad in ({"adminPort": 8000}, {"policy": "fastest"}, {"replicas": -1}, {"prot": 1}):
+        with pytest.raises(ValidationError):
+            gateway(**bad)
+    with pytest.raises(ValidationError):
+        ModelGateway.model_validate({"metadata": {"name": "x"}, "spec": {}})  # network required
+
+
+# --- selection and backends ------------------------------------------------------------------
+
+
+def test_selects_its_namespace_labels_and_network_only() -> None:
+    labelled = deployment("a", network=NET)
+    labelled.metadata.labels = {"tier": "chat"}
+    other_ns = deployment("b", namespace="other", network=NET)
+    other_net = deployment("c", network={"name": "elsewhere"})
+    no_net = deployment("d")
+    plain = deployment("e", network=NET)
+    everything = [labelled, other_ns, other_net, no_net, plain]
+    assert [md.metadata.name for md in selected(gateway(), everything)] == ["a", "e"]
+    chat = gateway(modelSelector={"matchLabels": {"tier": "chat"}})
+    assert [md.metadata.name for md in selected(chat, everything)] == ["a"]
+
+
+def overlay_swarm(nodes: int) -> MemorySwarm:
+    swarm = MemorySwarm(nodes=nodes)
+    swarm.networks[0]["Scope"] = "swarm"  # vllm-net is an overlay
+    return swarm
+
+
+def placed(swarm: MemorySwarm, deployments: list[ModelDeployment]) -> Reconciler:
+    """One pass places and creates them; then every task runs, each with an overlay IP."""
+    r = Reconciler(swarm, Settings(), clock=lambda: NOW)
+    r.run_pass(Desired(deployments=deployments))
+    run_with_addresses(swarm)
+    return r
+
+
+def run_with_addresses(swarm: MemorySwarm) -> None:
+    swarm.run_all()
+    for index, task in enumerate(swarm.tasks, start=1):
+        task["NetworksAttachments"] = [
+            {"Network": {"Spec": {"Name": "vllm-net"}}, "Addresses": [f"10.0.1.{index}/24"]}
+        ]
+
+
+def test_backends_are_ready_replicas_task_ips_minus_those_being_stopped() -> None:
+    swarm = overlay_swarm(nodes=2)
+    a, b = model("a", replicas=2, engine={"port": 8001}), model("b")
+    placed(swarm, [a, b])
+    snapshot = swarm.observe()
+    backends = desired_backends(gateway(), [a, b], snapshot, frozenset())
+    assert set(backends) == {"served-a", "served-b"}
+    assert len(backends["served-a"]) == 2 and all(
+        u.startswith("http://10.0.1.") and u.endswith(":8001") for u in backends["served-a"]
+    )
+    first = snapshot.services_of(a.key)[0]
+    stopping = desired_backends(gateway(), [a, b], snapshot, frozenset({first.name}))
+    assert len(stopping["served-a"]) == 1 and stopping["served-b"] == backends["served-b"]
+
+
+def test_a_model_without_a_ready_replica_is_listed_with_no_backend() -> None:
+    swarm = overlay_swarm(nodes=1)
+    a = model("a")
+    Reconciler(swarm, Settings(), clock=lambda: NOW).run_pass(Desired(deployments=[a]))
+    swarm.run_all(state="starting")  # not healthy yet
+    assert desired_backends(gateway(), [a], swarm.observe(), frozenset()) == {"served-a": []}
+
+
+def test_removals_and_updates_stop_a_replica_creates_do_not() -> None:
+    actions = [
+        Action("create", "0", "s-new", "new replica"),
+        Action("update", "1", "s-upd", "spec changed"),
+        Action("remove", "2", "s-rm", "replica no longer wanted"),
+    ]
+    assert stopped_by(actions) == {"s-upd", "s-rm"}
+
+
+# --- the gateway's own service ---------------------------------------------------------------
+
+
+def test_rendered_gateway_service() -> None:
+    spec = render_gateway(gateway(replicas=3, policy="power_of_two"), "default", "tok")
+    template = spec["TaskTemplate"]
+    assert spec["Mode"] == {"Replicated": {"Replicas": 3}}
+    assert template["Placement"]["MaxReplicas"] == 1  # replicas on different nodes
+    assert template["Networks"] == [{"Target": "vllm-net"}]
+    assert "GenericResources" not in str(spec) and "ASCEND" not in str(spec)  # no NPUs
+    container = template["ContainerSpec"]
+    assert container["Env"] == ["NPUSWARM_GATEWAY_TOKEN=tok"]
+    assert container["Args"][container["Args"].index("--policy") + 1] == "power_of_two"
+    ports = spec["EndpointSpec"]["Ports"]
+    assert [(p["PublishedPort"], p["PublishMode"]) for p in ports] == [(8000, "host"), (8079, "host")]
+    assert spec["EndpointSpec"]["Mode"] == "dnsrr"  # host mode: works without IPVS
+    assert spec["Labels"][labels.GATEWAY_NAME] == "gw"
+    assert labels.OWNER_NAME not in spec["Labels"]  # no replica of any deployment
+    ingress = render_gateway(gateway(publish={"mode": "ingress"}), "default", "tok")
+    assert ingress["EndpointSpec"]["Mode"] == "vip"  # the routing mesh needs a VIP
+    assert [p["PublishMode"] for p in ingress["EndpointSpec"]["Ports"]] == ["ingress", "host"]
+
+
+def test_gateway_services_are_created_then_left_alone_then_updated_on_change() -> None:
+    swarm = overlay_swarm(nodes=1)
+    gw = gateway()
+    (create,) = gateway_actions([gw], swarm.observe(), "default", "tok")
+    assert create.kind == "create"
+    swarm.create_service(create.spec or {})
+    snapshot = swarm.observe()
+    assert snapshot.services == []  # not taken for a deployment's replica (nor an orphan)
+    assert [s.name for s in snapshot.gateway_services] == ["default-gw-gateway"]
+    assert gateway_actions([gw], snapshot, "default", "tok") == []
+    (update,) = gateway_actions([gateway(replicas=2)], snapshot, "default", "tok")
+    assert update.kind == "update" and update.service_name == "default-gw-gateway"
+
+
+def test_status_ready_degraded_and_endpoint() -> None:
+    replica = GatewayReplica("host1", "http://10.0.0.1:8079", "10.0.0.1:8000")
+    work = GatewayWork(gateway(), {"served-a": ["http://10.0.1.1:8001"]}, [replica])
+    status = gateway_status(work, {"served-a": "default/a"}, [], NOW)
+    assert (status.phase, status.readyReplicas, status.endpoint) == ("Ready", 1, "10.0.0.1:8000")
+    assert status.models[0].backends == ["http://10.0.1.1:8001"]
+    kinds = {c.type: c.status for c in status.conditions}
+    assert kinds == {
+        "Ready": "True",
+        "Progressing": "False",
+        "Degraded": "False",
+        "Reconciling": "False",
+        "Stalled": "False",
+    }
+    idle = GatewayWork(gateway(), {"served-a": []}, [replica])
+    degraded = gateway_status(idle, {"served-a": "default/a"}, [], NOW)
+    assert degraded.phase == "Degraded"
+    assert {c.type: c.reason for c in degraded.conditions}["Degraded"] == "ModelWithoutBackend"
+    failed = GatewayWork(gateway(), {"served-a": ["http://x:1"]}, [replica], {replica.admin_url: "401"})
+    assert {c.type: c.reason for c in gateway_status(failed, {}, [], NOW).conditions}["Ready"] == (
+        "PushFailed"
+    )
+
+
+def test_parse_gateways_skips_deleting_ones_and_keeps_previous_status() -> None:
+    raw = {"metadata": {"name": "gw", "namespace": "ns"}, "spec": {"network": {"name": "n"}}}
+    gone = {"metadata": {"name": "old", "namespace": "ns", "deletionTimestamp": "x"}, "spec": {}}
+    bad = {"metadata": {"name": "bad", "namespace": "ns"}, "spec": {"port": "x"}}
+    found, previous = parse_gateways({1: [raw], 2: [gone], 3: [bad]}, {"ns/gw": {"phase": "Ready"}})
+    assert [g.key for g in found] == ["ns/gw"]
+    assert previous["ns/gw"] == {"phase": "Ready"}
+
+
+# --- in a pass: push before the writes that stop a replica ---------------------------------
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.log: list[tuple[str, Any]] = []
+
+    def send(self, admin_url: str, token: str, backends: dict[str, list[str]]) -> None:
+        self.log.append(("push", {m: len(u) for m, u in backends.items()}))
+
+
+def test_a_replica_leaves_every_gateway_before_its_task_is_stopped() -> None:
+    swarm = overlay_swarm(nodes=2)
+    swarm.nodes[0]["Status"]["Addr"] = "10.123.0.1"
+    recorder = Recorder()
+    updates = swarm.update_service
+
+    def recorded_update(service_id: str, version: int, spec: dict[str, Any]) -> None:
+        recorder.log.append(("update", spec["Name"]))
+        updates(service_id, version, spec)
+
+    swarm.update_service = recorded_update  # type: ignore[method-assign]
+    gateways = Gateways("default", "tok", send=recorder.send)
+    r = Reconciler(swarm, Settings(), clock=lambda: NOW, gateways=gateways)
+    a = model("a", replicas=2)
+    gw = gateway()
+    r.run_pass(Desired(deployments=[a], gateways=[gw]))  # creates replicas and the gateway
+    run_with_addresses(swarm)
+    (gw_service,) = [s for s in swarm.services.values() if labels.GATEWAY_NAME in s["Spec"]["Labels"]]
+    gw_task = {
+        "ID": "gw-task",
+        "ServiceID": gw_service["ID"],
+        "NodeID": "node1",
+        "DesiredState": "running",
+        "CreatedAt": "2026-11-30T11:00:00Z",
+        "Status": {"State": "running", "Timestamp": "2026-11-30T11:00:00Z"},
+        "Spec": {"ContainerSpec": {"Labels": {}}},
+    }
+    swarm.tasks.append(gw_task)
+    ready = r.run_pass(Desired(deployments=[a], gateways=[gw]))
+    assert recorder.log == [("push", {"served-a": 2})]
+    assert ready.gateways["default/gw"].phase == "Ready"
+    assert ready.gateways["default/gw"].endpoint == "10.123.0.1:8000"
+
+    r.run_pass(Desired(deployments=[a], gateways=[gw]))
+    assert recorder.log == [("push", {"served-a": 2})], "nothing changed: no second push"
+
+    recorder.log.clear()
+    changed = model("a", replicas=2, engine={"maxModelLen": 4096})
+    r.run_pass(Desired(deployments=[changed], gateways=[gw]))
+    # maxUnavailable 1: one replica is updated, and the gateway dropped it first.
+    assert recorder.log == [("push", {"served-a": 1}), ("update", "default-a-0")]
+
+    recorder.log.clear()
+    swarm.tasks = [t for t in swarm.tasks if t["ID"] != "gw-task"]
+    swarm.tasks.append(dict(gw_task, ID="gw-task-2"))  # the gateway restarted: a new task
+    r.run_pass(Desired(deployments=[changed], gateways=[gw]))
+    assert recorder.log and recorder.log[0][0] == "push", "a new gateway task is refilled"
+
+
+def test_without_a_token_gateways_are_not_run_and_say_why() -> None:
+    swarm = overlay_swarm(nodes=1)
+    recorder = Recorder()
+    r = Reconciler(swarm, Settings(), clock=lambda: NOW, gateways=Gateways("default", "", recorder.send))
+    result = r.run_pass(Desired(deployments=[model("a")], gateways=[gateway()]))
+    assert swarm.observe().gateway_services == [] and recorder.log == []
+    status = result.gateways["default/gw"]
+    assert {c.type: c.reason for c in status.conditions}["Ready"] == "NotConfigured"
+
+
+def test_running_replicas_are_reached_at_their_nodes_address() -> None:
+    swarm = overlay_swarm(nodes=2)
+    swarm.nodes[1]["Status"]["Addr"] = "0.0.0.0"
+    swarm.nodes[1]["ManagerStatus"] = {"Addr": "10.123.0.2:2377"}
+    gw = gateway(adminPort=9000)
+    spec = render_gateway(gw, "default", "tok")
+    service_id = swarm.create_service(spec)
+    swarm.tasks.append(
+        {
+            "ID": "t",
+            "ServiceID": service_id,
+            "NodeID": "node2",
+            "DesiredState": "running",
+            "CreatedAt": "2026-11-30T11:00:00Z",
+            "Status": {"State": "running"},
+        }
+    )
+    (replica,) = running_replicas(gw, swarm.observe())
+    assert replica.admin_url == "http://10.123.0.2:9000" and replica.node == "host2"
+
+
+def test_a_network_a_gateway_still_uses_is_not_removed() -> None:
+    swarm = overlay_swarm(nodes=1)
+    swarm.networks[0]["Labels"] = {labels.MANAGED_BY: labels.MANAGED_BY_VALUE}  # npuswarm's own
+    r = Reconciler(swarm, Settings(), clock=lambda: NOW, gateways=Gateways("default", "tok"))
+    r.run_pass(Desired(deployments=[], gateways=[gateway()]))  # creates the gateway's service
+    r.run_pass(Desired(deployments=[], gateways=[gateway()]))  # no deployment wants vllm-net
+    assert swarm.calls["remove_network"] == 0
+    r.run_pass(Desired(deployments=[]))  # the gateway gone (its finalizer ran)
+    r.finalize_gateway("default", "gw")
+    r.run_pass(Desired(deployments=[]))
+    assert swarm.calls["remove_network"] == 1
