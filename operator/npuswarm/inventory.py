@@ -27,6 +27,9 @@ class NodeInfo(BaseModel):
     topology: Topology = "any"
     status_since: datetime | None = None
     problems: tuple[str, ...] = ()
+    engine: str = ""  # Docker Engine version: a change asks for a new validation probe
+    # Why new replicas must not go here (failed or pending validation, see nodecheck.py).
+    blocked: str = ""
 
     @property
     def usable_npus(self) -> frozenset[int]:
@@ -34,7 +37,7 @@ class NodeInfo(BaseModel):
 
     @property
     def accepts_new_replicas(self) -> bool:
-        return self.state == "ready" and self.availability == "active"
+        return self.state == "ready" and self.availability == "active" and not self.blocked
 
     @property
     def drained(self) -> bool:
@@ -107,6 +110,7 @@ def node_from_engine(attrs: dict[str, Any]) -> NodeInfo:
         topology=topology,
         status_since=parse_engine_time(attrs.get("UpdatedAt")),
         problems=tuple(problems),
+        engine=str((description.get("Engine") or {}).get("EngineVersion") or ""),
     )
 
 

@@ -111,7 +111,8 @@ orphans_removed_total = Counter(
 )
 background_errors_total = Counter(
     "npuswarm_background_errors_total",
-    "Exceptions survived by a background loop (pass, events, task-poll, swarm-probe, leadership).",
+    "Exceptions survived by a background loop (pass, events, task-poll, swarm-probe, "
+    "leadership, node-check).",
     ["loop"],
     registry=REGISTRY,
 )
@@ -130,7 +131,7 @@ for _result in ("success", "error", "requeue", "requeue_after"):
 reconcile_errors_total.labels(CONTROLLER)
 for _result in ("success", "error"):
     passes_total.labels(_result)
-for _loop in ("pass", "events", "task-poll", "swarm-probe", "leadership"):
+for _loop in ("pass", "events", "task-poll", "swarm-probe", "leadership", "node-check"):
     background_errors_total.labels(_loop)
 workqueue_depth.labels(CONTROLLER)
 

@@ -18,7 +18,11 @@ from npuswarm.inventory import NodeInfo
 
 ReplicaKey = tuple[str, str]  # (deployment "namespace/name", slot)
 CandidateKey = tuple[tuple[tuple[str, str], ...], str | None]  # (nodeSelector, pinned node)
-UnplacedReason = Literal["NoMatchingNode", "NodesUnavailable", "InsufficientNPUs"]
+UnplacedReason = Literal[
+    "NoMatchingNode", "NodesUnavailable", "InsufficientNPUs", "NodeValidationFailed"
+]
+# At most this many blocked nodes are named in one message; the rest are counted.
+MAX_NAMED_BLOCKED = 3
 
 
 class ReplicaRequest(BaseModel):
@@ -307,7 +311,14 @@ def _best_fit(request: ReplicaRequest, result: PlacementResult) -> Assignment | 
     else:
         available = result._accepting[key]
         found = _from_buckets(request, key, result)
+    blocked = _blocked_nodes(matching)
     if not available:
+        if blocked:
+            return _unplaced(
+                request,
+                "NodeValidationFailed",
+                f"{len(matching)} matching node(s) take no new replicas: {blocked}",
+            )
         return _unplaced(
             request,
             "NodesUnavailable",
@@ -323,11 +334,12 @@ def _best_fit(request: ReplicaRequest, result: PlacementResult) -> Assignment | 
         )
     if found is None:
         most_free = max(len(result.free[n.id]) for n in available)
+        # Nodes that failed validation would perhaps have had room: that is what to fix.
         return _unplaced(
             request,
-            "InsufficientNPUs",
+            "NodeValidationFailed" if blocked else "InsufficientNPUs",
             f"needs {request.npus} free NPUs on one node; the most free on a matching "
-            f"node is {most_free}",
+            f"node is {most_free}" + (f"; not used: {blocked}" if blocked else ""),
         )
     node, chosen = found
     return Assignment(
@@ -337,6 +349,15 @@ def _best_fit(request: ReplicaRequest, result: PlacementResult) -> Assignment | 
         npus=chosen,
         kept=False,
     )
+
+
+def _blocked_nodes(nodes: list[NodeInfo]) -> str:
+    """Why nodes that would otherwise take replicas do not (failed node validation), so the
+    status says which node and which check instead of a bare count."""
+    reasons = [n.blocked for n in nodes if n.blocked]
+    shown = "; ".join(reasons[:MAX_NAMED_BLOCKED])
+    more = len(reasons) - MAX_NAMED_BLOCKED
+    return shown + (f"; and {more} more node(s)" if more > 0 else "")
 
 
 def _candidates(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any, Literal
@@ -61,17 +61,27 @@ def place_all(
     *,
     now: datetime,
     lost_node_grace_seconds: float,
+    unusable_nodes: Mapping[str, str] | None = None,
 ) -> tuple[PlacementResult, dict[str, list[ReplicaRequest]]]:
-    """One placement over every deployment, so each reconcile sees the same global answer."""
+    """One placement over every deployment, so each reconcile sees the same global answer.
+
+    ``unusable_nodes`` (node id -> why, from node validation) get no new replica; what
+    already runs there stays."""
     requests_by_deployment: dict[str, list[ReplicaRequest]] = {}
     ordered: list[ReplicaRequest] = []
+    nodes = snapshot.nodes
+    if unusable_nodes:
+        nodes = [
+            n.model_copy(update={"blocked": unusable_nodes[n.id]}) if n.id in unusable_nodes else n
+            for n in nodes
+        ]
     ranked = sorted(enumerate(deployments), key=lambda item: priority(item[1], item[0]))
     for _, md in ranked:
-        requests = replica_requests(md, snapshot.nodes)
+        requests = replica_requests(md, nodes)
         requests_by_deployment[md.key] = requests
         ordered.extend(requests)
     result = place(
-        snapshot.nodes,
+        nodes,
         ordered,
         snapshot.allocations(),
         now=now,
@@ -226,6 +236,7 @@ def plan_pass(
     known_services: dict[str, frozenset[str]] | None = None,
     orphan_owners: frozenset[str] = frozenset(),
     renderer: Renderer | None = None,
+    unusable_nodes: Mapping[str, str] | None = None,
 ) -> PassPlan:
     """One placement of every deployment, then each one's diff; writes nothing.
 
@@ -244,7 +255,11 @@ def plan_pass(
     }
     deployments = [md for md in deployments if md.key not in refused]
     placement, requests = place_all(
-        deployments, snapshot, now=now, lost_node_grace_seconds=lost_node_grace_seconds
+        deployments,
+        snapshot,
+        now=now,
+        lost_node_grace_seconds=lost_node_grace_seconds,
+        unusable_nodes=unusable_nodes,
     )
     plans = {
         key: plan_deployment(

@@ -50,6 +50,10 @@ class SwarmAPI(Protocol):
     def owned_services(self, namespace: str, name: str) -> list[dict[str, Any]]: ...
 
 
+# Node validation's answer for one observation: node id -> why it takes no new replica.
+UnusableNodes = Callable[[SwarmSnapshot], Mapping[str, str]]
+
+
 class OwnerCatalog(Protocol):
     """A complete read of which ModelDeployments exist, asked only when services look orphaned."""
 
@@ -131,6 +135,7 @@ class Reconciler:
         # uids of deleted deployments: no pass may write for them again, even one that read
         # its desired state before the deletion.
         self._tombstones: OrderedDict[str, None] = OrderedDict()
+        self.last_plan: PassPlan | None = None
         self._writers = ThreadPoolExecutor(
             max_workers=max(1, settings.write_concurrency), thread_name_prefix="swarm-write"
         )
@@ -138,11 +143,18 @@ class Reconciler:
     def close(self) -> None:
         self._writers.shutdown(wait=True)
 
-    def plan(self, desired: Desired) -> PassPlan:
-        """Observe and plan every deployment; writes nothing (also `npuswarm plan`)."""
-        return self._plan(desired, self.swarm.observe())
+    def plan(self, desired: Desired, unusable: UnusableNodes | None = None) -> PassPlan:
+        """Observe and plan every deployment; writes nothing (also `npuswarm plan`).
+        ``unusable``: which observed nodes (id -> why) get no new replica (node validation)."""
+        snapshot = self.swarm.observe()
+        return self._plan(desired, snapshot, unusable(snapshot) if unusable else None)
 
-    def _plan(self, desired: Desired, snapshot: SwarmSnapshot) -> PassPlan:
+    def _plan(
+        self,
+        desired: Desired,
+        snapshot: SwarmSnapshot,
+        unusable: Mapping[str, str] | None = None,
+    ) -> PassPlan:
         return plan_pass(
             desired.deployments,
             snapshot,
@@ -153,20 +165,23 @@ class Reconciler:
             },
             orphan_owners=self._orphan_owners(desired, snapshot),
             renderer=self.renderer,
+            unusable_nodes=unusable,
         )
 
-    def run_pass(self, desired: Desired) -> PassResult:
+    def run_pass(self, desired: Desired, unusable: UnusableNodes | None = None) -> PassResult:
         """Raises SwarmUnavailable when Swarm cannot be read or written: nothing is concluded
         from a failed read, so nothing is removed; the caller retries with backoff."""
         with self.lock:
             with _collector_paused():
                 desired = self._without_tombstoned(desired)
-                whole = self.plan(desired)
+                whole = self.plan(desired, unusable)
             # Writes wait on Swarm, while the rest of the process goes on making garbage:
             # the collector runs meanwhile.
             self._networks(whole.networks_to_create, create=True)
             applied = self._apply(whole.actions)
             self._networks([network_id for _, network_id in whole.networks_to_remove], create=False)
+            # Node probes read it under the same lock: they take only NPUs this pass left free.
+            self.last_plan = whole
             with _collector_paused():
                 return self._result(desired, whole, applied)
 

@@ -29,6 +29,7 @@ from npuswarm.api import ModelDeployment, validation_message
 from npuswarm.events import Event, EventFilter
 from npuswarm.kube import Kube
 from npuswarm.peering import is_active
+from npuswarm.probes import NodeValidator, validation_gauges
 from npuswarm.reconcile import Desired, PassResult, Reconciler, utcnow
 from npuswarm.settings import Settings
 from npuswarm.status import unavailable_status
@@ -99,6 +100,8 @@ class Runtime:
     event_stream: Any = None  # the open Swarm event stream: closing it ends its thread
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     threads: list[threading.Thread] = field(default_factory=list)
+    # Node validation (probes.py); made by start_threads when NPUSWARM_NODE_VALIDATION is on.
+    validator: NodeValidator | None = None
 
     # -- triggers -------------------------------------------------------------------------
 
@@ -173,7 +176,8 @@ class Runtime:
         started = time.monotonic()
         with structlog.contextvars.bound_contextvars(reconcile_id=pass_id):
             try:
-                result = await asyncio.to_thread(self.reconciler.run_pass, desired)
+                unusable = self.validator.unusable if self.validator is not None else None
+                result = await asyncio.to_thread(self.reconciler.run_pass, desired, unusable)
             except SwarmUnavailable as error:
                 await self._outage(desired, served, str(error), time.monotonic() - started)
                 return
@@ -418,12 +422,22 @@ class Runtime:
     # -- background loops (threads: they block on Docker and the API server) -------------
 
     def start_threads(self) -> None:
-        for name, target in (
+        loops: list[tuple[str, Callable[[], None]]] = [
             ("events", self._follow_events),
             ("task-poll", self._poll_tasks),
             ("swarm-probe", self._probe_swarm),
             ("leadership", self._watch_leadership),
-        ):
+        ]
+        if self.settings.node_validation and isinstance(self.reconciler.swarm, Swarm):
+            self.validator = NodeValidator(
+                self.reconciler.swarm,
+                self.settings,
+                self.reconciler.lock,
+                lambda: self.reconciler.last_plan,
+            )
+            validation_gauges.validator = self.validator
+            loops.append(("node-check", self._check_nodes))
+        for name, target in loops:
             thread = threading.Thread(target=_survive(name, target, self.stop), name=name)
             thread.daemon = True
             thread.start()
@@ -499,6 +513,23 @@ class Runtime:
                 self.request_threadsafe(None)
             foreign_before = foreign
 
+    def _check_nodes(self) -> None:
+        """Node validation probes (docs/node-health.md): a verdict that changes asks for a
+        pass, which places on a node that passed or stops placing on one that failed."""
+        validator = self.validator
+        assert validator is not None
+        while not self.stop.is_set():
+            if self.stop.wait(self.settings.task_poll_seconds):
+                return
+            if not self.leader:
+                continue
+            wanted = [
+                (md.spec.nodeSelector, md.spec.image)
+                for md in sorted(self.desired().deployments, key=_age)
+            ]
+            if validator.step(wanted):
+                self.request_threadsafe(everything=True)
+
     def _probe_swarm(self) -> None:
         """Reachability goes into a metric, not liveness: restarting the operator would not
         bring Docker back, and a restart loop would hide the real problem."""
@@ -564,6 +595,10 @@ def _survive(name: str, body: Callable[[], None], stop: threading.Event) -> Call
                     stop.wait(1.0)
 
     return loop
+
+
+def _age(md: ModelDeployment) -> tuple[str, str]:
+    return (md.metadata.creationTimestamp or "~", md.key)
 
 
 def _release_memory() -> None:

@@ -49,6 +49,17 @@ class Settings(BaseSettings):
     # Which npuswarm installation this is, when several share one Swarm: each owns only the
     # services carrying its name, and treats the others' as foreign. It is a label value.
     instance: str = Field("default", pattern=r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+    # Node validation (docs/node-health.md): a one-shot probe task on each node checks that
+    # Ascend Docker Runtime really gives its NPUs to containers before replicas go there.
+    node_validation: bool = True
+    # How often a node that passed is checked again; one that failed, sooner (a fix is seen).
+    node_check_seconds: float = Field(3600.0, gt=0, le=30 * 86400, allow_inf_nan=False)
+    node_recheck_failed_seconds: float = Field(60.0, gt=0, le=86400, allow_inf_nan=False)
+    # A probe not finished by then fails the node (a first pull of a vLLM image is slow).
+    node_probe_timeout_seconds: float = Field(600.0, gt=0, le=86400, allow_inf_nan=False)
+    # The probe's image (needs python3); empty: the image of the oldest deployment that
+    # wants the node, which its replicas pull anyway.
+    node_probe_image: str = ""
     # Host directories a ModelDeployment's volumes may bind (each with everything below it).
     allowed_host_paths: Annotated[tuple[str, ...], NoDecode] = DEFAULT_ALLOWED_HOST_PATHS
 

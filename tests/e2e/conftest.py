@@ -254,6 +254,9 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
             # This session's own installation: services of other sessions sharing the
             # developer's dockerd are foreign to it (never swept as orphans).
             "NPUSWARM_INSTANCE": INSTANCE,
+            # The local Swarm runs plain runc with no stand-in Ascend runtime: validation
+            # would (rightly) refuse its node. tests/lab covers node validation.
+            "NPUSWARM_NODE_VALIDATION": "false",
         }
         container = f"npuswarm-e2e-{uuid.uuid4().hex[:8]}"
         sa_dir = operatorimage.service_account_dir(state / "serviceaccount", token, plane.ca_file)

@@ -1,0 +1,233 @@
+"""Node validation against Swarm: starts probe services (nodecheck.probe_spec), reads their
+task state and logs back, removes them, and keeps the verdicts. Only Swarm's Engine API is
+used (through swarm.Swarm); every decision is a pure function of nodecheck.py.
+
+Probes take only NPUs the last pass left free, decided under the pass lock, so a pass never
+places a replica on NPUs a probe holds at the same moment; a pass reads a live probe as a
+foreign claim. Every probe is removed once read, and stale ones of this installation are
+removed at startup.
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+import structlog
+from prometheus_client.core import GaugeMetricFamily, Metric
+
+from npuswarm import metrics, nodecheck
+from npuswarm.inventory import NodeInfo
+from npuswarm.nodecheck import NodeVerdicts, Verdict
+from npuswarm.observed import SwarmSnapshot
+from npuswarm.plan import PassPlan
+from npuswarm.settings import Settings
+from npuswarm.swarm import SwarmRejected
+
+log = structlog.get_logger("npuswarm.probes")
+
+# A finished probe whose log line is not readable yet is read again this many times before
+# its exit code alone decides (Swarm fetches logs from the node, a moment after the end).
+LOG_ATTEMPTS = 3
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass
+class Probe:
+    node: NodeInfo
+    service_id: str
+    name: str
+    npus: frozenset[int]
+    started: datetime
+    log_attempts: int = 0
+
+
+class ProbeSwarm(Protocol):
+    """What probes need of Swarm (swarm.Swarm has it)."""
+
+    def create_service(self, spec: dict[str, Any]) -> str: ...
+    def remove_service(self, service_id: str) -> None: ...
+    def service_tasks(self, service_id: str) -> list[dict[str, Any]]: ...
+    def service_logs(self, service_id: str) -> str: ...
+    def services_labelled(self, label: str) -> list[dict[str, Any]]: ...
+
+
+class NodeValidator:
+    """Runs node probes and keeps their verdicts; ``step`` is called by a background loop."""
+
+    def __init__(
+        self,
+        swarm: ProbeSwarm,
+        settings: Settings,
+        pass_lock: threading.Lock,
+        last_plan: Callable[[], PassPlan | None],
+        clock: Callable[[], datetime] = utcnow,
+    ) -> None:
+        self.swarm = swarm
+        self.settings = settings
+        self.pass_lock = pass_lock
+        self.last_plan = last_plan
+        self.clock = clock
+        self.running: dict[str, Probe] = {}
+        self.known = NodeVerdicts()
+        self._lock = threading.Lock()  # always taken after pass_lock, never before
+        self._cleaned = False
+
+    # -- read by the pass (under the pass lock) -------------------------------------------
+
+    def unusable(self, snapshot: SwarmSnapshot) -> dict[str, str]:
+        """Node id -> why it takes no new replica, for the pass that observed ``snapshot``."""
+        with self._lock:
+            known = NodeVerdicts(dict(self.known.verdicts), frozenset(self.running))
+        with_replicas = {a.node_id for a in snapshot.allocations() if not a.foreign}
+        return nodecheck.unusable_nodes(snapshot.nodes, known, with_replicas)
+
+    def verdicts(self) -> dict[str, Verdict]:
+        with self._lock:
+            return dict(self.known.verdicts)
+
+    # -- the loop's work ---------------------------------------------------------------------
+
+    def step(self, wanted: Sequence[tuple[dict[str, str], str]]) -> set[str]:
+        """Read finished probes, start the probes that are due. ``wanted``: (nodeSelector,
+        image) of every deployment, oldest first. Returns the nodes whose verdict changed."""
+        swarm = self.swarm
+        if not self._cleaned:
+            self._remove_stale()
+            self._cleaned = True
+        before = self.verdicts()
+        for node_id, probe in list(self.running.items()):
+            verdict = self._read(probe)
+            if verdict is None:
+                continue
+            _remove(swarm, probe.service_id)
+            with self._lock:
+                del self.running[node_id]
+                self.known.verdicts[node_id] = verdict
+            log.info(
+                "node validated",
+                node=verdict.hostname,
+                ok=verdict.ok,
+                verdict=verdict.summary(),
+                probe_seconds=round((verdict.checked_at - probe.started).total_seconds(), 1),
+            )
+        self._start_due(wanted)
+        return nodecheck.changed(before, self.verdicts())
+
+    def _read(self, probe: Probe) -> Verdict | None:
+        now = self.clock()
+        result = nodecheck.task_result(self.swarm.service_tasks(probe.service_id))
+        timed_out = (now - probe.started).total_seconds() >= (
+            self.settings.node_probe_timeout_seconds
+        )
+        if not nodecheck.finished(result) and not timed_out:
+            return None
+        if nodecheck.finished(result):
+            line = nodecheck.result_line(self.swarm.service_logs(probe.service_id))
+            if line is None and result.exit_code is not None and not timed_out:
+                probe.log_attempts += 1
+                if probe.log_attempts < LOG_ATTEMPTS:
+                    return None
+            result = replace(result, line=line)
+        return nodecheck.judge(probe.node, probe.npus, result, now, timed_out=timed_out)
+
+    def _start_due(self, wanted: Sequence[tuple[dict[str, str], str]]) -> None:
+        settings = self.settings
+        with self.pass_lock:
+            plan = self.last_plan()
+            if plan is None:
+                return
+            snapshot = plan.snapshot
+            free: Mapping[str, set[int]] = plan.placement.free
+            now = self.clock()
+            present = {node.id for node in snapshot.nodes}
+            with self._lock:
+                for node_id in list(self.known.verdicts):
+                    node = snapshot.node(node_id)
+                    # A node that left or went down is validated again when it is back: its
+                    # engine may have been reconfigured meanwhile.
+                    if node_id not in present or (node is not None and node.state != "ready"):
+                        del self.known.verdicts[node_id]
+            for node in snapshot.nodes:
+                if node.id in self.running:
+                    continue
+                reason = nodecheck.probe_reason(
+                    node,
+                    self.known.verdicts.get(node.id),
+                    now,
+                    check_seconds=settings.node_check_seconds,
+                    recheck_failed_seconds=settings.node_recheck_failed_seconds,
+                )
+                if reason is None:
+                    continue
+                image = settings.node_probe_image or nodecheck.wanted_image(node, wanted)
+                npus = nodecheck.probe_npus(node, free.get(node.id, ()))
+                if not image or not npus:
+                    continue  # nobody wants the node, or all its NPUs are in use
+                spec = nodecheck.probe_spec(node, npus, image, settings.instance, _nonce())
+                try:
+                    service_id = self.swarm.create_service(spec)
+                except SwarmRejected as error:
+                    log.warning("probe refused", node=node.hostname, error=str(error))
+                    continue
+                with self._lock:
+                    self.running[node.id] = Probe(node, service_id, spec["Name"], npus, now)
+                log.info("node probe started", node=node.hostname, reason=reason, image=image)
+
+    def _remove_stale(self) -> None:
+        """Probes of this installation left by an earlier run (a crash between start and read)."""
+        label = f"{nodecheck.PROBE}={self.settings.instance}"
+        for service in self.swarm.services_labelled(label):
+            if service.get("ID") not in {p.service_id for p in self.running.values()}:
+                _remove(self.swarm, service["ID"])
+                log.info("stale node probe removed", service=service.get("Spec", {}).get("Name"))
+
+    def close(self) -> None:
+        """Remove probes under way (operator stopping)."""
+        for probe in list(self.running.values()):
+            _remove(self.swarm, probe.service_id)
+        self.running.clear()
+
+
+def _remove(swarm: ProbeSwarm, service_id: str) -> None:
+    swarm.remove_service(service_id)
+
+
+def _nonce() -> str:
+    return uuid.uuid4().hex[:8]
+
+
+class ValidationCollector:
+    """npuswarm_node_validation{node,check}: 1 passed, 0 failed, per check of each node's
+    last verdict."""
+
+    def __init__(self) -> None:
+        self.validator: NodeValidator | None = None
+
+    def collect(self) -> Iterator[Metric]:
+        family = GaugeMetricFamily(
+            "npuswarm_node_validation",
+            "Last node validation probe per node and check: 1 passed, 0 failed "
+            "(checks: " + ", ".join(nodecheck.CHECKS) + ").",
+            labels=["node", "check"],
+        )
+        validator = self.validator
+        if validator is not None:
+            for verdict in sorted(validator.verdicts().values(), key=lambda v: v.hostname):
+                for check in verdict.checks:
+                    family.add_metric([verdict.hostname, check.name], 1 if check.ok else 0)
+        yield family
+
+    def describe(self) -> Iterator[Metric]:
+        return self.collect()
+
+
+validation_gauges = ValidationCollector()
+metrics.REGISTRY.register(validation_gauges)
