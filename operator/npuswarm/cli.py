@@ -21,9 +21,12 @@ from pydantic import ValidationError
 from npuswarm import __version__, api, crd, logs, policy
 from npuswarm.api import ModelDeployment, validation_message
 from npuswarm.compose import StackFileError, parse_compose
+from npuswarm.inventory import NodeInfo
+from npuswarm.nodecheck import Verdict
 from npuswarm.npus import device_name, format_npu_ids
 from npuswarm.observed import SwarmSnapshot
 from npuswarm.plan import plan_many
+from npuswarm.probes import validate_now
 from npuswarm.reconcile import utcnow
 from npuswarm.settings import Settings
 from npuswarm.stack_export import export_stack, planned_services
@@ -134,8 +137,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
-def nodes_map(snapshot: SwarmSnapshot) -> str:
-    """One block per node: every davinciN with the replica that holds it."""
+def nodes_map(snapshot: SwarmSnapshot, verdicts: Mapping[str, Verdict] | None = None) -> str:
+    """One block per node: every davinciN with the replica that holds it; with ``verdicts``
+    (``--validate``), what node validation found."""
     holders: dict[tuple[str, int], str] = {}
     for allocation in snapshot.allocations():
         who = (
@@ -155,6 +159,8 @@ def nodes_map(snapshot: SwarmSnapshot) -> str:
             f"topology={node.topology}  npus={format_npu_ids(node.npus) or '-'}"
         )
         lines.extend(f"  ! {problem}" for problem in node.problems)
+        if verdicts is not None:
+            lines.append(_validation_line(node, verdicts.get(node.id)))
         if not node.npus:
             lines.append("  (no NPUs)")
         for npu in sorted(node.npus):
@@ -168,8 +174,24 @@ def nodes_map(snapshot: SwarmSnapshot) -> str:
     return "\n".join(lines)
 
 
+def _validation_line(node: NodeInfo, verdict: Verdict | None) -> str:
+    if verdict is None:
+        return "  validation: not probed (not ready, no NPUs, or every NPU in use)"
+    if verdict.ok:
+        return f"  validation: passed (NPUs {format_npu_ids(verdict.npus)})"
+    return "  ! " + verdict.summary()
+
+
 def cmd_nodes(args: argparse.Namespace) -> int:
-    snapshot = Swarm().observe()
+    settings = Settings.from_env()
+    swarm = Swarm(timeout=settings.docker_timeout_seconds, instance=settings.instance)
+    verdicts: dict[str, Verdict] | None = None
+    if args.validate:
+        image = args.probe_image or settings.node_probe_image
+        if not image:
+            raise UsageError("--validate needs --probe-image IMAGE (an image with python3)")
+        verdicts = validate_now(swarm, settings, image, args.timeout)
+    snapshot = swarm.observe()
     if args.output == "json":
         data = [
             {
@@ -181,12 +203,25 @@ def cmd_nodes(args: argparse.Namespace) -> int:
                 "npus": sorted(n.npus),
                 "reserved": sorted(n.reserved),
             }
+            | ({"validation": _verdict_json(verdicts.get(n.id))} if verdicts is not None else {})
             for n in snapshot.nodes
         ]
         print(json.dumps(data, indent=2))
     else:
-        print(nodes_map(snapshot))
+        print(nodes_map(snapshot, verdicts))
+    if verdicts is not None and any(not v.ok for v in verdicts.values()):
+        return 1
     return 0
+
+
+def _verdict_json(verdict: Verdict | None) -> dict[str, Any] | None:
+    if verdict is None:
+        return None
+    return {
+        "ok": verdict.ok,
+        "npus": sorted(verdict.npus),
+        "checks": {c.name: {"ok": c.ok, "message": c.message} for c in verdict.checks},
+    }
 
 
 def cmd_crd(args: argparse.Namespace) -> int:
@@ -380,6 +415,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     nodes = sub.add_parser("nodes", help="map of every node's NPUs and who holds them")
     nodes.add_argument("-o", "--output", choices=["text", "json"], default="text")
+    nodes.add_argument(
+        "--validate",
+        action="store_true",
+        help="run a validation probe on every node's free NPUs now (exit 1 if one fails)",
+    )
+    nodes.add_argument(
+        "--probe-image", help="image for --validate, with python3 (NPUSWARM_NODE_PROBE_IMAGE)"
+    )
+    nodes.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for probes")
     nodes.set_defaults(func=cmd_nodes)
 
     crd_cmd = sub.add_parser("crd", help="print the CRD generated from the API models")

@@ -11,6 +11,7 @@ removed at startup.
 from __future__ import annotations
 
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -69,6 +70,8 @@ class NodeValidator:
         pass_lock: threading.Lock,
         last_plan: Callable[[], PassPlan | None],
         clock: Callable[[], datetime] = utcnow,
+        *,
+        clean_stale: bool = True,
     ) -> None:
         self.swarm = swarm
         self.settings = settings
@@ -78,7 +81,9 @@ class NodeValidator:
         self.running: dict[str, Probe] = {}
         self.known = NodeVerdicts()
         self._lock = threading.Lock()  # always taken after pass_lock, never before
-        self._cleaned = False
+        # The operator removes probes an earlier run left; a one-off check (the CLI) must not
+        # remove the running operator's.
+        self._cleaned = not clean_stale
 
     # -- read by the pass (under the pass lock) -------------------------------------------
 
@@ -194,6 +199,31 @@ class NodeValidator:
         for probe in list(self.running.values()):
             _remove(self.swarm, probe.service_id)
         self.running.clear()
+
+
+def validate_now(
+    swarm: Any, settings: Settings, image: str, timeout_seconds: float, poll_seconds: float = 0.5
+) -> dict[str, Verdict]:
+    """Probe every node with free NPUs once, now, and wait for the answers (`npuswarm nodes
+    --validate`). Probes of a running operator are left alone."""
+    from npuswarm.reconcile import Desired, Reconciler
+
+    reconciler = Reconciler(swarm, settings)
+    try:
+        validator = NodeValidator(
+            swarm, settings, reconciler.lock, lambda: reconciler.last_plan, clean_stale=False
+        )
+        with reconciler.lock:
+            reconciler.last_plan = reconciler.plan(Desired())
+        validator.step([({}, image)])
+        deadline = time.monotonic() + timeout_seconds
+        while validator.running and time.monotonic() < deadline:
+            time.sleep(poll_seconds)
+            validator.step([])
+        validator.close()
+        return validator.verdicts()
+    finally:
+        reconciler.close()
 
 
 def _remove(swarm: ProbeSwarm, service_id: str) -> None:
