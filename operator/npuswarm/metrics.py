@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -245,3 +245,29 @@ class PassMetrics:
 
 pass_gauges = PassCollector()
 REGISTRY.register(pass_gauges)
+
+
+class NodeValidationCollector:
+    """npuswarm_node_validation{node,check}: 1 passed, 0 failed, per check of each node's last
+    validation verdict (probes.py sets the source; no source, no series)."""
+
+    def __init__(self) -> None:
+        self.source: Callable[[], list[tuple[str, str, bool]]] | None = None
+
+    def collect(self) -> Iterator[Metric]:
+        family = GaugeMetricFamily(
+            "npuswarm_node_validation",
+            "Last node validation probe per node and check: 1 passed, 0 failed.",
+            labels=["node", "check"],
+        )
+        source = self.source
+        for node, check, ok in source() if source is not None else []:
+            family.add_metric([node, check], 1 if ok else 0)
+        yield family
+
+    def describe(self) -> Iterator[Metric]:
+        return self.collect()
+
+
+node_validation = NodeValidationCollector()
+REGISTRY.register(node_validation)

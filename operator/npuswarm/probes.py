@@ -13,13 +13,12 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import structlog
-from prometheus_client.core import GaugeMetricFamily, Metric
 
 from npuswarm import metrics, nodecheck
 from npuswarm.inventory import NodeInfo
@@ -234,30 +233,15 @@ def _nonce() -> str:
     return uuid.uuid4().hex[:8]
 
 
-class ValidationCollector:
-    """npuswarm_node_validation{node,check}: 1 passed, 0 failed, per check of each node's
-    last verdict."""
+def publish_verdicts(validator: NodeValidator | None) -> None:
+    """npuswarm_node_validation reads this validator's verdicts (None: no series)."""
 
-    def __init__(self) -> None:
-        self.validator: NodeValidator | None = None
+    def checks() -> list[tuple[str, str, bool]]:
+        assert validator is not None
+        return [
+            (verdict.hostname, check.name, check.ok)
+            for verdict in sorted(validator.verdicts().values(), key=lambda v: v.hostname)
+            for check in verdict.checks
+        ]
 
-    def collect(self) -> Iterator[Metric]:
-        family = GaugeMetricFamily(
-            "npuswarm_node_validation",
-            "Last node validation probe per node and check: 1 passed, 0 failed "
-            "(checks: " + ", ".join(nodecheck.CHECKS) + ").",
-            labels=["node", "check"],
-        )
-        validator = self.validator
-        if validator is not None:
-            for verdict in sorted(validator.verdicts().values(), key=lambda v: v.hostname):
-                for check in verdict.checks:
-                    family.add_metric([verdict.hostname, check.name], 1 if check.ok else 0)
-        yield family
-
-    def describe(self) -> Iterator[Metric]:
-        return self.collect()
-
-
-validation_gauges = ValidationCollector()
-metrics.REGISTRY.register(validation_gauges)
+    metrics.node_validation.source = checks if validator is not None else None

@@ -29,7 +29,7 @@ from npuswarm.api import ModelDeployment, validation_message
 from npuswarm.events import Event, EventFilter
 from npuswarm.kube import Kube
 from npuswarm.peering import is_active
-from npuswarm.probes import NodeValidator, validation_gauges
+from npuswarm.probes import NodeValidator, publish_verdicts
 from npuswarm.reconcile import Desired, PassResult, Reconciler, utcnow
 from npuswarm.settings import Settings
 from npuswarm.status import unavailable_status
@@ -435,7 +435,7 @@ class Runtime:
                 self.reconciler.lock,
                 lambda: self.reconciler.last_plan,
             )
-            validation_gauges.validator = self.validator
+            publish_verdicts(self.validator)
             loops.append(("node-check", self._check_nodes))
         for name, target in loops:
             thread = threading.Thread(target=_survive(name, target, self.stop), name=name)

@@ -15,7 +15,7 @@ from prometheus_client import generate_latest
 import swarmlab
 from npuswarm import cli, metrics, nodecheck
 from npuswarm.api import ModelDeployment
-from npuswarm.probes import NodeValidator, validation_gauges
+from npuswarm.probes import NodeValidator, publish_verdicts
 from npuswarm.reconcile import Desired, PassResult, Reconciler
 from npuswarm.settings import Settings
 from npuswarm.swarm import Swarm
@@ -108,7 +108,7 @@ def test_a_node_without_the_runtime_gets_no_replica_is_reported_and_is_used_once
     broken_id, broken_host = swarm_lab.node_id(broken), swarm_lab.node(broken).hostname
     swarm_lab.set_runtime_installed(broken, False)
     loops = Loops(swarm_lab, model("validated", replicas=3))
-    validation_gauges.validator = loops.validator
+    publish_verdicts(loops.validator)
     try:
         started = time.monotonic()
 
@@ -168,5 +168,5 @@ def test_a_node_without_the_runtime_gets_no_replica_is_reported_and_is_used_once
     finally:
         swarm_lab.set_runtime_installed(broken, True)
         loops.close()
-        validation_gauges.validator = None
+        publish_verdicts(None)
     wait_for(lambda: not probes_left(swarm_lab), "no probe service left", timeout=30)
