@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
 
@@ -30,6 +32,8 @@ class NodeInfo(BaseModel):
     engine: str = ""  # Docker Engine version: a change asks for a new validation probe
     # Why new replicas must not go here (failed or pending validation, see nodecheck.py).
     blocked: str = ""
+    # NPUs kept out of use by health checks (npuhealth.py), with why; also in ``reserved``.
+    withheld: dict[int, str] = {}
 
     @property
     def usable_npus(self) -> frozenset[int]:
@@ -57,6 +61,33 @@ class NodeInfo(BaseModel):
 
     def matches(self, selector: dict[str, str]) -> bool:
         return all(self.labels.get(key) == value for key, value in selector.items())
+
+
+@dataclass(frozen=True)
+class NodeLimits:
+    """What node checks keep out of placement for one pass: whole nodes (id -> why: no new
+    replica there) and NPUs (node id -> NPU -> why: given to nobody, and a replica holding
+    one moves)."""
+
+    nodes: Mapping[str, str] = field(default_factory=dict)
+    npus: Mapping[str, Mapping[int, str]] = field(default_factory=dict)
+
+    def apply(self, nodes: list[NodeInfo]) -> list[NodeInfo]:
+        if not self.nodes and not self.npus:
+            return nodes
+        limited = []
+        for node in nodes:
+            update: dict[str, Any] = {}
+            if node.id in self.nodes:
+                update["blocked"] = self.nodes[node.id]
+            withheld = {
+                n: why for n, why in (self.npus.get(node.id) or {}).items() if n in node.npus
+            }
+            if withheld:
+                update["withheld"] = withheld
+                update["reserved"] = node.reserved | frozenset(withheld)
+            limited.append(node.model_copy(update=update) if update else node)
+        return limited
 
 
 def parse_engine_time(text: str | None) -> datetime | None:

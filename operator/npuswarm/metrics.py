@@ -271,3 +271,43 @@ class NodeValidationCollector:
 
 node_validation = NodeValidationCollector()
 REGISTRY.register(node_validation)
+
+
+class NpuHealthCollector:
+    """Per NPU, from the last `npu-smi info` read on its node (probes.py sets the source):
+    npuswarm_npu_healthy, npuswarm_npu_hbm_used_bytes, npuswarm_npu_holds_replica."""
+
+    def __init__(self) -> None:
+        self.source: Callable[[], list[tuple[str, int, bool, int, bool]]] | None = None
+
+    def collect(self) -> Iterator[Metric]:
+        healthy = GaugeMetricFamily(
+            "npuswarm_npu_healthy",
+            "1 when npu-smi reads the NPU's health as OK or Warning, 0 otherwise.",
+            labels=["node", "npu"],
+        )
+        hbm = GaugeMetricFamily(
+            "npuswarm_npu_hbm_used_bytes",
+            "HBM in use on the NPU, as npu-smi reads it.",
+            labels=["node", "npu"],
+        )
+        holds = GaugeMetricFamily(
+            "npuswarm_npu_holds_replica",
+            "1 when a replica of this installation holds the NPU.",
+            labels=["node", "npu"],
+        )
+        source = self.source
+        for node, npu, ok, used, held in source() if source is not None else []:
+            healthy.add_metric([node, str(npu)], 1 if ok else 0)
+            hbm.add_metric([node, str(npu)], used)
+            holds.add_metric([node, str(npu)], 1 if held else 0)
+        yield healthy
+        yield hbm
+        yield holds
+
+    def describe(self) -> Iterator[Metric]:
+        return self.collect()
+
+
+npu_health = NpuHealthCollector()
+REGISTRY.register(npu_health)

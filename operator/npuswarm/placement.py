@@ -285,6 +285,9 @@ def _keep_problem(
         return f"holds {len(allocation.npus)} NPUs, needs {request.npus}"
     if request.npu_ids is not None and allocation.npus != request.npu_ids:
         return f"holds NPUs {sorted(allocation.npus)}, pinned to {sorted(request.npu_ids)}"
+    withheld = sorted(npu for npu in allocation.npus if npu in node.withheld)
+    if withheld:
+        return "; ".join(node.withheld[npu] for npu in withheld)
     if not allocation.npus <= node.usable_npus:
         return f"NPUs {sorted(allocation.npus - node.usable_npus)} are reserved or absent"
     if not topology.is_valid_set(allocation.npus, node.topology):

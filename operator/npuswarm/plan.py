@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any, Literal
 
 from npuswarm import policy
 from npuswarm.api import ModelDeployment
-from npuswarm.inventory import NodeInfo
+from npuswarm.inventory import NodeInfo, NodeLimits
 from npuswarm.labels import SPEC_HASH
 from npuswarm.observed import ObservedService, SwarmSnapshot
 from npuswarm.placement import (
@@ -61,20 +61,15 @@ def place_all(
     *,
     now: datetime,
     lost_node_grace_seconds: float,
-    unusable_nodes: Mapping[str, str] | None = None,
+    limits: NodeLimits | None = None,
 ) -> tuple[PlacementResult, dict[str, list[ReplicaRequest]]]:
     """One placement over every deployment, so each reconcile sees the same global answer.
 
-    ``unusable_nodes`` (node id -> why, from node validation) get no new replica; what
-    already runs there stays."""
+    ``limits`` (node validation and NPU health): nodes that get no new replica (what runs
+    there stays) and NPUs given to nobody (a replica holding one moves)."""
     requests_by_deployment: dict[str, list[ReplicaRequest]] = {}
     ordered: list[ReplicaRequest] = []
-    nodes = snapshot.nodes
-    if unusable_nodes:
-        nodes = [
-            n.model_copy(update={"blocked": unusable_nodes[n.id]}) if n.id in unusable_nodes else n
-            for n in nodes
-        ]
+    nodes = limits.apply(snapshot.nodes) if limits is not None else snapshot.nodes
     ranked = sorted(enumerate(deployments), key=lambda item: priority(item[1], item[0]))
     for _, md in ranked:
         requests = replica_requests(md, nodes)
@@ -236,7 +231,7 @@ def plan_pass(
     known_services: dict[str, frozenset[str]] | None = None,
     orphan_owners: frozenset[str] = frozenset(),
     renderer: Renderer | None = None,
-    unusable_nodes: Mapping[str, str] | None = None,
+    limits: NodeLimits | None = None,
 ) -> PassPlan:
     """One placement of every deployment, then each one's diff; writes nothing.
 
@@ -259,7 +254,7 @@ def plan_pass(
         snapshot,
         now=now,
         lost_node_grace_seconds=lost_node_grace_seconds,
-        unusable_nodes=unusable_nodes,
+        limits=limits,
     )
     plans = {
         key: plan_deployment(

@@ -20,9 +20,10 @@ from typing import Any, Protocol
 
 import structlog
 
-from npuswarm import metrics, nodecheck
-from npuswarm.inventory import NodeInfo
+from npuswarm import metrics, nodecheck, npuhealth
+from npuswarm.inventory import NodeInfo, NodeLimits
 from npuswarm.nodecheck import NodeVerdicts, Verdict
+from npuswarm.npuhealth import NodeHealth
 from npuswarm.observed import SwarmSnapshot
 from npuswarm.plan import PassPlan
 from npuswarm.settings import Settings
@@ -33,6 +34,7 @@ log = structlog.get_logger("npuswarm.probes")
 # A finished probe whose log line is not readable yet is read again this many times before
 # its exit code alone decides (Swarm fetches logs from the node, a moment after the end).
 LOG_ATTEMPTS = 3
+MIB = 1024 * 1024
 
 
 def utcnow() -> datetime:
@@ -83,15 +85,49 @@ class NodeValidator:
         # The operator removes probes an earlier run left; a one-off check (the CLI) must not
         # remove the running operator's.
         self._cleaned = not clean_stale
+        # NPU health (npuhealth.py): probes under way, the last reading per node, since when
+        # each (node, NPU) reads unhealthy, and the NPUs the last step withheld.
+        self.health_running: dict[str, Probe] = {}
+        self.health: dict[str, NodeHealth] = {}
+        self.since: dict[tuple[str, int], datetime] = {}
+        self._withheld: dict[str, dict[int, str]] = {}
 
     # -- read by the pass (under the pass lock) -------------------------------------------
 
-    def unusable(self, snapshot: SwarmSnapshot) -> dict[str, str]:
-        """Node id -> why it takes no new replica, for the pass that observed ``snapshot``."""
+    def unusable(self, snapshot: SwarmSnapshot) -> NodeLimits:
+        """Nodes and NPUs kept out of placement, for the pass that observed ``snapshot``."""
         with self._lock:
             known = NodeVerdicts(dict(self.known.verdicts), frozenset(self.running))
         with_replicas = {a.node_id for a in snapshot.allocations() if not a.foreign}
-        return nodecheck.unusable_nodes(snapshot.nodes, known, with_replicas)
+        return NodeLimits(
+            nodes=nodecheck.unusable_nodes(snapshot.nodes, known, with_replicas),
+            npus=self.withheld(snapshot),
+        )
+
+    def withheld(self, snapshot: SwarmSnapshot) -> dict[str, dict[int, str]]:
+        """NPUs placement must leave alone now (unhealthy, or busy with others' processes)."""
+        with self._lock:
+            health, since = dict(self.health), dict(self.since)
+        return npuhealth.withheld_npus(
+            health,
+            since,
+            held_npus(snapshot),
+            self.clock(),
+            self.settings.npu_unhealthy_grace_seconds,
+        )
+
+    def npu_report(self) -> list[tuple[str, int, bool, int, bool]]:
+        """(node, NPU, healthy, HBM used bytes, holds a replica) of the last readings."""
+        plan = self.last_plan()
+        held = held_npus(plan.snapshot) if plan is not None else {}
+        with self._lock:
+            readings = list(self.health.values())
+        return [
+            (h.hostname, npu, r.healthy, r.hbm_used_mb * MIB, npu in held.get(h.node_id, set()))
+            for h in sorted(readings, key=lambda h: h.hostname)
+            if not h.error
+            for npu, r in sorted(h.npus.items())
+        ]
 
     def verdicts(self) -> dict[str, Verdict]:
         with self._lock:
@@ -123,7 +159,81 @@ class NodeValidator:
                 probe_seconds=round((verdict.checked_at - probe.started).total_seconds(), 1),
             )
         self._start_due(wanted)
-        return nodecheck.changed(before, self.verdicts())
+        changed = nodecheck.changed(before, self.verdicts())
+        if self.settings.npu_health:
+            changed |= self._health_step(wanted)
+        return changed
+
+    def _health_step(self, wanted: Sequence[tuple[dict[str, str], str]]) -> set[str]:
+        """Read finished health probes, start due ones; the nodes whose withheld NPUs changed
+        (a new reading, or a grace period that ran out)."""
+        now = self.clock()
+        for node_id, probe in list(self.health_running.items()):
+            result = nodecheck.task_result(self.swarm.service_tasks(probe.service_id))
+            timed_out = (now - probe.started).total_seconds() >= (
+                self.settings.node_probe_timeout_seconds
+            )
+            if not nodecheck.finished(result) and not timed_out:
+                continue
+            text = self.swarm.service_logs(probe.service_id) if nodecheck.finished(result) else ""
+            readings = npuhealth.parse_npu_smi(text)
+            if not readings and result.exit_code is not None and not timed_out:
+                probe.log_attempts += 1
+                if probe.log_attempts < LOG_ATTEMPTS:
+                    continue
+            error = "" if readings else f"no npu-smi table ({result.state}: {result.error})"
+            reading = NodeHealth(node_id, probe.node.hostname, now, readings, error)
+            _remove(self.swarm, probe.service_id)
+            with self._lock:
+                del self.health_running[node_id]
+                self.health[node_id] = reading
+                self.since = npuhealth.unhealthy_since(self.since, reading)
+            if error:
+                log.warning("npu health not read", node=probe.node.hostname, error=error)
+        self._start_health_due(wanted)
+        plan = self.last_plan()
+        if plan is None:
+            return set()
+        withheld = self.withheld(plan.snapshot)
+        changed = {
+            node_id
+            for node_id in withheld.keys() | self._withheld.keys()
+            if withheld.get(node_id) != self._withheld.get(node_id)
+        }
+        for node_id in changed:
+            log.info("npus withheld", node=node_id, npus=withheld.get(node_id, {}))
+        self._withheld = withheld
+        return changed
+
+    def _start_health_due(self, wanted: Sequence[tuple[dict[str, str], str]]) -> None:
+        """A health probe shares NPUs with replicas (it only reads), so it needs no pass lock."""
+        plan = self.last_plan()
+        if plan is None:
+            return
+        now = self.clock()
+        verdicts = self.verdicts()
+        for node in plan.snapshot.nodes:
+            verdict = verdicts.get(node.id)
+            if node.id in self.health_running or node.state != "ready" or not node.npus:
+                continue
+            if verdict is None or not verdict.ok:
+                continue  # no runtime, no npu-smi: validation says so already
+            last = self.health.get(node.id)
+            if last is not None and (now - last.read_at).total_seconds() < (
+                self.settings.npu_health_seconds
+            ):
+                continue
+            image = self.settings.node_probe_image or nodecheck.wanted_image(node, wanted)
+            if not image:
+                continue
+            spec = npuhealth.health_probe_spec(node, image, self.settings.instance, _nonce())
+            try:
+                service_id = self.swarm.create_service(spec)
+            except SwarmRejected as error:
+                log.warning("health probe refused", node=node.hostname, error=str(error))
+                continue
+            with self._lock:
+                self.health_running[node.id] = Probe(node, service_id, spec["Name"], node.npus, now)
 
     def _read(self, probe: Probe) -> Verdict | None:
         now = self.clock()
@@ -187,17 +297,29 @@ class NodeValidator:
 
     def _remove_stale(self) -> None:
         """Probes of this installation left by an earlier run (a crash between start and read)."""
-        label = f"{nodecheck.PROBE}={self.settings.instance}"
-        for service in self.swarm.services_labelled(label):
-            if service.get("ID") not in {p.service_id for p in self.running.values()}:
-                _remove(self.swarm, service["ID"])
-                log.info("stale node probe removed", service=service.get("Spec", {}).get("Name"))
+        instance = self.settings.instance
+        mine = {p.service_id for p in [*self.running.values(), *self.health_running.values()]}
+        for key in (nodecheck.PROBE, npuhealth.HEALTH_PROBE):
+            for service in self.swarm.services_labelled(f"{key}={instance}"):
+                if service.get("ID") not in mine:
+                    _remove(self.swarm, service["ID"])
+                    log.info("stale probe removed", service=service.get("Spec", {}).get("Name"))
 
     def close(self) -> None:
         """Remove probes under way (operator stopping)."""
-        for probe in list(self.running.values()):
+        for probe in [*self.running.values(), *self.health_running.values()]:
             _remove(self.swarm, probe.service_id)
         self.running.clear()
+        self.health_running.clear()
+
+
+def held_npus(snapshot: SwarmSnapshot) -> dict[str, set[int]]:
+    """NPUs this installation's replicas hold, per node."""
+    held: dict[str, set[int]] = {}
+    for allocation in snapshot.allocations():
+        if not allocation.foreign:
+            held.setdefault(allocation.node_id, set()).update(allocation.npus)
+    return held
 
 
 def validate_now(
@@ -245,3 +367,4 @@ def publish_verdicts(validator: NodeValidator | None) -> None:
         ]
 
     metrics.node_validation.source = checks if validator is not None else None
+    metrics.npu_health.source = validator.npu_report if validator is not None else None

@@ -22,6 +22,7 @@ import structlog
 from npuswarm import labels, metrics, policy
 from npuswarm.api import ModelDeployment, ModelDeploymentStatus
 from npuswarm.events import Event
+from npuswarm.inventory import NodeLimits
 from npuswarm.npus import parse_npu_ids
 from npuswarm.observed import SwarmSnapshot
 from npuswarm.plan import Action, Applied, PassPlan, plan_pass
@@ -50,8 +51,8 @@ class SwarmAPI(Protocol):
     def owned_services(self, namespace: str, name: str) -> list[dict[str, Any]]: ...
 
 
-# Node validation's answer for one observation: node id -> why it takes no new replica.
-UnusableNodes = Callable[[SwarmSnapshot], Mapping[str, str]]
+# Node checks' answer for one observation: nodes and NPUs kept out of placement.
+NodeChecks = Callable[[SwarmSnapshot], NodeLimits]
 
 
 class OwnerCatalog(Protocol):
@@ -143,17 +144,18 @@ class Reconciler:
     def close(self) -> None:
         self._writers.shutdown(wait=True)
 
-    def plan(self, desired: Desired, unusable: UnusableNodes | None = None) -> PassPlan:
+    def plan(self, desired: Desired, checks: NodeChecks | None = None) -> PassPlan:
         """Observe and plan every deployment; writes nothing (also `npuswarm plan`).
-        ``unusable``: which observed nodes (id -> why) get no new replica (node validation)."""
+        ``checks``: which observed nodes and NPUs get no new replica (node validation, NPU
+        health; docs/node-health.md)."""
         snapshot = self.swarm.observe()
-        return self._plan(desired, snapshot, unusable(snapshot) if unusable else None)
+        return self._plan(desired, snapshot, checks(snapshot) if checks else None)
 
     def _plan(
         self,
         desired: Desired,
         snapshot: SwarmSnapshot,
-        unusable: Mapping[str, str] | None = None,
+        limits: NodeLimits | None = None,
     ) -> PassPlan:
         return plan_pass(
             desired.deployments,
@@ -165,16 +167,16 @@ class Reconciler:
             },
             orphan_owners=self._orphan_owners(desired, snapshot),
             renderer=self.renderer,
-            unusable_nodes=unusable,
+            limits=limits,
         )
 
-    def run_pass(self, desired: Desired, unusable: UnusableNodes | None = None) -> PassResult:
+    def run_pass(self, desired: Desired, checks: NodeChecks | None = None) -> PassResult:
         """Raises SwarmUnavailable when Swarm cannot be read or written: nothing is concluded
         from a failed read, so nothing is removed; the caller retries with backoff."""
         with self.lock:
             with _collector_paused():
                 desired = self._without_tombstoned(desired)
-                whole = self.plan(desired, unusable)
+                whole = self.plan(desired, checks)
             # Writes wait on Swarm, while the rest of the process goes on making garbage:
             # the collector runs meanwhile.
             self._networks(whole.networks_to_create, create=True)

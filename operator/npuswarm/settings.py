@@ -60,6 +60,12 @@ class Settings(BaseSettings):
     # The probe's image (needs python3); empty: the image of the oldest deployment that
     # wants the node, which its replicas pull anyway.
     node_probe_image: str = ""
+    # NPU health: how often each validated node's `npu-smi info` is read by a probe task, and
+    # how long a replica may stay on an unhealthy NPU before it moves (a blip of a few
+    # seconds should not cost minutes of model loading).
+    npu_health: bool = True
+    npu_health_seconds: float = Field(30.0, gt=0, le=86400, allow_inf_nan=False)
+    npu_unhealthy_grace_seconds: float = Field(120.0, ge=0, le=7 * 86400, allow_inf_nan=False)
     # Host directories a ModelDeployment's volumes may bind (each with everything below it).
     allowed_host_paths: Annotated[tuple[str, ...], NoDecode] = DEFAULT_ALLOWED_HOST_PATHS
 

@@ -13,7 +13,7 @@ import pytest
 from prometheus_client import generate_latest
 
 import swarmlab
-from npuswarm import cli, metrics, nodecheck
+from npuswarm import cli, metrics, nodecheck, npuhealth
 from npuswarm.api import ModelDeployment
 from npuswarm.probes import NodeValidator, publish_verdicts
 from npuswarm.reconcile import Desired, PassResult, Reconciler
@@ -96,8 +96,11 @@ class Loops:
 
 
 def probes_left(lab: swarmlab.Lab) -> list[str]:
+    api = lab.client(1).api
     return [
-        s["Spec"]["Name"] for s in lab.client(1).api.services(filters={"label": nodecheck.PROBE})
+        s["Spec"]["Name"]
+        for key in (nodecheck.PROBE, npuhealth.HEALTH_PROBE)
+        for s in api.services(filters={"label": key})
     ]
 
 

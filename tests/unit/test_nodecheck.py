@@ -254,7 +254,11 @@ def test_a_node_that_fails_validation_gets_no_replica_and_the_status_says_why() 
     swarm = ProbingSwarm({}, nodes=2, npus=8)
     reconciler = Reconciler(swarm, Settings(), clock=lambda: NOW)
     validator = NodeValidator(
-        swarm, Settings(), reconciler.lock, lambda: reconciler.last_plan, clock=lambda: NOW
+        swarm,
+        Settings(npu_health=False),
+        reconciler.lock,
+        lambda: reconciler.last_plan,
+        clock=lambda: NOW,
     )
     md = deployment("qwen3", replicas=2, npusPerReplica=8)
     desired = Desired(deployments=[md])
@@ -299,7 +303,11 @@ def test_probes_never_take_npus_a_replica_holds_and_stale_probes_are_removed() -
     md = deployment("qwen3", replicas=1, npusPerReplica=4)
     reconciler.run_pass(Desired(deployments=[md]))  # placed before validation existed
     validator = NodeValidator(
-        swarm, Settings(), reconciler.lock, lambda: reconciler.last_plan, clock=lambda: NOW
+        swarm,
+        Settings(npu_health=False),
+        reconciler.lock,
+        lambda: reconciler.last_plan,
+        clock=lambda: NOW,
     )
     reconciler.run_pass(Desired(deployments=[md]), validator.unusable)
     validator.step([({}, md.spec.image)])

@@ -1,0 +1,118 @@
+"""NPU health on the multi-node lab: `npu-smi info` read by probe tasks on each node; an NPU
+going unhealthy under a replica moves the replica after the grace and comes back when
+healthy; NPUs busy with processes npuswarm did not start are kept out of placement."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import swarmlab
+from npuswarm import metrics
+from npuswarm.probes import publish_verdicts
+from npuswarm.settings import Settings
+from tests.helpers import wait_for
+from tests.invariants import npu_conflicts
+
+from . import test_node_validation as validation
+from .test_node_validation import Loops, model, probes_left
+
+pytestmark = pytest.mark.lab
+
+GRACE = 3.0
+
+
+def replica_at(loops: Loops) -> tuple[str, frozenset[int]] | None:
+    plan = loops.last.plan if loops.last else None
+    for service in plan.snapshot.services_of(loops.md.key) if plan else []:
+        allocation = service.allocation()
+        if allocation is not None:
+            return allocation.node_id, allocation.npus
+    return None
+
+
+def test_an_unhealthy_npu_moves_its_replica_and_comes_back_when_healthy(
+    swarm_lab: swarmlab.Lab, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = Settings(
+        node_recheck_failed_seconds=1.0, npu_health_seconds=1.0, npu_unhealthy_grace_seconds=GRACE
+    )
+    monkeypatch.setattr(validation, "SETTINGS", settings)
+    index_of = {swarm_lab.node_id(k): k for k in (1, 2, 3)}
+    md = model("healthy", replicas=1)
+    md = md.model_copy(update={"spec": md.spec.model_copy(update={"npusPerReplica": 4})})
+    loops = Loops(swarm_lab, md)
+    publish_verdicts(loops.validator)
+    api = swarm_lab.client(1).api
+    touched: list[int] = []
+    try:
+
+        def turn_checked() -> None:
+            loops.turn()
+            assert not npu_conflicts(api), npu_conflicts(api)
+
+        def placed_and_read() -> tuple[str, frozenset[int]] | None:
+            turn_checked()
+            found = replica_at(loops)
+            return found if found and found[0] in loops.validator.health else None
+
+        node_id, npus = wait_for(placed_and_read, "a placed replica and a health reading", 90, 0.5)
+        bad = min(npus)
+        k = index_of[node_id]
+        touched.append(k)
+        swarm_lab.set_npu_state(k, {bad: {"health": "Critical", "hbm_used_mb": 31000}})
+        broke = time.monotonic()
+
+        def moved_off() -> bool:
+            turn_checked()
+            found = replica_at(loops)
+            return found is not None and not (found[0] == node_id and bad in found[1])
+
+        wait_for(moved_off, f"the replica to leave unhealthy NPU {bad}", 60, 0.5)
+        moved_after = time.monotonic() - broke
+        assert moved_after >= GRACE, "the replica waited for the grace"
+        host = swarm_lab.node(k).hostname
+        series = {"node": host, "npu": str(bad)}
+        assert metrics.REGISTRY.get_sample_value("npuswarm_npu_healthy", series) == 0
+        assert (
+            metrics.REGISTRY.get_sample_value("npuswarm_npu_hbm_used_bytes", series)
+            == 31000 * 2**20
+        )
+        withheld = loops.validator.unusable(loops.last.plan.snapshot).npus
+        assert "is unhealthy (npu-smi: Critical" in withheld[node_id][bad]
+
+        # Healthy again: the NPU is back in the pool (the replica stays where it went).
+        swarm_lab.set_npu_state(k, {})
+        healed = time.monotonic()
+
+        def back() -> bool:
+            turn_checked()
+            return not loops.validator.unusable(loops.last.plan.snapshot).npus
+
+        wait_for(back, f"NPU {bad} back in the pool", 60, 0.5)
+        back_after = time.monotonic() - healed
+
+        # A process npuswarm did not start on a free NPU: taken by someone else.
+        free_node = next(n for n in index_of if n != replica_at(loops)[0])
+        k2 = index_of[free_node]
+        touched.append(k2)
+        swarm_lab.set_npu_state(
+            k2, {5: {"processes": [{"pid": 999, "name": "python3", "memory_mb": 9000}]}}
+        )
+
+        def taken() -> str | None:
+            turn_checked()
+            return loops.validator.unusable(loops.last.plan.snapshot).npus.get(free_node, {}).get(5)
+
+        why = wait_for(taken, "NPU 5 with a foreign process withheld", 60, 0.5)
+        assert "runs processes npuswarm did not start (pid 999 python3)" in why
+        print(
+            f"replica moved {moved_after:.1f}s after its NPU went unhealthy (grace {GRACE}s); "
+            f"NPU back {back_after:.1f}s after healthy"
+        )
+    finally:
+        for k in touched:
+            swarm_lab.set_npu_state(k, {})
+        loops.close()
+        publish_verdicts(None)
+    wait_for(lambda: not probes_left(swarm_lab), "no probe service left", timeout=30)
