@@ -133,6 +133,10 @@ class NodeValidator:
         with self._lock:
             return dict(self.known.verdicts)
 
+    def readings(self) -> dict[str, NodeHealth]:
+        with self._lock:
+            return dict(self.health)
+
     # -- the loop's work ---------------------------------------------------------------------
 
     def step(self, wanted: Sequence[tuple[dict[str, str], str]]) -> set[str]:
@@ -324,9 +328,10 @@ def held_npus(snapshot: SwarmSnapshot) -> dict[str, set[int]]:
 
 def validate_now(
     swarm: Any, settings: Settings, image: str, timeout_seconds: float, poll_seconds: float = 0.5
-) -> dict[str, Verdict]:
-    """Probe every node with free NPUs once, now, and wait for the answers (`npuswarm nodes
-    --validate`). Probes of a running operator are left alone."""
+) -> tuple[dict[str, Verdict], dict[str, NodeHealth]]:
+    """Probe every node with free NPUs once, now, then read `npu-smi info` on the nodes that
+    passed, and wait for the answers (`npuswarm nodes --validate`). Probes of a running
+    operator are left alone."""
     from npuswarm.reconcile import Desired, Reconciler
 
     reconciler = Reconciler(swarm, settings)
@@ -336,13 +341,14 @@ def validate_now(
         )
         with reconciler.lock:
             reconciler.last_plan = reconciler.plan(Desired())
-        validator.step([({}, image)])
+        wanted: list[tuple[dict[str, str], str]] = [({}, image)]
+        validator.step(wanted)
         deadline = time.monotonic() + timeout_seconds
-        while validator.running and time.monotonic() < deadline:
+        while (validator.running or validator.health_running) and time.monotonic() < deadline:
             time.sleep(poll_seconds)
-            validator.step([])
+            validator.step(wanted)
         validator.close()
-        return validator.verdicts()
+        return validator.verdicts(), validator.readings()
     finally:
         reconciler.close()
 

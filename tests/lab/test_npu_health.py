@@ -4,11 +4,13 @@ healthy; NPUs busy with processes npuswarm did not start are kept out of placeme
 
 from __future__ import annotations
 
+import io
 import time
+from contextlib import redirect_stdout
 
 import pytest
 import swarmlab
-from npuswarm import metrics
+from npuswarm import cli, metrics
 from npuswarm.probes import publish_verdicts
 from npuswarm.settings import Settings
 from tests.helpers import wait_for
@@ -80,6 +82,16 @@ def test_an_unhealthy_npu_moves_its_replica_and_comes_back_when_healthy(
         )
         withheld = loops.validator.unusable(loops.last.plan.snapshot).npus
         assert "is unhealthy (npu-smi: Critical" in withheld[node_id][bad]
+
+        # `npuswarm nodes --validate` reads npu-smi too and shows it per NPU.
+        out = io.StringIO()
+        with pytest.MonkeyPatch.context() as patch, redirect_stdout(out):
+            patch.setenv("DOCKER_HOST", swarm_lab.endpoint)
+            code = cli.main(["nodes", "--validate", "--probe-image", swarmlab.IMAGE])
+        assert code == 0, out.getvalue()
+        assert (
+            f"davinci{bad}" in out.getvalue() and "[Critical, HBM 31000/32768 MB]" in out.getvalue()
+        )
 
         # Healthy again: the NPU is back in the pool (the replica stays where it went).
         swarm_lab.set_npu_state(k, {})
