@@ -71,6 +71,10 @@ class NodeLimits:
 
     nodes: Mapping[str, str] = field(default_factory=dict)
     npus: Mapping[str, Mapping[int, str]] = field(default_factory=dict)
+    # Replicas (deployment, slot) that failing.py moves now (-> why), and the nodes each
+    # must avoid for a cool-down.
+    move: Mapping[tuple[str, str], str] = field(default_factory=dict)
+    avoid: Mapping[tuple[str, str], frozenset[str]] = field(default_factory=dict)
 
     def apply(self, nodes: list[NodeInfo]) -> list[NodeInfo]:
         if not self.nodes and not self.npus:

@@ -7,6 +7,7 @@ requests come in priority order (oldest deployment first), and everything else i
 from __future__ import annotations
 
 import heapq
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Literal
@@ -35,6 +36,9 @@ class ReplicaRequest(BaseModel):
     pinned_node: str | None = None  # PerNode mode: the one node this slot lives on
     one_per_node: bool = False  # a host-mode published port fits once per node
     npu_ids: frozenset[int] | None = None  # spec.npuIds: these NPUs or none
+    # Nodes this replica should not go to now (it kept failing there, failing.py); used
+    # only while another node fits.
+    avoid_nodes: frozenset[str] = frozenset()
 
     @property
     def key(self) -> ReplicaKey:
@@ -148,8 +152,11 @@ def place(
     *,
     now: datetime,
     lost_node_grace_seconds: float,
+    move: Mapping[ReplicaKey, str] | None = None,
 ) -> PlacementResult:
-    """Keep every valid allocation, then place what is missing, best fit, in request order."""
+    """Keep every valid allocation, then place what is missing, best fit, in request order.
+    ``move``: replicas that must leave their allocation (-> why) although it is valid."""
+    moving = move or {}
     result = PlacementResult()
     result._ordered = sorted(nodes, key=lambda n: (n.hostname, n.id))
     nodes_by_id = result._nodes
@@ -214,7 +221,7 @@ def place(
             continue
         request = requests_by_key.get(allocation.key)
         if request is not None and allocation.key not in result.assignments:
-            problem = _keep_problem(
+            problem = moving.get(allocation.key) or _keep_problem(
                 allocation, request, nodes_by_id, now, lost_node_grace_seconds, result
             )
             if problem is None:
@@ -307,10 +314,15 @@ def _best_fit(request: ReplicaRequest, result: PlacementResult) -> Assignment | 
             "NoMatchingNode",
             f"no node with NPUs matches nodeSelector {request.node_selector or '{}'}",
         )
-    if request.one_per_node or request.npu_ids is not None:
+    if request.one_per_node or request.npu_ids is not None or request.avoid_nodes:
         used = result.nodes_used.get(request.deployment, set())
         available = [n for n in matching if n.accepts_new_replicas and n.id not in used]
-        found = _scan(request, available, result)
+        preferred = [n for n in available if n.id not in request.avoid_nodes]
+        found = _scan(request, preferred, result) if preferred else None
+        if found is None and request.avoid_nodes:
+            # No other node fits: other NPUs of an avoided node. Never the ones the replica
+            # held: its service still claims them while it moves.
+            found = _scan(request, available, result)
     else:
         available = result._accepting[key]
         found = _from_buckets(request, key, result)

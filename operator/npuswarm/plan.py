@@ -71,8 +71,14 @@ def place_all(
     ordered: list[ReplicaRequest] = []
     nodes = limits.apply(snapshot.nodes) if limits is not None else snapshot.nodes
     ranked = sorted(enumerate(deployments), key=lambda item: priority(item[1], item[0]))
+    avoid = limits.avoid if limits is not None else {}
     for _, md in ranked:
         requests = replica_requests(md, nodes)
+        if avoid:
+            requests = [
+                r.model_copy(update={"avoid_nodes": avoid[r.key]}) if r.key in avoid else r
+                for r in requests
+            ]
         requests_by_deployment[md.key] = requests
         ordered.extend(requests)
     result = place(
@@ -81,6 +87,7 @@ def place_all(
         snapshot.allocations(),
         now=now,
         lost_node_grace_seconds=lost_node_grace_seconds,
+        move=limits.move if limits is not None else None,
     )
     return result, requests_by_deployment
 

@@ -27,10 +27,11 @@ from pydantic import ValidationError
 from npuswarm import api, metrics, policy
 from npuswarm.api import ModelDeployment, validation_message
 from npuswarm.events import Event, EventFilter
+from npuswarm.failing import FailureTracker
 from npuswarm.kube import Kube
 from npuswarm.peering import is_active
 from npuswarm.probes import NodeValidator, publish_verdicts
-from npuswarm.reconcile import Desired, PassResult, Reconciler, utcnow
+from npuswarm.reconcile import Desired, NodeChecks, PassResult, Reconciler, utcnow
 from npuswarm.settings import Settings
 from npuswarm.status import unavailable_status
 from npuswarm.swarm import Swarm, SwarmUnavailable, stream_errors
@@ -102,6 +103,8 @@ class Runtime:
     threads: list[threading.Thread] = field(default_factory=list)
     # Node validation (probes.py); made by start_threads when NPUSWARM_NODE_VALIDATION is on.
     validator: NodeValidator | None = None
+    # Replicas failing over and over where they are (failing.py); made by start_threads.
+    failing: FailureTracker | None = None
 
     # -- triggers -------------------------------------------------------------------------
 
@@ -176,8 +179,12 @@ class Runtime:
         started = time.monotonic()
         with structlog.contextvars.bound_contextvars(reconcile_id=pass_id):
             try:
-                unusable = self.validator.unusable if self.validator is not None else None
-                result = await asyncio.to_thread(self.reconciler.run_pass, desired, unusable)
+                checks: NodeChecks | None = (
+                    self.validator.unusable if self.validator is not None else None
+                )
+                if self.failing is not None:
+                    checks = self.failing.checks(checks)
+                result = await asyncio.to_thread(self.reconciler.run_pass, desired, checks)
             except SwarmUnavailable as error:
                 await self._outage(desired, served, str(error), time.monotonic() - started)
                 return
@@ -428,6 +435,7 @@ class Runtime:
             ("swarm-probe", self._probe_swarm),
             ("leadership", self._watch_leadership),
         ]
+        self.failing = FailureTracker(self.settings, self.reconciler.clock)
         if self.settings.node_validation and isinstance(self.reconciler.swarm, Swarm):
             self.validator = NodeValidator(
                 self.reconciler.swarm,

@@ -66,6 +66,14 @@ class Settings(BaseSettings):
     npu_health: bool = True
     npu_health_seconds: float = Field(30.0, gt=0, le=86400, allow_inf_nan=False)
     npu_unhealthy_grace_seconds: float = Field(120.0, ge=0, le=7 * 86400, allow_inf_nan=False)
+    # A replica whose tasks of the current spec fail this many times in a row where it is
+    # moves (0: never); each further move waits twice the backoff; the node it left is
+    # avoided by it for the cool-down; after max moves it stays, reported as failing.
+    # Swarm keeps 5 tasks of history per service by default: a threshold above 5 never fires.
+    failing_replica_threshold: int = Field(3, ge=0, le=5)
+    failing_replica_backoff_seconds: float = Field(60.0, ge=0, le=86400, allow_inf_nan=False)
+    failing_replica_cooldown_seconds: float = Field(600.0, ge=0, le=7 * 86400, allow_inf_nan=False)
+    failing_replica_max_moves: int = Field(3, ge=1, le=100)
     # Host directories a ModelDeployment's volumes may bind (each with everything below it).
     allowed_host_paths: Annotated[tuple[str, ...], NoDecode] = DEFAULT_ALLOWED_HOST_PATHS
 
