@@ -128,3 +128,47 @@ def test_an_unhealthy_npu_moves_its_replica_and_comes_back_when_healthy(
         loops.close()
         publish_verdicts(None)
     wait_for(lambda: not probes_left(swarm_lab), "no probe service left", timeout=30)
+
+
+def test_a_replica_crashing_on_one_node_only_ends_up_running_on_another(
+    swarm_lab: swarmlab.Lab,
+) -> None:
+    from npuswarm.failing import FailureTracker
+    from npuswarm.reconcile import Desired, Reconciler
+    from npuswarm.swarm import Swarm
+
+    settings = Settings(failing_replica_threshold=2, failing_replica_backoff_seconds=5)
+    reconciler = Reconciler(Swarm(base_url=swarm_lab.endpoint), settings)
+    tracker = FailureTracker(settings, reconciler.clock)
+    md = model("crashy", replicas=1)
+    api = swarm_lab.client(1).api
+    first = swarm_lab.node_id(1)
+    # node1 sorts first, so the replica goes there; there its containers get no NPUs and the
+    # fake vLLM exits at once, on every restart (validation is off in this test).
+    swarm_lab.set_runtime_installed(1, False)
+    previous: dict = {}
+    try:
+        started = time.monotonic()
+
+        def running_elsewhere() -> str | None:
+            nonlocal previous
+            result = reconciler.run_pass(
+                Desired(deployments=[md], previous={md.key: previous}), tracker.checks(None)
+            )
+            previous = result.views[md.key].status.model_dump(mode="json")
+            assert not npu_conflicts(api), npu_conflicts(api)
+            replica = result.views[md.key].status.replicaStatuses[0]
+            if replica.nodeId and replica.nodeId != first and replica.taskState == "running":
+                return replica.nodeId
+            return None
+
+        node = wait_for(running_elsewhere, "the crashing replica running on another node", 120, 0.5)
+        took = time.monotonic() - started
+        history = tracker.histories[(md.key, "0")]
+        assert history.moves == 1 and first in history.avoid
+        assert node != first
+        print(f"crashing replica running on another node {took:.1f}s after it was created")
+    finally:
+        swarm_lab.set_runtime_installed(1, True)
+        reconciler.finalize(md.metadata.namespace, md.metadata.name, md.metadata.uid)
+        reconciler.close()
