@@ -105,6 +105,8 @@ class Runtime:
     validator: NodeValidator | None = None
     # Replicas failing over and over where they are (failing.py); made by start_threads.
     failing: FailureTracker | None = None
+    # (nodeSelector, image) of every deployment, oldest first, as of the last pass.
+    wanted: list[tuple[dict[str, str], str]] = field(default_factory=list)
 
     # -- triggers -------------------------------------------------------------------------
 
@@ -295,6 +297,10 @@ class Runtime:
         for action in result.all_applied():
             self.recent_writes[action.service_name] = time.monotonic()
         self.owner_of_service = {s.id: s.deployment for s in result.plan.snapshot.services}
+        # For node probes (another thread): swapped whole, never edited in place.
+        self.wanted = [
+            (md.spec.nodeSelector, md.spec.image) for md in sorted(desired.deployments, key=_age)
+        ]
         self.busy = result.requeue
         statuses = {key: view.status for key, view in result.views.items()}
         await self._write_statuses(statuses, desired, resync=everything)
@@ -531,11 +537,7 @@ class Runtime:
                 return
             if not self.leader:
                 continue
-            wanted = [
-                (md.spec.nodeSelector, md.spec.image)
-                for md in sorted(self.desired().deployments, key=_age)
-            ]
-            if validator.step(wanted):
+            if validator.step(self.wanted):
                 self.request_threadsafe(everything=True)
 
     def _probe_swarm(self) -> None:
