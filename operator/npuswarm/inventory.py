@@ -70,23 +70,24 @@ class NodeLimits:
     one moves)."""
 
     nodes: Mapping[str, str] = field(default_factory=dict)
-    npus: Mapping[str, Mapping[int, str]] = field(default_factory=dict)
+    npus: Mapping[str, Mapping[int, str]] = field(default_factory=dict)  # unhealthy
+    # NPUs running processes npuswarm did not start: taken, like a foreign claim.
+    busy: Mapping[str, Mapping[int, str]] = field(default_factory=dict)
     # Replicas (deployment, slot) that failing.py moves now (-> why), and the nodes each
     # must avoid for a cool-down.
     move: Mapping[tuple[str, str], str] = field(default_factory=dict)
     avoid: Mapping[tuple[str, str], frozenset[str]] = field(default_factory=dict)
 
     def apply(self, nodes: list[NodeInfo]) -> list[NodeInfo]:
-        if not self.nodes and not self.npus:
+        if not self.nodes and not self.npus and not self.busy:
             return nodes
         limited = []
         for node in nodes:
             update: dict[str, Any] = {}
             if node.id in self.nodes:
                 update["blocked"] = self.nodes[node.id]
-            withheld = {
-                n: why for n, why in (self.npus.get(node.id) or {}).items() if n in node.npus
-            }
+            asked = {**(self.busy.get(node.id) or {}), **(self.npus.get(node.id) or {})}
+            withheld = {n: why for n, why in asked.items() if n in node.npus}
             if withheld:
                 update["withheld"] = withheld
                 update["reserved"] = node.reserved | frozenset(withheld)

@@ -140,17 +140,33 @@ def unhealthy_since(
     return since
 
 
+@dataclass(frozen=True)
+class Withheld:
+    """Node id -> NPU -> why placement leaves it: unhealthy ones, and ones busy with
+    processes npuswarm did not start (counted as foreign)."""
+
+    unhealthy: dict[str, dict[int, str]]
+    busy: dict[str, dict[int, str]]
+
+    def all(self) -> dict[str, dict[int, str]]:
+        merged = {node: dict(npus) for node, npus in self.busy.items()}
+        for node, npus in self.unhealthy.items():
+            merged.setdefault(node, {}).update(npus)
+        return merged
+
+
 def withheld_npus(
     health: Mapping[str, NodeHealth],
     since: Mapping[tuple[str, int], datetime],
     held: Mapping[str, Iterable[int]],
     now: datetime,
     grace_seconds: float,
-) -> dict[str, dict[int, str]]:
-    """Node id -> NPU -> why placement must leave it: unhealthy and free at once, unhealthy
-    under a replica after ``grace_seconds``, or running processes npuswarm did not start
-    (on an NPU no replica of this installation holds)."""
+) -> Withheld:
+    """What placement must leave alone: NPUs unhealthy and free at once, unhealthy under a
+    replica after ``grace_seconds``, or running processes npuswarm did not start (on an NPU
+    no replica of this installation holds)."""
     found: dict[str, dict[int, str]] = {}
+    busy: dict[str, dict[int, str]] = {}
     for node_id, node_health in health.items():
         if node_health.error:
             continue
@@ -167,7 +183,7 @@ def withheld_npus(
                     )
             elif reading.processes and npu not in ours:
                 shown = ", ".join(f"pid {p.pid} {p.name}" for p in reading.processes[:3])
-                found.setdefault(node_id, {})[npu] = (
+                busy.setdefault(node_id, {})[npu] = (
                     f"NPU {npu} on node {host} runs processes npuswarm did not start ({shown})"
                 )
-    return found
+    return Withheld(unhealthy=found, busy=busy)

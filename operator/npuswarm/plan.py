@@ -138,6 +138,8 @@ class PassPlan:
     networks_to_create: list[str] = field(default_factory=list)
     # npuswarm's own networks nothing of npuswarm's uses any more: (name, id), removed last.
     networks_to_remove: list[tuple[str, str]] = field(default_factory=list)
+    # What node checks kept out of this placement (for the NPU gauges).
+    limits: NodeLimits | None = None
 
     @property
     def actions(self) -> list[Action]:
@@ -297,6 +299,7 @@ def plan_pass(
             for name, network_id in snapshot.own_networks.items()
             if name not in wanted and name not in in_use
         ),
+        limits=limits,
     )
 
 

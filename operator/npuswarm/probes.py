@@ -99,12 +99,14 @@ class NodeValidator:
         with self._lock:
             known = NodeVerdicts(dict(self.known.verdicts), frozenset(self.running))
         with_replicas = {a.node_id for a in snapshot.allocations() if not a.foreign}
+        withheld = self.withheld(snapshot)
         return NodeLimits(
             nodes=nodecheck.unusable_nodes(snapshot.nodes, known, with_replicas),
-            npus=self.withheld(snapshot),
+            npus=withheld.unhealthy,
+            busy=withheld.busy,
         )
 
-    def withheld(self, snapshot: SwarmSnapshot) -> dict[str, dict[int, str]]:
+    def withheld(self, snapshot: SwarmSnapshot) -> npuhealth.Withheld:
         """NPUs placement must leave alone now (unhealthy, or busy with others' processes)."""
         with self._lock:
             health, since = dict(self.health), dict(self.since)
@@ -198,7 +200,7 @@ class NodeValidator:
         plan = self.last_plan()
         if plan is None:
             return set()
-        withheld = self.withheld(plan.snapshot)
+        withheld = self.withheld(plan.snapshot).all()
         changed = {
             node_id
             for node_id in withheld.keys() | self._withheld.keys()

@@ -113,7 +113,9 @@ class PassResult:
         return sum(len(v.applied) for v in self.views.values()) + len(self.orphans_removed)
 
     def npu_states(self) -> dict[tuple[str, str], int]:
-        return npu_states(self.plan.snapshot, self.plan.placement.foreign, self.all_applied())
+        return npu_states(
+            self.plan.snapshot, self.plan.placement.foreign, self.all_applied(), self.plan.limits
+        )
 
     def all_applied(self) -> list[Action]:
         return [a for v in self.views.values() for a in v.applied] + self.orphans_removed
@@ -415,11 +417,15 @@ NPU_STATES = ("allocated", "foreign", "reserved", "free", "unhealthy")
 
 
 def npu_states(
-    snapshot: SwarmSnapshot, foreign: Mapping[str, Mapping[int, str]], applied: Iterable[Action]
+    snapshot: SwarmSnapshot,
+    foreign: Mapping[str, Mapping[int, str]],
+    applied: Iterable[Action],
+    limits: NodeLimits | None = None,
 ) -> dict[tuple[str, str], int]:
     """NPUs per (node, state) once this pass's writes landed: npuswarm's claims from its
-    labels, NPUs that services npuswarm does not own hold, reserved, free, and every NPU of a
-    node that is not ready."""
+    labels, NPUs that services npuswarm does not own hold (or processes it did not start
+    use), reserved, free, and unhealthy: every NPU of a node that is not ready, and those
+    npu-smi reads unhealthy that no replica holds."""
     claims = {a.service: (a.node_id, a.npus) for a in snapshot.allocations() if not a.foreign}
     for action in applied:
         if action.kind == "remove":
@@ -439,13 +445,17 @@ def npu_states(
         allocated = claimed.get(node.id, set()) & node.npus
         held = set(foreign.get(node.id, {})) & node.npus - allocated
         reserved = node.reserved & node.npus
+        sick: set[int] = set()
+        if limits is not None:
+            held |= set(limits.busy.get(node.id) or {}) & node.usable_npus - allocated
+            sick = set(limits.npus.get(node.id) or {}) & node.usable_npus - allocated - held
         if node.state == "ready":
             values = {
                 "allocated": len(allocated),
                 "foreign": len(held),
                 "reserved": len(reserved),
-                "free": len(node.usable_npus - allocated - held),
-                "unhealthy": 0,
+                "free": len(node.usable_npus - allocated - held - sick),
+                "unhealthy": len(sick),
             }
         else:
             values = dict.fromkeys(NPU_STATES, 0)

@@ -114,7 +114,7 @@ def test_an_unhealthy_npu_moves_its_replica_and_comes_back_when_healthy(
 
         def taken() -> str | None:
             turn_checked()
-            return loops.validator.unusable(loops.last.plan.snapshot).npus.get(free_node, {}).get(5)
+            return loops.validator.unusable(loops.last.plan.snapshot).busy.get(free_node, {}).get(5)
 
         why = wait_for(taken, "NPU 5 with a foreign process withheld", 60, 0.5)
         assert "runs processes npuswarm did not start (pid 999 python3)" in why

@@ -18,6 +18,7 @@ from npuswarm.reconcile import Desired, Reconciler
 from npuswarm.settings import Settings
 
 from .builders import NOW, deployment, node
+from .memswarm import MemorySwarm
 from .test_nodecheck import ProbingSwarm
 
 FAKE_NPU_SMI = Path(__file__).resolve().parents[2] / "hack" / "fake-npu-smi"
@@ -104,11 +105,11 @@ def test_withheld_unhealthy_free_at_once_held_after_grace_and_foreign_processes(
     }
     since = {("a", 0): NOW, ("a", 1): NOW}
     held = {"a": {1, 3}}  # replicas hold 1 (unhealthy) and 3 (their own process)
-    early = npuhealth.withheld_npus(health, since, held, NOW + timedelta(seconds=59), 60)
+    early = npuhealth.withheld_npus(health, since, held, NOW + timedelta(seconds=59), 60).all()
     assert set(early["a"]) == {0, 2}
     assert "is unhealthy (npu-smi: Critical)" in early["a"][0]
     assert "runs processes npuswarm did not start (pid 9 python3)" in early["a"][2]
-    late = npuhealth.withheld_npus(health, since, held, NOW + timedelta(seconds=60), 60)
+    late = npuhealth.withheld_npus(health, since, held, NOW + timedelta(seconds=60), 60).all()
     assert set(late["a"]) == {0, 1, 2}
     assert late["a"][1] == "NPU 1 on node host-a is unhealthy (npu-smi: Alarm, for 60s)"
 
@@ -249,3 +250,16 @@ def test_no_health_probe_on_a_node_that_failed_validation() -> None:
     assert not validator.verdicts()["node1"].ok
     assert validator.health_running == {} and validator.health == {}
     assert not any(npuhealth.HEALTH_PROBE in s["Spec"]["Labels"] for s in swarm.services.values())
+
+
+def test_npu_gauges_count_unhealthy_and_busy_npus() -> None:
+    from npuswarm.inventory import NodeLimits
+    from npuswarm.reconcile import npu_states
+
+    swarm = MemorySwarm(nodes=1, npus=8)
+    snapshot = swarm.observe()
+    limits = NodeLimits(npus={"node1": {0: "sick"}}, busy={"node1": {1: "someone's python3"}})
+    states = npu_states(snapshot, {}, [], limits)
+    assert states[("host1", "unhealthy")] == 1
+    assert states[("host1", "foreign")] == 1
+    assert states[("host1", "free")] == 6
