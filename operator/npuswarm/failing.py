@@ -18,6 +18,7 @@ from datetime import datetime, timedelta
 import structlog
 
 from npuswarm import labels
+from npuswarm.events import Event
 from npuswarm.inventory import NodeLimits
 from npuswarm.observed import ObservedService, ObservedTask, SwarmSnapshot
 from npuswarm.placement import ReplicaKey
@@ -167,6 +168,16 @@ class FailureTracker:
                 log.warning("failing replica stays", deployment=key[0], replica=key[1], why=why)
         self._reported = dict(decision.failing)
         return decision
+
+    def events(self) -> dict[str, list[Event]]:
+        """Per deployment, a Warning for each replica left where it is although failing (the
+        runtime posts them with the pass's other events; identical ones once an hour)."""
+        found: dict[str, list[Event]] = {}
+        for (deployment, slot), why in sorted(self._reported.items()):
+            found.setdefault(deployment, []).append(
+                Event("Warning", "ReplicaFailing", f"replica {slot}: {why}")
+            )
+        return found
 
     def checks(
         self, first: Callable[[SwarmSnapshot], NodeLimits] | None

@@ -192,6 +192,10 @@ class Runtime:
                 return
             self.failures = 0
             elapsed = time.monotonic() - started
+            if self.failing is not None:
+                for key, events in self.failing.events().items():
+                    if key in result.views:
+                        result.views[key].events.extend(events)
             await self._publish(result, desired, served, everything)
             total = time.monotonic() - started
             log.info(

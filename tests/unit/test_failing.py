@@ -139,3 +139,19 @@ def test_a_pass_moves_a_failing_replica_to_another_node() -> None:
         "re-placed: failed 2 times in a row on node host1: task: non-zero exit (1)" in m
         for m in events
     ), events
+
+
+def test_a_replica_left_failing_gets_a_warning_event_with_why() -> None:
+    settings = Settings(failing_replica_threshold=3, failing_replica_max_moves=1)
+    tracker = FailureTracker(settings, lambda: NOW)
+    tracker.histories[("default/m", "0")] = History(moves=1, last_move=NOW - timedelta(hours=1))
+    swarm = MemorySwarm(nodes=1)
+    snapshot = swarm.observe()
+    snapshot.services.append(three_failures())
+    tracker.decide(snapshot)
+    (event,) = tracker.events()["default/m"]
+    assert (event.type, event.reason) == ("Warning", "ReplicaFailing")
+    assert (
+        event.message
+        == "replica 0: failed 3 times in a row on node host1: boom; not moved again after 1 moves"
+    )
