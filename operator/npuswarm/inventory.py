@@ -32,6 +32,8 @@ class NodeInfo(BaseModel):
     engine: str = ""  # Docker Engine version: a change asks for a new validation probe
     # Why new replicas must not go here (failed or pending validation, see nodecheck.py).
     blocked: str = ""
+    # ``blocked`` only until its first validation probe answers (not a failure).
+    validating: bool = False
     # NPUs kept out of use by health checks (npuhealth.py), with why; also in ``reserved``.
     withheld: dict[int, str] = {}
 
@@ -70,6 +72,8 @@ class NodeLimits:
     one moves)."""
 
     nodes: Mapping[str, str] = field(default_factory=dict)
+    # Those of ``nodes`` that only wait for their first validation probe.
+    pending: frozenset[str] = frozenset()
     npus: Mapping[str, Mapping[int, str]] = field(default_factory=dict)  # unhealthy
     # NPUs running processes npuswarm did not start: taken, like a foreign claim.
     busy: Mapping[str, Mapping[int, str]] = field(default_factory=dict)
@@ -86,6 +90,7 @@ class NodeLimits:
             update: dict[str, Any] = {}
             if node.id in self.nodes:
                 update["blocked"] = self.nodes[node.id]
+                update["validating"] = node.id in self.pending
             asked = {**(self.busy.get(node.id) or {}), **(self.npus.get(node.id) or {})}
             withheld = {n: why for n, why in asked.items() if n in node.npus}
             if withheld:

@@ -20,7 +20,11 @@ from npuswarm.inventory import NodeInfo
 ReplicaKey = tuple[str, str]  # (deployment "namespace/name", slot)
 CandidateKey = tuple[tuple[tuple[str, str], ...], str | None]  # (nodeSelector, pinned node)
 UnplacedReason = Literal[
-    "NoMatchingNode", "NodesUnavailable", "InsufficientNPUs", "NodeValidationFailed"
+    "NoMatchingNode",
+    "NodesUnavailable",
+    "InsufficientNPUs",
+    "NodeValidationFailed",
+    "NodeValidationPending",
 ]
 # At most this many blocked nodes are named in one message; the rest are counted.
 MAX_NAMED_BLOCKED = 3
@@ -331,7 +335,7 @@ def _best_fit(request: ReplicaRequest, result: PlacementResult) -> Assignment | 
         if blocked:
             return _unplaced(
                 request,
-                "NodeValidationFailed",
+                _validation_reason(matching),
                 f"{len(matching)} matching node(s) take no new replicas: {blocked}",
             )
         return _unplaced(
@@ -352,7 +356,7 @@ def _best_fit(request: ReplicaRequest, result: PlacementResult) -> Assignment | 
         # Nodes that failed validation would perhaps have had room: that is what to fix.
         return _unplaced(
             request,
-            "NodeValidationFailed" if blocked else "InsufficientNPUs",
+            _validation_reason(matching) if blocked else "InsufficientNPUs",
             f"needs {request.npus} free NPUs on one node; the most free on a matching "
             f"node is {most_free}" + (f"; not used: {blocked}" if blocked else ""),
         )
@@ -364,6 +368,14 @@ def _best_fit(request: ReplicaRequest, result: PlacementResult) -> Assignment | 
         npus=chosen,
         kept=False,
     )
+
+
+def _validation_reason(nodes: list[NodeInfo]) -> UnplacedReason:
+    """Failed when a blocked node failed its probe; pending when they all still wait for
+    their first one (a few seconds: not a fault)."""
+    if any(n.blocked and not n.validating for n in nodes):
+        return "NodeValidationFailed"
+    return "NodeValidationPending"
 
 
 def _blocked_nodes(nodes: list[NodeInfo]) -> str:

@@ -100,8 +100,10 @@ class NodeValidator:
             known = NodeVerdicts(dict(self.known.verdicts), frozenset(self.running))
         with_replicas = {a.node_id for a in snapshot.allocations() if not a.foreign}
         withheld = self.withheld(snapshot)
+        blocked = nodecheck.unusable_nodes(snapshot.nodes, known, with_replicas)
         return NodeLimits(
-            nodes=nodecheck.unusable_nodes(snapshot.nodes, known, with_replicas),
+            nodes=blocked,
+            pending=frozenset(n for n in blocked if n not in known.verdicts),
             npus=withheld.unhealthy,
             busy=withheld.busy,
         )

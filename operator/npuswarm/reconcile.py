@@ -21,7 +21,7 @@ import structlog
 
 from npuswarm import labels, metrics, policy
 from npuswarm.api import ModelDeployment, ModelDeploymentStatus
-from npuswarm.events import Event
+from npuswarm.events import Event, EventType
 from npuswarm.inventory import NodeLimits
 from npuswarm.npus import parse_npu_ids
 from npuswarm.observed import SwarmSnapshot
@@ -394,8 +394,10 @@ def deployment_events(md: ModelDeployment, whole: PassPlan, writes: Applied) -> 
             events.append(Event("Normal", "Removed", f"{action.service_name}: {action.reason}"))
     for key, unplaced in sorted(placement.unplaced.items()):
         if key[0] == md.key:
+            # Waiting for a node's first validation probe is no warning.
+            kind: EventType = "Normal" if unplaced.reason == "NodeValidationPending" else "Warning"
             events.append(
-                Event("Warning", unplaced.reason, f"replica {unplaced.slot}: {unplaced.message}")
+                Event(kind, unplaced.reason, f"replica {unplaced.slot}: {unplaced.message}")
             )
     for slot, error in sorted(writes.rejected.items()):
         events.append(Event("Warning", "SwarmRejected", f"replica {slot}: {error}"))

@@ -266,6 +266,17 @@ def test_a_node_that_fails_validation_gets_no_replica_and_the_status_says_why() 
     first = reconciler.run_pass(desired, validator.unusable)
     assert not swarm.by_name().get("default-qwen3-0"), "nothing goes to a node never validated"
     assert "is not validated yet" in first.views[md.key].status.replicaStatuses[0].message
+    # Waiting for a first probe is progress, not a fault: no Degraded, no Warning.
+    waiting = {c.type: c for c in first.views[md.key].status.conditions}
+    assert waiting["Degraded"].status == "False"
+    assert (waiting["Progressing"].status, waiting["Progressing"].reason) == (
+        "True",
+        "ValidatingNodes",
+    )
+    assert first.views[md.key].status.phase == "Pending"
+    assert {(e.type, e.reason) for e in first.views[md.key].events} == {
+        ("Normal", "NodeValidationPending")
+    }
 
     # Probes start on both nodes' free NPUs (all 8) and hold them while they run.
     assert validator.step([({}, md.spec.image)]) == set()
