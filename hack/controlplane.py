@@ -82,6 +82,8 @@ class ControlPlane:
     bin_dir: Path
     k8s_version: str
     pids: dict[str, int]  # binary name -> pid, the only processes stop() may signal
+    # How kube-apiserver was started, so that an outage test can stop it and start it again.
+    apiserver_argv: list[str] = dataclasses.field(default_factory=list)
 
     def env(self) -> dict[str, str]:
         """Variables that point clients at this control plane."""
@@ -479,36 +481,30 @@ def _start_once(
             logs,
         )
 
-        record(
-            "kube-apiserver",
-            _spawn(
-                [
-                    str(paths["kube-apiserver"]),
-                    f"--etcd-servers={etcd_url}",
-                    "--bind-address=127.0.0.1",
-                    "--advertise-address=127.0.0.1",
-                    f"--secure-port={apiserver_port}",
-                    # The apiserver writes a self-signed CA and serving cert here.
-                    f"--cert-dir={cert_dir}",
-                    "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
-                    f"--service-account-key-file={sa_pub}",
-                    f"--service-account-signing-key-file={sa_key}",
-                    f"--service-cluster-ip-range={SERVICE_CLUSTER_IP_RANGE}",
-                    f"--token-auth-file={tokens}",
-                    "--authorization-mode=RBAC",
-                    "--allow-privileged=true",
-                    # Without a controller-manager no ServiceAccount exists, and this
-                    # plugin would reject every pod for want of "default".
-                    "--disable-admission-plugins=ServiceAccount",
-                    # The "kubernetes" Service would point at 127.0.0.1, which the
-                    # endpoint validation rejects (and retries forever in the log).
-                    "--endpoint-reconciler-type=none",
-                    "--profiling=false",
-                ],
-                logs["kube-apiserver"],
-                die_with_parent,
-            ),
-        )
+        apiserver_argv = [
+            str(paths["kube-apiserver"]),
+            f"--etcd-servers={etcd_url}",
+            "--bind-address=127.0.0.1",
+            "--advertise-address=127.0.0.1",
+            f"--secure-port={apiserver_port}",
+            # The apiserver writes a self-signed CA and serving cert here.
+            f"--cert-dir={cert_dir}",
+            "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
+            f"--service-account-key-file={sa_pub}",
+            f"--service-account-signing-key-file={sa_key}",
+            f"--service-cluster-ip-range={SERVICE_CLUSTER_IP_RANGE}",
+            f"--token-auth-file={tokens}",
+            "--authorization-mode=RBAC",
+            "--allow-privileged=true",
+            # Without a controller-manager no ServiceAccount exists, and this
+            # plugin would reject every pod for want of "default".
+            "--disable-admission-plugins=ServiceAccount",
+            # The "kubernetes" Service would point at 127.0.0.1, which the
+            # endpoint validation rejects (and retries forever in the log).
+            "--endpoint-reconciler-type=none",
+            "--profiling=false",
+        ]
+        record("kube-apiserver", _spawn(apiserver_argv, logs["kube-apiserver"], die_with_parent))
 
         ca_file = cert_dir / "apiserver.crt"
         _wait_until(
@@ -545,6 +541,7 @@ def _start_once(
         bin_dir=paths["etcd"].parent,
         k8s_version=k8s_version(),
         pids=dict(pids),
+        apiserver_argv=apiserver_argv,
     )
     _save_state(state_dir, plane.to_json())
     _CHILDREN[state_dir] = procs
@@ -606,6 +603,30 @@ def stop(target: ControlPlane | str | os.PathLike[str], *, timeout: float = 20.0
     state = _load_state(state_dir)
     children = _CHILDREN.pop(state_dir, {})
     _stop_procs(state_dir, state.get("pids", {}), children, timeout)
+
+
+def stop_apiserver(plane: ControlPlane, *, timeout: float = 20.0) -> None:
+    """Stop only kube-apiserver (etcd and its data stay): an API server outage."""
+    children = _CHILDREN.get(plane.state_dir, {})
+    _terminate(plane.pids["kube-apiserver"], "kube-apiserver", plane.state_dir, timeout,
+               children.get("kube-apiserver"))
+
+
+def start_apiserver(plane: ControlPlane, *, timeout: float = 90.0) -> None:
+    """Start kube-apiserver again as it was started (same port, certificates and tokens);
+    return once /readyz answers ok."""
+    log = plane.state_dir / "kube-apiserver.log"
+    proc = _spawn(plane.apiserver_argv, log, die_with_parent=True)
+    plane.pids["kube-apiserver"] = proc.pid
+    _CHILDREN.setdefault(plane.state_dir, {})["kube-apiserver"] = proc
+    _save_state(plane.state_dir, plane.to_json())
+    _wait_until(
+        "kube-apiserver /readyz after a restart",
+        lambda: _ready_apiserver(plane.server, plane.ca_file, plane.admin_token),
+        time.monotonic() + timeout,
+        {"kube-apiserver": proc},
+        {"kube-apiserver": log},
+    )
 
 
 def load(state_dir: str | os.PathLike[str]) -> ControlPlane:

@@ -568,6 +568,10 @@ def start_holder(node: Node) -> int:
     return proc.pid
 
 
+# Starts of a stopped node dockerd that exit on their own before answering, tried again.
+START_ATTEMPTS = 3
+
+
 def start_dockerd(node: Node) -> subprocess.Popen:
     holder = int((node.run_dir / "holder.pid").read_text())
     env = {
@@ -783,9 +787,19 @@ class Lab:
         node = self.node(index)
         if dockerd_pid(node) is not None:
             raise LabError(f"dockerd of {node.hostname} is already running")
-        proc = start_dockerd(node)
-        self._procs[f"dockerd{index}"] = proc
-        wait_dockerd(node, proc)
+        for attempt in range(1, START_ATTEMPTS + 1):
+            proc = start_dockerd(node)
+            self._procs[f"dockerd{index}"] = proc
+            try:
+                wait_dockerd(node, proc)
+                return
+            except LabError as error:
+                # On a loaded machine dockerd gives up on its managed containerd after ~20 s
+                # ("failed to start containerd: timeout") and exits: that start is tried again.
+                if proc.poll() is None or attempt == START_ATTEMPTS:
+                    raise
+                print(f"swarmlab: dockerd of {node.hostname} exited ({str(error)[:120]}...); "
+                      f"starting it again", file=sys.stderr)
 
     def restart_dockerd(self, index: int) -> None:
         self.kill_dockerd(index)

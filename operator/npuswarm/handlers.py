@@ -46,6 +46,7 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **kwargs: Any)
     metrics.max_concurrent_reconciles.labels(metrics.CONTROLLER).set(1)
 
     config = Settings.from_env()
+    settings.peering.lifetime = config.peering_lifetime_seconds
     watched = os.environ.get(NAMESPACES_ENV)
     namespaces = frozenset(n for n in watched.split(",") if n) if watched else None
     swarm = Swarm(timeout=config.docker_timeout_seconds, instance=config.instance)

@@ -9,7 +9,7 @@ from typing import Any
 import kubernetes
 import structlog
 
-from npuswarm import api
+from npuswarm import api, metrics
 
 log = structlog.get_logger("npuswarm.kube")
 
@@ -79,6 +79,7 @@ class Kube:
                         api.GROUP, api.VERSION, namespace, api.PLURAL
                     )
             except Exception as error:
+                metrics.kube_api_errors_total.labels("orphan_list").inc()
                 log.warning("cannot list ModelDeployments; orphans are kept", error=str(error))
                 return None
             if (listed.get("metadata") or {}).get("continue"):

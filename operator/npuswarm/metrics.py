@@ -116,6 +116,13 @@ background_errors_total = Counter(
     ["loop"],
     registry=REGISTRY,
 )
+kube_api_errors_total = Counter(
+    "npuswarm_kube_api_errors_total",
+    "Kubernetes API calls of npuswarm's own that failed, by operation (status, event, "
+    "orphan_list): retried, never acted on as if they had succeeded.",
+    ["operation"],
+    registry=REGISTRY,
+)
 workqueue_depth = Gauge(
     "workqueue_depth",
     "ModelDeployments waiting for the next pass.",

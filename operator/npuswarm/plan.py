@@ -138,6 +138,11 @@ class PassPlan:
     networks_to_create: list[str] = field(default_factory=list)
     # npuswarm's own networks nothing of npuswarm's uses any more: (name, id), removed last.
     networks_to_remove: list[tuple[str, str]] = field(default_factory=list)
+    # Owners whose services look orphaned but whose absence no complete read confirmed (the
+    # API server down, a partial page): kept, and asked again soon rather than at the resync.
+    unconfirmed_orphans: frozenset[str] = frozenset()
+    # How long a replica waits on a node that is not ready before it is placed elsewhere.
+    lost_node_grace_seconds: float = 0.0
     # What node checks kept out of this placement (for the NPU gauges).
     limits: NodeLimits | None = None
 
@@ -293,6 +298,7 @@ def plan_pass(
         plans=plans,
         orphans=orphans,
         refused=refused,
+        lost_node_grace_seconds=lost_node_grace_seconds,
         networks_to_create=sorted(wanted - snapshot.networks.keys()),
         networks_to_remove=sorted(
             (name, network_id)

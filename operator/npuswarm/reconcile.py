@@ -159,7 +159,8 @@ class Reconciler:
         snapshot: SwarmSnapshot,
         limits: NodeLimits | None = None,
     ) -> PassPlan:
-        return plan_pass(
+        confirmed, unconfirmed = self._orphan_owners(desired, snapshot)
+        whole = plan_pass(
             desired.deployments,
             snapshot,
             now=self.clock(),
@@ -167,10 +168,13 @@ class Reconciler:
             known_services={
                 key: _reported_services(status) for key, status in desired.previous.items()
             },
-            orphan_owners=self._orphan_owners(desired, snapshot),
+            orphan_owners=confirmed,
             renderer=self.renderer,
             limits=limits,
         )
+        if unconfirmed:
+            whole.unconfirmed_orphans = unconfirmed
+        return whole
 
     def run_pass(self, desired: Desired, checks: NodeChecks | None = None) -> PassResult:
         """Raises SwarmUnavailable when Swarm cannot be read or written: nothing is concluded
@@ -243,18 +247,21 @@ class Reconciler:
             log.info("orphan removed", service=action.service_name, reason=action.reason)
         return PassResult(plan=whole, views=views, orphans_removed=orphans)
 
-    def _orphan_owners(self, desired: Desired, snapshot: SwarmSnapshot) -> frozenset[str]:
-        """Owners of services that no ModelDeployment claims, confirmed gone by a complete
-        read. A failed or partial read confirms nothing, so nothing is removed."""
-        candidates = {
+    def _orphan_owners(
+        self, desired: Desired, snapshot: SwarmSnapshot
+    ) -> tuple[frozenset[str], frozenset[str]]:
+        """(confirmed, unconfirmed): owners of services that no ModelDeployment claims,
+        confirmed gone by a complete read, and those a failed or partial read could not
+        confirm. Only confirmed ones are removed."""
+        candidates = frozenset(
             owner for owner in snapshot.deployments() - desired.known() if desired.watches(owner)
-        }
+        )
         if not candidates or self.owners is None:
-            return frozenset()
-        existing = self.owners.existing(candidates)
+            return frozenset(), frozenset()
+        existing = self.owners.existing(set(candidates))
         if existing is None:
-            return frozenset()
-        return frozenset(candidates - existing)
+            return frozenset(), candidates
+        return candidates - existing, frozenset()
 
     def _without_tombstoned(self, desired: Desired) -> Desired:
         if not self._tombstones:

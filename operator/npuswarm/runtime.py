@@ -43,6 +43,11 @@ COALESCE_SECONDS = 0.1
 MAX_BACKOFF_SECONDS = 300.0
 STATUS_WRITERS = 8
 STATUS_RETRY_SECONDS = 3.0
+# How often the peering object is read: a standby takes over at most this long after the
+# dead leader's record expires (one small GET per poll).
+LEADERSHIP_POLL_SECONDS = 2.0
+# Services that look orphaned while the API server cannot confirm it: asked again this soon.
+ORPHAN_RETRY_SECONDS = 10.0
 # A pass with this many Swarm and status writes made a burst of garbage worth giving back.
 RELEASE_AFTER_WRITES = 100
 # A Swarm event about a service this operator wrote so recently is its own echo.
@@ -207,6 +212,9 @@ class Runtime:
                 swarm_seconds=round(elapsed, 3),
                 duration_seconds=round(total, 3),
             )
+        if result.plan.unconfirmed_orphans:
+            assert self.loop is not None
+            self.loop.call_later(ORPHAN_RETRY_SECONDS, self.request, None)
         if result.writes + len(self.last_changed) >= RELEASE_AFTER_WRITES:
             await asyncio.to_thread(_release_memory)
         metrics.passes_total.labels("success").inc()
@@ -389,6 +397,7 @@ class Runtime:
                 try:
                     found = await asyncio.to_thread(self.kube.patch_status, namespace, name, patch)
                 except Exception as error:  # a pass soon writes it again
+                    metrics.kube_api_errors_total.labels("status").inc()
                     log.warning("status write failed", deployment=key, error=_short(error))
                     self.written.pop(key, None)
                     failed.append(key)
@@ -419,6 +428,7 @@ class Runtime:
                         self.kube.post_event, reference, event.type, event.reason, event.message
                     )
                 except Exception as error:
+                    metrics.kube_api_errors_total.labels("event").inc()
                     log.warning("event not posted", deployment=key, error=str(error))
 
         await asyncio.gather(
@@ -569,7 +579,7 @@ class Runtime:
                 self.request_threadsafe(everything=True)
             self.leader = active
             metrics.leader.set(1 if active else 0)
-            if self.stop.wait(self.settings.swarm_probe_seconds):
+            if self.stop.wait(min(self.settings.swarm_probe_seconds, LEADERSHIP_POLL_SECONDS)):
                 return
 
     def _active(self) -> bool:

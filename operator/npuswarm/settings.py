@@ -44,6 +44,10 @@ class Settings(BaseSettings):
     # none), and how often while a rollout or a start is under way.
     task_poll_seconds: float = Field(5.0, gt=0, le=3600, allow_inf_nan=False)
     task_poll_busy_seconds: float = Field(1.0, gt=0, le=3600, allow_inf_nan=False)
+    # With peering: how long a crashed instance's record counts as alive (kopf's lifetime). A
+    # standby takes over this long after the active one died; the active one renews its record
+    # every lifetime minus 5-10 s, so below 15 s a slow API server could make leadership flap.
+    peering_lifetime_seconds: int = Field(60, ge=15, le=3600)
     # Swarm writes of one pass in flight at once.
     write_concurrency: int = Field(8, ge=1, le=64)
     # Which npuswarm installation this is, when several share one Swarm: each owns only the

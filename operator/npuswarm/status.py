@@ -17,7 +17,9 @@ from npuswarm.api import (
     Phase,
     ReplicaStatus,
 )
+from npuswarm.inventory import NodeInfo
 from npuswarm.labels import SPEC_HASH
+from npuswarm.placement import Unplaced
 from npuswarm.plan import Applied, PassPlan
 from npuswarm.render import network_alias
 
@@ -111,6 +113,7 @@ def deployment_status(
     observed = {s.name: s for s in snapshot.services_of(md.key)}
     replicas: list[ReplicaStatus] = []
     failing: list[str] = []
+    stranded: list[str] = []
     for request in requests:
         key = request.key
         assignment = placement.assignments.get(key)
@@ -118,21 +121,32 @@ def deployment_status(
         desired = plan.desired.get(request.slot)
         service = observed.get(desired["Name"]) if desired else None
         node = snapshot.node(assignment.node_id) if assignment else None
+        node_down = node_unavailable(node, whole.lost_node_grace_seconds)
         replica_ready = bool(
-            service is not None
+            node_down is None
+            and service is not None
             and desired is not None
             and request.slot not in touched
             and service.spec_hash == desired["Labels"].get(SPEC_HASH)
             and service.running_current_spec
         )
-        error = service.current_error if service is not None and not replica_ready else None
+        # On a node that stopped reporting, Swarm's task errors (a replacement task with "no
+        # suitable node") say less than the node's own state, which the message gives.
+        error = (
+            service.current_error
+            if service is not None and not replica_ready and node_down is None
+            else None
+        )
         message = None
         if unplaced_here is not None:
-            message = unplaced_here.message
+            message = _unplaced_message(unplaced_here, placement.moved.get(key))
         elif request.slot in rejected:
             message = rejected[request.slot]
         elif key in placement.moved:
             message = f"moving: {placement.moved[key]}"
+        elif node_down is not None:
+            message = node_down
+            stranded.append(f"replica {request.slot}: {node_down}")
         elif request.slot in deferred:
             message = "waiting for its turn in the rolling update (updateStrategy)"
         elif request.slot in touched:
@@ -166,11 +180,16 @@ def deployment_status(
     degraded = ConditionValue("False", "AsExpected")
     if failing:
         degraded = ConditionValue("True", "TaskFailed", "; ".join(failing))
+    elif stranded:
+        degraded = ConditionValue("True", "NodeUnavailable", "; ".join(stranded))
     elif unplaced:
         degraded = ConditionValue(
             "True",
             unplaced[0].reason,
-            "; ".join(f"replica {u.slot}: {u.message}" for u in unplaced),
+            "; ".join(
+                f"replica {u.slot}: {_unplaced_message(u, placement.moved.get((md.key, u.slot)))}"
+                for u in unplaced
+            ),
         )
     elif rejected:
         degraded = ConditionValue(
@@ -235,6 +254,25 @@ def deployment_status(
             md.metadata.generation,
             now,
         ),
+    )
+
+
+def _unplaced_message(unplaced: Unplaced, left_because: str | None) -> str:
+    """Why a replica has no place, and why it left the one it had (e.g. a lost node)."""
+    if left_because is None:
+        return unplaced.message
+    return f"left its place ({left_because}) and {unplaced.message}"
+
+
+def node_unavailable(node: NodeInfo | None, grace_seconds: float) -> str | None:
+    """Why a replica kept on a node that is not ready cannot serve, or None. Swarm may still
+    list its task as running: nothing on the node reports any more."""
+    if node is None or node.state == "ready":
+        return None
+    since = f" since {timestamp(node.status_since)}" if node.status_since else ""
+    return (
+        f"node {node.hostname} is {node.state}{since}; the replica is placed elsewhere "
+        f"if the node is not back within the lost-node grace of {grace_seconds:g}s"
     )
 
 

@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 import uuid
@@ -27,6 +25,7 @@ import docker
 import pytest
 import yaml
 
+from tests.faultproxy import FaultProxy, free_port
 from tests.helpers import NETWORK, fast_spec, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
@@ -42,81 +41,8 @@ SERVICE_ACCOUNT = f"system:serviceaccount:{OPERATOR_NAMESPACE}:npuswarm"
 INSTANCE = f"e2e{uuid.uuid4().hex[:8]}"
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-class DockerRelay:
-    """127.0.0.1:<port> -> the local Docker socket, which a test can switch off and on."""
-
-    def __init__(self, target: str = "/var/run/docker.sock") -> None:
-        self.target = target
-        self.port = free_port()
-        self.url = f"tcp://127.0.0.1:{self.port}"
-        self._listener: socket.socket | None = None
-        self._connections: list[socket.socket] = []
-        self._lock = threading.Lock()
-
-    def start(self) -> None:
-        listener = socket.socket()
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind(("127.0.0.1", self.port))
-        listener.listen(64)
-        self._listener = listener
-        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
-
-    def stop(self) -> None:
-        """Refuse new connections and cut open ones: to the operator, Docker is gone."""
-        with self._lock:
-            if self._listener is not None:
-                # close() alone does not wake a thread blocked in accept(), which would
-                # go on accepting; shutdown() does.
-                try:
-                    self._listener.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-                self._listener.close()
-                self._listener = None
-            for conn in self._connections:
-                try:
-                    conn.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-                conn.close()
-            self._connections.clear()
-
-    def _accept(self, listener: socket.socket) -> None:
-        while True:
-            try:
-                client, _ = listener.accept()
-            except OSError:
-                return
-            upstream = socket.socket(socket.AF_UNIX)
-            try:
-                upstream.connect(self.target)
-            except OSError:
-                client.close()
-                continue
-            with self._lock:
-                self._connections += [client, upstream]
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
-
-    @staticmethod
-    def _pipe(source: socket.socket, sink: socket.socket) -> None:
-        try:
-            while data := source.recv(65536):
-                sink.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (source, sink):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+# The operator's Docker connection: a relay a test can switch off, or make slow and faulty.
+DockerRelay = FaultProxy
 
 
 @dataclass
@@ -125,7 +51,7 @@ class Cluster:
     operator_kubeconfig: Path
     metrics_url: str
     health_url: str
-    relay: DockerRelay
+    relay: FaultProxy
     operator: subprocess.Popen[bytes]
     log_path: Path
     docker: docker.APIClient

@@ -85,10 +85,13 @@ def test_orphans_go_only_after_a_complete_read_says_their_owner_is_gone() -> Non
     result = run(reconciler(swarm, failed), everyone[:1])
     assert failed.asked == [{"default/m1"}] and result.orphans_removed == []
     assert len(swarm.services) == 2
+    # ...and the pass says so, so that the runtime asks again soon, not at the resync.
+    assert result.plan.unconfirmed_orphans == {"default/m1"}
 
     # The list says m1 still exists (the index lags): kept.
     result = run(reconciler(swarm, Catalog({"default/m0", "default/m1"})), everyone[:1])
     assert result.orphans_removed == [] and len(swarm.services) == 2
+    assert result.plan.unconfirmed_orphans == frozenset()  # decided: it exists
 
     # Outside the watched namespaces: never judged, not even asked about.
     elsewhere = Catalog(set())
@@ -225,3 +228,26 @@ def test_a_network_that_is_not_swarm_scoped_is_refused_by_policy_and_writes_noth
     assert view.status.phase == "Invalid"
     degraded = next(c for c in view.status.conditions if c.type == "Degraded")
     assert degraded.reason == "PolicyViolation" and "local network" in degraded.message
+
+
+def test_a_replica_on_a_node_that_went_down_is_not_ready_and_degraded_names_the_node() -> None:
+    swarm = MemorySwarm()
+    (md,) = models(1)
+    first = run(reconciler(swarm), [md])
+    swarm.run_all()
+    assert run(reconciler(swarm), [md]).views[md.key].status.phase == "Ready"
+    node_id = first.views[md.key].status.replicaStatuses[0].nodeId
+    (node,) = [n for n in swarm.nodes if n["ID"] == node_id]
+    node["Status"]["State"] = "down"
+    node["UpdatedAt"] = "2026-11-30T11:59:50Z"  # 10 s before NOW: within the 60 s grace
+
+    writes = swarm.writes()
+    status = run(reconciler(swarm), [md]).views[md.key].status
+    assert swarm.writes() == writes  # within the grace nothing moves
+    (replica,) = status.replicaStatuses
+    assert not replica.ready and replica.nodeId == node_id
+    assert "host" in (replica.message or "") and "is down since 2026-11-30T11:59:50Z" in replica.message
+    degraded = next(c for c in status.conditions if c.type == "Degraded")
+    assert (degraded.status, degraded.reason) == ("True", "NodeUnavailable")
+    assert node["Description"]["Hostname"] in degraded.message and "60s" in degraded.message
+    assert status.readyReplicas == 0 and status.phase == "Degraded"

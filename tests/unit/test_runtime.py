@@ -192,4 +192,43 @@ def test_a_refused_status_write_asks_for_a_pass_soon_and_is_not_remembered(monke
             await asyncio.sleep(0.01)
         return set(rt.dirty)
 
+    failed = {"operation": "status"}
+    before = metrics.REGISTRY.get_sample_value("npuswarm_kube_api_errors_total", failed) or 0
     assert asyncio.run(scenario()) == {"team/a"}
+    assert metrics.REGISTRY.get_sample_value("npuswarm_kube_api_errors_total", failed) == before + 1
+
+
+class ListFails:
+    """The API server is down: the complete read that would confirm an orphan fails."""
+
+    def existing(self, owners: set[str]) -> None:
+        return None
+
+
+def test_an_orphan_the_api_server_cannot_confirm_is_kept_and_asked_about_again_soon(
+    monkeypatch: Any,
+) -> None:
+    import asyncio
+
+    from npuswarm import runtime as runtime_module
+    from npuswarm.api import ModelDeployment
+    from npuswarm.reconcile import Desired
+
+    monkeypatch.setattr(runtime_module, "ORPHAN_RETRY_SECONDS", 0.01)
+    rt = runtime({})
+    swarm = MemorySwarm()
+    gone = ModelDeployment.model_validate(entry("gone"))
+    Reconciler(swarm, rt.settings).run_pass(Desired(deployments=[gone]))
+    rt.reconciler = Reconciler(swarm, rt.settings, owners=ListFails())  # type: ignore[arg-type]
+
+    async def scenario() -> bool:
+        rt.loop = asyncio.get_running_loop()
+        await rt.one_pass(set(), everything=True)
+        rt.wake.clear()
+        deadline = rt.loop.time() + 10
+        while not rt.wake.is_set() and rt.loop.time() < deadline:
+            await asyncio.sleep(0.01)
+        return rt.wake.is_set()
+
+    assert asyncio.run(scenario()), "no pass asked for after an unconfirmed orphan"
+    assert list(swarm.by_name()) == ["team-gone-0"]  # kept meanwhile

@@ -68,6 +68,8 @@ def test_keyword_construction_for_tests_still_works() -> None:
         ("NPUSWARM_LOST_NODE_GRACE_SECONDS", "-5", "greater than or equal to 0"),
         ("NPUSWARM_DOCKER_TIMEOUT_SECONDS", "0", "greater than 0"),
         ("NPUSWARM_SWARM_PROBE_SECONDS", "0", "greater than 0"),
+        ("NPUSWARM_PEERING_LIFETIME_SECONDS", "5", "greater than or equal to 15"),
+        ("NPUSWARM_PEERING_LIFETIME_SECONDS", "20.5", "valid integer"),
         ("NPUSWARM_ALLOWED_HOST_PATHS", "models", "not an absolute path"),
         ("NPUSWARM_ALLOWED_HOST_PATHS", "/models,/", "'/' may not be allowed"),
         ("NPUSWARM_ALLOWED_HOST_PATHS", "/etc/ssl", "/etc is always refused"),
