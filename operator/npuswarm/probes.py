@@ -236,7 +236,7 @@ class NodeValidator:
                 continue
             spec = npuhealth.health_probe_spec(node, image, self.settings.instance, _nonce())
             try:
-                service_id = self.swarm.create_service(spec)
+                service_id = _create_probe(self.swarm, spec)
             except SwarmRejected as error:
                 log.warning("health probe refused", node=node.hostname, error=str(error))
                 continue
@@ -295,7 +295,7 @@ class NodeValidator:
                     continue  # nobody wants the node, or all its NPUs are in use
                 spec = nodecheck.probe_spec(node, npus, image, settings.instance, _nonce())
                 try:
-                    service_id = self.swarm.create_service(spec)
+                    service_id = _create_probe(self.swarm, spec)
                 except SwarmRejected as error:
                     log.warning("probe refused", node=node.hostname, error=str(error))
                     continue
@@ -355,6 +355,18 @@ def validate_now(
         return validator.verdicts(), validator.readings()
     finally:
         reconciler.close()
+
+
+def _create_probe(swarm: ProbeSwarm, spec: dict[str, Any]) -> str:
+    """A replicated job where the manager has them (API 1.41, Docker 20.10); an older one
+    refuses the mode, and one replica that is never restarted does the same job."""
+    try:
+        return swarm.create_service(spec)
+    except SwarmRejected as error:
+        if "ReplicatedJob" not in spec.get("Mode", {}):
+            raise
+        log.info("replicated jobs refused; probing with a replicated service", error=str(error))
+        return swarm.create_service(dict(spec, Mode={"Replicated": {"Replicas": 1}}))
 
 
 def _remove(swarm: ProbeSwarm, service_id: str) -> None:

@@ -12,6 +12,7 @@ from npuswarm.nodecheck import NodeVerdicts, ProbeResult
 from npuswarm.probes import NodeValidator
 from npuswarm.reconcile import Desired, Reconciler
 from npuswarm.settings import Settings
+from npuswarm.swarm import SwarmRejected
 
 from .builders import NOW, deployment, node
 from .memswarm import MemorySwarm
@@ -332,3 +333,29 @@ def test_probes_never_take_npus_a_replica_holds_and_stale_probes_are_removed() -
     replica_npus = {int(n) for n in replica["npuswarm.io/npus"].split(",")}
     probe_npus = {int(n) for n in probes[0]["Labels"][nodecheck.PROBE_NPUS].split(",")}
     assert probe_npus and not probe_npus & replica_npus
+
+
+class NoJobsSwarm(ProbingSwarm):
+    """A manager older than API 1.41: no replicated jobs."""
+
+    def create_service(self, spec: dict[str, Any]) -> str:
+        if "ReplicatedJob" in spec.get("Mode", {}):
+            raise SwarmRejected("create_service: invalid mode: ReplicatedJob")
+        return super().create_service(spec)
+
+
+def test_a_manager_without_jobs_gets_a_replicated_probe_that_is_never_restarted() -> None:
+    swarm = NoJobsSwarm({}, nodes=1, npus=8)
+    reconciler = Reconciler(swarm, Settings(), clock=lambda: NOW)
+    validator = NodeValidator(
+        swarm,
+        Settings(npu_health=False),
+        reconciler.lock,
+        lambda: reconciler.last_plan,
+        clock=lambda: NOW,
+    )
+    reconciler.run_pass(Desired(deployments=[deployment("m")]), validator.unusable)
+    validator.step([({}, "img")])
+    (probe,) = [s["Spec"] for s in swarm.services.values()]
+    assert probe["Mode"] == {"Replicated": {"Replicas": 1}}
+    assert probe["TaskTemplate"]["RestartPolicy"]["Condition"] == "none"
