@@ -73,6 +73,7 @@ RINGS_NODE_LABELS = {
     "npuswarm.io/topology": "rings-of-4",
 }
 CONTROL_DEVICES = ("davinci_manager", "devmm_svm", "hisi_hdc")
+FAKE_NPU_SMI = HACK / "fake-npu-smi"
 
 # With --tls the manager also listens on tcp://<its address>:TLS_PORT and demands a client
 # certificate signed by the lab's CA, as a production manager reached over the network does.
@@ -186,6 +187,12 @@ class Node:
     @property
     def dev_dir(self) -> Path:
         return self.state_dir / "dev"
+
+    @property
+    def driver_dir(self) -> Path:
+        """The shim mounts lib64, dcmi and npu-smi from here, as the real runtime mounts the
+        driver's files."""
+        return self.state_dir / "driver"
 
     @property
     def pidfile(self) -> Path:
@@ -422,10 +429,18 @@ def write_node_etc(cfg: LabConfig, node: Node) -> None:
 
 
 def make_fake_npus(cfg: LabConfig, node: Node) -> None:
-    """Stand-ins for /dev/davinciN and the control devices, bind-mounted by the shim."""
+    """Stand-ins for /dev/davinciN and the control devices, and for the driver files the real
+    runtime mounts (lib64, dcmi, npu-smi), all bind-mounted by the shim."""
     node.dev_dir.mkdir(parents=True, exist_ok=True)
     for name in [f"davinci{i}" for i in range(cfg.npus)] + list(CONTROL_DEVICES):
         (node.dev_dir / name).write_text(f"fake Ascend device {name} of {node.hostname}\n")
+    lib64 = node.driver_dir / "lib64"
+    lib64.mkdir(parents=True, exist_ok=True)
+    (lib64 / "libascend_hal.so").write_text("fake driver library\n")
+    (node.driver_dir / "dcmi").mkdir(exist_ok=True)
+    (node.driver_dir / "dcmi" / "npus").write_text("".join(f"{i}\n" for i in range(cfg.npus)))
+    shutil.copyfile(FAKE_NPU_SMI, node.driver_dir / "npu-smi")
+    (node.driver_dir / "npu-smi").chmod(0o755)
 
 
 def openssl(*args: str, cwd: Path) -> None:
@@ -800,6 +815,26 @@ class Lab:
     def _set_bridge_port(self, index: int, state: str) -> None:
         port = self.node(index).bridge_port
         run("ip", "-n", self.config.bridge_netns, "link", "set", port, state)
+
+    # --- node health ----------------------------------------------------------------------
+    def set_runtime_installed(self, index: int, installed: bool) -> None:
+        """Make node `index`'s runtime behave as if Ascend Docker Runtime were not installed
+        (not the default runtime): new containers get no NPUs, driver files or marker env."""
+        marker = self.node(index).state_dir / "runtime-not-installed"
+        if installed:
+            marker.unlink(missing_ok=True)
+        else:
+            marker.write_text("the stand-in Ascend runtime is switched off on this node\n")
+
+    def set_npu_state(self, index: int, npus: dict[int, dict]) -> None:
+        """What node `index`'s stand-in npu-smi reports, per NPU id: health ("OK", "Warning",
+        "Alarm", "Critical"), hbm_used_mb, hbm_total_mb, processes [{pid, name, memory_mb}].
+        NPUs left out are healthy and idle. Read live by every `npu-smi info`."""
+        state = {"npus": {str(k): v for k, v in npus.items()}}
+        path = self.node(index).driver_dir / "dcmi" / "npu-smi-state.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(state))
+        os.replace(tmp, path)
 
     # --- accounting ---------------------------------------------------------------------
     def memory_kib(self) -> dict[str, int]:

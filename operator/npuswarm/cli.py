@@ -21,9 +21,13 @@ from pydantic import ValidationError
 from npuswarm import __version__, api, crd, logs, policy
 from npuswarm.api import ModelDeployment, validation_message
 from npuswarm.compose import StackFileError, parse_compose
+from npuswarm.inventory import NodeInfo
+from npuswarm.nodecheck import Verdict
+from npuswarm.npuhealth import NodeHealth
 from npuswarm.npus import device_name, format_npu_ids
 from npuswarm.observed import SwarmSnapshot
 from npuswarm.plan import plan_many
+from npuswarm.probes import validate_now
 from npuswarm.reconcile import utcnow
 from npuswarm.settings import Settings
 from npuswarm.stack_export import export_stack, planned_services
@@ -134,8 +138,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
-def nodes_map(snapshot: SwarmSnapshot) -> str:
-    """One block per node: every davinciN with the replica that holds it."""
+def nodes_map(
+    snapshot: SwarmSnapshot,
+    verdicts: Mapping[str, Verdict] | None = None,
+    health: Mapping[str, NodeHealth] | None = None,
+) -> str:
+    """One block per node: every davinciN with the replica that holds it; with ``verdicts``
+    and ``health`` (``--validate``), what node validation and `npu-smi info` found."""
     holders: dict[tuple[str, int], str] = {}
     for allocation in snapshot.allocations():
         who = (
@@ -155,11 +164,13 @@ def nodes_map(snapshot: SwarmSnapshot) -> str:
             f"topology={node.topology}  npus={format_npu_ids(node.npus) or '-'}"
         )
         lines.extend(f"  ! {problem}" for problem in node.problems)
+        if verdicts is not None:
+            lines.append(_validation_line(node, verdicts.get(node.id)))
         if not node.npus:
             lines.append("  (no NPUs)")
         for npu in sorted(node.npus):
             holder = "reserved" if npu in node.reserved else holders.get((node.id, npu), "free")
-            lines.append(f"  {device_name(npu):<10} {holder}")
+            lines.append(f"  {device_name(npu):<10} {holder}{_health_note(health, node.id, npu)}")
         strays = sorted(
             npu for (node_id, npu) in holders if node_id == node.id and npu not in node.npus
         )
@@ -168,8 +179,36 @@ def nodes_map(snapshot: SwarmSnapshot) -> str:
     return "\n".join(lines)
 
 
+def _health_note(health: Mapping[str, NodeHealth] | None, node_id: str, npu: int) -> str:
+    reading = (health or {}).get(node_id)
+    npu_reading = reading.npus.get(npu) if reading is not None else None
+    if npu_reading is None:
+        return ""
+    note = f"  [{npu_reading.health}, HBM {npu_reading.hbm_used_mb}/{npu_reading.hbm_total_mb} MB"
+    if npu_reading.processes:
+        note += ", pids " + ",".join(str(p.pid) for p in npu_reading.processes)
+    return note + "]"
+
+
+def _validation_line(node: NodeInfo, verdict: Verdict | None) -> str:
+    if verdict is None:
+        return "  validation: not probed (not ready, no NPUs, or every NPU in use)"
+    if verdict.ok:
+        return f"  validation: passed (NPUs {format_npu_ids(verdict.npus)})"
+    return "  ! " + verdict.summary()
+
+
 def cmd_nodes(args: argparse.Namespace) -> int:
-    snapshot = Swarm().observe()
+    settings = Settings.from_env()
+    swarm = Swarm(timeout=settings.docker_timeout_seconds, instance=settings.instance)
+    verdicts: dict[str, Verdict] | None = None
+    health: dict[str, NodeHealth] = {}
+    if args.validate:
+        image = args.probe_image or settings.node_probe_image
+        if not image:
+            raise UsageError("--validate needs --probe-image IMAGE (an image with python3)")
+        verdicts, health = validate_now(swarm, settings, image, args.timeout)
+    snapshot = swarm.observe()
     if args.output == "json":
         data = [
             {
@@ -181,12 +220,42 @@ def cmd_nodes(args: argparse.Namespace) -> int:
                 "npus": sorted(n.npus),
                 "reserved": sorted(n.reserved),
             }
+            | ({"validation": _verdict_json(verdicts.get(n.id))} if verdicts is not None else {})
+            | ({"npuHealth": _health_json(health[n.id])} if n.id in health else {})
             for n in snapshot.nodes
         ]
         print(json.dumps(data, indent=2))
     else:
-        print(nodes_map(snapshot))
+        print(nodes_map(snapshot, verdicts, health))
+    if verdicts is not None and any(not v.ok for v in verdicts.values()):
+        return 1
     return 0
+
+
+def _verdict_json(verdict: Verdict | None) -> dict[str, Any] | None:
+    if verdict is None:
+        return None
+    return {
+        "ok": verdict.ok,
+        "npus": sorted(verdict.npus),
+        "checks": {c.name: {"ok": c.ok, "message": c.message} for c in verdict.checks},
+    }
+
+
+def _health_json(reading: NodeHealth) -> dict[str, Any]:
+    if reading.error:
+        return {"error": reading.error}
+    return {
+        str(npu): {
+            "health": r.health,
+            "hbmUsedMB": r.hbm_used_mb,
+            "hbmTotalMB": r.hbm_total_mb,
+            "processes": [
+                {"pid": p.pid, "name": p.name, "memoryMB": p.memory_mb} for p in r.processes
+            ],
+        }
+        for npu, r in sorted(reading.npus.items())
+    }
 
 
 def cmd_crd(args: argparse.Namespace) -> int:
@@ -380,6 +449,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     nodes = sub.add_parser("nodes", help="map of every node's NPUs and who holds them")
     nodes.add_argument("-o", "--output", choices=["text", "json"], default="text")
+    nodes.add_argument(
+        "--validate",
+        action="store_true",
+        help="run a validation probe on every node's free NPUs now (exit 1 if one fails)",
+    )
+    nodes.add_argument(
+        "--probe-image", help="image for --validate, with python3 (NPUSWARM_NODE_PROBE_IMAGE)"
+    )
+    nodes.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for probes")
     nodes.set_defaults(func=cmd_nodes)
 
     crd_cmd = sub.add_parser("crd", help="print the CRD generated from the API models")

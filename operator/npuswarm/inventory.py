@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
 
@@ -28,6 +30,13 @@ class NodeInfo(BaseModel):
     status_since: datetime | None = None
     problems: tuple[str, ...] = ()
     addr: str = ""  # where the node is reached (gateway admin ports are published there)
+    engine: str = ""  # Docker Engine version: a change asks for a new validation probe
+    # Why new replicas must not go here (failed or pending validation, see nodecheck.py).
+    blocked: str = ""
+    # ``blocked`` only until its first validation probe answers (not a failure).
+    validating: bool = False
+    # NPUs kept out of use by health checks (npuhealth.py), with why; also in ``reserved``.
+    withheld: dict[int, str] = {}
 
     @property
     def usable_npus(self) -> frozenset[int]:
@@ -35,7 +44,7 @@ class NodeInfo(BaseModel):
 
     @property
     def accepts_new_replicas(self) -> bool:
-        return self.state == "ready" and self.availability == "active"
+        return self.state == "ready" and self.availability == "active" and not self.blocked
 
     @property
     def drained(self) -> bool:
@@ -55,6 +64,41 @@ class NodeInfo(BaseModel):
 
     def matches(self, selector: dict[str, str]) -> bool:
         return all(self.labels.get(key) == value for key, value in selector.items())
+
+
+@dataclass(frozen=True)
+class NodeLimits:
+    """What node checks keep out of placement for one pass: whole nodes (id -> why: no new
+    replica there) and NPUs (node id -> NPU -> why: given to nobody, and a replica holding
+    one moves)."""
+
+    nodes: Mapping[str, str] = field(default_factory=dict)
+    # Those of ``nodes`` that only wait for their first validation probe.
+    pending: frozenset[str] = frozenset()
+    npus: Mapping[str, Mapping[int, str]] = field(default_factory=dict)  # unhealthy
+    # NPUs running processes npuswarm did not start: taken, like a foreign claim.
+    busy: Mapping[str, Mapping[int, str]] = field(default_factory=dict)
+    # Replicas (deployment, slot) that failing.py moves now (-> why), and the nodes each
+    # must avoid for a cool-down.
+    move: Mapping[tuple[str, str], str] = field(default_factory=dict)
+    avoid: Mapping[tuple[str, str], frozenset[str]] = field(default_factory=dict)
+
+    def apply(self, nodes: list[NodeInfo]) -> list[NodeInfo]:
+        if not self.nodes and not self.npus and not self.busy:
+            return nodes
+        limited = []
+        for node in nodes:
+            update: dict[str, Any] = {}
+            if node.id in self.nodes:
+                update["blocked"] = self.nodes[node.id]
+                update["validating"] = node.id in self.pending
+            asked = {**(self.busy.get(node.id) or {}), **(self.npus.get(node.id) or {})}
+            withheld = {n: why for n, why in asked.items() if n in node.npus}
+            if withheld:
+                update["withheld"] = withheld
+                update["reserved"] = node.reserved | frozenset(withheld)
+            limited.append(node.model_copy(update=update) if update else node)
+        return limited
 
 
 def parse_engine_time(text: str | None) -> datetime | None:
@@ -109,6 +153,7 @@ def node_from_engine(attrs: dict[str, Any]) -> NodeInfo:
         status_since=parse_engine_time(attrs.get("UpdatedAt")),
         problems=tuple(problems),
         addr=node_address(attrs),
+        engine=str((description.get("Engine") or {}).get("EngineVersion") or ""),
     )
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -111,7 +111,8 @@ orphans_removed_total = Counter(
 )
 background_errors_total = Counter(
     "npuswarm_background_errors_total",
-    "Exceptions survived by a background loop (pass, events, task-poll, swarm-probe, leadership).",
+    "Exceptions survived by a background loop (pass, events, task-poll, swarm-probe, "
+    "leadership, node-check).",
     ["loop"],
     registry=REGISTRY,
 )
@@ -137,7 +138,7 @@ for _result in ("success", "error", "requeue", "requeue_after"):
 reconcile_errors_total.labels(CONTROLLER)
 for _result in ("success", "error"):
     passes_total.labels(_result)
-for _loop in ("pass", "events", "task-poll", "swarm-probe", "leadership"):
+for _loop in ("pass", "events", "task-poll", "swarm-probe", "leadership", "node-check"):
     background_errors_total.labels(_loop)
 workqueue_depth.labels(CONTROLLER)
 
@@ -271,3 +272,69 @@ gateway_pushes_total = Counter(
     ["outcome"],
     registry=REGISTRY,
 )
+
+
+class NodeValidationCollector:
+    """npuswarm_node_validation{node,check}: 1 passed, 0 failed, per check of each node's last
+    validation verdict (probes.py sets the source; no source, no series)."""
+
+    def __init__(self) -> None:
+        self.source: Callable[[], list[tuple[str, str, bool]]] | None = None
+
+    def collect(self) -> Iterator[Metric]:
+        family = GaugeMetricFamily(
+            "npuswarm_node_validation",
+            "Last node validation probe per node and check: 1 passed, 0 failed.",
+            labels=["node", "check"],
+        )
+        source = self.source
+        for node, check, ok in source() if source is not None else []:
+            family.add_metric([node, check], 1 if ok else 0)
+        yield family
+
+    def describe(self) -> Iterator[Metric]:
+        return self.collect()
+
+
+node_validation = NodeValidationCollector()
+REGISTRY.register(node_validation)
+
+
+class NpuHealthCollector:
+    """Per NPU, from the last `npu-smi info` read on its node (probes.py sets the source):
+    npuswarm_npu_healthy, npuswarm_npu_hbm_used_bytes, npuswarm_npu_holds_replica."""
+
+    def __init__(self) -> None:
+        self.source: Callable[[], list[tuple[str, int, bool, int, bool]]] | None = None
+
+    def collect(self) -> Iterator[Metric]:
+        healthy = GaugeMetricFamily(
+            "npuswarm_npu_healthy",
+            "1 when npu-smi reads the NPU's health as OK or Warning, 0 otherwise.",
+            labels=["node", "npu"],
+        )
+        hbm = GaugeMetricFamily(
+            "npuswarm_npu_hbm_used_bytes",
+            "HBM in use on the NPU, as npu-smi reads it.",
+            labels=["node", "npu"],
+        )
+        holds = GaugeMetricFamily(
+            "npuswarm_npu_holds_replica",
+            "1 when a replica of this installation holds the NPU.",
+            labels=["node", "npu"],
+        )
+        source = self.source
+        for node, npu, ok, used, held in source() if source is not None else []:
+            healthy.add_metric([node, str(npu)], 1 if ok else 0)
+            hbm.add_metric([node, str(npu)], used)
+            holds.add_metric([node, str(npu)], 1 if held else 0)
+        yield healthy
+        yield hbm
+        yield holds
+
+    def describe(self) -> Iterator[Metric]:
+        return self.collect()
+
+
+npu_health = NpuHealthCollector()
+REGISTRY.register(npu_health)

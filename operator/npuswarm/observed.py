@@ -9,6 +9,7 @@ from typing import Any
 
 from npuswarm import labels
 from npuswarm.inventory import NodeInfo, node_from_engine, parse_engine_time
+from npuswarm.npuhealth import is_health_probe
 from npuswarm.npus import npu_id_from_device, parse_npu_ids
 from npuswarm.placement import Allocation
 
@@ -182,6 +183,8 @@ def snapshot_from_engine(
     others: list[dict[str, Any]] = []
     for raw in services:
         service_labels = (raw.get("Spec") or {}).get("Labels") or {}
+        if is_health_probe(service_labels):
+            continue  # reads npu-smi only: it shares NPUs and claims none (npuhealth.py)
         (owned if is_own(service_labels, instance) else others).append(raw)
     by_id: dict[str, ObservedService] = {}
     for raw in owned:

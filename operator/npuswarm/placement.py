@@ -7,6 +7,7 @@ requests come in priority order (oldest deployment first), and everything else i
 from __future__ import annotations
 
 import heapq
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Literal
@@ -18,7 +19,15 @@ from npuswarm.inventory import NodeInfo
 
 ReplicaKey = tuple[str, str]  # (deployment "namespace/name", slot)
 CandidateKey = tuple[tuple[tuple[str, str], ...], str | None]  # (nodeSelector, pinned node)
-UnplacedReason = Literal["NoMatchingNode", "NodesUnavailable", "InsufficientNPUs"]
+UnplacedReason = Literal[
+    "NoMatchingNode",
+    "NodesUnavailable",
+    "InsufficientNPUs",
+    "NodeValidationFailed",
+    "NodeValidationPending",
+]
+# At most this many blocked nodes are named in one message; the rest are counted.
+MAX_NAMED_BLOCKED = 3
 
 
 class ReplicaRequest(BaseModel):
@@ -31,6 +40,9 @@ class ReplicaRequest(BaseModel):
     pinned_node: str | None = None  # PerNode mode: the one node this slot lives on
     one_per_node: bool = False  # a host-mode published port fits once per node
     npu_ids: frozenset[int] | None = None  # spec.npuIds: these NPUs or none
+    # Nodes this replica should not go to now (it kept failing there, failing.py); used
+    # only while another node fits.
+    avoid_nodes: frozenset[str] = frozenset()
 
     @property
     def key(self) -> ReplicaKey:
@@ -144,8 +156,11 @@ def place(
     *,
     now: datetime,
     lost_node_grace_seconds: float,
+    move: Mapping[ReplicaKey, str] | None = None,
 ) -> PlacementResult:
-    """Keep every valid allocation, then place what is missing, best fit, in request order."""
+    """Keep every valid allocation, then place what is missing, best fit, in request order.
+    ``move``: replicas that must leave their allocation (-> why) although it is valid."""
+    moving = move or {}
     result = PlacementResult()
     result._ordered = sorted(nodes, key=lambda n: (n.hostname, n.id))
     nodes_by_id = result._nodes
@@ -210,7 +225,7 @@ def place(
             continue
         request = requests_by_key.get(allocation.key)
         if request is not None and allocation.key not in result.assignments:
-            problem = _keep_problem(
+            problem = moving.get(allocation.key) or _keep_problem(
                 allocation, request, nodes_by_id, now, lost_node_grace_seconds, result
             )
             if problem is None:
@@ -281,6 +296,9 @@ def _keep_problem(
         return f"holds {len(allocation.npus)} NPUs, needs {request.npus}"
     if request.npu_ids is not None and allocation.npus != request.npu_ids:
         return f"holds NPUs {sorted(allocation.npus)}, pinned to {sorted(request.npu_ids)}"
+    withheld = sorted(npu for npu in allocation.npus if npu in node.withheld)
+    if withheld:
+        return "; ".join(node.withheld[npu] for npu in withheld)
     if not allocation.npus <= node.usable_npus:
         return f"NPUs {sorted(allocation.npus - node.usable_npus)} are reserved or absent"
     if not topology.is_valid_set(allocation.npus, node.topology):
@@ -300,14 +318,26 @@ def _best_fit(request: ReplicaRequest, result: PlacementResult) -> Assignment | 
             "NoMatchingNode",
             f"no node with NPUs matches nodeSelector {request.node_selector or '{}'}",
         )
-    if request.one_per_node or request.npu_ids is not None:
+    if request.one_per_node or request.npu_ids is not None or request.avoid_nodes:
         used = result.nodes_used.get(request.deployment, set())
         available = [n for n in matching if n.accepts_new_replicas and n.id not in used]
-        found = _scan(request, available, result)
+        preferred = [n for n in available if n.id not in request.avoid_nodes]
+        found = _scan(request, preferred, result) if preferred else None
+        if found is None and request.avoid_nodes:
+            # No other node fits: other NPUs of an avoided node. Never the ones the replica
+            # held: its service still claims them while it moves.
+            found = _scan(request, available, result)
     else:
         available = result._accepting[key]
         found = _from_buckets(request, key, result)
+    blocked = _blocked_nodes(matching)
     if not available:
+        if blocked:
+            return _unplaced(
+                request,
+                _validation_reason(matching),
+                f"{len(matching)} matching node(s) take no new replicas: {blocked}",
+            )
         return _unplaced(
             request,
             "NodesUnavailable",
@@ -323,11 +353,12 @@ def _best_fit(request: ReplicaRequest, result: PlacementResult) -> Assignment | 
         )
     if found is None:
         most_free = max(len(result.free[n.id]) for n in available)
+        # Nodes that failed validation would perhaps have had room: that is what to fix.
         return _unplaced(
             request,
-            "InsufficientNPUs",
+            _validation_reason(matching) if blocked else "InsufficientNPUs",
             f"needs {request.npus} free NPUs on one node; the most free on a matching "
-            f"node is {most_free}",
+            f"node is {most_free}" + (f"; not used: {blocked}" if blocked else ""),
         )
     node, chosen = found
     return Assignment(
@@ -337,6 +368,23 @@ def _best_fit(request: ReplicaRequest, result: PlacementResult) -> Assignment | 
         npus=chosen,
         kept=False,
     )
+
+
+def _validation_reason(nodes: list[NodeInfo]) -> UnplacedReason:
+    """Failed when a blocked node failed its probe; pending when they all still wait for
+    their first one (a few seconds: not a fault)."""
+    if any(n.blocked and not n.validating for n in nodes):
+        return "NodeValidationFailed"
+    return "NodeValidationPending"
+
+
+def _blocked_nodes(nodes: list[NodeInfo]) -> str:
+    """Why nodes that would otherwise take replicas do not (failed node validation), so the
+    status says which node and which check instead of a bare count."""
+    reasons = [n.blocked for n in nodes if n.blocked]
+    shown = "; ".join(reasons[:MAX_NAMED_BLOCKED])
+    more = len(reasons) - MAX_NAMED_BLOCKED
+    return shown + (f"; and {more} more node(s)" if more > 0 else "")
 
 
 def _candidates(

@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 from npuswarm import policy
 from npuswarm.api import ModelDeployment
-from npuswarm.inventory import NodeInfo
+from npuswarm.inventory import NodeInfo, NodeLimits
 from npuswarm.labels import SPEC_HASH
 from npuswarm.observed import ObservedService, SwarmSnapshot
 from npuswarm.placement import (
@@ -61,21 +61,33 @@ def place_all(
     *,
     now: datetime,
     lost_node_grace_seconds: float,
+    limits: NodeLimits | None = None,
 ) -> tuple[PlacementResult, dict[str, list[ReplicaRequest]]]:
-    """One placement over every deployment, so each reconcile sees the same global answer."""
+    """One placement over every deployment, so each reconcile sees the same global answer.
+
+    ``limits`` (node validation and NPU health): nodes that get no new replica (what runs
+    there stays) and NPUs given to nobody (a replica holding one moves)."""
     requests_by_deployment: dict[str, list[ReplicaRequest]] = {}
     ordered: list[ReplicaRequest] = []
+    nodes = limits.apply(snapshot.nodes) if limits is not None else snapshot.nodes
     ranked = sorted(enumerate(deployments), key=lambda item: priority(item[1], item[0]))
+    avoid = limits.avoid if limits is not None else {}
     for _, md in ranked:
-        requests = replica_requests(md, snapshot.nodes)
+        requests = replica_requests(md, nodes)
+        if avoid:
+            requests = [
+                r.model_copy(update={"avoid_nodes": avoid[r.key]}) if r.key in avoid else r
+                for r in requests
+            ]
         requests_by_deployment[md.key] = requests
         ordered.extend(requests)
     result = place(
-        snapshot.nodes,
+        nodes,
         ordered,
         snapshot.allocations(),
         now=now,
         lost_node_grace_seconds=lost_node_grace_seconds,
+        move=limits.move if limits is not None else None,
     )
     return result, requests_by_deployment
 
@@ -131,6 +143,8 @@ class PassPlan:
     unconfirmed_orphans: frozenset[str] = frozenset()
     # How long a replica waits on a node that is not ready before it is placed elsewhere.
     lost_node_grace_seconds: float = 0.0
+    # What node checks kept out of this placement (for the NPU gauges).
+    limits: NodeLimits | None = None
 
     @property
     def actions(self) -> list[Action]:
@@ -231,6 +245,7 @@ def plan_pass(
     known_services: dict[str, frozenset[str]] | None = None,
     orphan_owners: frozenset[str] = frozenset(),
     renderer: Renderer | None = None,
+    limits: NodeLimits | None = None,
 ) -> PassPlan:
     """One placement of every deployment, then each one's diff; writes nothing.
 
@@ -249,7 +264,11 @@ def plan_pass(
     }
     deployments = [md for md in deployments if md.key not in refused]
     placement, requests = place_all(
-        deployments, snapshot, now=now, lost_node_grace_seconds=lost_node_grace_seconds
+        deployments,
+        snapshot,
+        now=now,
+        lost_node_grace_seconds=lost_node_grace_seconds,
+        limits=limits,
     )
     plans = {
         key: plan_deployment(
@@ -287,6 +306,7 @@ def plan_pass(
             for name, network_id in snapshot.own_networks.items()
             if name not in wanted and name not in in_use
         ),
+        limits=limits,
     )
 
 

@@ -21,10 +21,11 @@ import structlog
 
 from npuswarm import labels, metrics, policy
 from npuswarm.api import ModelDeployment, ModelDeploymentStatus
-from npuswarm.events import Event
+from npuswarm.events import Event, EventType
 from npuswarm.gateway import gateway_of
 from npuswarm.gateway_api import ModelGateway, ModelGatewayStatus
 from npuswarm.gateway_push import GatewayPass, Gateways
+from npuswarm.inventory import NodeLimits
 from npuswarm.npus import parse_npu_ids
 from npuswarm.observed import SwarmSnapshot
 from npuswarm.plan import Action, Applied, PassPlan, plan_pass
@@ -51,6 +52,10 @@ class SwarmAPI(Protocol):
     def create_network(self, name: str, network_labels: dict[str, str]) -> None: ...
     def remove_network(self, network_id: str) -> None: ...
     def owned_services(self, namespace: str, name: str) -> list[dict[str, Any]]: ...
+
+
+# Node checks' answer for one observation: nodes and NPUs kept out of placement.
+NodeChecks = Callable[[SwarmSnapshot], NodeLimits]
 
 
 class OwnerCatalog(Protocol):
@@ -115,7 +120,9 @@ class PassResult:
         return sum(len(v.applied) for v in self.views.values()) + len(self.orphans_removed)
 
     def npu_states(self) -> dict[tuple[str, str], int]:
-        return npu_states(self.plan.snapshot, self.plan.placement.foreign, self.all_applied())
+        return npu_states(
+            self.plan.snapshot, self.plan.placement.foreign, self.all_applied(), self.plan.limits
+        )
 
     def all_applied(self) -> list[Action]:
         return [a for v in self.views.values() for a in v.applied] + self.orphans_removed
@@ -140,6 +147,7 @@ class Reconciler:
         # uids of deleted deployments: no pass may write for them again, even one that read
         # its desired state before the deletion.
         self._tombstones: OrderedDict[str, None] = OrderedDict()
+        self.last_plan: PassPlan | None = None
         self._writers = ThreadPoolExecutor(
             max_workers=max(1, settings.write_concurrency), thread_name_prefix="swarm-write"
         )
@@ -149,11 +157,19 @@ class Reconciler:
         if self.gateways is not None:
             self.gateways.close()
 
-    def plan(self, desired: Desired) -> PassPlan:
-        """Observe and plan every deployment; writes nothing (also `npuswarm plan`)."""
-        return self._plan(desired, self.swarm.observe())
+    def plan(self, desired: Desired, checks: NodeChecks | None = None) -> PassPlan:
+        """Observe and plan every deployment; writes nothing (also `npuswarm plan`).
+        ``checks``: which observed nodes and NPUs get no new replica (node validation, NPU
+        health; docs/node-health.md)."""
+        snapshot = self.swarm.observe()
+        return self._plan(desired, snapshot, checks(snapshot) if checks else None)
 
-    def _plan(self, desired: Desired, snapshot: SwarmSnapshot) -> PassPlan:
+    def _plan(
+        self,
+        desired: Desired,
+        snapshot: SwarmSnapshot,
+        limits: NodeLimits | None = None,
+    ) -> PassPlan:
         confirmed, unconfirmed = self._orphan_owners(desired, snapshot)
         whole = plan_pass(
             desired.deployments,
@@ -165,18 +181,19 @@ class Reconciler:
             },
             orphan_owners=confirmed,
             renderer=self.renderer,
+            limits=limits,
         )
         if unconfirmed:
             whole.unconfirmed_orphans = unconfirmed
         return whole
 
-    def run_pass(self, desired: Desired) -> PassResult:
+    def run_pass(self, desired: Desired, checks: NodeChecks | None = None) -> PassResult:
         """Raises SwarmUnavailable when Swarm cannot be read or written: nothing is concluded
         from a failed read, so nothing is removed; the caller retries with backoff."""
         with self.lock:
             with _collector_paused():
                 desired = self._without_tombstoned(desired)
-                whole = self.plan(desired)
+                whole = self.plan(desired, checks)
             gateway_pass = self._gateways_first(desired, whole)
             # Writes wait on Swarm, while the rest of the process goes on making garbage:
             # the collector runs meanwhile.
@@ -185,6 +202,8 @@ class Reconciler:
             kept = {gateway.spec.network.name for gateway in desired.gateways}
             gone = [network_id for name, network_id in whole.networks_to_remove if name not in kept]
             self._networks(gone, create=False)
+            # Node probes read it under the same lock: they take only NPUs this pass left free.
+            self.last_plan = whole
             with _collector_paused():
                 result = self._result(desired, whole, applied)
             if self.gateways is not None:
@@ -424,8 +443,10 @@ def deployment_events(md: ModelDeployment, whole: PassPlan, writes: Applied) -> 
             events.append(Event("Normal", "Removed", f"{action.service_name}: {action.reason}"))
     for key, unplaced in sorted(placement.unplaced.items()):
         if key[0] == md.key:
+            # Waiting for a node's first validation probe is no warning.
+            kind: EventType = "Normal" if unplaced.reason == "NodeValidationPending" else "Warning"
             events.append(
-                Event("Warning", unplaced.reason, f"replica {unplaced.slot}: {unplaced.message}")
+                Event(kind, unplaced.reason, f"replica {unplaced.slot}: {unplaced.message}")
             )
     for slot, error in sorted(writes.rejected.items()):
         events.append(Event("Warning", "SwarmRejected", f"replica {slot}: {error}"))
@@ -447,11 +468,15 @@ NPU_STATES = ("allocated", "foreign", "reserved", "free", "unhealthy")
 
 
 def npu_states(
-    snapshot: SwarmSnapshot, foreign: Mapping[str, Mapping[int, str]], applied: Iterable[Action]
+    snapshot: SwarmSnapshot,
+    foreign: Mapping[str, Mapping[int, str]],
+    applied: Iterable[Action],
+    limits: NodeLimits | None = None,
 ) -> dict[tuple[str, str], int]:
     """NPUs per (node, state) once this pass's writes landed: npuswarm's claims from its
-    labels, NPUs that services npuswarm does not own hold, reserved, free, and every NPU of a
-    node that is not ready."""
+    labels, NPUs that services npuswarm does not own hold (or processes it did not start
+    use), reserved, free, and unhealthy: every NPU of a node that is not ready, and those
+    npu-smi reads unhealthy that no replica holds."""
     claims = {a.service: (a.node_id, a.npus) for a in snapshot.allocations() if not a.foreign}
     for action in applied:
         if action.kind == "remove":
@@ -471,13 +496,17 @@ def npu_states(
         allocated = claimed.get(node.id, set()) & node.npus
         held = set(foreign.get(node.id, {})) & node.npus - allocated
         reserved = node.reserved & node.npus
+        sick: set[int] = set()
+        if limits is not None:
+            held |= set(limits.busy.get(node.id) or {}) & node.usable_npus - allocated
+            sick = set(limits.npus.get(node.id) or {}) & node.usable_npus - allocated - held
         if node.state == "ready":
             values = {
                 "allocated": len(allocated),
                 "foreign": len(held),
                 "reserved": len(reserved),
-                "free": len(node.usable_npus - allocated - held),
-                "unhealthy": 0,
+                "free": len(node.usable_npus - allocated - held - sick),
+                "unhealthy": len(sick),
             }
         else:
             values = dict.fromkeys(NPU_STATES, 0)

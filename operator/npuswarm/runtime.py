@@ -27,11 +27,13 @@ from pydantic import ValidationError
 from npuswarm import api, gateway_api, metrics, policy
 from npuswarm.api import ModelDeployment, validation_message
 from npuswarm.events import Event, EventFilter
+from npuswarm.failing import FailureTracker
 from npuswarm.gateway import parse_gateways
 from npuswarm.gateway_api import ModelGatewayStatus
 from npuswarm.kube import Kube
 from npuswarm.peering import is_active
-from npuswarm.reconcile import Desired, PassResult, Reconciler, utcnow
+from npuswarm.probes import NodeValidator, publish_verdicts
+from npuswarm.reconcile import Desired, NodeChecks, PassResult, Reconciler, utcnow
 from npuswarm.settings import Settings
 from npuswarm.status import unavailable_status
 from npuswarm.swarm import Swarm, SwarmUnavailable, stream_errors
@@ -109,6 +111,12 @@ class Runtime:
     event_stream: Any = None  # the open Swarm event stream: closing it ends its thread
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     threads: list[threading.Thread] = field(default_factory=list)
+    # Node validation (probes.py); made by start_threads when NPUSWARM_NODE_VALIDATION is on.
+    validator: NodeValidator | None = None
+    # Replicas failing over and over where they are (failing.py); made by start_threads.
+    failing: FailureTracker | None = None
+    # (nodeSelector, image) of every deployment, oldest first, as of the last pass.
+    wanted: list[tuple[dict[str, str], str]] = field(default_factory=list)
 
     # -- triggers -------------------------------------------------------------------------
 
@@ -183,12 +191,21 @@ class Runtime:
         started = time.monotonic()
         with structlog.contextvars.bound_contextvars(reconcile_id=pass_id):
             try:
-                result = await asyncio.to_thread(self.reconciler.run_pass, desired)
+                checks: NodeChecks | None = (
+                    self.validator.unusable if self.validator is not None else None
+                )
+                if self.failing is not None:
+                    checks = self.failing.checks(checks)
+                result = await asyncio.to_thread(self.reconciler.run_pass, desired, checks)
             except SwarmUnavailable as error:
                 await self._outage(desired, served, str(error), time.monotonic() - started)
                 return
             self.failures = 0
             elapsed = time.monotonic() - started
+            if self.failing is not None:
+                for key, events in self.failing.events().items():
+                    if key in result.views:
+                        result.views[key].events.extend(events)
             await self._publish(result, desired, served, everything)
             total = time.monotonic() - started
             log.info(
@@ -300,6 +317,10 @@ class Runtime:
         for action in result.all_applied():
             self.recent_writes[action.service_name] = time.monotonic()
         self.owner_of_service = {s.id: s.deployment for s in result.plan.snapshot.services}
+        # For node probes (another thread): swapped whole, never edited in place.
+        self.wanted = [
+            (md.spec.nodeSelector, md.spec.image) for md in sorted(desired.deployments, key=_age)
+        ]
         self.busy = result.requeue or any(
             g.readyReplicas < g.replicas for g in result.gateways.values()
         )
@@ -459,12 +480,23 @@ class Runtime:
     # -- background loops (threads: they block on Docker and the API server) -------------
 
     def start_threads(self) -> None:
-        for name, target in (
+        loops: list[tuple[str, Callable[[], None]]] = [
             ("events", self._follow_events),
             ("task-poll", self._poll_tasks),
             ("swarm-probe", self._probe_swarm),
             ("leadership", self._watch_leadership),
-        ):
+        ]
+        self.failing = FailureTracker(self.settings, self.reconciler.clock)
+        if self.settings.node_validation and isinstance(self.reconciler.swarm, Swarm):
+            self.validator = NodeValidator(
+                self.reconciler.swarm,
+                self.settings,
+                self.reconciler.lock,
+                lambda: self.reconciler.last_plan,
+            )
+            publish_verdicts(self.validator)
+            loops.append(("node-check", self._check_nodes))
+        for name, target in loops:
             thread = threading.Thread(target=_survive(name, target, self.stop), name=name)
             thread.daemon = True
             thread.start()
@@ -540,6 +572,19 @@ class Runtime:
                 self.request_threadsafe(None)
             foreign_before = foreign
 
+    def _check_nodes(self) -> None:
+        """Node validation probes (docs/node-health.md): a verdict that changes asks for a
+        pass, which places on a node that passed or stops placing on one that failed."""
+        validator = self.validator
+        assert validator is not None
+        while not self.stop.is_set():
+            if self.stop.wait(self.settings.task_poll_seconds):
+                return
+            if not self.leader:
+                continue
+            if validator.step(self.wanted):
+                self.request_threadsafe(everything=True)
+
     def _probe_swarm(self) -> None:
         """Reachability goes into a metric, not liveness: restarting the operator would not
         bring Docker back, and a restart loop would hide the real problem."""
@@ -605,6 +650,10 @@ def _survive(name: str, body: Callable[[], None], stop: threading.Event) -> Call
                     stop.wait(1.0)
 
     return loop
+
+
+def _age(md: ModelDeployment) -> tuple[str, str]:
+    return (md.metadata.creationTimestamp or "~", md.key)
 
 
 def _release_memory() -> None:

@@ -56,6 +56,31 @@ class Settings(BaseSettings):
     # The bearer token npuswarm pushes gateway backends with; it is also put in each
     # ModelGateway's service. Empty: gateways are reported NotConfigured and not run.
     gateway_token: SecretStr = SecretStr("")
+    # Node validation (docs/node-health.md): a one-shot probe task on each node checks that
+    # Ascend Docker Runtime really gives its NPUs to containers before replicas go there.
+    node_validation: bool = True
+    # How often a node that passed is checked again; one that failed, sooner (a fix is seen).
+    node_check_seconds: float = Field(3600.0, gt=0, le=30 * 86400, allow_inf_nan=False)
+    node_recheck_failed_seconds: float = Field(60.0, gt=0, le=86400, allow_inf_nan=False)
+    # A probe not finished by then fails the node (a first pull of a vLLM image is slow).
+    node_probe_timeout_seconds: float = Field(600.0, gt=0, le=86400, allow_inf_nan=False)
+    # The probe's image (needs python3); empty: the image of the oldest deployment that
+    # wants the node, which its replicas pull anyway.
+    node_probe_image: str = ""
+    # NPU health: how often each validated node's `npu-smi info` is read by a probe task, and
+    # how long a replica may stay on an unhealthy NPU before it moves (a blip of a few
+    # seconds should not cost minutes of model loading).
+    npu_health: bool = True
+    npu_health_seconds: float = Field(30.0, gt=0, le=86400, allow_inf_nan=False)
+    npu_unhealthy_grace_seconds: float = Field(120.0, ge=0, le=7 * 86400, allow_inf_nan=False)
+    # A replica whose tasks of the current spec fail this many times in a row where it is
+    # moves (0: never); each further move waits twice the backoff; the node it left is
+    # avoided by it for the cool-down; after max moves it stays, reported as failing.
+    # Swarm keeps 5 tasks of history per service by default: a threshold above 5 never fires.
+    failing_replica_threshold: int = Field(3, ge=0, le=5)
+    failing_replica_backoff_seconds: float = Field(60.0, ge=0, le=86400, allow_inf_nan=False)
+    failing_replica_cooldown_seconds: float = Field(600.0, ge=0, le=7 * 86400, allow_inf_nan=False)
+    failing_replica_max_moves: int = Field(3, ge=1, le=100)
     # Host directories a ModelDeployment's volumes may bind (each with everything below it).
     allowed_host_paths: Annotated[tuple[str, ...], NoDecode] = DEFAULT_ALLOWED_HOST_PATHS
 

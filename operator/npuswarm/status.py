@@ -172,6 +172,9 @@ def deployment_status(
     ready_count = sum(1 for r in replicas if r.ready)
     placed = [r for r in replicas if r.nodeId is not None]
     unplaced = [u for k, u in sorted(placement.unplaced.items()) if k[0] == md.key]
+    # Waiting a few seconds for a node's first validation probe is progress, not a fault.
+    validating = [u for u in unplaced if u.reason == "NodeValidationPending"]
+    unplaced = [u for u in unplaced if u.reason != "NodeValidationPending"]
     conflicts = [message for owner, message in placement.conflicts if owner == md.key]
 
     degraded = ConditionValue("False", "AsExpected")
@@ -203,6 +206,12 @@ def deployment_status(
         )
     elif starting and degraded.status == "False":
         progressing = ConditionValue("True", "ReplicasStarting", "waiting for tasks to run")
+    elif validating and degraded.status == "False":
+        progressing = ConditionValue(
+            "True",
+            "ValidatingNodes",
+            "; ".join(f"replica {u.slot}: {u.message}" for u in validating),
+        )
     elif degraded.status == "True":
         progressing = ConditionValue("False", "Stalled", degraded.message)
     else:

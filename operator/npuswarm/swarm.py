@@ -253,3 +253,31 @@ class Swarm:
         except SwarmRejected as error:
             if "not found" not in str(error):
                 raise
+
+    # -- node validation probes (nodecheck.py builds them, probes.py runs them) ---------------
+
+    def services_labelled(self, label: str) -> list[dict[str, Any]]:
+        """Services carrying ``label`` (``key=value``): one list call."""
+        found: list[dict[str, Any]] = self._call(
+            "list_services", "services", filters={"label": label}
+        )
+        return found
+
+    def service_tasks(self, service_id: str) -> list[dict[str, Any]]:
+        found: list[dict[str, Any]] = self._call(
+            "list_tasks", "tasks", filters={"service": service_id}
+        )
+        return found
+
+    def service_logs(self, service_id: str) -> str:
+        """A finished service's stdout and stderr, as text (Swarm fetches it from the node)."""
+        api = self.api
+        with metrics.swarm_call("service_logs"):
+            try:
+                chunks = api.service_logs(
+                    service_id, stdout=True, stderr=True, follow=False, is_tty=False
+                )
+                raw = b"".join(chunks) if not isinstance(chunks, bytes) else chunks
+            except _TRANSIENT as error:
+                raise _translate("service_logs", error) from error
+        return raw.decode("utf-8", "replace")

@@ -181,6 +181,12 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
             # developer's dockerd are foreign to it (never swept as orphans).
             "NPUSWARM_INSTANCE": INSTANCE,
             "NPUSWARM_GATEWAY_TOKEN": GATEWAY_TOKEN,
+            # The local Swarm runs plain runc with no stand-in Ascend runtime: validation
+            # would (rightly) refuse its node. tests/lab covers node validation.
+            "NPUSWARM_NODE_VALIDATION": "false",
+            # One node: a failing replica could only move to other NPUs of the same node,
+            # which would rewrite services tests expect unchanged. tests/lab covers moves.
+            "NPUSWARM_FAILING_REPLICA_THRESHOLD": "0",
         }
         container = f"npuswarm-e2e-{uuid.uuid4().hex[:8]}"
         sa_dir = operatorimage.service_account_dir(state / "serviceaccount", token, plane.ca_file)

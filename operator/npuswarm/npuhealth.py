@@ -1,0 +1,189 @@
+"""NPU health from `npu-smi info`, read by a one-shot task on each node. Pure.
+
+A health probe is a Swarm job pinned to a node that runs `npu-smi info` (Ascend Docker Runtime
+mounts npu-smi into containers that ask for NPUs). These functions build its spec, parse the
+table it prints, and decide which NPUs placement must leave alone: an unhealthy NPU nobody
+holds at once, one a replica holds after a grace period (moving a model costs minutes), and
+one running processes npuswarm did not start (someone's `docker run`), like a foreign claim.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from npuswarm import labels
+from npuswarm.inventory import NodeInfo
+from npuswarm.npus import format_npu_ids
+
+# The health probe reads only: it asks for every NPU of the node, those replicas hold
+# included, so a pass does not read it as a claim (observed.py skips services with this label).
+HEALTH_PROBE = f"{labels.PREFIX}/npu-health-probe"  # value: the installation
+HEALTH_NODE = f"{labels.PREFIX}/probe-node"
+NAME_PREFIX = "npuswarm-health"
+# npu-smi's Health column: OK and Warning still serve; Alarm, Critical and anything unknown
+# do not (MindCluster's device plugin draws the same line).
+SERVING = frozenset({"OK", "Warning"})
+
+_CHIP_ROW = re.compile(r"^\|\s*(\d+)\s+(\S+)\s*\|\s*(\S+)\s*\|")
+# The last "used / total" of the chip's second row is HBM (the one before is DDR memory).
+_HBM_ROW = re.compile(r"^\|\s*\d+\s*\|\s*[0-9A-Fa-f:.]+\s*\|.*\s(\d+)\s*/\s*(\d+)\s*\|\s*$")
+_PROCESS_ROW = re.compile(r"^\|\s*(\d+)\s+\d+\s*\|\s*(\d+)\s*\|\s*(.*?)\s*\|\s*(\d+)\s*\|\s*$")
+
+
+@dataclass(frozen=True)
+class Process:
+    pid: int
+    name: str
+    memory_mb: int
+
+
+@dataclass(frozen=True)
+class NpuReading:
+    npu: int
+    health: str
+    hbm_used_mb: int = 0
+    hbm_total_mb: int = 0
+    processes: tuple[Process, ...] = ()
+
+    @property
+    def healthy(self) -> bool:
+        return self.health in SERVING
+
+
+@dataclass(frozen=True)
+class NodeHealth:
+    node_id: str
+    hostname: str
+    read_at: datetime
+    npus: Mapping[int, NpuReading]
+    error: str = ""  # the probe could not read npu-smi: nothing is concluded from it
+
+
+def parse_npu_smi(text: str) -> dict[int, NpuReading]:
+    """The chips of `npu-smi info` (npu-smi 23.x layout): health, HBM used/total, processes.
+    Rows it does not know are skipped: an unreadable table gives no reading, never a verdict."""
+    readings: dict[int, dict[str, Any]] = {}
+    current: int | None = None
+    in_processes = False
+    for line in text.splitlines():
+        if "Process id" in line:
+            in_processes = True
+            continue
+        if in_processes:
+            found = _PROCESS_ROW.match(line)
+            if found and int(found.group(1)) in readings:
+                process = Process(int(found.group(2)), found.group(3), int(found.group(4)))
+                readings[int(found.group(1))]["processes"].append(process)
+            continue
+        chip = _CHIP_ROW.match(line)
+        if chip and not chip.group(2).startswith("0000:"):
+            current = int(chip.group(1))
+            readings[current] = {"health": chip.group(3), "processes": []}
+            continue
+        hbm = _HBM_ROW.match(line)
+        if hbm and current is not None:
+            readings[current]["hbm_used_mb"] = int(hbm.group(1))
+            readings[current]["hbm_total_mb"] = int(hbm.group(2))
+            current = None
+    return {
+        npu: NpuReading(
+            npu=npu,
+            health=r["health"],
+            hbm_used_mb=r.get("hbm_used_mb", 0),
+            hbm_total_mb=r.get("hbm_total_mb", 0),
+            processes=tuple(r["processes"]),
+        )
+        for npu, r in readings.items()
+    }
+
+
+def health_probe_spec(node: NodeInfo, image: str, instance: str, nonce: str) -> dict[str, Any]:
+    """A one-shot job on ``node`` running `npu-smi info`, with every NPU of the node visible
+    (the runtime mounts npu-smi only into containers that ask for NPUs)."""
+    probe_labels = {HEALTH_PROBE: instance, HEALTH_NODE: node.id}
+    return {
+        "Name": f"{NAME_PREFIX}-{instance}-{node.id[:12]}-{nonce}"[:63],
+        "Labels": probe_labels,
+        "TaskTemplate": {
+            "ContainerSpec": {
+                "Image": image,
+                "Command": ["npu-smi", "info"],
+                "Env": [f"ASCEND_VISIBLE_DEVICES={format_npu_ids(node.npus)}"],
+                "Labels": dict(probe_labels),
+            },
+            "Placement": {"Constraints": [f"node.id=={node.id}"]},
+            "RestartPolicy": {"Condition": "none", "MaxAttempts": 0},
+        },
+        "Mode": {"ReplicatedJob": {"MaxConcurrent": 1, "TotalCompletions": 1}},
+    }
+
+
+def is_health_probe(service_labels: Mapping[str, str]) -> bool:
+    return HEALTH_PROBE in service_labels
+
+
+def unhealthy_since(
+    before: Mapping[tuple[str, int], datetime], health: NodeHealth
+) -> dict[tuple[str, int], datetime]:
+    """(node, NPU) -> when it was first read unhealthy, updated with one node's reading."""
+    since = {key: t for key, t in before.items() if key[0] != health.node_id}
+    if health.error:
+        since.update({k: t for k, t in before.items() if k[0] == health.node_id})
+        return since
+    for npu, reading in health.npus.items():
+        if not reading.healthy:
+            since[(health.node_id, npu)] = before.get((health.node_id, npu), health.read_at)
+    return since
+
+
+@dataclass(frozen=True)
+class Withheld:
+    """Node id -> NPU -> why placement leaves it: unhealthy ones, and ones busy with
+    processes npuswarm did not start (counted as foreign)."""
+
+    unhealthy: dict[str, dict[int, str]]
+    busy: dict[str, dict[int, str]]
+
+    def all(self) -> dict[str, dict[int, str]]:
+        merged = {node: dict(npus) for node, npus in self.busy.items()}
+        for node, npus in self.unhealthy.items():
+            merged.setdefault(node, {}).update(npus)
+        return merged
+
+
+def withheld_npus(
+    health: Mapping[str, NodeHealth],
+    since: Mapping[tuple[str, int], datetime],
+    held: Mapping[str, Iterable[int]],
+    now: datetime,
+    grace_seconds: float,
+) -> Withheld:
+    """What placement must leave alone: NPUs unhealthy and free at once, unhealthy under a
+    replica after ``grace_seconds``, or running processes npuswarm did not start (on an NPU
+    no replica of this installation holds)."""
+    found: dict[str, dict[int, str]] = {}
+    busy: dict[str, dict[int, str]] = {}
+    for node_id, node_health in health.items():
+        if node_health.error:
+            continue
+        ours = set(held.get(node_id, ()))
+        host = node_health.hostname
+        for npu, reading in sorted(node_health.npus.items()):
+            if not reading.healthy:
+                started = since.get((node_id, npu), node_health.read_at)
+                lasted = (now - started).total_seconds()
+                if npu not in ours or lasted >= grace_seconds:
+                    found.setdefault(node_id, {})[npu] = (
+                        f"NPU {npu} on node {host} is unhealthy (npu-smi: {reading.health}"
+                        + (f", for {lasted:.0f}s)" if npu in ours else ")")
+                    )
+            elif reading.processes and npu not in ours:
+                shown = ", ".join(f"pid {p.pid} {p.name}" for p in reading.processes[:3])
+                busy.setdefault(node_id, {})[npu] = (
+                    f"NPU {npu} on node {host} runs processes npuswarm did not start ({shown})"
+                )
+    return Withheld(unhealthy=found, busy=busy)
