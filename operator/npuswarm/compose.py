@@ -193,8 +193,15 @@ def go_duration(nanoseconds: int) -> str:
     return f"{nanoseconds}ns"
 
 
+DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
+
+
 def dns_label(name: str) -> str:
-    """A compose service name as a Kubernetes name and DNS label (lowercase, ``-``, <= 63)."""
+    """A compose service name as a Kubernetes name and DNS label (lowercase, ``-``, <= 63).
+    A name that already is one is kept as it is: `a--b` is a valid name, and an exported
+    deployment must come back under its own name."""
+    if DNS_LABEL.fullmatch(name):
+        return name
     label = re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-")
     label = re.sub(r"-{2,}", "-", label)[:63].rstrip("-")
     if not label:

@@ -281,3 +281,12 @@ def test_export_then_import_keeps_the_meaning(md: ModelDeployment, nodes: int) -
     # What is written (comments and all) is what was validated.
     written = yaml.safe_load(manifest_yaml(result.services[0]))
     assert meaning(ModelDeployment.model_validate(written)) == meaning(md)
+
+
+def test_a_name_with_double_dashes_comes_back_unchanged() -> None:
+    # Found by the property above: `0--0` is a valid name that came back as `0-0`.
+    md = ModelDeployment.model_validate(
+        {"metadata": {"name": "0--0", "namespace": "a"}, "spec": {"image": "x:1", "model": "/m"}}
+    )
+    result = import_stack(parse_compose(export(md, nodes=1), "e.yml"), source="e.yml")
+    assert result.services[0].deployment.metadata.name == "0--0"
