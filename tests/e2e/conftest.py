@@ -59,6 +59,8 @@ class Cluster:
     # How the operator container was started, so a test can SIGKILL it and start it again.
     container: str = ""
     run_argv: list[str] = field(default_factory=list)
+    # The operator's environment, for tests that start more operators of this installation.
+    operator_env: dict[str, str] = field(default_factory=dict)
 
     def kubectl(self, *args: str, check: bool = True, input: str | None = None,
                 kubeconfig: Path | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -208,6 +210,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
             docker=client,
             container=container,
             run_argv=argv,
+            operator_env=env,
         )
         try:
             wait_for(lambda: _answers(result.health_url) or operator.poll() is not None,

@@ -67,12 +67,10 @@ class Peer:
 def start_peer(cluster: Cluster, sa_dir: Path, priority: int, directory: Path) -> Peer:
     name = f"npuswarm-ha-{priority}-{uuid.uuid4().hex[:6]}"
     metrics_port, health = free_port(), f"http://127.0.0.1:{free_port()}/healthz"
+    # The session operator's settings (this installation, its relay, no node validation on
+    # the plain-runc local Swarm), each peer its own metrics port.
     env = {
-        "DOCKER_HOST": cluster.relay.url,
-        "NPUSWARM_INSTANCE": INSTANCE,
-        "NPUSWARM_RESYNC_SECONDS": "600",
-        "NPUSWARM_SWARM_PROBE_SECONDS": "1",
-        "NPUSWARM_DOCKER_TIMEOUT_SECONDS": "5",
+        **cluster.operator_env,
         "NPUSWARM_METRICS_PORT": str(metrics_port),
         "NPUSWARM_PEERING_LIFETIME_SECONDS": str(LIFETIME),
     }
