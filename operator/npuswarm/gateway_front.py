@@ -142,8 +142,7 @@ def worker_diff(
     """What to POST and DELETE on vllm-router's /workers so it holds exactly ``desired``.
 
     A worker is keyed by URL in vllm-router; one registered under another model is removed
-    and added again. Removals come first in the result: they are what must happen before a
-    replica stops."""
+    and added again (see Front.sync for the order)."""
     wanted = {url: model for model, urls in desired.items() for url in urls}
     have = {str(w.get("url")): str(w.get("model_id")) for w in registered}
     remove = sorted(url for url, model in have.items() if wanted.get(url) != model)
@@ -165,8 +164,11 @@ class Front:
         self.router_url = router_url
         self.token = token
         self.sync_seconds = sync_seconds
-        # None until npuswarm's first push: the gateway cannot tell unknown from not ready.
+        # What requests are answered by: None until npuswarm's first push is in vllm-router
+        # (the gateway cannot tell unknown from not ready before).
         self.models: dict[str, tuple[str, ...]] | None = None
+        # The last pushed state, which sync() brings vllm-router to.
+        self.desired: dict[str, tuple[str, ...]] | None = None
         self.created = int(time.time())
         self.lock = asyncio.Lock()
         self.session: aiohttp.ClientSession | None = None
@@ -248,7 +250,7 @@ class Front:
             state = parse_state(await request.json())
         except ValueError as error:
             return web.json_response({"error": str(error)}, status=400)
-        self.models = state
+        self.desired = state
         try:
             await self.sync()
         except (aiohttp.ClientError, RouterRefused) as error:
@@ -280,12 +282,25 @@ class Front:
             return listed
 
     async def sync(self) -> None:
-        """Make vllm-router's workers exactly the pushed state; removals first."""
-        if self.models is None:
+        """Make vllm-router's workers exactly the pushed state.
+
+        vllm-router sends a request for a model without workers to another model's worker,
+        so no model that keeps backends may drop to zero workers in between: new workers are
+        added first, then requests are answered by the new state (a model left without
+        backends gets 503 from here on), then the unwanted workers go. All of it happens
+        before the push is answered, i.e. before npuswarm stops any replica it removed."""
+        desired = self.desired
+        if desired is None:
             return
         assert self.session is not None
         async with self.lock:
-            diff = worker_diff(self.models, await self.workers())
+            registered = await self.workers()
+            diff = worker_diff(desired, registered)
+            have = {str(w.get("url")) for w in registered}
+            fresh = [(url, model) for url, model in diff.add if url not in have]
+            moved = [(url, model) for url, model in diff.add if url in have]
+            await self._add(fresh)
+            self.models = desired
             for url in diff.remove:
                 async with self.session.delete(
                     f"{self.router_url}/workers/{quote(url, safe='')}"
@@ -294,13 +309,16 @@ class Front:
                         raise RouterRefused(
                             f"DELETE worker {url}: {answer.status} {await answer.text()}"
                         )
-            for url, model in diff.add:
-                payload = {"url": url, "model_id": model}
-                async with self.session.post(f"{self.router_url}/workers", json=payload) as answer:
-                    if answer.status != 200:
-                        raise RouterRefused(
-                            f"POST worker {url}: {answer.status} {await answer.text()}"
-                        )
+            # A URL registered under another model can only be added again once removed.
+            await self._add(moved)
+
+    async def _add(self, workers: Sequence[tuple[str, str]]) -> None:
+        assert self.session is not None
+        for url, model in workers:
+            payload = {"url": url, "model_id": model}
+            async with self.session.post(f"{self.router_url}/workers", json=payload) as answer:
+                if answer.status != 200:
+                    raise RouterRefused(f"POST worker {url}: {answer.status} {await answer.text()}")
 
     async def sync_forever(self) -> None:
         while True:

@@ -107,3 +107,70 @@ def test_admin_needs_the_exact_bearer_token() -> None:
     assert not authorised("s3cret", "s3cret")
     assert not authorised(None, "s3cret")
     assert not authorised("Bearer ", "")  # no token configured: nothing is authorised
+
+
+def test_a_model_that_keeps_backends_never_has_zero_workers_in_the_router_during_a_push() -> None:
+    """vllm-router sends a request for a model without workers to another model's worker (a
+    404 from the wrong model was seen in the lab's rolling update): while `alpha` moves from
+    one replica to another, the router must always hold a worker for it, and the front must
+    not answer by the new state before the router has it."""
+    import asyncio
+    from urllib.parse import unquote
+
+    from aiohttp import web
+
+    from npuswarm.gateway_front import Front
+
+    async def scenario() -> list[tuple[str, dict[str, int], bool]]:
+        workers: dict[str, str] = {"http://old:1": "alpha", "http://beta:1": "beta"}
+        seen: list[tuple[str, dict[str, int], bool]] = []
+        front: Front
+
+        def record(op: str) -> None:
+            counts: dict[str, int] = {}
+            for model in workers.values():
+                counts[model] = counts.get(model, 0) + 1
+            answered_by_new = front.models is not None and "http://new:1" in front.models["alpha"]
+            seen.append((op, counts, answered_by_new))
+
+        async def list_workers(request: web.Request) -> web.Response:
+            return web.json_response(
+                {"workers": [{"url": u, "model_id": m} for u, m in workers.items()]}
+            )
+
+        async def add(request: web.Request) -> web.Response:
+            payload = await request.json()
+            workers[payload["url"]] = payload["model_id"]
+            record(f"add {payload['url']}")
+            return web.json_response({"id": payload["url"]})
+
+        async def remove(request: web.Request) -> web.Response:
+            url = unquote(request.match_info["url"])
+            workers.pop(url, None)
+            record(f"remove {url}")
+            return web.json_response({})
+
+        app = web.Application()
+        app.router.add_get("/workers", list_workers)
+        app.router.add_post("/workers", add)
+        app.router.add_delete("/workers/{url:.*}", remove)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = runner.addresses[0][1]
+        front = Front(f"http://127.0.0.1:{port}", "t", 5.0)
+        await front.start(app)
+        front.models = {"alpha": ("http://old:1",), "beta": ("http://beta:1",)}
+        front.desired = {"alpha": ("http://new:1",), "beta": ("http://beta:1",)}
+        await front.sync()
+        await front.close(app)
+        await runner.cleanup()
+        assert workers == {"http://new:1": "alpha", "http://beta:1": "beta"}
+        return seen
+
+    seen = asyncio.run(scenario())
+    assert [op for op, _, _ in seen] == ["add http://new:1", "remove http://old:1"]
+    assert all(counts.get("alpha", 0) >= 1 for _, counts, _ in seen), seen
+    # The front switched to the new state only after the new worker was in the router.
+    assert seen[0][2] is False and seen[1][2] is True
