@@ -101,6 +101,11 @@ async def stop(memo: kopf.Memo, **_: Any) -> None:
 async def deployments(
     *, body: kopf.Body, namespace: str | None, name: str, **_: Any
 ) -> dict[Any, Any]:
+    return _indexed(body, namespace, name)
+
+
+def _indexed(body: kopf.Body, namespace: str | None, name: str) -> dict[Any, Any]:
+    """What the pass reads of an object, kept by kopf's index under (namespace, name)."""
     return {
         (namespace, name): {
             "metadata": dict(body.metadata),
@@ -164,13 +169,7 @@ def on_delete(
 async def gateways(
     *, body: kopf.Body, namespace: str | None, name: str, **_: Any
 ) -> dict[Any, Any]:
-    return {
-        (namespace, name): {
-            "metadata": dict(body.metadata),
-            "spec": dict(body.spec),
-            "status": dict(body.get("status") or {}),
-        }
-    }
+    return _indexed(body, namespace, name)
 
 
 @kopf.on.event(*GATEWAYS)

@@ -317,16 +317,17 @@ class Runtime:
         for action in result.all_applied():
             self.recent_writes[action.service_name] = time.monotonic()
         self.owner_of_service = {s.id: s.deployment for s in result.plan.snapshot.services}
-        # For node probes (another thread): swapped whole, never edited in place.
-        self.wanted = [
-            (md.spec.nodeSelector, md.spec.image) for md in sorted(desired.deployments, key=_age)
-        ]
+        if self.validator is not None:
+            # For node probes (another thread): swapped whole, never edited in place.
+            self.wanted = [
+                (md.spec.nodeSelector, md.spec.image)
+                for md in sorted(desired.deployments, key=_age)
+            ]
         self.busy = result.requeue or any(
             g.readyReplicas < g.replicas for g in result.gateways.values()
         )
         statuses = {key: view.status for key, view in result.views.items()}
-        await self._write_statuses(statuses, desired, resync=everything)
-        await self._write_gateway_statuses(result.gateways, desired)
+        await self._write_statuses(statuses, desired, resync=everything, gateways=result.gateways)
         await self._post_events(result.views, self.uids(desired))
         now = time.time()
         deployments = {
@@ -386,17 +387,50 @@ class Runtime:
         await self._write_statuses(statuses, desired, resync=False)
 
     async def _write_statuses(
-        self, statuses: Mapping[str, api.ModelDeploymentStatus], desired: Desired, resync: bool
+        self,
+        statuses: Mapping[str, api.ModelDeploymentStatus],
+        desired: Desired,
+        resync: bool,
+        gateways: Mapping[str, ModelGatewayStatus] | None = None,
     ) -> None:
-        """Write the statuses that changed, and only those, a few at a time."""
+        """Write the statuses that changed, and only those, a few at a time; ModelGateways'
+        the same way. A refused write asks for a pass in a few seconds."""
+        changed, failed = await self._patch_changed(
+            statuses, desired.previous, self.written, api.PLURAL, resync
+        )
+        self.last_changed = changed
+        if gateways:
+            _, refused = await self._patch_changed(
+                gateways,
+                desired.gateway_previous,
+                self.gateways_written,
+                gateway_api.PLURAL,
+                resync,
+            )
+            failed += refused
+        if failed:
+            # e.g. the API server throttling (429) while kopf adds finalizers to a fleet:
+            # these statuses are retried by a pass in a few seconds, not at the resync.
+            assert self.loop is not None
+            self.loop.call_later(STATUS_RETRY_SECONDS, self._retry, failed)
+
+    async def _patch_changed(
+        self,
+        statuses: Mapping[str, api.ModelDeploymentStatus | ModelGatewayStatus],
+        previous: Mapping[str, dict[str, Any]],
+        written: dict[str, dict[str, Any]],
+        plural: str,
+        resync: bool,
+    ) -> tuple[set[str], list[str]]:
+        """(changed, failed): PATCH each status that differs from what the object has. A
+        resync compares with what the API server has (heals a lost write); other passes with
+        what this operator last wrote (the index may still lag behind it)."""
         changed: list[tuple[str, dict[str, Any]]] = []
         for key, status in statuses.items():
             patch = status_patch(status)
-            # A resync compares with what the API server has (heals a lost write); other
-            # passes with what this operator last wrote (the index may still lag behind it).
-            before = desired.previous.get(key) if resync else self.written.get(key)
+            before = previous.get(key) if resync else written.get(key)
             if before is None:
-                before = desired.previous.get(key)
+                before = previous.get(key)
             if not _same_status(before or {}, patch):
                 changed.append((key, patch))
         limit = asyncio.Semaphore(STATUS_WRITERS)
@@ -406,45 +440,24 @@ class Runtime:
             namespace, _, name = key.partition("/")
             async with limit:
                 try:
-                    found = await asyncio.to_thread(self.kube.patch_status, namespace, name, patch)
+                    found = await asyncio.to_thread(
+                        self.kube.patch_status, namespace, name, patch, plural
+                    )
                 except Exception as error:  # a pass soon writes it again
                     metrics.kube_api_errors_total.labels("status").inc()
-                    log.warning("status write failed", deployment=key, error=_short(error))
-                    self.written.pop(key, None)
+                    log.warning(
+                        "status write failed", object=f"{plural}/{key}", error=_short(error)
+                    )
+                    written.pop(key, None)
                     failed.append(key)
                     return
             if found:
-                self.written[key] = {k: v for k, v in patch.items() if v is not None}
+                written[key] = {k: v for k, v in patch.items() if v is not None}
             else:
-                self.written.pop(key, None)
+                written.pop(key, None)
 
         await asyncio.gather(*(write(key, patch) for key, patch in changed))
-        self.last_changed = {key for key, _ in changed}
-        if failed:
-            # e.g. the API server throttling (429) while kopf adds finalizers to a fleet:
-            # these statuses are retried by a pass in a few seconds, not at the resync.
-            assert self.loop is not None
-            self.loop.call_later(STATUS_RETRY_SECONDS, self._retry, failed)
-
-    async def _write_gateway_statuses(
-        self, statuses: Mapping[str, ModelGatewayStatus], desired: Desired
-    ) -> None:
-        """The gateway statuses that changed; a failed write is retried by the next pass."""
-        for key, status in statuses.items():
-            patch = status_patch(status)
-            before = self.gateways_written.get(key) or desired.gateway_previous.get(key) or {}
-            if _same_status(before, patch):
-                continue
-            namespace, _, name = key.partition("/")
-            try:
-                await asyncio.to_thread(
-                    self.kube.patch_status, namespace, name, patch, gateway_api.PLURAL
-                )
-            except Exception as error:
-                log.warning("gateway status write failed", gateway=key, error=_short(error))
-                self.gateways_written.pop(key, None)
-                continue
-            self.gateways_written[key] = {k: v for k, v in patch.items() if v is not None}
+        return {key for key, _ in changed}, failed
 
     async def _post_events(self, views: Mapping[str, Any], uids: Mapping[str, str]) -> None:
         """New events only (an identical one is let through once an hour), a few at a time."""

@@ -21,7 +21,7 @@ from npuswarm.swarm import Swarm
 from tests.helpers import sample, wait_for
 from tests.invariants import npu_conflicts
 
-from .test_node_validation import probes_left
+from .test_node_validation import body, probes_left
 
 pytestmark = pytest.mark.lab
 
@@ -33,7 +33,9 @@ class RecordingKube:
         self.statuses: dict[str, dict[str, Any]] = {}
         self.events: list[tuple[str, str, str]] = []
 
-    def patch_status(self, namespace: str, name: str, patch: dict[str, Any]) -> bool:
+    def patch_status(
+        self, namespace: str, name: str, patch: dict[str, Any], plural: str = ""
+    ) -> bool:
         self.statuses[f"{namespace}/{name}"] = patch
         return True
 
@@ -42,24 +44,8 @@ class RecordingKube:
 
 
 def entry(name: str) -> dict[str, Any]:
-    return {
-        "metadata": {
-            "name": name,
-            "namespace": "lab",
-            "uid": f"uid-{name}",
-            "generation": 1,
-            "creationTimestamp": "2026-12-01T00:00:00Z",
-        },
-        "spec": {
-            "image": swarmlab.IMAGE,
-            "model": f"/models/{name}",
-            "replicas": 3,
-            "npusPerReplica": 8,
-            "restartPolicy": {"delaySeconds": 1},
-            "healthCheck": {"startPeriodSeconds": 20, "intervalSeconds": 1, "timeoutSeconds": 2},
-        },
-        "status": {},
-    }
+    """kopf's index entry of a 3-replica deployment that needs every NPU of 3 nodes."""
+    return {**body(name, replicas=3), "status": {}}
 
 
 class Operator:

@@ -27,31 +27,30 @@ pytestmark = pytest.mark.lab
 SETTINGS = Settings(node_recheck_failed_seconds=1.0, node_probe_timeout_seconds=60.0)
 
 
+def body(name: str, replicas: int) -> dict[str, Any]:
+    """A deployment of `replicas` x 8 NPUs, as kubectl would send it."""
+    return {
+        "metadata": {
+            "name": name,
+            "namespace": "lab",
+            "uid": f"uid-{name}",
+            "generation": 1,
+            "creationTimestamp": "2026-12-01T00:00:00Z",
+        },
+        "spec": {
+            "image": swarmlab.IMAGE,
+            "model": f"/models/{name}",
+            "mode": "Replicated",
+            "replicas": replicas,
+            "npusPerReplica": 8,
+            "healthCheck": {"startPeriodSeconds": 20, "intervalSeconds": 1, "timeoutSeconds": 2},
+            "restartPolicy": {"delaySeconds": 1},
+        },
+    }
+
+
 def model(name: str, replicas: int) -> ModelDeployment:
-    return ModelDeployment.model_validate(
-        {
-            "metadata": {
-                "name": name,
-                "namespace": "lab",
-                "uid": f"uid-{name}",
-                "generation": 1,
-                "creationTimestamp": "2026-12-01T00:00:00Z",
-            },
-            "spec": {
-                "image": swarmlab.IMAGE,
-                "model": f"/models/{name}",
-                "mode": "Replicated",
-                "replicas": replicas,
-                "npusPerReplica": 8,
-                "healthCheck": {
-                    "startPeriodSeconds": 20,
-                    "intervalSeconds": 1,
-                    "timeoutSeconds": 2,
-                },
-                "restartPolicy": {"delaySeconds": 1},
-            },
-        }
-    )
+    return ModelDeployment.model_validate(body(name, replicas))
 
 
 class Loops:

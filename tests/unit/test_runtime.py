@@ -163,7 +163,7 @@ class Throttled:
         self.refused: set[str] = set()
         self.written: list[str] = []
 
-    def patch_status(self, namespace: str, name: str, patch: dict[str, Any]) -> bool:
+    def patch_status(self, namespace: str, name: str, patch: dict[str, Any], plural: str = "") -> bool:
         if name not in self.refused:
             self.refused.add(name)
             raise RuntimeError("(429)\nReason: Too Many Requests")
