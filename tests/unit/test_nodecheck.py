@@ -243,6 +243,17 @@ class ProbingSwarm(MemorySwarm):
         return [s for s in self.services.values() if s["Spec"]["Labels"].get(key) == value]
 
 
+def validator_for(swarm: ProbingSwarm, reconciler: Reconciler) -> NodeValidator:
+    """Node validation as the runtime wires it: the pass's lock and its last plan."""
+    return NodeValidator(
+        swarm,
+        Settings(npu_health=False),
+        reconciler.lock,
+        lambda: reconciler.last_plan,
+        clock=lambda: NOW,
+    )
+
+
 def no_runtime(npus: str) -> dict[str, Any]:
     ids = [int(i) for i in npus.split(",")]
     return {
@@ -254,13 +265,7 @@ def no_runtime(npus: str) -> dict[str, Any]:
 def test_a_node_that_fails_validation_gets_no_replica_and_the_status_says_why() -> None:
     swarm = ProbingSwarm({}, nodes=2, npus=8)
     reconciler = Reconciler(swarm, Settings(), clock=lambda: NOW)
-    validator = NodeValidator(
-        swarm,
-        Settings(npu_health=False),
-        reconciler.lock,
-        lambda: reconciler.last_plan,
-        clock=lambda: NOW,
-    )
+    validator = validator_for(swarm, reconciler)
     md = deployment("qwen3", replicas=2, npusPerReplica=8)
     desired = Desired(deployments=[md])
 
@@ -314,13 +319,7 @@ def test_probes_never_take_npus_a_replica_holds_and_stale_probes_are_removed() -
     reconciler = Reconciler(swarm, Settings(), clock=lambda: NOW)
     md = deployment("qwen3", replicas=1, npusPerReplica=4)
     reconciler.run_pass(Desired(deployments=[md]))  # placed before validation existed
-    validator = NodeValidator(
-        swarm,
-        Settings(npu_health=False),
-        reconciler.lock,
-        lambda: reconciler.last_plan,
-        clock=lambda: NOW,
-    )
+    validator = validator_for(swarm, reconciler)
     reconciler.run_pass(Desired(deployments=[md]), validator.unusable)
     validator.step([({}, md.spec.image)])
     probes = [s["Spec"] for s in swarm.services.values() if nodecheck.PROBE in s["Spec"]["Labels"]]
@@ -347,13 +346,7 @@ class NoJobsSwarm(ProbingSwarm):
 def test_a_manager_without_jobs_gets_a_replicated_probe_that_is_never_restarted() -> None:
     swarm = NoJobsSwarm({}, nodes=1, npus=8)
     reconciler = Reconciler(swarm, Settings(), clock=lambda: NOW)
-    validator = NodeValidator(
-        swarm,
-        Settings(npu_health=False),
-        reconciler.lock,
-        lambda: reconciler.last_plan,
-        clock=lambda: NOW,
-    )
+    validator = validator_for(swarm, reconciler)
     reconciler.run_pass(Desired(deployments=[deployment("m")]), validator.unusable)
     validator.step([({}, "img")])
     (probe,) = [s["Spec"] for s in swarm.services.values()]
