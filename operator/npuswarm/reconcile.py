@@ -22,12 +22,11 @@ import structlog
 from npuswarm import labels, metrics, policy
 from npuswarm.api import ModelDeployment, ModelDeploymentStatus
 from npuswarm.events import Event, EventType
-from npuswarm.gateway import gateway_of
 from npuswarm.gateway_api import ModelGateway, ModelGatewayStatus
 from npuswarm.gateway_push import GatewayPass, Gateways
 from npuswarm.inventory import NodeLimits
 from npuswarm.npus import parse_npu_ids
-from npuswarm.observed import SwarmSnapshot
+from npuswarm.observed import SwarmSnapshot, is_own
 from npuswarm.plan import Action, Applied, PassPlan, plan_pass
 from npuswarm.render import Renderer, network_labels
 from npuswarm.settings import Settings
@@ -52,6 +51,7 @@ class SwarmAPI(Protocol):
     def create_network(self, name: str, network_labels: dict[str, str]) -> None: ...
     def remove_network(self, network_id: str) -> None: ...
     def owned_services(self, namespace: str, name: str) -> list[dict[str, Any]]: ...
+    def services_labelled(self, *label: str) -> list[dict[str, Any]]: ...
 
 
 # Node checks' answer for one observation: nodes and NPUs kept out of placement.
@@ -380,13 +380,18 @@ class Reconciler:
     def finalize_gateway(self, namespace: str, name: str) -> int:
         """Remove a deleted ModelGateway's services (found by label), between passes."""
         with self.lock:
+            found = self.swarm.services_labelled(
+                labels.OWNED_FILTER,
+                f"{labels.GATEWAY_NAMESPACE}={namespace}",
+                f"{labels.GATEWAY_NAME}={name}",
+            )
             gone = [
-                s
-                for s in self.swarm.observe().gateway_services
-                if gateway_of(s) == f"{namespace}/{name}"
+                s["ID"]
+                for s in found
+                if is_own(s["Spec"].get("Labels") or {}, self.settings.instance)
             ]
-            for service in gone:
-                self.swarm.remove_service(service.id)
+            for service_id in gone:
+                self.swarm.remove_service(service_id)
         return len(gone)
 
 

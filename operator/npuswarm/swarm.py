@@ -175,13 +175,10 @@ class Swarm:
 
     def owned_services(self, namespace: str, name: str) -> list[dict[str, Any]]:
         """This installation's services of one deployment: one list call, by label."""
-        owner = [
+        found = self.services_labelled(
             labels.OWNED_FILTER,
             f"{labels.OWNER_NAMESPACE}={namespace}",
             f"{labels.OWNER_NAME}={name}",
-        ]
-        found: list[dict[str, Any]] = self._call(
-            "list_services", "services", filters={"label": owner}
         )
         return [s for s in found if is_own(s.get("Spec", {}).get("Labels") or {}, self.instance)]
 
@@ -256,10 +253,10 @@ class Swarm:
 
     # -- node validation probes (nodecheck.py builds them, probes.py runs them) ---------------
 
-    def services_labelled(self, label: str) -> list[dict[str, Any]]:
-        """Services carrying ``label`` (``key=value``): one list call."""
+    def services_labelled(self, *label: str) -> list[dict[str, Any]]:
+        """Services carrying every ``label`` (``key=value``): one list call."""
         found: list[dict[str, Any]] = self._call(
-            "list_services", "services", filters={"label": label}
+            "list_services", "services", filters={"label": list(label)}
         )
         return found
 

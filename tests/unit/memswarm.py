@@ -86,6 +86,15 @@ class MemorySwarm:
             and s["Spec"]["Labels"].get(labels.OWNER_NAME) == name
         ]
 
+    def services_labelled(self, *label: str) -> list[dict[str, Any]]:
+        self._call("list_services")
+        wanted = [item.partition("=")[::2] for item in label]
+        return [
+            copy.deepcopy(s)
+            for s in self.services.values()
+            if all(s["Spec"]["Labels"].get(key) == value for key, value in wanted)
+        ]
+
     def ping(self) -> bool:
         return not self.down
 

@@ -238,10 +238,6 @@ class ProbingSwarm(MemorySwarm):
         line = self.answers.get(spec["Labels"][nodecheck.PROBE_NODE])
         return nodecheck.RESULT_MARK + json.dumps(line) if line else ""
 
-    def services_labelled(self, label: str) -> list[dict[str, Any]]:
-        key, _, value = label.partition("=")
-        return [s for s in self.services.values() if s["Spec"]["Labels"].get(key) == value]
-
 
 def validator_for(swarm: ProbingSwarm, reconciler: Reconciler) -> NodeValidator:
     """Node validation as the runtime wires it: the pass's lock and its last plan."""
