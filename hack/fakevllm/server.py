@@ -189,29 +189,48 @@ class Metrics:
                 "in seconds.",
                 "# TYPE vllm:e2e_request_latency_seconds histogram",
             ]
-            for bound, count in zip(LATENCY_BUCKETS, self.bucket_counts, strict=False):
-                lines.append(
-                    f'vllm:e2e_request_latency_seconds_bucket{{le="{bound}",{label}}} {count}'
-                )
+            lines += histogram_lines(
+                "vllm:e2e_request_latency_seconds",
+                LATENCY_BUCKETS,
+                self.bucket_counts,
+                self.latency_count,
+                self.latency_sum,
+                label,
+            )
             lines += [
-                f'vllm:e2e_request_latency_seconds_bucket{{le="+Inf",{label}}} '
-                f"{self.latency_count}",
-                f"vllm:e2e_request_latency_seconds_count{{{label}}} {self.latency_count}",
-                f"vllm:e2e_request_latency_seconds_sum{{{label}}} {self.latency_sum}",
                 "# HELP vllm:time_to_first_token_seconds Histogram of time to first token in "
                 "seconds.",
                 "# TYPE vllm:time_to_first_token_seconds histogram",
             ]
-            for bound, count in zip(TTFT_BUCKETS, self.ttft_counts, strict=False):
-                lines.append(
-                    f'vllm:time_to_first_token_seconds_bucket{{le="{bound}",{label}}} {count}'
-                )
-            lines += [
-                f'vllm:time_to_first_token_seconds_bucket{{le="+Inf",{label}}} {self.ttft_count}',
-                f"vllm:time_to_first_token_seconds_count{{{label}}} {self.ttft_count}",
-                f"vllm:time_to_first_token_seconds_sum{{{label}}} {self.ttft_sum}",
-            ]
+            lines += histogram_lines(
+                "vllm:time_to_first_token_seconds",
+                TTFT_BUCKETS,
+                self.ttft_counts,
+                self.ttft_count,
+                self.ttft_sum,
+                label,
+            )
         return "\n".join(lines) + "\n"
+
+
+def histogram_lines(
+    name: str,
+    bounds: tuple[float, ...],
+    counts: list[int],
+    count: int,
+    total: float,
+    label: str,
+) -> list[str]:
+    """A histogram's samples in Prometheus' text format, as vLLM exposes them."""
+    lines = [
+        f'{name}_bucket{{le="{bound}",{label}}} {n}'
+        for bound, n in zip(bounds, counts, strict=False)
+    ]
+    return lines + [
+        f'{name}_bucket{{le="+Inf",{label}}} {count}',
+        f"{name}_count{{{label}}} {count}",
+        f"{name}_sum{{{label}}} {total}",
+    ]
 
 
 class FakeVllm:

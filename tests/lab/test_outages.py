@@ -175,7 +175,7 @@ def test_a_lost_worker_with_no_free_npus_elsewhere_leaves_its_replicas_unplaced_
     swarm_lab: swarmlab.Lab, workers: Any, made: list[ModelDeployment]
 ) -> None:
     reconciler = Reconciler(Swarm(base_url=swarm_lab.endpoint), Settings(lost_node_grace_seconds=GRACE_SECONDS))
-    node2, node3 = swarm_lab.node(2).hostname, swarm_lab.node(3).hostname
+    node3 = swarm_lab.node(3).hostname
     # node2 is full with `filler`; `victim` can only go to node3.
     filler = lab_model("filler", "2026-01-01T00:00:00Z", NETWORK, npusPerReplica=8,
                        engine={"tensorParallelSize": 8}, nodeSelector={**POOL, "npuswarm.test/only": "node2"})
@@ -197,7 +197,6 @@ def test_a_lost_worker_with_no_free_npus_elsewhere_leaves_its_replicas_unplaced_
         within = passes.until(
             lambda r: condition(r, victim.key, "Degraded").reason == "NodeUnavailable",
             "Degraded/NodeUnavailable while within the grace", timeout=30)
-        assert time.monotonic() - lost_at < GRACE_SECONDS + 30
         degraded = condition(within, victim.key, "Degraded")
         assert node3 in degraded.message and f"{GRACE_SECONDS:g}s" in degraded.message
         assert within.views[victim.key].status.readyReplicas == 0
@@ -225,4 +224,3 @@ def test_a_lost_worker_with_no_free_npus_elsewhere_leaves_its_replicas_unplaced_
     for name, (service_id, _) in services_of(workers, victim).items():
         assert len(running_tasks(workers, service_id)) == 1, f"{name} runs twice after node3 returned"
     check_invariants(workers, "after node3 returned")
-    assert node2 not in {r.hostname for r in back.views[victim.key].status.replicaStatuses}
