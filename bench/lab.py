@@ -261,6 +261,18 @@ class Bench:
 
     # -- starts ----------------------------------------------------------------------------
 
+    def _create_raw(self, spec: dict[str, Any]) -> str:
+        """`docker service create` of a rendered spec, as a person would without npuswarm."""
+        created: dict[str, Any] = self.lab.api.create_service(
+            spec["TaskTemplate"],
+            name=spec["Name"],
+            labels=spec["Labels"],
+            mode=spec["Mode"],
+            update_config=spec["UpdateConfig"],
+            endpoint_spec=spec["EndpointSpec"],
+        )
+        return str(created["ID"])
+
     def raw(
         self, count: int, placement: list[tuple[str, frozenset[int]]], run: int
     ) -> dict[str, Any]:
@@ -272,14 +284,7 @@ class Bench:
         row: dict[str, Any] = {"kind": "raw", "n": count, "run": run}
         started = time.monotonic()
         ids = [
-            self.lab.api.create_service(
-                spec["TaskTemplate"],
-                name=spec["Name"],
-                labels=spec["Labels"],
-                mode=spec["Mode"],
-                update_config=spec["UpdateConfig"],
-                endpoint_spec=spec["EndpointSpec"],
-            )["ID"]
+            self._create_raw(spec)
             for spec in specs
         ]
         row["creates_s"] = round(time.monotonic() - started, 2)
@@ -376,14 +381,7 @@ class Bench:
             item = manifest("roll", replicas=8)
             spec = raw_spec(_with_env(item, "1"), node_ids[1], frozenset({index}))
             started = time.monotonic()
-            service_id = self.lab.api.create_service(
-                spec["TaskTemplate"],
-                name=spec["Name"],
-                labels=spec["Labels"],
-                mode=spec["Mode"],
-                update_config=spec["UpdateConfig"],
-                endpoint_spec=spec["EndpointSpec"],
-            )["ID"]
+            service_id = self._create_raw(spec)
             try:
                 wait_until(lambda: self.lab.all_running(label, 1), "replica running", 60)
                 creates.append(round(time.monotonic() - started, 2))
