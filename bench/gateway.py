@@ -39,7 +39,7 @@ import aiohttp
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
 SERVER = REPO / "hack" / "fakevllm" / "server.py"
-TOKEN = "bench"
+ROOT_KEY = "bench-gateway-root-key-0123456789"
 MODEL = "bench-model"
 BEGIN, END = "<!-- bench/gateway.py begin -->", "<!-- bench/gateway.py end -->"
 
@@ -84,25 +84,26 @@ def start_replica(tmp: Path, index: int, token_delay: float) -> tuple[subprocess
     return proc, url
 
 
-def start_gateway(backends: list[str]) -> tuple[subprocess.Popen[bytes], str, str]:
+def start_gateway(tmp: Path, backends: list[str]) -> tuple[subprocess.Popen[bytes], str, str]:
+    """The gateway with its secrets written as Swarm would mount them, and one signed push."""
+    from npuswarm.gateway import GatewayReplica
+    from npuswarm.gateway_credentials import Credentials, GatewayIdentity, write_secret_files
+    from npuswarm.gateway_push import PushTarget, Signer, https_sender
+
     port, admin, router, metrics = (free_port() for _ in range(4))
+    credentials, who = Credentials(ROOT_KEY, "bench"), GatewayIdentity("bench", "gw")
+    credential = write_secret_files(tmp / "secrets", credentials, who, datetime.now(UTC))
     binary = Path(sys.executable).with_name("npuswarm-gateway")
     proc = subprocess.Popen(
         [str(binary), "--port", str(port), "--admin-port", str(admin), "--router-port", str(router),
-         "--metrics-port", str(metrics), "--policy", "round_robin"],
-        env={**os.environ, "NPUSWARM_GATEWAY_TOKEN": TOKEN},
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+         "--metrics-port", str(metrics), "--policy", "round_robin",
+         "--secrets-dir", str(tmp / "secrets")],
+        env=dict(os.environ), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     url = f"http://127.0.0.1:{port}"
     wait_http(f"{url}/health", proc)
-    push = urllib.request.Request(
-        f"http://127.0.0.1:{admin}/backends",
-        json.dumps({"models": {MODEL: backends}}).encode(),
-        {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"},
-        method="PUT",
-    )
-    with urllib.request.urlopen(push, timeout=10):
-        pass
+    target = PushTarget(GatewayReplica("local", "127.0.0.1", admin, ""), who.hostname, credential)
+    https_sender(credentials, Signer())(target, {MODEL: backends})
     return proc, url, f"http://127.0.0.1:{router}"
 
 
@@ -230,7 +231,7 @@ def main() -> None:
             replicas = [start_replica(Path(tmp), i, args.token_delay) for i in range(2)]
             procs += [p for p, _ in replicas]
             direct = [u for _, u in replicas]
-            gateway_proc, gateway, router = start_gateway(direct)
+            gateway_proc, gateway, router = start_gateway(Path(tmp), direct)
             procs.append(gateway_proc)
             asyncio.run(level([gateway], 4, 8, args.tokens))  # warm both paths up
             asyncio.run(level(direct, 4, 8, args.tokens))

@@ -561,6 +561,8 @@ class ObjectMeta(BaseModel):
     deletionTimestamp: str | None = None
     # A ModelGateway's modelSelector matches them.
     labels: dict[str, str] = {}
+    # Read for npuswarm.io/rotate-credential on a ModelGateway (gateway_credentials.py).
+    annotations: dict[str, str] = {}
 
 
 class ModelDeployment(BaseModel):

@@ -19,10 +19,16 @@ from typing import Any, Literal
 import structlog
 from pydantic import ValidationError
 
-from npuswarm import labels
+from npuswarm import gateway_protocol, labels
 from npuswarm.api import ConditionType, ModelDeployment
 from npuswarm.gateway_api import GatewayModelStatus, ModelGateway, ModelGatewayStatus
-from npuswarm.observed import ObservedService, SwarmSnapshot
+from npuswarm.gateway_credentials import (
+    ROTATE_ANNOTATION,
+    TLS_RENEW_BEFORE,
+    Credentials,
+    GatewayIdentity,
+)
+from npuswarm.observed import ObservedSecret, ObservedService, SwarmSnapshot
 from npuswarm.plan import Action
 from npuswarm.render import SECOND_NS, health_command, network_labels
 from npuswarm.status import ConditionValue, conditions
@@ -30,8 +36,10 @@ from npuswarm.status import ConditionValue, conditions
 log = structlog.get_logger("npuswarm.gateway")
 ROUTER_PORT = 30000
 ROUTER_METRICS_PORT = 29000
-TOKEN_ENV = "NPUSWARM_GATEWAY_TOKEN"
 MAX_SERVICE_NAME = 63
+# The gateway image's user (Dockerfile.gateway): it alone may read the mounted secrets.
+GATEWAY_UID = "10001"
+SECRET_PREFIX_LENGTH = 40  # of the service name, in a secret's name (Swarm allows 64)
 GatewayPhase = Literal["Pending", "Ready", "Degraded"]
 # Backends per model, as pushed: {model: [url, ...]}.
 Backends = dict[str, list[str]]
@@ -39,6 +47,13 @@ Backends = dict[str, list[str]]
 
 def gateway_key(gateway: ModelGateway) -> str:
     return f"gateway:{gateway.key}"
+
+
+def identity(gateway: ModelGateway) -> GatewayIdentity:
+    meta = gateway.metadata
+    return GatewayIdentity(
+        meta.namespace, meta.name, meta.uid, meta.annotations.get(ROTATE_ANNOTATION, "")
+    )
 
 
 def service_name(gateway: ModelGateway) -> str:
@@ -117,11 +132,14 @@ def gateway_labels(gateway: ModelGateway, instance: str) -> dict[str, str]:
     }
 
 
-def render_gateway(gateway: ModelGateway, instance: str, token: str) -> dict[str, Any]:
+def render_gateway(
+    gateway: ModelGateway, instance: str, mounts: Sequence[SecretMount]
+) -> dict[str, Any]:
     """The gateway's Swarm service: no NPUs, on the deployments' network, at most one replica
     per node (host-mode ports could not be shared anyway), the client port published as
     asked and the admin port published on each replica's node (host mode), where npuswarm
-    pushes the backends."""
+    pushes the backends over TLS. Its credential and TLS key come as Swarm secrets (files on
+    tmpfs), never in its environment or arguments."""
     spec = gateway.spec
     health = spec.healthCheck
     args = [
@@ -152,9 +170,19 @@ def render_gateway(gateway: ModelGateway, instance: str, token: str) -> dict[str
                 "Image": spec.image,
                 "Command": ["npuswarm-gateway"],
                 "Args": args,
-                # The token is as secret as the service spec: whoever reads that can already
-                # change the service. Clients on the network never see it.
-                "Env": [f"{TOKEN_ENV}={token}"],
+                "Secrets": [
+                    {
+                        "File": {
+                            "Name": mount.file,
+                            "UID": GATEWAY_UID,
+                            "GID": GATEWAY_UID,
+                            "Mode": 0o400,
+                        },
+                        "SecretID": mount.secret_id,
+                        "SecretName": mount.name,
+                    }
+                    for mount in mounts
+                ],
                 "Labels": dict(service_labels),
                 "Init": True,
                 "Healthcheck": {
@@ -202,7 +230,7 @@ def gateway_actions(
     gateways: Sequence[ModelGateway],
     snapshot: SwarmSnapshot,
     instance: str,
-    token: str,
+    mounts: Mapping[str, Sequence[SecretMount]],
     deleting: frozenset[str] = frozenset(),
 ) -> list[Action]:
     """Create or update each gateway's service; remove duplicates. Services of gateways not
@@ -216,7 +244,9 @@ def gateway_actions(
         if gateway.key in deleting:
             continue
         key = gateway_key(gateway)
-        spec = render_gateway(gateway, instance, token)
+        if gateway.key not in mounts:
+            continue  # its secrets could not be made in this pass: the next one tries again
+        spec = render_gateway(gateway, instance, mounts[gateway.key])
         found = sorted(by_owner.get(gateway.key, []), key=lambda s: s.name != spec["Name"])
         if not found:
             actions.append(
@@ -260,15 +290,131 @@ def _replicas(service: ObservedService) -> int:
     return int(((service.spec.get("Mode") or {}).get("Replicated") or {}).get("Replicas", -1))
 
 
+# --- each gateway's secrets: its credential and its TLS key (gateway_credentials.py) --------
+
+CREDENTIAL_KIND, TLS_KIND = "gateway-credential", "gateway-tls"
+
+
+@dataclass(frozen=True)
+class SecretMount:
+    """A Swarm secret mounted as a file into a gateway's tasks."""
+
+    name: str
+    file: str
+    secret_id: str = ""
+
+
+@dataclass(frozen=True)
+class NewSecret:
+    name: str
+    data: bytes = field(repr=False)
+    labels: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class GatewaySecrets:
+    """Secrets to create before the gateways' services are written, what each gateway mounts
+    (by secret name), and its secrets nothing will mount any more (removed after the writes)."""
+
+    create: list[NewSecret] = field(default_factory=list)
+    mounts: dict[str, tuple[SecretMount, ...]] = field(default_factory=dict)
+    stale: list[ObservedSecret] = field(default_factory=list)
+
+    def resolved(self, ids: Mapping[str, str]) -> dict[str, tuple[SecretMount, ...]]:
+        """Each gateway's mounts with their secret ids; a gateway one of whose secrets has no
+        id (its creation failed) is left out, so its service is not written this pass."""
+        found: dict[str, tuple[SecretMount, ...]] = {}
+        for key, mounts in self.mounts.items():
+            if all(m.name in ids for m in mounts):
+                found[key] = tuple(SecretMount(m.name, m.file, ids[m.name]) for m in mounts)
+        return found
+
+
+def plan_secrets(
+    gateways: Sequence[ModelGateway],
+    observed: Sequence[ObservedSecret],
+    credentials: Credentials,
+    instance: str,
+    now: datetime,
+) -> GatewaySecrets:
+    """Each gateway mounts its current credential and a TLS certificate for it that stays
+    valid for longer than the renewal margin: found if it exists, else made now. Secrets are
+    immutable in Swarm, so a new credential or certificate is a new secret under a new name."""
+    plan = GatewaySecrets()
+    by_gateway: dict[str, list[ObservedSecret]] = {}
+    for secret in observed:
+        by_gateway.setdefault(secret.gateway, []).append(secret)
+    for gateway in gateways:
+        who = identity(gateway)
+        credential_id = credentials.credential_id(who)
+        prefix = service_name(gateway)[:SECRET_PREFIX_LENGTH]
+        base = gateway_labels(gateway, instance) | {labels.CREDENTIAL_ID: credential_id}
+        mine = by_gateway.get(gateway.key, [])
+        credential_name = f"{prefix}-{credential_id}-key"
+        if not any(s.name == credential_name for s in mine):
+            plan.create.append(
+                NewSecret(
+                    credential_name,
+                    credentials.credential_file(who),
+                    base | {labels.SECRET_KIND: CREDENTIAL_KIND},
+                )
+            )
+        tls_name = _valid_tls(mine, credential_id, now)
+        if tls_name is None:
+            bundle = credentials.issue_tls(who, now)
+            expires = str(int(bundle.not_after.timestamp()))
+            digest = hashlib.sha256(f"{credential_id}/{expires}".encode()).hexdigest()[:16]
+            tls_name = f"{prefix}-{digest}-tls"
+            plan.create.append(
+                NewSecret(
+                    tls_name,
+                    bundle.pem,
+                    base | {labels.SECRET_KIND: TLS_KIND, labels.NOT_AFTER: expires},
+                )
+            )
+        plan.mounts[gateway.key] = (
+            SecretMount(credential_name, gateway_protocol.CREDENTIAL_FILE),
+            SecretMount(tls_name, gateway_protocol.TLS_FILE),
+        )
+        wanted = {credential_name, tls_name}
+        plan.stale.extend(s for s in mine if s.name not in wanted)
+    return plan
+
+
+def _valid_tls(secrets: Iterable[ObservedSecret], credential_id: str, now: datetime) -> str | None:
+    """The name of the certificate of this credential that lasts longest, if it lasts beyond
+    the renewal margin."""
+    horizon = (now + TLS_RENEW_BEFORE).timestamp()
+    usable = []
+    for secret in secrets:
+        if (
+            secret.labels.get(labels.SECRET_KIND) != TLS_KIND
+            or secret.labels.get(labels.CREDENTIAL_ID) != credential_id
+        ):
+            continue
+        try:
+            expires = int(secret.labels.get(labels.NOT_AFTER, ""))
+        except ValueError:
+            continue
+        if expires > horizon:
+            usable.append((expires, secret.name))
+    return max(usable)[1] if usable else None
+
+
 # --- where each replica is pushed to, and the status ----------------------------------------
 
 
 @dataclass(frozen=True)
 class GatewayReplica:
     node: str  # hostname, for the status
-    admin_url: str  # http://<node address>:<adminPort>
+    address: str  # the node's address: the admin port is published there (host mode)
+    admin_port: int
     endpoint: str  # <node address>:<port>
     task: str = ""  # a restarted gateway is a new task: it must be pushed to again
+
+    @property
+    def admin_url(self) -> str:
+        return f"https://{self.address}:{self.admin_port}"
 
 
 def running_replicas(gateway: ModelGateway, snapshot: SwarmSnapshot) -> list[GatewayReplica]:
@@ -287,7 +433,8 @@ def running_replicas(gateway: ModelGateway, snapshot: SwarmSnapshot) -> list[Gat
             found.append(
                 GatewayReplica(
                     node=node.hostname or node.id,
-                    admin_url=f"http://{node.addr}:{gateway.spec.adminPort}",
+                    address=node.addr,
+                    admin_port=gateway.spec.adminPort,
                     endpoint=f"{node.addr}:{gateway.spec.port}",
                     task=task.id,
                 )

@@ -87,7 +87,7 @@ class ModelGatewaySpec(_Model):
         8079,
         description=(
             "Host-published port on each gateway node where the operator pushes backends "
-            "(bearer token NPUSWARM_GATEWAY_TOKEN). Must differ from port."
+            "(TLS, requests signed with the gateway's own credential). Must differ from port."
         ),
     )
     replicas: Annotated[int, Field(ge=0, le=MAX_GATEWAY_REPLICAS)] = Field(

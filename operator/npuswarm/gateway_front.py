@@ -10,9 +10,13 @@ this process adds only what it lacks (docs/gateway.md, "What vllm-router lacks")
 - one full-state admin call, ``PUT /backends`` with ``{"models": {model: [url, ...]}}``,
   that npuswarm pushes and that is reconciled into vllm-router's ``/workers``. It is
   idempotent, and the state is re-applied every few seconds, so a restarted vllm-router or
-  gateway is refilled by the next push or the next sync.
+  gateway is refilled by the next push or the next sync. The admin port speaks only TLS,
+  with the certificate npuswarm issued for this gateway, and takes only requests signed
+  with this gateway's own credential (gateway_protocol.py); both come as Swarm secrets.
 
-Every other request is streamed to vllm-router on loopback chunk by chunk, never buffered.
+The public port serves OpenAI's routes and health only. Model requests are streamed to
+vllm-router on loopback chunk by chunk, never buffered; anything else (vllm-router's own
+worker admin API among it) is answered 404 here and never reaches the router.
 vllm-router runs as a child process; if it exits, so does this process (Swarm restarts the
 task).
 """
@@ -21,10 +25,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import hmac
 import json
 import os
 import signal
+import ssl
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -35,8 +39,24 @@ from urllib.parse import quote
 import aiohttp
 from aiohttp import web
 
-TOKEN_ENV = "NPUSWARM_GATEWAY_TOKEN"
-MODEL_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings"})
+from npuswarm import gateway_protocol
+
+# The only routes the public port forwards, all POST with a JSON body naming the model: the
+# OpenAI-style routes vllm-router 0.1.17 routes by model (read off its binary: docs/gateway.md).
+# Everything else it serves on the same port (its worker admin API /workers, /add_worker,
+# /remove_worker, /list_workers, /flush_cache, profiling, /get_loads, /get_server_info,
+# /v1/responses/{id}, ...) is answered 404 here and never reaches it.
+MODEL_ROUTES = frozenset(
+    {
+        "/v1/chat/completions",
+        "/v1/completions",
+        "/v1/embeddings",
+        "/v1/responses",
+        "/v1/rerank",
+        "/rerank",
+        "/generate",
+    }
+)
 # Hop-by-hop headers (RFC 9110 7.6.1) and those aiohttp sets itself.
 HOP_HEADERS = frozenset(
     {
@@ -77,6 +97,16 @@ def models_body(models: Mapping[str, tuple[str, ...]], created: int) -> dict[str
     }
 
 
+def unknown_model(model: str) -> web.Response:
+    return openai_error(
+        404,
+        f"The model `{model}` does not exist.",
+        "invalid_request_error",
+        "model_not_found",
+        "model",
+    )
+
+
 def refusal(model: object, models: Mapping[str, tuple[str, ...]] | None) -> web.Response | None:
     """The answer the gateway gives itself instead of forwarding, or None to forward."""
     if models is None:
@@ -92,13 +122,7 @@ def refusal(model: object, models: Mapping[str, tuple[str, ...]] | None) -> web.
             400, "the request names no model", "invalid_request_error", "model_required", "model"
         )
     if model not in models:
-        return openai_error(
-            404,
-            f"The model `{model}` does not exist.",
-            "invalid_request_error",
-            "model_not_found",
-            "model",
-        )
+        return unknown_model(model)
     if not models[model]:
         return openai_error(
             503,
@@ -150,19 +174,17 @@ def worker_diff(
     return WorkerDiff(add=add, remove=remove)
 
 
-def authorised(header: str | None, token: str) -> bool:
-    if not token or not header or not header.startswith("Bearer "):
-        return False
-    return hmac.compare_digest(header[len("Bearer ") :].encode(), token.encode())
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
 
 
 # --- the process ----------------------------------------------------------------------------
 
 
 class Front:
-    def __init__(self, router_url: str, token: str, sync_seconds: float) -> None:
+    def __init__(self, router_url: str, credential: bytes | None, sync_seconds: float) -> None:
         self.router_url = router_url
-        self.token = token
+        self.verifier = gateway_protocol.Verifier(credential)
         self.sync_seconds = sync_seconds
         # What requests are answered by: None until npuswarm's first push is in vllm-router
         # (the gateway cannot tell unknown from not ready before).
@@ -205,18 +227,38 @@ class Front:
             {"router": ok, "configured": self.models is not None}, status=200 if ok else 503
         )
 
+    async def get_model(self, request: web.Request) -> web.Response:
+        """OpenAI's retrieve-model call, answered from the same state as the list."""
+        if self.models is None:
+            refused = refusal(None, None)
+            assert refused is not None
+            return refused
+        listed = models_body(self.models, self.created)["data"]
+        found = next((m for m in listed if m["id"] == request.match_info["model"]), None)
+        if found is None:
+            return unknown_model(request.match_info["model"])
+        return web.json_response(found)
+
+    async def not_found(self, request: web.Request) -> web.Response:
+        return openai_error(
+            404,
+            f"{request.method} {request.path} is not served here",
+            "invalid_request_error",
+            "not_found",
+            None,
+        )
+
     async def forward(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
-        if request.method == "POST" and request.path in MODEL_ROUTES:
-            try:
-                model = json.loads(body or b"{}").get("model")
-            except (ValueError, AttributeError):
-                return openai_error(
-                    400, "the body is not a JSON object", "invalid_request_error", "bad_json", None
-                )
-            refused = refusal(model, self.models)
-            if refused is not None:
-                return refused
+        try:
+            model = json.loads(body or b"{}").get("model")
+        except (ValueError, AttributeError):
+            return openai_error(
+                400, "the body is not a JSON object", "invalid_request_error", "bad_json", None
+            )
+        refused = refusal(model, self.models)
+        if refused is not None:
+            return refused
         assert self.session is not None
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_HEADERS}
         try:
@@ -243,11 +285,22 @@ class Front:
             return response
 
     # admin port -------------------------------------------------------------------------
+    async def _refused(self, request: web.Request, body: bytes) -> web.Response | None:
+        refused = self.verifier.refusal(
+            request.headers.get("Authorization"), request.method, request.path, body, now_ms()
+        )
+        if refused is None:
+            return None
+        log(f"admin request refused ({request.method} {request.path}): {refused}")
+        return web.json_response({"error": f"unauthorised: {refused}"}, status=401)
+
     async def put_backends(self, request: web.Request) -> web.Response:
-        if not authorised(request.headers.get("Authorization"), self.token):
-            return web.json_response({"error": "unauthorised"}, status=401)
+        body = await request.read()
+        refused = await self._refused(request, body)
+        if refused is not None:
+            return refused
         try:
-            state = parse_state(await request.json())
+            state = parse_state(json.loads(body))
         except ValueError as error:
             return web.json_response({"error": str(error)}, status=400)
         self.desired = state
@@ -259,8 +312,9 @@ class Front:
         return web.json_response({"models": {m: list(u) for m, u in state.items()}})
 
     async def get_backends(self, request: web.Request) -> web.Response:
-        if not authorised(request.headers.get("Authorization"), self.token):
-            return web.json_response({"error": "unauthorised"}, status=401)
+        refused = await self._refused(request, b"")
+        if refused is not None:
+            return refused
         workers = await self.workers()
         return web.json_response(
             {
@@ -384,14 +438,22 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--health-timeout", type=int, default=3)
     parser.add_argument("--health-failures", type=int, default=2)
     parser.add_argument("--sync-seconds", type=float, default=5.0)
+    parser.add_argument(
+        "--secrets-dir",
+        default=gateway_protocol.SECRETS_DIR,
+        help="where npuswarm's Swarm secrets are mounted: the credential and the TLS key",
+    )
     return parser.parse_args(argv)
 
 
 def build_apps(front: Front) -> tuple[web.Application, web.Application]:
     public = web.Application(client_max_size=MAX_BODY)
     public.router.add_get("/v1/models", front.list_models)
+    public.router.add_get("/v1/models/{model:.+}", front.get_model)
     public.router.add_get("/health", front.health)
-    public.router.add_route("*", "/{tail:.*}", front.forward)
+    for route in sorted(MODEL_ROUTES):
+        public.router.add_post(route, front.forward)
+    public.router.add_route("*", "/{tail:.*}", front.not_found)
     public.on_startup.append(front.start)
     public.on_cleanup.append(front.close)
     admin = web.Application()
@@ -413,19 +475,36 @@ async def wait_for_router(front: Front, router: asyncio.subprocess.Process) -> N
     raise SystemExit(f"vllm-router exited with {router.returncode} before listening")
 
 
+def read_secrets(directory: str) -> tuple[bytes, ssl.SSLContext]:
+    """This gateway's credential and the TLS context of its admin port; SystemExit naming
+    what is missing (without them no push could ever be accepted)."""
+    credential_path = os.path.join(directory, gateway_protocol.CREDENTIAL_FILE)
+    tls_path = os.path.join(directory, gateway_protocol.TLS_FILE)
+    try:
+        with open(credential_path, encoding="ascii") as file:
+            credential = gateway_protocol.parse_credential(file.read())
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.load_cert_chain(tls_path)
+    except (OSError, ValueError, ssl.SSLError) as error:
+        raise SystemExit(
+            f"npuswarm-gateway: cannot read this gateway's secrets in {directory} "
+            f"({error}); npuswarm mounts them as Swarm secrets"
+        ) from None
+    return credential, context
+
+
 async def run(args: argparse.Namespace) -> int:
-    token = os.environ.get(TOKEN_ENV, "")
-    if not token:
-        log(f"{TOKEN_ENV} is not set: the admin port refuses every push")
+    credential, tls = read_secrets(args.secrets_dir)
     router = await asyncio.create_subprocess_exec(*router_command(args))
-    front = Front(f"http://127.0.0.1:{args.router_port}", token, args.sync_seconds)
+    front = Front(f"http://127.0.0.1:{args.router_port}", credential, args.sync_seconds)
     public, admin = build_apps(front)
     public_runner, admin_runner = web.AppRunner(public), web.AppRunner(admin)
     await public_runner.setup()
     await admin_runner.setup()
     await wait_for_router(front, router)
     await web.TCPSite(public_runner, "0.0.0.0", args.port).start()
-    await web.TCPSite(admin_runner, "0.0.0.0", args.admin_port).start()
+    await web.TCPSite(admin_runner, "0.0.0.0", args.admin_port, ssl_context=tls).start()
     log(f"serving on :{args.port}, admin on :{args.admin_port}, vllm-router on :{args.router_port}")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

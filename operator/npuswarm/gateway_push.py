@@ -1,17 +1,20 @@
 """The pass's side of ModelGateways: compute (gateway.py), push each replica's backends over
-HTTP before the pass's Swarm writes, and report their status and metrics.
+TLS before the pass's Swarm writes, and report their status and metrics.
 
 The push goes to every running gateway replica's admin port, at its node's address (host
-mode), with the bearer token from NPUSWARM_GATEWAY_TOKEN. It is the full state, so pushing
-twice is harmless and a restarted gateway is refilled by the next pass.
+mode), over TLS checked against npuswarm's gateway CA and that gateway's own name, signed with
+that gateway's own credential (gateway_protocol.py, docs/security.md). It is the full state,
+so pushing twice is harmless and a restarted gateway is refilled by the next pass.
 """
 
 from __future__ import annotations
 
+import http.client
 import json
+import socket
+import ssl
+import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -20,19 +23,23 @@ from typing import Any
 
 import structlog
 
-from npuswarm import metrics
+from npuswarm import gateway_protocol, metrics
 from npuswarm.api import ModelDeployment
 from npuswarm.gateway import (
     Backends,
+    GatewayReplica,
     GatewayWork,
+    SecretMount,
     desired_backends,
     gateway_actions,
     gateway_status,
+    identity,
     running_replicas,
     selected,
     stopped_by,
 )
 from npuswarm.gateway_api import ModelGateway, ModelGatewayStatus
+from npuswarm.gateway_credentials import Credentials
 from npuswarm.plan import Action, PassPlan
 
 log = structlog.get_logger("npuswarm.gateway")
@@ -42,24 +49,90 @@ PUSH_CONCURRENCY = 8
 # nothing changed makes no call. The gateway keeps what it got; the refresh only bounds how
 # long a gateway that lost it somehow (it cannot without a new task) would go without.
 REFRESH_SECONDS = 60.0
-NO_TOKEN = "NPUSWARM_GATEWAY_TOKEN is not set in the operator: gateways cannot be configured"
-# (admin URL, token, {"models": ...}) -> None, or raises with the reason.
-Sender = Callable[[str, str, Backends], None]
+NO_KEY = "NPUSWARM_GATEWAY_ROOT_KEY is not set in the operator: gateways cannot be configured"
 
 
-def put_backends(admin_url: str, token: str, backends: Backends) -> None:
-    body = json.dumps({"models": backends}).encode()
-    request = urllib.request.Request(
-        f"{admin_url}/backends",
-        data=body,
-        method="PUT",
-        headers={"Content-Type": "application/json", "Authorization": f"Bearer {token}"},
-    )
+@dataclass(frozen=True)
+class PushTarget:
+    """One gateway replica's admin endpoint and what proves each side to the other."""
+
+    replica: GatewayReplica
+    hostname: str  # the name its certificate must carry
+    credential: bytes = field(repr=False)
+
+
+# (target, backends) -> None, or raises with the reason.
+Sender = Callable[[PushTarget, Backends], None]
+
+
+class _PinnedHTTPS(http.client.HTTPSConnection):
+    """HTTPS to a node's address that checks the certificate against a gateway's name, not
+    the address (gateway certificates name the gateway, not the node it runs on)."""
+
+    def __init__(self, target: PushTarget, context: ssl.SSLContext, timeout: float) -> None:
+        super().__init__(
+            target.replica.address, target.replica.admin_port, timeout=timeout, context=context
+        )
+        self._hostname = target.hostname
+        self._tls = context
+
+    def connect(self) -> None:
+        self.sock = socket.create_connection((self.host, self.port), self.timeout)
+        self.sock = self._tls.wrap_socket(self.sock, server_hostname=self._hostname)
+
+
+class Signer:
+    """Signs admin requests with timestamps that only grow within this process, even for two
+    requests in one millisecond (a gateway refuses a timestamp it has seen)."""
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self._clock = clock
+        self._last = 0
+        self._lock = threading.Lock()
+
+    def now_ms(self) -> int:
+        with self._lock:
+            self._last = max(self._last + 1, int(self._clock() * 1000))
+            return self._last
+
+    def headers(self, credential: bytes, method: str, path: str, body: bytes) -> dict[str, str]:
+        stamp = self.now_ms()
+        return {
+            "Content-Type": "application/json",
+            "Authorization": gateway_protocol.authorization(credential, method, path, stamp, body),
+        }
+
+
+def admin_request(
+    target: PushTarget,
+    context: ssl.SSLContext,
+    signer: Signer,
+    method: str,
+    path: str,
+    body: bytes = b"",
+) -> tuple[int, bytes]:
+    """One signed request to a gateway replica's admin port over TLS: (status, body)."""
+    connection = _PinnedHTTPS(target, context, PUSH_TIMEOUT_SECONDS)
     try:
-        with urllib.request.urlopen(request, timeout=PUSH_TIMEOUT_SECONDS) as answer:
-            answer.read()
-    except urllib.error.HTTPError as error:
-        raise RuntimeError(f"{error.code}: {error.read()[:200].decode(errors='replace')}") from None
+        connection.request(
+            method, path, body=body, headers=signer.headers(target.credential, method, path, body)
+        )
+        answer = connection.getresponse()
+        return answer.status, answer.read()
+    finally:
+        connection.close()
+
+
+def https_sender(credentials: Credentials, signer: Signer) -> Sender:
+    def send(target: PushTarget, backends: Backends) -> None:
+        body = json.dumps({"models": backends}).encode()
+        status, text = admin_request(
+            target, credentials.client_context(), signer, "PUT", "/backends", body
+        )
+        if status != 200:
+            raise RuntimeError(f"{status}: {text[:200].decode(errors='replace')}")
+
+    return send
 
 
 @dataclass
@@ -69,17 +142,20 @@ class GatewayPass:
 
 
 class Gateways:
-    """What reconcile.Reconciler calls around a pass's writes (see run_pass)."""
+    """What reconcile.Reconciler calls around a pass's writes (see run_pass).
+    ``credentials``: None when the operator has no root key (gateways are not run)."""
 
     def __init__(
         self,
         instance: str,
-        token: str,
-        send: Sender = put_backends,
+        credentials: Credentials | None,
+        send: Sender | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.instance = instance
-        self.token = token
+        self.credentials = credentials
+        if send is None and credentials is not None:
+            send = https_sender(credentials, Signer())
         self.send = send
         self.clock = clock
         # (admin URL, task id) -> (backends, when) of the last push it accepted.
@@ -94,9 +170,11 @@ class Gateways:
         gateways: Sequence[ModelGateway],
         deployments: Sequence[ModelDeployment],
         whole: PassPlan,
+        mounts: Mapping[str, Sequence[SecretMount]],
     ) -> GatewayPass:
         """Pure: each gateway's backends once this pass's writes are made, minus every
-        replica those writes stop, and the writes of the gateways' own services."""
+        replica those writes stop, and the writes of the gateways' own services (``mounts``:
+        each gateway's secrets, with their ids)."""
         stopping = stopped_by(whole.actions)
         works = [
             GatewayWork(
@@ -107,8 +185,8 @@ class Gateways:
             for gw in gateways
         ]
         actions = (
-            gateway_actions(gateways, whole.snapshot, self.instance, self.token)
-            if self.token
+            gateway_actions(gateways, whole.snapshot, self.instance, mounts)
+            if self.credentials is not None
             else []
         )
         return GatewayPass(works=works, actions=actions)
@@ -118,13 +196,15 @@ class Gateways:
         reached is reported in its gateway's status; the pass goes on (that replica, being
         unreachable, is not serving clients either; its vllm-router's own health checks
         drop a stopped backend within interval x threshold)."""
-        if not self.token:
+        if self.credentials is None or self.send is None:
             return
         now = self.clock()
         live = {(r.admin_url, r.task) for item in work.works for r in item.replicas}
         self._pushed = {key: value for key, value in self._pushed.items() if key in live}
         jobs = []
         for item in work.works:
+            who = identity(item.gateway)
+            credential = self.credentials.credential(who)
             for replica in item.replicas:
                 key = (replica.admin_url, replica.task)
                 last = self._pushed.get(key)
@@ -134,7 +214,8 @@ class Gateways:
                     and now - last[1] < REFRESH_SECONDS
                 ):
                     continue
-                send = self._pushers.submit(self.send, replica.admin_url, self.token, item.backends)
+                target = PushTarget(replica, who.hostname, credential)
+                send = self._pushers.submit(self.send, target, item.backends)
                 jobs.append((item, key, send))
         for item, key, future in jobs:
             try:
@@ -171,7 +252,7 @@ class Gateways:
                 served,
                 (previous.get(gw.key) or {}).get("conditions", []),
                 now,
-                problem=None if self.token else NO_TOKEN,
+                problem=None if self.credentials is not None else NO_KEY,
             )
             found[gw.key] = status
             namespace, name = gw.metadata.namespace, gw.metadata.name

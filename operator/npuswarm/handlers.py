@@ -15,6 +15,7 @@ import structlog
 from prometheus_client import start_http_server
 
 from npuswarm import api, gateway_api, metrics
+from npuswarm.gateway_credentials import Credentials
 from npuswarm.gateway_push import Gateways
 from npuswarm.kube import Kube
 from npuswarm.reconcile import Reconciler
@@ -60,7 +61,7 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **kwargs: Any)
             swarm,
             config,
             owners=kube,
-            gateways=Gateways(config.instance, config.gateway_token.get_secret_value()),
+            gateways=Gateways(config.instance, gateway_credentials(config)),
         ),
         kube=kube,
         leadership=Leadership(
@@ -80,6 +81,11 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **kwargs: Any)
     runtime.start_threads()
     runtime.tasks.append(asyncio.create_task(runtime.run_passes(), name="npuswarm passes"))
     log.info("npuswarm started", metrics_port=config.metrics_port, settings=config.__dict__)
+
+
+def gateway_credentials(config: Settings) -> Credentials | None:
+    root = config.gateway_root_key.get_secret_value()
+    return Credentials(root, config.instance) if root else None
 
 
 @kopf.on.cleanup()

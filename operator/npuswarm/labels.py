@@ -17,6 +17,11 @@ MODEL = f"{PREFIX}/model"
 # A ModelGateway's services carry these instead of the owner labels: they are not replicas.
 GATEWAY_NAMESPACE = f"{PREFIX}/gateway-namespace"
 GATEWAY_NAME = f"{PREFIX}/gateway-name"
+# A gateway's Swarm secrets (gateway_credentials.py): which kind, for which credential, and
+# until when a TLS certificate is valid (Unix seconds).
+SECRET_KIND = f"{PREFIX}/secret-kind"
+CREDENTIAL_ID = f"{PREFIX}/credential-id"
+NOT_AFTER = f"{PREFIX}/not-after"
 # Which npuswarm installation owns the service, when several share one Swarm (absent: the
 # default one). Another installation's services are foreign: read for their NPUs, never touched.
 INSTANCE = f"{PREFIX}/instance"

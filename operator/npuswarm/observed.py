@@ -232,6 +232,34 @@ def snapshot_from_engine(
     )
 
 
+@dataclass(frozen=True)
+class ObservedSecret:
+    """One of this installation's Swarm secrets (a ModelGateway's credential or TLS key)."""
+
+    id: str
+    name: str
+    labels: dict[str, str]
+
+    @property
+    def gateway(self) -> str:
+        """The ``namespace/name`` of the ModelGateway it belongs to."""
+        namespace = self.labels.get(labels.GATEWAY_NAMESPACE, "")
+        return f"{namespace}/{self.labels.get(labels.GATEWAY_NAME, '')}"
+
+
+def secrets_from_engine(raw: list[dict[str, Any]], instance: str) -> list[ObservedSecret]:
+    """This installation's secrets among those listed (never their data: Swarm has no call
+    that returns it)."""
+    found = []
+    for secret in raw:
+        spec = secret.get("Spec") or {}
+        secret_labels = dict(spec.get("Labels") or {})
+        if is_own(secret_labels, instance) and secret.get("ID"):
+            name = str(spec.get("Name", ""))
+            found.append(ObservedSecret(str(secret["ID"]), name, secret_labels))
+    return sorted(found, key=lambda s: s.name)
+
+
 def is_own(object_labels: dict[str, str], instance: str) -> bool:
     """Made by this npuswarm installation (a service or a network)."""
     return object_labels.get(labels.MANAGED_BY) == labels.MANAGED_BY_VALUE and (

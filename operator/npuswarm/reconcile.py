@@ -22,11 +22,12 @@ import structlog
 from npuswarm import labels, metrics, policy
 from npuswarm.api import ModelDeployment, ModelDeploymentStatus
 from npuswarm.events import Event, EventType
+from npuswarm.gateway import GatewaySecrets, SecretMount, plan_secrets
 from npuswarm.gateway_api import ModelGateway, ModelGatewayStatus
 from npuswarm.gateway_push import GatewayPass, Gateways
 from npuswarm.inventory import NodeLimits
 from npuswarm.npus import parse_npu_ids
-from npuswarm.observed import SwarmSnapshot, is_own
+from npuswarm.observed import SwarmSnapshot, is_own, secrets_from_engine
 from npuswarm.plan import Action, Applied, PassPlan, plan_pass
 from npuswarm.render import Renderer, network_labels
 from npuswarm.settings import Settings
@@ -52,6 +53,9 @@ class SwarmAPI(Protocol):
     def remove_network(self, network_id: str) -> None: ...
     def owned_services(self, namespace: str, name: str) -> list[dict[str, Any]]: ...
     def services_labelled(self, *label: str) -> list[dict[str, Any]]: ...
+    def secrets_labelled(self, *label: str) -> list[dict[str, Any]]: ...
+    def create_secret(self, name: str, data: bytes, secret_labels: dict[str, str]) -> str: ...
+    def remove_secret(self, secret_id: str) -> None: ...
 
 
 # Node checks' answer for one observation: nodes and NPUs kept out of placement.
@@ -194,7 +198,8 @@ class Reconciler:
             with _collector_paused():
                 desired = self._without_tombstoned(desired)
                 whole = self.plan(desired, checks)
-            gateway_pass = self._gateways_first(desired, whole)
+            secrets = self._gateway_secrets(desired)
+            gateway_pass = self._gateways_first(desired, whole, secrets)
             # Writes wait on Swarm, while the rest of the process goes on making garbage:
             # the collector runs meanwhile.
             self._networks(whole.networks_to_create, create=True)
@@ -202,6 +207,7 @@ class Reconciler:
             kept = {gateway.spec.network.name for gateway in desired.gateways}
             gone = [network_id for name, network_id in whole.networks_to_remove if name not in kept]
             self._networks(gone, create=False)
+            self._remove_secrets([s.id for s in secrets.stale])
             # Node probes read it under the same lock: they take only NPUs this pass left free.
             self.last_plan = whole
             with _collector_paused():
@@ -212,14 +218,49 @@ class Reconciler:
                 )
             return result
 
-    def _gateways_first(self, desired: Desired, whole: PassPlan) -> GatewayPass:
+    def _gateway_secrets(self, desired: Desired) -> GatewaySecrets:
+        """Each gateway's credential and TLS secrets, made before its service is written;
+        the ids of their secrets by name come back in ``mounts``."""
+        credentials = self.gateways.credentials if self.gateways is not None else None
+        if credentials is None or not desired.gateways:
+            return GatewaySecrets()
+        observed = secrets_from_engine(
+            self.swarm.secrets_labelled(labels.OWNED_FILTER, labels.SECRET_KIND),
+            self.settings.instance,
+        )
+        plan = plan_secrets(
+            desired.gateways, observed, credentials, self.settings.instance, self.clock()
+        )
+        ids = {secret.name: secret.id for secret in observed}
+        for new in plan.create:
+            try:
+                ids[new.name] = self.swarm.create_secret(new.name, new.data, new.labels)
+            except SwarmRejected as error:
+                log.warning("gateway secret refused", secret=new.name, error=str(error))
+                continue
+            log.info("gateway secret created", secret=new.name)
+        return GatewaySecrets(mounts=dict(plan.resolved(ids)), stale=plan.stale)
+
+    def _gateways_first(
+        self, desired: Desired, whole: PassPlan, secrets: GatewaySecrets
+    ) -> GatewayPass:
         """Before any write that stops a replica: every gateway drops it (and gets the
         replicas that became ready). See gateway.py."""
         if self.gateways is None or not desired.gateways:
             return GatewayPass()
-        gateway_pass = self.gateways.prepare(desired.gateways, desired.deployments, whole)
+        mounts: dict[str, tuple[SecretMount, ...]] = secrets.mounts
+        gateway_pass = self.gateways.prepare(desired.gateways, desired.deployments, whole, mounts)
         self.gateways.push(gateway_pass)
         return gateway_pass
+
+    def _remove_secrets(self, secret_ids: list[str]) -> None:
+        """Secrets no gateway mounts any more. Swarm refuses to remove one a service still
+        names (a rolling update not yet written): kept, and tried again by a later pass."""
+        for secret_id in secret_ids:
+            try:
+                self.swarm.remove_secret(secret_id)
+            except SwarmRejected as error:
+                log.info("gateway secret kept", secret=secret_id, reason=str(error))
 
     def _networks(self, names_or_ids: list[str], *, create: bool) -> None:
         """Networks go before the services that attach to them and after the last service
@@ -378,13 +419,15 @@ class Reconciler:
         return len(owned)
 
     def finalize_gateway(self, namespace: str, name: str) -> int:
-        """Remove a deleted ModelGateway's services (found by label), between passes."""
+        """Remove a deleted ModelGateway's services and then its secrets (found by label),
+        between passes."""
+        owner = (
+            labels.OWNED_FILTER,
+            f"{labels.GATEWAY_NAMESPACE}={namespace}",
+            f"{labels.GATEWAY_NAME}={name}",
+        )
         with self.lock:
-            found = self.swarm.services_labelled(
-                labels.OWNED_FILTER,
-                f"{labels.GATEWAY_NAMESPACE}={namespace}",
-                f"{labels.GATEWAY_NAME}={name}",
-            )
+            found = self.swarm.services_labelled(*owner)
             gone = [
                 s["ID"]
                 for s in found
@@ -392,6 +435,11 @@ class Reconciler:
             ]
             for service_id in gone:
                 self.swarm.remove_service(service_id)
+            secrets = secrets_from_engine(
+                self.swarm.secrets_labelled(*owner), self.settings.instance
+            )
+            for secret in secrets:
+                self.swarm.remove_secret(secret.id)
         return len(gone)
 
 

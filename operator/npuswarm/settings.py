@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from npuswarm.paths import denied_root, normalise_host_path
@@ -20,6 +20,9 @@ ENV_PREFIX = "NPUSWARM_"
 DEFAULT_ALLOWED_HOST_PATHS = ("/models", "/data")
 # NPUSWARM_ALLOWED_HOST_PATHS=none: no hostPath volume at all.
 NO_HOST_PATHS = "none"
+MIN_ROOT_KEY_LENGTH = 16
+# Settings whose values never appear in a message.
+SECRET_FIELDS = frozenset({"gateway_root_key"})
 
 
 class Settings(BaseSettings):
@@ -53,9 +56,15 @@ class Settings(BaseSettings):
     # Which npuswarm installation this is, when several share one Swarm: each owns only the
     # services carrying its name, and treats the others' as foreign. It is a label value.
     instance: str = Field("default", pattern=r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
-    # The bearer token npuswarm pushes gateway backends with; it is also put in each
-    # ModelGateway's service. Empty: gateways are reported NotConfigured and not run.
-    gateway_token: SecretStr = SecretStr("")
+    # The root of every ModelGateway's own credential and of the gateways' TLS CA
+    # (gateway_credentials.py); it never leaves the operator. Empty: gateways are reported
+    # NotConfigured and not run. NPUSWARM_GATEWAY_TOKEN, its name before 0.2, still works.
+    gateway_root_key: SecretStr = Field(
+        SecretStr(""),
+        validation_alias=AliasChoices(
+            "gateway_root_key", f"{ENV_PREFIX}GATEWAY_ROOT_KEY", f"{ENV_PREFIX}GATEWAY_TOKEN"
+        ),
+    )
     # Node validation (docs/node-health.md): a one-shot probe task on each node checks that
     # Ascend Docker Runtime really gives its NPUs to containers before replicas go there.
     node_validation: bool = True
@@ -108,6 +117,16 @@ class Settings(BaseSettings):
             roots.append(root)
         return tuple(roots)
 
+    @field_validator("gateway_root_key", mode="after")
+    @classmethod
+    def _long_enough(cls, value: SecretStr) -> SecretStr:
+        if value.get_secret_value() and len(value.get_secret_value()) < MIN_ROOT_KEY_LENGTH:
+            # Shown as "**********" in the error: never echoed.
+            raise ValueError(
+                f"at least {MIN_ROOT_KEY_LENGTH} characters (e.g. `openssl rand -hex 32`)"
+            )
+        return value
+
     @classmethod
     def from_env(cls) -> Settings:
         """The settings from the environment; a bad value exits with one line that names it."""
@@ -122,6 +141,6 @@ def settings_message(error: ValidationError) -> str:
     for item in error.errors():
         field = str(item["loc"][0]) if item["loc"] else ""
         name = f"{ENV_PREFIX}{field.upper()}" if field else "settings"
-        shown = item.get("input")
-        parts.append(f"{name}={shown!r}: {item['msg']}")
+        shown = "<hidden>" if field in SECRET_FIELDS else repr(item.get("input"))
+        parts.append(f"{name}={shown}: {item['msg']}")
     return "; ".join(parts)

@@ -260,6 +260,24 @@ class Swarm:
         )
         return found
 
+    def secrets_labelled(self, *label: str) -> list[dict[str, Any]]:
+        """Secrets carrying every ``label`` (their metadata: Swarm never returns the data)."""
+        found: list[dict[str, Any]] = self._call(
+            "list_secrets", "secrets", filters={"label": list(label)}
+        )
+        return found
+
+    def create_secret(self, name: str, data: bytes, secret_labels: dict[str, str]) -> str:
+        result = self._call("create_secret", "create_secret", name, data, labels=secret_labels)
+        return str(result["ID"])
+
+    def remove_secret(self, secret_id: str) -> None:
+        try:
+            self._call("remove_secret", "remove_secret", secret_id)
+        except SwarmRejected as error:
+            if "not found" not in str(error):
+                raise
+
     def service_tasks(self, service_id: str) -> list[dict[str, Any]]:
         found: list[dict[str, Any]] = self._call(
             "list_tasks", "tasks", filters={"service": service_id}

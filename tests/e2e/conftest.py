@@ -182,7 +182,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
             # This session's own installation: services of other sessions sharing the
             # developer's dockerd are foreign to it (never swept as orphans).
             "NPUSWARM_INSTANCE": INSTANCE,
-            "NPUSWARM_GATEWAY_TOKEN": GATEWAY_TOKEN,
+            "NPUSWARM_GATEWAY_ROOT_KEY": GATEWAY_ROOT_KEY,
             # The local Swarm runs plain runc with no stand-in Ascend runtime: validation
             # would (rightly) refuse its node. tests/lab covers node validation.
             "NPUSWARM_NODE_VALIDATION": "false",
@@ -234,7 +234,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
             print(result.operator_log()[-5000:])
 
 
-GATEWAY_TOKEN = "e2e-gateway-token"
+GATEWAY_ROOT_KEY = "e2e-gateway-root-key-0123456789"
 
 
 def _answers(url: str) -> bool:

@@ -12,7 +12,7 @@ import yaml
 
 from tests.helpers import NETWORK, wait_for
 
-from .conftest import GATEWAY_TOKEN, INSTANCE, Cluster, is_ready, manifest, wait_md
+from .conftest import GATEWAY_ROOT_KEY, INSTANCE, Cluster, is_ready, manifest, wait_md
 
 pytestmark = pytest.mark.e2e
 
@@ -45,7 +45,11 @@ def test_gateway_service_status_and_finalizer(cluster: Cluster, namespace: str) 
         assert spec["Name"] == f"{namespace}-gw-gateway"
         assert spec["Mode"] == {"Replicated": {"Replicas": 0}}
         assert spec["TaskTemplate"]["Placement"]["MaxReplicas"] == 1
-        assert f"NPUSWARM_GATEWAY_TOKEN={GATEWAY_TOKEN}" in spec["TaskTemplate"]["ContainerSpec"]["Env"]
+        container = spec["TaskTemplate"]["ContainerSpec"]
+        # Its own credential and TLS key come as Swarm secrets; the root key is nowhere.
+        assert "Env" not in container and GATEWAY_ROOT_KEY not in json.dumps(service)
+        assert sorted(s["File"]["Name"] for s in container["Secrets"]) == [
+            "npuswarm-gateway-credential", "npuswarm-gateway-tls.pem"]
         ports = [(p["PublishedPort"], p["PublishMode"]) for p in spec["EndpointSpec"]["Ports"]]
         assert ports == [(18480, "host"), (18481, "host")]
         wait_md(cluster, namespace, "chat", is_ready, "Ready")
@@ -79,6 +83,7 @@ def test_gateway_service_status_and_finalizer(cluster: Cluster, namespace: str) 
     finally:
         cluster.kubectl("-n", namespace, "delete", "mgw", "gw", "--timeout=60s", check=False)
     assert gateway_services(cluster, namespace) == []
+    assert cluster.docker.secrets(filters={"label": [f"npuswarm.io/gateway-namespace={namespace}"]}) == []
 
 
 def test_schema_refuses_an_admin_port_equal_to_the_port(cluster: Cluster, namespace: str) -> None:

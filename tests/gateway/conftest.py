@@ -16,9 +16,16 @@ from typing import Any
 
 import pytest
 
+from npuswarm.gateway import GatewayReplica
+from npuswarm.gateway_credentials import Credentials, GatewayIdentity, write_secret_files
+from npuswarm.gateway_push import PushTarget, Signer, admin_request
 from tests.fakevllm.conftest import SERVER, free_port, make_dev_dir, wait_listening
+from tests.unit.builders import NOW
 
-TOKEN = "test-token"
+ROOT_KEY = "gateway-tests-root-key-0123456789"
+CREDENTIALS = Credentials(ROOT_KEY, "default")
+IDENTITY = GatewayIdentity("tests", "gw", "uid-1")
+SIGNER = Signer()
 START_DEADLINE = 30.0
 
 
@@ -37,10 +44,8 @@ class Answer:
         return str(json.loads(self.headers["x-fake-vllm-npus"])["ASCEND_VISIBLE_DEVICES"])
 
 
-def call(url: str, body: Any = None, method: str | None = None, token: str | None = None) -> Answer:
+def call(url: str, body: Any = None, method: str | None = None) -> Answer:
     headers = {"Content-Type": "application/json"}
-    if token is not None:
-        headers["Authorization"] = f"Bearer {token}"
     data = None if body is None else json.dumps(body).encode()
     request = urllib.request.Request(url, data=data, headers=headers, method=method)
     try:
@@ -65,10 +70,22 @@ class Gateway:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def push(self, models: dict[str, list[str]], token: str = TOKEN) -> Answer:
-        return call(
-            f"http://127.0.0.1:{self.admin_port}/backends", {"models": models}, "PUT", token
-        )
+    def admin(
+        self, method: str, path: str, body: Any = None, credential: bytes | None = None
+    ) -> Answer:
+        """A signed request over TLS, as the operator makes it (its own credential unless
+        another is given)."""
+        replica = GatewayReplica("local", "127.0.0.1", self.admin_port, "")
+        target = PushTarget(replica, IDENTITY.hostname, credential or CREDENTIALS.credential(IDENTITY))
+        data = b"" if body is None else json.dumps(body).encode()
+        status, text = admin_request(target, CREDENTIALS.client_context(), SIGNER, method, path, data)
+        return Answer(status, {}, text)
+
+    def push(self, models: dict[str, list[str]], credential: bytes | None = None) -> Answer:
+        return self.admin("PUT", "/backends", {"models": models}, credential)
+
+    def backends(self) -> Any:
+        return self.admin("GET", "/backends").json()
 
     def chat(self, model: str, **extra: Any) -> Answer:
         body = {"model": model, "messages": [{"role": "user", "content": "hi"}], **extra}
@@ -113,11 +130,14 @@ def gateway(tmp_path: Path) -> Iterator[Gateway]:
     if not binary.exists():
         pytest.fail(f"{binary} is missing: pip install -e '.[test]'")
     log = (tmp_path / "gateway.log").open("w")
+    secrets = tmp_path / "secrets"
+    write_secret_files(secrets, CREDENTIALS, IDENTITY, NOW)
     proc = subprocess.Popen(
         [str(binary), "--port", str(port), "--admin-port", str(admin), "--router-port",
          str(router), "--metrics-port", str(metrics), "--health-interval", "1",
-         "--health-failures", "1", "--sync-seconds", "1", "--policy", "round_robin"],
-        env={**os.environ, "NPUSWARM_GATEWAY_TOKEN": TOKEN}, stdout=log, stderr=log, text=True,
+         "--health-failures", "1", "--sync-seconds", "1", "--policy", "round_robin",
+         "--secrets-dir", str(secrets)],
+        env=dict(os.environ), stdout=log, stderr=log, text=True,
     )
     gateway = Gateway(proc, port, admin)
     deadline = time.monotonic() + START_DEADLINE

@@ -7,7 +7,14 @@ import json
 import time
 from typing import Any
 
-from .conftest import TOKEN, Gateway, call
+import pytest
+
+from npuswarm.gateway import GatewayReplica
+from npuswarm.gateway_credentials import GatewayIdentity
+from npuswarm.gateway_protocol import authorization
+from npuswarm.gateway_push import PushTarget, Signer, admin_request
+
+from .conftest import CREDENTIALS, IDENTITY, Gateway, call
 
 CANNED = "This is a canned answer from the fake vLLM server."
 
@@ -52,24 +59,53 @@ def test_a_removed_backend_gets_no_new_request(gateway: Gateway, fake_vllm: Any)
     assert gateway.push({"a": [a1]}).status == 200
     # The push answers once vllm-router no longer holds a0: no request may reach it after.
     assert {gateway.chat("a").npus for _ in range(6)} == {"11"}
-    registered = call(f"http://127.0.0.1:{gateway.admin_port}/backends", token=TOKEN).json()
+    registered = gateway.backends()
     assert [w["url"] for w in registered["workers"]] == [a1]
 
 
 def test_pushing_the_same_state_twice_changes_nothing(gateway: Gateway, fake_vllm: Any) -> None:
     a = fake_vllm("a")
     assert gateway.push({"a": [a]}).status == 200
-    first = call(f"http://127.0.0.1:{gateway.admin_port}/backends", token=TOKEN).json()
+    first = gateway.backends()
     assert gateway.push({"a": [a]}).status == 200
-    second = call(f"http://127.0.0.1:{gateway.admin_port}/backends", token=TOKEN).json()
+    second = gateway.backends()
     assert [w["id"] for w in first["workers"]] == [w["id"] for w in second["workers"]]
 
 
-def test_admin_refuses_a_wrong_token_and_a_bad_body(gateway: Gateway, fake_vllm: Any) -> None:
+def test_admin_refuses_another_credential_and_a_bad_body(gateway: Gateway, fake_vllm: Any) -> None:
     a = fake_vllm("a")
-    assert gateway.push({"a": [a]}, token="wrong").status == 401
+    other = CREDENTIALS.credential(GatewayIdentity("tests", "other-gw", "uid-2"))
+    assert gateway.push({"a": [a]}, credential=other).status == 401
     assert gateway.push({"a": ["not-a-url"]}).status == 400
     assert call(f"{gateway.url}/v1/models").status == 503  # neither push took effect
+
+
+def test_admin_speaks_only_tls(gateway: Gateway) -> None:
+    with pytest.raises((http.client.HTTPException, ConnectionError)):
+        connection = http.client.HTTPConnection("127.0.0.1", gateway.admin_port, timeout=5)
+        connection.request("GET", "/backends")
+        connection.getresponse().read()
+
+
+def test_a_replayed_push_changes_nothing(gateway: Gateway, fake_vllm: Any) -> None:
+    """A push recorded (as if TLS were broken) and sent again after a newer one is refused."""
+    old, new = fake_vllm("a", npus="1"), fake_vllm("a", npus="2")
+    credential = CREDENTIALS.credential(IDENTITY)
+    recorded = json.dumps({"models": {"a": [old]}}).encode()
+    header = authorization(credential, "PUT", "/backends", int(time.time() * 1000), recorded)
+    replica = GatewayReplica("local", "127.0.0.1", gateway.admin_port, "")
+    target = PushTarget(replica, IDENTITY.hostname, credential)
+
+    class Fixed(Signer):
+        def headers(self, credential: bytes, method: str, path: str, body: bytes) -> dict[str, str]:
+            return {"Content-Type": "application/json", "Authorization": header}
+
+    context = CREDENTIALS.client_context()
+    assert admin_request(target, context, Fixed(), "PUT", "/backends", recorded)[0] == 200
+    assert gateway.push({"a": [new]}).status == 200
+    status, _ = admin_request(target, context, Fixed(), "PUT", "/backends", recorded)
+    assert status == 401
+    assert {gateway.chat("a").npus for _ in range(4)} == {"2"}
 
 
 def test_a_stream_arrives_chunk_by_chunk(gateway: Gateway, fake_vllm: Any) -> None:
@@ -96,3 +132,52 @@ def test_a_stream_arrives_chunk_by_chunk(gateway: Gateway, fake_vllm: Any) -> No
     assert tokens[-1] - tokens[0] >= 3 * 0.25 * 0.5, tokens
     text = "".join(json.loads(line[6:])["choices"][0]["delta"]["content"] for _, line in arrivals[:-1])
     assert text == " ".join(CANNED.split()[:4])
+
+
+ROUTER_ADMIN = [
+    ("GET", "/workers", None),
+    ("POST", "/workers", {"url": "http://attacker:8000", "model_id": "a"}),
+    ("DELETE", "/workers/http%3A%2F%2F127.0.0.1%3A1", None),
+    ("POST", "/add_worker?url=http://attacker:8000", None),
+    ("POST", "/remove_worker?url=http://attacker:8000", None),
+    ("GET", "/list_workers", None),
+    ("POST", "/flush_cache", None),
+    ("GET", "/get_loads", None),
+    ("GET", "/get_server_info", None),
+    ("POST", "/start_profile", None),
+    ("GET", "/metrics", None),
+    ("GET", "/v1/responses/resp_1", None),
+    ("GET", "/v1/chat/completions", None),
+]
+
+
+@pytest.mark.parametrize(("method", "path", "body"), ROUTER_ADMIN)
+def test_vllm_routers_own_api_is_not_reachable_on_the_public_port(
+    gateway: Gateway, fake_vllm: Any, method: str, path: str, body: Any
+) -> None:
+    a = fake_vllm("a")
+    assert gateway.push({"a": [a]}).status == 200
+    answer = call(f"{gateway.url}{path}", body, method)
+    assert answer.status == 404, answer.body
+    assert answer.json()["error"]["code"] == "not_found"
+    assert [w["url"] for w in gateway.backends()["workers"]] == [a]  # nothing was added or removed
+
+
+@pytest.mark.parametrize(
+    "route", ["/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses",
+              "/v1/rerank", "/rerank", "/generate"],
+)
+def test_every_model_route_answers_unknown_and_unready_models_itself(gateway: Gateway, route: str) -> None:
+    assert gateway.push({"b": []}).status == 200
+    unknown = call(f"{gateway.url}{route}", {"model": "nope", "input": "x"})
+    assert unknown.status == 404 and unknown.json()["error"]["code"] == "model_not_found"
+    idle = call(f"{gateway.url}{route}", {"model": "b", "input": "x"})
+    assert idle.status == 503 and idle.json()["error"]["code"] == "model_not_ready"
+    nameless = call(f"{gateway.url}{route}", {"input": "x"})
+    assert nameless.status == 400 and nameless.json()["error"]["code"] == "model_required"
+
+
+def test_retrieve_a_model_as_openai_does(gateway: Gateway, fake_vllm: Any) -> None:
+    assert gateway.push({"org/a": [fake_vllm("a")], "b": []}).status == 200
+    assert call(f"{gateway.url}/v1/models/org/a").json()["id"] == "org/a"
+    assert call(f"{gateway.url}/v1/models/b").status == 404  # no ready replica: not listed

@@ -22,6 +22,10 @@ import pytest
 import swarmlab
 from npuswarm.api import ModelDeployment
 from npuswarm.gateway_api import ModelGateway
+from npuswarm import gateway_protocol
+from npuswarm.gateway import GatewayReplica, identity
+from npuswarm.gateway_credentials import Credentials
+from npuswarm.gateway_push import PushTarget, Signer, admin_request
 from npuswarm.gateway_push import Gateways
 from npuswarm.reconcile import Desired, PassResult, Reconciler
 from npuswarm.settings import Settings
@@ -34,7 +38,7 @@ pytestmark = pytest.mark.lab
 
 REPO = Path(__file__).resolve().parents[2]
 NETWORK = "npuswarm-gw-net"
-TOKEN = "lab-gateway-token"
+ROOT_KEY = "lab-gateway-root-key-0123456789"
 PORT, ADMIN_PORT = 18100, 18101
 # vllm-router's own health checks of the backends: every second, out after one failure.
 HEALTH = {"intervalSeconds": 1, "timeoutSeconds": 1, "failureThreshold": 1}
@@ -83,15 +87,19 @@ def model(name: str, created: str, generation: int = 1, **spec: Any) -> ModelDep
     )
 
 
-def gateway(image: str) -> ModelGateway:
+def gateway(
+    image: str, namespace: str = "lab", port: int = PORT, admin_port: int = ADMIN_PORT,
+    replicas: int = 2,
+) -> ModelGateway:
     return ModelGateway.model_validate(
         {
-            "metadata": {"name": "gw", "namespace": "lab", "generation": 1},
+            "metadata": {"name": "gw", "namespace": namespace, "generation": 1,
+                         "uid": f"uid-{namespace}-gw"},
             "spec": {
                 "image": image,
-                "port": PORT,
-                "adminPort": ADMIN_PORT,
-                "replicas": 2,
+                "port": port,
+                "adminPort": admin_port,
+                "replicas": replicas,
                 "policy": "round_robin",
                 "network": {"name": NETWORK},
                 "healthCheck": HEALTH,
@@ -106,9 +114,10 @@ class Setup:
     deployments: list[ModelDeployment]
     gateway: ModelGateway
     last: PassResult | None = None
+    others: list[ModelGateway] = field(default_factory=list)  # other tenants' gateways
 
     def desired(self) -> Desired:
-        return Desired(deployments=self.deployments, gateways=[self.gateway])
+        return Desired(deployments=self.deployments, gateways=[self.gateway, *self.others])
 
     def converge(self, check: Callable[[PassResult], bool], what: str, timeout: float = 120) -> PassResult:
         """Passes as the operator runs them (its busy task poll is 1 s) until ``check``."""
@@ -144,11 +153,11 @@ def all_ready(result: PassResult, alpha_backends: int = 2) -> bool:
 
 @pytest.fixture(scope="module")
 def setup(swarm_lab: swarmlab.Lab, gateway_image: str, network: str) -> Iterator[Setup]:
-    settings = Settings(gateway_token=TOKEN, lost_node_grace_seconds=3)
+    settings = Settings(gateway_root_key=ROOT_KEY, lost_node_grace_seconds=3)
     reconciler = Reconciler(
         Swarm(base_url=swarm_lab.endpoint),
         settings,
-        gateways=Gateways(settings.instance, TOKEN),
+        gateways=Gateways(settings.instance, Credentials(ROOT_KEY, settings.instance)),
     )
     alpha = model("alpha", "2026-01-10T00:00:00Z", replicas=2)
     beta = model("beta", "2026-01-11T00:00:00Z", replicas=1)
@@ -352,3 +361,97 @@ def test_a_rolling_update_under_constant_load_fails_no_request(setup: Setup) -> 
         wait_for(lambda: len(load.replies) >= settled + 20, "requests to the new replicas")
     assert load.failed() == [], [r.body[:200] for r in load.failed()]
     print(f"\nrolling update under load: {len(load.replies)} requests, 0 failed")
+
+
+# --- attacks that must fail (docs/security.md) ----------------------------------------------
+
+
+ROUTER_ADMIN = [("GET", "/workers"), ("POST", "/workers"), ("GET", "/list_workers"),
+                ("POST", "/add_worker?url=http://10.123.0.250:8000"), ("POST", "/flush_cache"),
+                ("POST", "/remove_worker?url=http://10.0.0.1:8000")]
+
+
+def request(url: str, method: str, body: Any = None) -> Reply:
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data, {"Content-Type": "application/json"}, method=method)
+    try:
+        with urllib.request.urlopen(req, timeout=10) as answer:
+            return Reply(answer.status, answer.read(), {})
+    except urllib.error.HTTPError as error:
+        return Reply(error.code, error.read(), {})
+
+
+def test_the_router_admin_api_is_closed_on_the_public_port(setup: Setup) -> None:
+    """As any client on the network would try it: list, add and remove workers."""
+    assert setup.last is not None
+    before = sorted(setup.backends("alpha-chat"))
+    for method, path in ROUTER_ADMIN:
+        body = {"url": "http://10.123.0.250:8000", "model_id": "alpha-chat"} if method == "POST" else None
+        answer = request(f"{setup.url}{path}", method, body)
+        assert answer.status == 404, (method, path, answer.body[:200])
+        assert answer.json()["error"]["code"] == "not_found"
+    # Still exactly the replicas npuswarm pushed, and every request is answered by them.
+    replies = [chat(setup.url, "alpha-chat") for _ in range(6)]
+    assert [r.status for r in replies] == [200] * 6
+    assert sorted(setup.backends("alpha-chat")) == before
+
+
+def gateway_container(swarm_lab: swarmlab.Lab, service: str) -> Any:
+    for index in range(1, len(swarm_lab.nodes) + 1):
+        found = swarm_lab.client(index).containers.list(
+            filters={"label": f"com.docker.swarm.service.name={service}"}
+        )
+        if found:
+            return found[0]
+    raise AssertionError(f"no running container of {service}")
+
+
+def test_one_gateways_credential_opens_no_other_gateway(
+    swarm_lab: swarmlab.Lab, setup: Setup
+) -> None:
+    """Tenant B chose its gateway's image, so it can read B's credential in B's container;
+    with it, it pushes its own backends to A's admin port. A changes nothing. Neither the
+    service spec nor the container shows A's credential."""
+    other = gateway(setup.gateway.spec.image, namespace="lab-b", port=PORT + 10,
+                    admin_port=ADMIN_PORT + 10, replicas=1)
+    setup.others = [other]
+    try:
+        setup.converge(
+            lambda r: all_ready(r) and r.gateways["lab-b/gw"].readyReplicas == 1,
+            "tenant B's gateway too",
+        )
+        b_container = gateway_container(swarm_lab, "lab-b-gw-gateway")
+        path = "/run/secrets/npuswarm-gateway-credential"
+        read = b_container.exec_run(["cat", path])
+        assert read.exit_code == 0
+        b_credential = gateway_protocol.parse_credential(read.output.decode())
+        # A's secret is not mounted in B's container at all.
+        assert b_container.exec_run(["ls", "/run/secrets"]).output.decode().split() == [
+            "npuswarm-gateway-credential", "npuswarm-gateway-tls.pem"]
+
+        status = setup.last.gateways["lab/gw"] if setup.last else None
+        assert status is not None
+        a_node = status.endpoint.split(", ")[0].split(":")[0] if status.endpoint else ""
+        credentials = setup.reconciler.gateways.credentials if setup.reconciler.gateways else None
+        assert credentials is not None
+        a_identity = identity(setup.gateway)
+        target = PushTarget(GatewayReplica("a", a_node, ADMIN_PORT, ""), a_identity.hostname,
+                            b_credential)
+        evil = {"models": {"alpha-chat": ["http://10.123.0.250:8000"]}}
+        code, text = admin_request(target, credentials.client_context(), Signer(), "PUT",
+                                   "/backends", json.dumps(evil).encode())
+        assert code == 401, text
+        # B's TLS certificate cannot stand in for A's name either.
+        assert other.key != setup.gateway.key
+        replies = [chat(setup.url, "alpha-chat") for _ in range(6)]
+        assert [r.status for r in replies] == [200] * 6
+
+        a_credential = credentials.credential(a_identity)
+        a_container = gateway_container(swarm_lab, "lab-gw-gateway")
+        service = setup.reconciler.swarm.services_labelled("npuswarm.io/gateway-namespace=lab")
+        for shown in (json.dumps(service), json.dumps(a_container.attrs)):
+            assert a_credential.hex() not in shown and ROOT_KEY not in shown
+            assert "NPUSWARM_GATEWAY" not in shown
+    finally:
+        setup.others = []
+        setup.reconciler.finalize_gateway("lab-b", "gw")

@@ -17,7 +17,7 @@ from tests.unit.builders import NOW
 
 from .test_argocd_health import run_health
 
-REPLICA = GatewayReplica("host1", "http://10.0.0.1:8079", "10.0.0.1:8000")
+REPLICA = GatewayReplica("host1", "10.0.0.1", 8079, "10.0.0.1:8000")
 GATEWAY = ModelGateway.model_validate(
     {
         "metadata": {"name": "gw", "namespace": "ai", "generation": 2},
@@ -35,7 +35,7 @@ SITUATIONS: dict[str, tuple[GatewayWork, str | None, str, str]] = {
         "InProgress",
     ),
     "model-without-backend": (GatewayWork(GATEWAY, {"m": []}, [REPLICA]), None, "Degraded", "Failed"),
-    "no-token": (GatewayWork(GATEWAY, {"m": []}, []), "NPUSWARM_GATEWAY_TOKEN is not set", "Degraded", "Failed"),
+    "no-token": (GatewayWork(GATEWAY, {"m": []}, []), "NPUSWARM_GATEWAY_ROOT_KEY is not set", "Degraded", "Failed"),
 }
 
 

@@ -27,6 +27,8 @@ class MemorySwarm:
         self.services: dict[str, dict[str, Any]] = {}
         self.tasks: list[dict[str, Any]] = []
         self.networks = [{"Id": "net-id", "Name": "vllm-net"}]
+        self.secrets: dict[str, dict[str, Any]] = {}
+        self.secret_data: dict[str, bytes] = {}  # by name: Swarm never gives it back
         self.instance = instance
         self.calls: Counter[str] = Counter()
         self.refuse: dict[str, str] = {}  # service name -> error for its next writes
@@ -95,6 +97,31 @@ class MemorySwarm:
             if all(s["Spec"]["Labels"].get(key) == value for key, value in wanted)
         ]
 
+    def secrets_labelled(self, *label: str) -> list[dict[str, Any]]:
+        self._call("list_secrets")
+        return [copy.deepcopy(s) for s in self.secrets.values() if _labelled(s["Spec"]["Labels"], label)]
+
+    def create_secret(self, name: str, data: bytes, secret_labels: dict[str, str]) -> str:
+        self._call("create_secret", name)
+        if any(s["Spec"]["Name"] == name for s in self.secrets.values()):
+            raise SwarmRejected(f"create_secret: secret {name} already exists")
+        secret_id = f"sec{next(self._ids)}"
+        self.secrets[secret_id] = {"ID": secret_id, "Spec": {"Name": name, "Labels": dict(secret_labels)}}
+        self.secret_data[name] = data
+        return secret_id
+
+    def remove_secret(self, secret_id: str) -> None:
+        self._call("remove_secret")
+        users = [
+            s["Spec"]["Name"]
+            for s in self.services.values()
+            for ref in s["Spec"]["TaskTemplate"]["ContainerSpec"].get("Secrets") or []
+            if ref["SecretID"] == secret_id
+        ]
+        if users:
+            raise SwarmRejected(f"remove_secret: secret is in use by the following service: {users[0]}")
+        self.secrets.pop(secret_id, None)
+
     def ping(self) -> bool:
         return not self.down
 
@@ -149,3 +176,12 @@ class MemorySwarm:
             raise SwarmUnavailable(f"{kind}: connection refused")
         if name in self.refuse and kind != "list_services":
             raise SwarmRejected(f"{kind}: {self.refuse[name]}")
+
+
+def _labelled(found: dict[str, str], wanted: tuple[str, ...]) -> bool:
+    """Docker's label filter: ``key`` (present) or ``key=value``."""
+    for item in wanted:
+        key, equals, value = item.partition("=")
+        if key not in found or (equals and found[key] != value):
+            return False
+    return True

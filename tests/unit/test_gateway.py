@@ -13,6 +13,7 @@ from npuswarm.api import ModelDeployment
 from npuswarm.gateway import (
     GatewayReplica,
     GatewayWork,
+    SecretMount,
     desired_backends,
     gateway_actions,
     gateway_status,
@@ -23,7 +24,8 @@ from npuswarm.gateway import (
     stopped_by,
 )
 from npuswarm.gateway_api import ModelGateway
-from npuswarm.gateway_push import Gateways
+from npuswarm.gateway_credentials import Credentials
+from npuswarm.gateway_push import Gateways, PushTarget
 from npuswarm.plan import Action
 from npuswarm.reconcile import Desired, Reconciler
 from npuswarm.settings import Settings
@@ -32,6 +34,10 @@ from .builders import NOW, deployment
 from .memswarm import MemorySwarm
 
 NET = {"name": "vllm-net", "alias": None}
+ROOT = "unit-test-root-key-0123456789"
+CREDENTIALS = Credentials(ROOT, "default")
+MOUNTS = (SecretMount("key-secret", "npuswarm-gateway-credential", "sid1"),
+          SecretMount("tls-secret", "npuswarm-gateway-tls.pem", "sid2"))
 
 
 def gateway(name: str = "gw", namespace: str = "default", **spec: Any) -> ModelGateway:
@@ -146,21 +152,24 @@ def test_removals_and_updates_stop_a_replica_creates_do_not() -> None:
 
 
 def test_rendered_gateway_service() -> None:
-    spec = render_gateway(gateway(replicas=3, policy="power_of_two"), "default", "tok")
+    spec = render_gateway(gateway(replicas=3, policy="power_of_two"), "default", MOUNTS)
     template = spec["TaskTemplate"]
     assert spec["Mode"] == {"Replicated": {"Replicas": 3}}
     assert template["Placement"]["MaxReplicas"] == 1  # replicas on different nodes
     assert template["Networks"] == [{"Target": "vllm-net"}]
     assert "GenericResources" not in str(spec) and "ASCEND" not in str(spec)  # no NPUs
     container = template["ContainerSpec"]
-    assert container["Env"] == ["NPUSWARM_GATEWAY_TOKEN=tok"]
+    assert "Env" not in container  # no credential in the environment
+    assert [(m["SecretName"], m["SecretID"], m["File"]["Mode"]) for m in container["Secrets"]] == [
+        ("key-secret", "sid1", 0o400), ("tls-secret", "sid2", 0o400)
+    ]
     assert container["Args"][container["Args"].index("--policy") + 1] == "power_of_two"
     ports = spec["EndpointSpec"]["Ports"]
     assert [(p["PublishedPort"], p["PublishMode"]) for p in ports] == [(8000, "host"), (8079, "host")]
     assert spec["EndpointSpec"]["Mode"] == "dnsrr"  # host mode: works without IPVS
     assert spec["Labels"][labels.GATEWAY_NAME] == "gw"
     assert labels.OWNER_NAME not in spec["Labels"]  # no replica of any deployment
-    ingress = render_gateway(gateway(publish={"mode": "ingress"}), "default", "tok")
+    ingress = render_gateway(gateway(publish={"mode": "ingress"}), "default", MOUNTS)
     assert ingress["EndpointSpec"]["Mode"] == "vip"  # the routing mesh needs a VIP
     assert [p["PublishMode"] for p in ingress["EndpointSpec"]["Ports"]] == ["ingress", "host"]
 
@@ -168,19 +177,20 @@ def test_rendered_gateway_service() -> None:
 def test_gateway_services_are_created_then_left_alone_then_updated_on_change() -> None:
     swarm = overlay_swarm(nodes=1)
     gw = gateway()
-    (create,) = gateway_actions([gw], swarm.observe(), "default", "tok")
+    mounts = {gw.key: MOUNTS}
+    (create,) = gateway_actions([gw], swarm.observe(), "default", mounts)
     assert create.kind == "create"
     swarm.create_service(create.spec or {})
     snapshot = swarm.observe()
     assert snapshot.services == []  # not taken for a deployment's replica (nor an orphan)
     assert [s.name for s in snapshot.gateway_services] == ["default-gw-gateway"]
-    assert gateway_actions([gw], snapshot, "default", "tok") == []
-    (update,) = gateway_actions([gateway(replicas=2)], snapshot, "default", "tok")
+    assert gateway_actions([gw], snapshot, "default", mounts) == []
+    (update,) = gateway_actions([gateway(replicas=2)], snapshot, "default", mounts)
     assert update.kind == "update" and update.service_name == "default-gw-gateway"
 
 
 def test_status_ready_degraded_and_endpoint() -> None:
-    replica = GatewayReplica("host1", "http://10.0.0.1:8079", "10.0.0.1:8000")
+    replica = GatewayReplica("host1", "10.0.0.1", 8079, "10.0.0.1:8000")
     work = GatewayWork(gateway(), {"served-a": ["http://10.0.1.1:8001"]}, [replica])
     status = gateway_status(work, {"served-a": "default/a"}, [], NOW)
     assert (status.phase, status.readyReplicas, status.endpoint) == ("Ready", 1, "10.0.0.1:8000")
@@ -218,8 +228,10 @@ def test_parse_gateways_skips_deleting_ones_and_keeps_previous_status() -> None:
 class Recorder:
     def __init__(self) -> None:
         self.log: list[tuple[str, Any]] = []
+        self.targets: list[PushTarget] = []
 
-    def send(self, admin_url: str, token: str, backends: dict[str, list[str]]) -> None:
+    def send(self, target: PushTarget, backends: dict[str, list[str]]) -> None:
+        self.targets.append(target)
         self.log.append(("push", {m: len(u) for m, u in backends.items()}))
 
 
@@ -234,7 +246,7 @@ def test_a_replica_leaves_every_gateway_before_its_task_is_stopped() -> None:
         updates(service_id, version, spec)
 
     swarm.update_service = recorded_update  # type: ignore[method-assign]
-    gateways = Gateways("default", "tok", send=recorder.send)
+    gateways = Gateways("default", CREDENTIALS, send=recorder.send)
     r = Reconciler(swarm, Settings(), clock=lambda: NOW, gateways=gateways)
     a = model("a", replicas=2)
     gw = gateway()
@@ -272,12 +284,12 @@ def test_a_replica_leaves_every_gateway_before_its_task_is_stopped() -> None:
     assert recorder.log and recorder.log[0][0] == "push", "a new gateway task is refilled"
 
 
-def test_without_a_token_gateways_are_not_run_and_say_why() -> None:
+def test_without_a_root_key_gateways_are_not_run_and_say_why() -> None:
     swarm = overlay_swarm(nodes=1)
     recorder = Recorder()
-    r = Reconciler(swarm, Settings(), clock=lambda: NOW, gateways=Gateways("default", "", recorder.send))
+    r = Reconciler(swarm, Settings(), clock=lambda: NOW, gateways=Gateways("default", None, recorder.send))
     result = r.run_pass(Desired(deployments=[model("a")], gateways=[gateway()]))
-    assert swarm.observe().gateway_services == [] and recorder.log == []
+    assert swarm.observe().gateway_services == [] and recorder.log == [] and swarm.secrets == {}
     status = result.gateways["default/gw"]
     assert {c.type: c.reason for c in status.conditions}["Ready"] == "NotConfigured"
 
@@ -287,7 +299,7 @@ def test_running_replicas_are_reached_at_their_nodes_address() -> None:
     swarm.nodes[1]["Status"]["Addr"] = "0.0.0.0"
     swarm.nodes[1]["ManagerStatus"] = {"Addr": "10.123.0.2:2377"}
     gw = gateway(adminPort=9000)
-    spec = render_gateway(gw, "default", "tok")
+    spec = render_gateway(gw, "default", MOUNTS)
     service_id = swarm.create_service(spec)
     swarm.tasks.append(
         {
@@ -300,13 +312,13 @@ def test_running_replicas_are_reached_at_their_nodes_address() -> None:
         }
     )
     (replica,) = running_replicas(gw, swarm.observe())
-    assert replica.admin_url == "http://10.123.0.2:9000" and replica.node == "host2"
+    assert replica.admin_url == "https://10.123.0.2:9000" and replica.node == "host2"
 
 
 def test_a_network_a_gateway_still_uses_is_not_removed() -> None:
     swarm = overlay_swarm(nodes=1)
     swarm.networks[0]["Labels"] = {labels.MANAGED_BY: labels.MANAGED_BY_VALUE}  # npuswarm's own
-    r = Reconciler(swarm, Settings(), clock=lambda: NOW, gateways=Gateways("default", "tok"))
+    r = Reconciler(swarm, Settings(), clock=lambda: NOW, gateways=Gateways("default", CREDENTIALS))
     r.run_pass(Desired(deployments=[], gateways=[gateway()]))  # creates the gateway's service
     r.run_pass(Desired(deployments=[], gateways=[gateway()]))  # no deployment wants vllm-net
     assert swarm.calls["remove_network"] == 0
