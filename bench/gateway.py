@@ -142,7 +142,7 @@ async def level(urls: list[str], concurrency: int, requests: int, tokens: int) -
                 index = queue.pop()
                 try:
                     samples.append(await one_stream(session, urls[index % len(urls)], tokens))
-                except (aiohttp.ClientError, RuntimeError, asyncio.TimeoutError):
+                except (TimeoutError, aiohttp.ClientError, RuntimeError):
                     failures += 1
 
         began = time.perf_counter()

@@ -55,8 +55,8 @@ from fleet import (  # noqa: E402
 
 import controlplane  # noqa: E402
 import swarmlab  # noqa: E402
-from npuswarm import labels  # noqa: E402
-from npuswarm.api import ModelDeployment  # noqa: E402
+from npuswarm.api import labels  # noqa: E402
+from npuswarm.api.deployment import ModelDeployment  # noqa: E402
 from npuswarm.npus import parse_npu_ids  # noqa: E402
 from npuswarm.placement import Assignment  # noqa: E402
 from npuswarm.render import render_service  # noqa: E402

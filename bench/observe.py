@@ -24,7 +24,7 @@ sys.path.insert(0, str(REPO / "bench"))
 from enginesim import EngineSim  # noqa: E402
 from fleet import replace_block  # noqa: E402
 
-from npuswarm.api import ModelDeployment  # noqa: E402
+from npuswarm.api.deployment import ModelDeployment  # noqa: E402
 from npuswarm.placement import Assignment  # noqa: E402
 from npuswarm.render import render_service  # noqa: E402
 from npuswarm.swarm import Swarm  # noqa: E402

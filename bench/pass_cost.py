@@ -26,7 +26,7 @@ import structlog  # noqa: E402
 from enginesim import EngineSim  # noqa: E402
 from fleet import replace_block  # noqa: E402
 
-from npuswarm.api import ModelDeployment  # noqa: E402
+from npuswarm.api.deployment import ModelDeployment  # noqa: E402
 from npuswarm.reconcile import Desired, Reconciler  # noqa: E402
 from npuswarm.settings import Settings  # noqa: E402
 from npuswarm.swarm import Swarm  # noqa: E402

@@ -18,8 +18,11 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from npuswarm import __version__, api, crd, logs, policy
-from npuswarm.api import ModelDeployment, validation_message
+from npuswarm import __version__, logs, policy
+from npuswarm.api import crd, meta
+from npuswarm.api import deployment as deployment_api
+from npuswarm.api.deployment import ModelDeployment
+from npuswarm.api.meta import validation_message
 from npuswarm.compose import StackFileError, parse_compose
 from npuswarm.inventory import NodeInfo
 from npuswarm.nodecheck import Verdict
@@ -34,8 +37,8 @@ from npuswarm.stack_export import export_stack, planned_services
 from npuswarm.stack_import import import_report, import_stack, manifest_yaml, manifests_yaml
 from npuswarm.swarm import Swarm, SwarmUnavailable
 
-CRD_PATH = Path("crds") / f"{api.PLURAL}.{api.GROUP}.yaml"
-_DNS_LABEL = re.compile(api.DNS_LABEL_PATTERN)
+CRD_PATH = Path("crds") / f"{deployment_api.PLURAL}.{meta.GROUP}.yaml"
+_DNS_LABEL = re.compile(deployment_api.DNS_LABEL_PATTERN)
 
 
 class UsageError(Exception):
@@ -52,8 +55,8 @@ def load_deployments(paths: Sequence[str]) -> list[ModelDeployment]:
             raise UsageError(f"{path}: {error}") from error
         for number, document in enumerate(d for d in documents if d is not None):
             where = f"{path} (document {number + 1})"
-            if not isinstance(document, dict) or document.get("kind") != api.KIND:
-                raise UsageError(f"{where}: not a {api.KIND}")
+            if not isinstance(document, dict) or document.get("kind") != deployment_api.KIND:
+                raise UsageError(f"{where}: not a {deployment_api.KIND}")
             try:
                 found.append(ModelDeployment.model_validate(document))
             except ValidationError as error:

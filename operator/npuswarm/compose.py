@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 import yaml
 
-from npuswarm import api
+from npuswarm.api import deployment as deployment_api
 from npuswarm.render import SECOND_NS
 
 # --- Facts about `docker stack deploy` --------------------------------------------------------
@@ -254,8 +254,8 @@ def parse_compose(text: str, source: str) -> dict[str, Any]:
     if len(documents) != 1 or not isinstance(documents[0], dict):
         raise StackFileError(f"{source}: not a compose file (expected one YAML mapping)")
     compose: dict[str, Any] = documents[0]
-    if compose.get("kind") == api.KIND:
-        raise StackFileError(f"{source}: already a {api.KIND}; apply it with kubectl")
+    if compose.get("kind") == deployment_api.KIND:
+        raise StackFileError(f"{source}: already a {deployment_api.KIND}; apply it with kubectl")
     if not isinstance(compose.get("services"), dict) or not compose["services"]:
         raise StackFileError(f"{source}: not a compose file (no `services` mapping)")
     return compose

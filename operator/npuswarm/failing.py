@@ -17,7 +17,7 @@ from datetime import datetime, timedelta
 
 import structlog
 
-from npuswarm import labels
+from npuswarm.api import labels
 from npuswarm.events import Event
 from npuswarm.inventory import NodeLimits
 from npuswarm.observed import ObservedService, ObservedTask, SwarmSnapshot

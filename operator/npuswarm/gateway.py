@@ -19,9 +19,11 @@ from typing import Any, Literal
 import structlog
 from pydantic import ValidationError
 
-from npuswarm import gateway_protocol, labels
-from npuswarm.api import ConditionType, ModelDeployment
-from npuswarm.gateway_api import GatewayModelStatus, ModelGateway, ModelGatewayStatus
+from npuswarm import gateway_protocol
+from npuswarm.api import labels
+from npuswarm.api.deployment import ModelDeployment
+from npuswarm.api.gateway import GatewayModelStatus, ModelGateway, ModelGatewayStatus
+from npuswarm.api.meta import ConditionType
 from npuswarm.gateway_credentials import (
     ROTATE_ANNOTATION,
     TLS_RENEW_BEFORE,

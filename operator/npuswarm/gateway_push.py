@@ -24,7 +24,8 @@ from typing import Any
 import structlog
 
 from npuswarm import gateway_protocol, metrics
-from npuswarm.api import ModelDeployment
+from npuswarm.api.deployment import ModelDeployment
+from npuswarm.api.gateway import ModelGateway, ModelGatewayStatus
 from npuswarm.gateway import (
     Backends,
     GatewayReplica,
@@ -38,7 +39,6 @@ from npuswarm.gateway import (
     selected,
     stopped_by,
 )
-from npuswarm.gateway_api import ModelGateway, ModelGatewayStatus
 from npuswarm.gateway_credentials import Credentials
 from npuswarm.plan import Action, PassPlan
 

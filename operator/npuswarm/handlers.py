@@ -14,7 +14,10 @@ import kopf
 import structlog
 from prometheus_client import start_http_server
 
-from npuswarm import api, gateway_api, metrics
+from npuswarm import metrics
+from npuswarm.api import deployment as deployment_api
+from npuswarm.api import gateway as gateway_api
+from npuswarm.api import meta
 from npuswarm.gateway_credentials import Credentials
 from npuswarm.gateway_push import Gateways
 from npuswarm.kube import Kube
@@ -24,8 +27,8 @@ from npuswarm.settings import Settings
 from npuswarm.swarm import Swarm, SwarmUnavailable
 
 log = structlog.get_logger("npuswarm.handlers")
-RESOURCE = (api.GROUP, api.VERSION, api.PLURAL)
-GATEWAYS = (api.GROUP, api.VERSION, gateway_api.PLURAL)
+RESOURCE = (meta.GROUP, meta.VERSION, deployment_api.PLURAL)
+GATEWAYS = (meta.GROUP, meta.VERSION, gateway_api.PLURAL)
 MAX_WORKERS = 4
 
 # Who this instance is in kopf's peering object: the pod name in a cluster, else host and pid.
@@ -36,10 +39,10 @@ NAMESPACES_ENV = "NPUSWARM_WATCH_NAMESPACES"
 
 @kopf.on.startup()
 async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **kwargs: Any) -> None:
-    settings.persistence.finalizer = f"{api.GROUP}/finalizer"
-    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=api.GROUP)
+    settings.persistence.finalizer = f"{meta.GROUP}/finalizer"
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=meta.GROUP)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-        prefix=api.GROUP, key="last-handled-configuration"
+        prefix=meta.GROUP, key="last-handled-configuration"
     )
     # kopf would post an Event for every handler run; only npuswarm's own events and real
     # warnings should reach `kubectl describe`.

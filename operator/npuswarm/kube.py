@@ -9,7 +9,9 @@ from typing import Any
 import kubernetes
 import structlog
 
-from npuswarm import api, metrics
+from npuswarm import metrics
+from npuswarm.api import deployment as deployment_api
+from npuswarm.api import meta
 
 log = structlog.get_logger("npuswarm.kube")
 
@@ -26,12 +28,12 @@ class Kube:
         self.core = kubernetes.client.CoreV1Api()
 
     def patch_status(
-        self, namespace: str, name: str, patch: dict[str, Any], plural: str = api.PLURAL
+        self, namespace: str, name: str, patch: dict[str, Any], plural: str = deployment_api.PLURAL
     ) -> bool:
         """A merge patch of the status subresource; False when the object is gone."""
         try:
             self.objects.patch_namespaced_custom_object_status(
-                api.GROUP, api.VERSION, namespace, plural, name, {"status": patch}
+                meta.GROUP, meta.VERSION, namespace, plural, name, {"status": patch}
             )
         except kubernetes.client.ApiException as error:
             if error.status == 404:
@@ -46,8 +48,8 @@ class Kube:
         body: Any = {
             "metadata": {"generateName": f"{reference['name']}.", "namespace": namespace},
             "involvedObject": {
-                "apiVersion": f"{api.GROUP}/{api.VERSION}",
-                "kind": api.KIND,
+                "apiVersion": f"{meta.GROUP}/{meta.VERSION}",
+                "kind": deployment_api.KIND,
                 "namespace": namespace,
                 "name": reference["name"],
                 "uid": reference["uid"],
@@ -74,11 +76,11 @@ class Kube:
             try:
                 if namespace is None:
                     listed: dict[str, Any] = self.objects.list_cluster_custom_object(  # type: ignore[assignment]
-                        api.GROUP, api.VERSION, api.PLURAL
+                        meta.GROUP, meta.VERSION, deployment_api.PLURAL
                     )
                 else:
                     listed = self.objects.list_namespaced_custom_object(  # type: ignore[assignment]
-                        api.GROUP, api.VERSION, namespace, api.PLURAL
+                        meta.GROUP, meta.VERSION, namespace, deployment_api.PLURAL
                     )
             except Exception as error:
                 metrics.kube_api_errors_total.labels("orphan_list").inc()

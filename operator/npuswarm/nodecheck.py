@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from npuswarm import labels
+from npuswarm.api import labels
 from npuswarm.inventory import NodeInfo
 from npuswarm.npus import format_npu_ids
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from npuswarm import labels
+from npuswarm.api import labels
 from npuswarm.inventory import NodeInfo
 from npuswarm.npus import format_npu_ids
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from npuswarm import labels
+from npuswarm.api import labels
 from npuswarm.inventory import NodeInfo, node_from_engine, parse_engine_time
 from npuswarm.npuhealth import is_health_probe
 from npuswarm.npus import npu_id_from_device, parse_npu_ids

@@ -8,9 +8,9 @@ from datetime import datetime
 from typing import Any, Literal
 
 from npuswarm import policy
-from npuswarm.api import ModelDeployment
+from npuswarm.api.deployment import ModelDeployment
+from npuswarm.api.labels import SPEC_HASH
 from npuswarm.inventory import NodeInfo, NodeLimits
-from npuswarm.labels import SPEC_HASH
 from npuswarm.observed import ObservedService, SwarmSnapshot
 from npuswarm.placement import (
     PlacementResult,

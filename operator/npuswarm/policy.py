@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 from npuswarm.paths import SOCKET_SUFFIX, denied_root, is_within, normalise_host_path
 
 if TYPE_CHECKING:
-    from npuswarm.api import ModelDeployment
+    from npuswarm.api.deployment import ModelDeployment
     from npuswarm.settings import Settings
 
 # The condition reason of a deployment that violates the policy (Degraded, no Swarm write).

@@ -19,11 +19,12 @@ from typing import Any, Protocol
 
 import structlog
 
-from npuswarm import labels, metrics, policy
-from npuswarm.api import ModelDeployment, ModelDeploymentStatus
+from npuswarm import metrics, policy
+from npuswarm.api import labels
+from npuswarm.api.deployment import ModelDeployment, ModelDeploymentStatus
+from npuswarm.api.gateway import ModelGateway, ModelGatewayStatus
 from npuswarm.events import Event, EventType
 from npuswarm.gateway import GatewaySecrets, SecretMount, plan_secrets
-from npuswarm.gateway_api import ModelGateway, ModelGatewayStatus
 from npuswarm.gateway_push import GatewayPass, Gateways
 from npuswarm.inventory import NodeLimits
 from npuswarm.npus import parse_npu_ids

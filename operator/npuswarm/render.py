@@ -12,8 +12,8 @@ import json
 from collections.abc import Collection
 from typing import Any
 
-from npuswarm import labels
-from npuswarm.api import ModelDeployment
+from npuswarm.api import labels
+from npuswarm.api.deployment import ModelDeployment
 from npuswarm.npus import format_npu_ids
 from npuswarm.placement import Assignment
 

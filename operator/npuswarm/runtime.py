@@ -24,12 +24,15 @@ from typing import Any
 import structlog
 from pydantic import ValidationError
 
-from npuswarm import api, gateway_api, metrics, policy
-from npuswarm.api import ModelDeployment, validation_message
+from npuswarm import metrics, policy
+from npuswarm.api import deployment as deployment_api
+from npuswarm.api import gateway as gateway_api
+from npuswarm.api.deployment import ModelDeployment
+from npuswarm.api.gateway import ModelGatewayStatus
+from npuswarm.api.meta import validation_message
 from npuswarm.events import Event, EventFilter
 from npuswarm.failing import FailureTracker
 from npuswarm.gateway import parse_gateways
-from npuswarm.gateway_api import ModelGatewayStatus
 from npuswarm.kube import Kube
 from npuswarm.peering import is_active
 from npuswarm.probes import NodeValidator, publish_verdicts
@@ -388,7 +391,7 @@ class Runtime:
 
     async def _write_statuses(
         self,
-        statuses: Mapping[str, api.ModelDeploymentStatus],
+        statuses: Mapping[str, deployment_api.ModelDeploymentStatus],
         desired: Desired,
         resync: bool,
         gateways: Mapping[str, ModelGatewayStatus] | None = None,
@@ -396,7 +399,7 @@ class Runtime:
         """Write the statuses that changed, and only those, a few at a time; ModelGateways'
         the same way. A refused write asks for a pass in a few seconds."""
         changed, failed = await self._patch_changed(
-            statuses, desired.previous, self.written, api.PLURAL, resync
+            statuses, desired.previous, self.written, deployment_api.PLURAL, resync
         )
         self.last_changed = changed
         if gateways:
@@ -416,7 +419,7 @@ class Runtime:
 
     async def _patch_changed(
         self,
-        statuses: Mapping[str, api.ModelDeploymentStatus | ModelGatewayStatus],
+        statuses: Mapping[str, deployment_api.ModelDeploymentStatus | ModelGatewayStatus],
         previous: Mapping[str, dict[str, Any]],
         written: dict[str, dict[str, Any]],
         plural: str,
@@ -687,7 +690,9 @@ def _short(error: Exception) -> str:
     return str(error).splitlines()[0] if str(error) else repr(error)
 
 
-def status_patch(status: api.ModelDeploymentStatus | ModelGatewayStatus) -> dict[str, Any]:
+def status_patch(
+    status: deployment_api.ModelDeploymentStatus | ModelGatewayStatus,
+) -> dict[str, Any]:
     """A merge patch: unset nested fields are left out, unset top-level ones are deleted."""
     patch: dict[str, Any] = status.model_dump(mode="json", exclude_none=True)
     for key, value in status.model_dump(mode="json").items():

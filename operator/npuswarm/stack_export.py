@@ -9,8 +9,8 @@ from typing import Any
 
 import yaml
 
-from npuswarm import labels
-from npuswarm.api import ModelDeployment
+from npuswarm.api import labels
+from npuswarm.api.deployment import ModelDeployment
 from npuswarm.compose import COMPOSE_VERSION, EXTENSION, escape, go_duration
 from npuswarm.observed import SwarmSnapshot
 from npuswarm.plan import plan_many

@@ -14,8 +14,10 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from npuswarm import api, labels
-from npuswarm.api import ModelDeployment, validation_message
+from npuswarm.api import deployment as deployment_api
+from npuswarm.api import labels, meta
+from npuswarm.api.deployment import ModelDeployment
+from npuswarm.api.meta import validation_message
 from npuswarm.compose import (
     EXTENSION,
     RUNTIME_CONTROL_DEVICES,
@@ -119,8 +121,8 @@ def _import_service(
     _check_model_path(spec, notes)
     metadata = _metadata(name, extension, ctx, notes)
     manifest = {
-        "apiVersion": api.API_VERSION,
-        "kind": api.KIND,
+        "apiVersion": meta.API_VERSION,
+        "kind": deployment_api.KIND,
         "metadata": metadata,
         "spec": _in_field_order(spec),
     }
@@ -135,8 +137,8 @@ def _import_service(
 def _in_field_order(spec: dict[str, Any]) -> dict[str, Any]:
     """Keys in the order the API declares them, so every imported manifest reads alike."""
     engine = spec.get("engine", {})
-    ordered = {k: spec[k] for k in api.ModelDeploymentSpec.model_fields if k in spec}
-    ordered["engine"] = {k: engine[k] for k in api.Engine.model_fields if k in engine}
+    ordered = {k: spec[k] for k in deployment_api.ModelDeploymentSpec.model_fields if k in spec}
+    ordered["engine"] = {k: engine[k] for k in deployment_api.Engine.model_fields if k in engine}
     return ordered
 
 
@@ -218,7 +220,7 @@ def _map_environment(raw: Any, notes: Notes) -> tuple[dict[str, str], frozenset[
             except ValueError as error:
                 raise StackFileError(f"environment {key}: {error}") from None
             notes.dropped(f"environment {key}", "npuswarm sets it from the placement")
-        elif key in api.OPERATOR_OWNED_ENV:
+        elif key in deployment_api.OPERATOR_OWNED_ENV:
             notes.dropped(f"environment {key}", "npuswarm sets it (0..N-1 inside the container)")
         else:
             env[key] = value
@@ -246,7 +248,7 @@ def _map_npus(
         )
         return
     count = len(npus)
-    if count not in api.NPU_COUNTS:
+    if count not in deployment_api.NPU_COUNTS:
         raise StackFileError(
             f"{source} name {count} NPUs ({format_npu_ids(npus)}); npuswarm gives a replica "
             f"1, 2, 4 or 8 NPUs"
@@ -413,7 +415,7 @@ def _map_shm(raw: Any, from_tmpfs: int | None, spec: dict[str, Any], notes: Note
             notes.dropped("shm_size", "the /dev/shm tmpfs mount is what Swarm applied")
         return
     if raw is None:
-        default = api.ModelDeploymentSpec.model_fields["shmSize"].default
+        default = deployment_api.ModelDeploymentSpec.model_fields["shmSize"].default
         notes.check("shm_size", f"not given: npuswarm's default /dev/shm size is {default}")
         return
     try:
@@ -461,7 +463,7 @@ def _map_restart(raw: Any, spec: dict[str, Any], notes: Notes) -> None:
         notes.check(
             "deploy.restart_policy.delay",
             f"not given: Swarm waited {SWARM_RESTART_DELAY_SECONDS}s, npuswarm waits "
-            f"{api.RestartPolicy.model_fields['delaySeconds'].default}s",
+            f"{deployment_api.RestartPolicy.model_fields['delaySeconds'].default}s",
         )
     if "max_attempts" in raw:
         policy["maxAttempts"] = raw["max_attempts"]

@@ -8,17 +8,10 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from npuswarm.api import (
-    Condition,
-    ConditionStatus,
-    ConditionType,
-    ModelDeployment,
-    ModelDeploymentStatus,
-    Phase,
-    ReplicaStatus,
-)
+from npuswarm.api.deployment import ModelDeployment, ModelDeploymentStatus, Phase, ReplicaStatus
+from npuswarm.api.labels import SPEC_HASH
+from npuswarm.api.meta import Condition, ConditionStatus, ConditionType
 from npuswarm.inventory import NodeInfo
-from npuswarm.labels import SPEC_HASH
 from npuswarm.placement import Unplaced
 from npuswarm.plan import Applied, PassPlan
 from npuswarm.render import network_alias

@@ -16,7 +16,8 @@ import requests.exceptions
 from docker.constants import MINIMUM_DOCKER_API_VERSION
 from docker.utils import kwargs_from_env
 
-from npuswarm import labels, metrics
+from npuswarm import metrics
+from npuswarm.api import labels
 from npuswarm.observed import SwarmSnapshot, is_own, snapshot_from_engine
 
 OUT_OF_SEQUENCE = "update out of sequence"

@@ -13,7 +13,6 @@ import pytest
 
 import controlplane
 
-
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "hack" / "controlplane.py"
 

@@ -150,7 +150,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     client = docker.APIClient(version="auto")
     try:
         client.info()
-    except Exception as error:  # noqa: BLE001
+    except Exception as error:
         pytest.fail(f"no dockerd answers ({error}): run `hack/local-swarm up` first", pytrace=False)
     if not client.networks(names=[NETWORK]):
         client.create_network(NETWORK, driver="overlay", attachable=True)

@@ -24,7 +24,8 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from npuswarm import policy
-from npuswarm.api import ModelDeployment, validation_message
+from npuswarm.api.deployment import ModelDeployment
+from npuswarm.api.meta import validation_message
 from npuswarm.placement import Assignment
 from npuswarm.render import render_service
 from npuswarm.settings import Settings

@@ -4,8 +4,8 @@ works. kstatus is sigs.k8s.io/cli-utils' own, built by hack/build-kstatus."""
 
 from __future__ import annotations
 
-import yaml
 import pytest
+import yaml
 
 from tests import kstatus
 from tests.packaging.test_argocd_health import run_health

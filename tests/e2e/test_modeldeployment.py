@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import pytest
-
 import json
 import re
+
+import pytest
 
 from tests.helpers import IMAGE, wait_for
 

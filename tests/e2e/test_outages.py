@@ -18,7 +18,15 @@ import pytest
 import yaml
 
 from tests import invariants
-from tests.e2e.conftest import INSTANCE, Cluster, condition, controlplane, is_ready, manifest, wait_md
+from tests.e2e.conftest import (
+    INSTANCE,
+    Cluster,
+    condition,
+    controlplane,
+    is_ready,
+    manifest,
+    wait_md,
+)
 from tests.e2e.test_chaos import deployments, owned_services
 from tests.e2e.test_modeldeployment import scrape
 from tests.faultproxy import Faults

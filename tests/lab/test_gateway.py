@@ -20,13 +20,12 @@ from typing import Any
 import pytest
 
 import swarmlab
-from npuswarm.api import ModelDeployment
-from npuswarm.gateway_api import ModelGateway
 from npuswarm import gateway_protocol
+from npuswarm.api.deployment import ModelDeployment
+from npuswarm.api.gateway import ModelGateway
 from npuswarm.gateway import GatewayReplica, identity
 from npuswarm.gateway_credentials import Credentials
-from npuswarm.gateway_push import PushTarget, Signer, admin_request
-from npuswarm.gateway_push import Gateways
+from npuswarm.gateway_push import Gateways, PushTarget, Signer, admin_request
 from npuswarm.reconcile import Desired, PassResult, Reconciler
 from npuswarm.settings import Settings
 from npuswarm.swarm import Swarm

@@ -14,7 +14,7 @@ from prometheus_client import generate_latest
 
 import swarmlab
 from npuswarm import cli, metrics, nodecheck, npuhealth
-from npuswarm.api import ModelDeployment
+from npuswarm.api.deployment import ModelDeployment
 from npuswarm.probes import NodeValidator, publish_verdicts
 from npuswarm.reconcile import Desired, PassResult, Reconciler
 from npuswarm.settings import Settings

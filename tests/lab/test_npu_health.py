@@ -9,6 +9,7 @@ import time
 from contextlib import redirect_stdout
 
 import pytest
+
 import swarmlab
 from npuswarm import cli, metrics
 from npuswarm.probes import publish_verdicts

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 import swarmlab
-from npuswarm.api import ModelDeployment
+from npuswarm.api.deployment import ModelDeployment
 from npuswarm.reconcile import Reconciler
 from npuswarm.settings import Settings
 from npuswarm.swarm import Swarm

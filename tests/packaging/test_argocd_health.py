@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import yaml
 
-from npuswarm.api import ModelDeployment, ModelDeploymentStatus
+from npuswarm.api.deployment import ModelDeployment, ModelDeploymentStatus
 
 from .conftest import MANIFESTS, require
 

@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 import yaml
 
+from npuswarm.api.gateway import ModelGateway
 from npuswarm.gateway import GatewayReplica, GatewayWork, gateway_status
-from npuswarm.gateway_api import ModelGateway
 from tests import kstatus
 from tests.unit.builders import NOW
 

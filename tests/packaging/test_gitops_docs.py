@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import yaml
 
-from npuswarm.api import ModelDeployment
+from npuswarm.api.deployment import ModelDeployment
 
 from .conftest import REPO
 

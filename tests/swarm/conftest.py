@@ -6,14 +6,14 @@ They fail, never skip, when no Swarm answers: CI must not pass without exercisin
 from __future__ import annotations
 
 import uuid
-from pathlib import Path
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import docker
 import pytest
 
-from npuswarm.api import ModelDeployment
+from npuswarm.api.deployment import ModelDeployment
 from npuswarm.reconcile import DeploymentView, Desired, Reconciler
 from npuswarm.settings import Settings
 from npuswarm.swarm import Swarm
@@ -36,7 +36,7 @@ def docker_client() -> docker.APIClient:
     try:
         client = docker.APIClient(version="auto")
         info = client.info()
-    except Exception as error:  # noqa: BLE001 - any failure means the same: no Swarm
+    except Exception as error:
         pytest.fail(f"no dockerd answers ({error}): run `hack/local-swarm up` first")
     if info.get("Swarm", {}).get("LocalNodeState") != "active":
         pytest.fail("dockerd is not in Swarm mode: run `hack/local-swarm up` first")

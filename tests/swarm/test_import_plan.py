@@ -13,7 +13,6 @@ from typing import Any
 
 import docker
 import pytest
-import yaml
 
 from npuswarm import cli
 from npuswarm.reconcile import Reconciler

@@ -26,7 +26,7 @@ def env_of(service: dict) -> dict[str, str]:
 
 def writes() -> float:
     return sum(
-        metrics.swarm_api_calls_total.labels(op, outcome)._value.get()  # noqa: SLF001
+        metrics.swarm_api_calls_total.labels(op, outcome)._value.get()
         for op in ("create_service", "update_service", "remove_service")
         for outcome in ("success", "error")
     )
@@ -59,7 +59,7 @@ def test_create_gives_each_replica_its_own_npus_env_constraint_and_labels(
 
 def calls(operation: str) -> float:
     return sum(
-        metrics.swarm_api_calls_total.labels(operation, outcome)._value.get()  # noqa: SLF001
+        metrics.swarm_api_calls_total.labels(operation, outcome)._value.get()
         for outcome in ("success", "error")
     )
 
@@ -114,11 +114,11 @@ def test_service_deleted_by_hand_is_recreated_and_counted_as_drift(
     md = model(namespace, "m", replicas=1)
     outcome = converge(reconciler, md)
     docker_client.remove_service(f"{namespace}-m-0")
-    recreated = metrics.drift_corrections_total.labels("service_recreated")._value.get()  # noqa: SLF001
+    recreated = metrics.drift_corrections_total.labels("service_recreated")._value.get()
     again = serve(reconciler, md, [md], outcome.status.model_dump(mode="json"))
     assert [(a.kind, a.drift) for a in again.applied] == [("create", "service_recreated")]
     assert f"{namespace}-m-0" in owned(docker_client, namespace)
-    assert metrics.drift_corrections_total.labels("service_recreated")._value.get() == recreated + 1  # noqa: SLF001
+    assert metrics.drift_corrections_total.labels("service_recreated")._value.get() == recreated + 1
 
 
 def test_service_edited_by_hand_is_reverted(

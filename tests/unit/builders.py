@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from npuswarm.api import ModelDeployment
+from npuswarm.api.deployment import ModelDeployment
 from npuswarm.inventory import NodeInfo, Topology
 
 NOW = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)

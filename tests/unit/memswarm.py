@@ -11,7 +11,7 @@ import itertools
 from collections import Counter
 from typing import Any
 
-from npuswarm import labels
+from npuswarm.api import labels
 from npuswarm.observed import SwarmSnapshot, snapshot_from_engine
 from npuswarm.swarm import SwarmRejected, SwarmUnavailable
 

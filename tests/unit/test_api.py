@@ -3,7 +3,8 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from npuswarm.api import ModelDeploymentSpec, quantity_to_bytes, validation_message
+from npuswarm.api.deployment import ModelDeploymentSpec, quantity_to_bytes
+from npuswarm.api.meta import validation_message
 
 BASE = {"image": "img", "model": "/models/m"}
 

@@ -2,8 +2,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from npuswarm.api.crd import crd_manifest, render_yaml
 from npuswarm.cli import CRD_PATH, main
-from npuswarm.crd import crd_manifest, render_yaml
 
 REPO = Path(__file__).resolve().parents[2]
 

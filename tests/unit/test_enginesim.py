@@ -18,7 +18,7 @@ import docker
 import docker.errors
 import pytest
 
-from npuswarm import labels
+from npuswarm.api import labels
 from npuswarm.swarm import Swarm
 from tests.conftest import REPO
 from tests.swarm.conftest import wait_for

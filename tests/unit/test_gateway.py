@@ -8,8 +8,9 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from npuswarm import labels
-from npuswarm.api import ModelDeployment
+from npuswarm.api import labels
+from npuswarm.api.deployment import ModelDeployment
+from npuswarm.api.gateway import ModelGateway
 from npuswarm.gateway import (
     GatewayReplica,
     GatewayWork,
@@ -23,7 +24,6 @@ from npuswarm.gateway import (
     selected,
     stopped_by,
 )
-from npuswarm.gateway_api import ModelGateway
 from npuswarm.gateway_credentials import Credentials
 from npuswarm.gateway_push import Gateways, PushTarget
 from npuswarm.plan import Action

@@ -12,9 +12,10 @@ from typing import Any
 
 import pytest
 
-from npuswarm import gateway_protocol, labels
+from npuswarm import gateway_protocol
+from npuswarm.api import labels
+from npuswarm.api.gateway import ModelGateway
 from npuswarm.gateway import identity, plan_secrets
-from npuswarm.gateway_api import ModelGateway
 from npuswarm.gateway_credentials import (
     ROTATE_ANNOTATION,
     TLS_RENEW_BEFORE,

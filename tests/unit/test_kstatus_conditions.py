@@ -11,7 +11,8 @@ from typing import Any
 
 import pytest
 
-from npuswarm.api import Condition, ModelDeploymentStatus
+from npuswarm.api.deployment import ModelDeploymentStatus
+from npuswarm.api.meta import Condition
 from npuswarm.status import (
     SWARM_UNAVAILABLE_STALLS_AFTER,
     ConditionValue,

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from npuswarm.api import ModelDeployment
+from npuswarm.api.deployment import ModelDeployment
 from npuswarm.observed import SwarmSnapshot, snapshot_from_engine
 from npuswarm.plan import Applied, DeploymentPlan, place_all, plan_deployment, plan_pass
 from npuswarm.status import deployment_status

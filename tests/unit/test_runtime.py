@@ -175,7 +175,7 @@ def test_a_refused_status_write_asks_for_a_pass_soon_and_is_not_remembered(monke
     import asyncio
 
     from npuswarm import runtime as runtime_module
-    from npuswarm.api import ModelDeploymentStatus
+    from npuswarm.api.deployment import ModelDeploymentStatus
     from npuswarm.reconcile import Desired
 
     monkeypatch.setattr(runtime_module, "STATUS_RETRY_SECONDS", 0.01)
@@ -211,7 +211,7 @@ def test_an_orphan_the_api_server_cannot_confirm_is_kept_and_asked_about_again_s
     import asyncio
 
     from npuswarm import runtime as runtime_module
-    from npuswarm.api import ModelDeployment
+    from npuswarm.api.deployment import ModelDeployment
     from npuswarm.reconcile import Desired
 
     monkeypatch.setattr(runtime_module, "ORPHAN_RETRY_SECONDS", 0.01)

@@ -10,12 +10,13 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from npuswarm import api
-from npuswarm.api import ModelDeployment, ObjectMeta
+from npuswarm.api import deployment as deployment_api
+from npuswarm.api.deployment import ModelDeployment
+from npuswarm.api.meta import ObjectMeta
+from npuswarm.compose import EXTENSION, RUNTIME_DRIVER_MOUNTS, parse_compose
 from npuswarm.observed import SwarmSnapshot
 from npuswarm.placement import Assignment
 from npuswarm.render import network_alias, render_service
-from npuswarm.compose import EXTENSION, RUNTIME_DRIVER_MOUNTS, parse_compose
 from npuswarm.stack_export import compose_service, export_stack, planned_services
 from npuswarm.stack_import import import_stack, manifest_yaml
 
@@ -153,7 +154,7 @@ env_value = st.text(
     st.characters(codec="utf-8", categories=("L", "N", "P", "S", "Zs")), max_size=20
 ) | st.lists(st.sampled_from(["$", "$$", "${X}", "$Y", "=", "a", " "]), max_size=6).map("".join)
 env_name = st.from_regex(r"[A-Za-z_][A-Za-z0-9_]{0,10}", fullmatch=True).filter(
-    lambda n: n not in api.OPERATOR_OWNED_ENV
+    lambda n: n not in deployment_api.OPERATOR_OWNED_ENV
 )
 # Flags vLLM takes that npuswarm has no field for; owned flags are rejected by the API itself.
 extra_arg = st.one_of(
@@ -168,7 +169,7 @@ seconds = st.integers(1, 7200)
 
 @st.composite
 def model_deployments(draw: st.DrawFn) -> ModelDeployment:
-    tp = draw(st.sampled_from(api.NPU_COUNTS))
+    tp = draw(st.sampled_from(deployment_api.NPU_COUNTS))
     mode = draw(st.sampled_from(["Replicated", "PerNode"]))
     mounts = draw(st.lists(abs_path, max_size=3, unique=True))
     spec: dict[str, Any] = {
@@ -177,7 +178,7 @@ def model_deployments(draw: st.DrawFn) -> ModelDeployment:
         "servedModelName": draw(st.none() | word),
         "mode": mode,
         "replicas": draw(st.integers(1, 3)),
-        "npusPerReplica": (npus := draw(st.none() | st.sampled_from([n for n in api.NPU_COUNTS if n >= tp]))),
+        "npusPerReplica": (npus := draw(st.none() | st.sampled_from([n for n in deployment_api.NPU_COUNTS if n >= tp]))),
         "npuIds": draw(st.none() | st.sets(st.integers(0, 7), min_size=npus or tp, max_size=npus or tp).map(sorted)),
         "engine": {
             "tensorParallelSize": tp,

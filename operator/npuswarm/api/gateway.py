@@ -1,6 +1,6 @@
 """The ModelGateway API: one OpenAI-compatible endpoint in front of ModelDeployments.
 
-Like api.py, these models are the single source of truth for the CRD (``npuswarm crd``
+Like deployment.py's, these models are the single source of truth for the CRD (``npuswarm crd``
 writes crds/modelgateways.npuswarm.io.yaml from them) and for validation.
 """
 
@@ -10,12 +10,11 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from npuswarm.api import (
-    GROUP,
+from npuswarm.api.meta import (
+    API_VERSION,
     IMAGE_PATTERN,
     MAX_STRING,
     NETWORK_NAME_PATTERN,
-    VERSION,
     Condition,
     ObjectMeta,
     _Model,
@@ -25,7 +24,6 @@ KIND = "ModelGateway"
 PLURAL = "modelgateways"
 SINGULAR = "modelgateway"
 SHORT_NAMES = ["mgw"]
-API_VERSION = f"{GROUP}/{VERSION}"
 # vllm-router's policies that make sense for a pool of identical vLLM replicas.
 POLICIES = ("cache_aware", "power_of_two", "round_robin", "random")
 DEFAULT_IMAGE = "npuswarm-gateway:0.1.17"

@@ -20,13 +20,20 @@ from pydantic import (
     model_validator,
 )
 
-GROUP = "npuswarm.io"
-VERSION = "v1alpha1"
+from npuswarm.api.meta import (
+    API_VERSION,
+    IMAGE_PATTERN,
+    MAX_STRING,
+    NETWORK_NAME_PATTERN,
+    Condition,
+    ObjectMeta,
+    _Model,
+)
+
 KIND = "ModelDeployment"
 PLURAL = "modeldeployments"
 SINGULAR = "modeldeployment"
 SHORT_NAMES = ["md"]
-API_VERSION = f"{GROUP}/{VERSION}"
 
 
 def _not_float(value: Any) -> Any:
@@ -73,12 +80,8 @@ QUANTITY_PATTERN = _QUANTITY.pattern
 ENV_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
 # A Swarm network alias is a DNS label.
 DNS_LABEL_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
-# Docker's own rule for network names.
-NETWORK_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 # Networks that would give a replica the node's network stack, or that Swarm manages itself.
 RESERVED_NETWORKS = ("host", "bridge", "none", "ingress", "docker_gwbridge")
-# An image reference: [registry[:port]/]path[:tag][@digest]; no spaces or control characters.
-IMAGE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._/:@-]*$"
 # A path segment that is neither '.' nor '..' (RE2 has no lookahead, so spelled out).
 _SEGMENT = r"([^/.\x00][^/\x00]*|\.[^/.\x00][^/\x00]*|\.\.[^/\x00]+)"
 # Absolute, no '.', '..' or empty segments: the path means what it says on every node.
@@ -93,7 +96,6 @@ MAX_SHM_BYTES = 2**40  # 1Ti
 # Bounds a user would expect, and that keep every number inside what Docker stores (int64
 # nanoseconds) and every list small enough for the API server's validation cost budget.
 MAX_REPLICAS = 1000
-MAX_STRING = 1024
 MAX_ARG = 4096
 MAX_ENV_VALUE = 32768
 MAX_ITEMS = 128
@@ -107,29 +109,6 @@ def quantity_to_bytes(quantity: str) -> int:
     if match is None:
         raise ValueError(f"not a size quantity: {quantity!r} (use e.g. 512Mi, 1Gi, 16G)")
     return int(match.group(1)) * _QUANTITY_FACTORS[match.group(2)]
-
-
-class _Model(BaseModel):
-    # Unknown fields are errors: a typo such as `npuPerReplica` must not be silently ignored.
-    # Strict types, as the API server checks them: "2" or true is not an integer, 1 is not a
-    # boolean, so what one accepts the other accepts.
-    model_config = ConfigDict(extra="forbid", populate_by_name=True, strict=True)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _null_is_unset(cls, data: Any) -> Any:
-        """The API server drops a null where the schema does not allow one (so the default
-        applies, or a required field is missing); so do the models."""
-        if not isinstance(data, dict):
-            return data
-        fields = cls.model_fields
-        return {
-            key: value
-            for key, value in data.items()
-            if value is not None
-            or key not in fields
-            or (not fields[key].is_required() and fields[key].default is None)
-        }
 
 
 def _without_null_values(mapping: Any) -> Any:
@@ -509,20 +488,8 @@ class ModelDeploymentSpec(_Model):
         return quantity_to_bytes(self.shmSize)
 
 
-# Ready, Progressing and Degraded are for people and Argo CD (manifests/argocd/health.lua);
-# Reconciling and Stalled are kstatus's abnormal-true pair, for Flux, kpt and cli-utils.
-ConditionType = Literal["Ready", "Progressing", "Degraded", "Reconciling", "Stalled"]
-ConditionStatus = Literal["True", "False", "Unknown"]
+# The phases of a ModelDeployment (the printer column and a summary of the conditions).
 Phase = Literal["Pending", "Progressing", "Ready", "Degraded", "Invalid"]
-
-
-class Condition(_Model):
-    type: ConditionType
-    status: ConditionStatus
-    reason: str
-    message: str = ""
-    lastTransitionTime: str
-    observedGeneration: int | None = None
 
 
 class ReplicaStatus(_Model):
@@ -549,22 +516,6 @@ class ModelDeploymentStatus(_Model):
     conditions: list[Condition] = Field(default_factory=list)
 
 
-class ObjectMeta(BaseModel):
-    """The part of metadata npuswarm reads; everything else passes through untouched."""
-
-    model_config = ConfigDict(extra="ignore")
-    name: str
-    namespace: str = "default"
-    uid: str = ""
-    generation: int = 0
-    creationTimestamp: str | None = None
-    deletionTimestamp: str | None = None
-    # A ModelGateway's modelSelector matches them.
-    labels: dict[str, str] = {}
-    # Read for npuswarm.io/rotate-credential on a ModelGateway (gateway_credentials.py).
-    annotations: dict[str, str] = {}
-
-
 class ModelDeployment(BaseModel):
     model_config = ConfigDict(extra="ignore")
     apiVersion: Literal["npuswarm.io/v1alpha1"] = API_VERSION  # type: ignore[assignment]
@@ -575,16 +526,3 @@ class ModelDeployment(BaseModel):
     @property
     def key(self) -> str:
         return f"{self.metadata.namespace}/{self.metadata.name}"
-
-
-def validation_message(error: Exception) -> str:
-    """A one-line, user-facing summary of a pydantic validation error."""
-    from pydantic import ValidationError
-
-    if not isinstance(error, ValidationError):
-        return str(error)
-    parts = []
-    for item in error.errors():
-        location = ".".join(str(part) for part in item["loc"]) or "spec"
-        parts.append(f"{location}: {item['msg']}")
-    return "; ".join(parts)

@@ -1,0 +1,84 @@
+"""What both kinds share: the API group, object metadata, conditions, the strict base model and
+the field patterns both use. Pure: no I/O.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+
+GROUP = "npuswarm.io"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+
+MAX_STRING = 1024
+# An image reference: [registry[:port]/]path[:tag][@digest]; no spaces or control characters.
+IMAGE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._/:@-]*$"
+# Docker's own rule for network names.
+NETWORK_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+
+
+class _Model(BaseModel):
+    # Unknown fields are errors: a typo such as `npuPerReplica` must not be silently ignored.
+    # Strict types, as the API server checks them: "2" or true is not an integer, 1 is not a
+    # boolean, so what one accepts the other accepts.
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_unset(cls, data: Any) -> Any:
+        """The API server drops a null where the schema does not allow one (so the default
+        applies, or a required field is missing); so do the models."""
+        if not isinstance(data, dict):
+            return data
+        fields = cls.model_fields
+        return {
+            key: value
+            for key, value in data.items()
+            if value is not None
+            or key not in fields
+            or (not fields[key].is_required() and fields[key].default is None)
+        }
+
+
+# Ready, Progressing and Degraded are for people and Argo CD (manifests/argocd/health.lua);
+# Reconciling and Stalled are kstatus's abnormal-true pair, for Flux, kpt and cli-utils.
+ConditionType = Literal["Ready", "Progressing", "Degraded", "Reconciling", "Stalled"]
+ConditionStatus = Literal["True", "False", "Unknown"]
+
+
+class Condition(_Model):
+    type: ConditionType
+    status: ConditionStatus
+    reason: str
+    message: str = ""
+    lastTransitionTime: str
+    observedGeneration: int | None = None
+
+
+class ObjectMeta(BaseModel):
+    """The part of metadata npuswarm reads; everything else passes through untouched."""
+
+    model_config = ConfigDict(extra="ignore")
+    name: str
+    namespace: str = "default"
+    uid: str = ""
+    generation: int = 0
+    creationTimestamp: str | None = None
+    deletionTimestamp: str | None = None
+    # A ModelGateway's modelSelector matches them.
+    labels: dict[str, str] = {}
+    # Read for npuswarm.io/rotate-credential on a ModelGateway (gateway/credentials.py).
+    annotations: dict[str, str] = {}
+
+
+def validation_message(error: Exception) -> str:
+    """A one-line, user-facing summary of a pydantic validation error."""
+    if not isinstance(error, ValidationError):
+        return str(error)
+    parts = []
+    for item in error.errors():
+        location = ".".join(str(part) for part in item["loc"]) or "spec"
+        parts.append(f"{location}: {item['msg']}")
+    return "; ".join(parts)
