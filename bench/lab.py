@@ -57,9 +57,9 @@ import controlplane  # noqa: E402
 import swarmlab  # noqa: E402
 from npuswarm.api import labels  # noqa: E402
 from npuswarm.api.deployment import ModelDeployment  # noqa: E402
-from npuswarm.npus import parse_npu_ids  # noqa: E402
-from npuswarm.placement import Assignment  # noqa: E402
-from npuswarm.render import render_service  # noqa: E402
+from npuswarm.core.npus import parse_npu_ids  # noqa: E402
+from npuswarm.core.placement import Assignment  # noqa: E402
+from npuswarm.core.render import render_service  # noqa: E402
 
 LAB_NAME = os.environ.get("NPUSWARM_BENCH_LAB_NAME", "lbench")
 NAMESPACE = "bench"

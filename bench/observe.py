@@ -25,8 +25,8 @@ from enginesim import EngineSim  # noqa: E402
 from fleet import replace_block  # noqa: E402
 
 from npuswarm.api.deployment import ModelDeployment  # noqa: E402
-from npuswarm.placement import Assignment  # noqa: E402
-from npuswarm.render import render_service  # noqa: E402
+from npuswarm.core.placement import Assignment  # noqa: E402
+from npuswarm.core.render import render_service  # noqa: E402
 from npuswarm.swarm import Swarm  # noqa: E402
 
 

@@ -12,8 +12,8 @@ import platform
 import time
 from datetime import UTC, datetime
 
-from npuswarm.inventory import NodeInfo
-from npuswarm.placement import Allocation, ReplicaRequest, place
+from npuswarm.core.nodes import NodeInfo
+from npuswarm.core.placement import Allocation, ReplicaRequest, place
 
 NOW = datetime(2026, 11, 30, tzinfo=UTC)
 

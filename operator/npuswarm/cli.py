@@ -18,18 +18,19 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from npuswarm import __version__, logs, policy
+from npuswarm import __version__, logs
 from npuswarm.api import crd, meta
 from npuswarm.api import deployment as deployment_api
 from npuswarm.api.deployment import ModelDeployment
 from npuswarm.api.meta import validation_message
 from npuswarm.compose import StackFileError, parse_compose
-from npuswarm.inventory import NodeInfo
+from npuswarm.core import hostpolicy
+from npuswarm.core.diff import plan_many
+from npuswarm.core.nodes import NodeInfo
+from npuswarm.core.npus import device_name, format_npu_ids
+from npuswarm.core.snapshot import SwarmSnapshot
 from npuswarm.nodecheck import Verdict
 from npuswarm.npuhealth import NodeHealth
-from npuswarm.npus import device_name, format_npu_ids
-from npuswarm.observed import SwarmSnapshot
-from npuswarm.plan import plan_many
 from npuswarm.probes import validate_now
 from npuswarm.reconcile import utcnow
 from npuswarm.settings import Settings
@@ -71,17 +72,17 @@ def cmd_plan(args: argparse.Namespace) -> int:
     settings = Settings.from_env()
     # The operator would refuse these with a PolicyViolation condition: say so before any
     # Swarm call, with the same messages.
-    refused = [f"{md.key}: {v}" for md in deployments for v in policy.violations(md, settings)]
+    refused = [f"{md.key}: {v}" for md in deployments for v in hostpolicy.violations(md, settings)]
     if refused:
-        raise UsageError(f"{policy.REASON}: " + "; ".join(refused))
+        raise UsageError(f"{hostpolicy.REASON}: " + "; ".join(refused))
     snapshot = Swarm().observe()
     refused = [
         f"{md.key}: {v}"
         for md in deployments
-        for v in policy.network_violations(md, snapshot.networks, snapshot.network_ids)
+        for v in hostpolicy.network_violations(md, snapshot.networks, snapshot.network_ids)
     ]
     if refused:
-        raise UsageError(f"{policy.REASON}: " + "; ".join(refused))
+        raise UsageError(f"{hostpolicy.REASON}: " + "; ".join(refused))
     placement, plans = plan_many(
         deployments,
         snapshot,

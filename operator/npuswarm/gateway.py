@@ -24,16 +24,16 @@ from npuswarm.api import labels
 from npuswarm.api.deployment import ModelDeployment
 from npuswarm.api.gateway import GatewayModelStatus, ModelGateway, ModelGatewayStatus
 from npuswarm.api.meta import ConditionType
+from npuswarm.core.diff import Action
+from npuswarm.core.render import SECOND_NS, health_command, network_labels
+from npuswarm.core.snapshot import ObservedSecret, ObservedService, SwarmSnapshot
+from npuswarm.core.status import ConditionValue, conditions
 from npuswarm.gateway_credentials import (
     ROTATE_ANNOTATION,
     TLS_RENEW_BEFORE,
     Credentials,
     GatewayIdentity,
 )
-from npuswarm.observed import ObservedSecret, ObservedService, SwarmSnapshot
-from npuswarm.plan import Action
-from npuswarm.render import SECOND_NS, health_command, network_labels
-from npuswarm.status import ConditionValue, conditions
 
 log = structlog.get_logger("npuswarm.gateway")
 ROUTER_PORT = 30000

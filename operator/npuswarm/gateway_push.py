@@ -26,6 +26,7 @@ import structlog
 from npuswarm import gateway_protocol, metrics
 from npuswarm.api.deployment import ModelDeployment
 from npuswarm.api.gateway import ModelGateway, ModelGatewayStatus
+from npuswarm.core.diff import Action, PassPlan
 from npuswarm.gateway import (
     Backends,
     GatewayReplica,
@@ -40,7 +41,6 @@ from npuswarm.gateway import (
     stopped_by,
 )
 from npuswarm.gateway_credentials import Credentials
-from npuswarm.plan import Action, PassPlan
 
 log = structlog.get_logger("npuswarm.gateway")
 PUSH_TIMEOUT_SECONDS = 5.0

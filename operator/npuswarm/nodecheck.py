@@ -18,8 +18,8 @@ from datetime import datetime
 from typing import Any
 
 from npuswarm.api import labels
-from npuswarm.inventory import NodeInfo
-from npuswarm.npus import format_npu_ids
+from npuswarm.core.nodes import NodeInfo
+from npuswarm.core.npus import format_npu_ids
 
 # Probe services carry these labels and never npuswarm's managed-by label: they are not
 # replicas, so a pass reads them as foreign claims (their NPUs are taken while they live)
@@ -335,7 +335,7 @@ def _checks(host: str, npus: frozenset[int], result: ProbeResult, timed_out: boo
 
 
 def _same_ids(text: str, npus: frozenset[int]) -> bool:
-    from npuswarm.npus import parse_npu_ids
+    from npuswarm.core.npus import parse_npu_ids
 
     try:
         return parse_npu_ids(text) == npus

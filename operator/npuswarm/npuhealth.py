@@ -16,8 +16,8 @@ from datetime import datetime
 from typing import Any
 
 from npuswarm.api import labels
-from npuswarm.inventory import NodeInfo
-from npuswarm.npus import format_npu_ids
+from npuswarm.core.nodes import NodeInfo
+from npuswarm.core.npus import format_npu_ids
 
 # The health probe reads only: it asks for every NPU of the node, those replicas hold
 # included, so a pass does not read it as a claim (observed.py skips services with this label).

@@ -10,7 +10,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from typing import Any
 
-from npuswarm.inventory import parse_engine_time
+from npuswarm.core.nodes import parse_engine_time
 
 
 def is_active(status: dict[str, Any], own_id: str, own_priority: int, now: datetime) -> bool:

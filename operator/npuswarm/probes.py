@@ -21,11 +21,11 @@ from typing import Any, Protocol
 import structlog
 
 from npuswarm import metrics, nodecheck, npuhealth
-from npuswarm.inventory import NodeInfo, NodeLimits
+from npuswarm.core.diff import PassPlan
+from npuswarm.core.nodes import NodeInfo, NodeLimits
+from npuswarm.core.snapshot import SwarmSnapshot
 from npuswarm.nodecheck import NodeVerdicts, Verdict
 from npuswarm.npuhealth import NodeHealth
-from npuswarm.observed import SwarmSnapshot
-from npuswarm.plan import PassPlan
 from npuswarm.settings import Settings
 from npuswarm.swarm import SwarmRejected
 

@@ -19,20 +19,21 @@ from typing import Any, Protocol
 
 import structlog
 
-from npuswarm import metrics, policy
+from npuswarm import metrics
 from npuswarm.api import labels
 from npuswarm.api.deployment import ModelDeployment, ModelDeploymentStatus
 from npuswarm.api.gateway import ModelGateway, ModelGatewayStatus
-from npuswarm.events import Event, EventType
+from npuswarm.core import hostpolicy
+from npuswarm.core.diff import Action, Applied, PassPlan, plan_pass
+from npuswarm.core.kube_events import Event, EventType
+from npuswarm.core.nodes import NodeLimits
+from npuswarm.core.npus import parse_npu_ids
+from npuswarm.core.render import Renderer, network_labels
+from npuswarm.core.snapshot import SwarmSnapshot, is_own, secrets_from_engine
+from npuswarm.core.status import deployment_status, invalid_spec_status
 from npuswarm.gateway import GatewaySecrets, SecretMount, plan_secrets
 from npuswarm.gateway_push import GatewayPass, Gateways
-from npuswarm.inventory import NodeLimits
-from npuswarm.npus import parse_npu_ids
-from npuswarm.observed import SwarmSnapshot, is_own, secrets_from_engine
-from npuswarm.plan import Action, Applied, PassPlan, plan_pass
-from npuswarm.render import Renderer, network_labels
 from npuswarm.settings import Settings
-from npuswarm.status import deployment_status, invalid_spec_status
 from npuswarm.swarm import SwarmRejected
 
 log = structlog.get_logger("npuswarm.reconcile")
@@ -304,7 +305,11 @@ class Reconciler:
         refusals = dict(desired.invalid)
         for md in desired.deployments:
             if md.key in whole.refused:
-                refusals[md.key] = (md.metadata.generation, policy.REASON, whole.refused[md.key])
+                refusals[md.key] = (
+                    md.metadata.generation,
+                    hostpolicy.REASON,
+                    whole.refused[md.key],
+                )
         for invalid_key, (generation, reason, message) in refusals.items():
             previous = desired.previous.get(invalid_key, {})
             views[invalid_key] = DeploymentView(

@@ -24,21 +24,22 @@ from typing import Any
 import structlog
 from pydantic import ValidationError
 
-from npuswarm import metrics, policy
+from npuswarm import metrics
 from npuswarm.api import deployment as deployment_api
 from npuswarm.api import gateway as gateway_api
 from npuswarm.api.deployment import ModelDeployment
 from npuswarm.api.gateway import ModelGatewayStatus
 from npuswarm.api.meta import validation_message
-from npuswarm.events import Event, EventFilter
-from npuswarm.failing import FailureTracker
+from npuswarm.core import hostpolicy
+from npuswarm.core.kube_events import Event, EventFilter
+from npuswarm.core.relocation import FailureTracker
+from npuswarm.core.status import unavailable_status
 from npuswarm.gateway import parse_gateways
 from npuswarm.kube import Kube
 from npuswarm.peering import is_active
 from npuswarm.probes import NodeValidator, publish_verdicts
 from npuswarm.reconcile import Desired, NodeChecks, PassResult, Reconciler, utcnow
 from npuswarm.settings import Settings
-from npuswarm.status import unavailable_status
 from npuswarm.swarm import Swarm, SwarmUnavailable, stream_errors
 
 log = structlog.get_logger("npuswarm.runtime")
@@ -305,9 +306,9 @@ class Runtime:
         else:
             # Host safety: what the API server accepted may still reach past the operator's
             # settings (a hostPath outside the allow-list).
-            refused = policy.violations(model, self.settings)
+            refused = hostpolicy.violations(model, self.settings)
             parsed = (
-                Parsed(stamp, None, "; ".join(refused), policy.REASON)
+                Parsed(stamp, None, "; ".join(refused), hostpolicy.REASON)
                 if refused
                 else Parsed(stamp, model, None)
             )

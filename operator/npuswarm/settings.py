@@ -12,7 +12,7 @@ from typing import Annotated, Any
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from npuswarm.paths import denied_root, normalise_host_path
+from npuswarm.core.hostpolicy import denied_root, normalise_host_path
 
 ENV_PREFIX = "NPUSWARM_"
 # Where model weights and caches usually live on a node; anything else must be allowed

@@ -12,8 +12,8 @@ import yaml
 from npuswarm.api import labels
 from npuswarm.api.deployment import ModelDeployment
 from npuswarm.compose import COMPOSE_VERSION, EXTENSION, escape, go_duration
-from npuswarm.observed import SwarmSnapshot
-from npuswarm.plan import plan_many
+from npuswarm.core.diff import plan_many
+from npuswarm.core.snapshot import SwarmSnapshot
 
 # --- Export -----------------------------------------------------------------------------------
 

@@ -40,9 +40,9 @@ from npuswarm.compose import (
     scalar,
     unescape,
 )
-from npuswarm.npus import format_npu_ids, npu_id_from_device, parse_npu_ids
-from npuswarm.policy import host_path_violation
-from npuswarm.render import SECOND_NS
+from npuswarm.core.hostpolicy import host_path_violation
+from npuswarm.core.npus import format_npu_ids, npu_id_from_device, parse_npu_ids
+from npuswarm.core.render import SECOND_NS
 from npuswarm.settings import DEFAULT_ALLOWED_HOST_PATHS
 from npuswarm.vllm_args import parse_serve_args, vllm_serve_args
 

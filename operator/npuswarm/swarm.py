@@ -18,7 +18,7 @@ from docker.utils import kwargs_from_env
 
 from npuswarm import metrics
 from npuswarm.api import labels
-from npuswarm.observed import SwarmSnapshot, is_own, snapshot_from_engine
+from npuswarm.core.snapshot import SwarmSnapshot, is_own, snapshot_from_engine
 
 OUT_OF_SEQUENCE = "update out of sequence"
 UPDATE_ATTEMPTS = 4

@@ -23,11 +23,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from npuswarm import policy
+from npuswarm.core import hostpolicy
 from npuswarm.api.deployment import ModelDeployment
 from npuswarm.api.meta import validation_message
-from npuswarm.placement import Assignment
-from npuswarm.render import render_service
+from npuswarm.core.placement import Assignment
+from npuswarm.core.render import render_service
 from npuswarm.settings import Settings
 
 from .conftest import Cluster, condition, manifest, wait_md
@@ -256,7 +256,7 @@ def test_api_server_and_models_agree_on_hostile_bodies(cluster: Cluster, namespa
             tally.disagreements.append(f"defaults differ: {response.body['spec']} | {shown}")
         nothing_reaches_a_shell(md)
         try:
-            if policy.violations(md, settings_):
+            if hostpolicy.violations(md, settings_):
                 tally.refused_by_policy += 1
         except Exception as error:  # a crash is what is counted here
             tally.crashes.append(f"policy raised {error!r} for {shown}")
@@ -310,7 +310,7 @@ def test_operator_refuses_accepted_bodies_with_a_condition_and_writes_nothing(
                                                         "readOnly": True}]))
     for name in REFUSED:
         obj = wait_md(cluster, namespace, name,
-                      lambda o: condition(o, "Degraded").get("reason") == policy.REASON, policy.REASON)
+                      lambda o: condition(o, "Degraded").get("reason") == hostpolicy.REASON, hostpolicy.REASON)
         message = condition(obj, "Degraded")["message"]
         assert message.startswith("spec.volumes["), message
         assert "NPUSWARM_ALLOWED_HOST_PATHS" in message or "never allowed" in message or "socket" in message
@@ -342,7 +342,7 @@ def test_operator_refuses_accepted_bodies_with_a_condition_and_writes_nothing(
     assert mount["Source"] == "/models" and mount["ReadOnly"] is True
     assert [n["Target"] for n in owned["host-net"]["Spec"]["TaskTemplate"]["Networks"]] == [created["Id"]]
     events = json.loads(cluster.kubectl("-n", namespace, "get", "events", "-o", "json").stdout)["items"]
-    refused = {e["involvedObject"]["name"] for e in events if e["reason"] == policy.REASON}
+    refused = {e["involvedObject"]["name"] for e in events if e["reason"] == hostpolicy.REASON}
     assert refused == set(REFUSED)
     assert cluster.operator.poll() is None
 

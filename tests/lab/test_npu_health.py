@@ -134,7 +134,7 @@ def test_an_unhealthy_npu_moves_its_replica_and_comes_back_when_healthy(
 def test_a_replica_crashing_on_one_node_only_ends_up_running_on_another(
     swarm_lab: swarmlab.Lab,
 ) -> None:
-    from npuswarm.failing import FailureTracker
+    from npuswarm.core.relocation import FailureTracker
     from npuswarm.reconcile import Desired, Reconciler
     from npuswarm.swarm import Swarm
 

@@ -6,7 +6,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from npuswarm.api.deployment import ModelDeployment
-from npuswarm.inventory import NodeInfo, Topology
+from npuswarm.core.nodes import NodeInfo, Topology
 
 NOW = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
 

@@ -12,7 +12,7 @@ from collections import Counter
 from typing import Any
 
 from npuswarm.api import labels
-from npuswarm.observed import SwarmSnapshot, snapshot_from_engine
+from npuswarm.core.snapshot import SwarmSnapshot, snapshot_from_engine
 from npuswarm.swarm import SwarmRejected, SwarmUnavailable
 
 from .builders import engine_node

@@ -114,7 +114,7 @@ def test_bad_quantity() -> None:
 
 
 def test_identical_events_are_let_through_once_per_window() -> None:
-    from npuswarm.events import Event, EventFilter
+    from npuswarm.core.kube_events import Event, EventFilter
 
     events = EventFilter(window_seconds=60)
     placed = Event("Normal", "Placed", "replica 0 placed on node a NPUs 0")
@@ -141,7 +141,7 @@ def test_paths_with_dots_in_names_and_one_trailing_slash_are_fine() -> None:
 
 
 def test_event_filter_prunes_expired_keys_of_a_living_deployment() -> None:
-    from npuswarm.events import Event, EventFilter
+    from npuswarm.core.kube_events import Event, EventFilter
 
     events = EventFilter(window_seconds=60)
     # A deployment that is never deleted, whose messages keep changing.

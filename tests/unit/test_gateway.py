@@ -26,7 +26,7 @@ from npuswarm.gateway import (
 )
 from npuswarm.gateway_credentials import Credentials
 from npuswarm.gateway_push import Gateways, PushTarget
-from npuswarm.plan import Action
+from npuswarm.core.diff import Action
 from npuswarm.reconcile import Desired, Reconciler
 from npuswarm.settings import Settings
 

@@ -25,7 +25,7 @@ from npuswarm.gateway_credentials import (
     write_secret_files,
 )
 from npuswarm.gateway_protocol import Verifier, authorization
-from npuswarm.observed import secrets_from_engine
+from npuswarm.core.snapshot import secrets_from_engine
 from npuswarm.reconcile import Desired, Reconciler
 from npuswarm.settings import Settings
 

@@ -7,12 +7,12 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from npuswarm.observed import snapshot_from_engine
-from npuswarm.plan import place_all, plan_deployment
-from npuswarm.render import service_name
+from npuswarm.core.snapshot import snapshot_from_engine
+from npuswarm.core.diff import place_all, plan_deployment
+from npuswarm.core.render import service_name
 
 from .builders import NOW, deployment, engine_node, engine_service, engine_task
-from .test_plan import converge, plan_for
+from .test_diff import converge, plan_for
 
 NODES = [engine_node("node-a", "a", npus=[f"davinci{i}" for i in range(8)])]
 

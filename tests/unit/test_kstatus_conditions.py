@@ -13,7 +13,7 @@ import pytest
 
 from npuswarm.api.deployment import ModelDeploymentStatus
 from npuswarm.api.meta import Condition
-from npuswarm.status import (
+from npuswarm.core.status import (
     SWARM_UNAVAILABLE_STALLS_AFTER,
     ConditionValue,
     conditions,

@@ -12,7 +12,7 @@ from typing import Any
 
 from npuswarm import nodecheck, npuhealth
 from npuswarm.npuhealth import NodeHealth, NpuReading, Process
-from npuswarm.observed import snapshot_from_engine
+from npuswarm.core.snapshot import snapshot_from_engine
 from npuswarm.probes import NodeValidator
 from npuswarm.reconcile import Desired, Reconciler
 from npuswarm.settings import Settings
@@ -253,7 +253,7 @@ def test_no_health_probe_on_a_node_that_failed_validation() -> None:
 
 
 def test_npu_gauges_count_unhealthy_and_busy_npus() -> None:
-    from npuswarm.inventory import NodeLimits
+    from npuswarm.core.nodes import NodeLimits
     from npuswarm.reconcile import npu_states
 
     swarm = MemorySwarm(nodes=1, npus=8)

@@ -6,9 +6,9 @@ from datetime import timedelta
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from npuswarm.inventory import NodeInfo
-from npuswarm.placement import Allocation, PlacementResult, ReplicaRequest, place
-from npuswarm.topology import choose, is_valid_set
+from npuswarm.core.nodes import NodeInfo
+from npuswarm.core.placement import Allocation, PlacementResult, ReplicaRequest, place
+from npuswarm.core.topology import choose, is_valid_set
 
 from .builders import NOW, node
 
@@ -257,7 +257,7 @@ def test_sticky_running_replicas_keep_their_npus_when_others_arrive(
 def test_bucket_index_picks_what_a_full_scan_picks(
     nodes: list[NodeInfo], claims: list[Allocation], npus: int, earlier: list[int]
 ) -> None:
-    from npuswarm.placement import _best_fit, _scan
+    from npuswarm.core.placement import _best_fit, _scan
 
     # Place a few replicas first so the index has seen claims after it was built.
     requests = [request("ns/first", str(i), n) for i, n in enumerate(earlier)]

@@ -1,7 +1,7 @@
 from __future__ import annotations
 
-from npuswarm.placement import Assignment
-from npuswarm.render import essential, render_service, service_name, spec_hash
+from npuswarm.core.placement import Assignment
+from npuswarm.core.render import essential, render_service, service_name, spec_hash
 
 from .builders import deployment
 

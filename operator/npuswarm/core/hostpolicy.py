@@ -1,21 +1,64 @@
 """Host safety: what a ModelDeployment may ask of a node, by the operator's settings. Pure.
 
-The schema (api.py) already refuses what no cluster could allow: relative or ``..`` paths,
-bad env names, privileged fields (there are none to ask for). This module holds the rules
-that depend on the cluster admin's settings, so the operator enforces them itself instead of
-trusting RBAC to keep such objects out.
+The schema (api/deployment.py) already refuses what no cluster could allow: relative or ``..``
+paths, bad env names, privileged fields (there are none to ask for). This module holds the
+rules that depend on the cluster admin's settings, so the operator enforces them itself instead
+of trusting RBAC to keep such objects out. Host paths are read as the node will see them:
+normalised lexically, and checked against the paths never mounted.
 """
 
 from __future__ import annotations
 
+import posixpath
 from collections.abc import Collection, Mapping
 from typing import TYPE_CHECKING
-
-from npuswarm.paths import SOCKET_SUFFIX, denied_root, is_within, normalise_host_path
 
 if TYPE_CHECKING:
     from npuswarm.api.deployment import ModelDeployment
     from npuswarm.settings import Settings
+
+# Host paths a ModelDeployment may never mount, allow-list or not: each hands a container
+# control of the node (Docker/containerd sockets, kernel and device interfaces, credentials).
+# "/" itself is refused; paths below it only through the other entries.
+DENIED_HOST_PATHS = (
+    "/",
+    "/etc",
+    "/proc",
+    "/sys",
+    "/dev",
+    "/boot",
+    "/run",
+    "/var/run",
+    "/root",
+    "/var/lib/docker",
+    "/var/lib/containerd",
+)
+# A Unix socket anywhere (docker.sock, containerd.sock, ...) is an API into the node.
+SOCKET_SUFFIX = ".sock"
+
+
+def normalise_host_path(path: str) -> str:
+    """Resolve ``..``, ``.``, ``//`` and a trailing ``/`` the way the node's kernel would.
+
+    Lexical only: symlinks on the node cannot be seen from the operator.
+    """
+    if not path.startswith("/"):
+        return path
+    # normpath keeps a leading '//' (POSIX leaves it implementation-defined); Linux reads '/'.
+    return posixpath.normpath("/" + path.lstrip("/"))
+
+
+def is_within(path: str, root: str) -> bool:
+    """``path`` is ``root`` or below it (both normalised)."""
+    return root in ("/", path) or path.startswith(root + "/")
+
+
+def denied_root(path: str) -> str | None:
+    """The entry of DENIED_HOST_PATHS that refuses the normalised ``path``, if any."""
+    if path == "/":
+        return "/"
+    return next((d for d in DENIED_HOST_PATHS if d != "/" and is_within(path, d)), None)
+
 
 # The condition reason of a deployment that violates the policy (Degraded, no Swarm write).
 REASON = "PolicyViolation"

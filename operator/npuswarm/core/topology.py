@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from npuswarm.inventory import Topology
+from npuswarm.core.nodes import Topology
 
 RING_SIZE = 4
 

@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from npuswarm.inventory import node_from_engine
-from npuswarm.npus import format_npu_ids, parse_npu_ids
+from npuswarm.core.nodes import node_from_engine
+from npuswarm.core.npus import format_npu_ids, parse_npu_ids
 
 from .builders import engine_node
 

@@ -11,10 +11,10 @@ from typing import Any
 from npuswarm.api.deployment import ModelDeployment, ModelDeploymentStatus, Phase, ReplicaStatus
 from npuswarm.api.labels import SPEC_HASH
 from npuswarm.api.meta import Condition, ConditionStatus, ConditionType
-from npuswarm.inventory import NodeInfo
-from npuswarm.placement import Unplaced
-from npuswarm.plan import Applied, PassPlan
-from npuswarm.render import network_alias
+from npuswarm.core.diff import Applied, PassPlan
+from npuswarm.core.nodes import NodeInfo
+from npuswarm.core.placement import Unplaced
+from npuswarm.core.render import network_alias
 
 MAX_MESSAGE = 1024
 # A Swarm outage reads as work under way (Reconciling) this long, then as Stalled (Degraded):

@@ -3,9 +3,9 @@ from __future__ import annotations
 from typing import Any
 
 from npuswarm.api.deployment import ModelDeployment
-from npuswarm.observed import SwarmSnapshot, snapshot_from_engine
-from npuswarm.plan import Applied, DeploymentPlan, place_all, plan_deployment, plan_pass
-from npuswarm.status import deployment_status
+from npuswarm.core.snapshot import SwarmSnapshot, snapshot_from_engine
+from npuswarm.core.diff import Applied, DeploymentPlan, place_all, plan_deployment, plan_pass
+from npuswarm.core.status import deployment_status
 
 from .builders import NOW, deployment, engine_node, engine_service, engine_task
 
@@ -185,7 +185,7 @@ def test_recreated_object_adopts_its_running_replicas() -> None:
 
 
 def test_outage_status_keeps_replicas_but_is_never_ready() -> None:
-    from npuswarm.status import unavailable_status
+    from npuswarm.core.status import unavailable_status
 
     previous = {"phase": "Ready", "readyReplicas": 2, "replicas": 2,
                 "replicaStatuses": [{"replica": "0", "ready": True}],

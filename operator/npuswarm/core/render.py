@@ -14,8 +14,8 @@ from typing import Any
 
 from npuswarm.api import labels
 from npuswarm.api.deployment import ModelDeployment
-from npuswarm.npus import format_npu_ids
-from npuswarm.placement import Assignment
+from npuswarm.core.npus import format_npu_ids
+from npuswarm.core.placement import Assignment
 
 SECOND_NS = 1_000_000_000
 MAX_SERVICE_NAME = 63

@@ -7,18 +7,18 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any, Literal
 
-from npuswarm import policy
 from npuswarm.api.deployment import ModelDeployment
 from npuswarm.api.labels import SPEC_HASH
-from npuswarm.inventory import NodeInfo, NodeLimits
-from npuswarm.observed import ObservedService, SwarmSnapshot
-from npuswarm.placement import (
+from npuswarm.core import hostpolicy
+from npuswarm.core.nodes import NodeInfo, NodeLimits
+from npuswarm.core.placement import (
     PlacementResult,
     ReplicaRequest,
     place,
     spare_assignment,
 )
-from npuswarm.render import Renderer, free_service_name, service_name
+from npuswarm.core.render import Renderer, free_service_name, service_name
+from npuswarm.core.snapshot import ObservedService, SwarmSnapshot
 
 ActionKind = Literal["create", "update", "remove"]
 DriftKind = Literal["service_recreated", "service_updated", "replica_replaced"]
@@ -260,7 +260,7 @@ def plan_pass(
     refused = {
         md.key: "; ".join(found)
         for md in deployments
-        if (found := policy.network_violations(md, snapshot.networks, snapshot.network_ids))
+        if (found := hostpolicy.network_violations(md, snapshot.networks, snapshot.network_ids))
     }
     deployments = [md for md in deployments if md.key not in refused]
     placement, requests = place_all(

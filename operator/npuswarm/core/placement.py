@@ -14,8 +14,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from npuswarm import topology
-from npuswarm.inventory import NodeInfo
+from npuswarm.core import topology
+from npuswarm.core.nodes import NodeInfo
 
 ReplicaKey = tuple[str, str]  # (deployment "namespace/name", slot)
 CandidateKey = tuple[tuple[tuple[str, str], ...], str | None]  # (nodeSelector, pinned node)

@@ -7,8 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from npuswarm import cli
-from npuswarm.paths import DENIED_HOST_PATHS, denied_root, is_within, normalise_host_path
-from npuswarm.policy import host_path_violation, violations
+from npuswarm.core.hostpolicy import DENIED_HOST_PATHS, denied_root, is_within, normalise_host_path
+from npuswarm.core.hostpolicy import host_path_violation, violations
 from npuswarm.settings import Settings
 
 from .builders import deployment
@@ -133,7 +133,7 @@ NETWORKS = {"vllm-net": "swarm", "host": "local", "bridge": "local", "ingress": 
 
 
 def test_network_must_be_swarm_scoped_or_missing_for_npuswarm_to_create() -> None:
-    from npuswarm.policy import network_violations
+    from npuswarm.core.hostpolicy import network_violations
 
     assert network_violations(deployment(), NETWORKS) == []
     assert network_violations(deployment(network={"name": "vllm-net"}), NETWORKS) == []
@@ -150,7 +150,7 @@ def test_network_must_be_swarm_scoped_or_missing_for_npuswarm_to_create() -> Non
 
 
 def test_snapshot_records_network_scopes() -> None:
-    from npuswarm.observed import snapshot_from_engine
+    from npuswarm.core.snapshot import snapshot_from_engine
 
     snapshot = snapshot_from_engine([], [], [], [
         {"Id": "a", "Name": "vllm-net", "Scope": "swarm"},

@@ -6,9 +6,9 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
-from npuswarm import failing
-from npuswarm.failing import FailureTracker, History
-from npuswarm.observed import ObservedService, ObservedTask
+from npuswarm.core import relocation
+from npuswarm.core.relocation import FailureTracker, History
+from npuswarm.core.snapshot import ObservedService, ObservedTask
 from npuswarm.reconcile import Desired, Reconciler
 from npuswarm.settings import Settings
 
@@ -45,22 +45,22 @@ def service(*tasks: ObservedTask, node: str = "node1") -> ObservedService:
 
 def test_the_streak_counts_failures_in_a_row_of_the_current_spec_on_the_current_node() -> None:
     crashed = "task: non-zero exit (1)"
-    assert failing.failure_streak(
+    assert relocation.failure_streak(
         service(task(1, "failed", error="a"), task(2, "failed", error=crashed), task(3, "starting"))
-    ) == failing.Streak(2, crashed)
+    ) == relocation.Streak(2, crashed)
     # A task that ran breaks it; older specs and other nodes do not count.
     assert (
-        failing.failure_streak(
+        relocation.failure_streak(
             service(task(1, "failed"), task(2, "running"), task(3, "failed"))
         ).failures
         == 1
     )
     assert (
-        failing.failure_streak(service(task(1, "failed", spec="old"), task(2, "rejected"))).failures
+        relocation.failure_streak(service(task(1, "failed", spec="old"), task(2, "rejected"))).failures
         == 1
     )
     assert (
-        failing.failure_streak(service(task(1, "failed", node="node2"), task(2, "failed"))).failures
+        relocation.failure_streak(service(task(1, "failed", node="node2"), task(2, "failed"))).failures
         == 1
     )
 
@@ -70,13 +70,13 @@ def three_failures(node: str = "node1") -> ObservedService:
 
 
 def test_k_failures_move_the_replica_and_its_node_is_avoided_for_the_cooldown() -> None:
-    decision = failing.decide([three_failures()], {}, NOW, hostnames={"node1": "atlas-1"}, **KW)
+    decision = relocation.decide([three_failures()], {}, NOW, hostnames={"node1": "atlas-1"}, **KW)
     key = ("default/m", "0")
     assert decision.move[key] == "failed 3 times in a row on node atlas-1: boom"
     assert decision.avoid[key] == frozenset({"node1"})
-    assert failing.decide([three_failures()], {}, NOW, **{**KW, "threshold": 4}).move == {}
-    assert failing.decide([three_failures()], {}, NOW, **{**KW, "threshold": 0}).move == {}
-    later = failing.decide([], decision.histories, NOW + timedelta(seconds=601), **KW)
+    assert relocation.decide([three_failures()], {}, NOW, **{**KW, "threshold": 4}).move == {}
+    assert relocation.decide([three_failures()], {}, NOW, **{**KW, "threshold": 0}).move == {}
+    later = relocation.decide([], decision.histories, NOW + timedelta(seconds=601), **KW)
     assert later.avoid == {}
 
 
@@ -84,16 +84,16 @@ def test_further_moves_back_off_and_a_replica_failing_everywhere_stays_reported(
     key = ("default/m", "0")
     moved_once = {key: History(moves=1, last_move=NOW)}
     assert (
-        failing.decide(
+        relocation.decide(
             [three_failures("node2")], moved_once, NOW + timedelta(seconds=59), **KW
         ).move
         == {}
     )
-    second = failing.decide(
+    second = relocation.decide(
         [three_failures("node2")], moved_once, NOW + timedelta(seconds=60), **KW
     )
     assert key in second.move and second.histories[key].moves == 2
-    third = failing.decide(
+    third = relocation.decide(
         [three_failures("node3")], second.histories, NOW + timedelta(hours=1), **KW
     )
     assert third.move == {}

@@ -8,10 +8,10 @@ from datetime import UTC, datetime
 from typing import Any
 
 from npuswarm.api import labels
-from npuswarm.inventory import NodeInfo, node_from_engine, parse_engine_time
+from npuswarm.core.nodes import NodeInfo, node_from_engine, parse_engine_time
+from npuswarm.core.npus import npu_id_from_device, parse_npu_ids
+from npuswarm.core.placement import Allocation
 from npuswarm.npuhealth import is_health_probe
-from npuswarm.npus import npu_id_from_device, parse_npu_ids
-from npuswarm.placement import Allocation
 
 
 @dataclass(frozen=True)

@@ -18,10 +18,10 @@ from datetime import datetime, timedelta
 import structlog
 
 from npuswarm.api import labels
-from npuswarm.events import Event
-from npuswarm.inventory import NodeLimits
-from npuswarm.observed import ObservedService, ObservedTask, SwarmSnapshot
-from npuswarm.placement import ReplicaKey
+from npuswarm.core.kube_events import Event
+from npuswarm.core.nodes import NodeLimits
+from npuswarm.core.placement import ReplicaKey
+from npuswarm.core.snapshot import ObservedService, ObservedTask, SwarmSnapshot
 from npuswarm.settings import Settings
 
 log = structlog.get_logger("npuswarm.failing")

@@ -10,7 +10,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict
 
 from npuswarm.api import labels
-from npuswarm.npus import npu_id_from_device, parse_npu_ids
+from npuswarm.core.npus import npu_id_from_device, parse_npu_ids
 
 Topology = Literal["any", "rings-of-4"]
 TOPOLOGIES: tuple[Topology, ...] = ("any", "rings-of-4")
