@@ -29,9 +29,9 @@ from npuswarm.core.diff import plan_many
 from npuswarm.core.nodes import NodeInfo
 from npuswarm.core.npus import device_name, format_npu_ids
 from npuswarm.core.snapshot import SwarmSnapshot
-from npuswarm.nodecheck import Verdict
-from npuswarm.npuhealth import NodeHealth
-from npuswarm.probes import validate_now
+from npuswarm.nodehealth.checks import Verdict
+from npuswarm.nodehealth.npusmi import NodeHealth
+from npuswarm.nodehealth.runner import check_now
 from npuswarm.reconcile import utcnow
 from npuswarm.settings import Settings
 from npuswarm.stack_export import export_stack, planned_services
@@ -211,7 +211,7 @@ def cmd_nodes(args: argparse.Namespace) -> int:
         image = args.probe_image or settings.node_probe_image
         if not image:
             raise UsageError("--validate needs --probe-image IMAGE (an image with python3)")
-        verdicts, health = validate_now(swarm, settings, image, args.timeout)
+        verdicts, health = check_now(swarm, settings, image, args.timeout)
     snapshot = swarm.observe()
     if args.output == "json":
         data = [

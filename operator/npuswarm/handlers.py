@@ -100,9 +100,9 @@ async def stop(memo: kopf.Memo, **_: Any) -> None:
     for task in runtime.tasks:
         task.cancel()
     await asyncio.gather(*runtime.tasks, return_exceptions=True)
-    if runtime.validator is not None:
+    if runtime.checker is not None:
         # Probes under way would otherwise wait for the next start's cleanup.
-        await asyncio.to_thread(runtime.validator.close)
+        await asyncio.to_thread(runtime.checker.close)
     await asyncio.to_thread(runtime.reconciler.close)
 
 

@@ -276,7 +276,7 @@ gateway_pushes_total = Counter(
 
 class NodeValidationCollector:
     """npuswarm_node_validation{node,check}: 1 passed, 0 failed, per check of each node's last
-    validation verdict (probes.py sets the source; no source, no series)."""
+    validation verdict (nodehealth/runner.py sets the source; no source, no series)."""
 
     def __init__(self) -> None:
         self.source: Callable[[], list[tuple[str, str, bool]]] | None = None
@@ -301,8 +301,8 @@ REGISTRY.register(node_validation)
 
 
 class NpuHealthCollector:
-    """Per NPU, from the last `npu-smi info` read on its node (probes.py sets the source):
-    npuswarm_npu_healthy, npuswarm_npu_hbm_used_bytes, npuswarm_npu_holds_replica."""
+    """Per NPU, from the last `npu-smi info` read on its node (nodehealth/runner.py sets the
+    source): npuswarm_npu_healthy, npuswarm_npu_hbm_used_bytes, npuswarm_npu_holds_replica."""
 
     def __init__(self) -> None:
         self.source: Callable[[], list[tuple[str, int, bool, int, bool]]] | None = None

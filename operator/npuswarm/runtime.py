@@ -36,8 +36,8 @@ from npuswarm.core.relocation import FailureTracker
 from npuswarm.core.status import unavailable_status
 from npuswarm.gateway import parse_gateways
 from npuswarm.kube import Kube
+from npuswarm.nodehealth.runner import NodeChecker, publish_verdicts
 from npuswarm.peering import is_active
-from npuswarm.probes import NodeValidator, publish_verdicts
 from npuswarm.reconcile import Desired, NodeChecks, PassResult, Reconciler, utcnow
 from npuswarm.settings import Settings
 from npuswarm.swarm import Swarm, SwarmUnavailable, stream_errors
@@ -115,8 +115,8 @@ class Runtime:
     event_stream: Any = None  # the open Swarm event stream: closing it ends its thread
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     threads: list[threading.Thread] = field(default_factory=list)
-    # Node validation (probes.py); made by start_threads when NPUSWARM_NODE_VALIDATION is on.
-    validator: NodeValidator | None = None
+    # Node checks (nodehealth/runner.py); made by start_threads when NPUSWARM_NODE_VALIDATION is on.
+    checker: NodeChecker | None = None
     # Replicas failing over and over where they are (failing.py); made by start_threads.
     failing: FailureTracker | None = None
     # (nodeSelector, image) of every deployment, oldest first, as of the last pass.
@@ -196,7 +196,7 @@ class Runtime:
         with structlog.contextvars.bound_contextvars(reconcile_id=pass_id):
             try:
                 checks: NodeChecks | None = (
-                    self.validator.unusable if self.validator is not None else None
+                    self.checker.unusable if self.checker is not None else None
                 )
                 if self.failing is not None:
                     checks = self.failing.checks(checks)
@@ -321,7 +321,7 @@ class Runtime:
         for action in result.all_applied():
             self.recent_writes[action.service_name] = time.monotonic()
         self.owner_of_service = {s.id: s.deployment for s in result.plan.snapshot.services}
-        if self.validator is not None:
+        if self.checker is not None:
             # For node probes (another thread): swapped whole, never edited in place.
             self.wanted = [
                 (md.spec.nodeSelector, md.spec.image)
@@ -505,13 +505,13 @@ class Runtime:
         ]
         self.failing = FailureTracker(self.settings, self.reconciler.clock)
         if self.settings.node_validation and isinstance(self.reconciler.swarm, Swarm):
-            self.validator = NodeValidator(
+            self.checker = NodeChecker(
                 self.reconciler.swarm,
                 self.settings,
                 self.reconciler.lock,
                 lambda: self.reconciler.last_plan,
             )
-            publish_verdicts(self.validator)
+            publish_verdicts(self.checker)
             loops.append(("node-check", self._check_nodes))
         for name, target in loops:
             thread = threading.Thread(target=_survive(name, target, self.stop), name=name)
@@ -592,14 +592,14 @@ class Runtime:
     def _check_nodes(self) -> None:
         """Node validation probes (docs/node-health.md): a verdict that changes asks for a
         pass, which places on a node that passed or stops placing on one that failed."""
-        validator = self.validator
-        assert validator is not None
+        checker = self.checker
+        assert checker is not None
         while not self.stop.is_set():
             if self.stop.wait(self.settings.task_poll_seconds):
                 return
             if not self.leader:
                 continue
-            if validator.step(self.wanted):
+            if checker.step(self.wanted):
                 self.request_threadsafe(everything=True)
 
     def _probe_swarm(self) -> None:

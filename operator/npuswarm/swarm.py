@@ -252,7 +252,7 @@ class Swarm:
             if "not found" not in str(error):
                 raise
 
-    # -- node validation probes (nodecheck.py builds them, probes.py runs them) ---------------
+    # -- node checks (nodehealth/checks.py builds them, nodehealth/runner.py runs them) -------
 
     def services_labelled(self, *label: str) -> list[dict[str, Any]]:
         """Services carrying every ``label`` (``key=value``): one list call."""

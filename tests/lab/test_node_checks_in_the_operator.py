@@ -98,8 +98,8 @@ class Operator:
         self.thread.join(30)
         for thread in runtime.threads:
             thread.join(30)
-        if runtime.validator is not None:
-            runtime.validator.close()
+        if runtime.checker is not None:
+            runtime.checker.close()
         runtime.reconciler.finalize("lab", "operated", "uid-operated")
         runtime.reconciler.close()
 

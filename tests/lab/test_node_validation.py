@@ -1,6 +1,6 @@
 """Node validation on the multi-node lab: a node whose Ascend runtime is not installed never
 gets a replica, is reported (status, Event, metric, `npuswarm nodes --validate`) and is used
-once fixed. The pass and the validator run here as the operator's loops run them."""
+once fixed. The pass and the checker run here as the operator's loops run them."""
 
 from __future__ import annotations
 
@@ -13,9 +13,10 @@ import pytest
 from prometheus_client import generate_latest
 
 import swarmlab
-from npuswarm import cli, metrics, nodecheck, npuhealth
+from npuswarm import cli, metrics
+from npuswarm.nodehealth import checks as node_checks, npusmi
 from npuswarm.api.deployment import ModelDeployment
-from npuswarm.probes import NodeValidator, publish_verdicts
+from npuswarm.nodehealth.runner import NodeChecker, publish_verdicts
 from npuswarm.reconcile import Desired, PassResult, Reconciler
 from npuswarm.settings import Settings
 from npuswarm.swarm import Swarm
@@ -59,7 +60,7 @@ class Loops:
     def __init__(self, lab: swarmlab.Lab, md: ModelDeployment) -> None:
         self.swarm = Swarm(base_url=lab.endpoint)
         self.reconciler = Reconciler(self.swarm, SETTINGS)
-        self.validator = NodeValidator(
+        self.checker = NodeChecker(
             self.swarm, SETTINGS, self.reconciler.lock, lambda: self.reconciler.last_plan
         )
         self.md = md
@@ -67,10 +68,10 @@ class Loops:
         self.last: PassResult | None = None
 
     def turn(self) -> PassResult:
-        self.validator.step([(self.md.spec.nodeSelector, self.md.spec.image)])
+        self.checker.step([(self.md.spec.nodeSelector, self.md.spec.image)])
         result = self.reconciler.run_pass(
             Desired(deployments=[self.md], previous={self.md.key: self.previous}),
-            self.validator.unusable,
+            self.checker.unusable,
         )
         self.previous = result.views[self.md.key].status.model_dump(mode="json")
         self.last = result
@@ -87,7 +88,7 @@ class Loops:
         )
 
     def close(self) -> None:
-        self.validator.close()
+        self.checker.close()
         self.reconciler.finalize(
             self.md.metadata.namespace, self.md.metadata.name, self.md.metadata.uid
         )
@@ -98,7 +99,7 @@ def probes_left(lab: swarmlab.Lab) -> list[str]:
     api = lab.client(1).api
     return [
         s["Spec"]["Name"]
-        for key in (nodecheck.PROBE, npuhealth.HEALTH_PROBE)
+        for key in (node_checks.CHECK, npusmi.READING)
         for s in api.services(filters={"label": key})
     ]
 
@@ -110,7 +111,7 @@ def test_a_node_without_the_runtime_gets_no_replica_is_reported_and_is_used_once
     broken_id, broken_host = swarm_lab.node_id(broken), swarm_lab.node(broken).hostname
     swarm_lab.set_runtime_installed(broken, False)
     loops = Loops(swarm_lab, model("validated", replicas=3))
-    publish_verdicts(loops.validator)
+    publish_verdicts(loops.checker)
     try:
         started = time.monotonic()
 
@@ -119,11 +120,11 @@ def test_a_node_without_the_runtime_gets_no_replica_is_reported_and_is_used_once
             assert not npu_conflicts(swarm_lab.client(1).api), npu_conflicts(
                 swarm_lab.client(1).api
             )
-            return len(loops.validator.verdicts()) == 3
+            return len(loops.checker.verdicts()) == 3
 
         wait_for(all_judged, "a verdict for every node", timeout=90, interval=0.5)
         judged_after = time.monotonic() - started
-        verdicts = loops.validator.verdicts()
+        verdicts = loops.checker.verdicts()
         assert not verdicts[broken_id].ok
         assert all(v.ok for k, v in verdicts.items() if k != broken_id), verdicts
 

@@ -12,7 +12,7 @@ import pytest
 
 import swarmlab
 from npuswarm import cli, metrics
-from npuswarm.probes import publish_verdicts
+from npuswarm.nodehealth.runner import publish_verdicts
 from npuswarm.settings import Settings
 from tests.helpers import wait_for
 from tests.invariants import npu_conflicts
@@ -45,7 +45,7 @@ def test_an_unhealthy_npu_moves_its_replica_and_comes_back_when_healthy(
     md = model("healthy", replicas=1)
     md = md.model_copy(update={"spec": md.spec.model_copy(update={"npusPerReplica": 4})})
     loops = Loops(swarm_lab, md)
-    publish_verdicts(loops.validator)
+    publish_verdicts(loops.checker)
     api = swarm_lab.client(1).api
     touched: list[int] = []
     try:
@@ -57,7 +57,7 @@ def test_an_unhealthy_npu_moves_its_replica_and_comes_back_when_healthy(
         def placed_and_read() -> tuple[str, frozenset[int]] | None:
             turn_checked()
             found = replica_at(loops)
-            return found if found and found[0] in loops.validator.health else None
+            return found if found and found[0] in loops.checker.health else None
 
         node_id, npus = wait_for(placed_and_read, "a placed replica and a health reading", 90, 0.5)
         bad = min(npus)
@@ -81,7 +81,7 @@ def test_an_unhealthy_npu_moves_its_replica_and_comes_back_when_healthy(
             metrics.REGISTRY.get_sample_value("npuswarm_npu_hbm_used_bytes", series)
             == 31000 * 2**20
         )
-        withheld = loops.validator.unusable(loops.last.plan.snapshot).npus
+        withheld = loops.checker.unusable(loops.last.plan.snapshot).npus
         assert "is unhealthy (npu-smi: Critical" in withheld[node_id][bad]
 
         # `npuswarm nodes --validate` reads npu-smi too and shows it per NPU.
@@ -100,7 +100,7 @@ def test_an_unhealthy_npu_moves_its_replica_and_comes_back_when_healthy(
 
         def back() -> bool:
             turn_checked()
-            return not loops.validator.unusable(loops.last.plan.snapshot).npus
+            return not loops.checker.unusable(loops.last.plan.snapshot).npus
 
         wait_for(back, f"NPU {bad} back in the pool", 60, 0.5)
         back_after = time.monotonic() - healed
@@ -115,7 +115,7 @@ def test_an_unhealthy_npu_moves_its_replica_and_comes_back_when_healthy(
 
         def taken() -> str | None:
             turn_checked()
-            return loops.validator.unusable(loops.last.plan.snapshot).busy.get(free_node, {}).get(5)
+            return loops.checker.unusable(loops.last.plan.snapshot).busy.get(free_node, {}).get(5)
 
         why = wait_for(taken, "NPU 5 with a foreign process withheld", 60, 0.5)
         assert "runs processes npuswarm did not start (pid 999 python3)" in why

@@ -31,11 +31,12 @@ class NodeInfo(BaseModel):
     problems: tuple[str, ...] = ()
     addr: str = ""  # where the node is reached (gateway admin ports are published there)
     engine: str = ""  # Docker Engine version: a change asks for a new validation probe
-    # Why new replicas must not go here (failed or pending validation, see nodecheck.py).
+    # Why new replicas must not go here (failed or pending validation, see nodehealth/checks.py).
     blocked: str = ""
-    # ``blocked`` only until its first validation probe answers (not a failure).
+    # ``blocked`` only until its first validation check answers (not a failure).
     validating: bool = False
-    # NPUs kept out of use by health checks (npuhealth.py), with why; also in ``reserved``.
+    # NPUs kept out of use by npu-smi readings (nodehealth/npusmi.py), with why; also in
+    # ``reserved``.
     withheld: dict[int, str] = {}
 
     @property

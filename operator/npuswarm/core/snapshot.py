@@ -11,7 +11,7 @@ from npuswarm.api import labels
 from npuswarm.core.nodes import NodeInfo, node_from_engine, parse_engine_time
 from npuswarm.core.npus import npu_id_from_device, parse_npu_ids
 from npuswarm.core.placement import Allocation
-from npuswarm.npuhealth import is_health_probe
+from npuswarm.nodehealth.npusmi import is_reading
 
 
 @dataclass(frozen=True)
@@ -183,8 +183,8 @@ def snapshot_from_engine(
     others: list[dict[str, Any]] = []
     for raw in services:
         service_labels = (raw.get("Spec") or {}).get("Labels") or {}
-        if is_health_probe(service_labels):
-            continue  # reads npu-smi only: it shares NPUs and claims none (npuhealth.py)
+        if is_reading(service_labels):
+            continue  # reads npu-smi only: it shares NPUs and claims none (nodehealth/npusmi.py)
         (owned if is_own(service_labels, instance) else others).append(raw)
     by_id: dict[str, ObservedService] = {}
     for raw in owned:

@@ -10,16 +10,16 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from npuswarm import nodecheck, npuhealth
-from npuswarm.npuhealth import NodeHealth, NpuReading, Process
+from npuswarm.nodehealth import checks as node_checks, npusmi
+from npuswarm.nodehealth.npusmi import NodeHealth, NpuReading, Process
 from npuswarm.core.snapshot import snapshot_from_engine
-from npuswarm.probes import NodeValidator
+from npuswarm.nodehealth.runner import NodeChecker
 from npuswarm.reconcile import Desired, Reconciler
 from npuswarm.settings import Settings
 
 from .builders import NOW, deployment, node
 from .memswarm import MemorySwarm
-from .test_nodecheck import ProbingSwarm
+from .test_node_checks import ProbingSwarm
 
 FAKE_NPU_SMI = Path(__file__).resolve().parents[2] / "hack" / "fake-npu-smi"
 
@@ -48,11 +48,11 @@ REAL_TABLE = """\
 
 
 def test_parses_health_hbm_and_processes_of_each_chip() -> None:
-    found = npuhealth.parse_npu_smi(REAL_TABLE)
+    found = npusmi.parse_npu_smi(REAL_TABLE)
     assert found[0] == NpuReading(0, "OK", 29012, 32768, (Process(381727, "python3.11", 25600),))
     assert found[1] == NpuReading(1, "Alarm", 3366, 32768, ())
     assert found[0].healthy and not found[1].healthy
-    assert npuhealth.parse_npu_smi("npu-smi: command not found") == {}
+    assert npusmi.parse_npu_smi("npu-smi: command not found") == {}
 
 
 def test_parses_what_the_labs_stand_in_prints(tmp_path: Path) -> None:
@@ -73,7 +73,7 @@ def test_parses_what_the_labs_stand_in_prints(tmp_path: Path) -> None:
         check=True,
         env={**os.environ, "NPU_SMI_STATE": str(tmp_path / "s.json")},
     ).stdout
-    found = npuhealth.parse_npu_smi(out)
+    found = npusmi.parse_npu_smi(out)
     assert sorted(found) == list(range(8))
     assert found[2] == NpuReading(2, "Critical", 100, 32768, (Process(7, "vllm", 90),))
     assert all(found[n].healthy for n in found if n != 2)
@@ -84,13 +84,13 @@ def reading(node_id: str, at: Any = NOW, **npus: NpuReading) -> NodeHealth:
 
 
 def test_unhealthy_since_keeps_the_first_time_and_forgets_recovered_npus() -> None:
-    first = npuhealth.unhealthy_since({}, reading("a", n3=NpuReading(3, "Critical")))
+    first = npusmi.unhealthy_since({}, reading("a", n3=NpuReading(3, "Critical")))
     later = NOW + timedelta(seconds=30)
-    again = npuhealth.unhealthy_since(first, reading("a", later, n3=NpuReading(3, "Critical")))
+    again = npusmi.unhealthy_since(first, reading("a", later, n3=NpuReading(3, "Critical")))
     assert again == {("a", 3): NOW}
-    assert npuhealth.unhealthy_since(again, reading("a", later, n3=NpuReading(3, "OK"))) == {}
+    assert npusmi.unhealthy_since(again, reading("a", later, n3=NpuReading(3, "OK"))) == {}
     failed_read = NodeHealth("a", "host-a", later, {}, error="no table")
-    assert npuhealth.unhealthy_since(again, failed_read) == again
+    assert npusmi.unhealthy_since(again, failed_read) == again
 
 
 def test_withheld_unhealthy_free_at_once_held_after_grace_and_foreign_processes() -> None:
@@ -105,17 +105,17 @@ def test_withheld_unhealthy_free_at_once_held_after_grace_and_foreign_processes(
     }
     since = {("a", 0): NOW, ("a", 1): NOW}
     held = {"a": {1, 3}}  # replicas hold 1 (unhealthy) and 3 (their own process)
-    early = npuhealth.withheld_npus(health, since, held, NOW + timedelta(seconds=59), 60).all()
+    early = npusmi.withheld_npus(health, since, held, NOW + timedelta(seconds=59), 60).all()
     assert set(early["a"]) == {0, 2}
     assert "is unhealthy (npu-smi: Critical)" in early["a"][0]
     assert "runs processes npuswarm did not start (pid 9 python3)" in early["a"][2]
-    late = npuhealth.withheld_npus(health, since, held, NOW + timedelta(seconds=60), 60).all()
+    late = npusmi.withheld_npus(health, since, held, NOW + timedelta(seconds=60), 60).all()
     assert set(late["a"]) == {0, 1, 2}
     assert late["a"][1] == "NPU 1 on node host-a is unhealthy (npu-smi: Alarm, for 60s)"
 
 
 def test_a_health_probe_is_read_only_and_never_a_claim() -> None:
-    spec = npuhealth.health_probe_spec(node("n1"), "img", "default", "x")
+    spec = npusmi.reading_spec(node("n1"), "img", "default", "x")
     assert spec["TaskTemplate"]["ContainerSpec"]["Command"] == ["npu-smi", "info"]
     assert "ReplicatedJob" in spec["Mode"]
     raw = {"ID": "h1", "Spec": spec}
@@ -140,7 +140,7 @@ class HealthSwarm(ProbingSwarm):
 
     def service_tasks(self, service_id: str) -> list[dict[str, Any]]:
         labels = self.services[service_id]["Spec"]["Labels"]
-        if npuhealth.HEALTH_PROBE in labels:
+        if npusmi.READING in labels:
             return [
                 {
                     "ID": "t",
@@ -148,8 +148,8 @@ class HealthSwarm(ProbingSwarm):
                     "Status": {"State": "complete", "ContainerStatus": {"ExitCode": 0}},
                 }
             ]
-        node_id = labels[nodecheck.PROBE_NODE]
-        npus = labels[nodecheck.PROBE_NPUS]
+        node_id = labels[node_checks.CHECK_NODE]
+        npus = labels[node_checks.CHECK_NPUS]
         self.answers[node_id] = {
             "missing": [],
             "env": {"ASCEND_VISIBLE_DEVICES": npus, "ASCEND_DOCKER_RUNTIME": "True"},
@@ -158,8 +158,8 @@ class HealthSwarm(ProbingSwarm):
 
     def service_logs(self, service_id: str) -> str:
         labels = self.services[service_id]["Spec"]["Labels"]
-        if npuhealth.HEALTH_PROBE in labels:
-            return self.tables.get(labels[npuhealth.HEALTH_NODE], "")
+        if npusmi.READING in labels:
+            return self.tables.get(labels[npusmi.READING_NODE], "")
         return super().service_logs(service_id)
 
 
@@ -181,7 +181,7 @@ def test_a_replica_on_an_unhealthy_npu_moves_after_the_grace_and_the_npu_comes_b
     settings = Settings(npu_unhealthy_grace_seconds=60, npu_health_seconds=10)
     swarm = HealthSwarm({}, nodes=2, npus=8)
     reconciler = Reconciler(swarm, settings, clock=lambda: clock[0])
-    validator = NodeValidator(
+    checker = NodeChecker(
         swarm, settings, reconciler.lock, lambda: reconciler.last_plan, clock=lambda: clock[0]
     )
     md = deployment("qwen3", replicas=1, npusPerReplica=4)
@@ -189,8 +189,8 @@ def test_a_replica_on_an_unhealthy_npu_moves_after_the_grace_and_the_npu_comes_b
     wanted = [({}, md.spec.image)]
 
     def turn() -> set[str]:
-        changed = validator.step(wanted)
-        reconciler.run_pass(desired, validator.unusable)
+        changed = checker.step(wanted)
+        reconciler.run_pass(desired, checker.unusable)
         swarm.run_all()
         return changed
 
@@ -207,7 +207,7 @@ def test_a_replica_on_an_unhealthy_npu_moves_after_the_grace_and_the_npu_comes_b
     clock[0] += timedelta(seconds=11)
     turn()  # starts a health probe
     turn()  # reads it: unhealthy, but within the grace the replica stays
-    assert (bad in validator.health[where].npus) and not validator.health[where].npus[bad].healthy
+    assert (bad in checker.health[where].npus) and not checker.health[where].npus[bad].healthy
     still = next(
         s["Spec"]["Labels"]
         for s in swarm.services.values()
@@ -226,30 +226,30 @@ def test_a_replica_on_an_unhealthy_npu_moves_after_the_grace_and_the_npu_comes_b
     assert (moved["npuswarm.io/node"], moved["npuswarm.io/npus"]) != (where, npus)
     if moved["npuswarm.io/node"] == where:
         assert bad not in {int(n) for n in moved["npuswarm.io/npus"].split(",")}
-    limits = validator.unusable(reconciler.last_plan.snapshot)
+    limits = checker.unusable(reconciler.last_plan.snapshot)
     assert bad in limits.npus[where]
 
     swarm.tables[where] = table(set())
     clock[0] += timedelta(seconds=11)
     turn()
     turn()
-    assert not validator.unusable(reconciler.last_plan.snapshot).npus, "healthy again: usable"
+    assert not checker.unusable(reconciler.last_plan.snapshot).npus, "healthy again: usable"
 
 
 def test_no_health_probe_on_a_node_that_failed_validation() -> None:
     swarm = ProbingSwarm({}, nodes=1, npus=8)
     reconciler = Reconciler(swarm, Settings(), clock=lambda: NOW)
-    validator = NodeValidator(
+    checker = NodeChecker(
         swarm, Settings(), reconciler.lock, lambda: reconciler.last_plan, clock=lambda: NOW
     )
     swarm.answers["node1"] = {"missing": ["/dev/davinci0"], "env": {}}
     md = deployment("qwen3")
     for _ in range(3):
-        reconciler.run_pass(Desired(deployments=[md]), validator.unusable)
-        validator.step([({}, md.spec.image)])
-    assert not validator.verdicts()["node1"].ok
-    assert validator.health_running == {} and validator.health == {}
-    assert not any(npuhealth.HEALTH_PROBE in s["Spec"]["Labels"] for s in swarm.services.values())
+        reconciler.run_pass(Desired(deployments=[md]), checker.unusable)
+        checker.step([({}, md.spec.image)])
+    assert not checker.verdicts()["node1"].ok
+    assert checker.readings_running == {} and checker.health == {}
+    assert not any(npusmi.READING in s["Spec"]["Labels"] for s in swarm.services.values())
 
 
 def test_npu_gauges_count_unhealthy_and_busy_npus() -> None:

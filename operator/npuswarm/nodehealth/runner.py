@@ -1,11 +1,12 @@
-"""Node validation against Swarm: starts probe services (nodecheck.probe_spec), reads their
-task state and logs back, removes them, and keeps the verdicts. Only Swarm's Engine API is
-used (through swarm.Swarm); every decision is a pure function of nodecheck.py.
+"""Node checks against Swarm: starts their one-shot services (checks.check_spec for validation,
+npusmi.reading_spec for `npu-smi info`), reads their task state and logs back, removes them,
+and keeps the verdicts and readings. Only Swarm's Engine API is used (through swarm.Swarm);
+every decision is a pure function of nodehealth/checks.py or nodehealth/npusmi.py.
 
-Probes take only NPUs the last pass left free, decided under the pass lock, so a pass never
-places a replica on NPUs a probe holds at the same moment; a pass reads a live probe as a
-foreign claim. Every probe is removed once read, and stale ones of this installation are
-removed at startup.
+A validation check takes only NPUs the last pass left free, decided under the pass lock, so a
+pass never places a replica on NPUs a check holds at the same moment; a pass reads a live
+check as a foreign claim. Every check service is removed once read, and stale ones of this
+installation are removed at startup.
 """
 
 from __future__ import annotations
@@ -20,18 +21,20 @@ from typing import Any, Protocol
 
 import structlog
 
-from npuswarm import metrics, nodecheck, npuhealth
+from npuswarm import metrics
 from npuswarm.core.diff import PassPlan
 from npuswarm.core.nodes import NodeInfo, NodeLimits
 from npuswarm.core.snapshot import SwarmSnapshot
-from npuswarm.nodecheck import NodeVerdicts, Verdict
-from npuswarm.npuhealth import NodeHealth
+from npuswarm.nodehealth import checks as node_checks
+from npuswarm.nodehealth import npusmi
+from npuswarm.nodehealth.checks import NodeVerdicts, Verdict
+from npuswarm.nodehealth.npusmi import NodeHealth
 from npuswarm.settings import Settings
 from npuswarm.swarm import SwarmRejected
 
 log = structlog.get_logger("npuswarm.probes")
 
-# A finished probe whose log line is not readable yet is read again this many times before
+# A finished check whose log line is not readable yet is read again this many times before
 # its exit code alone decides (Swarm fetches logs from the node, a moment after the end).
 LOG_ATTEMPTS = 3
 MIB = 1024 * 1024
@@ -42,7 +45,9 @@ def utcnow() -> datetime:
 
 
 @dataclass
-class Probe:
+class RunningTask:
+    """A check service under way on one node."""
+
     node: NodeInfo
     service_id: str
     name: str
@@ -51,8 +56,8 @@ class Probe:
     log_attempts: int = 0
 
 
-class ProbeSwarm(Protocol):
-    """What probes need of Swarm (swarm.Swarm has it)."""
+class CheckSwarm(Protocol):
+    """What node checks need of Swarm (swarm.Swarm has it)."""
 
     def create_service(self, spec: dict[str, Any]) -> str: ...
     def remove_service(self, service_id: str) -> None: ...
@@ -61,12 +66,13 @@ class ProbeSwarm(Protocol):
     def services_labelled(self, *label: str) -> list[dict[str, Any]]: ...
 
 
-class NodeValidator:
-    """Runs node probes and keeps their verdicts; ``step`` is called by a background loop."""
+class NodeChecker:
+    """Runs node checks and keeps their verdicts and readings; ``step`` is called by a background
+    loop."""
 
     def __init__(
         self,
-        swarm: ProbeSwarm,
+        swarm: CheckSwarm,
         settings: Settings,
         pass_lock: threading.Lock,
         last_plan: Callable[[], PassPlan | None],
@@ -79,15 +85,15 @@ class NodeValidator:
         self.pass_lock = pass_lock
         self.last_plan = last_plan
         self.clock = clock
-        self.running: dict[str, Probe] = {}
+        self.running: dict[str, RunningTask] = {}
         self.known = NodeVerdicts()
         self._lock = threading.Lock()  # always taken after pass_lock, never before
-        # The operator removes probes an earlier run left; a one-off check (the CLI) must not
-        # remove the running operator's.
+        # The operator removes check services an earlier run left; a one-off check (the CLI)
+        # must not remove the running operator's.
         self._cleaned = not clean_stale
-        # NPU health (npuhealth.py): probes under way, the last reading per node, since when
+        # NPU health (npusmi.py): readings under way, the last reading per node, since when
         # each (node, NPU) reads unhealthy, and the NPUs the last step withheld.
-        self.health_running: dict[str, Probe] = {}
+        self.readings_running: dict[str, RunningTask] = {}
         self.health: dict[str, NodeHealth] = {}
         self.since: dict[tuple[str, int], datetime] = {}
         self._withheld: dict[str, dict[int, str]] = {}
@@ -100,7 +106,7 @@ class NodeValidator:
             known = NodeVerdicts(dict(self.known.verdicts), frozenset(self.running))
         with_replicas = {a.node_id for a in snapshot.allocations() if not a.foreign}
         withheld = self.withheld(snapshot)
-        blocked = nodecheck.unusable_nodes(snapshot.nodes, known, with_replicas)
+        blocked = node_checks.unusable_nodes(snapshot.nodes, known, with_replicas)
         return NodeLimits(
             nodes=blocked,
             pending=frozenset(n for n in blocked if n not in known.verdicts),
@@ -108,11 +114,11 @@ class NodeValidator:
             busy=withheld.busy,
         )
 
-    def withheld(self, snapshot: SwarmSnapshot) -> npuhealth.Withheld:
+    def withheld(self, snapshot: SwarmSnapshot) -> npusmi.Withheld:
         """NPUs placement must leave alone now (unhealthy, or busy with others' processes)."""
         with self._lock:
             health, since = dict(self.health), dict(self.since)
-        return npuhealth.withheld_npus(
+        return npusmi.withheld_npus(
             health,
             since,
             held_npus(snapshot),
@@ -144,18 +150,18 @@ class NodeValidator:
     # -- the loop's work ---------------------------------------------------------------------
 
     def step(self, wanted: Sequence[tuple[dict[str, str], str]]) -> set[str]:
-        """Read finished probes, start the probes that are due. ``wanted``: (nodeSelector,
+        """Read finished checks, start the checks that are due. ``wanted``: (nodeSelector,
         image) of every deployment, oldest first. Returns the nodes whose verdict changed."""
         swarm = self.swarm
         if not self._cleaned:
             self._remove_stale()
             self._cleaned = True
         before = self.verdicts()
-        for node_id, probe in list(self.running.items()):
-            verdict = self._read(probe)
+        for node_id, task in list(self.running.items()):
+            verdict = self._read(task)
             if verdict is None:
                 continue
-            _remove(swarm, probe.service_id)
+            _remove(swarm, task.service_id)
             with self._lock:
                 del self.running[node_id]
                 self.known.verdicts[node_id] = verdict
@@ -164,41 +170,41 @@ class NodeValidator:
                 node=verdict.hostname,
                 ok=verdict.ok,
                 verdict=verdict.summary(),
-                probe_seconds=round((verdict.checked_at - probe.started).total_seconds(), 1),
+                probe_seconds=round((verdict.checked_at - task.started).total_seconds(), 1),
             )
         self._start_due(wanted)
-        changed = nodecheck.changed(before, self.verdicts())
+        changed = node_checks.changed(before, self.verdicts())
         if self.settings.npu_health:
-            changed |= self._health_step(wanted)
+            changed |= self._readings_step(wanted)
         return changed
 
-    def _health_step(self, wanted: Sequence[tuple[dict[str, str], str]]) -> set[str]:
-        """Read finished health probes, start due ones; the nodes whose withheld NPUs changed
+    def _readings_step(self, wanted: Sequence[tuple[dict[str, str], str]]) -> set[str]:
+        """Read finished npu-smi readings, start due ones; the nodes whose withheld NPUs changed
         (a new reading, or a grace period that ran out)."""
         now = self.clock()
-        for node_id, probe in list(self.health_running.items()):
-            result = nodecheck.task_result(self.swarm.service_tasks(probe.service_id))
-            timed_out = (now - probe.started).total_seconds() >= (
+        for node_id, task in list(self.readings_running.items()):
+            result = node_checks.task_result(self.swarm.service_tasks(task.service_id))
+            timed_out = (now - task.started).total_seconds() >= (
                 self.settings.node_probe_timeout_seconds
             )
-            if not nodecheck.finished(result) and not timed_out:
+            if not node_checks.finished(result) and not timed_out:
                 continue
-            text = self.swarm.service_logs(probe.service_id) if nodecheck.finished(result) else ""
-            readings = npuhealth.parse_npu_smi(text)
+            text = self.swarm.service_logs(task.service_id) if node_checks.finished(result) else ""
+            readings = npusmi.parse_npu_smi(text)
             if not readings and result.exit_code is not None and not timed_out:
-                probe.log_attempts += 1
-                if probe.log_attempts < LOG_ATTEMPTS:
+                task.log_attempts += 1
+                if task.log_attempts < LOG_ATTEMPTS:
                     continue
             error = "" if readings else f"no npu-smi table ({result.state}: {result.error})"
-            reading = NodeHealth(node_id, probe.node.hostname, now, readings, error)
-            _remove(self.swarm, probe.service_id)
+            reading = NodeHealth(node_id, task.node.hostname, now, readings, error)
+            _remove(self.swarm, task.service_id)
             with self._lock:
-                del self.health_running[node_id]
+                del self.readings_running[node_id]
                 self.health[node_id] = reading
-                self.since = npuhealth.unhealthy_since(self.since, reading)
+                self.since = npusmi.unhealthy_since(self.since, reading)
             if error:
-                log.warning("npu health not read", node=probe.node.hostname, error=error)
-        self._start_health_due(wanted)
+                log.warning("npu health not read", node=task.node.hostname, error=error)
+        self._start_readings_due(wanted)
         plan = self.last_plan()
         if plan is None:
             return set()
@@ -213,8 +219,8 @@ class NodeValidator:
         self._withheld = withheld
         return changed
 
-    def _start_health_due(self, wanted: Sequence[tuple[dict[str, str], str]]) -> None:
-        """A health probe shares NPUs with replicas (it only reads), so it needs no pass lock."""
+    def _start_readings_due(self, wanted: Sequence[tuple[dict[str, str], str]]) -> None:
+        """An npu-smi reading shares NPUs with replicas (it only reads): no pass lock."""
         plan = self.last_plan()
         if plan is None:
             return
@@ -222,7 +228,7 @@ class NodeValidator:
         verdicts = self.verdicts()
         for node in plan.snapshot.nodes:
             verdict = verdicts.get(node.id)
-            if node.id in self.health_running or node.state != "ready" or not node.npus:
+            if node.id in self.readings_running or node.state != "ready" or not node.npus:
                 continue
             if verdict is None or not verdict.ok:
                 continue  # no runtime, no npu-smi: validation says so already
@@ -231,34 +237,36 @@ class NodeValidator:
                 self.settings.npu_health_seconds
             ):
                 continue
-            image = self.settings.node_probe_image or nodecheck.wanted_image(node, wanted)
+            image = self.settings.node_probe_image or node_checks.wanted_image(node, wanted)
             if not image:
                 continue
-            spec = npuhealth.health_probe_spec(node, image, self.settings.instance, _nonce())
+            spec = npusmi.reading_spec(node, image, self.settings.instance, _nonce())
             try:
-                service_id = _create_probe(self.swarm, spec)
+                service_id = _create_task(self.swarm, spec)
             except SwarmRejected as error:
                 log.warning("health probe refused", node=node.hostname, error=str(error))
                 continue
             with self._lock:
-                self.health_running[node.id] = Probe(node, service_id, spec["Name"], node.npus, now)
+                self.readings_running[node.id] = RunningTask(
+                    node, service_id, spec["Name"], node.npus, now
+                )
 
-    def _read(self, probe: Probe) -> Verdict | None:
+    def _read(self, task: RunningTask) -> Verdict | None:
         now = self.clock()
-        result = nodecheck.task_result(self.swarm.service_tasks(probe.service_id))
-        timed_out = (now - probe.started).total_seconds() >= (
+        result = node_checks.task_result(self.swarm.service_tasks(task.service_id))
+        timed_out = (now - task.started).total_seconds() >= (
             self.settings.node_probe_timeout_seconds
         )
-        if not nodecheck.finished(result) and not timed_out:
+        if not node_checks.finished(result) and not timed_out:
             return None
-        if nodecheck.finished(result):
-            line = nodecheck.result_line(self.swarm.service_logs(probe.service_id))
+        if node_checks.finished(result):
+            line = node_checks.result_line(self.swarm.service_logs(task.service_id))
             if line is None and result.exit_code is not None and not timed_out:
-                probe.log_attempts += 1
-                if probe.log_attempts < LOG_ATTEMPTS:
+                task.log_attempts += 1
+                if task.log_attempts < LOG_ATTEMPTS:
                     return None
             result = replace(result, line=line)
-        return nodecheck.judge(probe.node, probe.npus, result, now, timed_out=timed_out)
+        return node_checks.judge(task.node, task.npus, result, now, timed_out=timed_out)
 
     def _start_due(self, wanted: Sequence[tuple[dict[str, str], str]]) -> None:
         settings = self.settings
@@ -280,7 +288,7 @@ class NodeValidator:
             for node in snapshot.nodes:
                 if node.id in self.running:
                     continue
-                reason = nodecheck.probe_reason(
+                reason = node_checks.check_reason(
                     node,
                     self.known.verdicts.get(node.id),
                     now,
@@ -289,36 +297,37 @@ class NodeValidator:
                 )
                 if reason is None:
                     continue
-                image = settings.node_probe_image or nodecheck.wanted_image(node, wanted)
-                npus = nodecheck.probe_npus(node, free.get(node.id, ()))
+                image = settings.node_probe_image or node_checks.wanted_image(node, wanted)
+                npus = node_checks.check_npus(node, free.get(node.id, ()))
                 if not image or not npus:
                     continue  # nobody wants the node, or all its NPUs are in use
-                spec = nodecheck.probe_spec(node, npus, image, settings.instance, _nonce())
+                spec = node_checks.check_spec(node, npus, image, settings.instance, _nonce())
                 try:
-                    service_id = _create_probe(self.swarm, spec)
+                    service_id = _create_task(self.swarm, spec)
                 except SwarmRejected as error:
                     log.warning("probe refused", node=node.hostname, error=str(error))
                     continue
                 with self._lock:
-                    self.running[node.id] = Probe(node, service_id, spec["Name"], npus, now)
+                    self.running[node.id] = RunningTask(node, service_id, spec["Name"], npus, now)
                 log.info("node probe started", node=node.hostname, reason=reason, image=image)
 
     def _remove_stale(self) -> None:
-        """Probes of this installation left by an earlier run (a crash between start and read)."""
+        """Check services of this installation left by an earlier run (a crash between start and
+        read)."""
         instance = self.settings.instance
-        mine = {p.service_id for p in [*self.running.values(), *self.health_running.values()]}
-        for key in (nodecheck.PROBE, npuhealth.HEALTH_PROBE):
+        mine = {p.service_id for p in [*self.running.values(), *self.readings_running.values()]}
+        for key in (node_checks.CHECK, npusmi.READING):
             for service in self.swarm.services_labelled(f"{key}={instance}"):
                 if service.get("ID") not in mine:
                     _remove(self.swarm, service["ID"])
                     log.info("stale probe removed", service=service.get("Spec", {}).get("Name"))
 
     def close(self) -> None:
-        """Remove probes under way (operator stopping)."""
-        for probe in [*self.running.values(), *self.health_running.values()]:
-            _remove(self.swarm, probe.service_id)
+        """Remove check services under way (operator stopping)."""
+        for task in [*self.running.values(), *self.readings_running.values()]:
+            _remove(self.swarm, task.service_id)
         self.running.clear()
-        self.health_running.clear()
+        self.readings_running.clear()
 
 
 def held_npus(snapshot: SwarmSnapshot) -> dict[str, set[int]]:
@@ -330,34 +339,34 @@ def held_npus(snapshot: SwarmSnapshot) -> dict[str, set[int]]:
     return held
 
 
-def validate_now(
+def check_now(
     swarm: Any, settings: Settings, image: str, timeout_seconds: float, poll_seconds: float = 0.5
 ) -> tuple[dict[str, Verdict], dict[str, NodeHealth]]:
-    """Probe every node with free NPUs once, now, then read `npu-smi info` on the nodes that
-    passed, and wait for the answers (`npuswarm nodes --validate`). Probes of a running
+    """Check every node with free NPUs once, now, then read `npu-smi info` on the nodes that
+    passed, and wait for the answers (`npuswarm nodes --validate`). Checks of a running
     operator are left alone."""
     from npuswarm.reconcile import Desired, Reconciler
 
     reconciler = Reconciler(swarm, settings)
     try:
-        validator = NodeValidator(
+        checker = NodeChecker(
             swarm, settings, reconciler.lock, lambda: reconciler.last_plan, clean_stale=False
         )
         with reconciler.lock:
             reconciler.last_plan = reconciler.plan(Desired())
         wanted: list[tuple[dict[str, str], str]] = [({}, image)]
-        validator.step(wanted)
+        checker.step(wanted)
         deadline = time.monotonic() + timeout_seconds
-        while (validator.running or validator.health_running) and time.monotonic() < deadline:
+        while (checker.running or checker.readings_running) and time.monotonic() < deadline:
             time.sleep(poll_seconds)
-            validator.step(wanted)
-        validator.close()
-        return validator.verdicts(), validator.readings()
+            checker.step(wanted)
+        checker.close()
+        return checker.verdicts(), checker.readings()
     finally:
         reconciler.close()
 
 
-def _create_probe(swarm: ProbeSwarm, spec: dict[str, Any]) -> str:
+def _create_task(swarm: CheckSwarm, spec: dict[str, Any]) -> str:
     """A replicated job where the manager has them (API 1.41, Docker 20.10); an older one
     refuses the mode, and one replica that is never restarted does the same job."""
     try:
@@ -365,11 +374,11 @@ def _create_probe(swarm: ProbeSwarm, spec: dict[str, Any]) -> str:
     except SwarmRejected as error:
         if "ReplicatedJob" not in spec.get("Mode", {}):
             raise
-        log.info("replicated jobs refused; probing with a replicated service", error=str(error))
+        log.info("replicated jobs refused; checking with a replicated service", error=str(error))
         return swarm.create_service(dict(spec, Mode={"Replicated": {"Replicas": 1}}))
 
 
-def _remove(swarm: ProbeSwarm, service_id: str) -> None:
+def _remove(swarm: CheckSwarm, service_id: str) -> None:
     swarm.remove_service(service_id)
 
 
@@ -377,16 +386,16 @@ def _nonce() -> str:
     return uuid.uuid4().hex[:8]
 
 
-def publish_verdicts(validator: NodeValidator | None) -> None:
-    """npuswarm_node_validation reads this validator's verdicts (None: no series)."""
+def publish_verdicts(checker: NodeChecker | None) -> None:
+    """npuswarm_node_validation reads this checker's verdicts (None: no series)."""
 
     def checks() -> list[tuple[str, str, bool]]:
-        assert validator is not None
+        assert checker is not None
         return [
             (verdict.hostname, check.name, check.ok)
-            for verdict in sorted(validator.verdicts().values(), key=lambda v: v.hostname)
+            for verdict in sorted(checker.verdicts().values(), key=lambda v: v.hostname)
             for check in verdict.checks
         ]
 
-    metrics.node_validation.source = checks if validator is not None else None
-    metrics.npu_health.source = validator.npu_report if validator is not None else None
+    metrics.node_validation.source = checks if checker is not None else None
+    metrics.npu_health.source = checker.npu_report if checker is not None else None

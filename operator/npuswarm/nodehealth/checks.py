@@ -1,11 +1,13 @@
 """Node validation: does a node's Ascend Docker Runtime really give NPUs to containers? Pure.
 
-A probe is a one-shot Swarm service pinned to one node that asks for NPUs exactly as a
+A node check is a one-shot Swarm service pinned to one node that asks for NPUs exactly as a
 replica does (``ASCEND_VISIBLE_DEVICES`` in its env) and looks, inside its container, for
 what the runtime must deliver: the ``/dev/davinciN`` nodes, the driver's management devices
 and the driver files of the runtime's mount list. It prints one JSON line; these functions
-decide which nodes need a probe, build its service spec, turn its result into checks a person
-can act on, and say which nodes take no new replicas. probes.py runs them against Swarm.
+decide which nodes need a check, build its service spec, turn its result into checks a person
+can act on, and say which nodes take no new replicas. nodehealth/runner.py runs them against
+Swarm. (Their labels and names still say "probe": they are what Swarm holds, kept as they
+were so an upgrade finds the services an earlier version left.)
 """
 
 from __future__ import annotations
@@ -21,13 +23,13 @@ from npuswarm.api import labels
 from npuswarm.core.nodes import NodeInfo
 from npuswarm.core.npus import format_npu_ids
 
-# Probe services carry these labels and never npuswarm's managed-by label: they are not
+# Check services carry these labels and never npuswarm's managed-by label: they are not
 # replicas, so a pass reads them as foreign claims (their NPUs are taken while they live)
 # and never removes them as orphans.
-PROBE = f"{labels.PREFIX}/node-probe"  # value: the installation (NPUSWARM_INSTANCE)
-PROBE_NODE = f"{labels.PREFIX}/probe-node"
-PROBE_NPUS = f"{labels.PREFIX}/probe-npus"
-PROBE_FINGERPRINT = f"{labels.PREFIX}/probe-fingerprint"
+CHECK = f"{labels.PREFIX}/node-probe"  # value: the installation (NPUSWARM_INSTANCE)
+CHECK_NODE = f"{labels.PREFIX}/probe-node"
+CHECK_NPUS = f"{labels.PREFIX}/probe-npus"
+CHECK_FINGERPRINT = f"{labels.PREFIX}/probe-fingerprint"
 NAME_PREFIX = "npuswarm-probe"
 
 RESULT_MARK = "NPUSWARM-PROBE "
@@ -35,7 +37,7 @@ RESULT_MARK = "NPUSWARM-PROBE "
 # management devices and the driver files vllm-ascend needs.
 CONTROL_DEVICES = ("/dev/davinci_manager", "/dev/devmm_svm", "/dev/hisi_hdc")
 DRIVER_FILES = ("/usr/local/Ascend/driver/lib64", "/usr/local/dcmi", "/usr/local/bin/npu-smi")
-# Exit code of a probe that found something missing (an uncommon one: python3 itself exits
+# Exit code of a check that found something missing (an uncommon one: python3 itself exits
 # 1 or 2 when it breaks, and that must not read as a verdict).
 MISSING_EXIT = 65
 # Runs as `python3 -c`: python3 is in every vLLM image; a shell's `test -e` is not enough
@@ -55,8 +57,8 @@ DEVICES = "npu-devices"
 CONTROL = "control-devices"
 DRIVER = "driver-files"
 ENV = "env"
-PROBE_TASK = "probe-task"
-CHECKS = (RUNTIME, DEVICES, CONTROL, DRIVER, ENV, PROBE_TASK)
+CHECK_TASK = "probe-task"
+CHECKS = (RUNTIME, DEVICES, CONTROL, DRIVER, ENV, CHECK_TASK)
 
 TERMINAL_STATES = frozenset({"complete", "failed", "rejected", "shutdown", "orphaned", "remove"})
 
@@ -70,7 +72,7 @@ class Check:
 
 @dataclass(frozen=True)
 class Verdict:
-    """One probe's answer for one node."""
+    """One check's answer for one node."""
 
     node_id: str
     hostname: str
@@ -97,8 +99,8 @@ class Verdict:
 
 
 @dataclass(frozen=True)
-class ProbeResult:
-    """What a probe's task and logs said: the JSON line (if any), the task's state, its
+class TaskResult:
+    """What a check's task and logs said: the JSON line (if any), the task's state, its
     error and exit code."""
 
     state: str
@@ -108,14 +110,14 @@ class ProbeResult:
 
 
 def fingerprint(node: NodeInfo) -> str:
-    """What a verdict depends on: a new engine, changed labels or NPUs ask for a new probe."""
+    """What a verdict depends on: a new engine, changed labels or NPUs ask for a new check."""
     blob = json.dumps(
         [node.engine, sorted(node.labels.items()), sorted(node.npus), sorted(node.reserved)]
     )
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def probe_reason(
+def check_reason(
     node: NodeInfo,
     verdict: Verdict | None,
     now: datetime,
@@ -123,7 +125,7 @@ def probe_reason(
     check_seconds: float,
     recheck_failed_seconds: float,
 ) -> str | None:
-    """Why ``node`` needs a probe now, or None. Only ready, active nodes with NPUs."""
+    """Why ``node`` needs a check now, or None. Only ready, active nodes with NPUs."""
     if node.state != "ready" or node.availability != "active" or not node.usable_npus:
         return None
     if verdict is None:
@@ -138,45 +140,45 @@ def probe_reason(
     return None
 
 
-def probe_npus(node: NodeInfo, free: Iterable[int]) -> frozenset[int]:
-    """The NPUs a probe may ask for: those no replica holds or was just given. A node full
-    of replicas is not probed (its NPUs are in use: the replicas are the proof)."""
+def check_npus(node: NodeInfo, free: Iterable[int]) -> frozenset[int]:
+    """The NPUs a check may ask for: those no replica holds or was just given. A node full
+    of replicas is not checked (its NPUs are in use: the replicas are the proof)."""
     return frozenset(free) & node.usable_npus
 
 
-def probe_paths(npus: Iterable[int]) -> list[str]:
+def check_paths(npus: Iterable[int]) -> list[str]:
     return [f"/dev/davinci{n}" for n in sorted(npus)] + list(CONTROL_DEVICES) + list(DRIVER_FILES)
 
 
-def probe_name(instance: str, node_id: str, nonce: str) -> str:
+def check_service_name(instance: str, node_id: str, nonce: str) -> str:
     return f"{NAME_PREFIX}-{instance}-{node_id[:12]}-{nonce}"[:63]
 
 
-def probe_spec(
+def check_spec(
     node: NodeInfo, npus: frozenset[int], image: str, instance: str, nonce: str
 ) -> dict[str, Any]:
-    """A Swarm ServiceSpec (Engine API JSON) for one probe: a replicated job of one task,
+    """A Swarm ServiceSpec (Engine API JSON) for one check: a replicated job of one task,
     pinned by node id, never restarted, asking for ``npus`` the way render.py's replicas do."""
     env = {
         "ASCEND_VISIBLE_DEVICES": format_npu_ids(npus),
         "ASCEND_RT_VISIBLE_DEVICES": format_npu_ids(range(len(npus))),
-        "NPUSWARM_PROBE_PATHS": ",".join(probe_paths(npus)),
+        "NPUSWARM_PROBE_PATHS": ",".join(check_paths(npus)),
     }
-    probe_labels = {
-        PROBE: instance,
-        PROBE_NODE: node.id,
-        PROBE_NPUS: format_npu_ids(npus),
-        PROBE_FINGERPRINT: fingerprint(node),
+    check_labels = {
+        CHECK: instance,
+        CHECK_NODE: node.id,
+        CHECK_NPUS: format_npu_ids(npus),
+        CHECK_FINGERPRINT: fingerprint(node),
     }
     return {
-        "Name": probe_name(instance, node.id, nonce),
-        "Labels": probe_labels,
+        "Name": check_service_name(instance, node.id, nonce),
+        "Labels": check_labels,
         "TaskTemplate": {
             "ContainerSpec": {
                 "Image": image,
                 "Command": ["python3", "-c", SCRIPT],
                 "Env": [f"{k}={v}" for k, v in sorted(env.items())],
-                "Labels": dict(probe_labels),
+                "Labels": dict(check_labels),
             },
             "Placement": {"Constraints": [f"node.id=={node.id}"]},
             "RestartPolicy": {"Condition": "none", "MaxAttempts": 0},
@@ -186,12 +188,12 @@ def probe_spec(
     }
 
 
-def is_probe_of(service_labels: Mapping[str, str], instance: str) -> bool:
-    return service_labels.get(PROBE) == instance
+def is_check_of(service_labels: Mapping[str, str], instance: str) -> bool:
+    return service_labels.get(CHECK) == instance
 
 
 def result_line(log_text: str) -> dict[str, Any] | None:
-    """The probe's JSON line out of its logs (Docker may prefix lines; the last one wins)."""
+    """The check's JSON line out of its logs (Docker may prefix lines; the last one wins)."""
     found = None
     for line in log_text.splitlines():
         _, mark, rest = line.partition(RESULT_MARK)
@@ -206,34 +208,34 @@ def result_line(log_text: str) -> dict[str, Any] | None:
     return found
 
 
-def task_result(tasks: Sequence[Mapping[str, Any]]) -> ProbeResult:
+def task_result(tasks: Sequence[Mapping[str, Any]]) -> TaskResult:
     """The newest task's state, error and exit code (a job has one task)."""
     if not tasks:
-        return ProbeResult(state="pending")
+        return TaskResult(state="pending")
     task = max(tasks, key=lambda t: (str(t.get("CreatedAt", "")), str(t.get("ID", ""))))
     status = task.get("Status") or {}
     container = status.get("ContainerStatus") or {}
     code = container.get("ExitCode")
-    return ProbeResult(
+    return TaskResult(
         state=str(status.get("State", "unknown")),
         error=str(status.get("Err") or ""),
         exit_code=int(code) if isinstance(code, int) else None,
     )
 
 
-def finished(result: ProbeResult) -> bool:
+def finished(result: TaskResult) -> bool:
     return result.state in TERMINAL_STATES
 
 
 def judge(
     node: NodeInfo,
     npus: frozenset[int],
-    result: ProbeResult,
+    result: TaskResult,
     now: datetime,
     *,
     timed_out: bool = False,
 ) -> Verdict:
-    """Turn a probe's result into checks, each failure said so a person can fix it."""
+    """Turn a check's result into checks, each failure said so a person can fix it."""
     host = node.hostname or node.id
     checks = _checks(host, npus, result, timed_out)
     return Verdict(
@@ -246,7 +248,7 @@ def judge(
     )
 
 
-def _checks(host: str, npus: frozenset[int], result: ProbeResult, timed_out: bool) -> list[Check]:
+def _checks(host: str, npus: frozenset[int], result: TaskResult, timed_out: bool) -> list[Check]:
     line = result.line
     if line is None:
         if timed_out:
@@ -266,7 +268,7 @@ def _checks(host: str, npus: frozenset[int], result: ProbeResult, timed_out: boo
             return [Check(RUNTIME, False, f"on node {host}, {why}")]
         else:
             why = f"the probe task ended {result.state} without a result: {result.error or '?'}"
-        return [Check(PROBE_TASK, False, f"on node {host}, {why}")]
+        return [Check(CHECK_TASK, False, f"on node {host}, {why}")]
     missing = {str(p) for p in line.get("missing") or []}
     env = {str(k): str(v) for k, v in (line.get("env") or {}).items()}
     wanted_devices = [f"/dev/davinci{n}" for n in sorted(npus)]
@@ -274,7 +276,7 @@ def _checks(host: str, npus: frozenset[int], result: ProbeResult, timed_out: boo
     lost_control = [d for d in CONTROL_DEVICES if d in missing]
     lost_driver = [d for d in DRIVER_FILES if d in missing]
     runtime_seen = env.get("ASCEND_DOCKER_RUNTIME", "").lower() == "true"
-    checks = [Check(PROBE_TASK, True)]
+    checks = [Check(CHECK_TASK, True)]
     if not runtime_seen and len(lost_devices) == len(wanted_devices):
         checks.append(
             Check(
@@ -350,10 +352,10 @@ def _few(items: Sequence[str], limit: int = 3) -> str:
 
 @dataclass
 class NodeVerdicts:
-    """What validation knows: verdicts, and the nodes with a probe under way."""
+    """What validation knows: verdicts, and the nodes with a check under way."""
 
     verdicts: dict[str, Verdict] = field(default_factory=dict)
-    probing: frozenset[str] = frozenset()
+    checking: frozenset[str] = frozenset()
 
 
 def unusable_nodes(
@@ -361,9 +363,9 @@ def unusable_nodes(
     known: NodeVerdicts,
     nodes_with_replicas: Iterable[str],
 ) -> dict[str, str]:
-    """Node id -> why it takes no new replica: it failed its last probe, or it has never
+    """Node id -> why it takes no new replica: it failed its last check, or it has never
     passed one and runs nothing of npuswarm's yet (a node that already runs replicas, e.g.
-    after an operator restart, keeps taking them until a probe says otherwise)."""
+    after an operator restart, keeps taking them until a check says otherwise)."""
     running = set(nodes_with_replicas)
     found: dict[str, str] = {}
     for node in nodes:
@@ -375,7 +377,7 @@ def unusable_nodes(
             host = node.hostname or node.id
             found[node.id] = (
                 f"node {host} is being validated (probe under way)"
-                if node.id in known.probing
+                if node.id in known.checking
                 else f"node {host} is not validated yet"
             )
     return found

@@ -1,6 +1,6 @@
 """NPU health from `npu-smi info`, read by a one-shot task on each node. Pure.
 
-A health probe is a Swarm job pinned to a node that runs `npu-smi info` (Ascend Docker Runtime
+A reading is a Swarm job pinned to a node that runs `npu-smi info` (Ascend Docker Runtime
 mounts npu-smi into containers that ask for NPUs). These functions build its spec, parse the
 table it prints, and decide which NPUs placement must leave alone: an unhealthy NPU nobody
 holds at once, one a replica holds after a grace period (moving a model costs minutes), and
@@ -19,10 +19,10 @@ from npuswarm.api import labels
 from npuswarm.core.nodes import NodeInfo
 from npuswarm.core.npus import format_npu_ids
 
-# The health probe reads only: it asks for every NPU of the node, those replicas hold
-# included, so a pass does not read it as a claim (observed.py skips services with this label).
-HEALTH_PROBE = f"{labels.PREFIX}/npu-health-probe"  # value: the installation
-HEALTH_NODE = f"{labels.PREFIX}/probe-node"
+# A reading only reads: it asks for every NPU of the node, those replicas hold
+# included, so a pass does not read it as a claim (core/snapshot.py skips services with this label).
+READING = f"{labels.PREFIX}/npu-health-probe"  # value: the installation
+READING_NODE = f"{labels.PREFIX}/probe-node"
 NAME_PREFIX = "npuswarm-health"
 # npu-smi's Health column: OK and Warning still serve; Alarm, Critical and anything unknown
 # do not (MindCluster's device plugin draws the same line).
@@ -60,7 +60,7 @@ class NodeHealth:
     hostname: str
     read_at: datetime
     npus: Mapping[int, NpuReading]
-    error: str = ""  # the probe could not read npu-smi: nothing is concluded from it
+    error: str = ""  # the reading could not run npu-smi: nothing is concluded from it
 
 
 def parse_npu_smi(text: str) -> dict[int, NpuReading]:
@@ -101,19 +101,19 @@ def parse_npu_smi(text: str) -> dict[int, NpuReading]:
     }
 
 
-def health_probe_spec(node: NodeInfo, image: str, instance: str, nonce: str) -> dict[str, Any]:
+def reading_spec(node: NodeInfo, image: str, instance: str, nonce: str) -> dict[str, Any]:
     """A one-shot job on ``node`` running `npu-smi info`, with every NPU of the node visible
     (the runtime mounts npu-smi only into containers that ask for NPUs)."""
-    probe_labels = {HEALTH_PROBE: instance, HEALTH_NODE: node.id}
+    reading_labels = {READING: instance, READING_NODE: node.id}
     return {
         "Name": f"{NAME_PREFIX}-{instance}-{node.id[:12]}-{nonce}"[:63],
-        "Labels": probe_labels,
+        "Labels": reading_labels,
         "TaskTemplate": {
             "ContainerSpec": {
                 "Image": image,
                 "Command": ["npu-smi", "info"],
                 "Env": [f"ASCEND_VISIBLE_DEVICES={format_npu_ids(node.npus)}"],
-                "Labels": dict(probe_labels),
+                "Labels": dict(reading_labels),
             },
             "Placement": {"Constraints": [f"node.id=={node.id}"]},
             "RestartPolicy": {"Condition": "none", "MaxAttempts": 0},
@@ -122,8 +122,8 @@ def health_probe_spec(node: NodeInfo, image: str, instance: str, nonce: str) -> 
     }
 
 
-def is_health_probe(service_labels: Mapping[str, str]) -> bool:
-    return HEALTH_PROBE in service_labels
+def is_reading(service_labels: Mapping[str, str]) -> bool:
+    return READING in service_labels
 
 
 def unhealthy_since(

@@ -7,9 +7,9 @@ import json
 from datetime import timedelta
 from typing import Any
 
-from npuswarm import nodecheck
-from npuswarm.nodecheck import NodeVerdicts, ProbeResult
-from npuswarm.probes import NodeValidator
+from npuswarm.nodehealth import checks as node_checks
+from npuswarm.nodehealth.checks import NodeVerdicts, TaskResult
+from npuswarm.nodehealth.runner import NodeChecker
 from npuswarm.reconcile import Desired, Reconciler
 from npuswarm.settings import Settings
 from npuswarm.swarm import SwarmRejected
@@ -23,14 +23,14 @@ ALL_PATHS_OK: dict[str, Any] = {
 }
 
 
-def result(line: dict[str, Any] | None, state: str = "complete", **kw: Any) -> ProbeResult:
-    return ProbeResult(state=state, line=line, **kw)
+def result(line: dict[str, Any] | None, state: str = "complete", **kw: Any) -> TaskResult:
+    return TaskResult(state=state, line=line, **kw)
 
 
 def verdict_for(
     line: dict[str, Any] | None, npus: frozenset[int] = frozenset({0, 1}), **kw: Any
-) -> nodecheck.Verdict:
-    return nodecheck.judge(node("n1", hostname="atlas-7"), npus, result(line, **kw), NOW)
+) -> node_checks.Verdict:
+    return node_checks.judge(node("n1", hostname="atlas-7"), npus, result(line, **kw), NOW)
 
 
 def test_a_probe_that_found_everything_passes() -> None:
@@ -44,14 +44,14 @@ def test_no_devices_and_no_runtime_marker_says_the_runtime_is_not_the_default() 
         "missing": [
             "/dev/davinci0",
             "/dev/davinci1",
-            *nodecheck.CONTROL_DEVICES,
-            *nodecheck.DRIVER_FILES,
+            *node_checks.CONTROL_DEVICES,
+            *node_checks.DRIVER_FILES,
         ],
         "env": {"ASCEND_VISIBLE_DEVICES": "0,1"},
     }
     verdict = verdict_for(line)
     assert not verdict.ok
-    assert [c.name for c in verdict.failures] == [nodecheck.RUNTIME]
+    assert [c.name for c in verdict.failures] == [node_checks.RUNTIME]
     message = verdict.summary()
     assert "Ascend Docker Runtime is not the default runtime on node atlas-7" in message
     assert "/dev/davinci0" in message and '"default-runtime": "ascend"' in message
@@ -64,12 +64,12 @@ def test_one_missing_npu_and_missing_driver_files_are_named() -> None:
     }
     verdict = verdict_for(line)
     failed = {c.name: c.message for c in verdict.failures}
-    assert set(failed) == {nodecheck.DEVICES, nodecheck.DRIVER}
+    assert set(failed) == {node_checks.DEVICES, node_checks.DRIVER}
     assert (
-        "/dev/davinci1" in failed[nodecheck.DEVICES]
-        and "/dev/davinci0" not in failed[nodecheck.DEVICES]
+        "/dev/davinci1" in failed[node_checks.DEVICES]
+        and "/dev/davinci0" not in failed[node_checks.DEVICES]
     )
-    assert "/usr/local/bin/npu-smi" in failed[nodecheck.DRIVER]
+    assert "/usr/local/bin/npu-smi" in failed[node_checks.DRIVER]
 
 
 def test_missing_control_devices_and_a_rewritten_env_fail_their_checks() -> None:
@@ -78,14 +78,14 @@ def test_missing_control_devices_and_a_rewritten_env_fail_their_checks() -> None
         "env": {"ASCEND_VISIBLE_DEVICES": "0-7", "ASCEND_DOCKER_RUNTIME": "True"},
     }
     failed = {c.name for c in verdict_for(line).failures}
-    assert failed == {nodecheck.CONTROL, nodecheck.ENV}
+    assert failed == {node_checks.CONTROL, node_checks.ENV}
 
 
 def test_a_probe_that_could_not_start_or_did_not_finish_fails_the_probe_check() -> None:
     rejected = verdict_for(None, state="rejected", error="No such image: vllm-ascend:v1")
-    assert [c.name for c in rejected.failures] == [nodecheck.PROBE_TASK]
+    assert [c.name for c in rejected.failures] == [node_checks.CHECK_TASK]
     assert "No such image: vllm-ascend:v1" in rejected.summary()
-    late = nodecheck.judge(
+    late = node_checks.judge(
         node("n1"), frozenset({0}), result(None, state="preparing"), NOW, timed_out=True
     )
     assert "did not finish in time (state preparing)" in late.summary()
@@ -93,18 +93,18 @@ def test_a_probe_that_could_not_start_or_did_not_finish_fails_the_probe_check() 
 
 def test_without_a_readable_log_the_exit_code_decides() -> None:
     assert verdict_for(None, exit_code=0).ok
-    assert not verdict_for(None, state="failed", exit_code=nodecheck.MISSING_EXIT).ok
+    assert not verdict_for(None, state="failed", exit_code=node_checks.MISSING_EXIT).ok
     # python3 missing or broken is not a verdict on the devices: the probe itself failed.
     broken = verdict_for(None, state="failed", exit_code=127, error="task: non-zero exit (127)")
-    assert [c.name for c in broken.failures] == [nodecheck.PROBE_TASK]
+    assert [c.name for c in broken.failures] == [node_checks.CHECK_TASK]
 
 
 def test_the_result_line_is_found_among_other_log_lines() -> None:
     text = (
-        "noise\n" + nodecheck.RESULT_MARK + json.dumps(ALL_PATHS_OK) + "\nNPUSWARM-PROBE {broken\n"
+        "noise\n" + node_checks.RESULT_MARK + json.dumps(ALL_PATHS_OK) + "\nNPUSWARM-PROBE {broken\n"
     )
-    assert nodecheck.result_line(text) == ALL_PATHS_OK
-    assert nodecheck.result_line("nothing here") is None
+    assert node_checks.result_line(text) == ALL_PATHS_OK
+    assert node_checks.result_line("nothing here") is None
 
 
 def test_the_probe_script_reports_missing_paths_and_the_env(
@@ -116,11 +116,11 @@ def test_the_probe_script_reports_missing_paths_and_the_env(
     monkeypatch.setenv("ASCEND_VISIBLE_DEVICES", "0,1")
     code = None
     try:
-        exec(nodecheck.SCRIPT, {})
+        exec(node_checks.SCRIPT, {})
     except SystemExit as ended:
         code = ended.code
-    line = nodecheck.result_line(capsys.readouterr().out)
-    assert code == nodecheck.MISSING_EXIT
+    line = node_checks.result_line(capsys.readouterr().out)
+    assert code == node_checks.MISSING_EXIT
     assert line is not None and line["missing"] == [str(tmp_path / "davinci1")]
     assert line["env"]["ASCEND_VISIBLE_DEVICES"] == "0,1"
 
@@ -128,8 +128,8 @@ def test_the_probe_script_reports_missing_paths_and_the_env(
 def test_which_nodes_need_a_probe() -> None:
     n = node("n1")
     kwargs = {"check_seconds": 3600.0, "recheck_failed_seconds": 60.0}
-    assert nodecheck.probe_reason(n, None, NOW, **kwargs) == "not validated yet"
-    passed = nodecheck.judge(
+    assert node_checks.check_reason(n, None, NOW, **kwargs) == "not validated yet"
+    passed = node_checks.judge(
         n,
         frozenset({0}),
         result(
@@ -141,27 +141,27 @@ def test_which_nodes_need_a_probe() -> None:
         NOW,
     )
     assert passed.ok
-    assert nodecheck.probe_reason(n, passed, NOW + timedelta(seconds=3599), **kwargs) is None
-    assert nodecheck.probe_reason(n, passed, NOW + timedelta(seconds=3600), **kwargs) is not None
+    assert node_checks.check_reason(n, passed, NOW + timedelta(seconds=3599), **kwargs) is None
+    assert node_checks.check_reason(n, passed, NOW + timedelta(seconds=3600), **kwargs) is not None
     relabelled = n.model_copy(update={"labels": {"npuswarm.io/npu-model": "910B3"}})
     assert (
-        nodecheck.probe_reason(relabelled, passed, NOW, **kwargs)
+        node_checks.check_reason(relabelled, passed, NOW, **kwargs)
         == "engine, labels or NPUs changed"
     )
     upgraded = n.model_copy(update={"engine": "26.1.4"})
     assert (
-        nodecheck.probe_reason(upgraded, passed, NOW, **kwargs) == "engine, labels or NPUs changed"
+        node_checks.check_reason(upgraded, passed, NOW, **kwargs) == "engine, labels or NPUs changed"
     )
-    failed = nodecheck.judge(n, frozenset({0}), result(None, state="rejected", error="x"), NOW)
-    assert nodecheck.probe_reason(n, failed, NOW + timedelta(seconds=59), **kwargs) is None
-    assert nodecheck.probe_reason(n, failed, NOW + timedelta(seconds=60), **kwargs) is not None
+    failed = node_checks.judge(n, frozenset({0}), result(None, state="rejected", error="x"), NOW)
+    assert node_checks.check_reason(n, failed, NOW + timedelta(seconds=59), **kwargs) is None
+    assert node_checks.check_reason(n, failed, NOW + timedelta(seconds=60), **kwargs) is not None
     for idle in (node("d", state="down"), node("p", availability="pause"), node("z", npus=0)):
-        assert nodecheck.probe_reason(idle, None, NOW, **kwargs) is None
+        assert node_checks.check_reason(idle, None, NOW, **kwargs) is None
 
 
 def test_unusable_nodes_failed_or_never_validated_without_replicas() -> None:
     failed_node, fresh, busy, good = node("f"), node("n"), node("b"), node("g")
-    failed = nodecheck.judge(
+    failed = node_checks.judge(
         failed_node, frozenset({0}), result(None, state="rejected", error="boom"), NOW
     )
     ok_line = {
@@ -169,17 +169,17 @@ def test_unusable_nodes_failed_or_never_validated_without_replicas() -> None:
         "env": {"ASCEND_VISIBLE_DEVICES": "0", "ASCEND_DOCKER_RUNTIME": "True"},
     }
     known = NodeVerdicts(
-        {"f": failed, "g": nodecheck.judge(good, frozenset({0}), result(ok_line), NOW)},
+        {"f": failed, "g": node_checks.judge(good, frozenset({0}), result(ok_line), NOW)},
         frozenset({"n"}),
     )
-    found = nodecheck.unusable_nodes([failed_node, fresh, busy, good], known, {"b", "f"})
+    found = node_checks.unusable_nodes([failed_node, fresh, busy, good], known, {"b", "f"})
     assert set(found) == {"f", "n"}
     assert "boom" in found["f"]
     assert found["n"] == "node host-n is being validated (probe under way)"
 
 
 def test_probe_spec_asks_for_npus_like_a_replica_and_is_a_one_shot_job() -> None:
-    spec = nodecheck.probe_spec(
+    spec = node_checks.check_spec(
         node("abcdef1234567890"), frozenset({2, 3}), "img:1", "default", "n0nce"
     )
     template = spec["TaskTemplate"]
@@ -199,11 +199,11 @@ def test_probe_spec_asks_for_npus_like_a_replica_and_is_a_one_shot_job() -> None
 def test_the_image_is_the_oldest_matching_deployments() -> None:
     n = node("n1", labels={"pool": "a"})
     wanted = [({"pool": "b"}, "other"), ({"pool": "a"}, "first"), ({}, "any")]
-    assert nodecheck.wanted_image(n, wanted) == "first"
-    assert nodecheck.wanted_image(n, [({"pool": "b"}, "x")]) == ""
+    assert node_checks.wanted_image(n, wanted) == "first"
+    assert node_checks.wanted_image(n, [({"pool": "b"}, "x")]) == ""
 
 
-# -- the pass honours the verdicts; the validator against an in-memory Swarm ----------------
+# -- the pass honours the verdicts; the checker against an in-memory Swarm ----------------
 
 
 class ProbingSwarm(MemorySwarm):
@@ -215,13 +215,13 @@ class ProbingSwarm(MemorySwarm):
         self.probes_created = 0
 
     def create_service(self, spec: dict[str, Any]) -> str:
-        if nodecheck.PROBE in spec["Labels"]:
+        if node_checks.CHECK in spec["Labels"]:
             self.probes_created += 1
         return super().create_service(spec)
 
     def service_tasks(self, service_id: str) -> list[dict[str, Any]]:
         spec = self.services[service_id]["Spec"]
-        line = self.answers.get(spec["Labels"][nodecheck.PROBE_NODE])
+        line = self.answers.get(spec["Labels"][node_checks.CHECK_NODE])
         return [
             {
                 "ID": "t",
@@ -235,13 +235,13 @@ class ProbingSwarm(MemorySwarm):
 
     def service_logs(self, service_id: str) -> str:
         spec = self.services[service_id]["Spec"]
-        line = self.answers.get(spec["Labels"][nodecheck.PROBE_NODE])
-        return nodecheck.RESULT_MARK + json.dumps(line) if line else ""
+        line = self.answers.get(spec["Labels"][node_checks.CHECK_NODE])
+        return node_checks.RESULT_MARK + json.dumps(line) if line else ""
 
 
-def validator_for(swarm: ProbingSwarm, reconciler: Reconciler) -> NodeValidator:
+def validator_for(swarm: ProbingSwarm, reconciler: Reconciler) -> NodeChecker:
     """Node validation as the runtime wires it: the pass's lock and its last plan."""
-    return NodeValidator(
+    return NodeChecker(
         swarm,
         Settings(npu_health=False),
         reconciler.lock,
@@ -253,7 +253,7 @@ def validator_for(swarm: ProbingSwarm, reconciler: Reconciler) -> NodeValidator:
 def no_runtime(npus: str) -> dict[str, Any]:
     ids = [int(i) for i in npus.split(",")]
     return {
-        "missing": [f"/dev/davinci{i}" for i in ids] + list(nodecheck.CONTROL_DEVICES),
+        "missing": [f"/dev/davinci{i}" for i in ids] + list(node_checks.CONTROL_DEVICES),
         "env": {"ASCEND_VISIBLE_DEVICES": npus},
     }
 
@@ -261,11 +261,11 @@ def no_runtime(npus: str) -> dict[str, Any]:
 def test_a_node_that_fails_validation_gets_no_replica_and_the_status_says_why() -> None:
     swarm = ProbingSwarm({}, nodes=2, npus=8)
     reconciler = Reconciler(swarm, Settings(), clock=lambda: NOW)
-    validator = validator_for(swarm, reconciler)
+    checker = validator_for(swarm, reconciler)
     md = deployment("qwen3", replicas=2, npusPerReplica=8)
     desired = Desired(deployments=[md])
 
-    first = reconciler.run_pass(desired, validator.unusable)
+    first = reconciler.run_pass(desired, checker.unusable)
     assert not swarm.by_name().get("default-qwen3-0"), "nothing goes to a node never validated"
     assert "is not validated yet" in first.views[md.key].status.replicaStatuses[0].message
     # Waiting for a first probe is progress, not a fault: no Degraded, no Warning.
@@ -281,9 +281,9 @@ def test_a_node_that_fails_validation_gets_no_replica_and_the_status_says_why() 
     }
 
     # Probes start on both nodes' free NPUs (all 8) and hold them while they run.
-    assert validator.step([({}, md.spec.image)]) == set()
-    assert swarm.probes_created == 2 and set(validator.running) == {"node1", "node2"}
-    held = reconciler.plan(desired, validator.unusable).placement.foreign
+    assert checker.step([({}, md.spec.image)]) == set()
+    assert swarm.probes_created == 2 and set(checker.running) == {"node1", "node2"}
+    held = reconciler.plan(desired, checker.unusable).placement.foreign
     assert set(held) == {"node1", "node2"}
 
     ok = {
@@ -291,12 +291,12 @@ def test_a_node_that_fails_validation_gets_no_replica_and_the_status_says_why() 
         "env": {"ASCEND_VISIBLE_DEVICES": "0,1,2,3,4,5,6,7", "ASCEND_DOCKER_RUNTIME": "True"},
     }
     swarm.answers.update({"node1": ok, "node2": no_runtime("0,1,2,3,4,5,6,7")})
-    assert validator.step([({}, md.spec.image)]) == {"node1", "node2"}
-    assert not any(nodecheck.PROBE in s["Spec"]["Labels"] for s in swarm.services.values()), (
+    assert checker.step([({}, md.spec.image)]) == {"node1", "node2"}
+    assert not any(node_checks.CHECK in s["Spec"]["Labels"] for s in swarm.services.values()), (
         "probes removed"
     )
 
-    after = reconciler.run_pass(desired, validator.unusable)
+    after = reconciler.run_pass(desired, checker.unusable)
     placed = {s["Spec"]["Labels"]["npuswarm.io/node"] for s in swarm.services.values()}
     assert placed == {"node1"}
     status = after.views[md.key].status
@@ -305,20 +305,20 @@ def test_a_node_that_fails_validation_gets_no_replica_and_the_status_says_why() 
     assert "Ascend Docker Runtime is not the default runtime on node host2" in degraded.message
     events = [e for e in after.views[md.key].events if e.reason == "NodeValidationFailed"]
     assert events and "host2" in events[0].message
-    assert {c.name: c.ok for c in validator.verdicts()["node2"].checks}[nodecheck.RUNTIME] is False
+    assert {c.name: c.ok for c in checker.verdicts()["node2"].checks}[node_checks.RUNTIME] is False
 
 
 def test_probes_never_take_npus_a_replica_holds_and_stale_probes_are_removed() -> None:
     swarm = ProbingSwarm({}, nodes=1, npus=8)
-    stale = nodecheck.probe_spec(node("node1"), frozenset({0}), "img", "default", "old")
+    stale = node_checks.check_spec(node("node1"), frozenset({0}), "img", "default", "old")
     swarm.create_service(stale)
     reconciler = Reconciler(swarm, Settings(), clock=lambda: NOW)
     md = deployment("qwen3", replicas=1, npusPerReplica=4)
     reconciler.run_pass(Desired(deployments=[md]))  # placed before validation existed
-    validator = validator_for(swarm, reconciler)
-    reconciler.run_pass(Desired(deployments=[md]), validator.unusable)
-    validator.step([({}, md.spec.image)])
-    probes = [s["Spec"] for s in swarm.services.values() if nodecheck.PROBE in s["Spec"]["Labels"]]
+    checker = validator_for(swarm, reconciler)
+    reconciler.run_pass(Desired(deployments=[md]), checker.unusable)
+    checker.step([({}, md.spec.image)])
+    probes = [s["Spec"] for s in swarm.services.values() if node_checks.CHECK in s["Spec"]["Labels"]]
     assert [p["Name"] for p in probes] != [stale["Name"]] and len(probes) == 1
     replica = next(
         s["Spec"]["Labels"]
@@ -326,8 +326,8 @@ def test_probes_never_take_npus_a_replica_holds_and_stale_probes_are_removed() -
         if "npuswarm.io/npus" in s["Spec"]["Labels"]
     )
     replica_npus = {int(n) for n in replica["npuswarm.io/npus"].split(",")}
-    probe_npus = {int(n) for n in probes[0]["Labels"][nodecheck.PROBE_NPUS].split(",")}
-    assert probe_npus and not probe_npus & replica_npus
+    check_npus = {int(n) for n in probes[0]["Labels"][node_checks.CHECK_NPUS].split(",")}
+    assert check_npus and not check_npus & replica_npus
 
 
 class NoJobsSwarm(ProbingSwarm):
@@ -342,9 +342,9 @@ class NoJobsSwarm(ProbingSwarm):
 def test_a_manager_without_jobs_gets_a_replicated_probe_that_is_never_restarted() -> None:
     swarm = NoJobsSwarm({}, nodes=1, npus=8)
     reconciler = Reconciler(swarm, Settings(), clock=lambda: NOW)
-    validator = validator_for(swarm, reconciler)
-    reconciler.run_pass(Desired(deployments=[deployment("m")]), validator.unusable)
-    validator.step([({}, "img")])
+    checker = validator_for(swarm, reconciler)
+    reconciler.run_pass(Desired(deployments=[deployment("m")]), checker.unusable)
+    checker.step([({}, "img")])
     (probe,) = [s["Spec"] for s in swarm.services.values()]
     assert probe["Mode"] == {"Replicated": {"Replicas": 1}}
     assert probe["TaskTemplate"]["RestartPolicy"]["Condition"] == "none"
