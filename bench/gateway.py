@@ -86,9 +86,9 @@ def start_replica(tmp: Path, index: int, token_delay: float) -> tuple[subprocess
 
 def start_gateway(tmp: Path, backends: list[str]) -> tuple[subprocess.Popen[bytes], str, str]:
     """The gateway with its secrets written as Swarm would mount them, and one signed push."""
-    from npuswarm.gateway import GatewayReplica
-    from npuswarm.gateway_credentials import Credentials, GatewayIdentity, write_secret_files
-    from npuswarm.gateway_push import PushTarget, Signer, https_sender
+    from npuswarm.gateway.backends import GatewayReplica
+    from npuswarm.gateway.credentials import Credentials, GatewayIdentity, write_secret_files
+    from npuswarm.gateway.push import PushTarget, Signer, https_sender
 
     port, admin, router, metrics = (free_port() for _ in range(4))
     credentials, who = Credentials(ROOT_KEY, "bench"), GatewayIdentity("bench", "gw")

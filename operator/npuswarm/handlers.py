@@ -18,8 +18,8 @@ from npuswarm import metrics
 from npuswarm.api import deployment as deployment_api
 from npuswarm.api import gateway as gateway_api
 from npuswarm.api import meta
-from npuswarm.gateway_credentials import Credentials
-from npuswarm.gateway_push import Gateways
+from npuswarm.gateway.credentials import Credentials
+from npuswarm.gateway.push import Gateways
 from npuswarm.kube import Kube
 from npuswarm.reconcile import Reconciler
 from npuswarm.runtime import Leadership, Runtime

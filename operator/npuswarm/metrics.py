@@ -253,7 +253,7 @@ class PassMetrics:
 pass_gauges = PassCollector()
 REGISTRY.register(pass_gauges)
 
-# ModelGateways (gateway_push.py): set every pass from what was pushed.
+# ModelGateways (gateway/push.py): set every pass from what was pushed.
 gateway_backends = Gauge(
     "npuswarm_gateway_backends",
     "Ready backends a ModelGateway holds per served model (0: the model answers 503).",

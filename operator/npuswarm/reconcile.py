@@ -31,8 +31,8 @@ from npuswarm.core.npus import parse_npu_ids
 from npuswarm.core.render import Renderer, network_labels
 from npuswarm.core.snapshot import SwarmSnapshot, is_own, secrets_from_engine
 from npuswarm.core.status import deployment_status, invalid_spec_status
-from npuswarm.gateway import GatewaySecrets, SecretMount, plan_secrets
-from npuswarm.gateway_push import GatewayPass, Gateways
+from npuswarm.gateway.push import GatewayPass, Gateways
+from npuswarm.gateway.service import GatewaySecrets, SecretMount, plan_secrets
 from npuswarm.settings import Settings
 from npuswarm.swarm import SwarmRejected
 
@@ -86,7 +86,7 @@ class Desired:
     previous: dict[str, dict[str, Any]] = field(default_factory=dict)
     # The namespaces this operator watches; None: all. Services of others are never judged.
     namespaces: frozenset[str] | None = None
-    # ModelGateways (gateway.py) and the last status of each, by namespace/name.
+    # ModelGateways (gateway/) and the last status of each, by namespace/name.
     gateways: list[ModelGateway] = field(default_factory=list)
     gateway_previous: dict[str, dict[str, Any]] = field(default_factory=dict)
 
@@ -247,7 +247,7 @@ class Reconciler:
         self, desired: Desired, whole: PassPlan, secrets: GatewaySecrets
     ) -> GatewayPass:
         """Before any write that stops a replica: every gateway drops it (and gets the
-        replicas that became ready). See gateway.py."""
+        replicas that became ready). See gateway/backends.py."""
         if self.gateways is None or not desired.gateways:
             return GatewayPass()
         mounts: dict[str, tuple[SecretMount, ...]] = secrets.mounts

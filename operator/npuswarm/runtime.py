@@ -34,7 +34,7 @@ from npuswarm.core import hostpolicy
 from npuswarm.core.kube_events import Event, EventFilter
 from npuswarm.core.relocation import FailureTracker
 from npuswarm.core.status import unavailable_status
-from npuswarm.gateway import parse_gateways
+from npuswarm.gateway.backends import parse_gateways
 from npuswarm.kube import Kube
 from npuswarm.nodehealth.runner import NodeChecker, publish_verdicts
 from npuswarm.peering import is_active

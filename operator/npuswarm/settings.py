@@ -57,7 +57,7 @@ class Settings(BaseSettings):
     # services carrying its name, and treats the others' as foreign. It is a label value.
     instance: str = Field("default", pattern=r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
     # The root of every ModelGateway's own credential and of the gateways' TLS CA
-    # (gateway_credentials.py); it never leaves the operator. Empty: gateways are reported
+    # (gateway/credentials.py); it never leaves the operator. Empty: gateways are reported
     # NotConfigured and not run. NPUSWARM_GATEWAY_TOKEN, its name before 0.2, still works.
     gateway_root_key: SecretStr = Field(
         SecretStr(""),

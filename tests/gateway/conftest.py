@@ -16,9 +16,9 @@ from typing import Any
 
 import pytest
 
-from npuswarm.gateway import GatewayReplica
-from npuswarm.gateway_credentials import Credentials, GatewayIdentity, write_secret_files
-from npuswarm.gateway_push import PushTarget, Signer, admin_request
+from npuswarm.gateway.backends import GatewayReplica
+from npuswarm.gateway.credentials import Credentials, GatewayIdentity, write_secret_files
+from npuswarm.gateway.push import PushTarget, Signer, admin_request
 from tests.fakevllm.conftest import SERVER, free_port, make_dev_dir, wait_listening
 from tests.unit.builders import NOW
 

@@ -9,10 +9,10 @@ from typing import Any
 
 import pytest
 
-from npuswarm.gateway import GatewayReplica
-from npuswarm.gateway_credentials import GatewayIdentity
-from npuswarm.gateway_protocol import authorization
-from npuswarm.gateway_push import PushTarget, Signer, admin_request
+from npuswarm.gateway.backends import GatewayReplica
+from npuswarm.gateway.credentials import GatewayIdentity
+from npuswarm.gateway.protocol import authorization
+from npuswarm.gateway.push import PushTarget, Signer, admin_request
 
 from .conftest import CREDENTIALS, IDENTITY, Gateway, call
 

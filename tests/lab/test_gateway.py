@@ -20,12 +20,13 @@ from typing import Any
 import pytest
 
 import swarmlab
-from npuswarm import gateway_protocol
+from npuswarm.gateway import protocol
 from npuswarm.api.deployment import ModelDeployment
 from npuswarm.api.gateway import ModelGateway
-from npuswarm.gateway import GatewayReplica, identity
-from npuswarm.gateway_credentials import Credentials
-from npuswarm.gateway_push import Gateways, PushTarget, Signer, admin_request
+from npuswarm.gateway.backends import GatewayReplica
+from npuswarm.gateway.service import identity
+from npuswarm.gateway.credentials import Credentials
+from npuswarm.gateway.push import Gateways, PushTarget, Signer, admin_request
 from npuswarm.reconcile import Desired, PassResult, Reconciler
 from npuswarm.settings import Settings
 from npuswarm.swarm import Swarm
@@ -423,7 +424,7 @@ def test_one_gateways_credential_opens_no_other_gateway(
         path = "/run/secrets/npuswarm-gateway-credential"
         read = b_container.exec_run(["cat", path])
         assert read.exit_code == 0
-        b_credential = gateway_protocol.parse_credential(read.output.decode())
+        b_credential = protocol.parse_credential(read.output.decode())
         # A's secret is not mounted in B's container at all.
         assert b_container.exec_run(["ls", "/run/secrets"]).output.decode().split() == [
             "npuswarm-gateway-credential", "npuswarm-gateway-tls.pem"]

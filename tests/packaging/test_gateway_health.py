@@ -1,6 +1,6 @@
 """A ModelGateway's status reads the same in Argo CD (health.lua, embedded for the kind in
 argocd-cm-patch.yaml) and in kstatus (Flux, kpt, cli-utils): statuses computed by
-npuswarm.gateway.gateway_status for each situation, read by both."""
+npuswarm.gateway.backends.gateway_status for each situation, read by both."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from npuswarm.api.gateway import ModelGateway
-from npuswarm.gateway import GatewayReplica, GatewayWork, gateway_status
+from npuswarm.gateway.backends import GatewayReplica, GatewayWork, gateway_status
 from tests import kstatus
 from tests.unit.builders import NOW
 

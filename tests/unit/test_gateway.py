@@ -11,21 +11,10 @@ from pydantic import ValidationError
 from npuswarm.api import labels
 from npuswarm.api.deployment import ModelDeployment
 from npuswarm.api.gateway import ModelGateway
-from npuswarm.gateway import (
-    GatewayReplica,
-    GatewayWork,
-    SecretMount,
-    desired_backends,
-    gateway_actions,
-    gateway_status,
-    parse_gateways,
-    render_gateway,
-    running_replicas,
-    selected,
-    stopped_by,
-)
-from npuswarm.gateway_credentials import Credentials
-from npuswarm.gateway_push import Gateways, PushTarget
+from npuswarm.gateway.backends import GatewayReplica, GatewayWork, desired_backends, gateway_status, parse_gateways, running_replicas, selected, stopped_by
+from npuswarm.gateway.service import SecretMount, gateway_actions, render_gateway
+from npuswarm.gateway.credentials import Credentials
+from npuswarm.gateway.push import Gateways, PushTarget
 from npuswarm.core.diff import Action
 from npuswarm.reconcile import Desired, Reconciler
 from npuswarm.settings import Settings

@@ -12,11 +12,11 @@ from typing import Any
 
 import pytest
 
-from npuswarm import gateway_protocol
+from npuswarm.gateway import protocol
 from npuswarm.api import labels
 from npuswarm.api.gateway import ModelGateway
-from npuswarm.gateway import identity, plan_secrets
-from npuswarm.gateway_credentials import (
+from npuswarm.gateway.service import identity, plan_secrets
+from npuswarm.gateway.credentials import (
     ROTATE_ANNOTATION,
     TLS_RENEW_BEFORE,
     TLS_VALIDITY,
@@ -24,7 +24,7 @@ from npuswarm.gateway_credentials import (
     GatewayIdentity,
     write_secret_files,
 )
-from npuswarm.gateway_protocol import Verifier, authorization
+from npuswarm.gateway.protocol import Verifier, authorization
 from npuswarm.core.snapshot import secrets_from_engine
 from npuswarm.reconcile import Desired, Reconciler
 from npuswarm.settings import Settings
@@ -148,7 +148,7 @@ def _handshake(client: ssl.SSLContext, pem: Path, hostname: str) -> bytes:
 def test_tls_trusts_only_the_gateway_named_and_only_npuswarms_ca(tmp_path: Path) -> None:
     issuer = Credentials(ROOT, "default")
     write_secret_files(tmp_path / "a", issuer, A, NOW)
-    pem = tmp_path / "a" / gateway_protocol.TLS_FILE
+    pem = tmp_path / "a" / protocol.TLS_FILE
     # Another operator process derives the same CA from the same root: it trusts the cert.
     standby = Credentials(ROOT, "default").client_context()
     assert _handshake(standby, pem, A.hostname) == b"ok"
@@ -160,9 +160,9 @@ def test_tls_trusts_only_the_gateway_named_and_only_npuswarms_ca(tmp_path: Path)
 
 def test_secret_files_are_readable_by_their_owner_only(tmp_path: Path) -> None:
     credential = write_secret_files(tmp_path, Credentials(ROOT, "default"), A, NOW)
-    path = tmp_path / gateway_protocol.CREDENTIAL_FILE
+    path = tmp_path / protocol.CREDENTIAL_FILE
     assert path.stat().st_mode & 0o777 == 0o400
-    assert gateway_protocol.parse_credential(path.read_text()) == credential
+    assert protocol.parse_credential(path.read_text()) == credential
 
 
 # --- the secrets of a pass --------------------------------------------------------------------
@@ -204,7 +204,7 @@ def test_the_rotation_annotation_makes_a_new_credential_and_retires_the_old() ->
 def test_a_pass_mounts_the_secrets_and_removes_them_once_unused() -> None:
     swarm = MemorySwarm()
     credentials = Credentials(ROOT, "default")
-    from npuswarm.gateway_push import Gateways
+    from npuswarm.gateway.push import Gateways
 
     r = Reconciler(swarm, Settings(), clock=lambda: NOW, gateways=Gateways("default", credentials, send=lambda *a: None))
     r.run_pass(Desired(gateways=[gateway()]))
@@ -212,7 +212,7 @@ def test_a_pass_mounts_the_secrets_and_removes_them_once_unused() -> None:
     mounted = service["Spec"]["TaskTemplate"]["ContainerSpec"]["Secrets"]
     assert {m["SecretID"] for m in mounted} == set(swarm.secrets)
     assert "Env" not in service["Spec"]["TaskTemplate"]["ContainerSpec"]
-    key_name = next(m["SecretName"] for m in mounted if m["File"]["Name"] == gateway_protocol.CREDENTIAL_FILE)
+    key_name = next(m["SecretName"] for m in mounted if m["File"]["Name"] == protocol.CREDENTIAL_FILE)
     assert swarm.secret_data[key_name] == credentials.credential_file(A)
     r.run_pass(Desired(gateways=[gateway()]))
     assert swarm.calls["create_secret"] == 2 and swarm.calls["update_service"] == 0
@@ -234,7 +234,7 @@ def test_secrets_of_another_installation_or_gateway_are_never_touched() -> None:
                     labels.SECRET_KIND: "gateway-credential"}
     swarm.create_secret("theirs", b"x", other_labels)
     swarm.create_secret("hand-made", b"x", {})
-    from npuswarm.gateway_push import Gateways
+    from npuswarm.gateway.push import Gateways
 
     r = Reconciler(swarm, Settings(), clock=lambda: NOW,
                    gateways=Gateways("default", Credentials(ROOT, "default"), send=lambda *a: None))

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from npuswarm.gateway_front import (
+from npuswarm.gateway.front import (
     models_body,
     parse_state,
     refusal,
@@ -110,7 +110,7 @@ def test_a_model_that_keeps_backends_never_has_zero_workers_in_the_router_during
 
     from aiohttp import web
 
-    from npuswarm.gateway_front import Front
+    from npuswarm.gateway.front import Front
 
     async def scenario() -> list[tuple[str, dict[str, int], bool]]:
         workers: dict[str, str] = {"http://old:1": "alpha", "http://beta:1": "beta"}

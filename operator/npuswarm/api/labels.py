@@ -17,7 +17,7 @@ MODEL = f"{PREFIX}/model"
 # A ModelGateway's services carry these instead of the owner labels: they are not replicas.
 GATEWAY_NAMESPACE = f"{PREFIX}/gateway-namespace"
 GATEWAY_NAME = f"{PREFIX}/gateway-name"
-# A gateway's Swarm secrets (gateway_credentials.py): which kind, for which credential, and
+# A gateway's Swarm secrets (gateway/credentials.py): which kind, for which credential, and
 # until when a TLS certificate is valid (Unix seconds).
 SECRET_KIND = f"{PREFIX}/secret-kind"
 CREDENTIAL_ID = f"{PREFIX}/credential-id"

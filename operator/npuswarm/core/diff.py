@@ -288,7 +288,7 @@ def plan_pass(
     removed |= {a.service_name for a in orphans}
     in_use = {
         network.get("Target")
-        # A ModelGateway's service keeps its network too (gateway.py).
+        # A ModelGateway's service keeps its network too (gateway/service.py).
         for service in [*snapshot.services, *snapshot.gateway_services]
         if service.name not in removed
         for network in (service.spec.get("TaskTemplate") or {}).get("Networks") or []

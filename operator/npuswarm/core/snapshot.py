@@ -136,7 +136,7 @@ class SwarmSnapshot:
     service_names: frozenset[str] = frozenset()
     # Networks this installation created: name -> id.
     own_networks: dict[str, str] = field(default_factory=dict)
-    # ModelGateways' services (npuswarm's, but not replicas of a deployment; gateway.py).
+    # ModelGateways' services (npuswarm's, but not replicas of a deployment; gateway/service.py).
     gateway_services: list[ObservedService] = field(default_factory=list)
     _by_deployment: dict[str, list[ObservedService]] = field(default_factory=dict, repr=False)
     _nodes_by_id: dict[str, NodeInfo] = field(default_factory=dict, repr=False)

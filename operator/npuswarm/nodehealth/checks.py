@@ -158,7 +158,7 @@ def check_spec(
     node: NodeInfo, npus: frozenset[int], image: str, instance: str, nonce: str
 ) -> dict[str, Any]:
     """A Swarm ServiceSpec (Engine API JSON) for one check: a replicated job of one task,
-    pinned by node id, never restarted, asking for ``npus`` the way render.py's replicas do."""
+    pinned by node id, never restarted, asking for ``npus`` the way core/render.py's replicas do."""
     env = {
         "ASCEND_VISIBLE_DEVICES": format_npu_ids(npus),
         "ASCEND_RT_VISIBLE_DEVICES": format_npu_ids(range(len(npus))),

@@ -1,9 +1,9 @@
-"""The pass's side of ModelGateways: compute (gateway.py), push each replica's backends over
-TLS before the pass's Swarm writes, and report their status and metrics.
+"""The pass's side of ModelGateways: compute (gateway/backends.py), push each replica's
+backends over TLS before the pass's Swarm writes, and report their status and metrics.
 
 The push goes to every running gateway replica's admin port, at its node's address (host
 mode), over TLS checked against npuswarm's gateway CA and that gateway's own name, signed with
-that gateway's own credential (gateway_protocol.py, docs/security.md). It is the full state,
+that gateway's own credential (gateway/protocol.py, docs/security.md). It is the full state,
 so pushing twice is harmless and a restarted gateway is refilled by the next pass.
 """
 
@@ -23,24 +23,23 @@ from typing import Any
 
 import structlog
 
-from npuswarm import gateway_protocol, metrics
+from npuswarm import metrics
 from npuswarm.api.deployment import ModelDeployment
 from npuswarm.api.gateway import ModelGateway, ModelGatewayStatus
 from npuswarm.core.diff import Action, PassPlan
-from npuswarm.gateway import (
+from npuswarm.gateway import protocol
+from npuswarm.gateway.backends import (
     Backends,
     GatewayReplica,
     GatewayWork,
-    SecretMount,
     desired_backends,
-    gateway_actions,
     gateway_status,
-    identity,
     running_replicas,
     selected,
     stopped_by,
 )
-from npuswarm.gateway_credentials import Credentials
+from npuswarm.gateway.credentials import Credentials
+from npuswarm.gateway.service import SecretMount, gateway_actions, identity
 
 log = structlog.get_logger("npuswarm.gateway")
 PUSH_TIMEOUT_SECONDS = 5.0
@@ -99,7 +98,7 @@ class Signer:
         stamp = self.now_ms()
         return {
             "Content-Type": "application/json",
-            "Authorization": gateway_protocol.authorization(credential, method, path, stamp, body),
+            "Authorization": protocol.authorization(credential, method, path, stamp, body),
         }
 
 

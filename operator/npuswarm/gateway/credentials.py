@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from npuswarm import gateway_protocol
+from npuswarm.gateway import protocol
 
 # A certificate is replaced this long before it expires (a rolling restart of the gateway).
 TLS_VALIDITY = dt.timedelta(days=397)
@@ -121,7 +121,7 @@ class Credentials:
         )
 
     def credential_file(self, gateway: GatewayIdentity) -> bytes:
-        """The credential as its secret holds it (gateway_protocol.parse_credential reads it)."""
+        """The credential as its secret holds it (protocol.parse_credential reads it)."""
         return self.credential(gateway).hex().encode() + b"\n"
 
     def credential_id(self, gateway: GatewayIdentity) -> str:
@@ -175,8 +175,8 @@ def write_secret_files(
     directory.mkdir(parents=True, exist_ok=True)
     credential = credentials.credential(gateway)
     files = {
-        gateway_protocol.CREDENTIAL_FILE: credentials.credential_file(gateway),
-        gateway_protocol.TLS_FILE: credentials.issue_tls(gateway, now).pem,
+        protocol.CREDENTIAL_FILE: credentials.credential_file(gateway),
+        protocol.TLS_FILE: credentials.issue_tls(gateway, now).pem,
     }
     for name, data in files.items():
         path = directory / name

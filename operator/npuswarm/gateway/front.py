@@ -12,7 +12,7 @@ this process adds only what it lacks (docs/gateway.md, "What vllm-router lacks")
   idempotent, and the state is re-applied every few seconds, so a restarted vllm-router or
   gateway is refilled by the next push or the next sync. The admin port speaks only TLS,
   with the certificate npuswarm issued for this gateway, and takes only requests signed
-  with this gateway's own credential (gateway_protocol.py); both come as Swarm secrets.
+  with this gateway's own credential (gateway/protocol.py); both come as Swarm secrets.
 
 The public port serves OpenAI's routes and health only. Model requests are streamed to
 vllm-router on loopback chunk by chunk, never buffered; anything else (vllm-router's own
@@ -39,7 +39,7 @@ from urllib.parse import quote
 import aiohttp
 from aiohttp import web
 
-from npuswarm import gateway_protocol
+from npuswarm.gateway import protocol
 
 # The only routes the public port forwards, all POST with a JSON body naming the model: the
 # OpenAI-style routes vllm-router 0.1.17 routes by model (read off its binary: docs/gateway.md).
@@ -184,7 +184,7 @@ def now_ms() -> int:
 class Front:
     def __init__(self, router_url: str, credential: bytes | None, sync_seconds: float) -> None:
         self.router_url = router_url
-        self.verifier = gateway_protocol.Verifier(credential)
+        self.verifier = protocol.Verifier(credential)
         self.sync_seconds = sync_seconds
         # What requests are answered by: None until npuswarm's first push is in vllm-router
         # (the gateway cannot tell unknown from not ready before).
@@ -440,7 +440,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--sync-seconds", type=float, default=5.0)
     parser.add_argument(
         "--secrets-dir",
-        default=gateway_protocol.SECRETS_DIR,
+        default=protocol.SECRETS_DIR,
         help="where npuswarm's Swarm secrets are mounted: the credential and the TLS key",
     )
     return parser.parse_args(argv)
@@ -478,11 +478,11 @@ async def wait_for_router(front: Front, router: asyncio.subprocess.Process) -> N
 def read_secrets(directory: str) -> tuple[bytes, ssl.SSLContext]:
     """This gateway's credential and the TLS context of its admin port; SystemExit naming
     what is missing (without them no push could ever be accepted)."""
-    credential_path = os.path.join(directory, gateway_protocol.CREDENTIAL_FILE)
-    tls_path = os.path.join(directory, gateway_protocol.TLS_FILE)
+    credential_path = os.path.join(directory, protocol.CREDENTIAL_FILE)
+    tls_path = os.path.join(directory, protocol.TLS_FILE)
     try:
         with open(credential_path, encoding="ascii") as file:
-            credential = gateway_protocol.parse_credential(file.read())
+            credential = protocol.parse_credential(file.read())
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         context.minimum_version = ssl.TLSVersion.TLSv1_2
         context.load_cert_chain(tls_path)
