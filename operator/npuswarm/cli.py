@@ -23,7 +23,6 @@ from npuswarm.api import crd, meta
 from npuswarm.api import deployment as deployment_api
 from npuswarm.api.deployment import ModelDeployment
 from npuswarm.api.meta import validation_message
-from npuswarm.compose import StackFileError, parse_compose
 from npuswarm.core import hostpolicy
 from npuswarm.core.diff import plan_many
 from npuswarm.core.nodes import NodeInfo
@@ -34,8 +33,9 @@ from npuswarm.nodehealth.npusmi import NodeHealth
 from npuswarm.nodehealth.runner import check_now
 from npuswarm.reconcile import utcnow
 from npuswarm.settings import Settings
-from npuswarm.stack_export import export_stack, planned_services
-from npuswarm.stack_import import import_report, import_stack, manifest_yaml, manifests_yaml
+from npuswarm.stackfiles.compose import StackFileError, parse_compose
+from npuswarm.stackfiles.exporter import export_stack, planned_services
+from npuswarm.stackfiles.importer import import_report, import_stack, manifest_yaml, manifests_yaml
 from npuswarm.swarm import Swarm, SwarmUnavailable
 
 CRD_PATH = Path("crds") / f"{deployment_api.PLURAL}.{meta.GROUP}.yaml"

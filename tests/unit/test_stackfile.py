@@ -11,7 +11,7 @@ import yaml
 
 from npuswarm import cli
 from npuswarm.cli import write_files
-from npuswarm.compose import (
+from npuswarm.stackfiles.compose import (
     Note,
     StackFileError,
     duration_ns,
@@ -19,7 +19,7 @@ from npuswarm.compose import (
     quantity,
     ram_bytes,
 )
-from npuswarm.stack_import import StackImport, import_stack
+from npuswarm.stackfiles.importer import StackImport, import_stack
 
 # The stack file the examples were made from: the migration example.
 SEED_STACK = Path(__file__).resolve().parents[2] / "examples" / "vllm-stack.yml"

@@ -13,12 +13,12 @@ from pydantic import ValidationError
 from npuswarm.api import deployment as deployment_api
 from npuswarm.api.deployment import ModelDeployment
 from npuswarm.api.meta import ObjectMeta
-from npuswarm.compose import EXTENSION, RUNTIME_DRIVER_MOUNTS, parse_compose
+from npuswarm.stackfiles.compose import EXTENSION, RUNTIME_DRIVER_MOUNTS, parse_compose
 from npuswarm.core.snapshot import SwarmSnapshot
 from npuswarm.core.placement import Assignment
 from npuswarm.core.render import network_alias, render_service
-from npuswarm.stack_export import compose_service, export_stack, planned_services
-from npuswarm.stack_import import import_stack, manifest_yaml
+from npuswarm.stackfiles.exporter import compose_service, export_stack, planned_services
+from npuswarm.stackfiles.importer import import_stack, manifest_yaml
 
 from .builders import NOW, deployment, node
 

@@ -11,9 +11,9 @@ import yaml
 
 from npuswarm.api import labels
 from npuswarm.api.deployment import ModelDeployment
-from npuswarm.compose import COMPOSE_VERSION, EXTENSION, escape, go_duration
 from npuswarm.core.diff import plan_many
 from npuswarm.core.snapshot import SwarmSnapshot
+from npuswarm.stackfiles.compose import COMPOSE_VERSION, EXTENSION, escape, go_duration
 
 # --- Export -----------------------------------------------------------------------------------
 

@@ -9,7 +9,7 @@ import shlex
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from npuswarm.compose import Notes, StackFileError
+from npuswarm.stackfiles.compose import Notes, StackFileError
 
 _SHELLS = frozenset({"sh", "bash", "ash", "dash"})
 _SHELL_OPERATORS = frozenset({"&&", "||", ";", "|", "&", ";;", "(", ")", "<", ">", ">>"})

@@ -1,6 +1,6 @@
 """Compose stack files as `docker stack deploy` reads them: what Swarm ignores or refuses, the
 value forms (sizes, durations, command lines, escapes), the notes an import makes, and the
-parse of a whole file. Shared by stack_import and stack_export."""
+parse of a whole file. Shared by importer.py and exporter.py."""
 
 from __future__ import annotations
 

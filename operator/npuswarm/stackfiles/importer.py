@@ -18,7 +18,11 @@ from npuswarm.api import deployment as deployment_api
 from npuswarm.api import labels, meta
 from npuswarm.api.deployment import ModelDeployment
 from npuswarm.api.meta import validation_message
-from npuswarm.compose import (
+from npuswarm.core.hostpolicy import host_path_violation
+from npuswarm.core.npus import format_npu_ids, npu_id_from_device, parse_npu_ids
+from npuswarm.core.render import SECOND_NS
+from npuswarm.settings import DEFAULT_ALLOWED_HOST_PATHS
+from npuswarm.stackfiles.compose import (
     EXTENSION,
     RUNTIME_CONTROL_DEVICES,
     RUNTIME_DRIVER_MOUNTS,
@@ -40,11 +44,7 @@ from npuswarm.compose import (
     scalar,
     unescape,
 )
-from npuswarm.core.hostpolicy import host_path_violation
-from npuswarm.core.npus import format_npu_ids, npu_id_from_device, parse_npu_ids
-from npuswarm.core.render import SECOND_NS
-from npuswarm.settings import DEFAULT_ALLOWED_HOST_PATHS
-from npuswarm.vllm_args import parse_serve_args, vllm_serve_args
+from npuswarm.stackfiles.vllm_args import parse_serve_args, vllm_serve_args
 
 _NODE_LABEL_EQ = re.compile(r"^node\.labels\.([^=!\s]+)\s*==\s*(.+?)\s*$")
 _URL = re.compile(r"https?://[^/\s'\"]+(/[^\s'\"?#]*)?")
