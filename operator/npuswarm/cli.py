@@ -11,6 +11,7 @@ import re
 import signal
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,14 +25,15 @@ from npuswarm.api import deployment as deployment_api
 from npuswarm.api.deployment import ModelDeployment
 from npuswarm.api.meta import validation_message
 from npuswarm.core import hostpolicy
+from npuswarm.core.clock import utcnow
 from npuswarm.core.diff import plan_many
 from npuswarm.core.nodes import NodeInfo
 from npuswarm.core.npus import device_name, format_npu_ids
 from npuswarm.core.snapshot import SwarmSnapshot
 from npuswarm.nodehealth.checks import Verdict
 from npuswarm.nodehealth.npusmi import NodeHealth
-from npuswarm.nodehealth.runner import check_now
-from npuswarm.reconcile import utcnow
+from npuswarm.nodehealth.runner import NodeChecker
+from npuswarm.reconcile import Desired, Reconciler
 from npuswarm.settings import Settings
 from npuswarm.stackfiles.compose import StackFileError, parse_compose
 from npuswarm.stackfiles.exporter import export_stack, planned_services
@@ -72,7 +74,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
     settings = Settings.from_env()
     # The operator would refuse these with a PolicyViolation condition: say so before any
     # Swarm call, with the same messages.
-    refused = [f"{md.key}: {v}" for md in deployments for v in hostpolicy.violations(md, settings)]
+    refused = [
+        f"{md.key}: {v}"
+        for md in deployments
+        for v in hostpolicy.violations(md, settings.allowed_host_paths)
+    ]
     if refused:
         raise UsageError(f"{hostpolicy.REASON}: " + "; ".join(refused))
     snapshot = Swarm().observe()
@@ -200,6 +206,31 @@ def _validation_line(node: NodeInfo, verdict: Verdict | None) -> str:
     if verdict.ok:
         return f"  validation: passed (NPUs {format_npu_ids(verdict.npus)})"
     return "  ! " + verdict.summary()
+
+
+def check_now(
+    swarm: Any, settings: Settings, image: str, timeout_seconds: float, poll_seconds: float = 0.5
+) -> tuple[dict[str, Verdict], dict[str, NodeHealth]]:
+    """Check every node with free NPUs once, now, then read `npu-smi info` on the nodes that
+    passed, and wait for the answers (`npuswarm nodes --validate`). Checks of a running
+    operator are left alone."""
+    reconciler = Reconciler(swarm, settings)
+    try:
+        checker = NodeChecker(
+            swarm, settings, reconciler.lock, lambda: reconciler.last_plan, clean_stale=False
+        )
+        with reconciler.lock:
+            reconciler.last_plan = reconciler.plan(Desired())
+        wanted: list[tuple[dict[str, str], str]] = [({}, image)]
+        checker.step(wanted)
+        deadline = time.monotonic() + timeout_seconds
+        while (checker.running or checker.readings_running) and time.monotonic() < deadline:
+            time.sleep(poll_seconds)
+            checker.step(wanted)
+        checker.close()
+        return checker.verdicts(), checker.readings()
+    finally:
+        reconciler.close()
 
 
 def cmd_nodes(args: argparse.Namespace) -> int:

@@ -18,8 +18,10 @@ from npuswarm import metrics
 from npuswarm.api import deployment as deployment_api
 from npuswarm.api import gateway as gateway_api
 from npuswarm.api import meta
+from npuswarm.api.meta import metadata_key, stamp
 from npuswarm.gateway.credentials import Credentials
 from npuswarm.gateway.push import Gateways
+from npuswarm.gateway.service import gateway_key
 from npuswarm.kube import Kube
 from npuswarm.reconcile import Reconciler
 from npuswarm.runtime import Leadership, Runtime
@@ -124,10 +126,6 @@ def _indexed(body: kopf.Body, namespace: str | None, name: str) -> dict[Any, Any
     }
 
 
-def _key(namespace: str | None, name: str | None) -> str:
-    return f"{namespace or 'default'}/{name}"
-
-
 @kopf.on.event(*RESOURCE)
 async def wants_pass(
     *,
@@ -145,25 +143,31 @@ async def wants_pass(
     those would PATCH two annotations onto every object (4,000 writes for 2,000 objects at an
     operator start, enough to be throttled by the API server)."""
     runtime: Runtime = memo.runtime
-    key = _key(namespace, name)
+    metadata = body.get("metadata") or {}
+    key = metadata_key(metadata)
     if type == "DELETED":
         runtime.request(key)
         return
-    metadata = body.get("metadata") or {}
-    stamp = (metadata.get("uid"), metadata.get("generation"), metadata.get("deletionTimestamp"))
-    if runtime.generations.get(key) != stamp:
-        runtime.generations[key] = stamp
+    seen = stamp(metadata)
+    if runtime.generations.get(key) != seen:
+        runtime.generations[key] = seen
         runtime.request(key)
 
 
 @kopf.on.delete(*RESOURCE)
 def on_delete(
-    *, namespace: str | None, name: str, uid: str | None, memo: kopf.Memo, **_: Any
+    *,
+    body: kopf.Body,
+    namespace: str | None,
+    name: str,
+    uid: str | None,
+    memo: kopf.Memo,
+    **_: Any,
 ) -> None:
     """Behind npuswarm's finalizer: the services go before the resource does. Waits for a
     running pass, and no later pass writes for this deployment again."""
     runtime: Runtime = memo.runtime
-    key = _key(namespace, name)
+    key = metadata_key(body.metadata)
     try:
         removed = runtime.reconciler.finalize(namespace or "default", name, uid or "")
     except SwarmUnavailable as error:
@@ -188,22 +192,24 @@ async def gateway_wants_pass(
     """A new gateway or a new generation: a pass (its status writes ask for nothing)."""
     runtime: Runtime = memo.runtime
     metadata = body.get("metadata") or {}
-    key = "gateway:" + _key(metadata.get("namespace"), metadata.get("name"))
-    stamp = (metadata.get("uid"), metadata.get("generation"), metadata.get("deletionTimestamp"))
-    if type == "DELETED" or runtime.generations.get(key) != stamp:
-        runtime.generations[key] = stamp
+    key = gateway_key(metadata_key(metadata))
+    seen = stamp(metadata)
+    if type == "DELETED" or runtime.generations.get(key) != seen:
+        runtime.generations[key] = seen
         runtime.request(None)
 
 
 @kopf.on.delete(*GATEWAYS)
-def on_gateway_delete(*, namespace: str | None, name: str, memo: kopf.Memo, **_: Any) -> None:
+def on_gateway_delete(
+    *, body: kopf.Body, namespace: str | None, name: str, memo: kopf.Memo, **_: Any
+) -> None:
     """Behind npuswarm's finalizer: the gateway's services go before the resource does."""
     runtime: Runtime = memo.runtime
     try:
         removed = runtime.reconciler.finalize_gateway(namespace or "default", name)
     except SwarmUnavailable as error:
         raise kopf.TemporaryError(f"Swarm unavailable, services kept: {error}", delay=15) from error
-    log.info("gateway deleted", gateway=_key(namespace, name), services_removed=removed)
+    log.info("gateway deleted", gateway=metadata_key(body.metadata), services_removed=removed)
 
 
 @kopf.on.probe(id="swarm")

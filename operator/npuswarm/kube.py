@@ -3,7 +3,6 @@ pass, the complete read that confirms orphans, and the peering objects for leade
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from typing import Any
 
 import kubernetes
@@ -12,6 +11,8 @@ import structlog
 from npuswarm import metrics
 from npuswarm.api import deployment as deployment_api
 from npuswarm.api import meta
+from npuswarm.api.meta import object_key, split_key
+from npuswarm.core.clock import timestamp, utcnow
 
 log = structlog.get_logger("npuswarm.kube")
 
@@ -43,7 +44,7 @@ class Kube:
 
     def post_event(self, reference: dict[str, str], type_: str, reason: str, message: str) -> None:
         """A core/v1 Event on a ModelDeployment, as kopf posts them (POST only)."""
-        now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        now = timestamp(utcnow())
         namespace = reference["namespace"]
         body: Any = {
             "metadata": {"generateName": f"{reference['name']}.", "namespace": namespace},
@@ -71,7 +72,7 @@ class Kube:
         found: set[str] = set()
         scopes: list[str | None] = [None]
         if self.namespaces is not None:
-            scopes = [*sorted({o.split("/", 1)[0] for o in owners} & self.namespaces)]
+            scopes = [*sorted({split_key(o)[0] for o in owners} & self.namespaces)]
         for namespace in scopes:
             try:
                 if namespace is None:
@@ -89,7 +90,7 @@ class Kube:
             if (listed.get("metadata") or {}).get("continue"):
                 return None  # a partial page: not a complete read
             found.update(
-                f"{item['metadata'].get('namespace', '')}/{item['metadata']['name']}"
+                object_key(item["metadata"].get("namespace", ""), item["metadata"]["name"])
                 for item in listed.get("items") or []
             )
         return owners & found

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 
+from npuswarm.api.meta import split_key
+
 REGISTRY = CollectorRegistry(auto_describe=True)
 CONTROLLER = "modeldeployment"
 
@@ -199,7 +201,7 @@ class PassCollector:
             for (node, state), value in sorted(view.npus.items()):
                 npus.add_metric([node, state], value)
             for key, replicas in sorted(view.deployments.items()):
-                namespace, _, name = key.partition("/")
+                namespace, name = split_key(key)
                 counts[replicas.phase] = counts.get(replicas.phase, 0) + 1
                 for metric, value in (
                     ("npuswarm_replicas_desired", replicas.desired),

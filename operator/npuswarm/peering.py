@@ -7,10 +7,13 @@ kopf's rule: an instance pauses while a live peer has a higher priority, or the 
 
 from __future__ import annotations
 
+import time
 from datetime import datetime, timedelta
 from typing import Any
 
-from npuswarm.core.nodes import parse_engine_time
+import kubernetes
+
+from npuswarm.core.clock import parse_engine_time
 
 
 def is_active(status: dict[str, Any], own_id: str, own_priority: int, now: datetime) -> bool:
@@ -41,10 +44,6 @@ def ensure_peering_object(name: str, timeout: float = 120.0, interval: float = 2
     second pass. Its CRD is; right after an install it may not be served yet, hence the wait.
     With mandatory peering, kopf would refuse to start without the object.
     """
-    import time
-
-    import kubernetes
-
     try:
         kubernetes.config.load_incluster_config()  # type: ignore[no-untyped-call]
     except kubernetes.config.ConfigException:

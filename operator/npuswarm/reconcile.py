@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, Protocol
 
 import structlog
@@ -23,7 +23,9 @@ from npuswarm import metrics
 from npuswarm.api import labels
 from npuswarm.api.deployment import ModelDeployment, ModelDeploymentStatus
 from npuswarm.api.gateway import ModelGateway, ModelGatewayStatus
+from npuswarm.api.meta import split_key
 from npuswarm.core import hostpolicy
+from npuswarm.core.clock import utcnow
 from npuswarm.core.diff import Action, Applied, PassPlan, plan_pass
 from npuswarm.core.kube_events import Event, EventType
 from npuswarm.core.nodes import NodeLimits
@@ -38,10 +40,6 @@ from npuswarm.swarm import SwarmRejected
 
 log = structlog.get_logger("npuswarm.reconcile")
 MAX_TOMBSTONES = 10_000
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 class SwarmAPI(Protocol):
@@ -94,7 +92,7 @@ class Desired:
         return {md.key for md in self.deployments} | set(self.invalid) | set(self.deleting)
 
     def watches(self, owner: str) -> bool:
-        return self.namespaces is None or owner.split("/", 1)[0] in self.namespaces
+        return self.namespaces is None or split_key(owner)[0] in self.namespaces
 
 
 @dataclass

@@ -29,8 +29,9 @@ from npuswarm.api import deployment as deployment_api
 from npuswarm.api import gateway as gateway_api
 from npuswarm.api.deployment import ModelDeployment
 from npuswarm.api.gateway import ModelGatewayStatus
-from npuswarm.api.meta import validation_message
+from npuswarm.api.meta import Indexed, Stamp, split_key, stamp, validation_message, walk_index
 from npuswarm.core import hostpolicy
+from npuswarm.core.clock import utcnow
 from npuswarm.core.kube_events import Event, EventFilter
 from npuswarm.core.relocation import FailureTracker
 from npuswarm.core.status import unavailable_status
@@ -38,7 +39,7 @@ from npuswarm.gateway.backends import parse_gateways
 from npuswarm.kube import Kube
 from npuswarm.nodehealth.runner import NodeChecker, publish_verdicts
 from npuswarm.peering import is_active
-from npuswarm.reconcile import Desired, NodeChecks, PassResult, Reconciler, utcnow
+from npuswarm.reconcile import Desired, NodeChecks, PassResult, Reconciler
 from npuswarm.settings import Settings
 from npuswarm.swarm import Swarm, SwarmUnavailable, stream_errors
 
@@ -64,7 +65,7 @@ ECHO_SECONDS = 5.0
 class Parsed:
     """kopf's index entry of one ModelDeployment, parsed once per generation."""
 
-    stamp: tuple[str, int, str | None]  # uid, generation, deletionTimestamp
+    stamp: Stamp
     model: ModelDeployment | None
     problem: str | None
     reason: str = "InvalidSpec"
@@ -260,20 +261,17 @@ class Runtime:
         deleting: set[str] = set()
         previous: dict[str, dict[str, Any]] = {}
         seen: set[str] = set()
-        for store in self.index.values():
-            for raw in store:
-                metadata = raw["metadata"]
-                key = f"{metadata.get('namespace') or 'default'}/{metadata.get('name')}"
-                seen.add(key)
-                previous[key] = self.written.get(key) or dict(raw.get("status") or {})
-                parsed = self._parse(key, raw)
-                if metadata.get("deletionTimestamp"):
-                    deleting.add(key)
-                elif parsed.model is None:
-                    generation = int(metadata.get("generation") or 0)
-                    invalid[key] = (generation, parsed.reason, parsed.problem or "")
-                else:
-                    deployments.append(parsed.model)
+        for entry in walk_index(self.index, self.written):
+            key, metadata = entry.key, entry.metadata
+            seen.add(key)
+            previous[key] = entry.previous
+            parsed = self._parse(entry)
+            if metadata.get("deletionTimestamp"):
+                deleting.add(key)
+            elif parsed.model is None:
+                invalid[key] = (parsed.stamp[1], parsed.reason, parsed.problem or "")
+            else:
+                deployments.append(parsed.model)
         for gone in set(self.parsed) - seen:
             del self.parsed[gone]
         gateways, gateway_previous = parse_gateways(self.gateway_index, self.gateways_written)
@@ -287,30 +285,25 @@ class Runtime:
             gateway_previous=gateway_previous,
         )
 
-    def _parse(self, key: str, raw: Mapping[str, Any]) -> Parsed:
-        metadata = raw["metadata"]
-        stamp = (
-            str(metadata.get("uid") or ""),
-            int(metadata.get("generation") or 0),
-            metadata.get("deletionTimestamp"),
-        )
+    def _parse(self, entry: Indexed) -> Parsed:
+        key, seen = entry.key, stamp(entry.metadata)
         cached = self.parsed.get(key)
-        if cached is not None and cached.stamp == stamp:
+        if cached is not None and cached.stamp == seen:
             return cached
         try:
             model = ModelDeployment.model_validate(
-                {"metadata": dict(metadata), "spec": dict(raw.get("spec") or {})}
+                {"metadata": dict(entry.metadata), "spec": dict(entry.spec)}
             )
         except ValidationError as error:
-            parsed = Parsed(stamp, None, validation_message(error))
+            parsed = Parsed(seen, None, validation_message(error))
         else:
             # Host safety: what the API server accepted may still reach past the operator's
             # settings (a hostPath outside the allow-list).
-            refused = hostpolicy.violations(model, self.settings)
+            refused = hostpolicy.violations(model, self.settings.allowed_host_paths)
             parsed = (
-                Parsed(stamp, None, "; ".join(refused), hostpolicy.REASON)
+                Parsed(seen, None, "; ".join(refused), hostpolicy.REASON)
                 if refused
-                else Parsed(stamp, model, None)
+                else Parsed(seen, model, None)
             )
         self.parsed[key] = parsed
         return parsed
@@ -441,7 +434,7 @@ class Runtime:
         failed: list[str] = []
 
         async def write(key: str, patch: dict[str, Any]) -> None:
-            namespace, _, name = key.partition("/")
+            namespace, name = split_key(key)
             async with limit:
                 try:
                     found = await asyncio.to_thread(
@@ -468,7 +461,7 @@ class Runtime:
         limit = asyncio.Semaphore(STATUS_WRITERS)
 
         async def post(key: str, event: Event) -> None:
-            namespace, _, name = key.partition("/")
+            namespace, name = split_key(key)
             reference = {"namespace": namespace, "name": name, "uid": uids.get(key, "")}
             async with limit:
                 try:
@@ -503,7 +496,7 @@ class Runtime:
             ("swarm-probe", self._probe_swarm),
             ("leadership", self._watch_leadership),
         ]
-        self.failing = FailureTracker(self.settings, self.reconciler.clock)
+        self.failing = FailureTracker(self.settings.relocation_rules(), self.reconciler.clock)
         if self.settings.node_validation and isinstance(self.reconciler.swarm, Swarm):
             self.checker = NodeChecker(
                 self.reconciler.swarm,

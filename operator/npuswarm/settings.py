@@ -12,12 +12,10 @@ from typing import Annotated, Any
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from npuswarm.core.hostpolicy import denied_root, normalise_host_path
+from npuswarm.core.hostpolicy import DEFAULT_ALLOWED_HOST_PATHS, denied_root, normalise_host_path
+from npuswarm.core.relocation import RelocationRules
 
 ENV_PREFIX = "NPUSWARM_"
-# Where model weights and caches usually live on a node; anything else must be allowed
-# explicitly by the cluster admin.
-DEFAULT_ALLOWED_HOST_PATHS = ("/models", "/data")
 # NPUSWARM_ALLOWED_HOST_PATHS=none: no hostPath volume at all.
 NO_HOST_PATHS = "none"
 MIN_ROOT_KEY_LENGTH = 16
@@ -126,6 +124,15 @@ class Settings(BaseSettings):
                 f"at least {MIN_ROOT_KEY_LENGTH} characters (e.g. `openssl rand -hex 32`)"
             )
         return value
+
+    def relocation_rules(self) -> RelocationRules:
+        """The failing-replica settings, as the pure core takes them."""
+        return RelocationRules(
+            threshold=self.failing_replica_threshold,
+            backoff_seconds=self.failing_replica_backoff_seconds,
+            cooldown_seconds=self.failing_replica_cooldown_seconds,
+            max_moves=self.failing_replica_max_moves,
+        )
 
     @classmethod
     def from_env(cls) -> Settings:

@@ -140,7 +140,7 @@ def test_a_replica_crashing_on_one_node_only_ends_up_running_on_another(
 
     settings = Settings(failing_replica_threshold=2, failing_replica_backoff_seconds=5)
     reconciler = Reconciler(Swarm(base_url=swarm_lab.endpoint), settings)
-    tracker = FailureTracker(settings, reconciler.clock)
+    tracker = FailureTracker(settings.relocation_rules(), reconciler.clock)
     md = model("crashy", replicas=1)
     api = swarm_lab.client(1).api
     first = swarm_lab.node_id(1)

@@ -74,12 +74,12 @@ def test_an_empty_allow_list_refuses_every_host_path() -> None:
 
 def test_violations_name_each_offending_volume() -> None:
     md = deployment(volumes=volumes("/models", "/var/run/docker.sock", "/srv/x"))
-    found = violations(md, DEFAULTS)
+    found = violations(md, DEFAULTS.allowed_host_paths)
     assert len(found) == 2
     assert found[0].startswith("spec.volumes[1]: hostPath /var/run/docker.sock is never allowed")
     assert found[1].startswith("spec.volumes[2]: hostPath /srv/x is outside")
-    assert violations(deployment(volumes=volumes("/models/a", "/data")), DEFAULTS) == []
-    assert violations(deployment(), DEFAULTS) == []
+    assert violations(deployment(volumes=volumes("/models/a", "/data")), DEFAULTS.allowed_host_paths) == []
+    assert violations(deployment(), DEFAULTS.allowed_host_paths) == []
 
 
 segments = st.sampled_from(["..", ".", "", "etc", "models", "data", "run", "var", "docker.sock", "x"])

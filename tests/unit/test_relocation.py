@@ -107,7 +107,7 @@ def test_a_pass_moves_a_failing_replica_to_another_node() -> None:
     swarm = MemorySwarm(nodes=2, npus=8)
     settings = Settings(failing_replica_threshold=2)
     reconciler = Reconciler(swarm, settings, clock=lambda: NOW)
-    tracker = FailureTracker(settings, lambda: NOW)
+    tracker = FailureTracker(settings.relocation_rules(), lambda: NOW)
     md = deployment("m", replicas=1, npusPerReplica=4)
     desired = Desired(deployments=[md])
     reconciler.run_pass(desired, tracker.checks(None))
@@ -143,7 +143,7 @@ def test_a_pass_moves_a_failing_replica_to_another_node() -> None:
 
 def test_a_replica_left_failing_gets_a_warning_event_with_why() -> None:
     settings = Settings(failing_replica_threshold=3, failing_replica_max_moves=1)
-    tracker = FailureTracker(settings, lambda: NOW)
+    tracker = FailureTracker(settings.relocation_rules(), lambda: NOW)
     tracker.histories[("default/m", "0")] = History(moves=1, last_move=NOW - timedelta(hours=1))
     swarm = MemorySwarm(nodes=1)
     snapshot = swarm.observe()

@@ -525,4 +525,4 @@ class ModelDeployment(BaseModel):
 
     @property
     def key(self) -> str:
-        return f"{self.metadata.namespace}/{self.metadata.name}"
+        return self.metadata.key

@@ -144,4 +144,4 @@ class ModelGateway(BaseModel):
 
     @property
     def key(self) -> str:
-        return f"{self.metadata.namespace}/{self.metadata.name}"
+        return self.metadata.key

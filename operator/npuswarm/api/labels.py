@@ -27,6 +27,11 @@ NOT_AFTER = f"{PREFIX}/not-after"
 INSTANCE = f"{PREFIX}/instance"
 DEFAULT_INSTANCE = "default"
 
+# An npu-smi reading's service (nodehealth/npusmi.py; value: the installation). It only reads:
+# it asks for every NPU of its node, those replicas hold included, so a pass does not read
+# it as a claim (core/snapshot.py skips services with this label).
+NPU_SMI_READING = f"{PREFIX}/npu-health-probe"
+
 # Node labels.
 NODE_NPUS = f"{PREFIX}/npus"
 NODE_NPUS_RESERVED = f"{PREFIX}/npus-reserved"

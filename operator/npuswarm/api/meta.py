@@ -4,6 +4,8 @@ the field patterns both use. Pure: no I/O.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
@@ -11,6 +13,11 @@ from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 GROUP = "npuswarm.io"
 VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
+
+# Where an object without a namespace lives, as the API server defaults it.
+DEFAULT_NAMESPACE = "default"
+# An object's (uid, generation, deletionTimestamp): what tells its spec or life changed.
+Stamp = tuple[str, int, str | None]
 
 MAX_STRING = 1024
 # An image reference: [registry[:port]/]path[:tag][@digest]; no spaces or control characters.
@@ -71,6 +78,60 @@ class ObjectMeta(BaseModel):
     labels: dict[str, str] = {}
     # Read for npuswarm.io/rotate-credential on a ModelGateway (gateway/credentials.py).
     annotations: dict[str, str] = {}
+
+    @property
+    def key(self) -> str:
+        return object_key(self.namespace, self.name)
+
+
+def object_key(namespace: str, name: str) -> str:
+    """``namespace/name``: how npuswarm names an object in its maps, labels' owners and logs."""
+    return f"{namespace}/{name}"
+
+
+def split_key(key: str) -> tuple[str, str]:
+    """``namespace/name`` -> (namespace, name)."""
+    namespace, _, name = key.partition("/")
+    return namespace, name
+
+
+def metadata_key(metadata: Mapping[str, Any]) -> str:
+    """The key of an object as kopf hands it over (raw metadata)."""
+    return object_key(metadata.get("namespace") or DEFAULT_NAMESPACE, str(metadata.get("name")))
+
+
+@dataclass(frozen=True)
+class Indexed:
+    """One object of kopf's in-memory index, as a pass reads it."""
+
+    key: str
+    metadata: Mapping[str, Any]
+    spec: Mapping[str, Any]
+    # Its last status: what this operator last wrote, else what the API server has (the index
+    # may lag behind npuswarm's own writes).
+    previous: dict[str, Any]
+
+
+def walk_index(
+    index: Mapping[Any, Iterable[Mapping[str, Any]]], written: Mapping[str, dict[str, Any]]
+) -> Iterator[Indexed]:
+    """Every object of a kopf index (``(namespace, name)`` -> store of indexed values)."""
+    for store in index.values():
+        for raw in store:
+            metadata = raw["metadata"]
+            key = metadata_key(metadata)
+            previous = written.get(key) or dict(raw.get("status") or {})
+            yield Indexed(key, metadata, raw.get("spec") or {}, previous)
+
+
+def stamp(metadata: Mapping[str, Any]) -> Stamp:
+    """What changes when an object's spec changes or its deletion starts: a status write
+    changes none of it."""
+    return (
+        str(metadata.get("uid") or ""),
+        int(metadata.get("generation") or 0),
+        metadata.get("deletionTimestamp"),
+    )
 
 
 def validation_message(error: Exception) -> str:

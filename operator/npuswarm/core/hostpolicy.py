@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import posixpath
 from collections.abc import Collection, Mapping
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from npuswarm.api.deployment import ModelDeployment
-    from npuswarm.settings import Settings
+from npuswarm.api.deployment import ModelDeployment
 
+# Where model weights and caches usually live on a node; anything else must be allowed
+# explicitly by the cluster admin (NPUSWARM_ALLOWED_HOST_PATHS).
+DEFAULT_ALLOWED_HOST_PATHS = ("/models", "/data")
 # Host paths a ModelDeployment may never mount, allow-list or not: each hands a container
 # control of the node (Docker/containerd sockets, kernel and device interfaces, credentials).
 # "/" itself is refused; paths below it only through the other entries.
@@ -89,11 +89,12 @@ def host_path_violation(host_path: str, allowed: tuple[str, ...]) -> str | None:
     return None
 
 
-def violations(md: ModelDeployment, settings: Settings) -> list[str]:
-    """Every reason the operator refuses ``md`` on this cluster; empty when it may run."""
+def violations(md: ModelDeployment, allowed_host_paths: tuple[str, ...]) -> list[str]:
+    """Every reason the operator refuses ``md`` on this cluster (``allowed_host_paths``: the
+    normalised roots of NPUSWARM_ALLOWED_HOST_PATHS); empty when it may run."""
     found = []
     for index, volume in enumerate(md.spec.volumes):
-        problem = host_path_violation(volume.hostPath, settings.allowed_host_paths)
+        problem = host_path_violation(volume.hostPath, allowed_host_paths)
         if problem is not None:
             found.append(f"spec.volumes[{index}]: {problem}")
     return found

@@ -10,6 +10,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict
 
 from npuswarm.api import labels
+from npuswarm.core.clock import parse_engine_time
 from npuswarm.core.npus import npu_id_from_device, parse_npu_ids
 
 Topology = Literal["any", "rings-of-4"]
@@ -100,19 +101,6 @@ class NodeLimits:
                 update["reserved"] = node.reserved | frozenset(withheld)
             limited.append(node.model_copy(update=update) if update else node)
         return limited
-
-
-def parse_engine_time(text: str | None) -> datetime | None:
-    if not text:
-        return None
-    # Docker prints nanoseconds; fromisoformat takes at most microseconds.
-    head, dot, tail = text.rstrip("Z").partition(".")
-    fraction = tail[:6] if dot else ""
-    try:
-        parsed = datetime.fromisoformat(f"{head}.{fraction.ljust(6, '0')}+00:00")
-    except ValueError:
-        return None
-    return parsed
 
 
 def node_from_engine(attrs: dict[str, Any]) -> NodeInfo:

@@ -22,7 +22,6 @@ from npuswarm.core.kube_events import Event
 from npuswarm.core.nodes import NodeLimits
 from npuswarm.core.placement import ReplicaKey
 from npuswarm.core.snapshot import ObservedService, ObservedTask, SwarmSnapshot
-from npuswarm.settings import Settings
 
 log = structlog.get_logger("npuswarm.failing")
 
@@ -139,25 +138,37 @@ def decide(
     return Decision(move=move, avoid=avoiding, failing=failing, histories=kept)
 
 
+@dataclass(frozen=True)
+class RelocationRules:
+    """When a failing replica moves (the NPUSWARM_FAILING_REPLICA_* settings): after
+    ``threshold`` failures in a row (0: never), each further move ``backoff_seconds`` doubled,
+    the node left avoided for ``cooldown_seconds``, at most ``max_moves`` moves."""
+
+    threshold: int
+    backoff_seconds: float
+    cooldown_seconds: float
+    max_moves: int
+
+
 class FailureTracker:
     """The histories across passes; ``checks`` adds its decision to the pass's NodeLimits."""
 
-    def __init__(self, settings: Settings, clock: Callable[[], datetime]) -> None:
-        self.settings = settings
+    def __init__(self, rules: RelocationRules, clock: Callable[[], datetime]) -> None:
+        self.rules = rules
         self.clock = clock
         self.histories: dict[ReplicaKey, History] = {}
         self._reported: dict[ReplicaKey, str] = {}
 
     def decide(self, snapshot: SwarmSnapshot) -> Decision:
-        settings = self.settings
+        rules = self.rules
         decision = decide(
             snapshot.services,
             self.histories,
             self.clock(),
-            threshold=settings.failing_replica_threshold,
-            backoff_seconds=settings.failing_replica_backoff_seconds,
-            cooldown_seconds=settings.failing_replica_cooldown_seconds,
-            max_moves=settings.failing_replica_max_moves,
+            threshold=rules.threshold,
+            backoff_seconds=rules.backoff_seconds,
+            cooldown_seconds=rules.cooldown_seconds,
+            max_moves=rules.max_moves,
             hostnames={n.id: n.hostname for n in snapshot.nodes},
         )
         self.histories = decision.histories

@@ -14,10 +14,10 @@ from typing import Any
 
 from npuswarm.api import labels
 from npuswarm.api.deployment import ModelDeployment
+from npuswarm.core.clock import SECOND_NS
 from npuswarm.core.npus import format_npu_ids
 from npuswarm.core.placement import Assignment
 
-SECOND_NS = 1_000_000_000
 MAX_SERVICE_NAME = 63
 
 
@@ -34,7 +34,7 @@ def free_service_name(md: ModelDeployment, slot: str, taken: Collection[str]) ->
     name = service_name(md, slot)
     if name not in taken:
         return name
-    owner = hashlib.sha256(f"{md.metadata.namespace}/{md.metadata.name}".encode()).hexdigest()[:8]
+    owner = hashlib.sha256(md.key.encode()).hexdigest()[:8]
     return _fit(f"{md.metadata.namespace}-{md.metadata.name}-{owner}-{slot}")
 
 

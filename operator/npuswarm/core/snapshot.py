@@ -4,14 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from npuswarm.api import labels
-from npuswarm.core.nodes import NodeInfo, node_from_engine, parse_engine_time
+from npuswarm.api.meta import object_key
+from npuswarm.core.clock import EPOCH, parse_engine_time
+from npuswarm.core.nodes import NodeInfo, node_from_engine
 from npuswarm.core.npus import npu_id_from_device, parse_npu_ids
 from npuswarm.core.placement import Allocation
-from npuswarm.nodehealth.npusmi import is_reading
 
 
 @dataclass(frozen=True)
@@ -43,8 +44,14 @@ class ObservedService:
 
     @property
     def deployment(self) -> str:
-        namespace = self.labels.get(labels.OWNER_NAMESPACE, "")
-        return f"{namespace}/{self.labels.get(labels.OWNER_NAME, '')}"
+        return object_key(
+            self.labels.get(labels.OWNER_NAMESPACE, ""), self.labels.get(labels.OWNER_NAME, "")
+        )
+
+    @property
+    def gateway(self) -> str:
+        """The ``namespace/name`` of the ModelGateway a gateway service belongs to."""
+        return _gateway_of(self.labels)
 
     @property
     def slot(self) -> str:
@@ -183,7 +190,7 @@ def snapshot_from_engine(
     others: list[dict[str, Any]] = []
     for raw in services:
         service_labels = (raw.get("Spec") or {}).get("Labels") or {}
-        if is_reading(service_labels):
+        if labels.NPU_SMI_READING in service_labels:
             continue  # reads npu-smi only: it shares NPUs and claims none (nodehealth/npusmi.py)
         (owned if is_own(service_labels, instance) else others).append(raw)
     by_id: dict[str, ObservedService] = {}
@@ -243,8 +250,13 @@ class ObservedSecret:
     @property
     def gateway(self) -> str:
         """The ``namespace/name`` of the ModelGateway it belongs to."""
-        namespace = self.labels.get(labels.GATEWAY_NAMESPACE, "")
-        return f"{namespace}/{self.labels.get(labels.GATEWAY_NAME, '')}"
+        return _gateway_of(self.labels)
+
+
+def _gateway_of(object_labels: dict[str, str]) -> str:
+    return object_key(
+        object_labels.get(labels.GATEWAY_NAMESPACE, ""), object_labels.get(labels.GATEWAY_NAME, "")
+    )
 
 
 def secrets_from_engine(raw: list[dict[str, Any]], instance: str) -> list[ObservedSecret]:
@@ -360,9 +372,6 @@ def _split_constraint(constraint: str) -> tuple[str, str, str]:
     return constraint, "", ""
 
 
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-
-
 def _task_from_engine(raw: dict[str, Any]) -> ObservedTask:
     status = raw.get("Status") or {}
     container_labels = ((raw.get("Spec") or {}).get("ContainerSpec") or {}).get("Labels") or {}
@@ -373,8 +382,8 @@ def _task_from_engine(raw: dict[str, Any]) -> ObservedTask:
         state=status.get("State", "unknown"),
         desired_state=raw.get("DesiredState", "unknown"),
         error=status.get("Err") or None,
-        created=parse_engine_time(raw.get("CreatedAt")) or _EPOCH,
-        updated=parse_engine_time(status.get("Timestamp") or raw.get("UpdatedAt")) or _EPOCH,
+        created=parse_engine_time(raw.get("CreatedAt")) or EPOCH,
+        updated=parse_engine_time(status.get("Timestamp") or raw.get("UpdatedAt")) or EPOCH,
         spec_hash=container_labels.get(labels.SPEC_HASH),
         addresses=tuple(
             (str(((a.get("Network") or {}).get("Spec") or {}).get("Name", "")), ip.split("/")[0])

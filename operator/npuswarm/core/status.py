@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -11,6 +10,7 @@ from typing import Any
 from npuswarm.api.deployment import ModelDeployment, ModelDeploymentStatus, Phase, ReplicaStatus
 from npuswarm.api.labels import SPEC_HASH
 from npuswarm.api.meta import Condition, ConditionStatus, ConditionType
+from npuswarm.core.clock import TIMESTAMP, timestamp
 from npuswarm.core.diff import Applied, PassPlan
 from npuswarm.core.nodes import NodeInfo
 from npuswarm.core.placement import Unplaced
@@ -28,15 +28,6 @@ class ConditionValue:
     status: ConditionStatus
     reason: str
     message: str = ""
-
-
-TIMESTAMP = "%Y-%m-%dT%H:%M:%SZ"
-
-
-@functools.lru_cache(maxsize=8)
-def timestamp(now: datetime) -> str:
-    # One pass stamps thousands of conditions with the same instant.
-    return now.strftime(TIMESTAMP)
 
 
 def kstatus_conditions(

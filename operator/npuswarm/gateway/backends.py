@@ -20,11 +20,10 @@ from pydantic import ValidationError
 
 from npuswarm.api.deployment import ModelDeployment
 from npuswarm.api.gateway import GatewayModelStatus, ModelGateway, ModelGatewayStatus
-from npuswarm.api.meta import ConditionType
+from npuswarm.api.meta import ConditionType, walk_index
 from npuswarm.core.diff import Action
 from npuswarm.core.snapshot import ObservedService, SwarmSnapshot
 from npuswarm.core.status import ConditionValue, conditions
-from npuswarm.gateway.service import gateway_of
 
 log = structlog.get_logger("npuswarm.gateway")
 GatewayPhase = Literal["Pending", "Ready", "Degraded"]
@@ -109,7 +108,7 @@ def running_replicas(gateway: ModelGateway, snapshot: SwarmSnapshot) -> list[Gat
     published in host mode, the only way to reach one given replica from outside Swarm."""
     found: list[GatewayReplica] = []
     for service in snapshot.gateway_services:
-        if gateway_of(service) != gateway.key:
+        if service.gateway != gateway.key:
             continue
         for task in service.tasks:
             if task.state != "running" or task.desired_state != "running" or not task.node_id:
@@ -213,19 +212,16 @@ def parse_gateways(
     what the model refuses, so an invalid one is only logged and skipped."""
     gateways: list[ModelGateway] = []
     previous: dict[str, dict[str, Any]] = {}
-    for store in index.values():
-        for raw in store:
-            metadata = raw["metadata"]
-            key = f"{metadata.get('namespace') or 'default'}/{metadata.get('name')}"
-            previous[key] = written.get(key) or dict(raw.get("status") or {})
-            if metadata.get("deletionTimestamp"):
-                continue
-            try:
-                gateways.append(
-                    ModelGateway.model_validate(
-                        {"metadata": dict(metadata), "spec": dict(raw.get("spec") or {})}
-                    )
+    for entry in walk_index(index, written):
+        previous[entry.key] = entry.previous
+        if entry.metadata.get("deletionTimestamp"):
+            continue
+        try:
+            gateways.append(
+                ModelGateway.model_validate(
+                    {"metadata": dict(entry.metadata), "spec": dict(entry.spec)}
                 )
-            except ValidationError as error:
-                log.warning("invalid ModelGateway skipped", gateway=key, error=str(error))
+            )
+        except ValidationError as error:
+            log.warning("invalid ModelGateway skipped", gateway=entry.key, error=str(error))
     return sorted(gateways, key=lambda g: g.key), previous

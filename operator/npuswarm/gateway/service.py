@@ -17,8 +17,9 @@ from typing import Any
 
 from npuswarm.api import labels
 from npuswarm.api.gateway import ModelGateway
+from npuswarm.core.clock import SECOND_NS
 from npuswarm.core.diff import Action
-from npuswarm.core.render import SECOND_NS, health_command, network_labels
+from npuswarm.core.render import health_command, network_labels
 from npuswarm.core.snapshot import ObservedSecret, ObservedService, SwarmSnapshot
 from npuswarm.gateway import protocol
 from npuswarm.gateway.credentials import (
@@ -36,8 +37,10 @@ GATEWAY_UID = "10001"
 SECRET_PREFIX_LENGTH = 40  # of the service name, in a secret's name (Swarm allows 64)
 
 
-def gateway_key(gateway: ModelGateway) -> str:
-    return f"gateway:{gateway.key}"
+def gateway_key(key: str) -> str:
+    """Where a gateway's ``namespace/name`` shares a map with deployments' keys (its services'
+    writes, the generations the handlers saw)."""
+    return f"gateway:{key}"
 
 
 def identity(gateway: ModelGateway) -> GatewayIdentity:
@@ -173,12 +176,12 @@ def gateway_actions(
     incomplete index)."""
     by_owner: dict[str, list[ObservedService]] = {}
     for service in snapshot.gateway_services:
-        by_owner.setdefault(gateway_of(service), []).append(service)
+        by_owner.setdefault(service.gateway, []).append(service)
     actions: list[Action] = []
     for gateway in gateways:
         if gateway.key in deleting:
             continue
-        key = gateway_key(gateway)
+        key = gateway_key(gateway.key)
         if gateway.key not in mounts:
             continue  # its secrets could not be made in this pass: the next one tries again
         spec = render_gateway(gateway, instance, mounts[gateway.key])
@@ -213,12 +216,6 @@ def gateway_actions(
             for s in extras
         ]
     return actions
-
-
-def gateway_of(service: ObservedService) -> str:
-    """The ``namespace/name`` of the ModelGateway a gateway service belongs to."""
-    namespace = service.labels.get(labels.GATEWAY_NAMESPACE, "")
-    return f"{namespace}/{service.labels.get(labels.GATEWAY_NAME, '')}"
 
 
 def _replicas(service: ObservedService) -> int:

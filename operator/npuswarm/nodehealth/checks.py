@@ -21,7 +21,7 @@ from typing import Any
 
 from npuswarm.api import labels
 from npuswarm.core.nodes import NodeInfo
-from npuswarm.core.npus import format_npu_ids
+from npuswarm.core.npus import format_npu_ids, parse_npu_ids
 
 # Check services carry these labels and never npuswarm's managed-by label: they are not
 # replicas, so a pass reads them as foreign claims (their NPUs are taken while they live)
@@ -337,8 +337,6 @@ def _checks(host: str, npus: frozenset[int], result: TaskResult, timed_out: bool
 
 
 def _same_ids(text: str, npus: frozenset[int]) -> bool:
-    from npuswarm.core.npus import parse_npu_ids
-
     try:
         return parse_npu_ids(text) == npus
     except ValueError:

@@ -19,9 +19,7 @@ from npuswarm.api import labels
 from npuswarm.core.nodes import NodeInfo
 from npuswarm.core.npus import format_npu_ids
 
-# A reading only reads: it asks for every NPU of the node, those replicas hold
-# included, so a pass does not read it as a claim (core/snapshot.py skips services with this label).
-READING = f"{labels.PREFIX}/npu-health-probe"  # value: the installation
+READING = labels.NPU_SMI_READING  # value: the installation
 READING_NODE = f"{labels.PREFIX}/probe-node"
 NAME_PREFIX = "npuswarm-health"
 # npu-smi's Health column: OK and Warning still serve; Alarm, Critical and anything unknown
@@ -120,10 +118,6 @@ def reading_spec(node: NodeInfo, image: str, instance: str, nonce: str) -> dict[
         },
         "Mode": {"ReplicatedJob": {"MaxConcurrent": 1, "TotalCompletions": 1}},
     }
-
-
-def is_reading(service_labels: Mapping[str, str]) -> bool:
-    return READING in service_labels
 
 
 def unhealthy_since(

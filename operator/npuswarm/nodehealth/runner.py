@@ -12,16 +12,16 @@ installation are removed at startup.
 from __future__ import annotations
 
 import threading
-import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, Protocol
 
 import structlog
 
 from npuswarm import metrics
+from npuswarm.core.clock import utcnow
 from npuswarm.core.diff import PassPlan
 from npuswarm.core.nodes import NodeInfo, NodeLimits
 from npuswarm.core.snapshot import SwarmSnapshot
@@ -38,10 +38,6 @@ log = structlog.get_logger("npuswarm.probes")
 # its exit code alone decides (Swarm fetches logs from the node, a moment after the end).
 LOG_ATTEMPTS = 3
 MIB = 1024 * 1024
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 @dataclass
@@ -337,33 +333,6 @@ def held_npus(snapshot: SwarmSnapshot) -> dict[str, set[int]]:
         if not allocation.foreign:
             held.setdefault(allocation.node_id, set()).update(allocation.npus)
     return held
-
-
-def check_now(
-    swarm: Any, settings: Settings, image: str, timeout_seconds: float, poll_seconds: float = 0.5
-) -> tuple[dict[str, Verdict], dict[str, NodeHealth]]:
-    """Check every node with free NPUs once, now, then read `npu-smi info` on the nodes that
-    passed, and wait for the answers (`npuswarm nodes --validate`). Checks of a running
-    operator are left alone."""
-    from npuswarm.reconcile import Desired, Reconciler
-
-    reconciler = Reconciler(swarm, settings)
-    try:
-        checker = NodeChecker(
-            swarm, settings, reconciler.lock, lambda: reconciler.last_plan, clean_stale=False
-        )
-        with reconciler.lock:
-            reconciler.last_plan = reconciler.plan(Desired())
-        wanted: list[tuple[dict[str, str], str]] = [({}, image)]
-        checker.step(wanted)
-        deadline = time.monotonic() + timeout_seconds
-        while (checker.running or checker.readings_running) and time.monotonic() < deadline:
-            time.sleep(poll_seconds)
-            checker.step(wanted)
-        checker.close()
-        return checker.verdicts(), checker.readings()
-    finally:
-        reconciler.close()
 
 
 def _create_task(swarm: CheckSwarm, spec: dict[str, Any]) -> str:

@@ -13,7 +13,7 @@ from typing import Any, Literal
 import yaml
 
 from npuswarm.api import deployment as deployment_api
-from npuswarm.core.render import SECOND_NS
+from npuswarm.core.clock import SECOND_NS
 
 # --- Facts about `docker stack deploy` --------------------------------------------------------
 

@@ -18,10 +18,9 @@ from npuswarm.api import deployment as deployment_api
 from npuswarm.api import labels, meta
 from npuswarm.api.deployment import ModelDeployment
 from npuswarm.api.meta import validation_message
-from npuswarm.core.hostpolicy import host_path_violation
+from npuswarm.core.clock import SECOND_NS
+from npuswarm.core.hostpolicy import DEFAULT_ALLOWED_HOST_PATHS, host_path_violation
 from npuswarm.core.npus import format_npu_ids, npu_id_from_device, parse_npu_ids
-from npuswarm.core.render import SECOND_NS
-from npuswarm.settings import DEFAULT_ALLOWED_HOST_PATHS
 from npuswarm.stackfiles.compose import (
     EXTENSION,
     RUNTIME_CONTROL_DEVICES,
