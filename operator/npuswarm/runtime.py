@@ -33,13 +33,14 @@ from npuswarm.api.meta import Indexed, Stamp, split_key, stamp, validation_messa
 from npuswarm.core import hostpolicy
 from npuswarm.core.clock import utcnow
 from npuswarm.core.kube_events import Event, EventFilter
+from npuswarm.core.pipeline import Desired
 from npuswarm.core.relocation import FailureTracker
 from npuswarm.core.status import unavailable_status
 from npuswarm.gateway.backends import parse_gateways
 from npuswarm.kube import Kube
 from npuswarm.nodehealth.runner import NodeChecker, publish_verdicts
 from npuswarm.peering import is_active
-from npuswarm.reconcile import Desired, NodeChecks, PassResult, Reconciler
+from npuswarm.reconcile import NodeChecks, PassResult, Reconciler
 from npuswarm.settings import Settings
 from npuswarm.swarm import Swarm, SwarmUnavailable, stream_errors
 

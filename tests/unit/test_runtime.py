@@ -176,7 +176,7 @@ def test_a_refused_status_write_asks_for_a_pass_soon_and_is_not_remembered(monke
 
     from npuswarm import runtime as runtime_module
     from npuswarm.api.deployment import ModelDeploymentStatus
-    from npuswarm.reconcile import Desired
+    from npuswarm.core.pipeline import Desired
 
     monkeypatch.setattr(runtime_module, "STATUS_RETRY_SECONDS", 0.01)
     rt = runtime({})
@@ -212,7 +212,7 @@ def test_an_orphan_the_api_server_cannot_confirm_is_kept_and_asked_about_again_s
 
     from npuswarm import runtime as runtime_module
     from npuswarm.api.deployment import ModelDeployment
-    from npuswarm.reconcile import Desired
+    from npuswarm.core.pipeline import Desired
 
     monkeypatch.setattr(runtime_module, "ORPHAN_RETRY_SECONDS", 0.01)
     rt = runtime({})

@@ -1,21 +1,25 @@
 """Placement: which node and which NPUs each replica of every ModelDeployment gets. Pure.
 
-The same inputs always give the same result, whatever order allocations were listed in:
-requests come in priority order (oldest deployment first), and everything else is sorted.
+Step 2 of the pass (core/pipeline.py): place_all turns every deployment into replica requests,
+oldest first, and places them all at once. The same inputs always give the same result,
+whatever order allocations were listed in: requests come in priority order (oldest deployment
+first), and everything else is sorted. Step 5 (the surge) takes spare NPUs from the same
+result with spare_assignment.
 """
 
 from __future__ import annotations
 
 import heapq
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
+from npuswarm.api.deployment import ModelDeployment
 from npuswarm.core import topology
-from npuswarm.core.nodes import NodeInfo
+from npuswarm.core.nodes import NodeInfo, NodeLimits
 
 ReplicaKey = tuple[str, str]  # (deployment "namespace/name", slot)
 CandidateKey = tuple[tuple[tuple[str, str], ...], str | None]  # (nodeSelector, pinned node)
@@ -116,6 +120,8 @@ class PlacementResult:
     free: dict[str, set[int]] = field(default_factory=dict)
     # Nodes that already run a replica of a deployment (for one-replica-per-node requests).
     nodes_used: dict[str, set[str]] = field(default_factory=dict)
+    # Each deployment's replica requests, by deployment key, oldest deployment first.
+    requests: dict[str, list[ReplicaRequest]] = field(default_factory=dict)
     _by_deployment: dict[str, dict[str, Assignment]] = field(default_factory=dict)
     _candidates: dict[CandidateKey, list[NodeInfo]] = field(default_factory=dict)
     _accepting: dict[CandidateKey, list[NodeInfo]] = field(default_factory=dict)
@@ -147,6 +153,81 @@ class PlacementResult:
         """In slot order; looked up, not scanned: every deployment of a pass asks."""
         slots = self._by_deployment.get(deployment, {})
         return [slots[slot] for slot in sorted(slots)]
+
+
+def priority(md: ModelDeployment, position: int) -> tuple[str, int, str, str]:
+    """Older deployments are placed first, so a newcomer can never take NPUs from them.
+
+    Objects not yet created (files given to `npuswarm plan`) come last, in the given order.
+    """
+    created = md.metadata.creationTimestamp
+    return (created or "~", 0 if created else position, md.metadata.namespace, md.metadata.name)
+
+
+def by_priority(deployments: list[ModelDeployment]) -> list[ModelDeployment]:
+    ranked = sorted(enumerate(deployments), key=lambda item: priority(item[1], item[0]))
+    return [md for _, md in ranked]
+
+
+def replica_requests(md: ModelDeployment, nodes: Iterable[NodeInfo]) -> list[ReplicaRequest]:
+    spec = md.spec
+    common: dict[str, Any] = {
+        "deployment": md.key,
+        "npus": spec.npus_per_replica,
+        "node_selector": spec.nodeSelector,
+        # Fixed NPU ids, like a host port, can be taken only once per node.
+        "one_per_node": spec.npuIds is not None
+        or (spec.publish is not None and spec.publish.mode == "host"),
+        "npu_ids": frozenset(spec.npuIds) if spec.npuIds is not None else None,
+    }
+    if spec.mode == "Replicated":
+        return [ReplicaRequest(slot=str(index), **common) for index in range(spec.replicas)]
+    # PerNode: every matching node with NPUs, including one that is down right now: its
+    # replica waits for it rather than being dropped and recreated on every flap.
+    return [
+        ReplicaRequest(slot=node.id, pinned_node=node.id, **common)
+        for node in sorted(nodes, key=lambda n: n.id)
+        if node.matches(spec.nodeSelector) and node.usable_npus and not node.drained
+    ]
+
+
+def place_all(
+    ranked: list[ModelDeployment],
+    nodes: list[NodeInfo],
+    allocations: list[Allocation],
+    *,
+    now: datetime,
+    lost_node_grace_seconds: float,
+    limits: NodeLimits | None = None,
+) -> PlacementResult:
+    """One placement over every deployment (``ranked``: by_priority's order), so each
+    deployment of a pass sees the same global answer; ``result.requests`` keeps each one's
+    requests. ``limits`` (node checks, failing replicas): nodes that get no new replica (what
+    runs there stays), NPUs given to nobody (a replica holding one moves), replicas that move
+    and the nodes each avoids."""
+    placeable = limits.apply(nodes) if limits is not None else nodes
+    avoid = limits.avoid if limits is not None else {}
+    requests_by_deployment: dict[str, list[ReplicaRequest]] = {}
+    ordered: list[ReplicaRequest] = []
+    for md in ranked:
+        requests = replica_requests(md, placeable)
+        if avoid:
+            requests = [
+                r.model_copy(update={"avoid_nodes": avoid[r.key]}) if r.key in avoid else r
+                for r in requests
+            ]
+        requests_by_deployment[md.key] = requests
+        ordered.extend(requests)
+    result = place(
+        placeable,
+        ordered,
+        allocations,
+        now=now,
+        lost_node_grace_seconds=lost_node_grace_seconds,
+        move=limits.move if limits is not None else None,
+    )
+    result.requests = requests_by_deployment
+    return result
 
 
 def place(

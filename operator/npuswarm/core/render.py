@@ -3,13 +3,17 @@
 The output is Engine API JSON (``POST /services/create``), so what is tested here is exactly
 what is sent. One service per replica, because every replica needs its own
 ASCEND_VISIBLE_DEVICES and Swarm gives all tasks of a service the same env.
+
+Step 3 of the pass (core/pipeline.py): render_slots gives each placed replica of a deployment
+the spec it wants and the service that spec is compared with in step 4, the diff.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from npuswarm.api import labels
@@ -17,6 +21,7 @@ from npuswarm.api.deployment import ModelDeployment
 from npuswarm.core.clock import SECOND_NS
 from npuswarm.core.npus import format_npu_ids
 from npuswarm.core.placement import Assignment
+from npuswarm.core.snapshot import ObservedService, SwarmSnapshot
 
 MAX_SERVICE_NAME = 63
 
@@ -331,3 +336,55 @@ class Renderer:
         self._rendered[key] = entry
         self._essentials[id(entry[0])] = entry[1]
         return entry
+
+
+@dataclass(frozen=True)
+class SlotSpec:
+    """Step 3's answer for one placed replica: the spec it wants, the service that spec is
+    compared with (None: there is none, create it), and every service found for the slot."""
+
+    slot: str
+    spec: dict[str, Any]
+    primary: ObservedService | None
+    services: list[ObservedService]
+    # The slot holds an old copy and a surge copy (maxSurge) and ``primary`` is the surge copy
+    # that is up to date: the others go once it is ready, and nothing is rendered anew.
+    settled: bool = False
+
+
+def render_slots(
+    md: ModelDeployment,
+    assignments: list[Assignment],
+    by_slot: Mapping[str, list[ObservedService]],
+    snapshot: SwarmSnapshot,
+    renderer: Renderer,
+) -> dict[str, SlotSpec]:
+    """Each placed replica's spec, in slot order. A slot keeps its service's name (Swarm cannot
+    rename one); a new one gets a name no service of the Swarm has."""
+    slots: dict[str, SlotSpec] = {}
+    for assignment in assignments:
+        slot = assignment.slot
+        services = sorted(by_slot.get(slot, []), key=lambda s: s.name)
+        if len(services) > 1:
+            current = [s for s in services if _up_to_date(md, s, renderer)]
+            if current:
+                newest = current[0]
+                allocation = newest.allocation()
+                assert allocation is not None  # _up_to_date renders from the allocation
+                spec = renderer.render(md, allocation.kept(), name=newest.name)
+                slots[slot] = SlotSpec(slot, spec, newest, services, settled=True)
+                continue
+        primary = next((s for s in services if s.name == service_name(md, slot)), None)
+        if primary is None and services:
+            primary = services[0]
+        name = primary.name if primary else free_service_name(md, slot, snapshot.names())
+        slots[slot] = SlotSpec(slot, renderer.render(md, assignment, name=name), primary, services)
+    return slots
+
+
+def _up_to_date(md: ModelDeployment, service: ObservedService, renderer: Renderer) -> bool:
+    allocation = service.allocation()
+    if allocation is None:
+        return False
+    rendered = renderer.render(md, allocation.kept(), name=service.name)
+    return renderer.matches(service.id, service.version, service.spec, rendered)

@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
+from npuswarm.api import labels
 from npuswarm.api.deployment import ModelDeployment, ModelDeploymentStatus, Phase, ReplicaStatus
 from npuswarm.api.labels import SPEC_HASH
 from npuswarm.api.meta import Condition, ConditionStatus, ConditionType
 from npuswarm.core.clock import TIMESTAMP, timestamp
-from npuswarm.core.diff import Applied, PassPlan
-from npuswarm.core.nodes import NodeInfo
+from npuswarm.core.diff import Action, Applied, PassPlan
+from npuswarm.core.nodes import NodeInfo, NodeLimits
+from npuswarm.core.npus import parse_npu_ids
 from npuswarm.core.placement import Unplaced
 from npuswarm.core.render import network_alias
+from npuswarm.core.snapshot import SwarmSnapshot
 
 MAX_MESSAGE = 1024
 # A Swarm outage reads as work under way (Reconciling) this long, then as Stalled (Degraded):
@@ -361,3 +364,55 @@ def _held_status(
         ),
         **kept,
     )
+
+
+NPU_STATES = ("allocated", "foreign", "reserved", "free", "unhealthy")
+
+
+def npu_states(
+    snapshot: SwarmSnapshot,
+    foreign: Mapping[str, Mapping[int, str]],
+    applied: Iterable[Action],
+    limits: NodeLimits | None = None,
+) -> dict[tuple[str, str], int]:
+    """NPUs per (node, state) once this pass's writes landed: npuswarm's claims from its
+    labels, NPUs that services npuswarm does not own hold (or processes it did not start
+    use), reserved, free, and unhealthy: every NPU of a node that is not ready, and those
+    npu-smi reads unhealthy that no replica holds."""
+    claims = {a.service: (a.node_id, a.npus) for a in snapshot.allocations() if not a.foreign}
+    for action in applied:
+        if action.kind == "remove":
+            claims.pop(action.service_name, None)
+        elif action.spec is not None:
+            service_labels = action.spec["Labels"]
+            claims[action.service_name] = (
+                service_labels[labels.NODE],
+                parse_npu_ids(service_labels[labels.NPUS]),
+            )
+    claimed: dict[str, set[int]] = {}
+    for node_id, npus in claims.values():
+        claimed.setdefault(node_id, set()).update(npus)
+    counts: dict[tuple[str, str], int] = {}
+    for node in snapshot.nodes:
+        name = node.hostname or node.id
+        allocated = claimed.get(node.id, set()) & node.npus
+        held = set(foreign.get(node.id, {})) & node.npus - allocated
+        reserved = node.reserved & node.npus
+        sick: set[int] = set()
+        if limits is not None:
+            held |= set(limits.busy.get(node.id) or {}) & node.usable_npus - allocated
+            sick = set(limits.npus.get(node.id) or {}) & node.usable_npus - allocated - held
+        if node.state == "ready":
+            values = {
+                "allocated": len(allocated),
+                "foreign": len(held),
+                "reserved": len(reserved),
+                "free": len(node.usable_npus - allocated - held - sick),
+                "unhealthy": len(sick),
+            }
+        else:
+            values = dict.fromkeys(NPU_STATES, 0)
+            values["reserved"] = len(reserved)
+            values["unhealthy"] = len(node.usable_npus)
+        counts.update({(name, state): value for state, value in values.items()})
+    return counts
