@@ -133,6 +133,8 @@ class PlacementResult:
     _keys_of_node: dict[str, list[CandidateKey]] = field(default_factory=dict)
     # Hostname order makes ties deterministic and lets a scan stop at the first exact fit.
     _ordered: list[NodeInfo] = field(default_factory=list)
+    # (node, NPU) -> (deployment, service) of whoever claimed it (foreign: no deployment).
+    _holders: dict[tuple[str, int], tuple[str, str]] = field(default_factory=dict)
 
     def claim(self, node_id: str, npus: frozenset[int]) -> None:
         self.taken.setdefault(node_id, set()).update(npus)
@@ -143,6 +145,12 @@ class PlacementResult:
         for key in self._keys_of_node.get(node_id, ()):
             entry = (self._nodes[node_id].hostname, node_id)
             heapq.heappush(self._buckets[key].setdefault(len(free), []), entry)
+
+    def hold(self, node_id: str, npus: frozenset[int], deployment: str, service: str) -> None:
+        """``claim``, remembering who holds each NPU (to name it in a conflict)."""
+        self.claim(node_id, npus)
+        for npu in npus:
+            self._holders[(node_id, npu)] = (deployment, service)
 
     def assign(self, assignment: Assignment) -> None:
         self.assignments[assignment.key] = assignment
@@ -244,26 +252,41 @@ def place(
     moving = move or {}
     result = PlacementResult()
     result._ordered = sorted(nodes, key=lambda n: (n.hostname, n.id))
-    nodes_by_id = result._nodes
-    nodes_by_id.update({node.id: node for node in nodes})
-    taken = result.taken
-    taken.update({node.id: set() for node in nodes})
+    result._nodes.update({node.id: node for node in nodes})
+    result.taken.update({node.id: set() for node in nodes})
     result.free.update({node.id: set(node.usable_npus) for node in nodes})
-    holder: dict[tuple[str, int], tuple[str, str]] = {}  # -> (deployment, service)
-    priority = {request.key: index for index, request in enumerate(requests)}
     requests_by_key = {request.key: request for request in requests}
+    for allocation in _claim_order(allocations, requests):
+        if allocation.foreign:
+            _hold_foreign(result, allocation)
+            continue
+        request = requests_by_key.get(allocation.key)
+        _keep_or_move(result, allocation, request, moving, now, lost_node_grace_seconds)
+    for request in requests:
+        if request.key in result.assignments:
+            continue
+        assignment = _best_fit(request, result)
+        if isinstance(assignment, Unplaced):
+            result.unplaced[request.key] = assignment
+            continue
+        result.assign(assignment)
+        result.hold(
+            assignment.node_id,
+            assignment.npus,
+            request.deployment,
+            f"{request.deployment}[{request.slot}]",
+        )
+    return result
 
-    def claim(node_id: str, npus: frozenset[int], deployment: str, service: str) -> None:
-        result.claim(node_id, npus)
-        for npu in npus:
-            holder[(node_id, npu)] = (deployment, service)
 
-    # Desired replicas claim first (by priority), then allocations nobody wants any more:
-    # those still run until removed, so their NPUs stay taken in this pass. Foreign claims
-    # come last: a replica that already runs keeps its NPUs when a foreign service appears
-    # on them (both keep running, the conflict is reported), and no new replica is ever
-    # placed on them.
-    ordered = sorted(
+def _claim_order(allocations: list[Allocation], requests: list[ReplicaRequest]) -> list[Allocation]:
+    """Desired replicas claim first (by priority), then allocations nobody wants any more:
+    those still run until removed, so their NPUs stay taken in this pass. Foreign claims
+    come last: a replica that already runs keeps its NPUs when a foreign service appears
+    on them (both keep running, the conflict is reported), and no new replica is ever
+    placed on them."""
+    priority = {request.key: index for index, request in enumerate(requests)}
+    return sorted(
         allocations,
         key=lambda a: (
             a.foreign,
@@ -273,67 +296,71 @@ def place(
             a.service,
         ),
     )
-    for allocation in ordered:
-        if allocation.foreign:
-            held = result.foreign.setdefault(allocation.node_id, {})
-            held.update(dict.fromkeys(allocation.npus, allocation.service))
-        overlap = sorted(npu for npu in allocation.npus if npu in taken.get(allocation.node_id, ()))
-        if overlap:
-            owner, other = holder[(allocation.node_id, overlap[0])]
-            if allocation.foreign:
-                if owner:  # two foreign services overlapping is not npuswarm's to report
-                    result.conflicts.append(
-                        (
-                            owner,
-                            f"service {allocation.service}, not managed by npuswarm, also uses "
-                            f"NPUs {overlap} on node {allocation.node_id} held by {other}",
-                        )
-                    )
-                claim(allocation.node_id, allocation.npus - taken[allocation.node_id], "", "")
-                continue
-            result.conflicts.append(
-                (
-                    allocation.deployment,
-                    f"service {allocation.service} claims NPUs {overlap} on node "
-                    f"{allocation.node_id} already claimed by {other}",
-                )
-            )
-            if allocation.key in requests_by_key and allocation.key not in result.assignments:
-                result.moved[allocation.key] = f"NPUs {overlap} are also claimed by {other}"
-            continue
-        if allocation.foreign:
-            claim(allocation.node_id, allocation.npus, "", allocation.service)
-            continue
-        request = requests_by_key.get(allocation.key)
-        if request is not None and allocation.key not in result.assignments:
-            problem = moving.get(allocation.key) or _keep_problem(
-                allocation, request, nodes_by_id, now, lost_node_grace_seconds, result
-            )
-            if problem is None:
-                result.assign(allocation.kept())
-            else:
-                result.moved[allocation.key] = problem
-                if _node_lost(allocation.node_id, nodes_by_id, now, lost_node_grace_seconds):
-                    # A lost node's NPUs are unreachable anyway; not claiming them lets the
-                    # replica's service be re-pointed without waiting for the node.
-                    continue
-        claim(allocation.node_id, allocation.npus, allocation.deployment, allocation.service)
 
-    for request in requests:
-        if request.key in result.assignments:
-            continue
-        assignment = _best_fit(request, result)
-        if isinstance(assignment, Unplaced):
-            result.unplaced[request.key] = assignment
-            continue
-        result.assign(assignment)
-        claim(
-            assignment.node_id,
-            assignment.npus,
-            request.deployment,
-            f"{request.deployment}[{request.slot}]",
+
+def _overlap(result: PlacementResult, allocation: Allocation) -> list[int]:
+    taken = result.taken.get(allocation.node_id, ())
+    return sorted(npu for npu in allocation.npus if npu in taken)
+
+
+def _hold_foreign(result: PlacementResult, allocation: Allocation) -> None:
+    """NPUs a service npuswarm does not own holds: taken, whoever else claims them."""
+    held = result.foreign.setdefault(allocation.node_id, {})
+    held.update(dict.fromkeys(allocation.npus, allocation.service))
+    overlap = _overlap(result, allocation)
+    if not overlap:
+        result.hold(allocation.node_id, allocation.npus, "", allocation.service)
+        return
+    owner, other = result._holders[(allocation.node_id, overlap[0])]
+    if owner:  # two foreign services overlapping is not npuswarm's to report
+        result.conflicts.append(
+            (
+                owner,
+                f"service {allocation.service}, not managed by npuswarm, also uses "
+                f"NPUs {overlap} on node {allocation.node_id} held by {other}",
+            )
         )
-    return result
+    result.hold(allocation.node_id, allocation.npus - result.taken[allocation.node_id], "", "")
+
+
+def _keep_or_move(
+    result: PlacementResult,
+    allocation: Allocation,
+    request: ReplicaRequest | None,
+    moving: Mapping[ReplicaKey, str],
+    now: datetime,
+    grace: float,
+) -> None:
+    """One of npuswarm's allocations: kept when its replica is still wanted and may stay;
+    its NPUs stay taken while its service runs (unless its node is lost); one that overlaps
+    an earlier claim is a conflict, reported and never double-booked."""
+    overlap = _overlap(result, allocation)
+    if overlap:
+        _, other = result._holders[(allocation.node_id, overlap[0])]
+        result.conflicts.append(
+            (
+                allocation.deployment,
+                f"service {allocation.service} claims NPUs {overlap} on node "
+                f"{allocation.node_id} already claimed by {other}",
+            )
+        )
+        if request is not None and allocation.key not in result.assignments:
+            result.moved[allocation.key] = f"NPUs {overlap} are also claimed by {other}"
+        return
+    if request is not None and allocation.key not in result.assignments:
+        nodes_by_id = result._nodes
+        problem = moving.get(allocation.key) or _keep_problem(
+            allocation, request, nodes_by_id, now, grace, result
+        )
+        if problem is None:
+            result.assign(allocation.kept())
+        else:
+            result.moved[allocation.key] = problem
+            if _node_lost(allocation.node_id, nodes_by_id, now, grace):
+                # A lost node's NPUs are unreachable anyway; not claiming them lets the
+                # replica's service be re-pointed without waiting for the node.
+                return
+    result.hold(allocation.node_id, allocation.npus, allocation.deployment, allocation.service)
 
 
 def spare_assignment(result: PlacementResult, request: ReplicaRequest) -> Assignment | None:

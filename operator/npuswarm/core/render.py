@@ -125,13 +125,33 @@ def render_service(
     instance: str = labels.DEFAULT_INSTANCE,
 ) -> dict[str, Any]:
     """``name`` keeps an existing service's name: Swarm cannot rename a service."""
-    spec = md.spec
     replica_labels = owner_labels(md, instance) | {
         labels.REPLICA: assignment.slot,
         labels.NODE: assignment.node_id,
         labels.NPUS: format_npu_ids(assignment.npus),
-        labels.MODEL: spec.served_model_name,
+        labels.MODEL: md.spec.served_model_name,
     }
+    container = _container(md, assignment.npus, replica_labels)
+    rendered: dict[str, Any] = {
+        "Name": name or service_name(md, assignment.slot),
+        "Labels": dict(replica_labels),
+        "TaskTemplate": _task_template(md, assignment.node_id, container),
+        "Mode": {"Replicated": {"Replicas": 1}},
+        # Stop first: the replacement task needs the NPUs the old one holds.
+        "UpdateConfig": {"Parallelism": 1, "Order": "stop-first", "FailureAction": "pause"},
+        "EndpointSpec": _endpoint_spec(md),
+    }
+    digest = spec_hash(rendered)
+    # On the container too, so each task tells which spec it was started from.
+    rendered["Labels"][labels.SPEC_HASH] = digest
+    container["Labels"][labels.SPEC_HASH] = digest
+    return rendered
+
+
+def _container(
+    md: ModelDeployment, npus: frozenset[int], replica_labels: dict[str, str]
+) -> dict[str, Any]:
+    spec = md.spec
     mounts: list[dict[str, Any]] = [
         {
             "Type": "bind",
@@ -146,11 +166,11 @@ def render_service(
         {"Type": "tmpfs", "Target": "/dev/shm", "TmpfsOptions": {"SizeBytes": spec.shm_size_bytes}}
     )
     health = spec.healthCheck
-    container: dict[str, Any] = {
+    return {
         "Image": spec.image,
         "Command": ["vllm"],
         "Args": vllm_args(md),
-        "Env": container_env(md, assignment.npus),
+        "Env": container_env(md, npus),
         # The owner uid stays off the task: a re-created ModelDeployment adopts its running
         # replicas instead of restarting every one of them.
         "Labels": {k: v for k, v in replica_labels.items() if k != labels.OWNER_UID},
@@ -164,9 +184,13 @@ def render_service(
             "StartPeriod": health.startPeriodSeconds * SECOND_NS,
         },
     }
+
+
+def _task_template(md: ModelDeployment, node_id: str, container: dict[str, Any]) -> dict[str, Any]:
+    spec = md.spec
     task_template: dict[str, Any] = {
         "ContainerSpec": container,
-        "Placement": {"Constraints": [f"node.id=={assignment.node_id}"]},
+        "Placement": {"Constraints": [f"node.id=={node_id}"]},
         "RestartPolicy": {
             "Condition": spec.restartPolicy.condition,
             "Delay": spec.restartPolicy.delaySeconds * SECOND_NS,
@@ -176,6 +200,11 @@ def render_service(
     if spec.network is not None:
         # Networks belong in the task template; the top-level field is deprecated.
         task_template["Networks"] = [{"Target": spec.network.name, "Aliases": [network_alias(md)]}]
+    return task_template
+
+
+def _endpoint_spec(md: ModelDeployment) -> dict[str, Any]:
+    spec = md.spec
     endpoint: dict[str, Any] = {
         "Mode": spec.network.endpointMode if spec.network is not None else "vip"
     }
@@ -188,20 +217,7 @@ def render_service(
                 "PublishMode": spec.publish.mode,
             }
         ]
-    rendered: dict[str, Any] = {
-        "Name": name or service_name(md, assignment.slot),
-        "Labels": dict(replica_labels),
-        "TaskTemplate": task_template,
-        "Mode": {"Replicated": {"Replicas": 1}},
-        # Stop first: the replacement task needs the NPUs the old one holds.
-        "UpdateConfig": {"Parallelism": 1, "Order": "stop-first", "FailureAction": "pause"},
-        "EndpointSpec": endpoint,
-    }
-    digest = spec_hash(rendered)
-    # On the container too, so each task tells which spec it was started from.
-    rendered["Labels"][labels.SPEC_HASH] = digest
-    container["Labels"][labels.SPEC_HASH] = digest
-    return rendered
+    return endpoint
 
 
 def spec_hash(rendered: dict[str, Any]) -> str:

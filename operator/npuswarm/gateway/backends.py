@@ -13,20 +13,19 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any
 
 import structlog
 from pydantic import ValidationError
 
 from npuswarm.api.deployment import ModelDeployment
 from npuswarm.api.gateway import GatewayModelStatus, ModelGateway, ModelGatewayStatus
-from npuswarm.api.meta import ConditionType, walk_index
+from npuswarm.api.meta import walk_index
 from npuswarm.core.diff import Action
 from npuswarm.core.snapshot import ObservedService, SwarmSnapshot
-from npuswarm.core.status import ConditionValue, conditions
+from npuswarm.core.status import AS_EXPECTED, ConditionSet, ConditionValue
 
 log = structlog.get_logger("npuswarm.gateway")
-GatewayPhase = Literal["Pending", "Ready", "Degraded"]
 # Backends per model, as pushed: {model: [url, ...]}.
 Backends = dict[str, list[str]]
 
@@ -147,50 +146,16 @@ def gateway_status(
     problem: str | None = None,
 ) -> ModelGatewayStatus:
     """Ready: every replica runs and holds the pushed backends. A served model with no
-    ready backend makes the gateway Degraded (it answers 503 for that model)."""
+    ready backend makes the gateway Degraded (it answers 503 for that model). The phase and
+    the conditions follow by the deployments' rules (core/status.py, ConditionSet); a
+    gateway has no placement, so its phase is the standing (never Progressing)."""
     gateway = work.gateway
     desired = gateway.spec.replicas
     configured = [r for r in work.replicas if r.admin_url not in work.push_errors]
-    idle = sorted(model for model, urls in work.backends.items() if not urls)
-    if problem is not None:
-        ready = ConditionValue("False", "NotConfigured", problem)
-        degraded = ConditionValue("True", "NotConfigured", problem)
-    elif work.push_errors:
-        message = "; ".join(f"{url}: {err}" for url, err in sorted(work.push_errors.items()))
-        ready = ConditionValue("False", "PushFailed", message)
-        degraded = ConditionValue("False", "AsExpected")
-    elif len(configured) < desired:
-        ready = ConditionValue(
-            "False", "ReplicasNotReady", f"{len(configured)}/{desired} gateway replicas ready"
-        )
-        degraded = ConditionValue("False", "AsExpected")
-    else:
-        ready = ConditionValue("True", "Ready", f"{len(configured)}/{desired} replicas ready")
-        degraded = ConditionValue("False", "AsExpected")
-    if idle and problem is None:
-        degraded = ConditionValue(
-            "True", "ModelWithoutBackend", "no ready replica of " + ", ".join(idle)
-        )
-    progressing = (
-        ConditionValue("True", "ReplicasStarting", ready.message)
-        if ready.status == "False" and problem is None
-        else ConditionValue("False", "AsExpected")
-    )
-    values: dict[ConditionType, ConditionValue] = {
-        "Ready": ready,
-        "Progressing": progressing,
-        "Degraded": degraded,
-    }
-    phase: GatewayPhase = (
-        "Degraded"
-        if degraded.status == "True"
-        else "Ready"
-        if ready.status == "True"
-        else "Pending"
-    )
+    verdict = _conditions(work, len(configured), problem)
     return ModelGatewayStatus.model_construct(
         observedGeneration=gateway.metadata.generation,
-        phase=phase,
+        phase=verdict.standing(),
         endpoint=", ".join(r.endpoint for r in work.replicas) or None,
         replicas=desired,
         readyReplicas=len(configured),
@@ -200,8 +165,36 @@ def gateway_status(
             )
             for model, urls in sorted(work.backends.items())
         ],
-        conditions=conditions(values, previous_conditions, gateway.metadata.generation, now),
+        conditions=verdict.conditions(previous_conditions, gateway.metadata.generation, now),
     )
+
+
+def _conditions(work: GatewayWork, configured: int, problem: str | None) -> ConditionSet:
+    desired = work.gateway.spec.replicas
+    idle = sorted(model for model, urls in work.backends.items() if not urls)
+    degraded = AS_EXPECTED
+    if problem is not None:
+        ready = ConditionValue("False", "NotConfigured", problem)
+        degraded = ConditionValue("True", "NotConfigured", problem)
+    elif work.push_errors:
+        message = "; ".join(f"{url}: {err}" for url, err in sorted(work.push_errors.items()))
+        ready = ConditionValue("False", "PushFailed", message)
+    elif configured < desired:
+        ready = ConditionValue(
+            "False", "ReplicasNotReady", f"{configured}/{desired} gateway replicas ready"
+        )
+    else:
+        ready = ConditionValue("True", "Ready", f"{configured}/{desired} replicas ready")
+    if idle and problem is None:
+        degraded = ConditionValue(
+            "True", "ModelWithoutBackend", "no ready replica of " + ", ".join(idle)
+        )
+    progressing = (
+        ConditionValue("True", "ReplicasStarting", ready.message)
+        if ready.status == "False" and problem is None
+        else AS_EXPECTED
+    )
+    return ConditionSet(ready, progressing, degraded)
 
 
 def parse_gateways(
