@@ -2,7 +2,7 @@
 # npuswarm's wheel and every dependency's, which hack/build-image makes on the build machine
 # with `pip wheel .`, so the build itself needs no network and no package index.
 # BASE_IMAGE is any Debian-like image with python3.11 and its venv module; CI uses the one
-# hack/baseimage.py makes (no registry here to pull python:3.11-slim from).
+# hack/lib/baseimage.py makes (no registry here to pull python:3.11-slim from).
 ARG BASE_IMAGE=python:3.11-slim-bookworm
 
 FROM ${BASE_IMAGE} AS install

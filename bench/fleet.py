@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The operator at fleet size, end to end and black box: python bench/fleet.py --help
 
-Starts a real kube-apiserver (hack/controlplane.py) with npuswarm's CRD and RBAC, the
+Starts a real kube-apiserver (hack/lib/controlplane.py) with npuswarm's CRD and RBAC, the
 synthetic Swarm manager (bench/enginesim.py) with N nodes of 8 NPUs, creates M
 ModelDeployments of one NPU each, then starts whatever operator is checked out
 (`npuswarm run --standalone`, default NPUSWARM_* settings, its ServiceAccount's token) and
@@ -31,7 +31,6 @@ import math
 import os
 import platform
 import re
-import socket
 import subprocess
 import sys
 import tempfile
@@ -44,9 +43,11 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "hack"))
+sys.path.insert(0, str(REPO / "hack" / "lib"))
 
 import controlplane  # noqa: E402
+import localrun  # noqa: E402
+from localrun import free_port, operator_command, operator_env, stop_process  # noqa: E402
 
 NAMESPACE = "fleet"
 OPERATOR_NAMESPACE = "npuswarm-system"
@@ -59,21 +60,14 @@ CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 # --- small tools -----------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 def wait(condition: Callable[[], Any], timeout: float, interval: float) -> float | None:
     """Seconds until ``condition`` held, or None when ``timeout`` passed first."""
     started = time.monotonic()
-    while True:
-        if condition():
-            return time.monotonic() - started
-        if time.monotonic() - started > timeout:
-            return None
-        time.sleep(interval)
+    try:
+        localrun.wait_for(condition, "", timeout, interval, retry=())
+    except localrun.ToolError:
+        return None
+    return time.monotonic() - started
 
 
 def cpu_seconds(pid: int) -> float:
@@ -170,16 +164,6 @@ class Sim:
 
     def stop(self) -> None:
         stop_process(self.proc)
-
-
-def stop_process(proc: subprocess.Popen[bytes], grace: float = 20) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def metric_sums(url: str) -> dict[str, float]:
@@ -351,24 +335,10 @@ class Run:
 
     def start_operator(self, sim: Sim, kubeconfig: Path) -> tuple[int, str]:
         metrics_port, health_port = free_port(), free_port()
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("NPUSWARM_", "DOCKER_"))}
-        env |= {
-            "KUBECONFIG": str(kubeconfig),
-            "DOCKER_HOST": sim.docker_host,
-            "NPUSWARM_METRICS_PORT": str(metrics_port),
-        }
+        env = operator_env(str(kubeconfig), sim.docker_host, metrics_port)
         with (self.state / "operator.log").open("wb") as log:
             self.operator = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "npuswarm.cli",
-                    "run",
-                    "--standalone",
-                    "--log-format",
-                    "json",
-                    f"--liveness=http://127.0.0.1:{health_port}/healthz",
-                ],
+                operator_command(f"http://127.0.0.1:{health_port}/healthz"),
                 env=env,
                 stdout=log,
                 stderr=subprocess.STDOUT,

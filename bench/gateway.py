@@ -23,7 +23,6 @@ import json
 import os
 import platform
 import re
-import socket
 import statistics
 import subprocess
 import sys
@@ -37,17 +36,14 @@ from typing import Any
 import aiohttp
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "hack" / "lib"))
+from localrun import free_port, stop_process  # noqa: E402
+
 RESULTS = REPO / "bench" / "results"
 SERVER = REPO / "hack" / "fakevllm" / "server.py"
 ROOT_KEY = "bench-gateway-root-key-0123456789"
 MODEL = "bench-model"
 BEGIN, END = "<!-- bench/gateway.py begin -->", "<!-- bench/gateway.py end -->"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_http(url: str, proc: subprocess.Popen[bytes], deadline: float = 30) -> None:
@@ -247,9 +243,7 @@ def main() -> None:
                       f"gateway {row['gateway']['ttft_p50'] * 1000:.1f} ms", file=sys.stderr)
     finally:
         for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            proc.wait(timeout=30)
+            stop_process(proc, grace=30)
     result = {
         "time": datetime.now(UTC).strftime("%Y-%m-%dT%H:%MZ"),
         "checkout": checkout(),

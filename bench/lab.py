@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """npuswarm on the real multi-node lab, against raw Docker: python bench/lab.py --help
 
-Brings up the Swarm lab (hack/swarmlab.py: 3 dockerds in network namespaces, 8 fake NPUs
-each, the fake vLLM image), a real kube-apiserver (hack/controlplane.py) with npuswarm's CRD
+Brings up the Swarm lab (hack/lib/swarmlab.py: 3 dockerds in network namespaces, 8 fake NPUs
+each, the fake vLLM image), a real kube-apiserver (hack/lib/controlplane.py) with npuswarm's CRD
 and RBAC, and the checked-out operator (`npuswarm run --standalone`, default NPUSWARM_*
 settings except a short lost-node grace) pointed at the lab's manager. Then, from the
 outside only (the lab's own task list, never the operator's status):
@@ -40,21 +40,19 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "hack"))
-sys.path.insert(0, str(REPO / "bench"))
+sys.path.insert(0, str(REPO / "hack" / "lib"))
 
+import controlplane  # noqa: E402
+import localrun  # noqa: E402
+import swarmlab  # noqa: E402
 from fleet import (  # noqa: E402
     RESULTS,
     Kube,
     checkout,
-    free_port,
     machine,
     replace_block,
-    stop_process,
 )
-
-import controlplane  # noqa: E402
-import swarmlab  # noqa: E402
+from localrun import free_port, operator_command, operator_env, stop_process  # noqa: E402
 from npuswarm.api import labels  # noqa: E402
 from npuswarm.api.deployment import ModelDeployment  # noqa: E402
 from npuswarm.core.npus import parse_npu_ids  # noqa: E402
@@ -87,14 +85,10 @@ class Missed(Exception):
 def wait_until(condition: Callable[[], Any], what: str, timeout: float) -> Any:
     """Poll ``condition`` every POLL s until it returns something truthy; return that, or
     raise Missed("not reached in X s")."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise Missed(f"{what}: not reached in {timeout:g} s")
-        time.sleep(POLL)
+    try:
+        return localrun.wait_for(condition, what, timeout, POLL, retry=())
+    except localrun.ToolError:
+        raise Missed(f"{what}: not reached in {timeout:g} s") from None
 
 
 # --- the specs ------------------------------------------------------------------------------------
@@ -196,23 +190,13 @@ class Operator:
         metrics_port, health_port = free_port(), free_port()
         self.health_url = f"http://127.0.0.1:{health_port}/healthz"
         self.log = state / "operator.log"
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("NPUSWARM_", "DOCKER_"))}
-        env |= {
-            "KUBECONFIG": str(kubeconfig),
-            "DOCKER_HOST": docker_host,
-            "NPUSWARM_METRICS_PORT": str(metrics_port),
-            "NPUSWARM_LOST_NODE_GRACE_SECONDS": f"{GRACE_SECONDS:g}",
-        }
-        argv = [
-            sys.executable,
-            "-m",
-            "npuswarm.cli",
-            "run",
-            "--standalone",
-            "--log-format",
-            "json",
-            f"--liveness={self.health_url}",
-        ]
+        env = operator_env(
+            str(kubeconfig),
+            docker_host,
+            metrics_port,
+            {"NPUSWARM_LOST_NODE_GRACE_SECONDS": f"{GRACE_SECONDS:g}"},
+        )
+        argv = operator_command(self.health_url)
         with self.log.open("wb") as out:
             self.proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT)
 

@@ -23,7 +23,6 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from enginesim import EngineSim  # noqa: E402
 from fleet import replace_block  # noqa: E402
-
 from npuswarm.api.deployment import ModelDeployment  # noqa: E402
 from npuswarm.core.placement import Assignment  # noqa: E402
 from npuswarm.core.render import render_service  # noqa: E402

@@ -1,5 +1,5 @@
 """The operator image: its size, and how long it takes from `docker run` to an answering
-liveness endpoint, run as the Deployment runs it (hack/operatorimage.py) against a local
+liveness endpoint, run as the Deployment runs it (hack/lib/operatorimage.py) against a local
 control plane with the ServiceAccount's token.
 
     python bench/operator_image.py [--image npuswarm:<key>] [--runs 3]
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import platform
-import socket
 import subprocess
 import sys
 import tempfile
@@ -21,16 +20,11 @@ import uuid
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "hack"))
+sys.path.insert(0, str(REPO / "hack" / "lib"))
 
 import controlplane  # noqa: E402
 import operatorimage  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+from localrun import free_port, stop_process  # noqa: E402
 
 
 def seconds_to_live(image: str, plane: controlplane.ControlPlane, sa_dir: Path) -> float:
@@ -52,8 +46,7 @@ def seconds_to_live(image: str, plane: controlplane.ControlPlane, sa_dir: Path) 
                     raise SystemExit(f"{image} did not answer on {health}") from None
                 time.sleep(0.05)  # poll interval; the 120 s deadline bounds the wait
     finally:
-        proc.terminate()
-        proc.wait(timeout=60)
+        stop_process(proc, grace=60)
         subprocess.run(["docker", "rm", "--force", name], capture_output=True, check=False)
 
 

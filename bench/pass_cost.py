@@ -23,12 +23,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 
 import structlog  # noqa: E402
+
 from enginesim import EngineSim  # noqa: E402
 from fleet import replace_block  # noqa: E402
-
 from npuswarm.api.deployment import ModelDeployment  # noqa: E402
-from npuswarm.reconcile import Reconciler  # noqa: E402
 from npuswarm.core.pipeline import Desired  # noqa: E402
+from npuswarm.reconcile import Reconciler  # noqa: E402
 from npuswarm.settings import Settings  # noqa: E402
 from npuswarm.swarm import Swarm  # noqa: E402
 

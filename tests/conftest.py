@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
-# The lab and control-plane tooling are plain modules under hack/, shared by tests and users.
-sys.path.insert(0, str(REPO / "hack"))
 
 # A test that uses one of these fixtures needs what the marker names; without the marker,
 # `pytest -m "not lab"` and friends would select tests that cannot run there.
@@ -18,9 +17,6 @@ MARKER_OF_FIXTURE = {
     "plane": "e2e",
     "swarm_lab": "lab",
 }
-
-
-import pytest  # noqa: E402
 
 
 @pytest.hookimpl(trylast=True)  # after the suites' conftests have marked their items

@@ -27,6 +27,8 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 
+from localrun import free_port
+
 ERROR_BODY = b'{"message":"injected fault: the Docker API answered 500"}'
 HEAD_LIMIT = 64 * 1024
 
@@ -49,12 +51,6 @@ class Faults:
                 return kind
             roll -= share
         return "forward"
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 class FaultProxy:

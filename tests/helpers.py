@@ -1,23 +1,25 @@
-"""Helpers the Swarm, e2e and lab suites share: the one wait helper and the fast spec.
+"""Helpers every suite shares, in one place with hack/lib/localrun.py (the wait helper, free
+ports, stopping a process, the operator's command line: also used by bench/ and hack/):
 
-`wait_for(condition, what, timeout=...)` is hack/swarmlab.py's, with a timeout turned into a
-test failure and exceptions from `condition` propagating (a test's probe that raises is a bug,
-not "not yet").
+- `wait_for(condition, what, timeout=...)` is localrun's, with a timeout turned into a test
+  failure and exceptions from `condition` propagating (a test's check that raises is a bug,
+  not "not yet");
+- `free_port` and `stop_process` are localrun's;
+- the fast spec, and metric samples.
 """
 
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "hack"))
+import localrun
+from localrun import free_port, stop_process
 
-import swarmlab
+__all__ = ["IMAGE", "NETWORK", "fast_spec", "free_port", "sample", "stop_process", "wait_for"]
 
 IMAGE = os.environ.get("NPUSWARM_TEST_IMAGE", "npuswarm/tiny-vllm:dev")
 NETWORK = "npuswarm-test-net"
@@ -27,8 +29,8 @@ T = TypeVar("T")
 def wait_for(condition: Callable[[], T], what: str, timeout: float = 60.0, interval: float = 0.3) -> T:
     """Poll until ``condition`` returns something truthy; fail with ``what`` at the deadline."""
     try:
-        return swarmlab.wait_for(condition, what, timeout, interval, retry=())
-    except swarmlab.LabError as error:
+        return localrun.wait_for(condition, what, timeout, interval, retry=())
+    except localrun.ToolError as error:
         pytest.fail(str(error), pytrace=False)
 
 

@@ -1,4 +1,4 @@
-"""Fixtures for the tests of the control plane tooling (hack/controlplane.py).
+"""Fixtures for the tests of the control plane tooling (hack/lib/controlplane.py).
 
 These tests never skip: a missing build is a failure whose message says how
 to build the binaries.
@@ -7,15 +7,13 @@ to build the binaries.
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "hack"))
 
-import controlplane  # noqa: E402
+import controlplane
 
 
 @pytest.fixture(scope="session")

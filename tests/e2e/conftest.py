@@ -1,6 +1,6 @@
-"""End-to-end fixtures: a real kube-apiserver + etcd (hack/controlplane.py), the manifests
+"""End-to-end fixtures: a real kube-apiserver + etcd (hack/lib/controlplane.py), the manifests
 installed with `kubectl apply -k`, and the operator image (hack/build-image) run as the
-Deployment runs it (hack/operatorimage.py): non-root, read-only, with the ServiceAccount's
+Deployment runs it (hack/lib/operatorimage.py): non-root, read-only, with the ServiceAccount's
 token mounted where in-cluster config finds it, so RBAC that is too narrow fails these tests.
 
 The operator reaches Docker through a TCP relay owned by the test session, so a test can cut
@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import time
 import urllib.request
 import uuid
@@ -25,14 +24,12 @@ import docker
 import pytest
 import yaml
 
-from tests.faultproxy import FaultProxy, free_port
-from tests.helpers import NETWORK, fast_spec, wait_for
+import controlplane
+import operatorimage
+from tests.faultproxy import FaultProxy
+from tests.helpers import NETWORK, fast_spec, free_port, stop_process, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "hack"))
-
-import controlplane  # noqa: E402
-import operatorimage  # noqa: E402
 
 OPERATOR_NAMESPACE = "npuswarm-system"
 SERVICE_ACCOUNT = f"system:serviceaccount:{OPERATOR_NAMESPACE}:npuswarm"
@@ -219,13 +216,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
                 pytest.fail(f"operator exited: {result.operator_log()[-3000:]}", pytrace=False)
             yield result
         finally:
-            operator = result.operator  # a test may have restarted it
-            operator.terminate()
-            try:
-                operator.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                operator.kill()
-                operator.wait()
+            stop_process(result.operator)  # a test may have restarted it
             subprocess.run(["docker", "rm", "--force", container], capture_output=True, check=False)
             relay.stop()
             for namespace in result.namespaces:

@@ -173,7 +173,7 @@ class Reply:
 
 class Server:
     """POSTs to the API server with the admin token (urllib: the CA bundle is the one
-    hack/controlplane.py checks readiness with)."""
+    hack/lib/controlplane.py checks readiness with)."""
 
     def __init__(self, cluster: Cluster) -> None:
         self.base = cluster.plane.server

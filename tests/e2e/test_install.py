@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import wait_for
+from tests.helpers import stop_process, wait_for
 
 from .conftest import (
     OPERATOR_NAMESPACE,
@@ -72,11 +72,7 @@ def test_production_overlay_installs_in_one_apply_and_the_operator_peers(tmp_pat
             assert [p["priority"] for p in peers.values()] == [7], peers
             wait_for(lambda: _answers(health), "the operator's liveness endpoint", timeout=30)
         finally:
-            operator.terminate()
-            try:
-                operator.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                operator.kill()
+            stop_process(operator)
             subprocess.run(["docker", "rm", "--force", name], capture_output=True, check=False)
             relay.stop()
             print(log.read_text(errors="replace")[-3000:])

@@ -1,7 +1,6 @@
 """Runs hack/fakevllm/server.py as a local process (no Docker) with a stand-in /dev."""
 
 import json
-import socket
 import subprocess
 import sys
 import time
@@ -12,14 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from localrun import free_port
+
 SERVER = Path(__file__).resolve().parents[2] / "hack" / "fakevllm" / "server.py"
 START_DEADLINE = 10.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def make_dev_dir(path: Path, ids) -> Path:

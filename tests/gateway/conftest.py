@@ -19,7 +19,8 @@ import pytest
 from npuswarm.gateway.backends import GatewayReplica
 from npuswarm.gateway.credentials import Credentials, GatewayIdentity, write_secret_files
 from npuswarm.gateway.push import PushTarget, Signer, admin_request
-from tests.fakevllm.conftest import SERVER, free_port, make_dev_dir, wait_listening
+from tests.fakevllm.conftest import SERVER, make_dev_dir, wait_listening
+from tests.helpers import free_port, stop_process
 from tests.unit.builders import NOW
 
 ROOT_KEY = "gateway-tests-root-key-0123456789"
@@ -146,12 +147,7 @@ def gateway(tmp_path: Path) -> Iterator[Gateway]:
             raise AssertionError((tmp_path / "gateway.log").read_text()[-3000:])
         time.sleep(0.1)  # poll interval while vllm-router starts
     yield gateway
-    proc.terminate()
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    stop_process(proc, grace=10)
     log.close()
 
 

@@ -1,4 +1,4 @@
-"""Fixtures for tests against the multi-node Swarm lab (hack/swarmlab.py).
+"""Fixtures for tests against the multi-node Swarm lab (hack/lib/swarmlab.py).
 
 The lab is real: dockerds in network namespaces, a Swarm, the runtime shim, the fake vLLM
 image. Nothing here is mocked. If the lab cannot start, every test using it errors: no skip.
@@ -6,12 +6,8 @@ image. Nothing here is mocked. If the lab cannot start, every test using it erro
 
 import json
 import os
-import sys
-from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "hack"))
 from docker.types import (
     ContainerSpec,
     EndpointSpec,

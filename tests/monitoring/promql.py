@@ -4,7 +4,6 @@ PrometheusRule's alerts, and the metric selectors in a PromQL expression."""
 from __future__ import annotations
 
 import re
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,6 @@ CHECK_SCRIPT = REPO / "hack" / "check-monitoring"
 # Series Prometheus makes itself for every scrape target, not exported by the operator.
 PROMETHEUS_SERIES = frozenset({"up"})
 
-sys.path.insert(0, str(REPO / "operator"))
 
 
 def exported_families() -> dict[str, str]:

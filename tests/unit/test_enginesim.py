@@ -7,7 +7,6 @@ the shapes and rules npuswarm depends on (versions, filters, task states, events
 from __future__ import annotations
 
 import json
-import sys
 import threading
 import time
 import urllib.request
@@ -18,14 +17,10 @@ import docker
 import docker.errors
 import pytest
 
+from enginesim import EngineSim
 from npuswarm.api import labels
 from npuswarm.swarm import Swarm
-from tests.conftest import REPO
 from tests.swarm.conftest import wait_for
-
-sys.path.insert(0, str(REPO / "bench"))
-
-from enginesim import EngineSim
 
 OWNED = {labels.MANAGED_BY: labels.MANAGED_BY_VALUE, labels.OWNER_NAMESPACE: "ns"}
 

@@ -6,15 +6,10 @@ Only the rendering; the runs themselves are benchmarks, never tests.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
-
-from tests.conftest import REPO
-
-sys.path.insert(0, str(REPO / "bench"))
 
 import fleet
 

@@ -32,13 +32,16 @@ import subprocess
 import sys
 import time
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TypeVar
 
-HACK = Path(__file__).resolve().parent
+# The lab cannot be brought up, used or torn down: the message says what to do.
+from localrun import ToolError as LabError
+from localrun import wait_for
+
+HACK = Path(__file__).resolve().parents[1]
 SHIM = HACK / "ascend-runtime-shim"
 BUILD_IMAGE = HACK / "build-fakevllm-image"
 IMAGE = "npuswarm/fake-vllm:dev"
@@ -85,10 +88,6 @@ SWARM_READY_TIMEOUT = 60.0
 KILL_TIMEOUT = 15.0
 
 
-class LabError(RuntimeError):
-    """The lab cannot be brought up, used or torn down; the message says what to do."""
-
-
 # ---------------------------------------------------------------------------------------
 # small utilities
 
@@ -102,38 +101,6 @@ def run(*cmd: str, check: bool = True) -> subprocess.CompletedProcess:
     if check and proc.returncode != 0:
         raise LabError(f"`{' '.join(cmd)}` failed ({proc.returncode}): {proc.stderr.strip()}")
     return proc
-
-
-T = TypeVar("T")
-
-
-def wait_for(
-    condition: Callable[[], T],
-    what: str,
-    timeout: float = 60.0,
-    interval: float = 0.2,
-    retry: tuple[type[Exception], ...] = (Exception,),
-) -> T:
-    """Poll `condition` until it returns something truthy, and return that; raise LabError
-    naming `what` at the deadline. An exception of a `retry` type means "not yet" (LabError
-    always means "never"); others propagate. The one wait helper of hack/ and tests/
-    (tests/helpers.py turns the timeout into a test failure)."""
-    deadline = time.monotonic() + timeout
-    last_error: Exception | None = None
-    last: object = None
-    while True:
-        try:
-            last = condition()
-            if last:
-                return last
-        except LabError:
-            raise
-        except retry as exc:
-            last_error = exc
-        if time.monotonic() >= deadline:
-            detail = f" (last error: {last_error})" if last_error else f" (last: {last!r})"
-            raise LabError(f"timed out after {timeout:.0f}s waiting for {what}{detail}")
-        time.sleep(interval)  # poll interval; the deadline above bounds the wait
 
 
 def docker_client(url: str, timeout: int = 30):

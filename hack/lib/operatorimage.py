@@ -10,7 +10,7 @@ is what authorises it. The container shares the host's network: the control plan
 
 Used by the e2e tests (tests/e2e/conftest.py) and hack/demo:
 
-  hack/operatorimage.py run --image IMG --name NAME --server https://127.0.0.1:PORT \
+  hack/operator-image run --image IMG --name NAME --server https://127.0.0.1:PORT \
       --ca CA.crt --token-file TOKEN --state DIR [--docker-socket PATH] [-e K=V ...] -- ARGS...
 
 `run` stays in the foreground like `docker run` (a signal to it stops the container).

@@ -12,7 +12,7 @@ packages, excludes; mmdebstrap takes minutes and must not rerun when only a payl
 - the Docker image npuswarm/debian-python:<key>, `docker import`ed from it (the operator's
   Dockerfile builds on it: `BASE_IMAGE`).
 
-Usage: hack/baseimage.py [--tarball | --image | --print-key]
+Usage: hack/build-base-image [--tarball | --image | --print-key]
   --tarball    print the rootfs tarball's path (built if missing)
   --image      print the Docker image's name (built and imported if missing; the default)
   --print-key  print the cache key

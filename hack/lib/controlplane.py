@@ -4,7 +4,7 @@
 Standard library only, so any test folder can use it before the project's
 own dependencies are installed::
 
-    sys.path.insert(0, "hack")
+    sys.path.insert(0, "hack/lib")
     import controlplane
 
     with controlplane.running() as cp:
@@ -12,9 +12,9 @@ own dependencies are installed::
 
 CLI, for people and for CI scripts (the processes outlive the ``up`` call)::
 
-    python3 hack/controlplane.py up --dir D      # prints shell exports
-    python3 hack/controlplane.py env --dir D     # the same exports again
-    python3 hack/controlplane.py down --dir D
+    hack/control-plane up --dir D      # prints shell exports
+    hack/control-plane env --dir D     # the same exports again
+    hack/control-plane down --dir D
 
 The binaries come from ``hack/build-controlplane``. There is no
 controller-manager and no scheduler: namespaces are never finalized after a
@@ -34,7 +34,6 @@ import secrets
 import shlex
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -46,7 +45,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-HACK_DIR = Path(__file__).resolve().parent
+from localrun import free_port
+
+HACK_DIR = Path(__file__).resolve().parents[1]
 BUILD_SCRIPT = HACK_DIR / "build-controlplane"
 VERSION_FILE = HACK_DIR / "controlplane" / "k8s-version"
 STATE_FILE = "controlplane.json"
@@ -147,15 +148,6 @@ def kubectl_path() -> Path:
 
 
 # --- processes ---------------------------------------------------------------
-
-
-def _free_port() -> int:
-    # The port is free when this returns, not necessarily when the server
-    # binds it; start() retries with new ports if a bind loses that race.
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def _spawn(argv: list[str], log_path: Path, die_with_parent: bool) -> subprocess.Popen[bytes]:
@@ -391,7 +383,7 @@ def start(
         if any(_proc_is_ours(pid, name, state_dir) for name, pid in recorded.items()):
             raise ControlPlaneError(
                 f"a control plane is already running in {state_dir}; stop it with "
-                f"`python3 {Path(__file__).resolve()} down --dir {state_dir}`"
+                f"`{HACK_DIR / 'control-plane'} down --dir {state_dir}`"
             )
 
     last_error: Exception | None = None
@@ -556,7 +548,7 @@ _CHILDREN: dict[Path, dict[str, subprocess.Popen[bytes]]] = {}
 def _distinct_ports(count: int) -> list[int]:
     ports: list[int] = []
     while len(ports) < count:
-        port = _free_port()
+        port = free_port()
         if port not in ports:
             ports.append(port)
     return ports
@@ -682,7 +674,7 @@ def _exports(values: dict[str, str]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="controlplane.py",
+        prog="control-plane",
         description="Run a local etcd + kube-apiserver for tests.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
@@ -702,7 +694,7 @@ def main(argv: list[str] | None = None) -> int:
             sys.stdout.write(_exports(plane.env()))
         elif args.command == "down":
             if not (Path(state_dir) / STATE_FILE).exists():
-                print(f"controlplane.py: nothing recorded in {state_dir}", file=sys.stderr)
+                print(f"control-plane: nothing recorded in {state_dir}", file=sys.stderr)
                 return 0
             stop(state_dir)
         elif args.command == "env":
@@ -719,7 +711,7 @@ def main(argv: list[str] | None = None) -> int:
                     )
                 )
     except ControlPlaneError as error:
-        print(f"controlplane.py: {error}", file=sys.stderr)
+        print(f"control-plane: {error}", file=sys.stderr)
         return 1
     return 0
 
