@@ -525,6 +525,7 @@ def join_leader(layout: Layout, env, hello: dict) -> tuple[socket.socket, object
     seconds = float(env.get("FAKE_VLLM_DP_CONNECT_SECONDS") or DEFAULT_DP_CONNECT_SECONDS)
     deadline = time.monotonic() + seconds
     source = (hello["address"], 0) if hello["address"] else None
+    told = False
     while True:
         try:
             sock = socket.create_connection(
@@ -537,6 +538,9 @@ def join_leader(layout: Layout, env, hello: dict) -> tuple[socket.socket, object
                     f"no data parallel leader answered at {where} within {seconds:g}s "
                     f"(FAKE_VLLM_DP_CONNECT_SECONDS): {exc.strerror or exc}"
                 ) from None
+            if not told:
+                log(f"no data parallel leader at {where} yet ({exc.strerror or exc}): retrying")
+                told = True
             time.sleep(DP_CONNECT_RETRY_SECONDS)  # the leader may not be up yet: try again
     hello = {**hello, "address": hello["address"] or sock.getsockname()[0]}
     reader = sock.makefile("rb")
@@ -664,25 +668,25 @@ class Scheduler:
             ticket.started = time.time()
             ticket.start_number = self.starts
             self.starts += 1
+            if self.holding:
+                self.held.append(ticket)  # held in the order they started
             self.cond.notify_all()  # the next in line may fit as well
             return True
 
     def hold(self, ticket: Ticket, gone) -> bool:
-        """With the gate closed, a running request waits for a permit (oldest first) or for
-        the gate to open; False if its client went away first."""
+        """A request that started while the gate was closed waits for a permit (oldest
+        first) or for the gate to open; False if its client went away first."""
         with self.cond:
-            if not self.holding:
-                return True
-            self.held.append(ticket)
-            while self.holding and not (self.held[0] is ticket and self.permits > 0):
-                if gone():
+            while ticket in self.held:
+                if self.held[0] is ticket and self.permits > 0:
+                    self.permits -= 1
+                    self.held.popleft()
+                elif gone():
                     self.held.remove(ticket)
                     self.cond.notify_all()
                     return False
-                self.cond.wait(CLIENT_CHECK_SECONDS)
-            if self.holding:
-                self.permits -= 1
-            self.held.remove(ticket)
+                else:
+                    self.cond.wait(CLIENT_CHECK_SECONDS)
             self.cond.notify_all()
             return True
 
@@ -697,6 +701,8 @@ class Scheduler:
             if holding is not None:
                 self.holding = holding
                 self.permits = 0
+                if not holding:
+                    self.held.clear()
             self.permits += permits
             self.cond.notify_all()
             return {"holding": self.holding, "held": len(self.held), "permits": self.permits}
@@ -1169,9 +1175,9 @@ class Handler(BaseHTTPRequestHandler):
                 body = self.completion_body(chat, model, tokens, prompt_tokens)
                 self.send_json(200, body, headers)
         finally:
-            scheduler.finish(ticket)
-            if served:
+            if served:  # counted before the request leaves the running gauge
                 stats.finish(prompt_tokens, len(tokens), time.time() - ticket.arrived)
+            scheduler.finish(ticket)
 
     def completion_body(
         self, chat: bool, model: str, tokens: list[str], prompt_tokens: int
