@@ -265,7 +265,7 @@ def check_layout(args: argparse.Namespace) -> Layout:
     if start < 0 or start + local > size:
         raise StartupError(
             f"--data-parallel-start-rank {start} with --data-parallel-size-local {local} gives "
-            f"ranks {start}..{start + local - 1}, outside --data-parallel-size {size} "
+            f"ranks {span(list(range(start, start + local)))}, outside --data-parallel-size {size} "
             f"(ranks 0..{size - 1})"
         )
     if not 0 < port < 65536:
@@ -488,10 +488,15 @@ class Group:
 
     def member_ready(self, member: dict, ranks: str, where: str) -> None:
         with self.lock:
+            complete = self.expected() <= self._joined("ready") | set(member["ranks"])
+        if complete:
+            # Closed before the group reports complete: once the leader answers 200, no
+            # latecomer can join (and be refused).
+            self.close_listener()
+        with self.lock:
             member["state"] = "ready"
         log(f"data parallel rank {ranks} on {where} ready")
-        if self.complete():
-            self.close_listener()
+        if complete:
             log(f"data parallel group complete: ranks 0..{self.layout.size - 1}")
 
     def stop(self, reason: str) -> None:
