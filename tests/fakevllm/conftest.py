@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -34,29 +35,48 @@ class Response:
         return json.loads(self.body)
 
 
+class Stderr:
+    """A process's stderr, read as it comes (so a test can wait for a line)."""
+
+    def __init__(self, proc: subprocess.Popen) -> None:
+        self.lines: list[str] = []
+        self.thread = threading.Thread(target=self._read, args=(proc.stderr,), daemon=True)
+        self.thread.start()
+
+    def _read(self, stream) -> None:
+        with stream:
+            for line in stream:
+                self.lines.append(line)
+
+    def text(self) -> str:
+        return "".join(self.lines)
+
+
 @dataclass
 class FakeServer:
     proc: subprocess.Popen
     port: int
+    stderr: Stderr
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def request(self, path: str, body=None) -> Response:
+    def request(self, path: str, body=None, timeout: float = 10) -> Response:
         data = None if body is None else json.dumps(body).encode()
         req = urllib.request.Request(
             self.url + path, data=data, headers={"Content-Type": "application/json"}
         )
         try:
-            with urllib.request.urlopen(req, timeout=10) as resp:
+            with urllib.request.urlopen(req, timeout=timeout) as resp:
                 return Response(resp.status, dict(resp.headers), resp.read())
         except urllib.error.HTTPError as exc:
             return Response(exc.code, dict(exc.headers), exc.read())
 
     def wait_exit(self, timeout: float = 10.0) -> tuple[int, str]:
-        _, err = self.proc.communicate(timeout=timeout)
-        return self.proc.returncode, err
+        self.proc.wait(timeout=timeout)
+        self.stderr.thread.join(timeout=timeout)
+        return self.proc.returncode, self.stderr.text()
 
 
 def wait_listening(proc: subprocess.Popen, port: int) -> None:
@@ -74,11 +94,13 @@ def wait_listening(proc: subprocess.Popen, port: int) -> None:
 
 @pytest.fixture
 def start_server(tmp_path):
-    """start_server(args, npus=[0], env={}) -> FakeServer; the process is killed afterwards."""
+    """start_server(args, npus=[0], env={}) -> FakeServer; the process is killed afterwards.
+    Each server sees its own devices. It is waited for until it listens, unless ``wait`` is
+    False or it is a --headless member (which serves no API)."""
     procs = []
 
-    def start(args=(), npus=(0,), env=None, wait=True) -> FakeServer:
-        dev = make_dev_dir(tmp_path / "dev", npus)
+    def start(args=(), npus=(0,), env=None, wait=None) -> FakeServer:
+        dev = make_dev_dir(tmp_path / f"dev{len(procs)}", npus)
         port = free_port()
         full_env = {"PATH": "/usr/bin:/bin", "FAKE_VLLM_DEV_DIR": str(dev), **(env or {})}
         cmd = [
@@ -92,15 +114,16 @@ def start_server(tmp_path):
             "127.0.0.1",
         ]
         proc = subprocess.Popen(
-            cmd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            cmd, env=full_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
         )
         procs.append(proc)
-        if wait:
+        server = FakeServer(proc, port, Stderr(proc))
+        if wait or (wait is None and "--headless" not in args):
             wait_listening(proc, port)
-        return FakeServer(proc, port)
+        return server
 
     yield start
     for proc in procs:
         if proc.poll() is None:
             proc.kill()
-        proc.communicate()
+        proc.wait()
