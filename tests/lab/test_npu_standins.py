@@ -539,8 +539,8 @@ def test_npu_smi_and_hccn_tool_in_containers_show_their_nodes_state(swarm_lab):
         f"{HCCN_TOOL_PATH} -i 3 -ip -g"
     )
     pings = (
-        f"{HCCN_TOOL_PATH} -i 3 -ping -g address 192.168.103.2; echo rc=$?; "
-        f"{HCCN_TOOL_PATH} -i 3 -ping -g address 192.168.102.2; echo rc=$?"
+        f"{HCCN_TOOL_PATH} -i 3 -ping -g address 192.168.103.2 2>&1; echo rc=$?; "
+        f"{HCCN_TOOL_PATH} -i 3 -ping -g address 192.168.102.2 2>&1; echo rc=$?"
     )
     try:
         on_2 = run_with_npus(swarm_lab, 2, script)
