@@ -77,6 +77,8 @@ RINGS_NODE_LABELS = {
 }
 CONTROL_DEVICES = ("davinci_manager", "devmm_svm", "hisi_hdc")
 FAKE_NPU_SMI = HACK / "fake-npu-smi"
+FAKE_HCCN_TOOL = HACK / "fake-hccn-tool"
+ROCE_STATE = "hccn-tool-state.json"  # in the node's driver/dcmi, read by the stand-in hccn_tool
 
 # With --tls the manager also listens on tcp://<its address>:TLS_PORT and demands a client
 # certificate signed by the lab's CA, as a production manager reached over the network does.
@@ -397,7 +399,7 @@ def write_node_etc(cfg: LabConfig, node: Node) -> None:
 
 def make_fake_npus(cfg: LabConfig, node: Node) -> None:
     """Stand-ins for /dev/davinciN and the control devices, and for the driver files the real
-    runtime mounts (lib64, dcmi, npu-smi), all bind-mounted by the shim."""
+    runtime mounts (lib64, dcmi, npu-smi, hccn_tool), all bind-mounted by the shim."""
     node.dev_dir.mkdir(parents=True, exist_ok=True)
     for name in [f"davinci{i}" for i in range(cfg.npus)] + list(CONTROL_DEVICES):
         (node.dev_dir / name).write_text(f"fake Ascend device {name} of {node.hostname}\n")
@@ -408,6 +410,21 @@ def make_fake_npus(cfg: LabConfig, node: Node) -> None:
     (node.driver_dir / "dcmi" / "npus").write_text("".join(f"{i}\n" for i in range(cfg.npus)))
     shutil.copyfile(FAKE_NPU_SMI, node.driver_dir / "npu-smi")
     (node.driver_dir / "npu-smi").chmod(0o755)
+    shutil.copyfile(FAKE_HCCN_TOOL, node.driver_dir / "hccn_tool")
+    (node.driver_dir / "hccn_tool").chmod(0o755)
+    (node.driver_dir / "dcmi" / ROCE_STATE).write_text(json.dumps(roce_state(cfg, node.index, {})))
+
+
+def roce_state(cfg: LabConfig, index: int, roce: dict[str, dict]) -> dict:
+    """What node `index`'s stand-in hccn_tool reads: which node it is, and every node's NPUs
+    with the RoCE state tests set for them (node -> NPU -> keys), for `-ping`."""
+    return {
+        "node": index,
+        "nodes": {
+            str(n.index): {"npus": list(range(cfg.npus)), "roce": roce.get(str(n.index), {})}
+            for n in cfg.all_nodes()
+        },
+    }
 
 
 def openssl(*args: str, cwd: Path) -> None:
@@ -795,13 +812,33 @@ class Lab:
 
     def set_npu_state(self, index: int, npus: dict[int, dict]) -> None:
         """What node `index`'s stand-in npu-smi reports, per NPU id: health ("OK", "Warning",
-        "Alarm", "Critical"), hbm_used_mb, hbm_total_mb, processes [{pid, name, memory_mb}].
-        NPUs left out are healthy and idle. Read live by every `npu-smi info`."""
+        "Alarm", "Critical"), error_codes [int, e.g. 0x80E18402], error_information [str],
+        temperature_c, power_w, aicore_percent, hbm_used_mb, hbm_total_mb, processes
+        [{pid, name, memory_mb}]. NPUs and keys left out are healthy and idle (see
+        hack/fake-npu-smi). Replaces what was set before; read live by every `npu-smi`."""
         state = {"npus": {str(k): v for k, v in npus.items()}}
         path = self.node(index).driver_dir / "dcmi" / "npu-smi-state.json"
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(state))
         os.replace(tmp, path)
+
+    def set_roce_state(self, index: int, npus: dict[int, dict]) -> None:
+        """What the stand-in hccn_tool reports for node `index`'s NPUs' RoCE NICs, per NPU id:
+        link ("UP"/"DOWN"), net_health ("Success", "Fault", "Init", ...), ip, netmask, gateway,
+        netdetect (None: not configured). NPUs and keys left out take the defaults (link UP,
+        net health Success, ip 192.168.<100+npu>.<index>/24; see hack/fake-hccn-tool).
+        Replaces what was set for that node before. Every node's file is rewritten, since
+        `-ping` on any node answers only for addresses of NPUs whose link is UP."""
+        path = self.node(index).driver_dir / "dcmi" / ROCE_STATE
+        roce: dict[str, dict] = {}
+        if path.exists():  # (not in a lab brought up before the stand-in hccn_tool)
+            roce = {k: v["roce"] for k, v in json.loads(path.read_text())["nodes"].items()}
+        roce[str(index)] = {str(k): v for k, v in npus.items()}
+        for node in self.nodes:
+            path = node.driver_dir / "dcmi" / ROCE_STATE
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(roce_state(self.config, node.index, roce)))
+            os.replace(tmp, path)
 
     # --- accounting ---------------------------------------------------------------------
     def memory_kib(self) -> dict[str, int]:

@@ -112,6 +112,25 @@ def test_shim_refuses_a_malformed_device_list(bundle):
     assert "invalid ASCEND_VISIBLE_DEVICES='all'" in proc.stderr
 
 
+def test_shim_mounts_hccn_tool_where_the_driver_installs_it(bundle):
+    """Read-only at /usr/local/Ascend/driver/tools/hccn_tool, the path HCCL's RoCE checks and
+    MindCluster's exporter call; only into containers given NPUs."""
+    driver = bundle / "driver"
+    driver.mkdir()
+    (driver / "hccn_tool").write_text("")
+    proc, spec = run_shim(bundle, ["ASCEND_VISIBLE_DEVICES=3"])
+    assert proc.returncode == 0, proc.stderr
+    mounts = {m["destination"]: m for m in spec["mounts"]}
+    assert mounts["/usr/local/Ascend/driver/tools/hccn_tool"] == {
+        "destination": "/usr/local/Ascend/driver/tools/hccn_tool",
+        "type": "bind",
+        "source": str(driver / "hccn_tool"),
+        "options": ["rbind", "ro"],
+    }
+    _, untouched = run_shim(bundle, [])
+    assert untouched["mounts"] == [{"destination": "/proc"}]
+
+
 def get_json(url: str):
     with urllib.request.urlopen(url, timeout=3) as resp:
         return json.load(resp)
