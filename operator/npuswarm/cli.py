@@ -77,7 +77,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     refused = [
         f"{md.key}: {v}"
         for md in deployments
-        for v in hostpolicy.violations(md, settings.allowed_host_paths)
+        for v in hostpolicy.violations(md, settings.tenant_policy())
     ]
     if refused:
         raise UsageError(f"{hostpolicy.REASON}: " + "; ".join(refused))

@@ -66,7 +66,9 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **kwargs: Any)
             swarm,
             config,
             owners=kube,
-            gateways=Gateways(config.instance, gateway_credentials(config)),
+            gateways=Gateways(
+                config.instance, gateway_credentials(config), policy=config.tenant_policy()
+            ),
         ),
         kube=kube,
         leadership=Leadership(

@@ -299,7 +299,7 @@ class Runtime:
         else:
             # Host safety: what the API server accepted may still reach past the operator's
             # settings (a hostPath outside the allow-list).
-            refused = hostpolicy.violations(model, self.settings.allowed_host_paths)
+            refused = hostpolicy.violations(model, self.settings.tenant_policy())
             parsed = (
                 Parsed(seen, None, "; ".join(refused), hostpolicy.REASON)
                 if refused

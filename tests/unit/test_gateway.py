@@ -315,3 +315,18 @@ def test_a_network_a_gateway_still_uses_is_not_removed() -> None:
     r.finalize_gateway("default", "gw")
     r.run_pass(Desired(deployments=[]))
     assert swarm.calls["remove_network"] == 1
+
+
+def test_a_gateway_image_the_admin_does_not_allow_is_not_run() -> None:
+    swarm = overlay_swarm(nodes=1)
+    policy = Settings(allowed_images="registry.local/*").tenant_policy()
+    r = Reconciler(swarm, Settings(), clock=lambda: NOW,
+                   gateways=Gateways("default", CREDENTIALS, Recorder().send, policy=policy))
+    result = r.run_pass(Desired(deployments=[model("a")], gateways=[gateway(image="docker.io/evil/gw:1")]))
+    assert swarm.observe().gateway_services == []
+    status = result.gateways["default/gw"]
+    reasons = {c.type: (c.reason, c.message) for c in status.conditions}
+    assert reasons["Degraded"][0] == "PolicyViolation" and "not an allowed image" in reasons["Degraded"][1]
+    allowed = gateway(image="registry.local/npuswarm-gateway:1")
+    r.run_pass(Desired(deployments=[model("a")], gateways=[allowed]))
+    assert [s.name for s in swarm.observe().gateway_services] == ["default-gw-gateway"]

@@ -74,12 +74,12 @@ def test_an_empty_allow_list_refuses_every_host_path() -> None:
 
 def test_violations_name_each_offending_volume() -> None:
     md = deployment(volumes=volumes("/models", "/var/run/docker.sock", "/srv/x"))
-    found = violations(md, DEFAULTS.allowed_host_paths)
+    found = violations(md, DEFAULTS.tenant_policy())
     assert len(found) == 2
     assert found[0].startswith("spec.volumes[1]: hostPath /var/run/docker.sock is never allowed")
     assert found[1].startswith("spec.volumes[2]: hostPath /srv/x is outside")
-    assert violations(deployment(volumes=volumes("/models/a", "/data")), DEFAULTS.allowed_host_paths) == []
-    assert violations(deployment(), DEFAULTS.allowed_host_paths) == []
+    assert violations(deployment(volumes=volumes("/models/a", "/data")), DEFAULTS.tenant_policy()) == []
+    assert violations(deployment(), DEFAULTS.tenant_policy()) == []
 
 
 segments = st.sampled_from(["..", ".", "", "etc", "models", "data", "run", "var", "docker.sock", "x"])
@@ -158,3 +158,51 @@ def test_snapshot_records_network_scopes() -> None:
         {"Id": "c", "Name": "ingress", "Scope": "swarm", "Ingress": True},
     ])
     assert snapshot.networks == {"vllm-net": "swarm", "host": "local", "ingress": "ingress"}
+
+
+# --- what tenants may ask beyond host paths (issue 24, items 3-5) -----------------------------
+
+
+def test_host_paths_are_read_only_unless_the_root_allows_writes() -> None:
+    from npuswarm.core.hostpolicy import TenantPolicy  # noqa: F401
+
+    policy = Settings(allowed_host_paths=("/models", "/data:rw")).tenant_policy()
+    writable = [{"hostPath": "/models/x", "mountPath": "/m", "readOnly": False},
+                {"hostPath": "/data/cache", "mountPath": "/c", "readOnly": False}]
+    (refused,) = violations(deployment(volumes=writable), policy)
+    assert refused.startswith("spec.volumes[0]: hostPath /models/x may only be mounted read-only")
+    assert "/models:rw" in refused
+    assert violations(deployment(volumes=volumes("/models/x")), policy) == []  # read-only default
+    assert deployment(volumes=volumes("/models/x")).spec.volumes[0].readOnly is True
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["ASCEND_RUNTIME_MOUNTS", "ASCEND_RUNTIME_OPTIONS", "ASCEND_ALLOW_LINK", "ASCEND_VNPU_SPECS",
+     "MOUNT_BY_RUNTIME_FOR_DP", "host_snapshot_path", "DISABLE_UB_MOUNT", "LD_PRELOAD",
+     "LD_LIBRARY_PATH", "LD_AUDIT", "GLIBC_TUNABLES", "GCONV_PATH"],
+)
+def test_env_the_runtime_or_the_loader_reads_is_refused_unless_allowed(name: str) -> None:
+    md = deployment(engine={"env": {name: "x", "VLLM_USE_V1": "1"}})
+    (refused,) = violations(md, DEFAULTS.tenant_policy())
+    assert refused.startswith(f"spec.engine.env: {name} is reserved")
+    allowed = Settings(allowed_reserved_env=name).tenant_policy()
+    assert violations(md, allowed) == []
+
+
+def test_the_placements_env_can_never_be_allowed() -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="set from the placement"):
+        Settings(allowed_reserved_env="ASCEND_VISIBLE_DEVICES")
+    with pytest.raises(ValidationError, match="not reserved"):
+        Settings(allowed_reserved_env="HF_HOME")
+
+
+def test_images_outside_the_admins_patterns_are_refused() -> None:
+    policy = Settings(allowed_images="quay.io/ascend/vllm-ascend:*, registry.local/ai/*").tenant_policy()
+    assert violations(deployment(image="quay.io/ascend/vllm-ascend:v0.9.2rc1"), policy) == []
+    assert violations(deployment(image="registry.local/ai/team-a/vllm:1"), policy) == []
+    (refused,) = violations(deployment(image="docker.io/evil/vllm:latest"), policy)
+    assert "is not an allowed image" in refused and "NPUSWARM_ALLOWED_IMAGES" in refused
+    assert violations(deployment(image="anything:1"), DEFAULTS.tenant_policy()) == []  # empty: any

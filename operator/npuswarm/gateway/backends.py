@@ -137,6 +137,8 @@ class GatewayWork:
     replicas: list[GatewayReplica]
     # admin URL -> the error of a refused or failed push (filled by gateway/push.py).
     push_errors: dict[str, str] = field(default_factory=dict)
+    # Why the operator does not run this gateway, if so: (condition reason, message).
+    problem: tuple[str, str] | None = None
 
 
 def gateway_status(
@@ -144,7 +146,6 @@ def gateway_status(
     deployments: Mapping[str, str],  # served model name -> deployment key
     previous_conditions: Sequence[dict[str, Any]],
     now: datetime,
-    problem: str | None = None,
 ) -> ModelGatewayStatus:
     """Ready: every replica runs and holds the pushed backends. A served model with no
     ready backend makes the gateway Degraded (it answers 503 for that model)."""
@@ -152,9 +153,10 @@ def gateway_status(
     desired = gateway.spec.replicas
     configured = [r for r in work.replicas if r.admin_url not in work.push_errors]
     idle = sorted(model for model, urls in work.backends.items() if not urls)
+    problem = work.problem
     if problem is not None:
-        ready = ConditionValue("False", "NotConfigured", problem)
-        degraded = ConditionValue("True", "NotConfigured", problem)
+        ready = ConditionValue("False", *problem)
+        degraded = ConditionValue("True", *problem)
     elif work.push_errors:
         message = "; ".join(f"{url}: {err}" for url, err in sorted(work.push_errors.items()))
         ready = ConditionValue("False", "PushFailed", message)

@@ -27,6 +27,7 @@ from npuswarm import metrics
 from npuswarm.api.deployment import ModelDeployment
 from npuswarm.api.gateway import ModelGateway, ModelGatewayStatus
 from npuswarm.core.diff import Action, PassPlan
+from npuswarm.core.hostpolicy import REASON, TenantPolicy
 from npuswarm.gateway import protocol
 from npuswarm.gateway.backends import (
     Backends,
@@ -150,9 +151,11 @@ class Gateways:
         credentials: Credentials | None,
         send: Sender | None = None,
         clock: Callable[[], float] = time.monotonic,
+        policy: TenantPolicy | None = None,
     ) -> None:
         self.instance = instance
         self.credentials = credentials
+        self.policy = policy or TenantPolicy()
         if send is None and credentials is not None:
             send = https_sender(credentials, Signer())
         self.send = send
@@ -180,15 +183,20 @@ class Gateways:
                 gateway=gw,
                 backends=desired_backends(gw, deployments, whole.snapshot, stopping),
                 replicas=running_replicas(gw, whole.snapshot),
+                problem=self._problem(gw),
             )
             for gw in gateways
         ]
-        actions = (
-            gateway_actions(gateways, whole.snapshot, self.instance, mounts)
-            if self.credentials is not None
-            else []
-        )
+        # A refused gateway's service is left as it is (like a refused deployment's).
+        allowed = [w.gateway for w in works if w.problem is None]
+        actions = gateway_actions(allowed, whole.snapshot, self.instance, mounts)
         return GatewayPass(works=works, actions=actions)
+
+    def _problem(self, gateway: ModelGateway) -> tuple[str, str] | None:
+        if self.credentials is None:
+            return ("NotConfigured", NO_KEY)
+        refused = self.policy.image_violation(gateway.spec.image, "spec.image")
+        return (REASON, refused) if refused is not None else None
 
     def push(self, work: GatewayPass) -> None:
         """Every replica of every gateway, at once; waits for all. A replica that cannot be
@@ -251,7 +259,6 @@ class Gateways:
                 served,
                 (previous.get(gw.key) or {}).get("conditions", []),
                 now,
-                problem=None if self.credentials is not None else NO_KEY,
             )
             found[gw.key] = status
             namespace, name = gw.metadata.namespace, gw.metadata.name
