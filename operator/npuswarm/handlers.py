@@ -22,7 +22,7 @@ from npuswarm.api.meta import metadata_key, stamp
 from npuswarm.gateway.credentials import Credentials
 from npuswarm.gateway.push import Gateways
 from npuswarm.gateway.service import gateway_key
-from npuswarm.kube import Kube
+from npuswarm.kube import Kube, SecretKeys
 from npuswarm.reconcile import Reconciler
 from npuswarm.runtime import Leadership, Runtime
 from npuswarm.settings import Settings
@@ -67,7 +67,10 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **kwargs: Any)
             config,
             owners=kube,
             gateways=Gateways(
-                config.instance, gateway_credentials(config), policy=config.tenant_policy()
+                config.instance,
+                gateway_credentials(config),
+                policy=config.tenant_policy(),
+                keys=SecretKeys(kube),
             ),
         ),
         kube=kube,

@@ -218,10 +218,12 @@ class Recorder:
     def __init__(self) -> None:
         self.log: list[tuple[str, Any]] = []
         self.targets: list[PushTarget] = []
+        self.states: list[dict[str, Any]] = []
 
-    def send(self, target: PushTarget, backends: dict[str, list[str]]) -> None:
+    def send(self, target: PushTarget, state: dict[str, Any]) -> None:
         self.targets.append(target)
-        self.log.append(("push", {m: len(u) for m, u in backends.items()}))
+        self.states.append(state)
+        self.log.append(("push", {m: len(u) for m, u in state["models"].items()}))
 
 
 def test_a_replica_leaves_every_gateway_before_its_task_is_stopped() -> None:

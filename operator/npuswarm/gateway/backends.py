@@ -19,11 +19,17 @@ import structlog
 from pydantic import ValidationError
 
 from npuswarm.api.deployment import ModelDeployment
-from npuswarm.api.gateway import GatewayModelStatus, ModelGateway, ModelGatewayStatus
+from npuswarm.api.gateway import (
+    ClientAccessStatus,
+    GatewayModelStatus,
+    ModelGateway,
+    ModelGatewayStatus,
+)
 from npuswarm.api.meta import ConditionType, walk_index
 from npuswarm.core.diff import Action
 from npuswarm.core.snapshot import ObservedService, SwarmSnapshot
 from npuswarm.core.status import ConditionValue, conditions
+from npuswarm.gateway.access import KeySet
 
 log = structlog.get_logger("npuswarm.gateway")
 GatewayPhase = Literal["Pending", "Ready", "Degraded"]
@@ -139,6 +145,15 @@ class GatewayWork:
     push_errors: dict[str, str] = field(default_factory=dict)
     # Why the operator does not run this gateway, if so: (condition reason, message).
     problem: tuple[str, str] | None = None
+    # Client access as pushed (gateway/access.py), and the keys it came from: None when the
+    # gateway asks for keys whose Secret could not be read.
+    access: dict[str, Any] = field(default_factory=dict)
+    keys: KeySet | None = None
+
+    @property
+    def state(self) -> dict[str, Any]:
+        """What a push carries: the full state of one gateway."""
+        return {"models": self.backends, "access": self.access}
 
 
 def gateway_status(
@@ -173,6 +188,13 @@ def gateway_status(
         degraded = ConditionValue(
             "True", "ModelWithoutBackend", "no ready replica of " + ", ".join(idle)
         )
+    secret = gateway.spec.clientAccess.apiKeysSecret
+    if secret is not None and work.keys is None and problem is None:
+        degraded = ConditionValue(
+            "True",
+            "ApiKeysUnavailable",
+            f"the API keys Secret {secret} does not exist or cannot be read: no key is accepted",
+        )
     progressing = (
         ConditionValue("True", "ReplicasStarting", ready.message)
         if ready.status == "False" and problem is None
@@ -202,6 +224,12 @@ def gateway_status(
             )
             for model, urls in sorted(work.backends.items())
         ],
+        clientAccess=None
+        if secret is None
+        else ClientAccessStatus.model_construct(
+            keys=len(work.keys.digests) if work.keys else 0,
+            secretVersion=work.keys.version if work.keys else None,
+        ),
         conditions=conditions(values, previous_conditions, gateway.metadata.generation, now),
     )
 

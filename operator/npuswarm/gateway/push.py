@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 
@@ -29,8 +29,8 @@ from npuswarm.api.gateway import ModelGateway, ModelGatewayStatus
 from npuswarm.core.diff import Action, PassPlan
 from npuswarm.core.hostpolicy import REASON, TenantPolicy
 from npuswarm.gateway import protocol
+from npuswarm.gateway.access import KeySet, access_state
 from npuswarm.gateway.backends import (
-    Backends,
     GatewayReplica,
     GatewayWork,
     desired_backends,
@@ -61,8 +61,14 @@ class PushTarget:
     credential: bytes = field(repr=False)
 
 
-# (target, backends) -> None, or raises with the reason.
-Sender = Callable[[PushTarget, Backends], None]
+# (target, the gateway's full state) -> None, or raises with the reason.
+Sender = Callable[[PushTarget, dict[str, Any]], None]
+
+
+class KeySource(Protocol):
+    """Where ModelGateways' API keys come from (kube.SecretKeys): None when unreadable."""
+
+    def keys(self, namespace: str, name: str) -> KeySet | None: ...
 
 
 class _PinnedHTTPS(http.client.HTTPSConnection):
@@ -124,8 +130,8 @@ def admin_request(
 
 
 def https_sender(credentials: Credentials, signer: Signer) -> Sender:
-    def send(target: PushTarget, backends: Backends) -> None:
-        body = json.dumps({"models": backends}).encode()
+    def send(target: PushTarget, state: dict[str, Any]) -> None:
+        body = json.dumps(state).encode()
         status, text = admin_request(
             target, credentials.client_context(), signer, "PUT", "/backends", body
         )
@@ -152,16 +158,18 @@ class Gateways:
         send: Sender | None = None,
         clock: Callable[[], float] = time.monotonic,
         policy: TenantPolicy | None = None,
+        keys: KeySource | None = None,
     ) -> None:
         self.instance = instance
         self.credentials = credentials
         self.policy = policy or TenantPolicy()
+        self.keys = keys
         if send is None and credentials is not None:
             send = https_sender(credentials, Signer())
         self.send = send
         self.clock = clock
-        # (admin URL, task id) -> (backends, when) of the last push it accepted.
-        self._pushed: dict[tuple[str, str], tuple[Backends, float]] = {}
+        # (admin URL, task id) -> (state, when) of the last push it accepted.
+        self._pushed: dict[tuple[str, str], tuple[dict[str, Any], float]] = {}
         self._pushers = ThreadPoolExecutor(PUSH_CONCURRENCY, thread_name_prefix="gateway-push")
 
     def close(self) -> None:
@@ -187,6 +195,11 @@ class Gateways:
             )
             for gw in gateways
         ]
+        for work in works:
+            access = work.gateway.spec.clientAccess
+            if access.apiKeysSecret is not None and self.keys is not None:
+                work.keys = self.keys.keys(work.gateway.metadata.namespace, access.apiKeysSecret)
+            work.access = access_state(access, work.keys)
         # A refused gateway's service is left as it is (like a refused deployment's).
         allowed = [w.gateway for w in works if w.problem is None]
         actions = gateway_actions(allowed, whole.snapshot, self.instance, mounts)
@@ -215,14 +228,10 @@ class Gateways:
             for replica in item.replicas:
                 key = (replica.admin_url, replica.task)
                 last = self._pushed.get(key)
-                if (
-                    last is not None
-                    and last[0] == item.backends
-                    and now - last[1] < REFRESH_SECONDS
-                ):
+                if last is not None and last[0] == item.state and now - last[1] < REFRESH_SECONDS:
                     continue
                 target = PushTarget(replica, who.hostname, credential)
-                send = self._pushers.submit(self.send, target, item.backends)
+                send = self._pushers.submit(self.send, target, item.state)
                 jobs.append((item, key, send))
         for item, key, future in jobs:
             try:
@@ -238,7 +247,7 @@ class Gateways:
                     error=str(error),
                 )
             else:
-                self._pushed[key] = (item.backends, now)
+                self._pushed[key] = (item.state, now)
                 metrics.gateway_pushes_total.labels("success").inc()
 
     def statuses(
