@@ -27,7 +27,8 @@ from enginesim import EngineSim  # noqa: E402
 from fleet import replace_block  # noqa: E402
 
 from npuswarm.api.deployment import ModelDeployment  # noqa: E402
-from npuswarm.reconcile import Desired, Reconciler  # noqa: E402
+from npuswarm.reconcile import Reconciler  # noqa: E402
+from npuswarm.core.pipeline import Desired  # noqa: E402
 from npuswarm.settings import Settings  # noqa: E402
 from npuswarm.swarm import Swarm  # noqa: E402
 

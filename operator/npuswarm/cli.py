@@ -26,14 +26,14 @@ from npuswarm.api.deployment import ModelDeployment
 from npuswarm.api.meta import validation_message
 from npuswarm.core import hostpolicy
 from npuswarm.core.clock import utcnow
-from npuswarm.core.diff import plan_many
 from npuswarm.core.nodes import NodeInfo
 from npuswarm.core.npus import device_name, format_npu_ids
+from npuswarm.core.pipeline import Desired, plan_pass
 from npuswarm.core.snapshot import SwarmSnapshot
 from npuswarm.nodehealth.checks import Verdict
 from npuswarm.nodehealth.npusmi import NodeHealth
 from npuswarm.nodehealth.runner import NodeChecker
-from npuswarm.reconcile import Desired, Reconciler
+from npuswarm.reconcile import Reconciler
 from npuswarm.settings import Settings
 from npuswarm.stackfiles.compose import StackFileError, parse_compose
 from npuswarm.stackfiles.exporter import export_stack, planned_services
@@ -89,15 +89,17 @@ def cmd_plan(args: argparse.Namespace) -> int:
     ]
     if refused:
         raise UsageError(f"{hostpolicy.REASON}: " + "; ".join(refused))
-    placement, plans = plan_many(
+    whole = plan_pass(
         deployments,
         snapshot,
         now=utcnow(),
         lost_node_grace_seconds=settings.lost_node_grace_seconds,
     )
+    placement = whole.placement
     report: list[dict[str, Any]] = []
     for md in deployments:
-        requests, plan = plans[md.key]
+        plan = whole.plans[md.key]
+        requests = plan.requests
         replicas = []
         for request in requests:
             assignment = placement.assignments.get(request.key)

@@ -18,7 +18,7 @@ from npuswarm import metrics
 from npuswarm.api import deployment as deployment_api
 from npuswarm.api import gateway as gateway_api
 from npuswarm.api import meta
-from npuswarm.api.meta import metadata_key, stamp
+from npuswarm.api.meta import metadata_key
 from npuswarm.gateway.credentials import Credentials
 from npuswarm.gateway.push import Gateways
 from npuswarm.gateway.service import gateway_key
@@ -88,8 +88,7 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **kwargs: Any)
     )
     memo.runtime = runtime
     start_http_server(config.metrics_port, registry=metrics.REGISTRY)
-    runtime.start_threads()
-    runtime.tasks.append(asyncio.create_task(runtime.run_passes(), name="npuswarm passes"))
+    runtime.start()
     log.info("npuswarm started", metrics_port=config.metrics_port, settings=config.__dict__)
 
 
@@ -101,16 +100,7 @@ def gateway_credentials(config: Settings) -> Credentials | None:
 @kopf.on.cleanup()
 async def stop(memo: kopf.Memo, **_: Any) -> None:
     runtime: Runtime = memo.runtime
-    runtime.stop.set()
-    if runtime.event_stream is not None:
-        runtime.event_stream.close()
-    for task in runtime.tasks:
-        task.cancel()
-    await asyncio.gather(*runtime.tasks, return_exceptions=True)
-    if runtime.checker is not None:
-        # Probes under way would otherwise wait for the next start's cleanup.
-        await asyncio.to_thread(runtime.checker.close)
-    await asyncio.to_thread(runtime.reconciler.close)
+    await runtime.close()
 
 
 @kopf.index(*RESOURCE)
@@ -153,9 +143,7 @@ async def wants_pass(
     if type == "DELETED":
         runtime.request(key)
         return
-    seen = stamp(metadata)
-    if runtime.generations.get(key) != seen:
-        runtime.generations[key] = seen
+    if runtime.changed(key, metadata):
         runtime.request(key)
 
 
@@ -178,8 +166,7 @@ def on_delete(
     except SwarmUnavailable as error:
         raise kopf.TemporaryError(f"Swarm unavailable, services kept: {error}", delay=15) from error
     runtime.request_threadsafe(None)  # the NPUs it held are free for others now
-    assert runtime.loop is not None
-    runtime.loop.call_soon_threadsafe(runtime.forget, key)
+    runtime.deleted(key)
     log.info("deployment deleted", deployment=key, services_removed=removed)
 
 
@@ -197,10 +184,8 @@ async def gateway_wants_pass(
     """A new gateway or a new generation: a pass (its status writes ask for nothing)."""
     runtime: Runtime = memo.runtime
     metadata = body.get("metadata") or {}
-    key = gateway_key(metadata_key(metadata))
-    seen = stamp(metadata)
-    if type == "DELETED" or runtime.generations.get(key) != seen:
-        runtime.generations[key] = seen
+    changed = runtime.changed(gateway_key(metadata_key(metadata)), metadata)
+    if type == "DELETED" or changed:
         runtime.request(None)
 
 
@@ -224,5 +209,4 @@ def swarm_probe(memo: kopf.Memo, **_: Any) -> bool | None:
     runtime: Runtime | None = getattr(memo, "runtime", None)
     if runtime is None:
         return None
-    reachable: bool | None = runtime.reconciler.swarm.reachable  # type: ignore[attr-defined]
-    return reachable
+    return runtime.swarm_reachable

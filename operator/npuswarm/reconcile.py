@@ -10,7 +10,7 @@ from __future__ import annotations
 import gc
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -21,18 +21,14 @@ import structlog
 
 from npuswarm import metrics
 from npuswarm.api import labels
-from npuswarm.api.deployment import ModelDeployment, ModelDeploymentStatus
-from npuswarm.api.gateway import ModelGateway, ModelGatewayStatus
-from npuswarm.api.meta import split_key
-from npuswarm.core import hostpolicy
+from npuswarm.api.gateway import ModelGatewayStatus
 from npuswarm.core.clock import utcnow
-from npuswarm.core.diff import Action, Applied, PassPlan, plan_pass
-from npuswarm.core.kube_events import Event, EventType
+from npuswarm.core.diff import Action, Applied, PassPlan, reported_services
 from npuswarm.core.nodes import NodeLimits
-from npuswarm.core.npus import parse_npu_ids
+from npuswarm.core.pipeline import DeploymentView, Desired, plan_pass, report
 from npuswarm.core.render import Renderer, network_labels
 from npuswarm.core.snapshot import SwarmSnapshot, is_own, secrets_from_engine
-from npuswarm.core.status import deployment_status, invalid_spec_status
+from npuswarm.core.status import npu_states
 from npuswarm.gateway.push import GatewayPass, Gateways
 from npuswarm.gateway.service import GatewaySecrets, SecretMount, plan_secrets
 from npuswarm.settings import Settings
@@ -68,44 +64,6 @@ class OwnerCatalog(Protocol):
     def existing(self, owners: set[str]) -> set[str] | None:
         """Those of ``owners`` (``namespace/name``) that exist; None when that is not known."""
         ...
-
-
-@dataclass(frozen=True)
-class Desired:
-    """What Kubernetes asks for, as a pass reads it (from kopf's index)."""
-
-    deployments: list[ModelDeployment] = field(default_factory=list)
-    # Deployments whose spec npuswarm refuses: key -> (generation, reason, why). Their
-    # services are left as they are; they ask for nothing new.
-    invalid: dict[str, tuple[int, str, str]] = field(default_factory=dict)
-    # Deployments being deleted: their finalizer removes their services, the pass leaves them.
-    deleting: frozenset[str] = frozenset()
-    # The last status each deployment has (key -> status dict), for conditions and drift.
-    previous: dict[str, dict[str, Any]] = field(default_factory=dict)
-    # The namespaces this operator watches; None: all. Services of others are never judged.
-    namespaces: frozenset[str] | None = None
-    # ModelGateways (gateway/) and the last status of each, by namespace/name.
-    gateways: list[ModelGateway] = field(default_factory=list)
-    gateway_previous: dict[str, dict[str, Any]] = field(default_factory=dict)
-
-    def known(self) -> set[str]:
-        return {md.key for md in self.deployments} | set(self.invalid) | set(self.deleting)
-
-    def watches(self, owner: str) -> bool:
-        return self.namespaces is None or split_key(owner)[0] in self.namespaces
-
-
-@dataclass
-class DeploymentView:
-    """One deployment as a pass served it."""
-
-    key: str
-    status: ModelDeploymentStatus
-    events: list[Event] = field(default_factory=list)
-    applied: list[Action] = field(default_factory=list)
-    # Work under way (a rollout step, replicas starting): look again soon, not at the resync.
-    requeue: bool = False
-    unplaced_reasons: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -181,7 +139,7 @@ class Reconciler:
             now=self.clock(),
             lost_node_grace_seconds=self.settings.lost_node_grace_seconds,
             known_services={
-                key: _reported_services(status) for key, status in desired.previous.items()
+                key: reported_services(status) for key, status in desired.previous.items()
             },
             orphan_owners=confirmed,
             renderer=self.renderer,
@@ -278,43 +236,7 @@ class Reconciler:
             log.info("network " + ("created" if create else "removed"), network=target)
 
     def _result(self, desired: Desired, whole: PassPlan, applied: dict[str, Applied]) -> PassResult:
-        now = self.clock()
-        views: dict[str, DeploymentView] = {}
-        for md in desired.deployments:
-            if md.key in whole.refused:
-                continue
-            writes = applied.get(md.key, Applied())
-            previous = desired.previous.get(md.key, {})
-            status = deployment_status(md, whole, writes, previous.get("conditions", []), now)
-            events = deployment_events(md, whole, writes) + task_failure_events(status)
-            unplaced: dict[str, int] = {}
-            for replica, item in whole.placement.unplaced.items():
-                if replica[0] == md.key:
-                    unplaced[item.reason] = unplaced.get(item.reason, 0) + 1
-            views[md.key] = DeploymentView(
-                key=md.key,
-                status=status,
-                events=events,
-                applied=writes.done,
-                requeue=bool(writes.done or whole.plans[md.key].deferred)
-                or status.readyReplicas < status.placedReplicas,
-                unplaced_reasons=unplaced,
-            )
-        refusals = dict(desired.invalid)
-        for md in desired.deployments:
-            if md.key in whole.refused:
-                refusals[md.key] = (
-                    md.metadata.generation,
-                    hostpolicy.REASON,
-                    whole.refused[md.key],
-                )
-        for invalid_key, (generation, reason, message) in refusals.items():
-            previous = desired.previous.get(invalid_key, {})
-            views[invalid_key] = DeploymentView(
-                key=invalid_key,
-                status=invalid_spec_status(generation, message, previous, now, reason),
-                events=[Event("Warning", reason, message)],
-            )
+        views = report(desired, whole, applied, self.clock())
         orphans = [a for owner in {o.owner for o in whole.orphans} for a in applied[owner].done]
         for action in orphans:
             log.info("orphan removed", service=action.service_name, reason=action.reason)
@@ -461,113 +383,3 @@ def _collector_paused() -> Iterator[None]:
     finally:
         if enabled:
             gc.enable()
-
-
-def _reported_services(status: Mapping[str, Any]) -> frozenset[str]:
-    return frozenset(r["service"] for r in status.get("replicaStatuses", []) if r.get("service"))
-
-
-def deployment_events(md: ModelDeployment, whole: PassPlan, writes: Applied) -> list[Event]:
-    snapshot, placement = whole.snapshot, whole.placement
-    events: list[Event] = []
-    for action in writes.done:
-        if action.kind != "remove" and action.spec is not None:
-            service_labels = action.spec["Labels"]
-            node = snapshot.node(service_labels[labels.NODE])
-            where = (
-                f"node {node.hostname if node else service_labels[labels.NODE]} "
-                f"NPUs {service_labels[labels.NPUS]}"
-            )
-            if action.kind == "create" or action.drift == "replica_replaced":
-                message = f"replica {action.slot} placed on {where} ({action.reason})"
-                events.append(Event("Normal", "Placed", message))
-                log.info(
-                    "placement decided",
-                    deployment=md.key,
-                    replica=action.slot,
-                    where=where,
-                    reason=action.reason,
-                )
-        if action.drift is not None:
-            events.append(
-                Event(
-                    "Normal",
-                    "DriftCorrected",
-                    f"{action.kind} of {action.service_name}: {action.reason}",
-                )
-            )
-        elif action.kind == "remove":
-            events.append(Event("Normal", "Removed", f"{action.service_name}: {action.reason}"))
-    for key, unplaced in sorted(placement.unplaced.items()):
-        if key[0] == md.key:
-            # Waiting for a node's first validation probe is no warning.
-            kind: EventType = "Normal" if unplaced.reason == "NodeValidationPending" else "Warning"
-            events.append(
-                Event(kind, unplaced.reason, f"replica {unplaced.slot}: {unplaced.message}")
-            )
-    for slot, error in sorted(writes.rejected.items()):
-        events.append(Event("Warning", "SwarmRejected", f"replica {slot}: {error}"))
-    for owner, message in placement.conflicts:
-        if owner == md.key:
-            events.append(Event("Warning", "NPUConflict", message))
-    return events
-
-
-def task_failure_events(status: ModelDeploymentStatus) -> list[Event]:
-    return [
-        Event("Warning", "TaskFailed", f"replica {r.replica} on {r.hostname}: {r.lastError}")
-        for r in status.replicaStatuses
-        if r.lastError and not r.ready
-    ]
-
-
-NPU_STATES = ("allocated", "foreign", "reserved", "free", "unhealthy")
-
-
-def npu_states(
-    snapshot: SwarmSnapshot,
-    foreign: Mapping[str, Mapping[int, str]],
-    applied: Iterable[Action],
-    limits: NodeLimits | None = None,
-) -> dict[tuple[str, str], int]:
-    """NPUs per (node, state) once this pass's writes landed: npuswarm's claims from its
-    labels, NPUs that services npuswarm does not own hold (or processes it did not start
-    use), reserved, free, and unhealthy: every NPU of a node that is not ready, and those
-    npu-smi reads unhealthy that no replica holds."""
-    claims = {a.service: (a.node_id, a.npus) for a in snapshot.allocations() if not a.foreign}
-    for action in applied:
-        if action.kind == "remove":
-            claims.pop(action.service_name, None)
-        elif action.spec is not None:
-            service_labels = action.spec["Labels"]
-            claims[action.service_name] = (
-                service_labels[labels.NODE],
-                parse_npu_ids(service_labels[labels.NPUS]),
-            )
-    claimed: dict[str, set[int]] = {}
-    for node_id, npus in claims.values():
-        claimed.setdefault(node_id, set()).update(npus)
-    counts: dict[tuple[str, str], int] = {}
-    for node in snapshot.nodes:
-        name = node.hostname or node.id
-        allocated = claimed.get(node.id, set()) & node.npus
-        held = set(foreign.get(node.id, {})) & node.npus - allocated
-        reserved = node.reserved & node.npus
-        sick: set[int] = set()
-        if limits is not None:
-            held |= set(limits.busy.get(node.id) or {}) & node.usable_npus - allocated
-            sick = set(limits.npus.get(node.id) or {}) & node.usable_npus - allocated - held
-        if node.state == "ready":
-            values = {
-                "allocated": len(allocated),
-                "foreign": len(held),
-                "reserved": len(reserved),
-                "free": len(node.usable_npus - allocated - held - sick),
-                "unhealthy": len(sick),
-            }
-        else:
-            values = dict.fromkeys(NPU_STATES, 0)
-            values["reserved"] = len(reserved)
-            values["unhealthy"] = len(node.usable_npus)
-        counts.update({(name, state): value for state, value in values.items()})
-    return counts

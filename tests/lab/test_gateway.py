@@ -27,7 +27,8 @@ from npuswarm.gateway.backends import GatewayReplica
 from npuswarm.gateway.service import identity
 from npuswarm.gateway.credentials import Credentials
 from npuswarm.gateway.push import Gateways, PushTarget, Signer, admin_request
-from npuswarm.reconcile import Desired, PassResult, Reconciler
+from npuswarm.reconcile import PassResult, Reconciler
+from npuswarm.core.pipeline import Desired
 from npuswarm.settings import Settings
 from npuswarm.swarm import Swarm
 from tests.helpers import wait_for

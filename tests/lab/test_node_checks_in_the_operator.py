@@ -76,15 +76,13 @@ class Operator:
             loop=asyncio.get_running_loop(),
         )
         self.runtime = runtime
-        runtime.start_threads()
-        passes = asyncio.create_task(runtime.run_passes())
+        runtime.start()
         self.ready.set()
-        while not runtime.stop.is_set():
+        while not runtime.triggers.stop.is_set():
             await asyncio.sleep(0.2)
-        if runtime.event_stream is not None:
-            runtime.event_stream.close()
-        passes.cancel()
-        await asyncio.gather(passes, return_exceptions=True)
+        for task in runtime.tasks:
+            task.cancel()
+        await asyncio.gather(*runtime.tasks, return_exceptions=True)
 
     def __enter__(self) -> Operator:
         self.thread.start()
@@ -94,12 +92,12 @@ class Operator:
     def __exit__(self, *exc: object) -> None:
         runtime = self.runtime
         assert runtime is not None
-        runtime.stop.set()
+        runtime.stop()
         self.thread.join(30)
         for thread in runtime.threads:
             thread.join(30)
-        if runtime.checker is not None:
-            runtime.checker.close()
+        if runtime.node_checks is not None:
+            runtime.node_checks.checker.close()
         runtime.reconciler.finalize("lab", "operated", "uid-operated")
         runtime.reconciler.close()
 

@@ -17,7 +17,8 @@ from npuswarm import cli, metrics
 from npuswarm.nodehealth import checks as node_checks, npusmi
 from npuswarm.api.deployment import ModelDeployment
 from npuswarm.nodehealth.runner import NodeChecker, publish_verdicts
-from npuswarm.reconcile import Desired, PassResult, Reconciler
+from npuswarm.reconcile import PassResult, Reconciler
+from npuswarm.core.pipeline import Desired
 from npuswarm.settings import Settings
 from npuswarm.swarm import Swarm
 from tests.helpers import wait_for

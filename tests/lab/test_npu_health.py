@@ -135,7 +135,8 @@ def test_a_replica_crashing_on_one_node_only_ends_up_running_on_another(
     swarm_lab: swarmlab.Lab,
 ) -> None:
     from npuswarm.core.relocation import FailureTracker
-    from npuswarm.reconcile import Desired, Reconciler
+    from npuswarm.reconcile import Reconciler
+    from npuswarm.core.pipeline import Desired
     from npuswarm.swarm import Swarm
 
     settings = Settings(failing_replica_threshold=2, failing_replica_backoff_seconds=5)

@@ -16,7 +16,8 @@ import pytest
 
 import swarmlab
 from npuswarm.api.deployment import ModelDeployment
-from npuswarm.reconcile import Desired, PassResult, Reconciler
+from npuswarm.reconcile import PassResult, Reconciler
+from npuswarm.core.pipeline import Desired
 from npuswarm.settings import Settings
 from npuswarm.swarm import Swarm, SwarmUnavailable
 from tests import invariants

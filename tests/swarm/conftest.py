@@ -14,7 +14,8 @@ import docker
 import pytest
 
 from npuswarm.api.deployment import ModelDeployment
-from npuswarm.reconcile import DeploymentView, Desired, Reconciler
+from npuswarm.reconcile import Reconciler
+from npuswarm.core.pipeline import DeploymentView, Desired
 from npuswarm.settings import Settings
 from npuswarm.swarm import Swarm
 from tests.helpers import IMAGE, NETWORK, fast_spec, wait_for

@@ -4,7 +4,8 @@ from typing import Any
 
 from npuswarm.api.deployment import ModelDeployment
 from npuswarm.core.snapshot import SwarmSnapshot, snapshot_from_engine
-from npuswarm.core.diff import Applied, DeploymentPlan, place_all, plan_deployment, plan_pass
+from npuswarm.core.diff import Applied, DeploymentPlan
+from npuswarm.core.pipeline import plan_pass
 from npuswarm.core.status import deployment_status
 
 from .builders import NOW, deployment, engine_node, engine_service, engine_task
@@ -20,9 +21,10 @@ def plan_for(
     known: frozenset[str] = frozenset(),
     nodes: list[dict[str, Any]] = NODES,
 ) -> tuple[DeploymentPlan, SwarmSnapshot]:
-    snapshot = snapshot_from_engine(nodes, list(services), list(tasks), [{"Id": "net-id", "Name": "vllm-net"}])
-    placement, requests = place_all([*others, md], snapshot, now=NOW, lost_node_grace_seconds=60)
-    return plan_deployment(md, requests[md.key], placement, snapshot, known), snapshot
+    network = {"Id": "net-id", "Name": "vllm-net", "Scope": "swarm"}
+    snapshot = snapshot_from_engine(nodes, list(services), list(tasks), [network])
+    whole = plan_pass([*others, md], snapshot, now=NOW, lost_node_grace_seconds=60, known_services={md.key: known})
+    return whole.plans[md.key], snapshot
 
 
 def converge(md: ModelDeployment, ready: bool = True) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:

@@ -16,7 +16,8 @@ from npuswarm.gateway.service import SecretMount, gateway_actions, render_gatewa
 from npuswarm.gateway.credentials import Credentials
 from npuswarm.gateway.push import Gateways, PushTarget
 from npuswarm.core.diff import Action
-from npuswarm.reconcile import Desired, Reconciler
+from npuswarm.reconcile import Reconciler
+from npuswarm.core.pipeline import Desired
 from npuswarm.settings import Settings
 
 from .builders import NOW, deployment

@@ -26,7 +26,8 @@ from npuswarm.gateway.credentials import (
 )
 from npuswarm.gateway.protocol import Verifier, authorization
 from npuswarm.core.snapshot import secrets_from_engine
-from npuswarm.reconcile import Desired, Reconciler
+from npuswarm.reconcile import Reconciler
+from npuswarm.core.pipeline import Desired
 from npuswarm.settings import Settings
 
 from .builders import NOW

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from npuswarm.core.snapshot import snapshot_from_engine
-from npuswarm.core.diff import place_all, plan_deployment
+from npuswarm.core.pipeline import plan_pass
 from npuswarm.core.render import service_name
 
 from .builders import NOW, deployment, engine_node, engine_service, engine_task
@@ -80,6 +80,5 @@ def test_no_plan_ever_acts_on_a_service_of_another_deployment(
     ]
     b_ids = {s["ID"] for s in b_services}
     both = snapshot_from_engine(NODES, services + b_services, tasks, [])
-    placement, requests = place_all([a, b], both, now=NOW, lost_node_grace_seconds=60)
-    again = plan_deployment(a, requests[a.key], placement, both)
+    again = plan_pass([a, b], both, now=NOW, lost_node_grace_seconds=60).plans[a.key]
     assert not {x.service_id for x in again.actions + again.deferred} & b_ids

@@ -10,7 +10,8 @@ from typing import Any
 from npuswarm.nodehealth import checks as node_checks
 from npuswarm.nodehealth.checks import NodeVerdicts, TaskResult
 from npuswarm.nodehealth.runner import NodeChecker
-from npuswarm.reconcile import Desired, Reconciler
+from npuswarm.reconcile import Reconciler
+from npuswarm.core.pipeline import Desired
 from npuswarm.settings import Settings
 from npuswarm.swarm import SwarmRejected
 

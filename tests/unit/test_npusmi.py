@@ -14,7 +14,8 @@ from npuswarm.nodehealth import checks as node_checks, npusmi
 from npuswarm.nodehealth.npusmi import NodeHealth, NpuReading, Process
 from npuswarm.core.snapshot import snapshot_from_engine
 from npuswarm.nodehealth.runner import NodeChecker
-from npuswarm.reconcile import Desired, Reconciler
+from npuswarm.reconcile import Reconciler
+from npuswarm.core.pipeline import Desired
 from npuswarm.settings import Settings
 
 from .builders import NOW, deployment, node
@@ -254,7 +255,7 @@ def test_no_health_probe_on_a_node_that_failed_validation() -> None:
 
 def test_npu_gauges_count_unhealthy_and_busy_npus() -> None:
     from npuswarm.core.nodes import NodeLimits
-    from npuswarm.reconcile import npu_states
+    from npuswarm.core.status import npu_states
 
     swarm = MemorySwarm(nodes=1, npus=8)
     snapshot = swarm.observe()

@@ -7,7 +7,8 @@ from typing import Any
 import pytest
 
 from npuswarm.api.deployment import ModelDeployment
-from npuswarm.reconcile import Desired, PassResult, Reconciler
+from npuswarm.reconcile import PassResult, Reconciler
+from npuswarm.core.pipeline import Desired
 from npuswarm.settings import Settings
 from npuswarm.swarm import SwarmUnavailable
 

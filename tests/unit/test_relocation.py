@@ -9,7 +9,8 @@ from typing import Any
 from npuswarm.core import relocation
 from npuswarm.core.relocation import FailureTracker, History
 from npuswarm.core.snapshot import ObservedService, ObservedTask
-from npuswarm.reconcile import Desired, Reconciler
+from npuswarm.reconcile import Reconciler
+from npuswarm.core.pipeline import Desired
 from npuswarm.settings import Settings
 
 from .builders import NOW, deployment

@@ -9,7 +9,9 @@ from prometheus_client import CollectorRegistry
 
 from npuswarm import metrics
 from npuswarm.reconcile import Reconciler
-from npuswarm.runtime import Leadership, Runtime, _same_status, _survive
+from npuswarm.runtime import Leadership, Runtime
+from npuswarm.runtime.publisher import same_status
+from npuswarm.runtime.triggers import survive
 from npuswarm.settings import Settings
 
 from .memswarm import MemorySwarm
@@ -48,7 +50,11 @@ def test_desired_sorts_the_index_into_valid_invalid_and_deleting_and_parses_once
         ("team", "sock"): [entry("sock", volumes=[{"hostPath": "/var/run/docker.sock", "mountPath": "/s"}])],
     }
     rt = runtime(index)
-    desired = rt.desired()
+
+    def read() -> Any:
+        return rt.reader.desired(rt.publisher.written, rt.publisher.gateways_written)
+
+    desired = read()
     assert [md.key for md in desired.deployments] == ["team/ok"]
     generation, reason, message = desired.invalid["team/bad"]
     assert (generation, reason) == (3, "InvalidSpec") and "npusPerReplica" in message
@@ -59,24 +65,24 @@ def test_desired_sorts_the_index_into_valid_invalid_and_deleting_and_parses_once
     assert desired.previous["team/ok"] == {"phase": "Ready"}
     assert desired.namespaces == {"team"}
     # The same generation is not parsed again; a new one is.
-    assert rt.desired().deployments[0] is desired.deployments[0]
+    assert read().deployments[0] is desired.deployments[0]
     index[("team", "ok")] = [entry("ok", generation=2, replicas=2)]
-    assert rt.desired().deployments[0].spec.replicas == 2
+    assert read().deployments[0].spec.replicas == 2
     # What this operator wrote last counts before the index catches up with it.
-    rt.written["team/ok"] = {"phase": "Progressing"}
-    assert rt.desired().previous["team/ok"] == {"phase": "Progressing"}
+    rt.publisher.written["team/ok"] = {"phase": "Progressing"}
+    assert read().previous["team/ok"] == {"phase": "Progressing"}
     del index[("team", "bad")]
-    rt.desired()
-    assert "team/bad" not in rt.parsed
+    read()
+    assert "team/bad" not in rt.reader.parsed
 
 
 def test_a_status_is_unchanged_when_every_patched_field_is_equal() -> None:
     before = {"phase": "Ready", "replicas": 1, "endpoint": "x:1"}
-    assert _same_status(before, {"phase": "Ready", "replicas": 1, "endpoint": "x:1"})
-    assert _same_status(before | {"old": 1}, {"phase": "Ready", "replicas": 1, "endpoint": "x:1"})
-    assert not _same_status(before, {"phase": "Ready", "replicas": 2, "endpoint": "x:1"})
+    assert same_status(before, {"phase": "Ready", "replicas": 1, "endpoint": "x:1"})
+    assert same_status(before | {"old": 1}, {"phase": "Ready", "replicas": 1, "endpoint": "x:1"})
+    assert not same_status(before, {"phase": "Ready", "replicas": 2, "endpoint": "x:1"})
     # A field the patch deletes (None) differs from one the server still has.
-    assert not _same_status(before, {"phase": "Ready", "replicas": 1, "endpoint": None})
+    assert not same_status(before, {"phase": "Ready", "replicas": 1, "endpoint": None})
 
 
 def test_a_background_loop_survives_any_exception_and_counts_it() -> None:
@@ -95,7 +101,7 @@ def test_a_background_loop_survives_any_exception_and_counts_it() -> None:
         ) or 0.0
 
     before = errors()
-    loop = threading.Thread(target=_survive("leadership", flaky, stop))
+    loop = threading.Thread(target=survive("leadership", flaky, stop))
     loop.start()
     loop.join(timeout=30)
     assert not loop.is_alive() and len(calls) == 3
@@ -142,18 +148,18 @@ def test_leadership_reads_each_watched_namespaces_peering_and_yields_to_a_live_p
 
     now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
     peer = {"other": {"priority": 100, "lastseen": now, "lifetime": 60}}
-    rt = runtime({})
-    rt.leadership = Leadership(False, False, "default", 100, "me", frozenset({"a", "b"}))
-    rt.kube = Peerings({"a": {}, "b": {}})  # type: ignore[assignment]
-    assert rt._active() and sorted(rt.kube.asked) == ["a", "b"]  # type: ignore[attr-defined]
-    rt.kube = Peerings({"a": {}, "b": peer})  # type: ignore[assignment]
-    assert not rt._active()  # a live peer of equal priority in one watched namespace
+    watch = runtime({}).leader
+    watch.config = Leadership(False, False, "default", 100, "me", frozenset({"a", "b"}))
+    watch.kube = Peerings({"a": {}, "b": {}})
+    assert watch.active() and sorted(watch.kube.asked) == ["a", "b"]  # type: ignore[attr-defined]
+    watch.kube = Peerings({"a": {}, "b": peer})
+    assert not watch.active()  # a live peer of equal priority in one watched namespace
     # Cluster-wide: the cluster object; none at all means standalone unless peering is mandatory.
-    rt.leadership = Leadership(False, False, "default", 100, "me", None)
-    rt.kube = Peerings({})  # type: ignore[assignment]
-    assert rt._active() and rt.kube.asked == [None]  # type: ignore[attr-defined]
-    rt.leadership = Leadership(False, True, "default", 100, "me", None)
-    assert not rt._active()
+    watch.config = Leadership(False, False, "default", 100, "me", None)
+    watch.kube = Peerings({})
+    assert watch.active() and watch.kube.asked == [None]  # type: ignore[attr-defined]
+    watch.config = Leadership(False, True, "default", 100, "me", None)
+    assert not watch.active()
 
 
 class Throttled:
@@ -174,23 +180,23 @@ class Throttled:
 def test_a_refused_status_write_asks_for_a_pass_soon_and_is_not_remembered(monkeypatch: Any) -> None:
     import asyncio
 
-    from npuswarm import runtime as runtime_module
     from npuswarm.api.deployment import ModelDeploymentStatus
-    from npuswarm.reconcile import Desired
+    from npuswarm.core.pipeline import Desired
+    from npuswarm.runtime import publisher as publisher_module
 
-    monkeypatch.setattr(runtime_module, "STATUS_RETRY_SECONDS", 0.01)
+    monkeypatch.setattr(publisher_module, "STATUS_RETRY_SECONDS", 0.01)
     rt = runtime({})
-    rt.kube = Throttled()  # type: ignore[assignment]
+    rt.publisher.kube = Throttled()
     status = ModelDeploymentStatus(phase="Progressing", replicas=1)
 
     async def scenario() -> set[str]:
-        rt.loop = asyncio.get_running_loop()
-        await rt._write_statuses({"team/a": status}, Desired(), resync=False)
-        assert "team/a" not in rt.written  # not written: the next pass must try again
-        deadline = rt.loop.time() + 10
-        while "team/a" not in rt.dirty and rt.loop.time() < deadline:
+        loop = rt.triggers.loop = asyncio.get_running_loop()
+        await rt.publisher.write_statuses({"team/a": status}, Desired(), resync=False)
+        assert "team/a" not in rt.publisher.written  # not written: the next pass must try again
+        deadline = loop.time() + 10
+        while "team/a" not in rt.triggers.dirty and loop.time() < deadline:
             await asyncio.sleep(0.01)
-        return set(rt.dirty)
+        return set(rt.triggers.dirty)
 
     failed = {"operation": "status"}
     before = metrics.REGISTRY.get_sample_value("npuswarm_kube_api_errors_total", failed) or 0
@@ -210,25 +216,26 @@ def test_an_orphan_the_api_server_cannot_confirm_is_kept_and_asked_about_again_s
 ) -> None:
     import asyncio
 
-    from npuswarm import runtime as runtime_module
     from npuswarm.api.deployment import ModelDeployment
-    from npuswarm.reconcile import Desired
+    from npuswarm.core.pipeline import Desired
+    from npuswarm.runtime import passes as passes_module
 
-    monkeypatch.setattr(runtime_module, "ORPHAN_RETRY_SECONDS", 0.01)
+    monkeypatch.setattr(passes_module, "ORPHAN_RETRY_SECONDS", 0.01)
     rt = runtime({})
     swarm = MemorySwarm()
     gone = ModelDeployment.model_validate(entry("gone"))
     Reconciler(swarm, rt.settings).run_pass(Desired(deployments=[gone]))
-    rt.reconciler = Reconciler(swarm, rt.settings, owners=ListFails())  # type: ignore[arg-type]
+    rt.passes.reconciler = Reconciler(swarm, rt.settings, owners=ListFails())  # type: ignore[arg-type]
 
     async def scenario() -> bool:
-        rt.loop = asyncio.get_running_loop()
-        await rt.one_pass(set(), everything=True)
-        rt.wake.clear()
-        deadline = rt.loop.time() + 10
-        while not rt.wake.is_set() and rt.loop.time() < deadline:
+        loop = rt.triggers.loop = asyncio.get_running_loop()
+        await rt.passes.one_pass(set(), everything=True)
+        wake = rt.triggers.wake
+        wake.clear()
+        deadline = loop.time() + 10
+        while not wake.is_set() and loop.time() < deadline:
             await asyncio.sleep(0.01)
-        return rt.wake.is_set()
+        return wake.is_set()
 
     assert asyncio.run(scenario()), "no pass asked for after an unconfirmed orphan"
     assert list(swarm.by_name()) == ["team-gone-0"]  # kept meanwhile

@@ -1,95 +1,27 @@
-"""From desired ModelDeployments and a Swarm snapshot to the writes that converge Swarm. Pure."""
+"""The diff: from rendered specs and a Swarm snapshot to the writes that converge Swarm. Pure.
+
+The data a pass hands from step to step (PassPlan, with one DeploymentPlan per deployment) and
+steps 4 to 7 of core/pipeline.py: the diff of each deployment's rendered services against
+what Swarm runs, the surge copies on spare NPUs, the rolling-update limit, and the orphans
+and networks of the whole pass.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import dataclass, field, replace
-from datetime import datetime
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from npuswarm.api.deployment import ModelDeployment
 from npuswarm.api.labels import SPEC_HASH
-from npuswarm.core import hostpolicy
-from npuswarm.core.nodes import NodeInfo, NodeLimits
-from npuswarm.core.placement import (
-    PlacementResult,
-    ReplicaRequest,
-    place,
-    spare_assignment,
-)
-from npuswarm.core.render import Renderer, free_service_name, service_name
+from npuswarm.core.nodes import NodeLimits
+from npuswarm.core.placement import PlacementResult, ReplicaRequest, spare_assignment
+from npuswarm.core.render import Renderer, SlotSpec, service_name
 from npuswarm.core.snapshot import ObservedService, SwarmSnapshot
 
 ActionKind = Literal["create", "update", "remove"]
 DriftKind = Literal["service_recreated", "service_updated", "replica_replaced"]
-
-
-def priority(md: ModelDeployment, position: int) -> tuple[str, int, str, str]:
-    """Older deployments are placed first, so a newcomer can never take NPUs from them.
-
-    Objects not yet created (files given to `npuswarm plan`) come last, in the given order.
-    """
-    created = md.metadata.creationTimestamp
-    return (created or "~", 0 if created else position, md.metadata.namespace, md.metadata.name)
-
-
-def replica_requests(md: ModelDeployment, nodes: Iterable[NodeInfo]) -> list[ReplicaRequest]:
-    spec = md.spec
-    common: dict[str, Any] = {
-        "deployment": md.key,
-        "npus": spec.npus_per_replica,
-        "node_selector": spec.nodeSelector,
-        # Fixed NPU ids, like a host port, can be taken only once per node.
-        "one_per_node": spec.npuIds is not None
-        or (spec.publish is not None and spec.publish.mode == "host"),
-        "npu_ids": frozenset(spec.npuIds) if spec.npuIds is not None else None,
-    }
-    if spec.mode == "Replicated":
-        return [ReplicaRequest(slot=str(index), **common) for index in range(spec.replicas)]
-    # PerNode: every matching node with NPUs, including one that is down right now: its
-    # replica waits for it rather than being dropped and recreated on every flap.
-    return [
-        ReplicaRequest(slot=node.id, pinned_node=node.id, **common)
-        for node in sorted(nodes, key=lambda n: n.id)
-        if node.matches(spec.nodeSelector) and node.usable_npus and not node.drained
-    ]
-
-
-def place_all(
-    deployments: list[ModelDeployment],
-    snapshot: SwarmSnapshot,
-    *,
-    now: datetime,
-    lost_node_grace_seconds: float,
-    limits: NodeLimits | None = None,
-) -> tuple[PlacementResult, dict[str, list[ReplicaRequest]]]:
-    """One placement over every deployment, so each reconcile sees the same global answer.
-
-    ``limits`` (node validation and NPU health): nodes that get no new replica (what runs
-    there stays) and NPUs given to nobody (a replica holding one moves)."""
-    requests_by_deployment: dict[str, list[ReplicaRequest]] = {}
-    ordered: list[ReplicaRequest] = []
-    nodes = limits.apply(snapshot.nodes) if limits is not None else snapshot.nodes
-    ranked = sorted(enumerate(deployments), key=lambda item: priority(item[1], item[0]))
-    avoid = limits.avoid if limits is not None else {}
-    for _, md in ranked:
-        requests = replica_requests(md, nodes)
-        if avoid:
-            requests = [
-                r.model_copy(update={"avoid_nodes": avoid[r.key]}) if r.key in avoid else r
-                for r in requests
-            ]
-        requests_by_deployment[md.key] = requests
-        ordered.extend(requests)
-    result = place(
-        nodes,
-        ordered,
-        snapshot.allocations(),
-        now=now,
-        lost_node_grace_seconds=lost_node_grace_seconds,
-        move=limits.move if limits is not None else None,
-    )
-    return result, requests_by_deployment
+SURGE_SUFFIX = "-surge"
 
 
 @dataclass(frozen=True)
@@ -113,14 +45,33 @@ class Applied:
     rejected: dict[str, str] = field(default_factory=dict)  # slot -> error
 
 
+@dataclass(frozen=True)
+class Update:
+    """An update the diff found (step 4), before the surge and the rollout limit decide how."""
+
+    action: Action
+    ready: bool  # the replica runs its current spec now: updating it takes it down
+
+
 @dataclass
 class DeploymentPlan:
-    deployment: str
-    desired: dict[str, dict[str, Any]]  # slot -> rendered service spec
-    actions: list[Action] = field(default_factory=list)
-    # Updates held back by maxUnavailable; they go out on a later reconcile.
+    """One deployment as it goes down the pipeline; each step fills its part."""
+
+    md: ModelDeployment
+    requests: list[ReplicaRequest]  # step 2, in slot order
+    # Its services in Swarm, by replica slot (wanted or not).
+    by_slot: dict[str, list[ObservedService]]
+    slots: dict[str, SlotSpec] = field(default_factory=dict)  # step 3, in slot order
+    desired: dict[str, dict[str, Any]] = field(default_factory=dict)  # slot -> spec (step 4)
+    actions: list[Action] = field(default_factory=list)  # writes (steps 4 to 6)
+    # Updates of step 4 that steps 5 and 6 have not decided yet.
+    updates: list[Update] = field(default_factory=list)
+    # Updates held back by maxUnavailable; they go out on a later reconcile (step 6).
     deferred: list[Action] = field(default_factory=list)
-    requests: list[ReplicaRequest] = field(default_factory=list)
+
+    @property
+    def deployment(self) -> str:
+        return self.md.key
 
 
 @dataclass
@@ -151,43 +102,42 @@ class PassPlan:
         return [a for plan in self.plans.values() for a in plan.actions] + self.orphans
 
 
-SURGE_SUFFIX = "-surge"
+def services_by_slot(snapshot: SwarmSnapshot, deployment: str) -> dict[str, list[ObservedService]]:
+    by_slot: dict[str, list[ObservedService]] = {}
+    for service in snapshot.services_of(deployment):
+        by_slot.setdefault(service.slot, []).append(service)
+    return by_slot
 
 
-def plan_deployment(
-    md: ModelDeployment,
-    requests: list[ReplicaRequest],
+# --- step 4: the diff -----------------------------------------------------------------------
+
+
+def diff(
+    plan: DeploymentPlan,
     placement: PlacementResult,
-    snapshot: SwarmSnapshot,
-    known_services: frozenset[str] = frozenset(),
-    renderer: Renderer | None = None,
-) -> DeploymentPlan:
-    """Diff the rendered services of one deployment against the owned services found in Swarm.
+    known_services: frozenset[str],
+    renderer: Renderer,
+) -> None:
+    """Each placed replica's rendered spec against its service: create, keep, or an update
+    for steps 5 and 6 to decide; duplicates and replicas no longer wanted are removed.
 
     ``known_services`` are names this deployment's status last reported: one of them missing
-    was removed by hand (drift), not merely never created. Surge copies take spare NPUs out
-    of ``placement`` so that two of them never share NPUs.
-    """
-    renderer = renderer or Renderer()
-    assignments = {a.slot: a for a in placement.for_deployment(md.key)}
-    requests_by_slot = {r.slot: r for r in requests}
-    by_slot: dict[str, list[ObservedService]] = {}
-    for service in snapshot.services_of(md.key):
-        by_slot.setdefault(service.slot, []).append(service)
-
-    plan = DeploymentPlan(deployment=md.key, desired={}, requests=requests)
-    updates: list[tuple[Action, bool]] = []  # (action, replica currently ready)
-    for slot, assignment in sorted(assignments.items()):
-        services = sorted(by_slot.get(slot, []), key=lambda s: s.name)
-        if len(services) > 1 and _settle_surge(md, slot, services, plan, renderer):
+    was removed by hand (drift), not merely never created."""
+    md, key = plan.md, plan.deployment
+    for slot, target in plan.slots.items():
+        plan.desired[slot] = target.spec
+        primary = target.primary
+        if target.settled:
+            assert primary is not None
+            if primary.running_current_spec:
+                plan.actions.extend(
+                    _remove(s, f"surge copy {primary.name} is ready")
+                    for s in target.services
+                    if s is not primary
+                )
             continue
-        primary = next((s for s in services if s.name == service_name(md, slot)), None)
-        if primary is None and services:
-            primary = services[0]
-        name = primary.name if primary else free_service_name(md, slot, snapshot.names())
-        spec = renderer.render(md, assignment, name=name)
-        plan.desired[slot] = spec
-        for extra in services:
+        spec = target.spec
+        for extra in target.services:
             if extra is not primary:
                 plan.actions.append(_remove(extra, "duplicate service for the replica"))
         if primary is None:
@@ -200,6 +150,7 @@ def plan_deployment(
                     spec=spec,
                     reason="service removed outside npuswarm" if recreated else "new replica",
                     drift="service_recreated" if recreated else None,
+                    owner=key,
                 )
             )
             continue
@@ -222,168 +173,35 @@ def plan_deployment(
             spec=spec,
             reason=reason,
             drift=drift,
+            owner=key,
         )
-        updates.append((action, primary.running_current_spec and moved is None))
+        plan.updates.append(Update(action, primary.running_current_spec and moved is None))
 
-    for slot, services in sorted(by_slot.items()):
-        if slot not in requests_by_slot:
+    wanted = {request.slot for request in plan.requests}
+    for slot, services in sorted(plan.by_slot.items()):
+        if slot not in wanted:
             plan.actions.extend(_remove(s, "replica no longer wanted") for s in services)
 
-    updates = _surge(md, updates, requests_by_slot, placement, by_slot, plan, renderer)
-    _limit_unavailable(plan, updates, md, by_slot)
-    plan.actions = [replace(a, owner=md.key) for a in plan.actions]
-    plan.deferred = [replace(a, owner=md.key) for a in plan.deferred]
-    return plan
+
+# --- step 5: surge copies on spare NPUs -------------------------------------------------------
 
 
-def plan_pass(
-    deployments: list[ModelDeployment],
-    snapshot: SwarmSnapshot,
-    *,
-    now: datetime,
-    lost_node_grace_seconds: float,
-    known_services: dict[str, frozenset[str]] | None = None,
-    orphan_owners: frozenset[str] = frozenset(),
-    renderer: Renderer | None = None,
-    limits: NodeLimits | None = None,
-) -> PassPlan:
-    """One placement of every deployment, then each one's diff; writes nothing.
-
-    ``known_services`` per deployment: the names its status last reported (see
-    plan_deployment). ``orphan_owners``: deployments known to be gone, whose services are
-    removed; the caller decides that only from a complete read of the ModelDeployments.
-    """
-    known = known_services or {}
-    renderer = renderer or Renderer()
-    renderer.new_pass()
-    # Read against what Swarm has: refused deployments ask for nothing and change nothing.
-    refused = {
-        md.key: "; ".join(found)
-        for md in deployments
-        if (found := hostpolicy.network_violations(md, snapshot.networks, snapshot.network_ids))
-    }
-    deployments = [md for md in deployments if md.key not in refused]
-    placement, requests = place_all(
-        deployments,
-        snapshot,
-        now=now,
-        lost_node_grace_seconds=lost_node_grace_seconds,
-        limits=limits,
-    )
-    plans = {
-        key: plan_deployment(
-            md, requests[key], placement, snapshot, known.get(key, frozenset()), renderer
-        )
-        for key, md in ((md.key, md) for md in _by_priority(deployments))
-    }
-    orphans = [
-        _remove(service, f"owner ModelDeployment {owner} no longer exists")
-        for owner in sorted(orphan_owners - plans.keys())
-        for service in snapshot.services_of(owner)
-    ]
-    wanted = {md.spec.network.name for md in deployments if md.spec.network is not None}
-    removed = {
-        a.service_name for plan in plans.values() for a in plan.actions if a.kind == "remove"
-    }
-    removed |= {a.service_name for a in orphans}
-    in_use = {
-        network.get("Target")
-        # A ModelGateway's service keeps its network too (gateway/service.py).
-        for service in [*snapshot.services, *snapshot.gateway_services]
-        if service.name not in removed
-        for network in (service.spec.get("TaskTemplate") or {}).get("Networks") or []
-    }
-    return PassPlan(
-        snapshot=snapshot,
-        placement=placement,
-        plans=plans,
-        orphans=orphans,
-        refused=refused,
-        lost_node_grace_seconds=lost_node_grace_seconds,
-        networks_to_create=sorted(wanted - snapshot.networks.keys()),
-        networks_to_remove=sorted(
-            (name, network_id)
-            for name, network_id in snapshot.own_networks.items()
-            if name not in wanted and name not in in_use
-        ),
-        limits=limits,
-    )
-
-
-def plan_many(
-    deployments: list[ModelDeployment],
-    snapshot: SwarmSnapshot,
-    *,
-    now: datetime,
-    lost_node_grace_seconds: float,
-) -> tuple[PlacementResult, dict[str, tuple[list[ReplicaRequest], DeploymentPlan]]]:
-    """plan_pass for the files given to `npuswarm plan` or `export-stack`, by deployment."""
-    whole = plan_pass(
-        deployments, snapshot, now=now, lost_node_grace_seconds=lost_node_grace_seconds
-    )
-    return whole.placement, {key: (p.requests, p) for key, p in whole.plans.items()}
-
-
-def _by_priority(deployments: list[ModelDeployment]) -> list[ModelDeployment]:
-    ranked = sorted(enumerate(deployments), key=lambda item: priority(item[1], item[0]))
-    return [md for _, md in ranked]
-
-
-def _settle_surge(
-    md: ModelDeployment,
-    slot: str,
-    services: list[ObservedService],
-    plan: DeploymentPlan,
-    renderer: Renderer,
-) -> bool:
-    """A replica with an old and a surge copy: drop the old one once the new one is Ready.
-
-    Returns False when no copy is up to date, leaving the slot to the ordinary diff.
-    """
-    current = [s for s in services if _up_to_date(md, s, renderer)]
-    if not current:
-        return False
-    newest = current[0]
-    allocation = newest.allocation()
-    assert allocation is not None  # _up_to_date renders from the allocation
-    plan.desired[slot] = renderer.render(md, allocation.kept(), name=newest.name)
-    if newest.running_current_spec:
-        plan.actions.extend(
-            _remove(s, f"surge copy {newest.name} is ready") for s in services if s is not newest
-        )
-    return True
-
-
-def _up_to_date(md: ModelDeployment, service: ObservedService, renderer: Renderer) -> bool:
-    allocation = service.allocation()
-    if allocation is None:
-        return False
-    rendered = renderer.render(md, allocation.kept(), name=service.name)
-    return renderer.matches(service.id, service.version, service.spec, rendered)
-
-
-def _surge(
-    md: ModelDeployment,
-    updates: list[tuple[Action, bool]],
-    requests_by_slot: dict[str, ReplicaRequest],
-    placement: PlacementResult,
-    by_slot: dict[str, list[ObservedService]],
-    plan: DeploymentPlan,
-    renderer: Renderer,
-) -> list[tuple[Action, bool]]:
-    """Turn updates of ready replicas into surge copies while spare NPUs and maxSurge allow.
-
-    Returns the updates still to be done in place.
-    """
-    budget = md.spec.updateStrategy.maxSurge - sum(1 for s in by_slot.values() if len(s) > 1)
-    remaining: list[tuple[Action, bool]] = []
-    for action, ready in updates:
+def surge(plan: DeploymentPlan, placement: PlacementResult, renderer: Renderer) -> None:
+    """Turn updates of ready replicas into surge copies while spare NPUs and maxSurge allow;
+    the rest stay for step 6. Spares are taken out of ``placement``, deployment by deployment
+    in priority order, so two surges of one pass never share NPUs."""
+    md = plan.md
+    budget = md.spec.updateStrategy.maxSurge - sum(1 for s in plan.by_slot.values() if len(s) > 1)
+    requests_by_slot = {r.slot: r for r in plan.requests}
+    remaining: list[Update] = []
+    for update in plan.updates:
+        action = update.action
         request = requests_by_slot.get(action.slot)
         spare = None
-        if ready and budget > 0 and action.drift is None and request is not None:
+        if update.ready and budget > 0 and action.drift is None and request is not None:
             spare = spare_assignment(placement, request)
         if spare is None:
-            remaining.append((action, ready))
+            remaining.append(update)
             continue
         base = service_name(md, action.slot)
         name = base + SURGE_SUFFIX if action.service_name == base else base
@@ -394,10 +212,67 @@ def _surge(
                 service_name=name,
                 spec=renderer.render(md, spare, name=name),
                 reason=f"spec changed: surge copy on spare NPUs before {action.service_name} stops",
+                owner=plan.deployment,
             )
         )
         budget -= 1
-    return remaining
+    plan.updates = remaining
+
+
+# --- step 6: the rolling-update limit ---------------------------------------------------------
+
+
+def limit_rollout(plan: DeploymentPlan) -> None:
+    """Roll replica by replica: restarting a ready replica is allowed only while fewer than
+    maxUnavailable replicas are down. Replicas that are down anyway are updated at once."""
+    by_slot = plan.by_slot
+    not_ready = sum(
+        1 for slot in plan.desired if not any(s.running_current_spec for s in by_slot.get(slot, []))
+    )
+    budget = max(0, plan.md.spec.updateStrategy.maxUnavailable - not_ready)
+    for update in plan.updates:
+        if not update.ready:
+            plan.actions.append(update.action)
+        elif budget > 0:
+            plan.actions.append(update.action)
+            budget -= 1
+        else:
+            plan.deferred.append(update.action)
+    plan.updates = []
+
+
+# --- step 7: orphans and networks -----------------------------------------------------------
+
+
+def orphans_and_networks(
+    whole: PassPlan, admitted: list[ModelDeployment], orphan_owners: frozenset[str]
+) -> None:
+    """Services whose owner is confirmed gone are removed; a network a deployment names that
+    does not exist is created first, and npuswarm's networks nothing uses any more go last."""
+    snapshot, plans = whole.snapshot, whole.plans
+    whole.orphans = [
+        _remove(service, f"owner ModelDeployment {owner} no longer exists")
+        for owner in sorted(orphan_owners - plans.keys())
+        for service in snapshot.services_of(owner)
+    ]
+    wanted = {md.spec.network.name for md in admitted if md.spec.network is not None}
+    removed = {
+        a.service_name for plan in plans.values() for a in plan.actions if a.kind == "remove"
+    }
+    removed |= {a.service_name for a in whole.orphans}
+    in_use = {
+        network.get("Target")
+        # A ModelGateway's service keeps its network too (gateway/service.py).
+        for service in [*snapshot.services, *snapshot.gateway_services]
+        if service.name not in removed
+        for network in (service.spec.get("TaskTemplate") or {}).get("Networks") or []
+    }
+    whole.networks_to_create = sorted(wanted - snapshot.networks.keys())
+    whole.networks_to_remove = sorted(
+        (name, network_id)
+        for name, network_id in snapshot.own_networks.items()
+        if name not in wanted and name not in in_use
+    )
 
 
 def _remove(service: ObservedService, reason: str) -> Action:
@@ -411,23 +286,6 @@ def _remove(service: ObservedService, reason: str) -> Action:
     )
 
 
-def _limit_unavailable(
-    plan: DeploymentPlan,
-    updates: list[tuple[Action, bool]],
-    md: ModelDeployment,
-    by_slot: dict[str, list[ObservedService]],
-) -> None:
-    """Roll replica by replica: restarting a ready replica is allowed only while fewer than
-    maxUnavailable replicas are down. Replicas that are down anyway are updated at once."""
-    not_ready = sum(
-        1 for slot in plan.desired if not any(s.running_current_spec for s in by_slot.get(slot, []))
-    )
-    budget = max(0, md.spec.updateStrategy.maxUnavailable - not_ready)
-    for action, ready in updates:
-        if not ready:
-            plan.actions.append(action)
-        elif budget > 0:
-            plan.actions.append(action)
-            budget -= 1
-        else:
-            plan.deferred.append(action)
+def reported_services(status: Mapping[str, Any]) -> frozenset[str]:
+    """The service names a deployment's status last reported (for the diff's drift)."""
+    return frozenset(r["service"] for r in status.get("replicaStatuses", []) if r.get("service"))

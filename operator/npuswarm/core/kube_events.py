@@ -1,11 +1,21 @@
-"""Kubernetes Events worth telling a person, and a filter so a stuck state is not repeated
-on every resync."""
+"""Kubernetes Events worth telling a person (a pass's, from what it planned and wrote), and a
+filter so a stuck state is not repeated on every resync. Not Swarm's event stream, which only
+asks for a pass (runtime/)."""
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
 from typing import Literal
+
+import structlog
+
+from npuswarm.api import labels
+from npuswarm.api.deployment import ModelDeployment, ModelDeploymentStatus
+from npuswarm.core.diff import Applied, PassPlan
+
+# The pass's placement lines keep the logger they always had.
+log = structlog.get_logger("npuswarm.reconcile")
 
 EventType = Literal["Normal", "Warning"]
 
@@ -52,3 +62,57 @@ class EventFilter:
     def forget(self, obj: str) -> None:
         for key in [k for k in self._last_sent if k[0] == obj]:
             del self._last_sent[key]
+
+
+def deployment_events(md: ModelDeployment, whole: PassPlan, writes: Applied) -> list[Event]:
+    snapshot, placement = whole.snapshot, whole.placement
+    events: list[Event] = []
+    for action in writes.done:
+        if action.kind != "remove" and action.spec is not None:
+            service_labels = action.spec["Labels"]
+            node = snapshot.node(service_labels[labels.NODE])
+            where = (
+                f"node {node.hostname if node else service_labels[labels.NODE]} "
+                f"NPUs {service_labels[labels.NPUS]}"
+            )
+            if action.kind == "create" or action.drift == "replica_replaced":
+                message = f"replica {action.slot} placed on {where} ({action.reason})"
+                events.append(Event("Normal", "Placed", message))
+                log.info(
+                    "placement decided",
+                    deployment=md.key,
+                    replica=action.slot,
+                    where=where,
+                    reason=action.reason,
+                )
+        if action.drift is not None:
+            events.append(
+                Event(
+                    "Normal",
+                    "DriftCorrected",
+                    f"{action.kind} of {action.service_name}: {action.reason}",
+                )
+            )
+        elif action.kind == "remove":
+            events.append(Event("Normal", "Removed", f"{action.service_name}: {action.reason}"))
+    for key, unplaced in sorted(placement.unplaced.items()):
+        if key[0] == md.key:
+            # Waiting for a node's first validation probe is no warning.
+            kind: EventType = "Normal" if unplaced.reason == "NodeValidationPending" else "Warning"
+            events.append(
+                Event(kind, unplaced.reason, f"replica {unplaced.slot}: {unplaced.message}")
+            )
+    for slot, error in sorted(writes.rejected.items()):
+        events.append(Event("Warning", "SwarmRejected", f"replica {slot}: {error}"))
+    for owner, message in placement.conflicts:
+        if owner == md.key:
+            events.append(Event("Warning", "NPUConflict", message))
+    return events
+
+
+def task_failure_events(status: ModelDeploymentStatus) -> list[Event]:
+    return [
+        Event("Warning", "TaskFailed", f"replica {r.replica} on {r.hostname}: {r.lastError}")
+        for r in status.replicaStatuses
+        if r.lastError and not r.ready
+    ]

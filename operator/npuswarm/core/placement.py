@@ -1,21 +1,25 @@
 """Placement: which node and which NPUs each replica of every ModelDeployment gets. Pure.
 
-The same inputs always give the same result, whatever order allocations were listed in:
-requests come in priority order (oldest deployment first), and everything else is sorted.
+Step 2 of the pass (core/pipeline.py): place_all turns every deployment into replica requests,
+oldest first, and places them all at once. The same inputs always give the same result,
+whatever order allocations were listed in: requests come in priority order (oldest deployment
+first), and everything else is sorted. Step 5 (the surge) takes spare NPUs from the same
+result with spare_assignment.
 """
 
 from __future__ import annotations
 
 import heapq
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
+from npuswarm.api.deployment import ModelDeployment
 from npuswarm.core import topology
-from npuswarm.core.nodes import NodeInfo
+from npuswarm.core.nodes import NodeInfo, NodeLimits
 
 ReplicaKey = tuple[str, str]  # (deployment "namespace/name", slot)
 CandidateKey = tuple[tuple[tuple[str, str], ...], str | None]  # (nodeSelector, pinned node)
@@ -116,6 +120,8 @@ class PlacementResult:
     free: dict[str, set[int]] = field(default_factory=dict)
     # Nodes that already run a replica of a deployment (for one-replica-per-node requests).
     nodes_used: dict[str, set[str]] = field(default_factory=dict)
+    # Each deployment's replica requests, by deployment key, oldest deployment first.
+    requests: dict[str, list[ReplicaRequest]] = field(default_factory=dict)
     _by_deployment: dict[str, dict[str, Assignment]] = field(default_factory=dict)
     _candidates: dict[CandidateKey, list[NodeInfo]] = field(default_factory=dict)
     _accepting: dict[CandidateKey, list[NodeInfo]] = field(default_factory=dict)
@@ -127,6 +133,8 @@ class PlacementResult:
     _keys_of_node: dict[str, list[CandidateKey]] = field(default_factory=dict)
     # Hostname order makes ties deterministic and lets a scan stop at the first exact fit.
     _ordered: list[NodeInfo] = field(default_factory=list)
+    # (node, NPU) -> (deployment, service) of whoever claimed it (foreign: no deployment).
+    _holders: dict[tuple[str, int], tuple[str, str]] = field(default_factory=dict)
 
     def claim(self, node_id: str, npus: frozenset[int]) -> None:
         self.taken.setdefault(node_id, set()).update(npus)
@@ -138,6 +146,12 @@ class PlacementResult:
             entry = (self._nodes[node_id].hostname, node_id)
             heapq.heappush(self._buckets[key].setdefault(len(free), []), entry)
 
+    def hold(self, node_id: str, npus: frozenset[int], deployment: str, service: str) -> None:
+        """``claim``, remembering who holds each NPU (to name it in a conflict)."""
+        self.claim(node_id, npus)
+        for npu in npus:
+            self._holders[(node_id, npu)] = (deployment, service)
+
     def assign(self, assignment: Assignment) -> None:
         self.assignments[assignment.key] = assignment
         self.nodes_used.setdefault(assignment.deployment, set()).add(assignment.node_id)
@@ -147,6 +161,81 @@ class PlacementResult:
         """In slot order; looked up, not scanned: every deployment of a pass asks."""
         slots = self._by_deployment.get(deployment, {})
         return [slots[slot] for slot in sorted(slots)]
+
+
+def priority(md: ModelDeployment, position: int) -> tuple[str, int, str, str]:
+    """Older deployments are placed first, so a newcomer can never take NPUs from them.
+
+    Objects not yet created (files given to `npuswarm plan`) come last, in the given order.
+    """
+    created = md.metadata.creationTimestamp
+    return (created or "~", 0 if created else position, md.metadata.namespace, md.metadata.name)
+
+
+def by_priority(deployments: list[ModelDeployment]) -> list[ModelDeployment]:
+    ranked = sorted(enumerate(deployments), key=lambda item: priority(item[1], item[0]))
+    return [md for _, md in ranked]
+
+
+def replica_requests(md: ModelDeployment, nodes: Iterable[NodeInfo]) -> list[ReplicaRequest]:
+    spec = md.spec
+    common: dict[str, Any] = {
+        "deployment": md.key,
+        "npus": spec.npus_per_replica,
+        "node_selector": spec.nodeSelector,
+        # Fixed NPU ids, like a host port, can be taken only once per node.
+        "one_per_node": spec.npuIds is not None
+        or (spec.publish is not None and spec.publish.mode == "host"),
+        "npu_ids": frozenset(spec.npuIds) if spec.npuIds is not None else None,
+    }
+    if spec.mode == "Replicated":
+        return [ReplicaRequest(slot=str(index), **common) for index in range(spec.replicas)]
+    # PerNode: every matching node with NPUs, including one that is down right now: its
+    # replica waits for it rather than being dropped and recreated on every flap.
+    return [
+        ReplicaRequest(slot=node.id, pinned_node=node.id, **common)
+        for node in sorted(nodes, key=lambda n: n.id)
+        if node.matches(spec.nodeSelector) and node.usable_npus and not node.drained
+    ]
+
+
+def place_all(
+    ranked: list[ModelDeployment],
+    nodes: list[NodeInfo],
+    allocations: list[Allocation],
+    *,
+    now: datetime,
+    lost_node_grace_seconds: float,
+    limits: NodeLimits | None = None,
+) -> PlacementResult:
+    """One placement over every deployment (``ranked``: by_priority's order), so each
+    deployment of a pass sees the same global answer; ``result.requests`` keeps each one's
+    requests. ``limits`` (node checks, failing replicas): nodes that get no new replica (what
+    runs there stays), NPUs given to nobody (a replica holding one moves), replicas that move
+    and the nodes each avoids."""
+    placeable = limits.apply(nodes) if limits is not None else nodes
+    avoid = limits.avoid if limits is not None else {}
+    requests_by_deployment: dict[str, list[ReplicaRequest]] = {}
+    ordered: list[ReplicaRequest] = []
+    for md in ranked:
+        requests = replica_requests(md, placeable)
+        if avoid:
+            requests = [
+                r.model_copy(update={"avoid_nodes": avoid[r.key]}) if r.key in avoid else r
+                for r in requests
+            ]
+        requests_by_deployment[md.key] = requests
+        ordered.extend(requests)
+    result = place(
+        placeable,
+        ordered,
+        allocations,
+        now=now,
+        lost_node_grace_seconds=lost_node_grace_seconds,
+        move=limits.move if limits is not None else None,
+    )
+    result.requests = requests_by_deployment
+    return result
 
 
 def place(
@@ -163,26 +252,41 @@ def place(
     moving = move or {}
     result = PlacementResult()
     result._ordered = sorted(nodes, key=lambda n: (n.hostname, n.id))
-    nodes_by_id = result._nodes
-    nodes_by_id.update({node.id: node for node in nodes})
-    taken = result.taken
-    taken.update({node.id: set() for node in nodes})
+    result._nodes.update({node.id: node for node in nodes})
+    result.taken.update({node.id: set() for node in nodes})
     result.free.update({node.id: set(node.usable_npus) for node in nodes})
-    holder: dict[tuple[str, int], tuple[str, str]] = {}  # -> (deployment, service)
-    priority = {request.key: index for index, request in enumerate(requests)}
     requests_by_key = {request.key: request for request in requests}
+    for allocation in _claim_order(allocations, requests):
+        if allocation.foreign:
+            _hold_foreign(result, allocation)
+            continue
+        request = requests_by_key.get(allocation.key)
+        _keep_or_move(result, allocation, request, moving, now, lost_node_grace_seconds)
+    for request in requests:
+        if request.key in result.assignments:
+            continue
+        assignment = _best_fit(request, result)
+        if isinstance(assignment, Unplaced):
+            result.unplaced[request.key] = assignment
+            continue
+        result.assign(assignment)
+        result.hold(
+            assignment.node_id,
+            assignment.npus,
+            request.deployment,
+            f"{request.deployment}[{request.slot}]",
+        )
+    return result
 
-    def claim(node_id: str, npus: frozenset[int], deployment: str, service: str) -> None:
-        result.claim(node_id, npus)
-        for npu in npus:
-            holder[(node_id, npu)] = (deployment, service)
 
-    # Desired replicas claim first (by priority), then allocations nobody wants any more:
-    # those still run until removed, so their NPUs stay taken in this pass. Foreign claims
-    # come last: a replica that already runs keeps its NPUs when a foreign service appears
-    # on them (both keep running, the conflict is reported), and no new replica is ever
-    # placed on them.
-    ordered = sorted(
+def _claim_order(allocations: list[Allocation], requests: list[ReplicaRequest]) -> list[Allocation]:
+    """Desired replicas claim first (by priority), then allocations nobody wants any more:
+    those still run until removed, so their NPUs stay taken in this pass. Foreign claims
+    come last: a replica that already runs keeps its NPUs when a foreign service appears
+    on them (both keep running, the conflict is reported), and no new replica is ever
+    placed on them."""
+    priority = {request.key: index for index, request in enumerate(requests)}
+    return sorted(
         allocations,
         key=lambda a: (
             a.foreign,
@@ -192,67 +296,71 @@ def place(
             a.service,
         ),
     )
-    for allocation in ordered:
-        if allocation.foreign:
-            held = result.foreign.setdefault(allocation.node_id, {})
-            held.update(dict.fromkeys(allocation.npus, allocation.service))
-        overlap = sorted(npu for npu in allocation.npus if npu in taken.get(allocation.node_id, ()))
-        if overlap:
-            owner, other = holder[(allocation.node_id, overlap[0])]
-            if allocation.foreign:
-                if owner:  # two foreign services overlapping is not npuswarm's to report
-                    result.conflicts.append(
-                        (
-                            owner,
-                            f"service {allocation.service}, not managed by npuswarm, also uses "
-                            f"NPUs {overlap} on node {allocation.node_id} held by {other}",
-                        )
-                    )
-                claim(allocation.node_id, allocation.npus - taken[allocation.node_id], "", "")
-                continue
-            result.conflicts.append(
-                (
-                    allocation.deployment,
-                    f"service {allocation.service} claims NPUs {overlap} on node "
-                    f"{allocation.node_id} already claimed by {other}",
-                )
-            )
-            if allocation.key in requests_by_key and allocation.key not in result.assignments:
-                result.moved[allocation.key] = f"NPUs {overlap} are also claimed by {other}"
-            continue
-        if allocation.foreign:
-            claim(allocation.node_id, allocation.npus, "", allocation.service)
-            continue
-        request = requests_by_key.get(allocation.key)
-        if request is not None and allocation.key not in result.assignments:
-            problem = moving.get(allocation.key) or _keep_problem(
-                allocation, request, nodes_by_id, now, lost_node_grace_seconds, result
-            )
-            if problem is None:
-                result.assign(allocation.kept())
-            else:
-                result.moved[allocation.key] = problem
-                if _node_lost(allocation.node_id, nodes_by_id, now, lost_node_grace_seconds):
-                    # A lost node's NPUs are unreachable anyway; not claiming them lets the
-                    # replica's service be re-pointed without waiting for the node.
-                    continue
-        claim(allocation.node_id, allocation.npus, allocation.deployment, allocation.service)
 
-    for request in requests:
-        if request.key in result.assignments:
-            continue
-        assignment = _best_fit(request, result)
-        if isinstance(assignment, Unplaced):
-            result.unplaced[request.key] = assignment
-            continue
-        result.assign(assignment)
-        claim(
-            assignment.node_id,
-            assignment.npus,
-            request.deployment,
-            f"{request.deployment}[{request.slot}]",
+
+def _overlap(result: PlacementResult, allocation: Allocation) -> list[int]:
+    taken = result.taken.get(allocation.node_id, ())
+    return sorted(npu for npu in allocation.npus if npu in taken)
+
+
+def _hold_foreign(result: PlacementResult, allocation: Allocation) -> None:
+    """NPUs a service npuswarm does not own holds: taken, whoever else claims them."""
+    held = result.foreign.setdefault(allocation.node_id, {})
+    held.update(dict.fromkeys(allocation.npus, allocation.service))
+    overlap = _overlap(result, allocation)
+    if not overlap:
+        result.hold(allocation.node_id, allocation.npus, "", allocation.service)
+        return
+    owner, other = result._holders[(allocation.node_id, overlap[0])]
+    if owner:  # two foreign services overlapping is not npuswarm's to report
+        result.conflicts.append(
+            (
+                owner,
+                f"service {allocation.service}, not managed by npuswarm, also uses "
+                f"NPUs {overlap} on node {allocation.node_id} held by {other}",
+            )
         )
-    return result
+    result.hold(allocation.node_id, allocation.npus - result.taken[allocation.node_id], "", "")
+
+
+def _keep_or_move(
+    result: PlacementResult,
+    allocation: Allocation,
+    request: ReplicaRequest | None,
+    moving: Mapping[ReplicaKey, str],
+    now: datetime,
+    grace: float,
+) -> None:
+    """One of npuswarm's allocations: kept when its replica is still wanted and may stay;
+    its NPUs stay taken while its service runs (unless its node is lost); one that overlaps
+    an earlier claim is a conflict, reported and never double-booked."""
+    overlap = _overlap(result, allocation)
+    if overlap:
+        _, other = result._holders[(allocation.node_id, overlap[0])]
+        result.conflicts.append(
+            (
+                allocation.deployment,
+                f"service {allocation.service} claims NPUs {overlap} on node "
+                f"{allocation.node_id} already claimed by {other}",
+            )
+        )
+        if request is not None and allocation.key not in result.assignments:
+            result.moved[allocation.key] = f"NPUs {overlap} are also claimed by {other}"
+        return
+    if request is not None and allocation.key not in result.assignments:
+        nodes_by_id = result._nodes
+        problem = moving.get(allocation.key) or _keep_problem(
+            allocation, request, nodes_by_id, now, grace, result
+        )
+        if problem is None:
+            result.assign(allocation.kept())
+        else:
+            result.moved[allocation.key] = problem
+            if _node_lost(allocation.node_id, nodes_by_id, now, grace):
+                # A lost node's NPUs are unreachable anyway; not claiming them lets the
+                # replica's service be re-pointed without waiting for the node.
+                return
+    result.hold(allocation.node_id, allocation.npus, allocation.deployment, allocation.service)
 
 
 def spare_assignment(result: PlacementResult, request: ReplicaRequest) -> Assignment | None:

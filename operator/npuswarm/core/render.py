@@ -3,13 +3,17 @@
 The output is Engine API JSON (``POST /services/create``), so what is tested here is exactly
 what is sent. One service per replica, because every replica needs its own
 ASCEND_VISIBLE_DEVICES and Swarm gives all tasks of a service the same env.
+
+Step 3 of the pass (core/pipeline.py): render_slots gives each placed replica of a deployment
+the spec it wants and the service that spec is compared with in step 4, the diff.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from npuswarm.api import labels
@@ -17,6 +21,7 @@ from npuswarm.api.deployment import ModelDeployment
 from npuswarm.core.clock import SECOND_NS
 from npuswarm.core.npus import format_npu_ids
 from npuswarm.core.placement import Assignment
+from npuswarm.core.snapshot import ObservedService, SwarmSnapshot
 
 MAX_SERVICE_NAME = 63
 
@@ -120,13 +125,33 @@ def render_service(
     instance: str = labels.DEFAULT_INSTANCE,
 ) -> dict[str, Any]:
     """``name`` keeps an existing service's name: Swarm cannot rename a service."""
-    spec = md.spec
     replica_labels = owner_labels(md, instance) | {
         labels.REPLICA: assignment.slot,
         labels.NODE: assignment.node_id,
         labels.NPUS: format_npu_ids(assignment.npus),
-        labels.MODEL: spec.served_model_name,
+        labels.MODEL: md.spec.served_model_name,
     }
+    container = _container(md, assignment.npus, replica_labels)
+    rendered: dict[str, Any] = {
+        "Name": name or service_name(md, assignment.slot),
+        "Labels": dict(replica_labels),
+        "TaskTemplate": _task_template(md, assignment.node_id, container),
+        "Mode": {"Replicated": {"Replicas": 1}},
+        # Stop first: the replacement task needs the NPUs the old one holds.
+        "UpdateConfig": {"Parallelism": 1, "Order": "stop-first", "FailureAction": "pause"},
+        "EndpointSpec": _endpoint_spec(md),
+    }
+    digest = spec_hash(rendered)
+    # On the container too, so each task tells which spec it was started from.
+    rendered["Labels"][labels.SPEC_HASH] = digest
+    container["Labels"][labels.SPEC_HASH] = digest
+    return rendered
+
+
+def _container(
+    md: ModelDeployment, npus: frozenset[int], replica_labels: dict[str, str]
+) -> dict[str, Any]:
+    spec = md.spec
     mounts: list[dict[str, Any]] = [
         {
             "Type": "bind",
@@ -141,11 +166,11 @@ def render_service(
         {"Type": "tmpfs", "Target": "/dev/shm", "TmpfsOptions": {"SizeBytes": spec.shm_size_bytes}}
     )
     health = spec.healthCheck
-    container: dict[str, Any] = {
+    return {
         "Image": spec.image,
         "Command": ["vllm"],
         "Args": vllm_args(md),
-        "Env": container_env(md, assignment.npus),
+        "Env": container_env(md, npus),
         # The owner uid stays off the task: a re-created ModelDeployment adopts its running
         # replicas instead of restarting every one of them.
         "Labels": {k: v for k, v in replica_labels.items() if k != labels.OWNER_UID},
@@ -159,9 +184,13 @@ def render_service(
             "StartPeriod": health.startPeriodSeconds * SECOND_NS,
         },
     }
+
+
+def _task_template(md: ModelDeployment, node_id: str, container: dict[str, Any]) -> dict[str, Any]:
+    spec = md.spec
     task_template: dict[str, Any] = {
         "ContainerSpec": container,
-        "Placement": {"Constraints": [f"node.id=={assignment.node_id}"]},
+        "Placement": {"Constraints": [f"node.id=={node_id}"]},
         "RestartPolicy": {
             "Condition": spec.restartPolicy.condition,
             "Delay": spec.restartPolicy.delaySeconds * SECOND_NS,
@@ -171,6 +200,11 @@ def render_service(
     if spec.network is not None:
         # Networks belong in the task template; the top-level field is deprecated.
         task_template["Networks"] = [{"Target": spec.network.name, "Aliases": [network_alias(md)]}]
+    return task_template
+
+
+def _endpoint_spec(md: ModelDeployment) -> dict[str, Any]:
+    spec = md.spec
     endpoint: dict[str, Any] = {
         "Mode": spec.network.endpointMode if spec.network is not None else "vip"
     }
@@ -183,20 +217,7 @@ def render_service(
                 "PublishMode": spec.publish.mode,
             }
         ]
-    rendered: dict[str, Any] = {
-        "Name": name or service_name(md, assignment.slot),
-        "Labels": dict(replica_labels),
-        "TaskTemplate": task_template,
-        "Mode": {"Replicated": {"Replicas": 1}},
-        # Stop first: the replacement task needs the NPUs the old one holds.
-        "UpdateConfig": {"Parallelism": 1, "Order": "stop-first", "FailureAction": "pause"},
-        "EndpointSpec": endpoint,
-    }
-    digest = spec_hash(rendered)
-    # On the container too, so each task tells which spec it was started from.
-    rendered["Labels"][labels.SPEC_HASH] = digest
-    container["Labels"][labels.SPEC_HASH] = digest
-    return rendered
+    return endpoint
 
 
 def spec_hash(rendered: dict[str, Any]) -> str:
@@ -331,3 +352,55 @@ class Renderer:
         self._rendered[key] = entry
         self._essentials[id(entry[0])] = entry[1]
         return entry
+
+
+@dataclass(frozen=True)
+class SlotSpec:
+    """Step 3's answer for one placed replica: the spec it wants, the service that spec is
+    compared with (None: there is none, create it), and every service found for the slot."""
+
+    slot: str
+    spec: dict[str, Any]
+    primary: ObservedService | None
+    services: list[ObservedService]
+    # The slot holds an old copy and a surge copy (maxSurge) and ``primary`` is the surge copy
+    # that is up to date: the others go once it is ready, and nothing is rendered anew.
+    settled: bool = False
+
+
+def render_slots(
+    md: ModelDeployment,
+    assignments: list[Assignment],
+    by_slot: Mapping[str, list[ObservedService]],
+    snapshot: SwarmSnapshot,
+    renderer: Renderer,
+) -> dict[str, SlotSpec]:
+    """Each placed replica's spec, in slot order. A slot keeps its service's name (Swarm cannot
+    rename one); a new one gets a name no service of the Swarm has."""
+    slots: dict[str, SlotSpec] = {}
+    for assignment in assignments:
+        slot = assignment.slot
+        services = sorted(by_slot.get(slot, []), key=lambda s: s.name)
+        if len(services) > 1:
+            current = [s for s in services if _up_to_date(md, s, renderer)]
+            if current:
+                newest = current[0]
+                allocation = newest.allocation()
+                assert allocation is not None  # _up_to_date renders from the allocation
+                spec = renderer.render(md, allocation.kept(), name=newest.name)
+                slots[slot] = SlotSpec(slot, spec, newest, services, settled=True)
+                continue
+        primary = next((s for s in services if s.name == service_name(md, slot)), None)
+        if primary is None and services:
+            primary = services[0]
+        name = primary.name if primary else free_service_name(md, slot, snapshot.names())
+        slots[slot] = SlotSpec(slot, renderer.render(md, assignment, name=name), primary, services)
+    return slots
+
+
+def _up_to_date(md: ModelDeployment, service: ObservedService, renderer: Renderer) -> bool:
+    allocation = service.allocation()
+    if allocation is None:
+        return False
+    rendered = renderer.render(md, allocation.kept(), name=service.name)
+    return renderer.matches(service.id, service.version, service.spec, rendered)

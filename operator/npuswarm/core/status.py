@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Literal
 
+from npuswarm.api import labels
 from npuswarm.api.deployment import ModelDeployment, ModelDeploymentStatus, Phase, ReplicaStatus
 from npuswarm.api.labels import SPEC_HASH
 from npuswarm.api.meta import Condition, ConditionStatus, ConditionType
 from npuswarm.core.clock import TIMESTAMP, timestamp
-from npuswarm.core.diff import Applied, PassPlan
-from npuswarm.core.nodes import NodeInfo
+from npuswarm.core.diff import Action, Applied, DeploymentPlan, PassPlan
+from npuswarm.core.nodes import NodeInfo, NodeLimits
+from npuswarm.core.npus import parse_npu_ids
 from npuswarm.core.placement import Unplaced
 from npuswarm.core.render import network_alias
+from npuswarm.core.snapshot import SwarmSnapshot
 
 MAX_MESSAGE = 1024
 # A Swarm outage reads as work under way (Reconciling) this long, then as Stalled (Degraded):
@@ -81,6 +84,52 @@ def conditions(
     return result
 
 
+AS_EXPECTED = ConditionValue("False", "AsExpected")
+
+
+@dataclass(frozen=True)
+class ConditionSet:
+    """npuswarm's three conditions of one object, ModelDeployment or ModelGateway: the
+    phase and the written conditions (kstatus's two derived from them) follow by one rule."""
+
+    ready: ConditionValue
+    progressing: ConditionValue
+    degraded: ConditionValue
+
+    def standing(self) -> Literal["Pending", "Ready", "Degraded"]:
+        """Degraded wins, then Ready, else Pending."""
+        if self.degraded.status == "True":
+            return "Degraded"
+        if self.ready.status == "True":
+            return "Ready"
+        return "Pending"
+
+    def phase(self, started: bool) -> Phase:
+        """The standing, with Pending read as Progressing once anything was placed
+        (``started``)."""
+        standing = self.standing()
+        return "Progressing" if standing == "Pending" and started else standing
+
+    def conditions(
+        self, previous: Sequence[dict[str, Any]], generation: int, now: datetime
+    ) -> list[Condition]:
+        values: dict[ConditionType, ConditionValue] = {
+            "Ready": self.ready,
+            "Progressing": self.progressing,
+            "Degraded": self.degraded,
+        }
+        return conditions(values, previous, generation, now)
+
+
+@dataclass
+class ReplicaReport:
+    """Every replica's status, and the messages the deployment's conditions take from them."""
+
+    statuses: list[ReplicaStatus] = field(default_factory=list)
+    failing: list[str] = field(default_factory=list)  # "replica X: <task error>"
+    stranded: list[str] = field(default_factory=list)  # replicas on a node that is not ready
+
+
 def deployment_status(
     md: ModelDeployment,
     whole: PassPlan,
@@ -90,18 +139,51 @@ def deployment_status(
 ) -> ModelDeploymentStatus:
     """One deployment's status from the pass that served it and the writes made for it."""
     plan = whole.plans[md.key]
-    placement, snapshot, requests = whole.placement, whole.snapshot, plan.requests
-    applied, rejected = writes.done, writes.rejected
-    touched = {a.slot for a in applied}
+    placement = whole.placement
+    replicas = replica_report(whole, plan, writes)
+    desired_count = len(plan.requests)
+    ready_count = sum(1 for r in replicas.statuses if r.ready)
+    placed = [r for r in replicas.statuses if r.nodeId is not None]
+    unplaced = [u for k, u in sorted(placement.unplaced.items()) if k[0] == md.key]
+    # Waiting a few seconds for a node's first validation check is progress, not a fault.
+    validating = [u for u in unplaced if u.reason == "NodeValidationPending"]
+    unplaced = [u for u in unplaced if u.reason != "NodeValidationPending"]
+    conflicts = [message for owner, message in placement.conflicts if owner == md.key]
+    degraded = _degraded(md.key, replicas, unplaced, writes.rejected, conflicts, placement.moved)
+    rolling = bool(writes.done or plan.deferred)
+    starting = any(r.nodeId and not r.ready for r in replicas.statuses)
+    progressing = _progressing(rolling, writes, plan.deferred, starting, validating, degraded)
+    all_ready = ready_count == desired_count and not rolling and degraded.status == "False"
+    counted = f"{ready_count}/{desired_count} replicas ready"
+    if all_ready:
+        reason = "ScaledToZero" if desired_count == 0 else "AllReplicasReady"
+        ready = ConditionValue("True", reason, counted)
+    else:
+        ready = ConditionValue("False", "ReplicasNotReady", counted)
+    verdict = ConditionSet(ready, progressing, degraded)
+    return ModelDeploymentStatus.model_construct(
+        observedGeneration=md.metadata.generation,
+        phase=verdict.phase(started=bool(placed)),
+        replicas=desired_count,
+        readyReplicas=ready_count,
+        placedReplicas=len(placed),
+        npus=sum(len(r.npus) for r in placed),
+        endpoint=_endpoint(md),
+        replicaStatuses=replicas.statuses,
+        conditions=verdict.conditions(previous_conditions, md.metadata.generation, now),
+    )
+
+
+def replica_report(whole: PassPlan, plan: DeploymentPlan, writes: Applied) -> ReplicaReport:
+    """Each requested replica: where it is, whether it is ready, and why not."""
+    placement, snapshot = whole.placement, whole.snapshot
+    touched = {a.slot for a in writes.done}
     deferred = {a.slot for a in plan.deferred}
-    observed = {s.name: s for s in snapshot.services_of(md.key)}
-    replicas: list[ReplicaStatus] = []
-    failing: list[str] = []
-    stranded: list[str] = []
-    for request in requests:
+    observed = {s.name: s for s in snapshot.services_of(plan.deployment)}
+    report = ReplicaReport()
+    for request in plan.requests:
         key = request.key
         assignment = placement.assignments.get(key)
-        unplaced_here = placement.unplaced.get(key)
         desired = plan.desired.get(request.slot)
         service = observed.get(desired["Name"]) if desired else None
         node = snapshot.node(assignment.node_id) if assignment else None
@@ -122,23 +204,24 @@ def deployment_status(
             else None
         )
         message = None
+        unplaced_here = placement.unplaced.get(key)
         if unplaced_here is not None:
             message = _unplaced_message(unplaced_here, placement.moved.get(key))
-        elif request.slot in rejected:
-            message = rejected[request.slot]
+        elif request.slot in writes.rejected:
+            message = writes.rejected[request.slot]
         elif key in placement.moved:
             message = f"moving: {placement.moved[key]}"
         elif node_down is not None:
             message = node_down
-            stranded.append(f"replica {request.slot}: {node_down}")
+            report.stranded.append(f"replica {request.slot}: {node_down}")
         elif request.slot in deferred:
             message = "waiting for its turn in the rolling update (updateStrategy)"
         elif request.slot in touched:
             message = "service written, waiting for the task to run"
         if error:
-            failing.append(f"replica {request.slot}: {error}")
+            report.failing.append(f"replica {request.slot}: {error}")
         newest = service.newest_task if service is not None else None
-        replicas.append(
+        report.statuses.append(
             ReplicaStatus.model_construct(
                 replica=request.slot,
                 nodeId=assignment.node_id if assignment else None,
@@ -151,94 +234,64 @@ def deployment_status(
                 message=message,
             )
         )
+    return report
 
-    desired_count = len(requests)
-    ready_count = sum(1 for r in replicas if r.ready)
-    placed = [r for r in replicas if r.nodeId is not None]
-    unplaced = [u for k, u in sorted(placement.unplaced.items()) if k[0] == md.key]
-    # Waiting a few seconds for a node's first validation probe is progress, not a fault.
-    validating = [u for u in unplaced if u.reason == "NodeValidationPending"]
-    unplaced = [u for u in unplaced if u.reason != "NodeValidationPending"]
-    conflicts = [message for owner, message in placement.conflicts if owner == md.key]
 
-    degraded = ConditionValue("False", "AsExpected")
-    if failing:
-        degraded = ConditionValue("True", "TaskFailed", "; ".join(failing))
-    elif stranded:
-        degraded = ConditionValue("True", "NodeUnavailable", "; ".join(stranded))
-    elif unplaced:
-        degraded = ConditionValue(
+def _degraded(
+    key: str,
+    replicas: ReplicaReport,
+    unplaced: list[Unplaced],
+    rejected: Mapping[str, str],
+    conflicts: list[str],
+    moved: Mapping[tuple[str, str], str],
+) -> ConditionValue:
+    """The first fault, most telling first: failing tasks, replicas stranded on a node that
+    is not ready, replicas without a place, writes Swarm refused, NPU conflicts."""
+    if replicas.failing:
+        return ConditionValue("True", "TaskFailed", "; ".join(replicas.failing))
+    if replicas.stranded:
+        return ConditionValue("True", "NodeUnavailable", "; ".join(replicas.stranded))
+    if unplaced:
+        return ConditionValue(
             "True",
             unplaced[0].reason,
             "; ".join(
-                f"replica {u.slot}: {_unplaced_message(u, placement.moved.get((md.key, u.slot)))}"
+                f"replica {u.slot}: {_unplaced_message(u, moved.get((key, u.slot)))}"
                 for u in unplaced
             ),
         )
-    elif rejected:
-        degraded = ConditionValue(
+    if rejected:
+        return ConditionValue(
             "True", "SwarmRejected", "; ".join(f"replica {s}: {m}" for s, m in rejected.items())
         )
-    elif conflicts:
-        degraded = ConditionValue("True", "NPUConflict", "; ".join(conflicts))
+    if conflicts:
+        return ConditionValue("True", "NPUConflict", "; ".join(conflicts))
+    return AS_EXPECTED
 
-    rolling = bool(applied or plan.deferred)
-    starting = any(r.nodeId and not r.ready for r in replicas)
+
+def _progressing(
+    rolling: bool,
+    writes: Applied,
+    deferred: list[Action],
+    starting: bool,
+    validating: list[Unplaced],
+    degraded: ConditionValue,
+) -> ConditionValue:
     if rolling:
-        progressing = ConditionValue(
-            "True", "RollingOut", f"{len(applied)} write(s) made, {len(plan.deferred)} waiting"
+        return ConditionValue(
+            "True", "RollingOut", f"{len(writes.done)} write(s) made, {len(deferred)} waiting"
         )
-    elif starting and degraded.status == "False":
-        progressing = ConditionValue("True", "ReplicasStarting", "waiting for tasks to run")
-    elif validating and degraded.status == "False":
-        progressing = ConditionValue(
+    if starting and degraded.status == "False":
+        return ConditionValue("True", "ReplicasStarting", "waiting for tasks to run")
+    if validating and degraded.status == "False":
+        return ConditionValue(
             "True",
             "ValidatingNodes",
             "; ".join(f"replica {u.slot}: {u.message}" for u in validating),
         )
-    elif degraded.status == "True":
-        progressing = ConditionValue("False", "Stalled", degraded.message)
-    else:
-        progressing = ConditionValue("False", "Complete", "all replicas run the current spec")
-
-    all_ready = ready_count == desired_count and not rolling and degraded.status == "False"
-    if all_ready:
-        ready = ConditionValue(
-            "True",
-            "ScaledToZero" if desired_count == 0 else "AllReplicasReady",
-            f"{ready_count}/{desired_count} replicas ready",
-        )
-    else:
-        ready = ConditionValue(
-            "False", "ReplicasNotReady", f"{ready_count}/{desired_count} replicas ready"
-        )
-
-    phase: Phase
     if degraded.status == "True":
-        phase = "Degraded"
-    elif all_ready:
-        phase = "Ready"
-    elif placed:
-        phase = "Progressing"
-    else:
-        phase = "Pending"
-
-    return ModelDeploymentStatus.model_construct(
-        observedGeneration=md.metadata.generation,
-        phase=phase,
-        replicas=desired_count,
-        readyReplicas=ready_count,
-        placedReplicas=len(placed),
-        npus=sum(len(r.npus) for r in placed),
-        endpoint=_endpoint(md),
-        replicaStatuses=replicas,
-        conditions=conditions(
-            {"Ready": ready, "Progressing": progressing, "Degraded": degraded},
-            previous_conditions,
-            md.metadata.generation,
-            now,
-        ),
-    )
+        return ConditionValue("False", "Stalled", degraded.message)
+    return ConditionValue("False", "Complete", "all replicas run the current spec")
 
 
 def _unplaced_message(unplaced: Unplaced, left_because: str | None) -> str:
@@ -353,11 +406,60 @@ def _held_status(
         observedGeneration=generation,
         phase=phase,
         replicaStatuses=replica_statuses,
-        conditions=conditions(
-            {"Ready": ready, "Progressing": progressing, "Degraded": degraded},
-            previous.get("conditions", []),
-            generation,
-            now,
+        conditions=ConditionSet(ready, progressing, degraded).conditions(
+            previous.get("conditions", []), generation, now
         ),
         **kept,
     )
+
+
+NPU_STATES = ("allocated", "foreign", "reserved", "free", "unhealthy")
+
+
+def npu_states(
+    snapshot: SwarmSnapshot,
+    foreign: Mapping[str, Mapping[int, str]],
+    applied: Iterable[Action],
+    limits: NodeLimits | None = None,
+) -> dict[tuple[str, str], int]:
+    """NPUs per (node, state) once this pass's writes landed: npuswarm's claims from its
+    labels, NPUs that services npuswarm does not own hold (or processes it did not start
+    use), reserved, free, and unhealthy: every NPU of a node that is not ready, and those
+    npu-smi reads unhealthy that no replica holds."""
+    claims = {a.service: (a.node_id, a.npus) for a in snapshot.allocations() if not a.foreign}
+    for action in applied:
+        if action.kind == "remove":
+            claims.pop(action.service_name, None)
+        elif action.spec is not None:
+            service_labels = action.spec["Labels"]
+            claims[action.service_name] = (
+                service_labels[labels.NODE],
+                parse_npu_ids(service_labels[labels.NPUS]),
+            )
+    claimed: dict[str, set[int]] = {}
+    for node_id, npus in claims.values():
+        claimed.setdefault(node_id, set()).update(npus)
+    counts: dict[tuple[str, str], int] = {}
+    for node in snapshot.nodes:
+        name = node.hostname or node.id
+        allocated = claimed.get(node.id, set()) & node.npus
+        held = set(foreign.get(node.id, {})) & node.npus - allocated
+        reserved = node.reserved & node.npus
+        sick: set[int] = set()
+        if limits is not None:
+            held |= set(limits.busy.get(node.id) or {}) & node.usable_npus - allocated
+            sick = set(limits.npus.get(node.id) or {}) & node.usable_npus - allocated - held
+        if node.state == "ready":
+            values = {
+                "allocated": len(allocated),
+                "foreign": len(held),
+                "reserved": len(reserved),
+                "free": len(node.usable_npus - allocated - held - sick),
+                "unhealthy": len(sick),
+            }
+        else:
+            values = dict.fromkeys(NPU_STATES, 0)
+            values["reserved"] = len(reserved)
+            values["unhealthy"] = len(node.usable_npus)
+        counts.update({(name, state): value for state, value in values.items()})
+    return counts

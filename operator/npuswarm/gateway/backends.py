@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any
 
 import structlog
 from pydantic import ValidationError
@@ -25,14 +25,13 @@ from npuswarm.api.gateway import (
     ModelGateway,
     ModelGatewayStatus,
 )
-from npuswarm.api.meta import ConditionType, walk_index
+from npuswarm.api.meta import walk_index
 from npuswarm.core.diff import Action
 from npuswarm.core.snapshot import ObservedService, SwarmSnapshot
-from npuswarm.core.status import ConditionValue, conditions
+from npuswarm.core.status import AS_EXPECTED, ConditionSet, ConditionValue
 from npuswarm.gateway.access import KeySet
 
 log = structlog.get_logger("npuswarm.gateway")
-GatewayPhase = Literal["Pending", "Ready", "Degraded"]
 # Backends per model, as pushed: {model: [url, ...]}.
 Backends = dict[str, list[str]]
 
@@ -163,58 +162,17 @@ def gateway_status(
     now: datetime,
 ) -> ModelGatewayStatus:
     """Ready: every replica runs and holds the pushed backends. A served model with no
-    ready backend makes the gateway Degraded (it answers 503 for that model)."""
+    ready backend makes the gateway Degraded (it answers 503 for that model). The phase and
+    the conditions follow by the deployments' rules (core/status.py, ConditionSet); a
+    gateway has no placement, so its phase is the standing (never Progressing)."""
     gateway = work.gateway
     desired = gateway.spec.replicas
     configured = [r for r in work.replicas if r.admin_url not in work.push_errors]
-    idle = sorted(model for model, urls in work.backends.items() if not urls)
-    problem = work.problem
-    if problem is not None:
-        ready = ConditionValue("False", *problem)
-        degraded = ConditionValue("True", *problem)
-    elif work.push_errors:
-        message = "; ".join(f"{url}: {err}" for url, err in sorted(work.push_errors.items()))
-        ready = ConditionValue("False", "PushFailed", message)
-        degraded = ConditionValue("False", "AsExpected")
-    elif len(configured) < desired:
-        ready = ConditionValue(
-            "False", "ReplicasNotReady", f"{len(configured)}/{desired} gateway replicas ready"
-        )
-        degraded = ConditionValue("False", "AsExpected")
-    else:
-        ready = ConditionValue("True", "Ready", f"{len(configured)}/{desired} replicas ready")
-        degraded = ConditionValue("False", "AsExpected")
-    if idle and problem is None:
-        degraded = ConditionValue(
-            "True", "ModelWithoutBackend", "no ready replica of " + ", ".join(idle)
-        )
+    verdict = _conditions(work, len(configured))
     secret = gateway.spec.clientAccess.apiKeysSecret
-    if secret is not None and work.keys is None and problem is None:
-        degraded = ConditionValue(
-            "True",
-            "ApiKeysUnavailable",
-            f"the API keys Secret {secret} does not exist or cannot be read: no key is accepted",
-        )
-    progressing = (
-        ConditionValue("True", "ReplicasStarting", ready.message)
-        if ready.status == "False" and problem is None
-        else ConditionValue("False", "AsExpected")
-    )
-    values: dict[ConditionType, ConditionValue] = {
-        "Ready": ready,
-        "Progressing": progressing,
-        "Degraded": degraded,
-    }
-    phase: GatewayPhase = (
-        "Degraded"
-        if degraded.status == "True"
-        else "Ready"
-        if ready.status == "True"
-        else "Pending"
-    )
     return ModelGatewayStatus.model_construct(
         observedGeneration=gateway.metadata.generation,
-        phase=phase,
+        phase=verdict.standing(),
         endpoint=", ".join(r.endpoint for r in work.replicas) or None,
         replicas=desired,
         readyReplicas=len(configured),
@@ -230,8 +188,44 @@ def gateway_status(
             keys=len(work.keys.digests) if work.keys else 0,
             secretVersion=work.keys.version if work.keys else None,
         ),
-        conditions=conditions(values, previous_conditions, gateway.metadata.generation, now),
+        conditions=verdict.conditions(previous_conditions, gateway.metadata.generation, now),
     )
+
+
+def _conditions(work: GatewayWork, configured: int) -> ConditionSet:
+    desired = work.gateway.spec.replicas
+    idle = sorted(model for model, urls in work.backends.items() if not urls)
+    degraded = AS_EXPECTED
+    problem = work.problem
+    if problem is not None:
+        ready = ConditionValue("False", *problem)
+        degraded = ConditionValue("True", *problem)
+    elif work.push_errors:
+        message = "; ".join(f"{url}: {err}" for url, err in sorted(work.push_errors.items()))
+        ready = ConditionValue("False", "PushFailed", message)
+    elif configured < desired:
+        ready = ConditionValue(
+            "False", "ReplicasNotReady", f"{configured}/{desired} gateway replicas ready"
+        )
+    else:
+        ready = ConditionValue("True", "Ready", f"{configured}/{desired} replicas ready")
+    if idle and problem is None:
+        degraded = ConditionValue(
+            "True", "ModelWithoutBackend", "no ready replica of " + ", ".join(idle)
+        )
+    secret = work.gateway.spec.clientAccess.apiKeysSecret
+    if secret is not None and work.keys is None and problem is None:
+        degraded = ConditionValue(
+            "True",
+            "ApiKeysUnavailable",
+            f"the API keys Secret {secret} does not exist or cannot be read: no key is accepted",
+        )
+    progressing = (
+        ConditionValue("True", "ReplicasStarting", ready.message)
+        if ready.status == "False" and problem is None
+        else AS_EXPECTED
+    )
+    return ConditionSet(ready, progressing, degraded)
 
 
 def parse_gateways(

@@ -249,26 +249,35 @@ def judge(
 
 
 def _checks(host: str, npus: frozenset[int], result: TaskResult, timed_out: bool) -> list[Check]:
-    line = result.line
-    if line is None:
-        if timed_out:
-            why = f"the probe task did not finish in time (state {result.state}"
-            why += f": {result.error})" if result.error else ")"
-        elif result.state in ("failed", "rejected") and result.error:
-            why = f"the probe task could not run: {result.error}"
-        elif result.exit_code == 0:
-            # Ran and passed, but its log line was not readable (a log driver Docker cannot
-            # read back): the exit code is the verdict.
-            return [Check(name, True) for name in CHECKS]
-        elif result.exit_code == MISSING_EXIT:
-            why = (
-                "the container lacked devices or driver files the runtime should provide "
-                "(details not readable from the logs)"
-            )
-            return [Check(RUNTIME, False, f"on node {host}, {why}")]
-        else:
-            why = f"the probe task ended {result.state} without a result: {result.error or '?'}"
-        return [Check(CHECK_TASK, False, f"on node {host}, {why}")]
+    if result.line is None:
+        return _without_result(host, result, timed_out)
+    return _from_result(host, npus, result.line)
+
+
+def _without_result(host: str, result: TaskResult, timed_out: bool) -> list[Check]:
+    """The check task printed no result line: its state and exit code are all there is."""
+    if timed_out:
+        why = f"the probe task did not finish in time (state {result.state}"
+        why += f": {result.error})" if result.error else ")"
+    elif result.state in ("failed", "rejected") and result.error:
+        why = f"the probe task could not run: {result.error}"
+    elif result.exit_code == 0:
+        # Ran and passed, but its log line was not readable (a log driver Docker cannot
+        # read back): the exit code is the verdict.
+        return [Check(name, True) for name in CHECKS]
+    elif result.exit_code == MISSING_EXIT:
+        why = (
+            "the container lacked devices or driver files the runtime should provide "
+            "(details not readable from the logs)"
+        )
+        return [Check(RUNTIME, False, f"on node {host}, {why}")]
+    else:
+        why = f"the probe task ended {result.state} without a result: {result.error or '?'}"
+    return [Check(CHECK_TASK, False, f"on node {host}, {why}")]
+
+
+def _from_result(host: str, npus: frozenset[int], line: dict[str, Any]) -> list[Check]:
+    """What the container found missing, check by check."""
     missing = {str(p) for p in line.get("missing") or []}
     env = {str(k): str(v) for k, v in (line.get("env") or {}).items()}
     wanted_devices = [f"/dev/davinci{n}" for n in sorted(npus)]

@@ -11,7 +11,7 @@ import yaml
 
 from npuswarm.api import labels
 from npuswarm.api.deployment import ModelDeployment
-from npuswarm.core.diff import plan_many
+from npuswarm.core.pipeline import plan_pass
 from npuswarm.core.snapshot import SwarmSnapshot
 from npuswarm.stackfiles.compose import COMPOSE_VERSION, EXTENSION, escape, go_duration
 
@@ -179,15 +179,17 @@ def planned_services(
     lost_node_grace_seconds: float,
 ) -> tuple[dict[str, dict[str, dict[str, Any]]], dict[str, list[str]]]:
     """The rendered services of every deployment, from one placement of them all."""
-    placement, plans = plan_many(
+    whole = plan_pass(
         list(deployments), snapshot, now=now, lost_node_grace_seconds=lost_node_grace_seconds
     )
     rendered: dict[str, dict[str, dict[str, Any]]] = {}
     unplaced: dict[str, list[str]] = {}
     for md in deployments:
-        own, plan = plans[md.key]
+        plan = whole.plans[md.key]
         rendered[md.key] = plan.desired
-        unplaced[md.key] = _unplaced_messages(placement.unplaced.get(r.key) for r in own)
+        unplaced[md.key] = _unplaced_messages(
+            whole.placement.unplaced.get(r.key) for r in plan.requests
+        )
     return rendered, unplaced
 
 

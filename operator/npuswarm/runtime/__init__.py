@@ -1,0 +1,151 @@
+"""The operator's running state, kept in kopf's memo: one Runtime composing
+
+- the pass loop (passes.py), which serves every trigger with one pass at a time,
+- the status publisher (publisher.py): statuses and Events, only what changed, with retries,
+- the index reader (index.py): what Kubernetes asks for, from kopf's indexes,
+- the Swarm watch (swarm_watch.py): event stream, task poll, reachability ping,
+- the leadership watch (leadership.py): kopf's peering rule, the gate of every pass,
+- the node-check loop (node_checks.py), when node validation is on,
+
+all holding one Triggers object (triggers.py) to ask for a pass. Triggers only mark
+deployments as wanting a pass; triggers that arrive together are served by one pass, and the
+periodic resync is the safety net. Every background loop survives any exception and counts
+it in npuswarm_background_errors_total{loop}.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from npuswarm.kube import Kube
+from npuswarm.nodehealth.runner import NodeChecker, publish_verdicts
+from npuswarm.reconcile import Reconciler
+from npuswarm.runtime.index import IndexReader
+from npuswarm.runtime.leadership import Leadership, LeadershipWatch
+from npuswarm.runtime.node_checks import NodeCheckLoop
+from npuswarm.runtime.passes import PassLoop
+from npuswarm.runtime.publisher import StatusPublisher
+from npuswarm.runtime.swarm_watch import SwarmWatch
+from npuswarm.runtime.triggers import Triggers, survive
+from npuswarm.settings import Settings
+from npuswarm.swarm import Swarm
+
+__all__ = ["Leadership", "Runtime"]
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    reconciler: Reconciler
+    kube: Kube
+    leadership: Leadership
+    # kopf's indexes of ModelDeployments and ModelGateways: (namespace, name) -> values.
+    index: Mapping[Any, Any] = field(default_factory=dict)
+    gateway_index: Mapping[Any, Any] = field(default_factory=dict)
+    loop: asyncio.AbstractEventLoop | None = None
+    triggers: Triggers = field(init=False)
+    reader: IndexReader = field(init=False)
+    publisher: StatusPublisher = field(init=False)
+    leader: LeadershipWatch = field(init=False)
+    passes: PassLoop = field(init=False)
+    # Made by start(): the Swarm watch, and the node checks when NPUSWARM_NODE_VALIDATION is on.
+    swarm_watch: SwarmWatch | None = field(init=False, default=None)
+    node_checks: NodeCheckLoop | None = field(init=False, default=None)
+    tasks: list[asyncio.Task[None]] = field(init=False, default_factory=list)
+    threads: list[threading.Thread] = field(init=False, default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.triggers = Triggers(loop=self.loop)
+        self.reader = IndexReader(
+            self.settings.tenant_policy(),
+            self.leadership.namespaces,
+            self.index,
+            self.gateway_index,
+        )
+        self.publisher = StatusPublisher(self.kube, self.triggers)
+        self.leader = LeadershipWatch(self.leadership, self.kube, self.settings, self.triggers)
+        self.passes = PassLoop(
+            self.settings, self.reconciler, self.triggers, self.reader, self.publisher, self.leader
+        )
+
+    # -- what kopf's handlers call --------------------------------------------------------
+
+    def request(self, key: str | None = None) -> None:
+        """Ask for a pass (in the event loop's thread); ``key``: the deployment that wants it."""
+        self.triggers.request(key)
+
+    def request_threadsafe(self, key: str | None = None) -> None:
+        self.triggers.request_threadsafe(key)
+
+    def changed(self, key: str, metadata: Mapping[str, Any]) -> bool:
+        """Whether kopf's event for ``key`` shows a new object, generation or deletion."""
+        return self.reader.changed(key, metadata)
+
+    def deleted(self, key: str) -> None:
+        """A deployment's finalizer ran (from any thread): forget it in the event loop."""
+        assert self.triggers.loop is not None
+        self.triggers.loop.call_soon_threadsafe(self.forget, key)
+
+    def forget(self, key: str) -> None:
+        self.publisher.forget(key)
+        self.reader.forget(key)
+
+    @property
+    def swarm_reachable(self) -> bool | None:
+        """The last ping's answer, without waiting on Docker (kopf's liveness probe)."""
+        reachable: bool | None = getattr(self.reconciler.swarm, "reachable", None)
+        return reachable
+
+    # -- life ---------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """The background threads, then the pass loop (in the running event loop)."""
+        self.start_threads()
+        self.tasks.append(asyncio.create_task(self.passes.run(), name="npuswarm passes"))
+
+    def start_threads(self) -> None:
+        loops: list[tuple[str, Callable[[], None]]] = []
+        swarm = self.reconciler.swarm
+        if isinstance(swarm, Swarm):
+            self.swarm_watch = SwarmWatch(swarm, self.settings, self.triggers, self.leader)
+            self.passes.swarm_watch = self.swarm_watch
+            loops += [
+                ("events", self.swarm_watch.follow_events),
+                ("task-poll", self.swarm_watch.poll_tasks),
+                ("swarm-probe", self.swarm_watch.ping),
+            ]
+        loops.append(("leadership", self.leader.run))
+        if self.settings.node_validation and isinstance(swarm, Swarm):
+            checker = NodeChecker(
+                swarm, self.settings, self.reconciler.lock, lambda: self.reconciler.last_plan
+            )
+            publish_verdicts(checker)
+            self.node_checks = NodeCheckLoop(checker, self.settings, self.triggers, self.leader)
+            self.passes.node_checks = self.node_checks
+            loops.append(("node-check", self.node_checks.run))
+        for name, target in loops:
+            thread = threading.Thread(target=survive(name, target, self.triggers.stop), name=name)
+            thread.daemon = True
+            thread.start()
+            self.threads.append(thread)
+
+    def stop(self) -> None:
+        """Every loop ends at its next wait; the event stream's thread at once."""
+        self.triggers.stop.set()
+        if self.swarm_watch is not None:
+            self.swarm_watch.close()
+
+    async def close(self) -> None:
+        """Stop, wait for the pass loop, remove node checks under way, close the clients."""
+        self.stop()
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        if self.node_checks is not None:
+            # Checks under way would otherwise wait for the next start's cleanup.
+            await asyncio.to_thread(self.node_checks.checker.close)
+        await asyncio.to_thread(self.reconciler.close)

@@ -1,0 +1,120 @@
+"""What Kubernetes asks for, read from kopf's in-memory indexes (no API call): every
+ModelDeployment parsed once per generation and checked against the host policy, and the
+ModelGateways. Also the stamps of kopf's events, so a status write asks for no pass."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import ValidationError
+
+from npuswarm.api.deployment import ModelDeployment
+from npuswarm.api.meta import Indexed, Stamp, stamp, validation_message, walk_index
+from npuswarm.core import hostpolicy
+from npuswarm.core.pipeline import Desired
+from npuswarm.gateway.backends import parse_gateways
+
+
+@dataclass
+class Parsed:
+    """kopf's index entry of one ModelDeployment, parsed once per generation."""
+
+    stamp: Stamp
+    model: ModelDeployment | None
+    problem: str | None
+    reason: str = "InvalidSpec"
+
+
+@dataclass
+class IndexReader:
+    # What the cluster admin lets tenants ask of a node (core/hostpolicy.py).
+    policy: hostpolicy.TenantPolicy
+    # The namespaces this operator watches; None: all.
+    namespaces: frozenset[str] | None
+    # kopf's index of ModelDeployments: (namespace, name) -> store of index values.
+    index: Mapping[Any, Any] = field(default_factory=dict)
+    # kopf's index of ModelGateways.
+    gateway_index: Mapping[Any, Any] = field(default_factory=dict)
+    parsed: dict[str, Parsed] = field(default_factory=dict)
+    # The stamp each object was last seen with in kopf's events (gateways: gateway_key).
+    seen: dict[str, Stamp] = field(default_factory=dict)
+
+    def desired(
+        self, written: Mapping[str, dict[str, Any]], gateways_written: Mapping[str, dict[str, Any]]
+    ) -> Desired:
+        """Every ModelDeployment kopf's index knows, parsed once per generation; ``written``:
+        the statuses this operator wrote last (they count before the index catches up)."""
+        deployments: list[ModelDeployment] = []
+        invalid: dict[str, tuple[int, str, str]] = {}
+        deleting: set[str] = set()
+        previous: dict[str, dict[str, Any]] = {}
+        seen: set[str] = set()
+        for entry in walk_index(self.index, written):
+            key, metadata = entry.key, entry.metadata
+            seen.add(key)
+            previous[key] = entry.previous
+            parsed = self._parse(entry)
+            if metadata.get("deletionTimestamp"):
+                deleting.add(key)
+            elif parsed.model is None:
+                invalid[key] = (parsed.stamp[1], parsed.reason, parsed.problem or "")
+            else:
+                deployments.append(parsed.model)
+        for gone in set(self.parsed) - seen:
+            del self.parsed[gone]
+        gateways, gateway_previous = parse_gateways(self.gateway_index, gateways_written)
+        return Desired(
+            deployments=deployments,
+            invalid=invalid,
+            deleting=frozenset(deleting),
+            previous=previous,
+            namespaces=self.namespaces,
+            gateways=gateways,
+            gateway_previous=gateway_previous,
+        )
+
+    def _parse(self, entry: Indexed) -> Parsed:
+        key, seen = entry.key, stamp(entry.metadata)
+        cached = self.parsed.get(key)
+        if cached is not None and cached.stamp == seen:
+            return cached
+        try:
+            model = ModelDeployment.model_validate(
+                {"metadata": dict(entry.metadata), "spec": dict(entry.spec)}
+            )
+        except ValidationError as error:
+            parsed = Parsed(seen, None, validation_message(error))
+        else:
+            # Host safety: what the API server accepted may still reach past the operator's
+            # settings (a hostPath outside the allow-list).
+            refused = hostpolicy.violations(model, self.policy)
+            parsed = (
+                Parsed(seen, None, "; ".join(refused), hostpolicy.REASON)
+                if refused
+                else Parsed(seen, model, None)
+            )
+        self.parsed[key] = parsed
+        return parsed
+
+    def uids(self, desired: Desired) -> dict[str, str]:
+        found = {md.key: md.metadata.uid for md in desired.deployments}
+        for key in desired.invalid:
+            parsed = self.parsed.get(key)
+            if parsed is not None:
+                found[key] = parsed.stamp[0]
+        return found
+
+    def changed(self, key: str, metadata: Mapping[str, Any]) -> bool:
+        """Whether kopf's event shows a new object, generation or deletion (and remember it);
+        a status write changes none of them."""
+        now = stamp(metadata)
+        if self.seen.get(key) == now:
+            return False
+        self.seen[key] = now
+        return True
+
+    def forget(self, key: str) -> None:
+        self.seen.pop(key, None)
+        self.parsed.pop(key, None)

@@ -1,0 +1,137 @@
+"""Watching Swarm between passes: its event stream (services, nodes), a cheap poll of the tasks
+it wants running (the stream has no task events), and the ping that tells whether the
+manager is reachable. Each only asks for a pass; the pass reads Swarm itself."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import structlog
+
+from npuswarm.reconcile import PassResult
+from npuswarm.runtime.leadership import LeadershipWatch
+from npuswarm.runtime.triggers import Triggers
+from npuswarm.settings import Settings
+from npuswarm.swarm import Swarm, SwarmUnavailable, stream_errors
+
+log = structlog.get_logger("npuswarm.runtime")
+
+# A Swarm event about a service this operator wrote so recently is its own echo.
+ECHO_SECONDS = 5.0
+
+
+class SwarmWatch:
+    def __init__(
+        self,
+        swarm: Swarm,
+        settings: Settings,
+        triggers: Triggers,
+        leadership: LeadershipWatch,
+    ) -> None:
+        self.swarm = swarm
+        self.settings = settings
+        self.triggers = triggers
+        self.leadership = leadership
+        self.owner_of_service: dict[str, str] = {}  # service id -> owner, as of the last pass
+        self.tasks_seen: dict[str, str] = {}  # task id -> state, last pass
+        self.service_of_task: dict[str, str] = {}  # task id -> service id
+        self.recent_writes: dict[str, float] = {}  # service name -> monotonic
+        self.busy = False  # the last pass left work under way: poll tasks faster
+        self.event_stream: Any = None  # the open Swarm event stream: closing it ends its thread
+
+    def saw_pass(self, result: PassResult) -> None:
+        """What the pass just did and saw: its writes (their events are echoes), the owners
+        of the services it saw, and whether work is under way."""
+        for action in result.all_applied():
+            self.recent_writes[action.service_name] = time.monotonic()
+        self.owner_of_service = {s.id: s.deployment for s in result.plan.snapshot.services}
+
+    def set_busy(self, busy: bool) -> None:
+        self.busy = busy
+
+    def close(self) -> None:
+        if self.event_stream is not None:
+            self.event_stream.close()
+
+    def follow_events(self) -> None:
+        """Swarm's service and node events start a pass within about a second."""
+        stream = self.swarm.event_stream()
+        self.event_stream = stream
+        try:
+            # A pass right after (re)connecting covers whatever happened while disconnected.
+            self.triggers.request_threadsafe(everything=True)
+            for event in stream:
+                if self.triggers.stop.is_set():
+                    return
+                self._on_event(event)
+        except stream_errors as error:
+            raise SwarmUnavailable(f"event stream: {error}") from error
+        finally:
+            stream.close()
+
+    def _on_event(self, event: Mapping[str, Any]) -> None:
+        if event.get("Type") == "node":
+            self.triggers.request_threadsafe(everything=True)
+            return
+        actor = event.get("Actor") or {}
+        name = (actor.get("Attributes") or {}).get("name", "")
+        written = self.recent_writes.get(name)
+        if written is not None and time.monotonic() - written < ECHO_SECONDS:
+            return
+        self.triggers.request_threadsafe(self.owner_of_service.get(actor.get("ID", "")))
+
+    def poll_tasks(self) -> None:
+        """Docker's event stream has no task events: a cheap list of the tasks Swarm wants
+        running notices a task failing or becoming ready, faster while work is under way.
+        npuswarm's tasks are compared with what the last pass saw (a change a pass has not
+        seen yet asks for one); others' with the previous poll (a foreign task moving may move
+        the NPUs it holds)."""
+        stop = self.triggers.stop
+        # Tasks of services the last pass did not know yet (it just created them) land here
+        # too, so a new replica's first states also ask for a pass.
+        foreign_before: dict[str, tuple[str, str]] = {}
+        own_before: dict[str, str] = {}
+        while not stop.is_set():
+            settings = self.settings
+            interval = settings.task_poll_busy_seconds if self.busy else settings.task_poll_seconds
+            if stop.wait(interval):
+                return
+            if not self.leadership.leader:
+                continue
+            states = self.swarm.task_states()
+            owners = self.owner_of_service
+            own = {t: state for t, (service, state) in states.items() if service in owners}
+            seen = self.tasks_seen
+            # New to the last pass and to the previous poll: a difference that stays (a task
+            # the pass cannot see the same way) asks once, not on every poll.
+            unseen = [
+                task
+                for task in own.keys() | seen.keys()
+                if own.get(task) != seen.get(task) and own.get(task) != own_before.get(task)
+            ]
+            for task in unseen:
+                service = states[task][0] if task in states else self.service_of_task.get(task)
+                self.triggers.request_threadsafe(owners.get(service or ""))
+            if unseen:
+                log.info("task states changed", tasks=len(unseen))
+            own_before = own
+            foreign = {t: v for t, v in states.items() if v[0] not in owners}
+            if foreign != foreign_before:
+                self.triggers.request_threadsafe(None)
+            foreign_before = foreign
+
+    def ping(self) -> None:
+        """Reachability goes into a metric, not liveness: restarting the operator would not
+        bring Docker back, and a restart loop would hide the real problem."""
+        stop = self.triggers.stop
+        while not stop.is_set():
+            before = self.swarm.reachable
+            reachable = self.swarm.ping()
+            if before is not None and reachable != before:
+                # Lost: a pass reports the outage in every status. Back: recover now rather
+                # than at the end of the backoff.
+                self.triggers.request_threadsafe(everything=True, recovered=reachable)
+            if stop.wait(self.settings.swarm_probe_seconds):
+                return
