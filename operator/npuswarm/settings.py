@@ -106,8 +106,10 @@ class Settings(BaseSettings):
     allowed_reserved_env: Annotated[tuple[str, ...], NoDecode] = ()
     # Images ModelDeployments and ModelGateways may run (fnmatch patterns); empty: any.
     allowed_images: Annotated[tuple[str, ...], NoDecode] = ()
+    # Networks namespaces other than their owner's may join: "net=ns1|ns2,public=*".
+    shared_networks: Annotated[tuple[str, ...], NoDecode] = ()
 
-    @field_validator("allowed_reserved_env", "allowed_images", mode="before")
+    @field_validator("allowed_reserved_env", "allowed_images", "shared_networks", mode="before")
     @classmethod
     def _list(cls, value: Any) -> Any:
         if isinstance(value, str):
@@ -122,6 +124,15 @@ class Settings(BaseSettings):
                 raise ValueError(f"{name} is set from the placement and may never be allowed")
             if reserved_env(name) is None:
                 raise ValueError(f"{name} is not reserved: tenants may set it already")
+        return value
+
+    @field_validator("shared_networks", mode="after")
+    @classmethod
+    def _grants(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for grant in value:
+            network, equals, namespaces = grant.partition("=")
+            if not equals or not network or not namespaces:
+                raise ValueError(f"{grant!r} is not network=namespace|namespace or network=*")
         return value
 
     @field_validator("allowed_host_paths", mode="before")
@@ -168,6 +179,10 @@ class Settings(BaseSettings):
             ),
             allowed_env=frozenset(self.allowed_reserved_env),
             images=self.allowed_images,
+            shared_networks={
+                network: frozenset(n for n in namespaces.split("|") if n)
+                for network, _, namespaces in (g.partition("=") for g in self.shared_networks)
+            },
         )
 
     def relocation_rules(self) -> RelocationRules:

@@ -8,6 +8,7 @@ import hashlib
 import json
 import socket
 import threading
+import urllib.request
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -143,18 +144,20 @@ def test_bodies_are_bounded_in_size_and_time(make_gateway: Any, fake_vllm: Any) 
 
 def test_requests_in_flight_are_bounded(make_gateway: Any, fake_vllm: Any) -> None:
     gateway = make_gateway("--max-in-flight", "1")
-    slow = fake_vllm("a", env={"FAKE_VLLM_LATENCY_SECONDS": "2"})
+    slow = fake_vllm("a", env={"FAKE_VLLM_LATENCY_SECONDS": "3"})
     assert gateway.push({"a": [slow]}).status == 200
     first: list[Any] = []
     holder = threading.Thread(target=lambda: first.append(chat(gateway, "a", None)))
     holder.start()
     try:
-        def refused() -> Any:
-            answer = chat(gateway, "a", None)
-            return answer if answer.status == 503 else None
+        def running() -> bool:
+            metrics = urllib.request.urlopen(f"{slow}/metrics", timeout=5).read().decode()
+            return any(line.startswith("vllm:num_requests_running") and not line.endswith(" 0")
+                       and not line.endswith(" 0.0") for line in metrics.splitlines())
 
-        busy = wait_for(refused, "a second request refused while the first is in flight", 10, 0.05)
-        assert busy.json()["error"]["code"] == "gateway_overloaded"
+        wait_for(running, "the first request running at the replica", 10, 0.05)
+        busy = chat(gateway, "a", None)
+        assert busy.status == 503 and busy.json()["error"]["code"] == "gateway_overloaded"
         assert busy.headers["retry-after"] == "1"
     finally:
         holder.join(30)

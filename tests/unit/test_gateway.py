@@ -86,7 +86,9 @@ def test_selects_its_namespace_labels_and_network_only() -> None:
 
 def overlay_swarm(nodes: int) -> MemorySwarm:
     swarm = MemorySwarm(nodes=nodes)
-    swarm.networks[0]["Scope"] = "swarm"  # vllm-net is an overlay
+    swarm.networks[0]["Scope"] = "swarm"  # vllm-net is an overlay npuswarm made for "default"
+    swarm.networks[0]["Labels"] = {labels.MANAGED_BY: labels.MANAGED_BY_VALUE,
+                                   labels.NETWORK_NAMESPACE: "default"}
     return swarm
 
 

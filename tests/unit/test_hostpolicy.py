@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -129,24 +131,62 @@ def test_plan_refuses_what_the_operator_would(tmp_path: pytest.TempPathFactory,
                           "/var/run/docker.sock is never allowed")
 
 
-NETWORKS = {"vllm-net": "swarm", "host": "local", "bridge": "local", "ingress": "ingress"}
+def network_snapshot(*extra: dict[str, Any]) -> Any:
+    from npuswarm.core.snapshot import snapshot_from_engine
+
+    own = {"npuswarm.io/managed-by": "npuswarm"}
+    networks = [
+        {"Id": "n1", "Name": "team-a-net", "Scope": "swarm", "Labels": own | {"npuswarm.io/namespace": "team-a"}},
+        {"Id": "n2", "Name": "legacy-net", "Scope": "swarm", "Labels": own},
+        {"Id": "n3", "Name": "stack-net", "Scope": "swarm", "Labels": {"com.docker.stack.namespace": "s"}},
+        {"Id": "n4", "Name": "host", "Scope": "local"},
+        {"Id": "n5", "Name": "my-bridge", "Scope": "local"},
+        {"Id": "n6", "Name": "my-ingress", "Scope": "swarm", "Ingress": True},
+        *extra,
+    ]
+    service = {"ID": "s1", "Version": {"Index": 1}, "Spec": {
+        "Name": "team-a-old-0", "Labels": own | {"npuswarm.io/owner-namespace": "team-a",
+                                               "npuswarm.io/owner-name": "old"},
+        "TaskTemplate": {"ContainerSpec": {}, "Networks": [{"Target": "n2"}]}}}
+    return snapshot_from_engine([], [service], [], networks)
+
+
+def test_a_namespace_joins_only_its_own_networks_unless_the_admin_shares_one() -> None:
+    from npuswarm.core.hostpolicy import network_violation
+
+    snapshot, policy = network_snapshot(), DEFAULTS.tenant_policy()
+    assert network_violation("team-a", "team-a-net", snapshot, policy) is None
+    taken = network_violation("team-b", "team-a-net", snapshot, policy)
+    assert taken is not None and "belongs to namespace team-a" in taken
+    assert "NPUSWARM_SHARED_NETWORKS=team-a-net=team-b" in taken
+    # Made before networks had a namespace: the namespaces already on it keep it.
+    assert network_violation("team-a", "legacy-net", snapshot, policy) is None
+    assert "belongs to namespace team-a" in (network_violation("team-b", "legacy-net", snapshot, policy) or "")
+    # Not npuswarm's: only where the admin shares it.
+    assert "npuswarm did not create it" in (network_violation("team-a", "stack-net", snapshot, policy) or "")
+    shared = Settings(shared_networks="stack-net=team-a|team-b,team-a-net=*").tenant_policy()
+    assert network_violation("team-b", "stack-net", snapshot, shared) is None
+    assert network_violation("team-c", "stack-net", snapshot, shared) is not None
+    assert network_violation("team-z", "team-a-net", snapshot, shared) is None
 
 
 def test_network_must_be_swarm_scoped_or_missing_for_npuswarm_to_create() -> None:
-    from npuswarm.core.hostpolicy import network_violations
+    from npuswarm.core.hostpolicy import network_violation
 
-    assert network_violations(deployment(), NETWORKS) == []
-    assert network_violations(deployment(network={"name": "vllm-net"}), NETWORKS) == []
+    snapshot, policy = network_snapshot(), DEFAULTS.tenant_policy()
     # Docker would read an unknown name as an id prefix ("efd" can be the host network), but
     # the pass creates an overlay network of exactly that name before any service uses it.
-    assert network_violations(deployment(network={"name": "efd"}), NETWORKS) == []
+    assert network_violation("team-a", "efd", snapshot, policy) is None
+    # ... for the namespace that asked first in this pass; another one waits its turn.
+    claimed = network_violation("team-b", "efd", snapshot, policy, {"efd": "team-a"})
+    assert claimed is not None and "being created for namespace team-a" in claimed
     # A name that is a whole network id would select that network, created or not.
     host_id = "efd0123456789abcdefghijkl"
-    (by_id,) = network_violations(deployment(network={"name": host_id}), NETWORKS, {host_id})
-    assert "is the id of an existing network" in by_id
-    for name, kind in (("my-bridge", "local"), ("my-ingress", "ingress")):
-        (local,) = network_violations(deployment(network={"name": name}), {name: kind})
-        assert f"is a {kind} network" in local
+    by_id = network_violation("team-a", host_id, network_snapshot({"Id": host_id, "Name": "x"}), policy)
+    assert by_id is not None and "is the id of an existing network" in by_id
+    for name, kind in (("my-bridge", "local"), ("my-ingress", "ingress"), ("host", "local")):
+        local = network_violation("team-a", name, snapshot, policy)
+        assert local is not None and f"is a {kind} network" in local
 
 
 def test_snapshot_records_network_scopes() -> None:

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import fnmatch
 import posixpath
-from collections.abc import Collection, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 from npuswarm.api.deployment import ModelDeployment
+from npuswarm.core.snapshot import SwarmSnapshot
 
 # Where model weights and caches usually live on a node; anything else must be allowed
 # explicitly by the cluster admin (NPUSWARM_ALLOWED_HOST_PATHS).
@@ -95,6 +96,12 @@ class TenantPolicy:
     # Image references allowed (fnmatch patterns, e.g. "registry.example.com/ai/*"); empty:
     # any image.
     images: tuple[str, ...] = ()
+    # Networks the admin shares: name -> namespaces that may join it ("*": every one).
+    shared_networks: Mapping[str, frozenset[str]] = field(default_factory=dict)
+
+    def shares(self, network: str, namespace: str) -> bool:
+        granted = self.shared_networks.get(network, frozenset())
+        return namespace in granted or "*" in granted
 
     @property
     def allowed_host_paths(self) -> tuple[str, ...]:
@@ -194,32 +201,55 @@ def violations(md: ModelDeployment, policy: TenantPolicy) -> list[str]:
     return found
 
 
-def network_violations(
-    md: ModelDeployment, networks: Mapping[str, str], network_ids: Collection[str] = ()
-) -> list[str]:
-    """The network must be swarm-scoped, or not exist yet: npuswarm then creates an overlay
-    network under exactly this name before any service names it.
+def network_violation(
+    namespace: str,
+    network: str,
+    snapshot: SwarmSnapshot,
+    policy: TenantPolicy,
+    claimed: Mapping[str, str] | None = None,
+) -> str | None:
+    """Why a namespace's deployment or gateway may not join ``network``, or None.
+
+    A namespace joins networks npuswarm created for it (or creates one that does not exist
+    yet); another namespace's network, or one npuswarm did not make, only where the admin
+    shares it (NPUSWARM_SHARED_NETWORKS). A network of npuswarm's from before networks had a
+    namespace stays open to the namespaces already on it. ``claimed``: networks this pass
+    creates, and for which namespace (the oldest deployment that names it wins).
 
     Docker resolves a service's network by id, then name, then id *prefix*: a name that no
     network has, such as ``efd`` or ``mwi``, could select the host network; once a network of
-    that exact name exists, the name wins. ``networks`` maps the names Swarm lists to their
-    scope ("swarm", "local" or "ingress").
+    that exact name exists, the name wins.
     """
-    network = md.spec.network
-    if network is None:
-        return []
-    if network.name in network_ids:
+    where = "spec.network.name"
+    if network in snapshot.network_ids:
         # An id wins over a name, even over a network npuswarm would create with that name.
-        return [
-            f"spec.network.name: {network.name!r} is the id of an existing network; "
+        return (
+            f"{where}: {network!r} is the id of an existing network; "
             "Docker would attach the replicas to that network, whatever its name"
-        ]
-    kind = networks.get(network.name)
+        )
+    kind = snapshot.networks.get(network)
     if kind is None:
-        return []
+        creator = (claimed or {}).get(network, namespace)
+        if creator == namespace or policy.shares(network, namespace):
+            return None
+        return f"{where}: {network!r} is being created for namespace {creator}"
     if kind != "swarm":
-        return [
-            f"spec.network.name: {network.name!r} is a {kind} network; replicas join only "
+        return (
+            f"{where}: {network!r} is a {kind} network; replicas join only "
             "swarm-scoped networks of your own (overlay)"
-        ]
-    return []
+        )
+    if policy.shares(network, namespace):
+        return None
+    owner = snapshot.network_namespace.get(network)
+    if owner == namespace:
+        return None
+    if owner is None and network in snapshot.own_networks:
+        users = snapshot.network_users.get(network, frozenset())
+        if not users or namespace in users:
+            return None  # made before networks had a namespace: its users keep it
+        owner = ", ".join(sorted(users))
+    what = f"namespace {owner}" if owner else "no namespace (npuswarm did not create it)"
+    return (
+        f"{where}: {network!r} belongs to {what}; the cluster admin shares a network with "
+        f"NPUSWARM_SHARED_NETWORKS={network}={namespace}"
+    )

@@ -27,7 +27,8 @@ from npuswarm import metrics
 from npuswarm.api.deployment import ModelDeployment
 from npuswarm.api.gateway import ModelGateway, ModelGatewayStatus
 from npuswarm.core.diff import Action, PassPlan
-from npuswarm.core.hostpolicy import REASON, TenantPolicy
+from npuswarm.core.hostpolicy import REASON, TenantPolicy, network_violation
+from npuswarm.core.snapshot import SwarmSnapshot
 from npuswarm.gateway import protocol
 from npuswarm.gateway.access import KeySet, access_state
 from npuswarm.gateway.backends import (
@@ -191,7 +192,7 @@ class Gateways:
                 gateway=gw,
                 backends=desired_backends(gw, deployments, whole.snapshot, stopping),
                 replicas=running_replicas(gw, whole.snapshot),
-                problem=self._problem(gw),
+                problem=self._problem(gw, whole.snapshot),
             )
             for gw in gateways
         ]
@@ -205,10 +206,14 @@ class Gateways:
         actions = gateway_actions(allowed, whole.snapshot, self.instance, mounts)
         return GatewayPass(works=works, actions=actions)
 
-    def _problem(self, gateway: ModelGateway) -> tuple[str, str] | None:
+    def _problem(self, gateway: ModelGateway, snapshot: SwarmSnapshot) -> tuple[str, str] | None:
         if self.credentials is None:
             return ("NotConfigured", NO_KEY)
-        refused = self.policy.image_violation(gateway.spec.image, "spec.image")
+        refused = self.policy.image_violation(
+            gateway.spec.image, "spec.image"
+        ) or network_violation(
+            gateway.metadata.namespace, gateway.spec.network.name, snapshot, self.policy
+        )
         return (REASON, refused) if refused is not None else None
 
     def push(self, work: GatewayPass) -> None:
