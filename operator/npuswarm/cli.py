@@ -28,7 +28,7 @@ from npuswarm.core import hostpolicy
 from npuswarm.core.clock import utcnow
 from npuswarm.core.nodes import NodeInfo
 from npuswarm.core.npus import device_name, format_npu_ids
-from npuswarm.core.pipeline import Desired, plan_pass
+from npuswarm.core.pipeline import Desired, plan_pass, refuse_networks
 from npuswarm.core.snapshot import SwarmSnapshot
 from npuswarm.nodehealth.checks import Verdict
 from npuswarm.nodehealth.npusmi import NodeHealth
@@ -77,15 +77,15 @@ def cmd_plan(args: argparse.Namespace) -> int:
     refused = [
         f"{md.key}: {v}"
         for md in deployments
-        for v in hostpolicy.violations(md, settings.allowed_host_paths)
+        for v in hostpolicy.violations(md, settings.tenant_policy())
     ]
     if refused:
         raise UsageError(f"{hostpolicy.REASON}: " + "; ".join(refused))
     snapshot = Swarm().observe()
+    ranked = sorted(deployments, key=lambda md: md.key)
     refused = [
-        f"{md.key}: {v}"
-        for md in deployments
-        for v in hostpolicy.network_violations(md, snapshot.networks, snapshot.network_ids)
+        f"{key}: {why}"
+        for key, why in refuse_networks(ranked, snapshot, settings.tenant_policy()).items()
     ]
     if refused:
         raise UsageError(f"{hostpolicy.REASON}: " + "; ".join(refused))

@@ -22,7 +22,7 @@ from npuswarm.api.meta import metadata_key
 from npuswarm.gateway.credentials import Credentials
 from npuswarm.gateway.push import Gateways
 from npuswarm.gateway.service import gateway_key
-from npuswarm.kube import Kube
+from npuswarm.kube import Kube, SecretKeys
 from npuswarm.reconcile import Reconciler
 from npuswarm.runtime import Leadership, Runtime
 from npuswarm.settings import Settings
@@ -66,7 +66,12 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **kwargs: Any)
             swarm,
             config,
             owners=kube,
-            gateways=Gateways(config.instance, gateway_credentials(config)),
+            gateways=Gateways(
+                config.instance,
+                gateway_credentials(config),
+                policy=config.tenant_policy(),
+                keys=SecretKeys(kube),
+            ),
         ),
         kube=kube,
         leadership=Leadership(

@@ -3,6 +3,8 @@ pass, the complete read that confirms orphans, and the peering objects for leade
 
 from __future__ import annotations
 
+import base64
+import time
 from typing import Any
 
 import kubernetes
@@ -13,8 +15,12 @@ from npuswarm.api import deployment as deployment_api
 from npuswarm.api import meta
 from npuswarm.api.meta import object_key, split_key
 from npuswarm.core.clock import timestamp, utcnow
+from npuswarm.gateway.access import KeySet
 
 log = structlog.get_logger("npuswarm.kube")
+# A rotated API key works at the gateway at most this long after the Secret changed (plus a
+# pass and a push).
+KEYS_TTL_SECONDS = 5.0
 
 
 class Kube:
@@ -111,3 +117,42 @@ class Kube:
                 return None
             raise
         return dict(found.get("status") or {})
+
+    def read_secret(self, namespace: str, name: str) -> tuple[dict[str, bytes], str] | None:
+        """A Secret's entries (decoded) and resourceVersion; None when it does not exist.
+        The operator may `get` Secrets, never list them (manifests/base/rbac.yaml)."""
+        try:
+            secret = self.core.read_namespaced_secret(name, namespace)
+        except kubernetes.client.ApiException as error:
+            if error.status == 404:
+                return None
+            raise
+        data = {key: base64.b64decode(value) for key, value in (secret.data or {}).items()}
+        version = secret.metadata.resource_version if secret.metadata is not None else None
+        return data, str(version or "")
+
+
+class SecretKeys:
+    """ModelGateways' API keys Secrets, read at most every ``ttl`` seconds each, hashed at once
+    (gateway/access.py): no key is kept. A failed read keeps the last keys (an API server
+    outage does not lock clients out); a Secret that does not exist has no keys."""
+
+    def __init__(self, kube: Kube, ttl: float = KEYS_TTL_SECONDS) -> None:
+        self.kube = kube
+        self.ttl = ttl
+        self._cache: dict[tuple[str, str], tuple[float, KeySet | None]] = {}
+
+    def keys(self, namespace: str, name: str) -> KeySet | None:
+        now = time.monotonic()
+        cached = self._cache.get((namespace, name))
+        if cached is not None and now - cached[0] < self.ttl:
+            return cached[1]
+        try:
+            found = self.kube.read_secret(namespace, name)
+        except Exception as error:
+            metrics.kube_api_errors_total.labels("secret").inc()
+            log.warning("API keys not read", secret=f"{namespace}/{name}", error=str(error)[:200])
+            return cached[1] if cached is not None else None
+        keys = None if found is None else KeySet.from_secret_data(*found)
+        self._cache[(namespace, name)] = (now, keys)
+        return keys

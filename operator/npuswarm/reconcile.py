@@ -10,11 +10,12 @@ from __future__ import annotations
 import gc
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import partial
 from typing import Any, Protocol
 
 import structlog
@@ -106,6 +107,7 @@ class Reconciler:
         self.owners = owners
         self.lock = threading.Lock()
         self.renderer = Renderer(settings.instance)
+        self.policy = settings.tenant_policy()
         # uids of deleted deployments: no pass may write for them again, even one that read
         # its desired state before the deletion.
         self._tombstones: OrderedDict[str, None] = OrderedDict()
@@ -144,6 +146,7 @@ class Reconciler:
             orphan_owners=confirmed,
             renderer=self.renderer,
             limits=limits,
+            policy=self.policy,
         )
         if unconfirmed:
             whole.unconfirmed_orphans = unconfirmed
@@ -160,11 +163,11 @@ class Reconciler:
             gateway_pass = self._gateways_first(desired, whole, secrets)
             # Writes wait on Swarm, while the rest of the process goes on making garbage:
             # the collector runs meanwhile.
-            self._networks(whole.networks_to_create, create=True)
+            self._create_networks(whole.networks_to_create)
             applied = self._apply(whole.actions + gateway_pass.actions)
             kept = {gateway.spec.network.name for gateway in desired.gateways}
             gone = [network_id for name, network_id in whole.networks_to_remove if name not in kept]
-            self._networks(gone, create=False)
+            self._remove_networks(gone)
             self._remove_secrets([s.id for s in secrets.stale])
             # Node probes read it under the same lock: they take only NPUs this pass left free.
             self.last_plan = whole
@@ -220,20 +223,27 @@ class Reconciler:
             except SwarmRejected as error:
                 log.info("gateway secret kept", secret=secret_id, reason=str(error))
 
-    def _networks(self, names_or_ids: list[str], *, create: bool) -> None:
-        """Networks go before the services that attach to them and after the last service
-        that used them. A refusal (e.g. a network still in use by someone else's service) is
-        logged: the services that need a missing network say so in their own status."""
-        for target in names_or_ids:
-            try:
-                if create:
-                    self.swarm.create_network(target, network_labels(self.settings.instance))
-                else:
-                    self.swarm.remove_network(target)
-            except SwarmRejected as error:
-                log.warning("network write refused", network=target, error=str(error))
-                continue
-            log.info("network " + ("created" if create else "removed"), network=target)
+    def _create_networks(self, networks: Mapping[str, str]) -> None:
+        """Networks go before the services that attach to them, each marked with the namespace
+        it is created for (docs/security.md, "Networks")."""
+        for name, namespace in networks.items():
+            marks = network_labels(self.settings.instance) | {labels.NETWORK_NAMESPACE: namespace}
+            self._network_write(name, "created", partial(self.swarm.create_network, name, marks))
+
+    def _remove_networks(self, network_ids: list[str]) -> None:
+        """Networks go after the last service that used them."""
+        for target in network_ids:
+            self._network_write(target, "removed", partial(self.swarm.remove_network, target))
+
+    def _network_write(self, target: str, done: str, write: Callable[[], None]) -> None:
+        """A refusal (e.g. a network still in use by someone else's service) is logged: the
+        services that need a missing network say so in their own status."""
+        try:
+            write()
+        except SwarmRejected as error:
+            log.warning("network write refused", network=target, error=str(error))
+            return
+        log.info(f"network {done}", network=target)
 
     def _result(self, desired: Desired, whole: PassPlan, applied: dict[str, Applied]) -> PassResult:
         views = report(desired, whole, applied, self.clock())

@@ -12,12 +12,22 @@ from typing import Annotated, Any
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from npuswarm.core.hostpolicy import DEFAULT_ALLOWED_HOST_PATHS, denied_root, normalise_host_path
+from npuswarm.core.hostpolicy import (
+    DEFAULT_ALLOWED_HOST_PATHS,
+    PLACEMENT_ENV,
+    HostRoot,
+    TenantPolicy,
+    denied_root,
+    normalise_host_path,
+    reserved_env,
+)
 from npuswarm.core.relocation import RelocationRules
 
 ENV_PREFIX = "NPUSWARM_"
 # NPUSWARM_ALLOWED_HOST_PATHS=none: no hostPath volume at all.
 NO_HOST_PATHS = "none"
+# NPUSWARM_ALLOWED_HOST_PATHS=/models,/data:rw: writes are allowed under /data only.
+WRITABLE_SUFFIX = ":rw"
 MIN_ROOT_KEY_LENGTH = 16
 # Settings whose values never appear in a message.
 SECRET_FIELDS = frozenset({"gateway_root_key"})
@@ -88,8 +98,42 @@ class Settings(BaseSettings):
     failing_replica_backoff_seconds: float = Field(60.0, ge=0, le=86400, allow_inf_nan=False)
     failing_replica_cooldown_seconds: float = Field(600.0, ge=0, le=7 * 86400, allow_inf_nan=False)
     failing_replica_max_moves: int = Field(3, ge=1, le=100)
-    # Host directories a ModelDeployment's volumes may bind (each with everything below it).
+    # Host directories a ModelDeployment's volumes may bind (each with everything below it),
+    # read-only unless a root ends in ":rw".
     allowed_host_paths: Annotated[tuple[str, ...], NoDecode] = DEFAULT_ALLOWED_HOST_PATHS
+    # Reserved container env (read by Ascend Docker Runtime, or the dynamic loader's) that
+    # tenants may set anyway; the placement's ASCEND_VISIBLE_DEVICES never.
+    allowed_reserved_env: Annotated[tuple[str, ...], NoDecode] = ()
+    # Images ModelDeployments and ModelGateways may run (fnmatch patterns); empty: any.
+    allowed_images: Annotated[tuple[str, ...], NoDecode] = ()
+    # Networks namespaces other than their owner's may join: "net=ns1|ns2,public=*".
+    shared_networks: Annotated[tuple[str, ...], NoDecode] = ()
+
+    @field_validator("allowed_reserved_env", "allowed_images", "shared_networks", mode="before")
+    @classmethod
+    def _list(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return tuple(part.strip() for part in value.split(",") if part.strip())
+        return value
+
+    @field_validator("allowed_reserved_env", mode="after")
+    @classmethod
+    def _reserved_only(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for name in value:
+            if name in PLACEMENT_ENV:
+                raise ValueError(f"{name} is set from the placement and may never be allowed")
+            if reserved_env(name) is None:
+                raise ValueError(f"{name} is not reserved: tenants may set it already")
+        return value
+
+    @field_validator("shared_networks", mode="after")
+    @classmethod
+    def _grants(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for grant in value:
+            network, equals, namespaces = grant.partition("=")
+            if not equals or not network or not namespaces:
+                raise ValueError(f"{grant!r} is not network=namespace|namespace or network=*")
+        return value
 
     @field_validator("allowed_host_paths", mode="before")
     @classmethod
@@ -105,14 +149,15 @@ class Settings(BaseSettings):
     def _safe_roots(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         roots = []
         for raw in value:
-            if not raw.startswith("/"):
+            path = raw.removesuffix(WRITABLE_SUFFIX)
+            if not path.startswith("/"):
                 raise ValueError(f"{raw!r} is not an absolute path")
-            root = normalise_host_path(raw)
+            root = normalise_host_path(path)
             denied = denied_root(root)
             if root == "/" or denied is not None:
                 # Fail at startup rather than allow what the policy refuses anyway.
                 raise ValueError(f"{raw!r} may not be allowed: {denied or '/'} is always refused")
-            roots.append(root)
+            roots.append(root + (WRITABLE_SUFFIX if raw.endswith(WRITABLE_SUFFIX) else ""))
         return tuple(roots)
 
     @field_validator("gateway_root_key", mode="after")
@@ -124,6 +169,21 @@ class Settings(BaseSettings):
                 f"at least {MIN_ROOT_KEY_LENGTH} characters (e.g. `openssl rand -hex 32`)"
             )
         return value
+
+    def tenant_policy(self) -> TenantPolicy:
+        """What tenants may ask of a node, as the pure core takes it."""
+        return TenantPolicy(
+            host_roots=tuple(
+                HostRoot(r.removesuffix(WRITABLE_SUFFIX), r.endswith(WRITABLE_SUFFIX))
+                for r in self.allowed_host_paths
+            ),
+            allowed_env=frozenset(self.allowed_reserved_env),
+            images=self.allowed_images,
+            shared_networks={
+                network: frozenset(n for n in namespaces.split("|") if n)
+                for network, _, namespaces in (g.partition("=") for g in self.shared_networks)
+            },
+        )
 
     def relocation_rules(self) -> RelocationRules:
         """The failing-replica settings, as the pure core takes them."""

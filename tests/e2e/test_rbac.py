@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from .conftest import OPERATOR_NAMESPACE, SERVICE_ACCOUNT, Cluster
+from .conftest import SERVICE_ACCOUNT, Cluster
 
 pytestmark = pytest.mark.e2e
 
@@ -20,6 +20,7 @@ NEEDED = [
     ("get", "modeldeployments.npuswarm.io --subresource=status", "-A"),
     ("patch", "modeldeployments.npuswarm.io --subresource=status", "-A"),
     ("create", "events", "-n models"),
+    ("get", "secrets", "-n models"),  # a ModelGateway's API keys Secret, by its name
     ("get", "customresourcedefinitions.apiextensions.k8s.io", ""),
     ("list", "customresourcedefinitions.apiextensions.k8s.io", ""),
     ("watch", "customresourcedefinitions.apiextensions.k8s.io", ""),
@@ -28,8 +29,8 @@ DENIED = [
     ("update", "modeldeployments.npuswarm.io", "-A"),
     ("create", "modeldeployments.npuswarm.io", "-A"),
     ("delete", "modeldeployments.npuswarm.io", "-A"),
-    ("get", "secrets", f"-n {OPERATOR_NAMESPACE}"),
     ("list", "secrets", "-A"),
+    ("watch", "secrets", "-A"),
     ("list", "namespaces", ""),
     ("create", "pods", "-n default"),
     ("patch", "customresourcedefinitions.apiextensions.k8s.io", ""),

@@ -45,8 +45,12 @@ class Answer:
         return str(json.loads(self.headers["x-fake-vllm-npus"])["ASCEND_VISIBLE_DEVICES"])
 
 
-def call(url: str, body: Any = None, method: str | None = None) -> Answer:
+def call(
+    url: str, body: Any = None, method: str | None = None, key: str | None = None
+) -> Answer:
     headers = {"Content-Type": "application/json"}
+    if key is not None:
+        headers["Authorization"] = f"Bearer {key}"
     data = None if body is None else json.dumps(body).encode()
     request = urllib.request.Request(url, data=data, headers=headers, method=method)
     try:
@@ -82,8 +86,16 @@ class Gateway:
         status, text = admin_request(target, CREDENTIALS.client_context(), SIGNER, method, path, data)
         return Answer(status, {}, text)
 
-    def push(self, models: dict[str, list[str]], credential: bytes | None = None) -> Answer:
-        return self.admin("PUT", "/backends", {"models": models}, credential)
+    def push(
+        self,
+        models: dict[str, list[str]],
+        credential: bytes | None = None,
+        access: dict[str, Any] | None = None,
+    ) -> Answer:
+        state: dict[str, Any] = {"models": models}
+        if access is not None:
+            state["access"] = access
+        return self.admin("PUT", "/backends", state, credential)
 
     def backends(self) -> Any:
         return self.admin("GET", "/backends").json()
@@ -124,31 +136,46 @@ def fake_vllm(tmp_path: Path) -> Iterator[Any]:
 
 
 @pytest.fixture
-def gateway(tmp_path: Path) -> Iterator[Gateway]:
-    """`npuswarm-gateway` with its vllm-router child, health-checking backends every second."""
-    port, admin, router, metrics = (free_port() for _ in range(4))
+def make_gateway(tmp_path: Path) -> Iterator[Any]:
+    """make_gateway(*extra_args) -> a started `npuswarm-gateway` with its vllm-router child,
+    health-checking backends every second."""
     binary = Path(sys.executable).with_name("npuswarm-gateway")
     if not binary.exists():
         pytest.fail(f"{binary} is missing: pip install -e '.[test]'")
-    log = (tmp_path / "gateway.log").open("w")
     secrets = tmp_path / "secrets"
     write_secret_files(secrets, CREDENTIALS, IDENTITY, NOW)
-    proc = subprocess.Popen(
-        [str(binary), "--port", str(port), "--admin-port", str(admin), "--router-port",
-         str(router), "--metrics-port", str(metrics), "--health-interval", "1",
-         "--health-failures", "1", "--sync-seconds", "1", "--policy", "round_robin",
-         "--secrets-dir", str(secrets)],
-        env=dict(os.environ), stdout=log, stderr=log, text=True,
-    )
-    gateway = Gateway(proc, port, admin)
-    deadline = time.monotonic() + START_DEADLINE
-    while call(f"{gateway.url}/health").status != 200 if _listening(port) else True:
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise AssertionError((tmp_path / "gateway.log").read_text()[-3000:])
-        time.sleep(0.1)  # poll interval while vllm-router starts
-    yield gateway
-    stop_process(proc, grace=10)
-    log.close()
+    started: list[tuple[subprocess.Popen[str], Any]] = []
+
+    def start(*extra: str) -> Gateway:
+        port, admin, router, metrics = (free_port() for _ in range(4))
+        log_path = tmp_path / f"gateway-{len(started)}.log"
+        log = log_path.open("w")
+        proc = subprocess.Popen(
+            [str(binary), "--port", str(port), "--admin-port", str(admin), "--router-port",
+             str(router), "--metrics-port", str(metrics), "--health-interval", "1",
+             "--health-failures", "1", "--sync-seconds", "1", "--policy", "round_robin",
+             "--secrets-dir", str(secrets), *extra],
+            env=dict(os.environ), stdout=log, stderr=log, text=True,
+        )
+        started.append((proc, log))
+        made = Gateway(proc, port, admin)
+        deadline = time.monotonic() + START_DEADLINE
+        while call(f"{made.url}/health").status != 200 if _listening(port) else True:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(log_path.read_text()[-3000:])
+            time.sleep(0.1)  # poll interval while vllm-router starts
+        return made
+
+    yield start
+    for proc, log in started:
+        stop_process(proc, grace=10)
+        log.close()
+
+
+@pytest.fixture
+def gateway(make_gateway: Any) -> Gateway:
+    made: Gateway = make_gateway()
+    return made
 
 
 def _listening(port: int) -> bool:

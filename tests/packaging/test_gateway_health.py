@@ -24,24 +24,32 @@ GATEWAY = ModelGateway.model_validate(
         "spec": {"network": {"name": "vllm-net"}, "replicas": 1},
     }
 )
-SITUATIONS: dict[str, tuple[GatewayWork, str | None, str, str]] = {
-    # name: (work, problem, Argo CD verdict, kstatus verdict)
-    "ready": (GatewayWork(GATEWAY, {"m": ["http://10.0.1.1:8000"]}, [REPLICA]), None, "Healthy", "Current"),
-    "starting": (GatewayWork(GATEWAY, {"m": ["http://10.0.1.1:8000"]}, []), None, "Progressing", "InProgress"),
+SITUATIONS: dict[str, tuple[GatewayWork, str, str]] = {
+    # name: (work, Argo CD verdict, kstatus verdict)
+    "ready": (GatewayWork(GATEWAY, {"m": ["http://10.0.1.1:8000"]}, [REPLICA]), "Healthy", "Current"),
+    "starting": (GatewayWork(GATEWAY, {"m": ["http://10.0.1.1:8000"]}, []), "Progressing", "InProgress"),
     "push-failed": (
         GatewayWork(GATEWAY, {"m": ["http://10.0.1.1:8000"]}, [REPLICA], {REPLICA.admin_url: "401"}),
-        None,
         "Progressing",
         "InProgress",
     ),
-    "model-without-backend": (GatewayWork(GATEWAY, {"m": []}, [REPLICA]), None, "Degraded", "Failed"),
-    "no-token": (GatewayWork(GATEWAY, {"m": []}, []), "NPUSWARM_GATEWAY_ROOT_KEY is not set", "Degraded", "Failed"),
+    "model-without-backend": (GatewayWork(GATEWAY, {"m": []}, [REPLICA]), "Degraded", "Failed"),
+    "no-root-key": (
+        GatewayWork(GATEWAY, {"m": []}, [], problem=("NotConfigured", "NPUSWARM_GATEWAY_ROOT_KEY is not set")),
+        "Degraded",
+        "Failed",
+    ),
+    "image-refused": (
+        GatewayWork(GATEWAY, {"m": []}, [], problem=("PolicyViolation", "spec.image 'x' is not an allowed image")),
+        "Degraded",
+        "Failed",
+    ),
 }
 
 
 def gateway_object(name: str) -> dict[str, Any]:
-    work, problem, _, _ = SITUATIONS[name]
-    status = gateway_status(work, {"m": "ai/m"}, [], NOW, problem=problem)
+    work, _, _ = SITUATIONS[name]
+    status = gateway_status(work, {"m": "ai/m"}, [], NOW)
     return {
         "apiVersion": "npuswarm.io/v1alpha1",
         "kind": "ModelGateway",
@@ -54,7 +62,7 @@ def gateway_object(name: str) -> dict[str, Any]:
 @pytest.mark.parametrize("name", sorted(SITUATIONS))
 def test_argocd_and_kstatus_agree_on_gateways(name: str, tmp_path: Path) -> None:
     obj = gateway_object(name)
-    _, _, argocd, verdict = SITUATIONS[name]
+    _, argocd, verdict = SITUATIONS[name]
     assert run_health(obj)["status"] == argocd
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(obj))

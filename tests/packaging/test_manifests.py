@@ -184,6 +184,8 @@ def test_base_rbac_is_exactly_what_kopf_and_npuswarm_use(render: Any) -> None:
         ("npuswarm.io", "modelgateways/status", "patch", ()),
         # kopf.event() POSTs core/v1 Events
         ("", "events", "create", ()),
+        # a ModelGateway's API keys Secret, read by name (never listed)
+        ("", "secrets", "get", ()),
         ("apiextensions.k8s.io", "customresourcedefinitions", "get", ()),
         ("apiextensions.k8s.io", "customresourcedefinitions", "list", ()),
         ("apiextensions.k8s.io", "customresourcedefinitions", "watch", ()),
@@ -220,8 +222,9 @@ def test_one_apply_installs_it_no_object_of_a_kind_defined_in_the_same_apply(
 
 @pytest.mark.parametrize("root", INSTALLS)
 def test_no_access_to_secrets_and_no_update(render: Any, root: str) -> None:
+    """Secrets: `get` only (a ModelGateway's API keys Secret, read by name), never list/watch."""
     for group, resource, verb, _ in rules(render(root)):
-        assert resource != "secrets"
+        assert resource != "secrets" or verb == "get", verb
         # kopf only PATCHes; an `update` grant would be unused power.
         assert verb != "update", (group, resource)
         if verb in WRITE_VERBS:

@@ -21,7 +21,9 @@ def plan_for(
     known: frozenset[str] = frozenset(),
     nodes: list[dict[str, Any]] = NODES,
 ) -> tuple[DeploymentPlan, SwarmSnapshot]:
-    network = {"Id": "net-id", "Name": "vllm-net", "Scope": "swarm"}
+    # An overlay npuswarm made for the namespace (the tenants' rule: docs/security.md).
+    network = {"Id": "net-id", "Name": "vllm-net", "Scope": "swarm",
+               "Labels": {"npuswarm.io/managed-by": "npuswarm", "npuswarm.io/namespace": "default"}}
     snapshot = snapshot_from_engine(nodes, list(services), list(tasks), [network])
     whole = plan_pass([*others, md], snapshot, now=NOW, lost_node_grace_seconds=60, known_services={md.key: known})
     return whole.plans[md.key], snapshot

@@ -86,7 +86,9 @@ def test_selects_its_namespace_labels_and_network_only() -> None:
 
 def overlay_swarm(nodes: int) -> MemorySwarm:
     swarm = MemorySwarm(nodes=nodes)
-    swarm.networks[0]["Scope"] = "swarm"  # vllm-net is an overlay
+    swarm.networks[0]["Scope"] = "swarm"  # vllm-net is an overlay npuswarm made for "default"
+    swarm.networks[0]["Labels"] = {labels.MANAGED_BY: labels.MANAGED_BY_VALUE,
+                                   labels.NETWORK_NAMESPACE: "default"}
     return swarm
 
 
@@ -219,10 +221,12 @@ class Recorder:
     def __init__(self) -> None:
         self.log: list[tuple[str, Any]] = []
         self.targets: list[PushTarget] = []
+        self.states: list[dict[str, Any]] = []
 
-    def send(self, target: PushTarget, backends: dict[str, list[str]]) -> None:
+    def send(self, target: PushTarget, state: dict[str, Any]) -> None:
         self.targets.append(target)
-        self.log.append(("push", {m: len(u) for m, u in backends.items()}))
+        self.states.append(state)
+        self.log.append(("push", {m: len(u) for m, u in state["models"].items()}))
 
 
 def test_a_replica_leaves_every_gateway_before_its_task_is_stopped() -> None:
@@ -316,3 +320,18 @@ def test_a_network_a_gateway_still_uses_is_not_removed() -> None:
     r.finalize_gateway("default", "gw")
     r.run_pass(Desired(deployments=[]))
     assert swarm.calls["remove_network"] == 1
+
+
+def test_a_gateway_image_the_admin_does_not_allow_is_not_run() -> None:
+    swarm = overlay_swarm(nodes=1)
+    policy = Settings(allowed_images="registry.local/*").tenant_policy()
+    r = Reconciler(swarm, Settings(), clock=lambda: NOW,
+                   gateways=Gateways("default", CREDENTIALS, Recorder().send, policy=policy))
+    result = r.run_pass(Desired(deployments=[model("a")], gateways=[gateway(image="docker.io/evil/gw:1")]))
+    assert swarm.observe().gateway_services == []
+    status = result.gateways["default/gw"]
+    reasons = {c.type: (c.reason, c.message) for c in status.conditions}
+    assert reasons["Degraded"][0] == "PolicyViolation" and "not an allowed image" in reasons["Degraded"][1]
+    allowed = gateway(image="registry.local/npuswarm-gateway:1")
+    r.run_pass(Desired(deployments=[model("a")], gateways=[allowed]))
+    assert [s.name for s in swarm.observe().gateway_services] == ["default-gw-gateway"]

@@ -169,6 +169,14 @@ def test_secret_files_are_readable_by_their_owner_only(tmp_path: Path) -> None:
 # --- the secrets of a pass --------------------------------------------------------------------
 
 
+def team_swarm() -> MemorySwarm:
+    """vllm-net as npuswarm made it for team-a, the gateways' namespace here."""
+    swarm = MemorySwarm()
+    swarm.networks[0].update(Scope="swarm", Labels={labels.MANAGED_BY: labels.MANAGED_BY_VALUE,
+                                                    labels.NETWORK_NAMESPACE: "team-a"})
+    return swarm
+
+
 def observed(swarm: MemorySwarm) -> list[Any]:
     return secrets_from_engine(swarm.secrets_labelled(labels.OWNED_FILTER), "default")
 
@@ -177,7 +185,7 @@ def test_secrets_are_made_once_then_reused_and_renewed_before_they_expire() -> N
     credentials = Credentials(ROOT, "default")
     first = plan_secrets([gateway()], [], credentials, "default", NOW)
     assert [s.labels[labels.SECRET_KIND] for s in first.create] == ["gateway-credential", "gateway-tls"]
-    swarm = MemorySwarm()
+    swarm = team_swarm()
     for new in first.create:
         swarm.create_secret(new.name, new.data, new.labels)
     again = plan_secrets([gateway()], observed(swarm), credentials, "default", NOW)
@@ -191,7 +199,7 @@ def test_secrets_are_made_once_then_reused_and_renewed_before_they_expire() -> N
 
 def test_the_rotation_annotation_makes_a_new_credential_and_retires_the_old() -> None:
     credentials = Credentials(ROOT, "default")
-    swarm = MemorySwarm()
+    swarm = team_swarm()
     for new in plan_secrets([gateway()], [], credentials, "default", NOW).create:
         swarm.create_secret(new.name, new.data, new.labels)
     rotated = gateway(**{ROTATE_ANNOTATION: "2026-12-05"})
@@ -203,7 +211,7 @@ def test_the_rotation_annotation_makes_a_new_credential_and_retires_the_old() ->
 
 
 def test_a_pass_mounts_the_secrets_and_removes_them_once_unused() -> None:
-    swarm = MemorySwarm()
+    swarm = team_swarm()
     credentials = Credentials(ROOT, "default")
     from npuswarm.gateway.push import Gateways
 
@@ -229,7 +237,7 @@ def test_a_pass_mounts_the_secrets_and_removes_them_once_unused() -> None:
 
 
 def test_secrets_of_another_installation_or_gateway_are_never_touched() -> None:
-    swarm = MemorySwarm()
+    swarm = team_swarm()
     other_labels = {labels.MANAGED_BY: labels.MANAGED_BY_VALUE, labels.INSTANCE: "other",
                     labels.GATEWAY_NAMESPACE: "team-a", labels.GATEWAY_NAME: "gw",
                     labels.SECRET_KIND: "gateway-credential"}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -74,12 +76,12 @@ def test_an_empty_allow_list_refuses_every_host_path() -> None:
 
 def test_violations_name_each_offending_volume() -> None:
     md = deployment(volumes=volumes("/models", "/var/run/docker.sock", "/srv/x"))
-    found = violations(md, DEFAULTS.allowed_host_paths)
+    found = violations(md, DEFAULTS.tenant_policy())
     assert len(found) == 2
     assert found[0].startswith("spec.volumes[1]: hostPath /var/run/docker.sock is never allowed")
     assert found[1].startswith("spec.volumes[2]: hostPath /srv/x is outside")
-    assert violations(deployment(volumes=volumes("/models/a", "/data")), DEFAULTS.allowed_host_paths) == []
-    assert violations(deployment(), DEFAULTS.allowed_host_paths) == []
+    assert violations(deployment(volumes=volumes("/models/a", "/data")), DEFAULTS.tenant_policy()) == []
+    assert violations(deployment(), DEFAULTS.tenant_policy()) == []
 
 
 segments = st.sampled_from(["..", ".", "", "etc", "models", "data", "run", "var", "docker.sock", "x"])
@@ -129,24 +131,62 @@ def test_plan_refuses_what_the_operator_would(tmp_path: pytest.TempPathFactory,
                           "/var/run/docker.sock is never allowed")
 
 
-NETWORKS = {"vllm-net": "swarm", "host": "local", "bridge": "local", "ingress": "ingress"}
+def network_snapshot(*extra: dict[str, Any]) -> Any:
+    from npuswarm.core.snapshot import snapshot_from_engine
+
+    own = {"npuswarm.io/managed-by": "npuswarm"}
+    networks = [
+        {"Id": "n1", "Name": "team-a-net", "Scope": "swarm", "Labels": own | {"npuswarm.io/namespace": "team-a"}},
+        {"Id": "n2", "Name": "legacy-net", "Scope": "swarm", "Labels": own},
+        {"Id": "n3", "Name": "stack-net", "Scope": "swarm", "Labels": {"com.docker.stack.namespace": "s"}},
+        {"Id": "n4", "Name": "host", "Scope": "local"},
+        {"Id": "n5", "Name": "my-bridge", "Scope": "local"},
+        {"Id": "n6", "Name": "my-ingress", "Scope": "swarm", "Ingress": True},
+        *extra,
+    ]
+    service = {"ID": "s1", "Version": {"Index": 1}, "Spec": {
+        "Name": "team-a-old-0", "Labels": own | {"npuswarm.io/owner-namespace": "team-a",
+                                               "npuswarm.io/owner-name": "old"},
+        "TaskTemplate": {"ContainerSpec": {}, "Networks": [{"Target": "n2"}]}}}
+    return snapshot_from_engine([], [service], [], networks)
+
+
+def test_a_namespace_joins_only_its_own_networks_unless_the_admin_shares_one() -> None:
+    from npuswarm.core.hostpolicy import network_violation
+
+    snapshot, policy = network_snapshot(), DEFAULTS.tenant_policy()
+    assert network_violation("team-a", "team-a-net", snapshot, policy) is None
+    taken = network_violation("team-b", "team-a-net", snapshot, policy)
+    assert taken is not None and "belongs to namespace team-a" in taken
+    assert "NPUSWARM_SHARED_NETWORKS=team-a-net=team-b" in taken
+    # Made before networks had a namespace: the namespaces already on it keep it.
+    assert network_violation("team-a", "legacy-net", snapshot, policy) is None
+    assert "belongs to namespace team-a" in (network_violation("team-b", "legacy-net", snapshot, policy) or "")
+    # Not npuswarm's: only where the admin shares it.
+    assert "npuswarm did not create it" in (network_violation("team-a", "stack-net", snapshot, policy) or "")
+    shared = Settings(shared_networks="stack-net=team-a|team-b,team-a-net=*").tenant_policy()
+    assert network_violation("team-b", "stack-net", snapshot, shared) is None
+    assert network_violation("team-c", "stack-net", snapshot, shared) is not None
+    assert network_violation("team-z", "team-a-net", snapshot, shared) is None
 
 
 def test_network_must_be_swarm_scoped_or_missing_for_npuswarm_to_create() -> None:
-    from npuswarm.core.hostpolicy import network_violations
+    from npuswarm.core.hostpolicy import network_violation
 
-    assert network_violations(deployment(), NETWORKS) == []
-    assert network_violations(deployment(network={"name": "vllm-net"}), NETWORKS) == []
+    snapshot, policy = network_snapshot(), DEFAULTS.tenant_policy()
     # Docker would read an unknown name as an id prefix ("efd" can be the host network), but
     # the pass creates an overlay network of exactly that name before any service uses it.
-    assert network_violations(deployment(network={"name": "efd"}), NETWORKS) == []
+    assert network_violation("team-a", "efd", snapshot, policy) is None
+    # ... for the namespace that asked first in this pass; another one waits its turn.
+    claimed = network_violation("team-b", "efd", snapshot, policy, {"efd": "team-a"})
+    assert claimed is not None and "being created for namespace team-a" in claimed
     # A name that is a whole network id would select that network, created or not.
     host_id = "efd0123456789abcdefghijkl"
-    (by_id,) = network_violations(deployment(network={"name": host_id}), NETWORKS, {host_id})
-    assert "is the id of an existing network" in by_id
-    for name, kind in (("my-bridge", "local"), ("my-ingress", "ingress")):
-        (local,) = network_violations(deployment(network={"name": name}), {name: kind})
-        assert f"is a {kind} network" in local
+    by_id = network_violation("team-a", host_id, network_snapshot({"Id": host_id, "Name": "x"}), policy)
+    assert by_id is not None and "is the id of an existing network" in by_id
+    for name, kind in (("my-bridge", "local"), ("my-ingress", "ingress"), ("host", "local")):
+        local = network_violation("team-a", name, snapshot, policy)
+        assert local is not None and f"is a {kind} network" in local
 
 
 def test_snapshot_records_network_scopes() -> None:
@@ -158,3 +198,51 @@ def test_snapshot_records_network_scopes() -> None:
         {"Id": "c", "Name": "ingress", "Scope": "swarm", "Ingress": True},
     ])
     assert snapshot.networks == {"vllm-net": "swarm", "host": "local", "ingress": "ingress"}
+
+
+# --- what tenants may ask beyond host paths (issue 24, items 3-5) -----------------------------
+
+
+def test_host_paths_are_read_only_unless_the_root_allows_writes() -> None:
+    from npuswarm.core.hostpolicy import TenantPolicy  # noqa: F401
+
+    policy = Settings(allowed_host_paths=("/models", "/data:rw")).tenant_policy()
+    writable = [{"hostPath": "/models/x", "mountPath": "/m", "readOnly": False},
+                {"hostPath": "/data/cache", "mountPath": "/c", "readOnly": False}]
+    (refused,) = violations(deployment(volumes=writable), policy)
+    assert refused.startswith("spec.volumes[0]: hostPath /models/x may only be mounted read-only")
+    assert "/models:rw" in refused
+    assert violations(deployment(volumes=volumes("/models/x")), policy) == []  # read-only default
+    assert deployment(volumes=volumes("/models/x")).spec.volumes[0].readOnly is True
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["ASCEND_RUNTIME_MOUNTS", "ASCEND_RUNTIME_OPTIONS", "ASCEND_ALLOW_LINK", "ASCEND_VNPU_SPECS",
+     "MOUNT_BY_RUNTIME_FOR_DP", "host_snapshot_path", "DISABLE_UB_MOUNT", "LD_PRELOAD",
+     "LD_LIBRARY_PATH", "LD_AUDIT", "GLIBC_TUNABLES", "GCONV_PATH"],
+)
+def test_env_the_runtime_or_the_loader_reads_is_refused_unless_allowed(name: str) -> None:
+    md = deployment(engine={"env": {name: "x", "VLLM_USE_V1": "1"}})
+    (refused,) = violations(md, DEFAULTS.tenant_policy())
+    assert refused.startswith(f"spec.engine.env: {name} is reserved")
+    allowed = Settings(allowed_reserved_env=name).tenant_policy()
+    assert violations(md, allowed) == []
+
+
+def test_the_placements_env_can_never_be_allowed() -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="set from the placement"):
+        Settings(allowed_reserved_env="ASCEND_VISIBLE_DEVICES")
+    with pytest.raises(ValidationError, match="not reserved"):
+        Settings(allowed_reserved_env="HF_HOME")
+
+
+def test_images_outside_the_admins_patterns_are_refused() -> None:
+    policy = Settings(allowed_images="quay.io/ascend/vllm-ascend:*, registry.local/ai/*").tenant_policy()
+    assert violations(deployment(image="quay.io/ascend/vllm-ascend:v0.9.2rc1"), policy) == []
+    assert violations(deployment(image="registry.local/ai/team-a/vllm:1"), policy) == []
+    (refused,) = violations(deployment(image="docker.io/evil/vllm:latest"), policy)
+    assert "is not an allowed image" in refused and "NPUSWARM_ALLOWED_IMAGES" in refused
+    assert violations(deployment(image="anything:1"), DEFAULTS.tenant_policy()) == []  # empty: any

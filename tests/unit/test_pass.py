@@ -208,7 +208,8 @@ def test_a_missing_network_is_created_first_and_removed_when_nothing_uses_it() -
     on_shared = deployment("other", network={"name": "shared"}, created="2026-01-02T00:00:00Z")
     run(r, [md, on_shared])
     created = {n["Name"]: n for n in swarm.networks}
-    assert created["models-net"]["Labels"] == {"npuswarm.io/managed-by": "npuswarm"}
+    assert created["models-net"]["Labels"] == {
+        "npuswarm.io/managed-by": "npuswarm", "npuswarm.io/namespace": "default"}
     assert swarm.calls["create_network"] == 1  # "shared" exists: never created, never owned
     service = swarm.by_name()["default-netted-0"]["Spec"]["TaskTemplate"]["Networks"]
     assert service[0]["Target"] == "models-net"

@@ -448,7 +448,7 @@ def test_seed_imports_to_the_hand_written_examples() -> None:
     for imported in seed_import().services:
         expected = yaml.safe_load((examples / f"{imported.name}.yaml").read_text())
         for volume in expected["spec"]["volumes"]:
-            volume.pop("readOnly", None)
+            volume["readOnly"] = False  # the stack file mounts them writable
             if volume["hostPath"] == "/data/vllm-cache":
                 volume["hostPath"] = "/root/.cache"
         notes = [n.text for n in imported.notes if n.kind == "check"]

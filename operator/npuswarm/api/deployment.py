@@ -214,7 +214,13 @@ class Volume(_Model):
         pattern=MOUNT_PATH_PATTERN,
         description="Absolute path in the container (not /), without '.' or '..' segments.",
     )
-    readOnly: bool = False
+    readOnly: bool = Field(
+        True,
+        description=(
+            "Mounted read-only unless false; writable mounts only under a root the operator "
+            "allows writes for (NPUSWARM_ALLOWED_HOST_PATHS=...,/data:rw)."
+        ),
+    )
 
 
 class Network(_Model):

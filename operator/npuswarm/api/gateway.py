@@ -72,6 +72,73 @@ class GatewayNetwork(_Model):
     )
 
 
+RateValue = Annotated[int, Field(ge=0, le=10**9)]
+SecretName = Annotated[str, Field(max_length=253, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")]
+KeyName = Annotated[str, Field(max_length=253, pattern=r"^[-._a-zA-Z0-9]+$")]
+
+
+class RateLimit(_Model):
+    """Per key (or for anonymous clients together); 0: no limit."""
+
+    requestsPerMinute: RateValue = Field(0, description="Requests a minute; 0: no limit.")
+    tokensPerMinute: RateValue = Field(
+        0,
+        description=(
+            "Prompt and generated tokens a minute, as the engine reports them in `usage` "
+            "(counted when a response ends; streams count when they ask for usage); 0: no limit."
+        ),
+    )
+
+
+class KeyAccess(RateLimit):
+    models: list[Annotated[str, Field(max_length=MAX_STRING)]] | None = Field(
+        None, max_length=256, description="The served model names this key may use; unset: all."
+    )
+
+
+class ClientAccess(_Model):
+    """Who may call the gateway's public port (docs/security.md, "Client access")."""
+
+    apiKeysSecret: SecretName | None = Field(
+        None,
+        description=(
+            "A Secret in the gateway's namespace whose every entry is one API key (entry name: "
+            "the key's name, value: the key). Clients send `Authorization: Bearer <key>`. Unset: "
+            "no key is asked. Rotation: add the new key, move clients, remove the old one; "
+            "no restart. Keys never appear in status, events, logs or the Swarm spec."
+        ),
+    )
+    allowAnonymous: bool = Field(
+        False, description="With apiKeysSecret: also serve requests without a key."
+    )
+    anonymous: RateLimit = Field(
+        default_factory=RateLimit, description="Limits of requests without a key, together."
+    )
+    perKey: RateLimit = Field(
+        default_factory=RateLimit, description="Limits of each key without its own entry."
+    )
+    keys: dict[KeyName, KeyAccess] = Field(
+        default_factory=dict, max_length=1024, description="Per key name: models and limits."
+    )
+
+
+class RequestLimits(_Model):
+    """What one client can make the gateway hold, so slow or huge requests cannot take it down."""
+
+    maxBodyBytes: Annotated[int, Field(ge=1024, le=2**30)] = Field(
+        16 * 2**20, description="Largest request body; larger: 413."
+    )
+    bodyTimeoutSeconds: Annotated[int, Field(ge=1, le=3600)] = Field(
+        30, description="Time to receive a request body; slower: 408."
+    )
+    maxInFlight: Annotated[int, Field(ge=1, le=100000)] = Field(
+        1024, description="Requests in flight per gateway replica; more: 503 with Retry-After."
+    )
+    memoryBytes: Annotated[int, Field(ge=64 * 2**20, le=2**40)] = Field(
+        2 * 2**30, description="The memory limit of each gateway replica's container."
+    )
+
+
 class ModelGatewaySpec(_Model):
     image: str = Field(
         DEFAULT_IMAGE,
@@ -100,6 +167,8 @@ class ModelGatewaySpec(_Model):
     nodeSelector: dict[str, LabelValue] = Field(
         default_factory=dict, max_length=32, description="Node labels gateway replicas need."
     )
+    clientAccess: ClientAccess = Field(default_factory=ClientAccess)
+    requestLimits: RequestLimits = Field(default_factory=RequestLimits)
 
     model_config = ConfigDict(
         json_schema_extra={
@@ -125,6 +194,13 @@ class GatewayModelStatus(_Model):
     backends: list[str] = Field(default_factory=list, description="Ready replicas' URLs.")
 
 
+class ClientAccessStatus(_Model):
+    keys: int = Field(0, description="API keys in effect (never the keys themselves).")
+    secretVersion: str | None = Field(
+        None, description="The resourceVersion of the keys Secret the replicas hold."
+    )
+
+
 class ModelGatewayStatus(_Model):
     observedGeneration: int | None = None
     phase: Literal["Pending", "Ready", "Degraded"] = "Pending"
@@ -132,6 +208,7 @@ class ModelGatewayStatus(_Model):
     replicas: int = 0
     readyReplicas: int = 0
     models: list[GatewayModelStatus] = Field(default_factory=list)
+    clientAccess: ClientAccessStatus | None = None
     conditions: list[Condition] = Field(default_factory=list)
 
 

@@ -17,6 +17,8 @@ MODEL = f"{PREFIX}/model"
 # A ModelGateway's services carry these instead of the owner labels: they are not replicas.
 GATEWAY_NAMESPACE = f"{PREFIX}/gateway-namespace"
 GATEWAY_NAME = f"{PREFIX}/gateway-name"
+# The namespace a network npuswarm created belongs to (docs/security.md, "Networks").
+NETWORK_NAMESPACE = f"{PREFIX}/namespace"
 # A gateway's Swarm secrets (gateway/credentials.py): which kind, for which credential, and
 # until when a TLS certificate is valid (Unix seconds).
 SECRET_KIND = f"{PREFIX}/secret-kind"

@@ -85,8 +85,9 @@ class PassPlan:
     orphans: list[Action] = field(default_factory=list)
     # Deployments the operator's policy refuses once Swarm is seen: key -> why.
     refused: dict[str, str] = field(default_factory=dict)
-    # Overlay networks a deployment names that do not exist yet: created before any service.
-    networks_to_create: list[str] = field(default_factory=list)
+    # Overlay networks a deployment names that do not exist yet, and the namespace each is
+    # created for (its oldest deployment's): created before any service.
+    networks_to_create: dict[str, str] = field(default_factory=dict)
     # npuswarm's own networks nothing of npuswarm's uses any more: (name, id), removed last.
     networks_to_remove: list[tuple[str, str]] = field(default_factory=list)
     # Owners whose services look orphaned but whose absence no complete read confirmed (the
@@ -255,7 +256,10 @@ def orphans_and_networks(
         for owner in sorted(orphan_owners - plans.keys())
         for service in snapshot.services_of(owner)
     ]
-    wanted = {md.spec.network.name for md in admitted if md.spec.network is not None}
+    wanted: dict[str, str] = {}
+    for md in admitted:  # in priority order: the oldest deployment's namespace gets it
+        if md.spec.network is not None:
+            wanted.setdefault(md.spec.network.name, md.metadata.namespace)
     removed = {
         a.service_name for plan in plans.values() for a in plan.actions if a.kind == "remove"
     }
@@ -267,7 +271,11 @@ def orphans_and_networks(
         if service.name not in removed
         for network in (service.spec.get("TaskTemplate") or {}).get("Networks") or []
     }
-    whole.networks_to_create = sorted(wanted - snapshot.networks.keys())
+    whole.networks_to_create = {
+        name: namespace
+        for name, namespace in sorted(wanted.items())
+        if name not in snapshot.networks
+    }
     whole.networks_to_remove = sorted(
         (name, network_id)
         for name, network_id in snapshot.own_networks.items()

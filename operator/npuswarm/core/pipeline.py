@@ -82,6 +82,7 @@ def plan_pass(
     orphan_owners: frozenset[str] = frozenset(),
     renderer: Renderer | None = None,
     limits: NodeLimits | None = None,
+    policy: hostpolicy.TenantPolicy | None = None,
 ) -> PassPlan:
     """Steps 1 to 7: one placement of every deployment, then each one's writes; writes nothing.
 
@@ -96,11 +97,9 @@ def plan_pass(
 
     # 1. Refuse what the host policy forbids once Swarm's networks are known: a refused
     #    deployment asks for nothing and changes nothing.
-    refused = {
-        md.key: "; ".join(found)
-        for md in deployments
-        if (found := hostpolicy.network_violations(md, snapshot.networks, snapshot.network_ids))
-    }
+    refused = refuse_networks(
+        by_priority(deployments), snapshot, policy or hostpolicy.TenantPolicy()
+    )
     admitted = by_priority([md for md in deployments if md.key not in refused])
 
     # 2. Place every replica of every deployment at once, oldest deployment first.
@@ -148,6 +147,25 @@ def plan_pass(
     # 7. Orphans and networks, for the pass as a whole.
     orphans_and_networks(whole, admitted, orphan_owners)
     return whole
+
+
+def refuse_networks(
+    ranked: list[ModelDeployment], snapshot: SwarmSnapshot, policy: hostpolicy.TenantPolicy
+) -> dict[str, str]:
+    """Deployments (oldest first) that may not join their network -> why; a network that does
+    not exist yet is created for the namespace of the oldest one that names it."""
+    claimed: dict[str, str] = {}
+    refused: dict[str, str] = {}
+    for md in ranked:
+        if md.spec.network is None:
+            continue
+        name, namespace = md.spec.network.name, md.metadata.namespace
+        why = hostpolicy.network_violation(namespace, name, snapshot, policy, claimed)
+        if why is not None:
+            refused[md.key] = why
+        elif name not in snapshot.networks:
+            claimed.setdefault(name, namespace)
+    return refused
 
 
 @dataclass

@@ -145,6 +145,11 @@ class SwarmSnapshot:
     own_networks: dict[str, str] = field(default_factory=dict)
     # ModelGateways' services (npuswarm's, but not replicas of a deployment; gateway/service.py).
     gateway_services: list[ObservedService] = field(default_factory=list)
+    # The namespace each of npuswarm's networks was created for (label NETWORK_NAMESPACE).
+    network_namespace: dict[str, str] = field(default_factory=dict)
+    # The namespaces whose replicas or gateways are on each network now (for networks made
+    # before they carried a namespace: those namespaces keep them).
+    network_users: dict[str, frozenset[str]] = field(default_factory=dict)
     _by_deployment: dict[str, list[ObservedService]] = field(default_factory=dict, repr=False)
     _nodes_by_id: dict[str, NodeInfo] = field(default_factory=dict, repr=False)
 
@@ -219,7 +224,22 @@ def snapshot_from_engine(
         for raw in others
         for claim in foreign_claims(raw, foreign_tasks.get(raw.get("ID", ""), []), hostnames)
     ]
+    users: dict[str, set[str]] = {}
+    for service in [*by_id.values(), *gateways]:
+        namespace = service.labels.get(labels.OWNER_NAMESPACE) or service.labels.get(
+            labels.GATEWAY_NAMESPACE
+        )
+        for attached in (service.spec.get("TaskTemplate") or {}).get("Networks") or []:
+            if namespace:
+                users.setdefault(str(attached.get("Target")), set()).add(namespace)
     return SwarmSnapshot(
+        network_namespace={
+            n["Name"]: (n.get("Labels") or {})[labels.NETWORK_NAMESPACE]
+            for n in networks
+            if is_own(n.get("Labels") or {}, instance)
+            and labels.NETWORK_NAMESPACE in (n.get("Labels") or {})
+        },
+        network_users={name: frozenset(found) for name, found in users.items()},
         nodes=node_infos,
         services=sorted(by_id.values(), key=lambda s: s.name),
         foreign=sorted(foreign, key=lambda c: (c.node_id, c.service)),

@@ -19,11 +19,17 @@ import structlog
 from pydantic import ValidationError
 
 from npuswarm.api.deployment import ModelDeployment
-from npuswarm.api.gateway import GatewayModelStatus, ModelGateway, ModelGatewayStatus
+from npuswarm.api.gateway import (
+    ClientAccessStatus,
+    GatewayModelStatus,
+    ModelGateway,
+    ModelGatewayStatus,
+)
 from npuswarm.api.meta import walk_index
 from npuswarm.core.diff import Action
 from npuswarm.core.snapshot import ObservedService, SwarmSnapshot
 from npuswarm.core.status import AS_EXPECTED, ConditionSet, ConditionValue
+from npuswarm.gateway.access import KeySet
 
 log = structlog.get_logger("npuswarm.gateway")
 # Backends per model, as pushed: {model: [url, ...]}.
@@ -136,6 +142,17 @@ class GatewayWork:
     replicas: list[GatewayReplica]
     # admin URL -> the error of a refused or failed push (filled by gateway/push.py).
     push_errors: dict[str, str] = field(default_factory=dict)
+    # Why the operator does not run this gateway, if so: (condition reason, message).
+    problem: tuple[str, str] | None = None
+    # Client access as pushed (gateway/access.py), and the keys it came from: None when the
+    # gateway asks for keys whose Secret could not be read.
+    access: dict[str, Any] = field(default_factory=dict)
+    keys: KeySet | None = None
+
+    @property
+    def state(self) -> dict[str, Any]:
+        """What a push carries: the full state of one gateway."""
+        return {"models": self.backends, "access": self.access}
 
 
 def gateway_status(
@@ -143,7 +160,6 @@ def gateway_status(
     deployments: Mapping[str, str],  # served model name -> deployment key
     previous_conditions: Sequence[dict[str, Any]],
     now: datetime,
-    problem: str | None = None,
 ) -> ModelGatewayStatus:
     """Ready: every replica runs and holds the pushed backends. A served model with no
     ready backend makes the gateway Degraded (it answers 503 for that model). The phase and
@@ -152,7 +168,8 @@ def gateway_status(
     gateway = work.gateway
     desired = gateway.spec.replicas
     configured = [r for r in work.replicas if r.admin_url not in work.push_errors]
-    verdict = _conditions(work, len(configured), problem)
+    verdict = _conditions(work, len(configured))
+    secret = gateway.spec.clientAccess.apiKeysSecret
     return ModelGatewayStatus.model_construct(
         observedGeneration=gateway.metadata.generation,
         phase=verdict.standing(),
@@ -165,17 +182,24 @@ def gateway_status(
             )
             for model, urls in sorted(work.backends.items())
         ],
+        clientAccess=None
+        if secret is None
+        else ClientAccessStatus.model_construct(
+            keys=len(work.keys.digests) if work.keys else 0,
+            secretVersion=work.keys.version if work.keys else None,
+        ),
         conditions=verdict.conditions(previous_conditions, gateway.metadata.generation, now),
     )
 
 
-def _conditions(work: GatewayWork, configured: int, problem: str | None) -> ConditionSet:
+def _conditions(work: GatewayWork, configured: int) -> ConditionSet:
     desired = work.gateway.spec.replicas
     idle = sorted(model for model, urls in work.backends.items() if not urls)
     degraded = AS_EXPECTED
+    problem = work.problem
     if problem is not None:
-        ready = ConditionValue("False", "NotConfigured", problem)
-        degraded = ConditionValue("True", "NotConfigured", problem)
+        ready = ConditionValue("False", *problem)
+        degraded = ConditionValue("True", *problem)
     elif work.push_errors:
         message = "; ".join(f"{url}: {err}" for url, err in sorted(work.push_errors.items()))
         ready = ConditionValue("False", "PushFailed", message)
@@ -188,6 +212,13 @@ def _conditions(work: GatewayWork, configured: int, problem: str | None) -> Cond
     if idle and problem is None:
         degraded = ConditionValue(
             "True", "ModelWithoutBackend", "no ready replica of " + ", ".join(idle)
+        )
+    secret = work.gateway.spec.clientAccess.apiKeysSecret
+    if secret is not None and work.keys is None and problem is None:
+        degraded = ConditionValue(
+            "True",
+            "ApiKeysUnavailable",
+            f"the API keys Secret {secret} does not exist or cannot be read: no key is accepted",
         )
     progressing = (
         ConditionValue("True", "ReplicasStarting", ready.message)

@@ -31,7 +31,7 @@ import signal
 import ssl
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
@@ -39,7 +39,7 @@ from urllib.parse import quote
 import aiohttp
 from aiohttp import web
 
-from npuswarm.gateway import protocol
+from npuswarm.gateway import admission, protocol
 
 # The only routes the public port forwards, all POST with a JSON body naming the model: the
 # OpenAI-style routes vllm-router 0.1.17 routes by model (read off its binary: docs/gateway.md).
@@ -79,10 +79,16 @@ MAX_BODY = 64 * 1024 * 1024
 
 
 def openai_error(
-    status: int, message: str, type_: str, code: str, param: str | None
+    status: int,
+    message: str,
+    type_: str,
+    code: str,
+    param: str | None,
+    retry_after: int | None = None,
 ) -> web.Response:
     body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
-    return web.json_response(body, status=status)
+    headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
+    return web.json_response(body, status=status, headers=headers)
 
 
 def models_body(models: Mapping[str, tuple[str, ...]], created: int) -> dict[str, Any]:
@@ -181,11 +187,36 @@ def now_ms() -> int:
 # --- the process ----------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class RequestLimits:
+    """What one client can make a replica hold (ModelGateway spec.requestLimits)."""
+
+    max_body_bytes: int = MAX_BODY
+    body_timeout_seconds: float = 30.0
+    max_in_flight: int = 1024
+
+
+# The end of a response kept to read its `usage` from (a stream's last chunks hold it).
+USAGE_TAIL_BYTES = 8192
+
+
 class Front:
-    def __init__(self, router_url: str, credential: bytes | None, sync_seconds: float) -> None:
+    def __init__(
+        self,
+        router_url: str,
+        credential: bytes | None,
+        sync_seconds: float,
+        limits: RequestLimits = RequestLimits(),
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.router_url = router_url
         self.verifier = protocol.Verifier(credential)
         self.sync_seconds = sync_seconds
+        self.limits = limits
+        # Who may call, and how fast: pushed with the backends (gateway/admission.py).
+        self.access = admission.OPEN
+        self.limiter = admission.Limiter(clock)
+        self.in_flight = 0
         # What requests are answered by: None until npuswarm's first push is in vllm-router
         # (the gateway cannot tell unknown from not ready before).
         self.models: dict[str, tuple[str, ...]] | None = None
@@ -209,12 +240,27 @@ class Front:
             await self.session.close()
 
     # public port ------------------------------------------------------------------------
+    def _client(self, request: web.Request) -> admission.Client | web.Response:
+        found = self.access.client(request.headers.get("Authorization"))
+        if isinstance(found, str):
+            return openai_error(401, found, "invalid_request_error", "invalid_api_key", None)
+        return found
+
+    def _visible(self, client: admission.Client) -> dict[str, tuple[str, ...]]:
+        models = self.models or {}
+        if client.models is None:
+            return models
+        return {name: urls for name, urls in models.items() if name in client.models}
+
     async def list_models(self, request: web.Request) -> web.Response:
         if self.models is None:
             refused = refusal(None, None)
             assert refused is not None
             return refused
-        return web.json_response(models_body(self.models, self.created))
+        client = self._client(request)
+        if isinstance(client, web.Response):
+            return client
+        return web.json_response(models_body(self._visible(client), self.created))
 
     async def health(self, request: web.Request) -> web.Response:
         assert self.session is not None
@@ -233,7 +279,10 @@ class Front:
             refused = refusal(None, None)
             assert refused is not None
             return refused
-        listed = models_body(self.models, self.created)["data"]
+        client = self._client(request)
+        if isinstance(client, web.Response):
+            return client
+        listed = models_body(self._visible(client), self.created)["data"]
         found = next((m for m in listed if m["id"] == request.match_info["model"]), None)
         if found is None:
             return unknown_model(request.match_info["model"])
@@ -249,18 +298,71 @@ class Front:
         )
 
     async def forward(self, request: web.Request) -> web.StreamResponse:
-        body = await request.read()
+        """Key, then load, then rate, then the body (bounded in size and time), then the
+        model: a refused request costs the gateway as little as possible."""
+        client = self._client(request)
+        if isinstance(client, web.Response):
+            return client
+        if self.in_flight >= self.limits.max_in_flight:
+            return openai_error(
+                503,
+                "the gateway has too many requests in flight",
+                "service_unavailable",
+                "gateway_overloaded",
+                None,
+                retry_after=1,
+            )
+        wait = self.limiter.admit(client)
+        if wait is not None:
+            return openai_error(
+                429,
+                f"rate limit reached for {client.name}",
+                "requests",
+                "rate_limit_exceeded",
+                None,
+                retry_after=wait,
+            )
+        self.in_flight += 1
+        try:
+            return await self._forward(request, client)
+        finally:
+            self.in_flight -= 1
+
+    async def _forward(self, request: web.Request, client: admission.Client) -> web.StreamResponse:
+        try:
+            body = await asyncio.wait_for(request.read(), self.limits.body_timeout_seconds)
+        except web.HTTPRequestEntityTooLarge:
+            return openai_error(
+                413,
+                f"the request body is larger than {self.limits.max_body_bytes} bytes",
+                "invalid_request_error",
+                "request_too_large",
+                None,
+            )
+        except TimeoutError:
+            return openai_error(
+                408,
+                "the request body did not arrive in time",
+                "invalid_request_error",
+                "request_timeout",
+                None,
+            )
         try:
             model = json.loads(body or b"{}").get("model")
         except (ValueError, AttributeError):
             return openai_error(
                 400, "the body is not a JSON object", "invalid_request_error", "bad_json", None
             )
-        refused = refusal(model, self.models)
+        refused = refusal(model, self._visible(client) if self.models is not None else None)
         if refused is not None:
             return refused
         assert self.session is not None
-        headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_HEADERS}
+        # The client's key is the gateway's business: replicas never see (or log) it.
+        headers = {
+            k: v
+            for k, v in request.headers.items()
+            if k.lower() not in HOP_HEADERS and k.lower() != "authorization"
+        }
         try:
             upstream = await self.session.request(
                 request.method,
@@ -278,10 +380,13 @@ class Front:
                 if key.lower() not in HOP_HEADERS:
                     response.headers.add(key, value)
             await response.prepare(request)
+            tail = b""
             # Each chunk as it arrives: a streamed completion reaches the client token by token.
             async for chunk in upstream.content.iter_any():
                 await response.write(chunk)
+                tail = (tail + chunk)[-USAGE_TAIL_BYTES:]
             await response.write_eof()
+            self.limiter.spent(client, admission.usage_tokens(tail))
             return response
 
     # admin port -------------------------------------------------------------------------
@@ -300,9 +405,13 @@ class Front:
         if refused is not None:
             return refused
         try:
-            state = parse_state(json.loads(body))
+            pushed = json.loads(body)
+            state = parse_state(pushed)
+            access = admission.parse_access(pushed.get("access"))
         except ValueError as error:
             return web.json_response({"error": str(error)}, status=400)
+        # Keys and limits take effect at once (a rotated key works from this answer on).
+        self.access = access
         self.desired = state
         try:
             await self.sync()
@@ -323,6 +432,7 @@ class Front:
                 else {m: list(u) for m, u in self.models.items()},
                 "workers": workers,
                 "lastSyncError": self.last_sync_error,
+                "keys": len(self.access.keys),
             }
         )
 
@@ -438,6 +548,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--health-timeout", type=int, default=3)
     parser.add_argument("--health-failures", type=int, default=2)
     parser.add_argument("--sync-seconds", type=float, default=5.0)
+    parser.add_argument("--max-body-bytes", type=int, default=MAX_BODY)
+    parser.add_argument("--body-timeout", type=float, default=30.0)
+    parser.add_argument("--max-in-flight", type=int, default=1024)
     parser.add_argument(
         "--secrets-dir",
         default=protocol.SECRETS_DIR,
@@ -447,7 +560,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def build_apps(front: Front) -> tuple[web.Application, web.Application]:
-    public = web.Application(client_max_size=MAX_BODY)
+    public = web.Application(client_max_size=front.limits.max_body_bytes)
     public.router.add_get("/v1/models", front.list_models)
     public.router.add_get("/v1/models/{model:.+}", front.get_model)
     public.router.add_get("/health", front.health)
@@ -497,7 +610,8 @@ def read_secrets(directory: str) -> tuple[bytes, ssl.SSLContext]:
 async def run(args: argparse.Namespace) -> int:
     credential, tls = read_secrets(args.secrets_dir)
     router = await asyncio.create_subprocess_exec(*router_command(args))
-    front = Front(f"http://127.0.0.1:{args.router_port}", credential, args.sync_seconds)
+    limits = RequestLimits(args.max_body_bytes, args.body_timeout, args.max_in_flight)
+    front = Front(f"http://127.0.0.1:{args.router_port}", credential, args.sync_seconds, limits)
     public, admin = build_apps(front)
     public_runner, admin_runner = web.AppRunner(public), web.AppRunner(admin)
     await public_runner.setup()

@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 
@@ -27,9 +27,11 @@ from npuswarm import metrics
 from npuswarm.api.deployment import ModelDeployment
 from npuswarm.api.gateway import ModelGateway, ModelGatewayStatus
 from npuswarm.core.diff import Action, PassPlan
+from npuswarm.core.hostpolicy import REASON, TenantPolicy, network_violation
+from npuswarm.core.snapshot import SwarmSnapshot
 from npuswarm.gateway import protocol
+from npuswarm.gateway.access import KeySet, access_state
 from npuswarm.gateway.backends import (
-    Backends,
     GatewayReplica,
     GatewayWork,
     desired_backends,
@@ -60,8 +62,14 @@ class PushTarget:
     credential: bytes = field(repr=False)
 
 
-# (target, backends) -> None, or raises with the reason.
-Sender = Callable[[PushTarget, Backends], None]
+# (target, the gateway's full state) -> None, or raises with the reason.
+Sender = Callable[[PushTarget, dict[str, Any]], None]
+
+
+class KeySource(Protocol):
+    """Where ModelGateways' API keys come from (kube.SecretKeys): None when unreadable."""
+
+    def keys(self, namespace: str, name: str) -> KeySet | None: ...
 
 
 class _PinnedHTTPS(http.client.HTTPSConnection):
@@ -123,8 +131,8 @@ def admin_request(
 
 
 def https_sender(credentials: Credentials, signer: Signer) -> Sender:
-    def send(target: PushTarget, backends: Backends) -> None:
-        body = json.dumps({"models": backends}).encode()
+    def send(target: PushTarget, state: dict[str, Any]) -> None:
+        body = json.dumps(state).encode()
         status, text = admin_request(
             target, credentials.client_context(), signer, "PUT", "/backends", body
         )
@@ -150,15 +158,19 @@ class Gateways:
         credentials: Credentials | None,
         send: Sender | None = None,
         clock: Callable[[], float] = time.monotonic,
+        policy: TenantPolicy | None = None,
+        keys: KeySource | None = None,
     ) -> None:
         self.instance = instance
         self.credentials = credentials
+        self.policy = policy or TenantPolicy()
+        self.keys = keys
         if send is None and credentials is not None:
             send = https_sender(credentials, Signer())
         self.send = send
         self.clock = clock
-        # (admin URL, task id) -> (backends, when) of the last push it accepted.
-        self._pushed: dict[tuple[str, str], tuple[Backends, float]] = {}
+        # (admin URL, task id) -> (state, when) of the last push it accepted.
+        self._pushed: dict[tuple[str, str], tuple[dict[str, Any], float]] = {}
         self._pushers = ThreadPoolExecutor(PUSH_CONCURRENCY, thread_name_prefix="gateway-push")
 
     def close(self) -> None:
@@ -180,15 +192,29 @@ class Gateways:
                 gateway=gw,
                 backends=desired_backends(gw, deployments, whole.snapshot, stopping),
                 replicas=running_replicas(gw, whole.snapshot),
+                problem=self._problem(gw, whole.snapshot),
             )
             for gw in gateways
         ]
-        actions = (
-            gateway_actions(gateways, whole.snapshot, self.instance, mounts)
-            if self.credentials is not None
-            else []
-        )
+        for work in works:
+            access = work.gateway.spec.clientAccess
+            if access.apiKeysSecret is not None and self.keys is not None:
+                work.keys = self.keys.keys(work.gateway.metadata.namespace, access.apiKeysSecret)
+            work.access = access_state(access, work.keys)
+        # A refused gateway's service is left as it is (like a refused deployment's).
+        allowed = [w.gateway for w in works if w.problem is None]
+        actions = gateway_actions(allowed, whole.snapshot, self.instance, mounts)
         return GatewayPass(works=works, actions=actions)
+
+    def _problem(self, gateway: ModelGateway, snapshot: SwarmSnapshot) -> tuple[str, str] | None:
+        if self.credentials is None:
+            return ("NotConfigured", NO_KEY)
+        refused = self.policy.image_violation(
+            gateway.spec.image, "spec.image"
+        ) or network_violation(
+            gateway.metadata.namespace, gateway.spec.network.name, snapshot, self.policy
+        )
+        return (REASON, refused) if refused is not None else None
 
     def push(self, work: GatewayPass) -> None:
         """Every replica of every gateway, at once; waits for all. A replica that cannot be
@@ -207,14 +233,10 @@ class Gateways:
             for replica in item.replicas:
                 key = (replica.admin_url, replica.task)
                 last = self._pushed.get(key)
-                if (
-                    last is not None
-                    and last[0] == item.backends
-                    and now - last[1] < REFRESH_SECONDS
-                ):
+                if last is not None and last[0] == item.state and now - last[1] < REFRESH_SECONDS:
                     continue
                 target = PushTarget(replica, who.hostname, credential)
-                send = self._pushers.submit(self.send, target, item.backends)
+                send = self._pushers.submit(self.send, target, item.state)
                 jobs.append((item, key, send))
         for item, key, future in jobs:
             try:
@@ -230,7 +252,7 @@ class Gateways:
                     error=str(error),
                 )
             else:
-                self._pushed[key] = (item.backends, now)
+                self._pushed[key] = (item.state, now)
                 metrics.gateway_pushes_total.labels("success").inc()
 
     def statuses(
@@ -251,7 +273,6 @@ class Gateways:
                 served,
                 (previous.get(gw.key) or {}).get("conditions", []),
                 now,
-                problem=None if self.credentials is not None else NO_KEY,
             )
             found[gw.key] = status
             namespace, name = gw.metadata.namespace, gw.metadata.name

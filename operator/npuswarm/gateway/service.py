@@ -97,6 +97,12 @@ def render_gateway(
         str(health.timeoutSeconds),
         "--health-failures",
         str(health.failureThreshold),
+        "--max-body-bytes",
+        str(spec.requestLimits.maxBodyBytes),
+        "--body-timeout",
+        str(spec.requestLimits.bodyTimeoutSeconds),
+        "--max-in-flight",
+        str(spec.requestLimits.maxInFlight),
     ]
     constraints = [f"node.labels.{k}=={v}" for k, v in sorted(spec.nodeSelector.items())]
     service_labels = gateway_labels(gateway, instance)
@@ -131,6 +137,8 @@ def render_gateway(
                     "StartPeriod": 30 * SECOND_NS,
                 },
             },
+            # Past its memory, the kernel stops the replica rather than the node.
+            "Resources": {"Limits": {"MemoryBytes": spec.requestLimits.memoryBytes}},
             "Placement": {"Constraints": constraints, "MaxReplicas": 1},
             "Networks": [{"Target": spec.network.name}],
             "RestartPolicy": {"Condition": "any", "Delay": 2 * SECOND_NS, "MaxAttempts": 0},

@@ -61,7 +61,7 @@ class Runtime:
     def __post_init__(self) -> None:
         self.triggers = Triggers(loop=self.loop)
         self.reader = IndexReader(
-            self.settings.allowed_host_paths,
+            self.settings.tenant_policy(),
             self.leadership.namespaces,
             self.index,
             self.gateway_index,

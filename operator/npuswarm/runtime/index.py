@@ -29,7 +29,8 @@ class Parsed:
 
 @dataclass
 class IndexReader:
-    allowed_host_paths: tuple[str, ...]
+    # What the cluster admin lets tenants ask of a node (core/hostpolicy.py).
+    policy: hostpolicy.TenantPolicy
     # The namespaces this operator watches; None: all.
     namespaces: frozenset[str] | None
     # kopf's index of ModelDeployments: (namespace, name) -> store of index values.
@@ -88,7 +89,7 @@ class IndexReader:
         else:
             # Host safety: what the API server accepted may still reach past the operator's
             # settings (a hostPath outside the allow-list).
-            refused = hostpolicy.violations(model, self.allowed_host_paths)
+            refused = hostpolicy.violations(model, self.policy)
             parsed = (
                 Parsed(seen, None, "; ".join(refused), hostpolicy.REASON)
                 if refused

@@ -330,9 +330,18 @@ def _map_volumes(raw: Any, base_dir: str, spec: dict[str, Any], notes: Notes) ->
         elif any(v["mountPath"] == mount.target for v in volumes):
             notes.dropped(f"volumes {mount.source}", f"{mount.target} is already mounted")
         else:
-            volume: dict[str, Any] = {"hostPath": mount.source, "mountPath": mount.target}
-            if mount.read_only:
-                volume["readOnly"] = True
+            # Explicit both ways: compose mounts read-write by default, npuswarm read-only.
+            volume: dict[str, Any] = {
+                "hostPath": mount.source,
+                "mountPath": mount.target,
+                "readOnly": mount.read_only,
+            }
+            if not mount.read_only:
+                notes.check(
+                    f"volumes {mount.source}",
+                    "mounted writable as in the stack file; npuswarm allows writes only under "
+                    "roots the admin marks :rw in NPUSWARM_ALLOWED_HOST_PATHS (else set readOnly)",
+                )
             volumes.append(volume)
     if driver:
         notes.dropped("volumes", f"{', '.join(driver)}: Ascend Docker Runtime mounts the driver")
