@@ -1,6 +1,7 @@
 """Runs hack/fakevllm/server.py as a local process (no Docker) with a stand-in /dev."""
 
 import json
+import socket
 import subprocess
 import sys
 import threading
