@@ -14,7 +14,7 @@ import pytest
 import controlplane
 
 REPO = Path(__file__).resolve().parents[2]
-SCRIPT = REPO / "hack" / "controlplane.py"
+SCRIPT = REPO / "hack" / "control-plane"
 
 CRD = """
 apiVersion: apiextensions.k8s.io/v1
