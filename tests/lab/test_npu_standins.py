@@ -13,7 +13,7 @@ import subprocess
 import pytest
 
 import swarmlab
-from npuswarm import npuhealth
+from npuswarm.nodehealth import npusmi
 
 from .test_runtime_shim import bundle, run_shim  # noqa: F401  (bundle is a fixture)
 
@@ -148,8 +148,8 @@ def test_fake_npu_smi_table_shows_power_temperature_and_aicore_in_the_same_colum
         "        |"
     )
     assert {len(line) for line in lines} == {len(IDLE_TABLE.splitlines()[0])}
-    readings = npuhealth.parse_npu_smi(out)
-    assert readings[1] == npuhealth.NpuReading(1, "Alarm", 30000, 32768, ())
+    readings = npusmi.parse_npu_smi(out)
+    assert readings[1] == npusmi.NpuReading(1, "Alarm", 30000, 32768, ())
     assert readings[0].healthy and not readings[1].healthy
 
 
