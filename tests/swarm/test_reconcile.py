@@ -9,7 +9,7 @@ from npuswarm import metrics
 from npuswarm.reconcile import Reconciler
 from npuswarm.swarm import Swarm, SwarmUnavailable
 
-from .conftest import converge, model, serve, wait_for
+from .conftest import converge, model, serve, swarm_settings, wait_for
 
 
 def owned(client: docker.APIClient, namespace: str, name: str | None = None) -> dict[str, dict]:
@@ -196,21 +196,15 @@ def test_failing_task_makes_the_deployment_degraded_with_swarms_error(
 def test_unreachable_swarm_raises_and_removes_nothing(
     docker_client: docker.APIClient, namespace: str, tmp_path: pytest.TempPathFactory
 ) -> None:
-    working = Reconciler(Swarm(), reconciler_settings())
+    working = Reconciler(Swarm(), swarm_settings())
     md = model(namespace, "kept", replicas=1)
     converge(working, md)
-    dead = Reconciler(Swarm(base_url=f"unix://{tmp_path}/no.sock", timeout=2), reconciler_settings())
+    dead = Reconciler(Swarm(base_url=f"unix://{tmp_path}/no.sock", timeout=2), swarm_settings())
     with pytest.raises(SwarmUnavailable):
         serve(dead, md, [], {})
     with pytest.raises(SwarmUnavailable):
         dead.finalize(namespace, "kept", f"uid-{namespace}-kept")
     assert f"{namespace}-kept-0" in owned(docker_client, namespace)
-
-
-def reconciler_settings():  # type: ignore[no-untyped-def]
-    from npuswarm.settings import Settings
-
-    return Settings(lost_node_grace_seconds=5)
 
 
 def test_surge_update_starts_the_new_copy_on_spare_npus_before_the_old_one_goes(
