@@ -19,7 +19,7 @@ from npuswarm.api import labels
 from npuswarm.api.gateway import ModelGateway, ModelGatewaySpec
 from npuswarm.core.clock import SECOND_NS
 from npuswarm.core.diff import Action
-from npuswarm.core.render import health_command, network_labels
+from npuswarm.core.render import health_command, network_labels, swarm_name
 from npuswarm.core.snapshot import ObservedSecret, ObservedService, SwarmSnapshot
 from npuswarm.gateway import protocol
 from npuswarm.gateway.credentials import (
@@ -31,7 +31,6 @@ from npuswarm.gateway.credentials import (
 
 ROUTER_PORT = 30000
 ROUTER_METRICS_PORT = 29000
-MAX_SERVICE_NAME = 63
 # The gateway image's user (Dockerfile.gateway): it alone may read the mounted secrets.
 GATEWAY_UID = "10001"
 SECRET_PREFIX_LENGTH = 40  # of the service name, in a secret's name (Swarm allows 64)
@@ -51,11 +50,7 @@ def identity(gateway: ModelGateway) -> GatewayIdentity:
 
 
 def service_name(gateway: ModelGateway) -> str:
-    name = f"{gateway.metadata.namespace}-{gateway.metadata.name}-gateway"
-    if len(name) <= MAX_SERVICE_NAME:
-        return name
-    digest = hashlib.sha256(name.encode()).hexdigest()[:8]
-    return f"{name[: MAX_SERVICE_NAME - 9]}-{digest}"
+    return swarm_name(gateway.metadata.namespace, gateway.metadata.name, "gateway")
 
 
 # --- the gateway's own Swarm service --------------------------------------------------------
