@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any
 
 from prometheus_client import CollectorRegistry
@@ -10,10 +11,13 @@ from prometheus_client import CollectorRegistry
 from npuswarm import metrics
 from npuswarm.reconcile import Reconciler
 from npuswarm.runtime import Leadership, Runtime
+from npuswarm.core.pipeline import Desired
 from npuswarm.runtime.publisher import same_status
-from npuswarm.runtime.triggers import survive
+from npuswarm.runtime.swarm_watch import SwarmWatch, unseen_tasks
+from npuswarm.runtime.triggers import Triggers, survive
 from npuswarm.settings import Settings
 
+from .builders import deployment
 from .memswarm import MemorySwarm
 
 
@@ -239,3 +243,29 @@ def test_an_orphan_the_api_server_cannot_confirm_is_kept_and_asked_about_again_s
 
     assert asyncio.run(scenario()), "no pass asked for after an unconfirmed orphan"
     assert list(swarm.by_name()) == ["team-gone-0"]  # kept meanwhile
+
+
+def test_a_poll_that_finds_the_task_states_the_last_pass_saw_asks_for_no_pass() -> None:
+    """The pass hands the poll the task states it saw (issue 25, item 6: they were never
+    written, so every poll after a pass asked for a pass the last one had already done), and
+    forgets its writes once their echoes are over."""
+    swarm, settings = MemorySwarm(), Settings()
+    reconciler = Reconciler(swarm, settings)
+    md = deployment("m")
+    reconciler.run_pass(Desired(deployments=[md]))
+    swarm.run_all()
+    result = reconciler.run_pass(Desired(deployments=[md]))
+    triggers = Triggers()
+    watch = SwarmWatch(swarm, settings, triggers, None)  # type: ignore[arg-type] - not polled
+    watch.recent_writes = {"long-gone": time.monotonic() - 60}
+    watch.saw_pass(result)
+    assert "long-gone" not in watch.recent_writes
+    # What Swarm.task_states answers the poll: tasks Swarm wants running, of our services.
+    own = {t["ID"]: t["Status"]["State"] for t in swarm.tasks
+           if t["DesiredState"] == "running" and t["ServiceID"] in watch.owner_of_service}
+    assert own and set(own.values()) == {"running"}
+    assert unseen_tasks(own, watch.tasks_seen, {}) == []
+    failed = dict.fromkeys(own, "failed")
+    assert unseen_tasks(failed, watch.tasks_seen, {}) == sorted(own)
+    # Seen by the previous poll already: asked once, not again.
+    assert unseen_tasks(failed, watch.tasks_seen, failed) == []
