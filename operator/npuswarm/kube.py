@@ -72,9 +72,10 @@ class Kube:
         }
         self.core.create_namespaced_event(namespace, body)
 
-    def existing(self, owners: set[str]) -> set[str] | None:
-        """Which of ``owners`` exist, from one complete LIST; None on any failure, so that
-        nothing is ever removed on a failed or partial read."""
+    def existing(self, owners: set[str], plural: str = deployment_api.PLURAL) -> set[str] | None:
+        """Which of ``owners`` (objects of ``plural``: ModelDeployments unless said) exist,
+        from one complete LIST; None on any failure, so that nothing is ever removed on a
+        failed or partial read."""
         found: set[str] = set()
         scopes: list[str | None] = [None]
         if self.namespaces is not None:
@@ -83,15 +84,15 @@ class Kube:
             try:
                 if namespace is None:
                     listed: dict[str, Any] = self.objects.list_cluster_custom_object(  # type: ignore[assignment]
-                        meta.GROUP, meta.VERSION, deployment_api.PLURAL
+                        meta.GROUP, meta.VERSION, plural
                     )
                 else:
                     listed = self.objects.list_namespaced_custom_object(  # type: ignore[assignment]
-                        meta.GROUP, meta.VERSION, namespace, deployment_api.PLURAL
+                        meta.GROUP, meta.VERSION, namespace, plural
                     )
             except Exception as error:
                 metrics.kube_api_errors_total.labels("orphan_list").inc()
-                log.warning("cannot list ModelDeployments; orphans are kept", error=str(error))
+                log.warning(f"cannot list {plural}; orphans are kept", error=str(error))
                 return None
             if (listed.get("metadata") or {}).get("continue"):
                 return None  # a partial page: not a complete read

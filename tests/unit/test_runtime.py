@@ -211,7 +211,7 @@ def test_a_refused_status_write_asks_for_a_pass_soon_and_is_not_remembered(monke
 class ListFails:
     """The API server is down: the complete read that would confirm an orphan fails."""
 
-    def existing(self, owners: set[str]) -> None:
+    def existing(self, owners: set[str], plural: str = "modeldeployments") -> None:
         return None
 
 
