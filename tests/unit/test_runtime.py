@@ -12,6 +12,7 @@ from npuswarm import metrics
 from npuswarm.reconcile import Reconciler
 from npuswarm.runtime import Leadership, Runtime
 from npuswarm.core.pipeline import Desired
+from npuswarm.runtime.index import IndexGate
 from npuswarm.runtime.publisher import same_status
 from npuswarm.runtime.swarm_watch import SwarmWatch, unseen_tasks
 from npuswarm.runtime.triggers import Triggers, survive
@@ -269,3 +270,69 @@ def test_a_poll_that_finds_the_task_states_the_last_pass_saw_asks_for_no_pass() 
     assert unseen_tasks(failed, watch.tasks_seen, {}) == sorted(own)
     # Seen by the previous poll already: asked once, not again.
     assert unseen_tasks(failed, watch.tasks_seen, failed) == []
+
+
+class Listing:
+    """The API server's complete LISTs (kube.Kube.listed), one answer per call."""
+
+    def __init__(self, *answers: dict[str, set[str]] | None) -> None:
+        self.answers = list(answers)
+        self.asked: list[str] = []
+
+    def __call__(self, plural: str) -> set[str] | None:
+        self.asked.append(plural)
+        answer = self.answers[0] if len(self.answers) == 1 else self.answers.pop(0)
+        return None if answer is None else answer.get(plural, set())
+
+
+def test_the_indexes_are_complete_once_they_hold_every_listed_object() -> None:
+    """Issue 25, item 3: kopf says nothing when its indexes are filled; a pass on half an
+    index pushes gateways half the models and takes the rest's services for orphans."""
+    index: dict[Any, Any] = {("team", "a"): [entry("a")]}
+    reader = runtime(index).reader
+    listed = {"modeldeployments": {"team/a", "team/b"}, "modelgateways": set()}
+    gate = IndexGate(Listing(None, listed, listed))
+    assert not gate.check(reader)  # the LIST failed: not known
+    assert not gate.check(reader)  # team/b is not indexed yet
+    index[("team", "b")] = [entry("b")]
+    assert gate.check(reader) and gate.complete
+    # b deleted between kopf's LIST and ours: the next LIST no longer names it.
+    late = IndexGate(Listing({"modeldeployments": {"team/a", "team/gone"}},
+                             {"modeldeployments": {"team/a"}}))
+    assert not late.check(reader) and late.check(reader)
+
+
+def test_no_pass_runs_until_the_indexes_are_complete(monkeypatch: Any) -> None:
+    import asyncio
+
+    from npuswarm.runtime import passes as passes_module
+
+    index: dict[Any, Any] = {}
+    rt = runtime(index)
+    swarm = rt.reconciler.swarm
+    assert isinstance(swarm, MemorySwarm)
+    listing = Listing({"modeldeployments": {"team/a"}})
+    rt.passes.gate = IndexGate(listing)
+    monkeypatch.setattr(passes_module, "INDEX_RETRY_SECONDS", 0.01)
+
+    async def scenario() -> tuple[int, int]:
+        loop = rt.triggers.loop = asyncio.get_running_loop()
+        rt.leader.leader = True
+        task = asyncio.create_task(rt.passes.run())
+        rt.triggers.request(everything=True)
+        deadline = loop.time() + 10
+        while len(listing.asked) < 3 and loop.time() < deadline:
+            await asyncio.sleep(0.01)
+        reads_before = swarm.calls["list_services"]
+        index[("team", "a")] = [entry("a")]
+        while not swarm.by_name() and loop.time() < deadline:
+            await asyncio.sleep(0.01)
+        rt.triggers.stop.set()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        return reads_before, len(swarm.by_name())
+
+    reads_before, services = asyncio.run(scenario())
+    assert len(listing.asked) >= 3
+    assert reads_before == 0, "a pass read Swarm before the indexes were complete"
+    assert services == 1
