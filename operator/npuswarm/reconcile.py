@@ -163,6 +163,9 @@ class Reconciler:
             with _collector_paused():
                 desired = self._without_tombstoned(desired)
                 whole = self.plan(desired, checks)
+            # Until this pass's writes are all made, no plan says which NPUs are free: node
+            # checks must not take NPUs that a write of a pass failing part-way gave away.
+            self.last_plan = None
             secrets = self._gateway_secrets(desired)
             gateway_pass = self._gateways_first(desired, whole, secrets)
             # Writes wait on Swarm, while the rest of the process goes on making garbage:
