@@ -313,6 +313,13 @@ def test_liveness_probe_hits_kopfs_endpoint(render: Any) -> None:
     # last answer without waiting on Docker, so a short timeout is safe.
     assert probe["timeoutSeconds"] < Settings.model_fields["docker_timeout_seconds"].default
     assert probe["periodSeconds"] * probe["failureThreshold"] >= 60
+    # install.md says what the manifest does (it once told of a 45 s timeout and a ping).
+    install = " ".join((REPO / "docs" / "install.md").read_text().split())
+    said = (
+        f"every {probe['periodSeconds']} s with a {probe['timeoutSeconds']} s timeout, "
+        f"{probe['failureThreshold']} failures in a row"
+    )
+    assert said in install
 
 
 def test_service_links_cannot_shadow_npuswarm_settings(render: Any) -> None:
