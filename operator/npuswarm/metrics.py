@@ -73,7 +73,8 @@ drift_corrections_total = Counter(
 )
 swarm_api_calls_total = Counter(
     "npuswarm_swarm_api_calls_total",
-    "Docker Engine API calls by operation and outcome (success or error).",
+    "Docker Engine API calls by operation and outcome (success, error, or fenced: not sent "
+    "without the leadership lease).",
     ["operation", "outcome"],
     registry=REGISTRY,
 )
@@ -91,7 +92,7 @@ swarm_reachable = Gauge(
 )
 passes_total = Counter(
     "npuswarm_passes_total",
-    "Reconcile passes over the whole Swarm, by result (success, error).",
+    "Reconcile passes over the whole Swarm, by result (success, error, fenced).",
     ["result"],
     registry=REGISTRY,
 )

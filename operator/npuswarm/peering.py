@@ -29,6 +29,23 @@ def is_active(status: dict[str, Any], own_id: str, own_priority: int, now: datet
     return True
 
 
+def record_until(status: dict[str, Any], identity: str) -> datetime | None:
+    """Until when ``identity``'s record counts as live for its peers (lastseen + lifetime)."""
+    info = status.get(identity)
+    if not isinstance(info, dict):
+        return None
+    seen = parse_engine_time(info.get("lastseen"))
+    if seen is None:
+        return None
+    return seen + timedelta(seconds=int(info.get("lifetime", 60)))
+
+
+def others_until(status: dict[str, Any], own_id: str) -> list[datetime]:
+    """Until when each other instance's record counts as live (past ones included)."""
+    found = (record_until(status, identity) for identity in status if identity != own_id)
+    return [until for until in found if until is not None]
+
+
 GROUP, VERSION, PLURAL = "kopf.dev", "v1", "clusterkopfpeerings"
 
 

@@ -7,6 +7,7 @@ ever concluding that something is gone.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import docker
@@ -30,6 +31,25 @@ class SwarmUnavailable(Exception):
 
 class SwarmRejected(Exception):
     """The manager refused a write (e.g. a name taken by a service npuswarm does not own)."""
+
+
+class LeaseLapsed(Exception):
+    """Not sent: this instance cannot confirm it still leads (runtime/leadership.py)."""
+
+
+# Every call that changes Swarm: each one passes the fence just before it is sent.
+WRITES = frozenset(
+    {
+        "create_service",
+        "update_service",
+        "remove_service",
+        "create_network",
+        "remove_network",
+        "create_secret",
+        "remove_secret",
+        "update_node",
+    }
+)
 
 
 def _translate(operation: str, error: Exception) -> Exception:
@@ -109,6 +129,8 @@ class Swarm:
         self._client: docker.APIClient | None = None
         # The last probe's answer, for readers that must not wait on Docker (liveness).
         self.reachable: bool | None = None
+        # Whether this instance may write now (the leadership lease); None: always.
+        self.fence: Callable[[], bool] | None = None
 
     @property
     def api(self) -> docker.APIClient:
@@ -124,6 +146,9 @@ class Swarm:
         return self._client
 
     def _call(self, operation: str, method: str, *args: Any, **kwargs: Any) -> Any:
+        if operation in WRITES and self.fence is not None and not self.fence():
+            metrics.swarm_api_calls_total.labels(operation, "fenced").inc()
+            raise LeaseLapsed(f"{operation}: not sent, the leadership lease is not held")
         api = self.api
         with metrics.swarm_call(operation):
             try:

@@ -6,6 +6,7 @@ import threading
 import time
 from typing import Any
 
+import pytest
 from prometheus_client import CollectorRegistry
 
 from npuswarm import metrics
@@ -156,15 +157,122 @@ def test_leadership_reads_each_watched_namespaces_peering_and_yields_to_a_live_p
     watch = runtime({}).leader
     watch.config = Leadership(False, False, "default", 100, "me", frozenset({"a", "b"}))
     watch.kube = Peerings({"a": {}, "b": {}})
-    assert watch.active() and sorted(watch.kube.asked) == ["a", "b"]  # type: ignore[attr-defined]
+    watch.read()
+    assert watch.active and sorted(watch.kube.asked) == ["a", "b"]  # type: ignore[attr-defined]
     watch.kube = Peerings({"a": {}, "b": peer})
-    assert not watch.active()  # a live peer of equal priority in one watched namespace
+    watch.read()
+    assert not watch.active  # a live peer of equal priority in one watched namespace
     # Cluster-wide: the cluster object; none at all means standalone unless peering is mandatory.
     watch.config = Leadership(False, False, "default", 100, "me", None)
     watch.kube = Peerings({})
-    assert watch.active() and watch.kube.asked == [None]  # type: ignore[attr-defined]
+    watch.read()
+    assert watch.active and watch.kube.asked == [None]  # type: ignore[attr-defined]
     watch.config = Leadership(False, True, "default", 100, "me", None)
-    assert not watch.active()
+    watch.read()
+    assert not watch.active
+
+
+class Clocks:
+    """A wall clock and a monotonic clock that move together, by hand."""
+
+    def __init__(self) -> None:
+        from datetime import UTC, datetime
+
+        self.wall = datetime(2026, 12, 1, tzinfo=UTC)
+        self.mono = 1000.0
+
+    def advance(self, seconds: float) -> None:
+        from datetime import timedelta
+
+        self.wall += timedelta(seconds=seconds)
+        self.mono += seconds
+
+    def stamp(self, ago: float = 0.0) -> str:
+        from datetime import timedelta
+
+        return (self.wall - timedelta(seconds=ago)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+class FlakyPeerings(Peerings):
+    def __init__(self, statuses: dict[str | None, dict[str, Any] | None]) -> None:
+        super().__init__(statuses)
+        self.down = False
+
+    def peering_status(self, name: str, namespace: str | None) -> dict[str, Any] | None:
+        if self.down:
+            raise OSError("connection refused")
+        return super().peering_status(name, namespace)
+
+
+def peered_watch(clocks: Clocks, identity: str, kube: Peerings) -> Any:
+    from npuswarm.runtime.leadership import LeadershipWatch
+
+    return LeadershipWatch(
+        Leadership(False, False, "npuswarm", 20 if identity == "a" else 10, identity, None),
+        kube,
+        Settings(docker_timeout_seconds=30, peering_lifetime_seconds=60),
+        Triggers(),
+        clock=lambda: clocks.wall,
+        monotonic=lambda: clocks.mono,
+    )
+
+
+def test_a_leader_cut_off_from_the_api_server_stops_writing_before_a_standby_may_start() -> None:
+    """Issue 25, item 1: a failed read kept the last verdict (leader) forever, so after the
+    peering lifetime a standby led too and both wrote to Swarm."""
+    clocks = Clocks()
+    kube = FlakyPeerings({None: {"a": {"priority": 20, "lastseen": clocks.stamp(), "lifetime": 60}}})
+    watch = peered_watch(clocks, "a", kube)
+    watch.read()
+    assert watch.leader
+    kube.down = True  # the API server is unreachable from this instance, Swarm is not
+    clocks.advance(55.9)  # lastseen + lifetime - margin (4 s) is 56 s away
+    assert watch.leader
+    clocks.advance(0.2)
+    assert not watch.leader
+    # The standby's view: a's record is live until lastseen + 60, by its own clock.
+    standby = peered_watch(clocks, "b", FlakyPeerings(
+        {None: {"a": {"priority": 20, "lastseen": clocks.stamp(56.1), "lifetime": 60},
+                "b": {"priority": 10, "lastseen": clocks.stamp(), "lifetime": 60}}}))
+    standby.read()
+    assert not standby.leader  # a still counts as live for 3.9 s more
+
+
+def test_a_new_leader_waits_out_the_old_ones_last_possible_write() -> None:
+    clocks = Clocks()
+    records = {"a": {"priority": 20, "lastseen": clocks.stamp(61), "lifetime": 60},
+               "b": {"priority": 10, "lastseen": clocks.stamp(), "lifetime": 60}}
+    standby = peered_watch(clocks, "b", Peerings({None: records}))
+    standby.read()
+    assert standby.active and not standby.leader  # a expired 1 s ago: it may still be writing
+    clocks.advance(30 + 2 + 4 - 0.1)
+    standby.read()
+    assert not standby.leader
+    clocks.advance(0.2)
+    assert standby.leader
+    # Long after any other record expired, leading needs no wait.
+    fresh = peered_watch(clocks, "b", Peerings({None: {
+        "a": {"priority": 20, "lastseen": clocks.stamp(600), "lifetime": 60},
+        "b": {"priority": 10, "lastseen": clocks.stamp(), "lifetime": 60}}}))
+    fresh.read()
+    assert fresh.leader
+
+
+def test_a_swarm_write_is_not_sent_without_the_lease() -> None:
+    from npuswarm.swarm import LeaseLapsed, Swarm
+
+    # Nothing listens there: a write that got past the fence would fail as unavailable.
+    swarm = Swarm(base_url="unix:///nonexistent/docker.sock", timeout=1)
+    swarm.fence = lambda: False
+    before = metrics.REGISTRY.get_sample_value(
+        "npuswarm_swarm_api_calls_total", {"operation": "remove_service", "outcome": "fenced"}
+    ) or 0
+    with pytest.raises(LeaseLapsed):
+        swarm.remove_service("some-service")
+    after = metrics.REGISTRY.get_sample_value(
+        "npuswarm_swarm_api_calls_total", {"operation": "remove_service", "outcome": "fenced"}
+    )
+    assert after == before + 1
 
 
 class Throttled:
@@ -317,7 +425,7 @@ def test_no_pass_runs_until_the_indexes_are_complete(monkeypatch: Any) -> None:
 
     async def scenario() -> tuple[int, int]:
         loop = rt.triggers.loop = asyncio.get_running_loop()
-        rt.leader.leader = True
+        assert rt.leader.leader  # standalone
         task = asyncio.create_task(rt.passes.run())
         rt.triggers.request(everything=True)
         deadline = loop.time() + 10

@@ -69,6 +69,10 @@ class Runtime:
         )
         self.publisher = StatusPublisher(self.kube, self.triggers)
         self.leader = LeadershipWatch(self.leadership, self.kube, self.settings, self.triggers)
+        swarm = self.reconciler.swarm
+        if isinstance(swarm, Swarm):
+            # Every write passes the leadership lease just before it is sent.
+            swarm.fence = lambda: self.leader.leader
         lister = None if self.kube is None else partial(self.kube.listed, operation="index_list")
         self.passes = PassLoop(
             self.settings,

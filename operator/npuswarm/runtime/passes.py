@@ -27,7 +27,7 @@ from npuswarm.runtime.publisher import StatusPublisher
 from npuswarm.runtime.swarm_watch import SwarmWatch
 from npuswarm.runtime.triggers import Triggers
 from npuswarm.settings import Settings
-from npuswarm.swarm import SwarmUnavailable
+from npuswarm.swarm import LeaseLapsed, SwarmUnavailable
 
 log = structlog.get_logger("npuswarm.runtime")
 
@@ -133,6 +133,13 @@ class PassLoop:
                 result = await asyncio.to_thread(self.reconciler.run_pass, desired, checks)
             except SwarmUnavailable as error:
                 await self._outage(desired, served, str(error), time.monotonic() - started)
+                return
+            except LeaseLapsed as error:
+                # No longer sure it leads: the writes stop here; whoever leads next serves
+                # these triggers (this instance too, once its lease is confirmed again).
+                metrics.passes_total.labels("fenced").inc()
+                log.warning("pass stopped: leadership lease not held", error=str(error))
+                self.triggers.request(everything=True)
                 return
             self.triggers.failures = 0
             elapsed = time.monotonic() - started
