@@ -1,6 +1,7 @@
-"""A fault-injecting proxy in front of the Docker Engine API (issue 12, outages).
+"""A fault-injecting proxy in front of the Docker Engine API (issue 12, outages), or, healthy
+or stopped only, in front of any TCP service (the kube-apiserver: tests/e2e/test_ha.py).
 
-127.0.0.1:<port> -> a Docker unix socket. Healthy, it copies bytes both ways (keep-alive
+127.0.0.1:<port> -> a Docker unix socket, or host:port. Healthy, it copies bytes both ways (keep-alive
 connections stay open, streams such as /events flow). With faults set, it reads each request,
 rewrites it to `Connection: close` so every request arrives on a connection of its own, and
 then, by a seeded draw per request:
@@ -115,9 +116,13 @@ class FaultProxy:
             threading.Thread(target=handler, args=(client,), daemon=True).start()
 
     def _upstream(self) -> socket.socket | None:
-        upstream = socket.socket(socket.AF_UNIX)
+        # A unix socket's path, or host:port (a TCP service such as the kube-apiserver: the
+        # bytes are copied as they are, so TLS passes through).
+        host, colon, port = self.target.rpartition(":")
+        tcp = bool(colon) and port.isdigit() and not self.target.startswith("/")
+        upstream = socket.socket(socket.AF_INET if tcp else socket.AF_UNIX)
         try:
-            upstream.connect(self.target)
+            upstream.connect((host, int(port)) if tcp else self.target)
         except OSError:
             upstream.close()
             return None

@@ -16,10 +16,12 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 
 from tests import invariants
+from tests.faultproxy import FaultProxy
 from tests.e2e.conftest import (
     INSTANCE,
     REPO,
@@ -69,7 +71,9 @@ class Peer:
         return self.log.read_text(errors="replace").count('"event": "service written"')
 
 
-def start_peer(cluster: Cluster, sa_dir: Path, priority: int, directory: Path) -> Peer:
+def start_peer(
+    cluster: Cluster, sa_dir: Path, priority: int, directory: Path, server: str | None = None
+) -> Peer:
     name = f"npuswarm-ha-{priority}-{uuid.uuid4().hex[:6]}"
     metrics_port, health = free_port(), f"http://127.0.0.1:{free_port()}/healthz"
     # The session operator's settings (this installation, its relay, no node validation on
@@ -81,7 +85,7 @@ def start_peer(cluster: Cluster, sa_dir: Path, priority: int, directory: Path) -
     }
     # The production overlay's arguments (components/peering), each peer its own priority.
     argv = operatorimage.docker_run_args(
-        operator_image(), name, cluster.plane.server, sa_dir, env,
+        operator_image(), name, server or cluster.plane.server, sa_dir, env,
         ["run", f"--liveness={health}", "--log-format=json", "--peering-name=npuswarm",
          f"--priority={priority}"],
     )
@@ -104,7 +108,17 @@ def stop_peer(peer: Peer, signal: str = "TERM") -> None:
 
 
 @pytest.fixture
-def peers(cluster: Cluster, tmp_path: Path) -> Iterator[list[Peer]]:
+def api_relay(cluster: Cluster) -> Iterator[FaultProxy]:
+    """The leader's own way to the API server, to cut it off while Swarm stays reachable."""
+    url = urlsplit(cluster.plane.server)
+    relay = FaultProxy(f"{url.hostname}:{url.port}")
+    relay.start()
+    yield relay
+    relay.stop()
+
+
+@pytest.fixture
+def peers(cluster: Cluster, tmp_path: Path, api_relay: FaultProxy) -> Iterator[list[Peer]]:
     component = REPO / "manifests" / "components" / "peering"
     for part in ("peering-crd.yaml", "rbac.yaml"):
         cluster.kubectl("apply", "-f", str(component / part))
@@ -116,7 +130,9 @@ def peers(cluster: Cluster, tmp_path: Path) -> Iterator[list[Peer]]:
     cluster.kill_operator()
     started: list[Peer] = []
     try:
-        started.append(start_peer(cluster, sa_dir, 20, tmp_path))
+        started.append(
+            start_peer(cluster, sa_dir, 20, tmp_path, f"https://127.0.0.1:{api_relay.port}")
+        )
         started.append(start_peer(cluster, sa_dir, 10, tmp_path))
         yield started
     finally:
@@ -155,3 +171,36 @@ def test_two_peered_operators_one_acts_and_the_standby_takes_over_a_killed_leade
     assert not found, "\n".join(found)
     print(f"\ntakeover: leader gauge after {took_over:.1f} s, change Ready after {served:.1f} s "
           f"(lifetime {LIFETIME} s)")
+
+
+def test_a_leader_cut_off_from_the_api_server_stops_writing_before_the_standby_leads(
+    cluster: Cluster, namespace: str, peers: list[Peer], api_relay: FaultProxy
+) -> None:
+    """Issue 25, item 1: the leader loses the API server but not Swarm. Before the lease, it
+    kept its last verdict and went on serving its stale index beside the new leader: with
+    ``replicas: 2`` applied meanwhile, the old one removed what the new one created."""
+    leader, standby = peers
+    wait_for(lambda: leader.gauge("npuswarm_leader") == 1, "the higher priority to lead", timeout=60)
+    wait_for(lambda: standby.gauge("npuswarm_leader") == 0, "the lower priority to stand by", timeout=30)
+    apply(cluster, namespace, "cut")
+    wait_md(cluster, namespace, "cut", ready_with(1), "Ready, served by the leader")
+
+    api_relay.stop()  # the leader's API server is gone; Docker is not
+    cut = time.monotonic()
+    apply(cluster, namespace, "cut", replicas=2)  # only the standby can see this
+    wait_for(lambda: leader.gauge("npuswarm_leader") == 0, "the cut-off leader to stop leading",
+             timeout=LIFETIME + LEADERSHIP_POLL + 5)
+    stopped = time.monotonic() - cut
+    # It stopped before the standby could lead: the standby still stands by.
+    assert standby.gauge("npuswarm_leader") == 0, "both led at once"
+    wait_for(lambda: standby.gauge("npuswarm_leader") == 1, "the standby to take over",
+             timeout=TAKEOVER_DEADLINE)
+    took_over = time.monotonic() - cut
+    wait_md(cluster, namespace, "cut", ready_with(2), "the change served by the new leader",
+            timeout=90)
+    assert leader.gauge("npuswarm_leader") == 0
+    assert sorted(owned_services(cluster, namespace)) == [f"{namespace}-cut-0", f"{namespace}-cut-1"]
+    found = invariants.violations(cluster.docker, lambda: deployments(cluster), INSTANCE)
+    assert not found, "\n".join(found)
+    print(f"\ncut off: the old leader stopped after {stopped:.1f} s, the standby led after "
+          f"{took_over:.1f} s (lifetime {LIFETIME} s, hold {HOLD:g} s)")
