@@ -40,10 +40,10 @@ def record_until(status: dict[str, Any], identity: str) -> datetime | None:
     return seen + timedelta(seconds=int(info.get("lifetime", 60)))
 
 
-def others_until(status: dict[str, Any], own_id: str) -> list[datetime]:
+def others_until(status: dict[str, Any], own_id: str) -> dict[str, datetime]:
     """Until when each other instance's record counts as live (past ones included)."""
-    found = (record_until(status, identity) for identity in status if identity != own_id)
-    return [until for until in found if until is not None]
+    found = {identity: record_until(status, identity) for identity in status if identity != own_id}
+    return {identity: until for identity, until in found.items() if until is not None}
 
 
 GROUP, VERSION, PLURAL = "kopf.dev", "v1", "clusterkopfpeerings"

@@ -7,7 +7,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any, Protocol
 
 import structlog
@@ -77,6 +77,9 @@ class LeadershipWatch:
         self.lease_until = float("inf") if config.standalone else 0.0
         self.hold_until = 0.0
         self._led = False
+        # Until when each other instance's record counted as live, as last seen: kopf removes
+        # the records of dead peers, so the one a standby must wait out may be gone already.
+        self._peers: dict[str, datetime] = {}
 
     @property
     def leader(self) -> bool:
@@ -124,8 +127,6 @@ class LeadershipWatch:
         now = self.clock()
         active = True
         lease = float("inf")
-        others = False
-        grace = timedelta(seconds=self.settings.docker_timeout_seconds)
         for scope in scopes:
             status = self.kube.peering_status(lead.name, scope)
             if status is None:
@@ -143,16 +144,27 @@ class LeadershipWatch:
                 else float(self.settings.peering_lifetime_seconds)
             )
             lease = min(lease, asked + left - LEASE_MARGIN_SECONDS)
-            others = others or any(
-                until + grace > now for until in others_until(status, lead.identity)
-            )
+            for identity, until in others_until(status, lead.identity).items():
+                self._peers[identity] = max(until, self._peers.get(identity, until))
         was_leading = self.leader
         self.active, self.lease_until = active, lease
-        if active and not was_leading and others and self.monotonic() >= self.hold_until:
-            wait = (
-                self.settings.docker_timeout_seconds
-                + LEADERSHIP_POLL_SECONDS
-                + LEASE_MARGIN_SECONDS
-            )
-            self.hold_until = self.monotonic() + wait
-            log.info("leading after a peer: first write after the hold", hold_seconds=wait)
+        if active and not was_leading and self.monotonic() >= self.hold_until:
+            wait = self.hold_seconds(now)
+            if wait > 0:
+                self.hold_until = self.monotonic() + wait
+                log.info("leading after a peer: first write after the hold", hold_seconds=wait)
+
+    def hold_seconds(self, now: datetime) -> float:
+        """How long another instance may still be writing. A live one (lower priority, or
+        this one starting beside it) stops within a poll of seeing this one, a dead one at
+        its lease's end (its record's expiry minus the margin); either may have one write of
+        up to the Docker timeout under way, and clocks may differ by the margin."""
+        tail = self.settings.docker_timeout_seconds + LEASE_MARGIN_SECONDS
+        wait = 0.0
+        for identity, until in list(self._peers.items()):
+            left = (until - now).total_seconds()
+            if left + tail < -LEASE_MARGIN_SECONDS:
+                del self._peers[identity]  # long gone: nothing of it can be under way
+                continue
+            wait = max(wait, (LEADERSHIP_POLL_SECONDS if left > 0 else left) + tail)
+        return wait
