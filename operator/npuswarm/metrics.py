@@ -340,3 +340,30 @@ class NpuHealthCollector:
 
 npu_health = NpuHealthCollector()
 REGISTRY.register(npu_health)
+
+
+class NodeAgentCollector:
+    """npuswarm_node_agent_up{node}: 1 when the node's agent answered the last read, 0 when it
+    did not (the node's health is then unknown: nothing moves for it). nodehealth/runner.py
+    sets the source."""
+
+    def __init__(self) -> None:
+        self.source: Callable[[], list[tuple[str, bool]]] | None = None
+
+    def collect(self) -> Iterator[Metric]:
+        family = GaugeMetricFamily(
+            "npuswarm_node_agent_up",
+            "1 when the node agent answered the operator's last read, 0 otherwise.",
+            labels=["node"],
+        )
+        source = self.source
+        for node, up in source() if source is not None else []:
+            family.add_metric([node], 1 if up else 0)
+        yield family
+
+    def describe(self) -> Iterator[Metric]:
+        return self.collect()
+
+
+node_agent_up = NodeAgentCollector()
+REGISTRY.register(node_agent_up)

@@ -1,10 +1,10 @@
-"""NPU health from `npu-smi info`, read by a one-shot task on each node. Pure.
+"""NPU health from `npu-smi info`, read by the node agent on each node (nodehealth/agent.py).
+Pure.
 
-A reading is a Swarm job pinned to a node that runs `npu-smi info` (Ascend Docker Runtime
-mounts npu-smi into containers that ask for NPUs). These functions build its spec, parse the
-table it prints, and decide which NPUs placement must leave alone: an unhealthy NPU nobody
-holds at once, one a replica holds after a grace period (moving a model costs minutes), and
-one running processes npuswarm did not start (someone's `docker run`), like a foreign claim.
+These functions parse the table it prints and decide which NPUs placement must leave
+alone: an unhealthy NPU nobody holds at once, one a replica holds after a grace period
+(moving a model costs minutes), and one running processes npuswarm did not start (someone's
+`docker run`), like a foreign claim.
 """
 
 from __future__ import annotations
@@ -16,12 +16,9 @@ from datetime import datetime
 from typing import Any
 
 from npuswarm.api import labels
-from npuswarm.core.nodes import NodeInfo
-from npuswarm.core.npus import format_npu_ids
 
-READING = labels.NPU_SMI_READING  # value: the installation
-READING_NODE = f"{labels.PREFIX}/probe-node"
-NAME_PREFIX = "npuswarm-health"
+# The npu-smi reading services of earlier versions (value: the installation), removed at startup.
+READING = labels.NPU_SMI_READING
 # npu-smi's Health column: OK and Warning still serve; Alarm, Critical and anything unknown
 # do not (MindCluster's device plugin draws the same line).
 SERVING = frozenset({"OK", "Warning"})
@@ -96,27 +93,6 @@ def parse_npu_smi(text: str) -> dict[int, NpuReading]:
             processes=tuple(r["processes"]),
         )
         for npu, r in readings.items()
-    }
-
-
-def reading_spec(node: NodeInfo, image: str, instance: str, nonce: str) -> dict[str, Any]:
-    """A one-shot job on ``node`` running `npu-smi info`, with every NPU of the node visible
-    (the runtime mounts npu-smi only into containers that ask for NPUs)."""
-    reading_labels = {READING: instance, READING_NODE: node.id}
-    return {
-        "Name": f"{NAME_PREFIX}-{instance}-{node.id[:12]}-{nonce}"[:63],
-        "Labels": reading_labels,
-        "TaskTemplate": {
-            "ContainerSpec": {
-                "Image": image,
-                "Command": ["npu-smi", "info"],
-                "Env": [f"ASCEND_VISIBLE_DEVICES={format_npu_ids(node.npus)}"],
-                "Labels": dict(reading_labels),
-            },
-            "Placement": {"Constraints": [f"node.id=={node.id}"]},
-            "RestartPolicy": {"Condition": "none", "MaxAttempts": 0},
-        },
-        "Mode": {"ReplicatedJob": {"MaxConcurrent": 1, "TotalCompletions": 1}},
     }
 
 
