@@ -57,7 +57,7 @@ def test_an_agent_is_a_global_service_on_its_npu_set_asking_for_those_npus() -> 
     container = rendered["TaskTemplate"]["ContainerSpec"]
     assert rendered["Mode"] == {"Global": {}}
     assert rendered["TaskTemplate"]["Placement"]["Constraints"] == [
-        "node.labels.npuswarm.io/agent-npus==0-7"
+        "node.labels.io.npuswarm.agent-npus==0-7"
     ]
     assert container["Env"] == [f"ASCEND_VISIBLE_DEVICES={EIGHT}"]
     assert container["Command"] == ["npuswarm", "agent"]

@@ -44,7 +44,8 @@ NODE_AGENT_SET = f"{PREFIX}/node-agent-npus"
 # Node labels.
 # The NPU set a node's agent asks for, written by npuswarm (the only node label it writes):
 # each agent service is constrained to the nodes of one NPU set (nodehealth/agents.py).
-NODE_AGENT_NPUS = f"{PREFIX}/agent-npus"
+# Reverse-DNS without a slash: Swarm refuses a "/" in a constraint's label key.
+NODE_AGENT_NPUS = "io.npuswarm.agent-npus"
 NODE_NPUS = f"{PREFIX}/npus"
 NODE_NPUS_RESERVED = f"{PREFIX}/npus-reserved"
 NODE_TOPOLOGY = f"{PREFIX}/topology"

@@ -88,8 +88,20 @@ class AgentState:
             return self.etag, self.body
 
 
-def refresh(state: AgentState, visible: str, npu_smi: str) -> bool:
-    return state.update({"validation": inspect(visible), "npuSmi": read_npu_smi(npu_smi)})
+def refresh(state: AgentState, visible: str, npu_smi: str) -> dict[str, Any]:
+    """Read again; returns the validation part (what the container has)."""
+    validation = inspect(visible)
+    state.update({"validation": validation, "npuSmi": read_npu_smi(npu_smi)})
+    return validation
+
+
+def lacking(validation: dict[str, Any]) -> bool:
+    """The container lacks what the runtime should have given it. Its devices and mounts
+    were fixed when it was created, so only a new container sees a fixed node."""
+    return (
+        bool(validation["missing"])
+        or validation["env"].get("ASCEND_VISIBLE_DEVICES") != validation["npus"]
+    )
 
 
 def make_handler(
@@ -148,17 +160,26 @@ def serve(
     npu_smi: str = NPU_SMI,
     host: str = "",
     stop: threading.Event | None = None,
+    recheck_failed: float = 0.0,
 ) -> ThreadingHTTPServer:
-    """Start reading and serving (in threads); returns the server (``shutdown()`` ends it)."""
+    """Start reading and serving (in threads); returns the server (``shutdown()`` ends it).
+    With ``recheck_failed``, a container that lacks what the runtime should give sets
+    ``stop`` that long after its start, so that Swarm starts a new one: a node fixed meanwhile
+    is then seen, with nothing else restarted."""
     stop = stop or threading.Event()
     state = AgentState()
-    refresh(state, visible, npu_smi)  # validation at start, before the first answer
+    started = time.monotonic()
+    failed = lacking(refresh(state, visible, npu_smi))  # validation before the first answer
 
     def keep_reading() -> None:
-        while not stop.wait(interval):
+        while not stop.wait(min(interval, recheck_failed or interval)):
+            if failed and recheck_failed and time.monotonic() - started >= recheck_failed:
+                print("npuswarm agent: validation failed; exiting for a new container", flush=True)
+                stop.set()
+                return
             try:
                 refresh(state, visible, npu_smi)
-            except Exception as error:
+            except Exception as error:  # the agent keeps serving its last reading
                 print(f"npuswarm agent: reading failed: {error}", flush=True)
 
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -183,6 +204,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--interval", type=float, default=30.0, help="seconds between readings")
     parser.add_argument("--secrets-dir", default=protocol.SECRETS_DIR)
     parser.add_argument("--npu-smi", default=NPU_SMI)
+    parser.add_argument(
+        "--recheck-failed",
+        type=float,
+        default=60.0,
+        help="seconds after which an agent whose container failed validation exits (0: never)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -190,6 +217,7 @@ def run(args: argparse.Namespace) -> int:
     with open(os.path.join(directory, agents.CREDENTIAL_FILE), encoding="ascii") as file:
         credential = protocol.parse_credential(file.read())
     visible = os.environ.get("ASCEND_VISIBLE_DEVICES", "")
+    stop = threading.Event()
     server = serve(
         args.port,
         credential,
@@ -197,9 +225,12 @@ def run(args: argparse.Namespace) -> int:
         visible,
         args.interval,
         args.npu_smi,
+        stop=stop,
+        recheck_failed=args.recheck_failed,
     )
     print(f"npuswarm agent: serving on :{args.port}, NPUs {visible or 'none'}", flush=True)
     with contextlib.suppress(KeyboardInterrupt):
-        threading.Event().wait()
+        stop.wait()
     server.shutdown()
-    return 0
+    # Non-zero: Swarm's restart policy starts a new container either way; the exit says why.
+    return 3 if stop.is_set() else 0

@@ -5,7 +5,8 @@ NPUs reach a task only through Ascend Docker Runtime reading ``ASCEND_VISIBLE_DE
 (explicit ids), and npu-smi is mounted only into containers that ask for NPUs, so an agent
 asks for all its node's NPUs. One service spec gives every task the same env: nodes with the
 same NPU set share one global service, constrained to them by the node label
-``npuswarm.io/agent-npus`` (the only node label npuswarm writes). A node joining or changing
+``io.npuswarm.agent-npus`` (the only node label npuswarm writes; no slash: Swarm refuses
+one in a constraint's key). A node joining or changing
 needs only its label; no other agent restarts.
 
 The agent holds no NPU: its service carries ``npuswarm.io/node-agent``, which observe skips
@@ -98,6 +99,7 @@ def agent_spec(
     port: int,
     interval_seconds: float,
     mounts: Sequence[SecretMount],
+    recheck_failed_seconds: float = 60.0,
 ) -> dict[str, Any]:
     """One NPU set's agent: a global service on the nodes labelled with that set, asking for
     its NPUs as a replica does, its port published on each node's address (host mode: the
@@ -112,7 +114,16 @@ def agent_spec(
             "ContainerSpec": {
                 "Image": image,
                 "Command": ["npuswarm", "agent"],
-                "Args": ["--port", str(port), "--interval", f"{interval_seconds:g}"],
+                "Args": [
+                    "--port",
+                    str(port),
+                    "--interval",
+                    f"{interval_seconds:g}",
+                    "--recheck-failed",
+                    f"{recheck_failed_seconds:g}",
+                ],
+                # npu-smi opens the driver's devices, root:HwHiAiUser 0660 on Atlas nodes.
+                "User": "0",
                 "Env": [f"ASCEND_VISIBLE_DEVICES={format_npu_ids(npus)}"],
                 "Secrets": [
                     {

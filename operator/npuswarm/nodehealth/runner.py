@@ -364,6 +364,7 @@ class NodeChecker:
                 settings.agent_port,
                 settings.npu_health_seconds,
                 mounts,
+                settings.node_recheck_failed_seconds,
             )
             for npu_set in sets
         }
