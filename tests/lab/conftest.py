@@ -6,6 +6,9 @@ image. Nothing here is mocked. If the lab cannot start, every test using it erro
 
 import json
 import os
+import subprocess
+import tempfile
+from pathlib import Path
 
 import pytest
 from docker.types import (
@@ -18,8 +21,13 @@ from docker.types import (
 )
 
 import swarmlab
+from npuswarm.nodehealth import agents
+from tests.helpers import wait_for
 
 LAB_NAME = os.environ.get("NPUSWARM_TEST_LAB_NAME", "npsltest")
+REPO = Path(__file__).resolve().parents[2]
+# The operator's root key in tests that run node agents (their credential derives from it).
+ROOT_KEY = "lab-root-key-0123456789abcdef"
 TASK_TIMEOUT = 60.0
 
 
@@ -139,3 +147,52 @@ def ask_from_client_container(manager, network: str, url: str, count: int) -> li
         client.remove(force=True)
     assert exit_code == 0, output
     return [json.loads(line) for line in output.splitlines()]
+
+
+@pytest.fixture(scope="session")
+def operator_image(swarm_lab) -> str:
+    """hack/build-image's image, loaded into every lab node (no registry here)."""
+    built = subprocess.run(
+        [str(REPO / "hack" / "build-image")], capture_output=True, text=True, check=False
+    )
+    if built.returncode != 0:
+        pytest.fail(f"hack/build-image failed:\n{built.stderr[-3000:]}")
+    tag = built.stdout.strip().splitlines()[-1]
+    with tempfile.TemporaryDirectory() as scratch:
+        tarball = Path(scratch) / "operator.tar"
+        subprocess.run(["docker", "save", "-o", str(tarball), tag], check=True)
+        for node in swarm_lab.nodes:
+            client = swarmlab.docker_client(node.endpoint, timeout=300)
+            if not client.images.list(name=tag):
+                with tarball.open("rb") as data:
+                    client.images.load(data)
+    return tag
+
+
+@pytest.fixture
+def agents_removed(swarm_lab):
+    """Each test starts its agents itself (a node's runtime switch is read at container
+    creation) and leaves none behind."""
+    api = swarm_lab.client(1).api
+
+    def remove() -> None:
+        for service in api.services(filters={"label": agents.AGENT}):
+            api.remove_service(service["ID"])
+        wait_for(
+            lambda: not [
+                c
+                for k in (1, 2, 3)
+                for c in swarm_lab.client(k).api.containers(
+                    filters={"label": "com.docker.swarm.service.name"}
+                )
+                if c["Labels"].get("com.docker.swarm.service.name", "").startswith("npuswarm-agent")
+            ],
+            "agent containers gone",
+            timeout=30,
+        )
+        for secret in api.secrets(filters={"label": agents.AGENT}):
+            api.remove_secret(secret["ID"])
+
+    remove()
+    yield
+    remove()

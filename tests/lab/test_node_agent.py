@@ -10,12 +10,8 @@ is restarted by Swarm and nothing moves meanwhile; no NPU is ever held twice."""
 from __future__ import annotations
 
 import io
-import subprocess
-import tempfile
 import time
-from collections.abc import Iterator
 from contextlib import redirect_stdout
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -36,29 +32,8 @@ from tests.invariants import npu_conflicts
 
 pytestmark = pytest.mark.lab
 
-REPO = Path(__file__).resolve().parents[2]
-ROOT_KEY = "lab-root-key-0123456789abcdef"
+from .conftest import ROOT_KEY
 GRACE = 3.0
-
-
-@pytest.fixture(scope="module")
-def operator_image(swarm_lab: swarmlab.Lab) -> str:
-    """hack/build-image's image, loaded into every lab node (no registry here)."""
-    built = subprocess.run(
-        [str(REPO / "hack" / "build-image")], capture_output=True, text=True, check=False
-    )
-    if built.returncode != 0:
-        pytest.fail(f"hack/build-image failed:\n{built.stderr[-3000:]}")
-    tag = built.stdout.strip().splitlines()[-1]
-    with tempfile.TemporaryDirectory() as scratch:
-        tarball = Path(scratch) / "operator.tar"
-        subprocess.run(["docker", "save", "-o", str(tarball), tag], check=True)
-        for node in swarm_lab.nodes:
-            client = swarmlab.docker_client(node.endpoint, timeout=300)
-            if not client.images.list(name=tag):
-                with tarball.open("rb") as data:
-                    client.images.load(data)
-    return tag
 
 
 @pytest.fixture
@@ -72,31 +47,30 @@ def settings(operator_image: str) -> Settings:
     )
 
 
+def body(name: str, replicas: int, npus: int = 8) -> dict[str, Any]:
+    """A deployment of ``replicas`` x ``npus`` NPUs, as kubectl would send it."""
+    return {
+        "metadata": {
+            "name": name,
+            "namespace": "lab",
+            "uid": f"uid-{name}",
+            "generation": 1,
+            "creationTimestamp": "2026-12-01T00:00:00Z",
+        },
+        "spec": {
+            "image": swarmlab.IMAGE,
+            "model": f"/models/{name}",
+            "mode": "Replicated",
+            "replicas": replicas,
+            "npusPerReplica": npus,
+            "healthCheck": {"startPeriodSeconds": 20, "intervalSeconds": 1, "timeoutSeconds": 2},
+            "restartPolicy": {"delaySeconds": 1},
+        },
+    }
+
+
 def model(name: str, replicas: int, npus: int = 8) -> ModelDeployment:
-    return ModelDeployment.model_validate(
-        {
-            "metadata": {
-                "name": name,
-                "namespace": "lab",
-                "uid": f"uid-{name}",
-                "generation": 1,
-                "creationTimestamp": "2026-12-01T00:00:00Z",
-            },
-            "spec": {
-                "image": swarmlab.IMAGE,
-                "model": f"/models/{name}",
-                "mode": "Replicated",
-                "replicas": replicas,
-                "npusPerReplica": npus,
-                "healthCheck": {
-                    "startPeriodSeconds": 20,
-                    "intervalSeconds": 1,
-                    "timeoutSeconds": 2,
-                },
-                "restartPolicy": {"delaySeconds": 1},
-            },
-        }
-    )
+    return ModelDeployment.model_validate(body(name, replicas, npus))
 
 
 class Loops:
@@ -144,35 +118,6 @@ class Loops:
             self.md.metadata.namespace, self.md.metadata.name, self.md.metadata.uid
         )
         self.reconciler.close()
-
-
-@pytest.fixture
-def agents_removed(swarm_lab: swarmlab.Lab) -> Iterator[None]:
-    """Each test starts its agents itself (a node's runtime switch is read at container
-    creation) and leaves none behind."""
-    api = swarm_lab.client(1).api
-
-    def remove() -> None:
-        for service in api.services(filters={"label": agents.AGENT}):
-            api.remove_service(service["ID"])
-        wait_for(
-            lambda: not [
-                c
-                for k in (1, 2, 3)
-                for c in swarm_lab.client(k).api.containers(
-                    filters={"label": "com.docker.swarm.service.name"}
-                )
-                if c["Labels"].get("com.docker.swarm.service.name", "").startswith("npuswarm-agent")
-            ],
-            "agent containers gone",
-            timeout=30,
-        )
-        for secret in api.secrets(filters={"label": agents.AGENT}):
-            api.remove_secret(secret["ID"])
-
-    remove()
-    yield
-    remove()
 
 
 def agent_container(lab: swarmlab.Lab, index: int) -> dict[str, Any] | None:
