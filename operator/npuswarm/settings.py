@@ -85,13 +85,12 @@ class Settings(BaseSettings):
     node_validation: bool = True
     agent_image: str = ""
     agent_port: int = Field(9109, ge=1, le=65535)
-    # How often a node that passed is checked again; one that failed, sooner (a fix is seen).
-    node_check_seconds: float = Field(3600.0, gt=0, le=30 * 86400, allow_inf_nan=False)
+    # The agent checks its container on every reading; one that failed validation exits this
+    # long after its start, so that Swarm gives it a new container that sees a fixed node.
     node_recheck_failed_seconds: float = Field(60.0, gt=0, le=86400, allow_inf_nan=False)
     # NPU health: how often each node's agent reads `npu-smi info` (and the operator reads
-    # the agent), and
-    # how long a replica may stay on an unhealthy NPU before it moves (a blip of a few
-    # seconds should not cost minutes of model loading).
+    # the agent), and how long a replica may stay on an unhealthy NPU before it moves (a blip
+    # of a few seconds should not cost minutes of model loading).
     npu_health: bool = True
     npu_health_seconds: float = Field(30.0, gt=0, le=86400, allow_inf_nan=False)
     npu_unhealthy_grace_seconds: float = Field(120.0, ge=0, le=7 * 86400, allow_inf_nan=False)

@@ -255,9 +255,37 @@ def test_an_unhealthy_npu_moves_its_replica_and_an_agent_killed_by_hand_moves_no
             return where not in loops.checker.unusable(loops.last.plan.snapshot).npus
 
         wait_for(back, "the NPU back in the pool", timeout=30, interval=0.3)
+        back_after = time.monotonic() - healed
+
+        # A process npuswarm did not start on a free NPU: taken by someone else, and
+        # `npuswarm nodes --validate` shows the agents' readings.
+        other = next(n for n in index_of if n != loops.replicas()["0"][0])
+        k2 = index_of[other]
+        touched.append(k2)
+        swarm_lab.set_npu_state(
+            k2,
+            {
+                5: {"processes": [{"pid": 999, "name": "python3", "memory_mb": 9000}]},
+                6: {"health": "Critical", "hbm_used_mb": 31000},
+            },
+        )
+
+        def taken() -> str | None:
+            loops.turn()
+            return loops.checker.unusable(loops.last.plan.snapshot).busy.get(other, {}).get(5)
+
+        why = wait_for(taken, "NPU 5 with a foreign process withheld", 30, 0.3)
+        assert "runs processes npuswarm did not start (pid 999 python3)" in why
+        out = io.StringIO()
+        with pytest.MonkeyPatch.context() as patch, redirect_stdout(out):
+            patch.setenv("DOCKER_HOST", swarm_lab.endpoint)
+            patch.setenv("NPUSWARM_ROOT_KEY", ROOT_KEY)
+            code = cli.main(["nodes", "--validate"])
+        assert code == 0, out.getvalue()
+        assert "davinci6" in out.getvalue() and "[Critical, HBM 31000/32768 MB" in out.getvalue()
         print(
             f"replica moved {moved_after:.1f}s after the NPU turned Critical (grace {GRACE}s); "
-            f"NPU back {time.monotonic() - healed:.1f}s after it read OK"
+            f"NPU back {back_after:.1f}s after it read OK"
         )
     finally:
         for index in touched:
