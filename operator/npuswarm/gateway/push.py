@@ -48,7 +48,7 @@ PUSH_CONCURRENCY = 8
 # nothing changed makes no call. The gateway keeps what it got; the refresh only bounds how
 # long a gateway that lost it somehow (it cannot without a new task) would go without.
 REFRESH_SECONDS = 60.0
-NO_KEY = "NPUSWARM_GATEWAY_ROOT_KEY is not set in the operator: gateways cannot be configured"
+NO_KEY = "NPUSWARM_ROOT_KEY is not set in the operator: gateways cannot be configured"
 
 
 @dataclass(frozen=True)
