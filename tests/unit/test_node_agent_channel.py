@@ -106,3 +106,32 @@ def test_inspect_names_what_the_runtime_did_not_deliver() -> None:
     present = {"/dev/davinci0", *agent.checks.CONTROL_DEVICES, *agent.checks.DRIVER_FILES}
     found = agent.inspect("0,1", exists=present.__contains__)
     assert found["missing"] == ["/dev/davinci1"] and found["npus"] == "0,1"
+
+
+def test_an_agent_whose_container_failed_validation_stops_for_a_new_container(
+    tmp_path: Path,
+) -> None:
+    secrets = tmp_path / "secrets"
+    write_secret_files(
+        secrets, CREDENTIALS, agents.IDENTITY, NOW, (agents.CREDENTIAL_FILE, agents.TLS_FILE)
+    )
+    stop = threading.Event()
+    # No runtime here: "0,1" gets no /dev/davinci0 or 1, so validation fails.
+    server = agent.serve(
+        0,
+        protocol.parse_credential((secrets / agents.CREDENTIAL_FILE).read_text()),
+        str(secrets / agents.TLS_FILE),
+        "0,1",
+        0.05,
+        str(FAKE_NPU_SMI),
+        host="127.0.0.1",
+        stop=stop,
+        recheck_failed=0.2,
+    )
+    try:
+        assert stop.wait(10), "the agent asked for a new container"
+    finally:
+        server.shutdown()
+    assert agent.lacking(agent.inspect("0,1"))
+    passing = {"missing": [], "env": {"ASCEND_VISIBLE_DEVICES": "0,1"}, "npus": "0,1"}
+    assert not agent.lacking(passing)
