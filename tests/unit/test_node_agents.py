@@ -323,3 +323,28 @@ def test_unhealthy_npu_moves_its_replica_after_the_grace_an_unreachable_agent_mo
     fake.documents[where] = ok_answer()
     turn()
     assert not checker.unusable(reconciler.last_plan.snapshot).npus, "healthy again: usable"
+
+
+def test_readings_are_exported_under_npu_exporters_names() -> None:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from npuswarm import metrics
+
+    swarm = MemorySwarm(nodes=1, npus=8)
+    reconciler = Reconciler(swarm, SETTINGS, clock=lambda: NOW)
+    checker, fake = checker_for(swarm, reconciler, SETTINGS)
+    fake.documents = {"node1": ok_answer(table=npu_table({3}))}
+    reconciler.run_pass(Desired(deployments=[]), checker.unusable)
+    checker.step()
+    registry = CollectorRegistry()
+    collector = metrics.NpuExporterCollector()
+    collector.source = checker.npu_readings
+    registry.register(collector)
+    text = generate_latest(registry).decode()
+    labels_of = 'id="3",model_name="910B4",node="host1",pcie_bus_info="0000:C1:00.0"'
+    assert f"npu_chip_info_health_status{{{labels_of}}} 0.0" in text
+    assert 'npu_chip_info_health_status{id="0",' in text and "} 1.0" in text
+    assert f"npu_chip_info_hbm_total_memory{{{labels_of}}} 32768.0" in text
+    assert f"npu_chip_info_power{{{labels_of}}} 86.5" in text
+    assert f"npu_chip_info_temperature{{{labels_of}}} 40.0" in text
+    assert f"npu_chip_info_utilization{{{labels_of}}} 0.0" in text

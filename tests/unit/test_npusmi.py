@@ -42,10 +42,28 @@ REAL_TABLE = """\
 """
 
 
+def test_a_column_printed_na_is_not_a_number() -> None:
+    na = REAL_TABLE.replace("| 88.1        41 ", "| NA          NA ")
+    found = npusmi.parse_npu_smi(na)
+    assert (found[0].power_w, found[0].temperature_c, found[0].hbm_used_mb) == (None, None, 29012)
+
+
 def test_parses_health_hbm_and_processes_of_each_chip() -> None:
     found = npusmi.parse_npu_smi(REAL_TABLE)
-    assert found[0] == NpuReading(0, "OK", 29012, 32768, (Process(381727, "python3.11", 25600),))
-    assert found[1] == NpuReading(1, "Alarm", 3366, 32768, ())
+    assert found[0] == NpuReading(
+        0,
+        "OK",
+        29012,
+        32768,
+        (Process(381727, "python3.11", 25600),),
+        name="910B4",
+        bus_id="0000:C1:00.0",
+        power_w=88.1,
+        temperature_c=41.0,
+        aicore_percent=0.0,
+    )
+    assert (found[1].health, found[1].hbm_used_mb, found[1].processes) == ("Alarm", 3366, ())
+    assert (found[1].bus_id, found[1].temperature_c) == ("0000:C2:00.0", 43.0)
     assert found[0].healthy and not found[1].healthy
     assert npusmi.parse_npu_smi("npu-smi: command not found") == {}
 
@@ -70,7 +88,9 @@ def test_parses_what_the_labs_stand_in_prints(tmp_path: Path) -> None:
     ).stdout
     found = npusmi.parse_npu_smi(out)
     assert sorted(found) == list(range(8))
-    assert found[2] == NpuReading(2, "Critical", 100, 32768, (Process(7, "vllm", 90),))
+    two = found[2]
+    assert (two.health, two.hbm_used_mb, two.hbm_total_mb) == ("Critical", 100, 32768)
+    assert two.processes == (Process(7, "vllm", 90),)
     assert all(found[n].healthy for n in found if n != 2)
 
 

@@ -23,9 +23,12 @@ READING = labels.NPU_SMI_READING
 # do not (MindCluster's device plugin draws the same line).
 SERVING = frozenset({"OK", "Warning"})
 
-_CHIP_ROW = re.compile(r"^\|\s*(\d+)\s+(\S+)\s*\|\s*(\S+)\s*\|")
-# The last "used / total" of the chip's second row is HBM (the one before is DDR memory).
-_HBM_ROW = re.compile(r"^\|\s*\d+\s*\|\s*[0-9A-Fa-f:.]+\s*\|.*\s(\d+)\s*/\s*(\d+)\s*\|\s*$")
+# Row 1 of a chip: NPU id, name, health, then power (W) and temperature (C) where readable.
+_CHIP_ROW = re.compile(r"^\|\s*(\d+)\s+(\S+)\s*\|\s*(\S+)\s*\|\s*(\S+)?\s*(\S+)?")
+# Row 2: chip id, bus id, AI core use (%), DDR and HBM "used / total"; the last pair is HBM.
+_HBM_ROW = re.compile(
+    r"^\|\s*\d+\s*\|\s*([0-9A-Fa-f:.]+)\s*\|\s*(\S+).*\s(\d+)\s*/\s*(\d+)\s*\|\s*$"
+)
 _PROCESS_ROW = re.compile(r"^\|\s*(\d+)\s+\d+\s*\|\s*(\d+)\s*\|\s*(.*?)\s*\|\s*(\d+)\s*\|\s*$")
 
 
@@ -43,6 +46,12 @@ class NpuReading:
     hbm_used_mb: int = 0
     hbm_total_mb: int = 0
     processes: tuple[Process, ...] = ()
+    # Read where the table has them (None: NA or absent), for the npu-exporter metrics.
+    name: str = ""
+    bus_id: str = ""
+    power_w: float | None = None
+    temperature_c: float | None = None
+    aicore_percent: float | None = None
 
     @property
     def healthy(self) -> bool:
@@ -74,16 +83,24 @@ def parse_npu_smi(text: str) -> dict[int, NpuReading]:
                 process = Process(int(found.group(2)), found.group(3), int(found.group(4)))
                 readings[int(found.group(1))]["processes"].append(process)
             continue
+        hbm = _HBM_ROW.match(line)
+        if hbm and current is not None:
+            readings[current]["bus_id"] = hbm.group(1)
+            readings[current]["aicore_percent"] = _number(hbm.group(2))
+            readings[current]["hbm_used_mb"] = int(hbm.group(3))
+            readings[current]["hbm_total_mb"] = int(hbm.group(4))
+            current = None
+            continue
         chip = _CHIP_ROW.match(line)
         if chip and not chip.group(2).startswith("0000:"):
             current = int(chip.group(1))
-            readings[current] = {"health": chip.group(3), "processes": []}
-            continue
-        hbm = _HBM_ROW.match(line)
-        if hbm and current is not None:
-            readings[current]["hbm_used_mb"] = int(hbm.group(1))
-            readings[current]["hbm_total_mb"] = int(hbm.group(2))
-            current = None
+            readings[current] = {
+                "health": chip.group(3),
+                "processes": [],
+                "name": chip.group(2),
+                "power_w": _number(chip.group(4)),
+                "temperature_c": _number(chip.group(5)),
+            }
     return {
         npu: NpuReading(
             npu=npu,
@@ -91,9 +108,22 @@ def parse_npu_smi(text: str) -> dict[int, NpuReading]:
             hbm_used_mb=r.get("hbm_used_mb", 0),
             hbm_total_mb=r.get("hbm_total_mb", 0),
             processes=tuple(r["processes"]),
+            name=r["name"],
+            bus_id=r.get("bus_id", ""),
+            power_w=r["power_w"],
+            temperature_c=r["temperature_c"],
+            aicore_percent=r.get("aicore_percent"),
         )
         for npu, r in readings.items()
     }
+
+
+def _number(text: str | None) -> float | None:
+    """A column's value; NA (a container or VM cannot read it) and the like are None."""
+    try:
+        return float(text) if text is not None else None
+    except ValueError:
+        return None
 
 
 def unhealthy_since(

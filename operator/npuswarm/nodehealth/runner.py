@@ -230,6 +230,17 @@ class NodeChecker:
             for npu, r in sorted(h.npus.items())
         ]
 
+    def npu_readings(self) -> list[tuple[str, npusmi.NpuReading]]:
+        """(node, reading) of every NPU of the last readings, for the npu-exporter metrics."""
+        with self._lock:
+            readings = list(self.health.values())
+        return [
+            (h.hostname, reading)
+            for h in sorted(readings, key=lambda h: h.hostname)
+            if not h.error
+            for _, reading in sorted(h.npus.items())
+        ]
+
     def agents_up(self) -> list[tuple[str, bool]]:
         """(node, its agent answered the last read) for npuswarm_node_agent_up."""
         with self._lock:
@@ -421,3 +432,4 @@ def publish_verdicts(checker: NodeChecker | None) -> None:
     metrics.node_validation.source = checks if checker is not None else None
     metrics.npu_health.source = checker.npu_report if checker is not None else None
     metrics.node_agent_up.source = checker.agents_up if checker is not None else None
+    metrics.npu_exporter.source = checker.npu_readings if checker is not None else None
