@@ -154,6 +154,7 @@ def nodes_map(
     snapshot: SwarmSnapshot,
     verdicts: Mapping[str, Verdict] | None = None,
     health: Mapping[str, NodeHealth] | None = None,
+    roce_problems: Mapping[str, str] | None = None,
 ) -> str:
     """One block per node: every davinciN with the replica that holds it; with ``verdicts``
     and ``health`` (``--validate``), what node validation and `npu-smi info` found."""
@@ -178,6 +179,8 @@ def nodes_map(
         lines.extend(f"  ! {problem}" for problem in node.problems)
         if verdicts is not None:
             lines.append(_validation_line(node, verdicts.get(node.id)))
+        if node.id in (roce_problems or {}):
+            lines.append(f"  ! {(roce_problems or {})[node.id]}: no multi-node group member")
         if not node.npus:
             lines.append("  (no NPUs)")
         for npu in sorted(node.npus):
@@ -210,9 +213,12 @@ def _validation_line(node: NodeInfo, verdict: Verdict | None) -> str:
     return "  ! " + verdict.summary()
 
 
-def read_agents(swarm: Any, settings: Settings) -> tuple[dict[str, Verdict], dict[str, NodeHealth]]:
+def read_agents(
+    swarm: Any, settings: Settings
+) -> tuple[dict[str, Verdict], dict[str, NodeHealth], dict[str, str]]:
     """Read every node's agent once, now (`npuswarm nodes --validate`): what its container got
-    from the runtime and its last `npu-smi info`. Needs the operator's root key to sign."""
+    from the runtime, its last `npu-smi info`, and why its RoCE links keep multi-node groups
+    away (node id -> why). Needs the operator's root key to sign."""
     root = settings.root_key.get_secret_value()
     if not root:
         raise UsageError(
@@ -224,7 +230,7 @@ def read_agents(swarm: Any, settings: Settings) -> tuple[dict[str, Verdict], dic
     )
     try:
         checker.read_now(snapshot.nodes)
-        return checker.verdicts(), checker.readings()
+        return checker.verdicts(), checker.readings(), dict(checker.unusable(snapshot).roce)
     finally:
         checker.close()
 
@@ -234,8 +240,9 @@ def cmd_nodes(args: argparse.Namespace) -> int:
     swarm = Swarm(timeout=settings.docker_timeout_seconds, instance=settings.instance)
     verdicts: dict[str, Verdict] | None = None
     health: dict[str, NodeHealth] = {}
+    roce_problems: dict[str, str] = {}
     if args.validate:
-        verdicts, health = read_agents(swarm, settings)
+        verdicts, health, roce_problems = read_agents(swarm, settings)
     snapshot = swarm.observe()
     if args.output == "json":
         data = [
@@ -250,11 +257,12 @@ def cmd_nodes(args: argparse.Namespace) -> int:
             }
             | ({"validation": _verdict_json(verdicts.get(n.id))} if verdicts is not None else {})
             | ({"npuHealth": _health_json(health[n.id])} if n.id in health else {})
+            | ({"roce": roce_problems[n.id]} if n.id in roce_problems else {})
             for n in snapshot.nodes
         ]
         print(json.dumps(data, indent=2))
     else:
-        print(nodes_map(snapshot, verdicts, health))
+        print(nodes_map(snapshot, verdicts, health, roce_problems))
     if verdicts is not None and any(not v.ok for v in verdicts.values()):
         return 1
     return 0

@@ -18,6 +18,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 
 from npuswarm.api.meta import split_key
 from npuswarm.nodehealth.npusmi import NpuReading
+from npuswarm.nodehealth.roce import NET_HEALTHY, RoceLink
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 CONTROLLER = "modeldeployment"
@@ -388,7 +389,7 @@ class NpuExporterCollector:
     source: (node, reading) pairs."""
 
     def __init__(self) -> None:
-        self.source: Callable[[], list[tuple[str, NpuReading]]] | None = None
+        self.source: Callable[[], list[tuple[str, NpuReading, RoceLink | None]]] | None = None
 
     def collect(self) -> Iterator[Metric]:
         source = self.source
@@ -398,16 +399,33 @@ class NpuExporterCollector:
             "1 when npu-smi reads the chip's health as OK, 0 otherwise (npu-exporter's rule).",
             labels=NPU_EXPORTER_LABELS,
         )
-        for node, reading in readings:
+        for node, reading, _ in readings:
             health.add_metric(_exporter_labels(node, reading), 1 if reading.health == "OK" else 0)
         yield health
         for name, text, attribute in NPU_EXPORTER_GAUGES:
             family = GaugeMetricFamily(name, text, labels=NPU_EXPORTER_LABELS)
-            for node, reading in readings:
+            for node, reading, _ in readings:
                 value = getattr(reading, attribute)
                 if value is not None:
                     family.add_metric(_exporter_labels(node, reading), float(value))
             yield family
+        link = GaugeMetricFamily(
+            "npu_chip_info_link_status",
+            "1 when hccn_tool reads the NPU's RoCE link UP, 0 otherwise.",
+            labels=NPU_EXPORTER_LABELS,
+        )
+        network = GaugeMetricFamily(
+            "npu_chip_info_network_status",
+            "1 when hccn_tool reads the NPU's net health Success or Init, 0 otherwise.",
+            labels=NPU_EXPORTER_LABELS,
+        )
+        for node, reading, roce in readings:
+            if roce is not None:
+                link.add_metric(_exporter_labels(node, reading), 1 if roce.link == "UP" else 0)
+                healthy = roce.net_health in NET_HEALTHY
+                network.add_metric(_exporter_labels(node, reading), 1 if healthy else 0)
+        yield link
+        yield network
 
     def describe(self) -> Iterator[Metric]:
         return self.collect()

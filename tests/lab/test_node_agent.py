@@ -292,3 +292,42 @@ def test_an_unhealthy_npu_moves_its_replica_and_an_agent_killed_by_hand_moves_no
             swarm_lab.set_npu_state(index, {})
         loops.close()
         publish_verdicts(None)
+
+
+@pytest.mark.usefixtures("agents_removed")
+def test_a_roce_link_down_is_reported_and_keeps_multi_node_members_away(
+    swarm_lab: swarmlab.Lab, settings: Settings
+) -> None:
+    k = 2
+    node_id, host = swarm_lab.node_id(k), swarm_lab.node(k).hostname
+    loops = Loops(swarm_lab, settings, model("roce", replicas=1, npus=4))
+    publish_verdicts(loops.checker)
+    try:
+
+        def all_links_read() -> bool:
+            loops.turn()
+            links = loops.checker.roce_links()
+            return len(links) == 3 and all(found for found in links.values())
+
+        wait_for(all_links_read, "every node's RoCE links read", timeout=120, interval=0.5)
+        assert loops.checker.unusable(loops.last.plan.snapshot).roce == {}
+
+        swarm_lab.set_roce_state(k, {3: {"link": "DOWN"}})
+        changed = time.monotonic()
+
+        def reported() -> str | None:
+            loops.turn()
+            return loops.checker.unusable(loops.last.plan.snapshot).roce.get(node_id)
+
+        why = wait_for(reported, f"RoCE down on {host} reported", timeout=60, interval=0.5)
+        assert why.startswith(f"RoCE on node {host}: NPU 3 link DOWN"), why
+        nodes = {n.id: n for n in loops.last.plan.snapshot.nodes}
+        limited = loops.checker.unusable(loops.last.plan.snapshot).apply(list(nodes.values()))
+        assert {n.id: n.roce_problem for n in limited}[node_id] == why
+        scraped = generate_latest(metrics.REGISTRY).decode()
+        assert f'npu_chip_info_link_status{{id="3",model_name="910B4",node="{host}"' in scraped
+        print(f"RoCE link down reported {time.monotonic() - changed:.1f}s after it went down")
+    finally:
+        swarm_lab.set_roce_state(k, {})
+        loops.close()
+        publish_verdicts(None)

@@ -14,11 +14,13 @@ import pytest
 from npuswarm.gateway import protocol
 from npuswarm.gateway.credentials import Credentials, write_secret_files
 from npuswarm.nodehealth import agent, agents
+from npuswarm.nodehealth import roce as agents_roce
 from npuswarm.nodehealth.runner import AgentReader
 
 from .builders import NOW, node
 
 FAKE_NPU_SMI = Path(__file__).resolve().parents[2] / "hack" / "fake-npu-smi"
+FAKE_HCCN_TOOL = Path(__file__).resolve().parents[2] / "hack" / "fake-hccn-tool"
 ROOT = "unit-root-key-0123456789"
 CREDENTIALS = Credentials(ROOT, "default")
 
@@ -39,6 +41,7 @@ def served(tmp_path: Path) -> Iterator[tuple[int, bytes]]:
         str(FAKE_NPU_SMI),
         host="127.0.0.1",
         stop=stop,
+        hccn_tool=str(FAKE_HCCN_TOOL),
     )
     yield server.server_address[1], credential
     stop.set()
@@ -61,6 +64,9 @@ def test_the_reader_gets_the_agents_answer_then_a_cheap_unchanged(
         reading = agents.health(target, answer.document, NOW)
         assert not reading.error and reading.npus, "the stand-in npu-smi's table was read"
         assert all(r.healthy for r in reading.npus.values())
+        links = agents_roce.links(answer.document)
+        assert links is not None and sorted(links) == [0, 1]
+        assert all(link.ok for link in links.values()), links
         again = reader.read([target])["n1"]
         assert again.document == answer.document
     finally:

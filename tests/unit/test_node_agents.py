@@ -333,7 +333,15 @@ def test_readings_are_exported_under_npu_exporters_names() -> None:
     swarm = MemorySwarm(nodes=1, npus=8)
     reconciler = Reconciler(swarm, SETTINGS, clock=lambda: NOW)
     checker, fake = checker_for(swarm, reconciler, SETTINGS)
-    fake.documents = {"node1": ok_answer(table=npu_table({3}))}
+    document = ok_answer(table=npu_table({3}))
+    document["roce"] = {
+        "present": True,
+        "npus": {
+            "3": {"link": "link status: DOWN\n", "net": "net health status: Fault\n"},
+            "4": {"link": "link status: UP\n", "net": "net health status: Init\n"},
+        },
+    }
+    fake.documents = {"node1": document}
     reconciler.run_pass(Desired(deployments=[]), checker.unusable)
     checker.step()
     registry = CollectorRegistry()
@@ -348,3 +356,39 @@ def test_readings_are_exported_under_npu_exporters_names() -> None:
     assert f"npu_chip_info_power{{{labels_of}}} 86.5" in text
     assert f"npu_chip_info_temperature{{{labels_of}}} 40.0" in text
     assert f"npu_chip_info_utilization{{{labels_of}}} 0.0" in text
+    assert f"npu_chip_info_link_status{{{labels_of}}} 0.0" in text
+    assert f"npu_chip_info_network_status{{{labels_of}}} 0.0" in text
+    assert 'npu_chip_info_network_status{id="4",' in text
+    assert 'npu_chip_info_link_status{id="0",' not in text, "no hccn_tool reading for NPU 0"
+
+
+def test_roce_links_down_keep_multi_node_members_away_and_say_why() -> None:
+    from npuswarm.nodehealth import roce
+
+    assert roce.parse_link("link status: UP\n") == "UP"
+    assert roce.parse_net_health("net health status: Socket failed\n") == "Socket failed"
+    assert roce.links({"validation": {}}) is None, "no hccn_tool: nothing concluded"
+    swarm = MemorySwarm(nodes=2, npus=8)
+    reconciler = Reconciler(swarm, SETTINGS, clock=lambda: NOW)
+    checker, fake = checker_for(swarm, reconciler, SETTINGS)
+    down = ok_answer()
+    down["roce"] = {
+        "present": True,
+        "npus": {
+            str(n): {
+                "link": f"link status: {'DOWN' if n == 2 else 'UP'}",
+                "net": "net health status: Success",
+            }
+            for n in range(8)
+        },
+    }
+    fake.documents = {"node1": down, "node2": ok_answer()}
+    reconciler.run_pass(Desired(deployments=[]), checker.unusable)
+    checker.step()
+    limits = checker.unusable(reconciler.last_plan.snapshot)
+    assert limits.roce == {
+        "node1": "RoCE on node host1: NPU 2 link DOWN, net health Success (hccn_tool)"
+    }
+    nodes = {n.id: n for n in limits.apply(reconciler.last_plan.snapshot.nodes)}
+    assert nodes["node1"].roce_problem.startswith("RoCE on node host1: NPU 2 link DOWN")
+    assert nodes["node2"].roce_problem == "" and nodes["node1"].accepts_new_replicas

@@ -27,7 +27,7 @@ from typing import Any
 
 from npuswarm.core.npus import parse_npu_ids
 from npuswarm.gateway import protocol
-from npuswarm.nodehealth import agents, checks
+from npuswarm.nodehealth import agents, checks, roce
 
 NPU_SMI = "/usr/local/bin/npu-smi"
 NPU_SMI_TIMEOUT_SECONDS = 20.0
@@ -88,11 +88,56 @@ class AgentState:
             return self.etag, self.body
 
 
-def refresh(state: AgentState, visible: str, npu_smi: str) -> dict[str, Any]:
-    """Read again; returns the validation part (what the container has)."""
-    validation = inspect(visible)
-    state.update({"validation": validation, "npuSmi": read_npu_smi(npu_smi)})
-    return validation
+def read_roce(visible: str, hccn_tool: str = roce.HCCN_TOOL) -> dict[str, Any]:
+    """Each NPU's RoCE link and net health as hccn_tool prints them (parsed by the operator,
+    nodehealth/roce.py); ``present`` False where the node has no hccn_tool."""
+    if not os.path.exists(hccn_tool):
+        return {"present": False}
+    try:
+        npus = sorted(parse_npu_ids(visible))
+    except ValueError:
+        npus = []
+    found: dict[str, dict[str, str]] = {}
+    for npu in npus:
+        found[str(npu)] = {
+            "link": _run([hccn_tool, "-i", str(npu), "-link", "-g"]),
+            "net": _run([hccn_tool, "-i", str(npu), "-net_health", "-g"]),
+        }
+    return {"present": True, "npus": found}
+
+
+def _run(command: list[str]) -> str:
+    try:
+        done = subprocess.run(
+            command, capture_output=True, text=True, timeout=NPU_SMI_TIMEOUT_SECONDS, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired) as failed:
+        return f"error: {failed}"
+    return done.stdout[:2000]
+
+
+class Reader:
+    """What the agent reads on each interval; RoCE (hccn_tool: two calls per NPU) only every
+    ``roce_every``-th time."""
+
+    def __init__(
+        self, visible: str, npu_smi: str, hccn_tool: str = roce.HCCN_TOOL, roce_every: int = 4
+    ) -> None:
+        self.visible, self.npu_smi, self.hccn_tool = visible, npu_smi, hccn_tool
+        self.roce_every = max(1, roce_every)
+        self.count = 0
+        self.roce: dict[str, Any] = {"present": False}
+
+    def refresh(self, state: AgentState) -> dict[str, Any]:
+        """Read again; returns the validation part (what the container has)."""
+        validation = inspect(self.visible)
+        if self.count % self.roce_every == 0:
+            self.roce = read_roce(self.visible, self.hccn_tool)
+        self.count += 1
+        state.update(
+            {"validation": validation, "npuSmi": read_npu_smi(self.npu_smi), "roce": self.roce}
+        )
+        return validation
 
 
 def lacking(validation: dict[str, Any]) -> bool:
@@ -161,6 +206,7 @@ def serve(
     host: str = "",
     stop: threading.Event | None = None,
     recheck_failed: float = 0.0,
+    hccn_tool: str = roce.HCCN_TOOL,
 ) -> ThreadingHTTPServer:
     """Start reading and serving (in threads); returns the server (``shutdown()`` ends it).
     With ``recheck_failed``, a container that lacks what the runtime should give sets
@@ -168,8 +214,9 @@ def serve(
     is then seen, with nothing else restarted."""
     stop = stop or threading.Event()
     state = AgentState()
+    reader = Reader(visible, npu_smi, hccn_tool)
     started = time.monotonic()
-    failed = lacking(refresh(state, visible, npu_smi))  # validation before the first answer
+    failed = lacking(reader.refresh(state))  # validation before the first answer
 
     def keep_reading() -> None:
         while not stop.wait(min(interval, recheck_failed or interval)):
@@ -178,7 +225,7 @@ def serve(
                 stop.set()
                 return
             try:
-                refresh(state, visible, npu_smi)
+                reader.refresh(state)
             except Exception as error:  # the agent keeps serving its last reading
                 print(f"npuswarm agent: reading failed: {error}", flush=True)
 

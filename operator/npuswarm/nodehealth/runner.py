@@ -30,7 +30,7 @@ from npuswarm.core.snapshot import ObservedSecret, SwarmSnapshot
 from npuswarm.gateway import protocol
 from npuswarm.gateway.credentials import Credentials
 from npuswarm.gateway.service import SecretMount
-from npuswarm.nodehealth import agents, npusmi
+from npuswarm.nodehealth import agents, npusmi, roce
 from npuswarm.nodehealth import checks as node_checks
 from npuswarm.nodehealth.checks import NodeVerdicts, Verdict
 from npuswarm.nodehealth.npusmi import NodeHealth
@@ -176,6 +176,8 @@ class NodeChecker:
         self.health: dict[str, NodeHealth] = {}
         self.since: dict[tuple[str, int], datetime] = {}
         self.up: dict[str, tuple[str, bool]] = {}  # node id -> (hostname, agent answered)
+        # node id -> its NPUs' RoCE links (None: no hccn_tool there), from the last answer.
+        self.roce: dict[str, dict[int, roce.RoceLink] | None] = {}
         self._read_at: dict[str, float] = {}
         self._withheld: dict[str, dict[int, str]] = {}
         self._cleaned = not manage
@@ -198,11 +200,20 @@ class NodeChecker:
                 node_id: f"{why}: {self.problem}" if node_id not in verdicts else why
                 for node_id, why in blocked.items()
             }
+        with self._lock:
+            links = dict(self.roce)
+        hostnames = {node.id: node.hostname or node.id for node in snapshot.nodes}
+        roce_problems = {
+            node_id: why
+            for node_id, found in links.items()
+            if node_id in hostnames and (why := roce.problem(hostnames[node_id], found))
+        }
         return NodeLimits(
             nodes=blocked,
             pending=frozenset(n for n in blocked if n not in verdicts and not self.problem),
             npus=withheld.unhealthy,
             busy=withheld.busy,
+            roce=roce_problems,
         )
 
     def withheld(self, snapshot: SwarmSnapshot) -> npusmi.Withheld:
@@ -230,16 +241,22 @@ class NodeChecker:
             for npu, r in sorted(h.npus.items())
         ]
 
-    def npu_readings(self) -> list[tuple[str, npusmi.NpuReading]]:
-        """(node, reading) of every NPU of the last readings, for the npu-exporter metrics."""
+    def npu_readings(self) -> list[tuple[str, npusmi.NpuReading, roce.RoceLink | None]]:
+        """(node, reading, RoCE link or None) of every NPU of the last readings, for the
+        npu-exporter metrics."""
         with self._lock:
             readings = list(self.health.values())
+            links = dict(self.roce)
         return [
-            (h.hostname, reading)
+            (h.hostname, reading, (links.get(h.node_id) or {}).get(npu))
             for h in sorted(readings, key=lambda h: h.hostname)
             if not h.error
-            for _, reading in sorted(h.npus.items())
+            for npu, reading in sorted(h.npus.items())
         ]
+
+    def roce_links(self) -> dict[str, dict[int, roce.RoceLink] | None]:
+        with self._lock:
+            return dict(self.roce)
 
     def agents_up(self) -> list[tuple[str, bool]]:
         """(node, its agent answered the last read) for npuswarm_node_agent_up."""
@@ -315,6 +332,8 @@ class NodeChecker:
                 del self.health[gone]
             for gone in set(self.up) - present:
                 del self.up[gone]
+            for gone in set(self.roce) - present:
+                del self.roce[gone]
         self.reader.forget(present)
         for node in due:
             answer = answers[node.id]
@@ -330,16 +349,21 @@ class NodeChecker:
                 continue
             verdict = agents.verdict(node, answer.document, now)
             reading = agents.health(node, answer.document, now)
+            links = roce.links(answer.document)
             said = self.known.verdicts.get(node.id)
             with self._lock:
                 self._read_at[node.id] = now_s
                 self.up[node.id] = (host, True)
                 self.known.verdicts[node.id] = verdict
+                said_roce = roce.problem(host, self.roce.get(node.id))
+                self.roce[node.id] = links
                 if self.settings.npu_health:
                     self.health[node.id] = reading
                     self.since = npusmi.unhealthy_since(self.since, reading)
             if said is None or said.summary() != verdict.summary():
                 log.info("node validated", node=host, ok=verdict.ok, verdict=verdict.summary())
+            if roce.problem(host, links) != said_roce:
+                log.info("roce links", node=host, problem=roce.problem(host, links) or "none")
 
     def _ensure_agents(self, nodes: Sequence[NodeInfo]) -> None:
         """Node labels, the agents' secrets and one service per NPU set: written only when
