@@ -7,7 +7,6 @@ image. Nothing here is mocked. If the lab cannot start, every test using it erro
 import json
 import os
 import subprocess
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -158,14 +157,7 @@ def operator_image(swarm_lab) -> str:
     if built.returncode != 0:
         pytest.fail(f"hack/build-image failed:\n{built.stderr[-3000:]}")
     tag = built.stdout.strip().splitlines()[-1]
-    with tempfile.TemporaryDirectory() as scratch:
-        tarball = Path(scratch) / "operator.tar"
-        subprocess.run(["docker", "save", "-o", str(tarball), tag], check=True)
-        for node in swarm_lab.nodes:
-            client = swarmlab.docker_client(node.endpoint, timeout=300)
-            if not client.images.list(name=tag):
-                with tarball.open("rb") as data:
-                    client.images.load(data)
+    swarm_lab.load_image(tag)
     return tag
 
 
