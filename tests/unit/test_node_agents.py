@@ -392,3 +392,18 @@ def test_roce_links_down_keep_multi_node_members_away_and_say_why() -> None:
     nodes = {n.id: n for n in limits.apply(reconciler.last_plan.snapshot.nodes)}
     assert nodes["node1"].roce_problem.startswith("RoCE on node host1: NPU 2 link DOWN")
     assert nodes["node2"].roce_problem == "" and nodes["node1"].accepts_new_replicas
+
+
+def test_a_refused_agent_write_still_reads_the_agents_that_run_and_is_tried_again() -> None:
+    swarm = MemorySwarm(nodes=1, npus=8)
+    swarm.refuse["npuswarm-agent-default-0-7"] = "image not allowed"
+    reconciler = Reconciler(swarm, SETTINGS, clock=lambda: NOW)
+    checker, fake = checker_for(swarm, reconciler, SETTINGS)
+    fake.documents = {"node1": ok_answer()}
+    reconciler.run_pass(Desired(deployments=[]), checker.unusable)
+    checker.step()
+    assert checker.verdicts()["node1"].ok, "the agent that runs is read anyway"
+    assert swarm.services == {}
+    del swarm.refuse["npuswarm-agent-default-0-7"]
+    checker.step()
+    assert [s["Spec"]["Name"] for s in swarm.services.values()] == ["npuswarm-agent-default-0-7"]

@@ -284,7 +284,12 @@ class NodeChecker:
             return set()
         nodes = agents.agent_nodes(plan.snapshot.nodes)
         if self.manage and not self.problem:
-            self._ensure_agents(nodes)
+            try:
+                self._ensure_agents(nodes)
+            except (SwarmRejected, SwarmUnavailable) as error:
+                # The agents that run are still read; the next step tries the writes again.
+                log.warning("node agents not written", error=str(error))
+                self._ensured = None
         before = self.verdicts()
         self._read_agents(nodes)
         changed = node_checks.changed(before, self.verdicts())
