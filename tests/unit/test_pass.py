@@ -23,7 +23,7 @@ class Catalog:
         self.found = existing
         self.asked: list[set[str]] = []
 
-    def existing(self, owners: set[str]) -> set[str] | None:
+    def existing(self, owners: set[str], plural: str = "modeldeployments") -> set[str] | None:
         self.asked.append(set(owners))
         return None if self.found is None else owners & self.found
 
@@ -253,3 +253,33 @@ def test_a_replica_on_a_node_that_went_down_is_not_ready_and_degraded_names_the_
     assert (degraded.status, degraded.reason) == ("True", "NodeUnavailable")
     assert node["Description"]["Hostname"] in degraded.message and "60s" in degraded.message
     assert status.readyReplicas == 0 and status.phase == "Degraded"
+
+
+class LosesTheManagerMidPass(MemorySwarm):
+    """Once armed, the next create lands, then the manager is gone."""
+
+    armed = False
+
+    def create_service(self, spec: dict[str, Any]) -> str:
+        made = super().create_service(spec)
+        self.down = self.armed
+        return made
+
+
+def test_after_a_failed_pass_node_checks_see_no_stale_plan() -> None:
+    """Issue 25, item 6: node checks take NPUs from the last plan's free list; after a pass
+    that failed part-way, that was the plan before it, in which the NPUs its landed creates
+    took were still free."""
+    swarm = LosesTheManagerMidPass(nodes=1)
+    r = reconciler(swarm)
+    first = models(1)
+    run(r, first)
+    assert r.last_plan is not None
+    swarm.armed = True
+    with pytest.raises(SwarmUnavailable):
+        run(r, first + [deployment("late", created="2026-01-02T00:00:00Z", replicas=2)])
+    assert len(swarm.services) == 2  # one create landed before the manager went
+    assert r.last_plan is None
+    swarm.down = swarm.armed = False
+    run(r, first + [deployment("late", created="2026-01-02T00:00:00Z", replicas=2)])
+    assert r.last_plan is not None
