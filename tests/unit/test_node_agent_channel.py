@@ -108,10 +108,14 @@ def test_an_agent_certificate_from_another_root_is_not_trusted(
         request(port, protocol.Signer().headers(credential, "GET", agents.STATE_PATH, b""), other)
 
 
-def test_inspect_names_what_the_runtime_did_not_deliver() -> None:
+def test_inspect_names_what_the_runtime_did_not_deliver(monkeypatch: pytest.MonkeyPatch) -> None:
     present = {"/dev/davinci0", *agent.checks.CONTROL_DEVICES, *agent.checks.DRIVER_FILES}
+    monkeypatch.setenv("ASCEND_VISIBLE_DEVICES", "0-7")  # rewritten by something on the way
     found = agent.inspect("0,1", exists=present.__contains__)
     assert found["missing"] == ["/dev/davinci1"] and found["npus"] == "0,1"
+    verdict = agents.verdict(node("n1", hostname="atlas-7"), {"validation": found}, NOW)
+    failed = {c.name: c.message for c in verdict.failures}
+    assert "ASCEND_VISIBLE_DEVICES in the container is '0-7', expected '0,1'" in failed["env"]
 
 
 def test_an_agent_whose_container_failed_validation_stops_for_a_new_container(

@@ -61,6 +61,7 @@ def test_an_agent_is_a_global_service_on_its_npu_set_asking_for_those_npus() -> 
     ]
     assert container["Env"] == [f"ASCEND_VISIBLE_DEVICES={EIGHT}"]
     assert container["Command"] == ["npuswarm", "agent"]
+    assert container["Args"][-2:] == ["--npus", EIGHT], "what was asked, apart from the env"
     assert container["Secrets"][0]["SecretID"] == "id1"
     (port,) = rendered["EndpointSpec"]["Ports"]
     assert (port["PublishedPort"], port["PublishMode"]) == (9109, "host")

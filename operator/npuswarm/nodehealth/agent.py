@@ -36,8 +36,8 @@ IDLE_SECONDS = 120.0
 
 
 def inspect(visible: str, exists: Callable[[str], bool] = os.path.exists) -> dict[str, Any]:
-    """What the runtime gave this container: the validation probe's result line, computed
-    here (nodehealth/checks.py judges it in the operator)."""
+    """What the runtime gave this container that asked for ``visible`` (ids): the paths it
+    lacks and its ``ASCEND_*`` env as seen (nodehealth/checks.py judges them)."""
     try:
         npus = parse_npu_ids(visible)
     except ValueError:
@@ -252,6 +252,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--secrets-dir", default=protocol.SECRETS_DIR)
     parser.add_argument("--npu-smi", default=NPU_SMI)
     parser.add_argument(
+        "--npus",
+        default="",
+        help="the NPU ids the service asked for (default: ASCEND_VISIBLE_DEVICES as seen)",
+    )
+    parser.add_argument(
         "--recheck-failed",
         type=float,
         default=60.0,
@@ -263,7 +268,7 @@ def run(args: argparse.Namespace) -> int:
     directory = args.secrets_dir
     with open(os.path.join(directory, agents.CREDENTIAL_FILE), encoding="ascii") as file:
         credential = protocol.parse_credential(file.read())
-    visible = os.environ.get("ASCEND_VISIBLE_DEVICES", "")
+    visible = args.npus or os.environ.get("ASCEND_VISIBLE_DEVICES", "")
     stop = threading.Event()
     server = serve(
         args.port,

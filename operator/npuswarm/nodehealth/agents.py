@@ -121,6 +121,10 @@ def agent_spec(
                     f"{interval_seconds:g}",
                     "--recheck-failed",
                     f"{recheck_failed_seconds:g}",
+                    # What was asked, apart from the env the runtime may have rewritten: the
+                    # `env` check compares the two.
+                    "--npus",
+                    format_npu_ids(npus),
                 ],
                 # npu-smi opens the driver's devices, root:HwHiAiUser 0660 on Atlas nodes.
                 "User": "0",
