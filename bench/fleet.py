@@ -37,7 +37,7 @@ import tempfile
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -275,6 +275,8 @@ class Options:
     changed: int
     out: Path
     keep: bool
+    # NPUSWARM_* settings that differ from the product's defaults (reported with the figures).
+    settings: dict[str, str] = field(default_factory=dict)
 
 
 class Run:
@@ -292,6 +294,7 @@ class Run:
                 "timeout_s": options.timeout,
                 "phase_timeout_s": options.phase_timeout,
                 "changed": options.changed,
+                "settings": dict(options.settings),
             },
             "phases": {},
         }
@@ -335,7 +338,7 @@ class Run:
 
     def start_operator(self, sim: Sim, kubeconfig: Path) -> tuple[int, str]:
         metrics_port, health_port = free_port(), free_port()
-        env = operator_env(str(kubeconfig), sim.docker_host, metrics_port)
+        env = operator_env(str(kubeconfig), sim.docker_host, metrics_port, self.o.settings)
         with (self.state / "operator.log").open("wb") as log:
             self.operator = subprocess.Popen(
                 operator_command(f"http://127.0.0.1:{health_port}/healthz"),
@@ -830,6 +833,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="JSON result file")
     parser.add_argument("--keep", action="store_true", help="keep logs in the state folder")
     parser.add_argument(
+        "--setting",
+        action="append",
+        default=[],
+        metavar="NPUSWARM_X=VALUE",
+        help="an operator setting other than its default (repeatable; reported in the result)",
+    )
+    parser.add_argument(
         "--report",
         type=Path,
         default=None,
@@ -854,6 +864,7 @@ def main(argv: list[str] | None = None) -> int:
         args.changed,
         out,
         args.keep,
+        dict(item.split("=", 1) for item in args.setting),
     )
     with _state_dir(args.keep) as state:
         print(

@@ -185,8 +185,23 @@ class Lab:
 # --- the operator -------------------------------------------------------------------------------
 
 
+# Node checks are on by default and run a node agent from the operator's image on every NPU
+# node; the manifests set its image and the admin makes the root key (docs/install.md).
+ROOT_KEY = "bench-root-key-0123456789abcdef"
+
+
+def agent_image(lab: swarmlab.Lab) -> str:
+    """hack/build-image's image, loaded into every lab node (no registry here)."""
+    built = subprocess.run(
+        [str(REPO / "hack" / "build-image")], capture_output=True, text=True, check=True
+    )
+    tag = built.stdout.strip().splitlines()[-1]
+    lab.load_image(tag)
+    return tag
+
+
 class Operator:
-    def __init__(self, state: Path, kubeconfig: Path, docker_host: str) -> None:
+    def __init__(self, state: Path, kubeconfig: Path, docker_host: str, image: str) -> None:
         metrics_port, health_port = free_port(), free_port()
         self.health_url = f"http://127.0.0.1:{health_port}/healthz"
         self.log = state / "operator.log"
@@ -194,7 +209,11 @@ class Operator:
             str(kubeconfig),
             docker_host,
             metrics_port,
-            {"NPUSWARM_LOST_NODE_GRACE_SECONDS": f"{GRACE_SECONDS:g}"},
+            {
+                "NPUSWARM_LOST_NODE_GRACE_SECONDS": f"{GRACE_SECONDS:g}",
+                "NPUSWARM_ROOT_KEY": ROOT_KEY,
+                "NPUSWARM_AGENT_IMAGE": image,
+            },
         )
         argv = operator_command(self.health_url)
         with self.log.open("wb") as out:
@@ -231,7 +250,8 @@ class Bench:
             "lab": {"name": LAB_NAME, "nodes": NODES, "npus_per_node": NPUS},
             "settings": {
                 "NPUSWARM_LOST_NODE_GRACE_SECONDS": GRACE_SECONDS,
-                "others": "defaults (resync 30 s, task poll 5 s / 1 s busy)",
+                "others": "defaults (resync 30 s, task poll 5 s / 1 s busy); node agents from "
+                "the operator's image with a root key, as the manifests set them",
                 "poll_s": POLL,
             },
             "starts": [],
@@ -682,7 +702,7 @@ def execute(repeat: int, state: Path) -> dict[str, Any]:
             kube = Kube(plane)
             kubeconfig = kube.install(state)
             kube.kubectl("create", "namespace", NAMESPACE)
-            operator = Operator(state, kubeconfig, lab.endpoint)
+            operator = Operator(state, kubeconfig, lab.endpoint, agent_image(lab))
             bench = Bench(lab_view, kube, operator, repeat)
             try:
                 wait_until(operator.answers, "the operator's liveness endpoint", 60)

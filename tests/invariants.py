@@ -54,8 +54,9 @@ def npu_conflicts(client: Any, label: str | None = None) -> list[str]:
         service = services.get(task["ServiceID"])
         if service is None or not task.get("NodeID"):
             continue
-        if f"{PREFIX}/npu-health-probe" in (service["Spec"].get("Labels") or {}):
-            continue  # npuswarm's NPU health probe runs `npu-smi info` only: it uses no NPU
+        service_labels = service["Spec"].get("Labels") or {}
+        if f"{PREFIX}/npu-health-probe" in service_labels or f"{PREFIX}/node-agent" in service_labels:
+            continue  # npuswarm's node agent (and the earlier health probe) reads npu-smi only
         for device in _devices(_env(service).get("ASCEND_VISIBLE_DEVICES", "")):
             holders.setdefault((task["NodeID"], device), []).append(
                 f"{service['Spec']['Name']}/{task['ID'][:10]}")

@@ -30,6 +30,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import zlib
 from collections.abc import Iterator
@@ -839,6 +840,20 @@ class Lab:
             tmp = path.with_suffix(".tmp")
             tmp.write_text(json.dumps(roce_state(self.config, node.index, roce)))
             os.replace(tmp, path)
+
+    # --- images ---------------------------------------------------------------------------
+    def load_image(self, tag: str) -> None:
+        """Copy an image of the machine's default dockerd onto every node that lacks it (the
+        lab has no registry), e.g. the operator's image for its node agents."""
+        missing = [n for n in self.nodes if not docker_client(n.endpoint).images.list(name=tag)]
+        if not missing:
+            return
+        with tempfile.TemporaryDirectory() as scratch:
+            tarball = Path(scratch) / "image.tar"
+            run("docker", "save", "-o", str(tarball), tag)
+            for node in missing:
+                with tarball.open("rb") as data:
+                    docker_client(node.endpoint, timeout=300).images.load(data)
 
     # --- accounting ---------------------------------------------------------------------
     def memory_kib(self) -> dict[str, int]:

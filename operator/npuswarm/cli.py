@@ -11,7 +11,6 @@ import re
 import signal
 import sys
 import tempfile
-import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -28,12 +27,13 @@ from npuswarm.core import hostpolicy
 from npuswarm.core.clock import utcnow
 from npuswarm.core.nodes import NodeInfo
 from npuswarm.core.npus import device_name, format_npu_ids
-from npuswarm.core.pipeline import Desired, plan_pass
+from npuswarm.core.pipeline import plan_pass
 from npuswarm.core.snapshot import SwarmSnapshot
+from npuswarm.gateway.credentials import Credentials
+from npuswarm.nodehealth import agent as node_agent
 from npuswarm.nodehealth.checks import Verdict
 from npuswarm.nodehealth.npusmi import NodeHealth
 from npuswarm.nodehealth.runner import NodeChecker
-from npuswarm.reconcile import Reconciler
 from npuswarm.settings import Settings
 from npuswarm.stackfiles.compose import StackFileError, parse_compose
 from npuswarm.stackfiles.exporter import export_stack, planned_services
@@ -151,6 +151,7 @@ def nodes_map(
     snapshot: SwarmSnapshot,
     verdicts: Mapping[str, Verdict] | None = None,
     health: Mapping[str, NodeHealth] | None = None,
+    roce_problems: Mapping[str, str] | None = None,
 ) -> str:
     """One block per node: every davinciN with the replica that holds it; with ``verdicts``
     and ``health`` (``--validate``), what node validation and `npu-smi info` found."""
@@ -175,6 +176,8 @@ def nodes_map(
         lines.extend(f"  ! {problem}" for problem in node.problems)
         if verdicts is not None:
             lines.append(_validation_line(node, verdicts.get(node.id)))
+        if node.id in (roce_problems or {}):
+            lines.append(f"  ! {(roce_problems or {})[node.id]}: no multi-node group member")
         if not node.npus:
             lines.append("  (no NPUs)")
         for npu in sorted(node.npus):
@@ -201,35 +204,32 @@ def _health_note(health: Mapping[str, NodeHealth] | None, node_id: str, npu: int
 
 def _validation_line(node: NodeInfo, verdict: Verdict | None) -> str:
     if verdict is None:
-        return "  validation: not probed (not ready, no NPUs, or every NPU in use)"
+        return "  validation: no answer from the node's agent (not ready, no NPUs, or unreachable)"
     if verdict.ok:
         return f"  validation: passed (NPUs {format_npu_ids(verdict.npus)})"
     return "  ! " + verdict.summary()
 
 
-def check_now(
-    swarm: Any, settings: Settings, image: str, timeout_seconds: float, poll_seconds: float = 0.5
-) -> tuple[dict[str, Verdict], dict[str, NodeHealth]]:
-    """Check every node with free NPUs once, now, then read `npu-smi info` on the nodes that
-    passed, and wait for the answers (`npuswarm nodes --validate`). Checks of a running
-    operator are left alone."""
-    reconciler = Reconciler(swarm, settings)
-    try:
-        checker = NodeChecker(
-            swarm, settings, reconciler.lock, lambda: reconciler.last_plan, clean_stale=False
+def read_agents(
+    swarm: Any, settings: Settings
+) -> tuple[dict[str, Verdict], dict[str, NodeHealth], dict[str, str]]:
+    """Read every node's agent once, now (`npuswarm nodes --validate`): what its container got
+    from the runtime, its last `npu-smi info`, and why its RoCE links keep multi-node groups
+    away (node id -> why). Needs the operator's root key to sign."""
+    root = settings.root_key.get_secret_value()
+    if not root:
+        raise UsageError(
+            "--validate reads the node agents: set NPUSWARM_ROOT_KEY as the operator has it"
         )
-        with reconciler.lock:
-            reconciler.last_plan = reconciler.plan(Desired())
-        wanted: list[tuple[dict[str, str], str]] = [({}, image)]
-        checker.step(wanted)
-        deadline = time.monotonic() + timeout_seconds
-        while (checker.running or checker.readings_running) and time.monotonic() < deadline:
-            time.sleep(poll_seconds)
-            checker.step(wanted)
-        checker.close()
-        return checker.verdicts(), checker.readings()
+    snapshot = swarm.observe()
+    checker = NodeChecker(
+        swarm, settings, lambda: None, Credentials(root, settings.instance), manage=False
+    )
+    try:
+        checker.read_now(snapshot.nodes)
+        return checker.verdicts(), checker.readings(), dict(checker.unusable(snapshot).roce)
     finally:
-        reconciler.close()
+        checker.close()
 
 
 def cmd_nodes(args: argparse.Namespace) -> int:
@@ -237,11 +237,9 @@ def cmd_nodes(args: argparse.Namespace) -> int:
     swarm = Swarm(timeout=settings.docker_timeout_seconds, instance=settings.instance)
     verdicts: dict[str, Verdict] | None = None
     health: dict[str, NodeHealth] = {}
+    roce_problems: dict[str, str] = {}
     if args.validate:
-        image = args.probe_image or settings.node_probe_image
-        if not image:
-            raise UsageError("--validate needs --probe-image IMAGE (an image with python3)")
-        verdicts, health = check_now(swarm, settings, image, args.timeout)
+        verdicts, health, roce_problems = read_agents(swarm, settings)
     snapshot = swarm.observe()
     if args.output == "json":
         data = [
@@ -256,11 +254,12 @@ def cmd_nodes(args: argparse.Namespace) -> int:
             }
             | ({"validation": _verdict_json(verdicts.get(n.id))} if verdicts is not None else {})
             | ({"npuHealth": _health_json(health[n.id])} if n.id in health else {})
+            | ({"roce": roce_problems[n.id]} if n.id in roce_problems else {})
             for n in snapshot.nodes
         ]
         print(json.dumps(data, indent=2))
     else:
-        print(nodes_map(snapshot, verdicts, health))
+        print(nodes_map(snapshot, verdicts, health, roce_problems))
     if verdicts is not None and any(not v.ok for v in verdicts.values()):
         return 1
     return 0
@@ -486,13 +485,15 @@ def build_parser() -> argparse.ArgumentParser:
     nodes.add_argument(
         "--validate",
         action="store_true",
-        help="run a validation probe on every node's free NPUs now (exit 1 if one fails)",
+        help="read every node's agent now and show its verdict (exit 1 if one fails)",
     )
-    nodes.add_argument(
-        "--probe-image", help="image for --validate, with python3 (NPUSWARM_NODE_PROBE_IMAGE)"
-    )
-    nodes.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for probes")
     nodes.set_defaults(func=cmd_nodes)
+
+    agent = sub.add_parser(
+        "agent", help="run the node agent (in the agent service npuswarm creates on each node)"
+    )
+    node_agent.add_arguments(agent)
+    agent.set_defaults(func=node_agent.run)
 
     crd_cmd = sub.add_parser("crd", help="print the CRD generated from the API models")
     crd_cmd.add_argument("--check", metavar="PATH", help="fail if PATH differs from the output")

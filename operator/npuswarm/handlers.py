@@ -93,7 +93,7 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **kwargs: Any)
 
 
 def gateway_credentials(config: Settings) -> Credentials | None:
-    root = config.gateway_root_key.get_secret_value()
+    root = config.root_key.get_secret_value()
     return Credentials(root, config.instance) if root else None
 
 

@@ -17,6 +17,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 
 from npuswarm.api.meta import split_key
+from npuswarm.nodehealth.npusmi import NpuReading
+from npuswarm.nodehealth.roce import NET_HEALTHY, RoceLink
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 CONTROLLER = "modeldeployment"
@@ -341,3 +343,98 @@ class NpuHealthCollector:
 
 npu_health = NpuHealthCollector()
 REGISTRY.register(npu_health)
+
+
+class NodeAgentCollector:
+    """npuswarm_node_agent_up{node}: 1 when the node's agent answered the last read, 0 when it
+    did not (the node's health is then unknown: nothing moves for it). nodehealth/runner.py
+    sets the source."""
+
+    def __init__(self) -> None:
+        self.source: Callable[[], list[tuple[str, bool]]] | None = None
+
+    def collect(self) -> Iterator[Metric]:
+        family = GaugeMetricFamily(
+            "npuswarm_node_agent_up",
+            "1 when the node agent answered the operator's last read, 0 otherwise.",
+            labels=["node"],
+        )
+        source = self.source
+        for node, up in source() if source is not None else []:
+            family.add_metric([node], 1 if up else 0)
+        yield family
+
+    def describe(self) -> Iterator[Metric]:
+        return self.collect()
+
+
+node_agent_up = NodeAgentCollector()
+REGISTRY.register(node_agent_up)
+
+
+# Huawei's npu-exporter names (MindCluster), so Ascend dashboards read npuswarm's readings:
+# (name, help, what of a reading). docs/monitoring.md has the mapping.
+NPU_EXPORTER_LABELS = ["id", "model_name", "pcie_bus_info", "node"]
+NPU_EXPORTER_GAUGES: tuple[tuple[str, str, str], ...] = (
+    ("npu_chip_info_hbm_used_memory", "HBM in use (MB), from npu-smi info.", "hbm_used_mb"),
+    ("npu_chip_info_hbm_total_memory", "HBM size (MB), from npu-smi info.", "hbm_total_mb"),
+    ("npu_chip_info_temperature", "Chip temperature (C), from npu-smi info.", "temperature_c"),
+    ("npu_chip_info_power", "Chip power (W), from npu-smi info.", "power_w"),
+    ("npu_chip_info_utilization", "AI Core use (%), from npu-smi info.", "aicore_percent"),
+)
+
+
+class NpuExporterCollector:
+    """Per NPU of the node agents' last readings, under npu-exporter's names and labels
+    (``vdie_id`` and the pod labels are not read: left out). nodehealth/runner.py sets the
+    source: (node, reading) pairs."""
+
+    def __init__(self) -> None:
+        self.source: Callable[[], list[tuple[str, NpuReading, RoceLink | None]]] | None = None
+
+    def collect(self) -> Iterator[Metric]:
+        source = self.source
+        readings = source() if source is not None else []
+        health = GaugeMetricFamily(
+            "npu_chip_info_health_status",
+            "1 when npu-smi reads the chip's health as OK, 0 otherwise (npu-exporter's rule).",
+            labels=NPU_EXPORTER_LABELS,
+        )
+        for node, reading, _ in readings:
+            health.add_metric(_exporter_labels(node, reading), 1 if reading.health == "OK" else 0)
+        yield health
+        for name, text, attribute in NPU_EXPORTER_GAUGES:
+            family = GaugeMetricFamily(name, text, labels=NPU_EXPORTER_LABELS)
+            for node, reading, _ in readings:
+                value = getattr(reading, attribute)
+                if value is not None:
+                    family.add_metric(_exporter_labels(node, reading), float(value))
+            yield family
+        link = GaugeMetricFamily(
+            "npu_chip_info_link_status",
+            "1 when hccn_tool reads the NPU's RoCE link UP, 0 otherwise.",
+            labels=NPU_EXPORTER_LABELS,
+        )
+        network = GaugeMetricFamily(
+            "npu_chip_info_network_status",
+            "1 when hccn_tool reads the NPU's net health Success or Init, 0 otherwise.",
+            labels=NPU_EXPORTER_LABELS,
+        )
+        for node, reading, roce in readings:
+            if roce is not None:
+                link.add_metric(_exporter_labels(node, reading), 1 if roce.link == "UP" else 0)
+                healthy = roce.net_health in NET_HEALTHY
+                network.add_metric(_exporter_labels(node, reading), 1 if healthy else 0)
+        yield link
+        yield network
+
+    def describe(self) -> Iterator[Metric]:
+        return self.collect()
+
+
+def _exporter_labels(node: str, reading: NpuReading) -> list[str]:
+    return [str(reading.npu), reading.name, reading.bus_id, node]
+
+
+npu_exporter = NpuExporterCollector()
+REGISTRY.register(npu_exporter)

@@ -30,7 +30,7 @@ NO_HOST_PATHS = "none"
 WRITABLE_SUFFIX = ":rw"
 MIN_ROOT_KEY_LENGTH = 16
 # Settings whose values never appear in a message.
-SECRET_FIELDS = frozenset({"gateway_root_key"})
+SECRET_FIELDS = frozenset({"root_key"})
 
 
 class Settings(BaseSettings):
@@ -64,29 +64,33 @@ class Settings(BaseSettings):
     # Which npuswarm installation this is, when several share one Swarm: each owns only the
     # services carrying its name, and treats the others' as foreign. It is a label value.
     instance: str = Field("default", pattern=r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
-    # The root of every ModelGateway's own credential and of the gateways' TLS CA
-    # (gateway/credentials.py); it never leaves the operator. Empty: gateways are reported
-    # NotConfigured and not run. NPUSWARM_GATEWAY_TOKEN, its name before 0.2, still works.
-    gateway_root_key: SecretStr = Field(
+    # The root of every credential npuswarm hands out: gateways' and node agents', and of
+    # their TLS CA (gateway/credentials.py); it never leaves the operator. Empty: gateways are
+    # reported NotConfigured and node agents are not run. Its earlier names,
+    # NPUSWARM_GATEWAY_ROOT_KEY and NPUSWARM_GATEWAY_TOKEN, still work.
+    root_key: SecretStr = Field(
         SecretStr(""),
         validation_alias=AliasChoices(
-            "gateway_root_key", f"{ENV_PREFIX}GATEWAY_ROOT_KEY", f"{ENV_PREFIX}GATEWAY_TOKEN"
+            "root_key",
+            f"{ENV_PREFIX}ROOT_KEY",
+            "gateway_root_key",
+            f"{ENV_PREFIX}GATEWAY_ROOT_KEY",
+            f"{ENV_PREFIX}GATEWAY_TOKEN",
         ),
     )
-    # Node validation (docs/node-health.md): a one-shot probe task on each node checks that
-    # Ascend Docker Runtime really gives its NPUs to containers before replicas go there.
+    # Node checks (docs/node-health.md): a node agent on each NPU node checks that Ascend
+    # Docker Runtime really gives its NPUs to containers before replicas go there, and reads
+    # npu-smi; the operator reads it over TLS on the agent port (host mode, on the node's
+    # address). The agent's image is the operator's own (the admin pins it, by digest).
     node_validation: bool = True
-    # How often a node that passed is checked again; one that failed, sooner (a fix is seen).
-    node_check_seconds: float = Field(3600.0, gt=0, le=30 * 86400, allow_inf_nan=False)
+    agent_image: str = ""
+    agent_port: int = Field(9109, ge=1, le=65535)
+    # The agent checks its container on every reading; one that failed validation exits this
+    # long after its start, so that Swarm gives it a new container that sees a fixed node.
     node_recheck_failed_seconds: float = Field(60.0, gt=0, le=86400, allow_inf_nan=False)
-    # A probe not finished by then fails the node (a first pull of a vLLM image is slow).
-    node_probe_timeout_seconds: float = Field(600.0, gt=0, le=86400, allow_inf_nan=False)
-    # The probe's image (needs python3); empty: the image of the oldest deployment that
-    # wants the node, which its replicas pull anyway.
-    node_probe_image: str = ""
-    # NPU health: how often each validated node's `npu-smi info` is read by a probe task, and
-    # how long a replica may stay on an unhealthy NPU before it moves (a blip of a few
-    # seconds should not cost minutes of model loading).
+    # NPU health: how often each node's agent reads `npu-smi info` (and the operator reads
+    # the agent), and how long a replica may stay on an unhealthy NPU before it moves (a blip
+    # of a few seconds should not cost minutes of model loading).
     npu_health: bool = True
     npu_health_seconds: float = Field(30.0, gt=0, le=86400, allow_inf_nan=False)
     npu_unhealthy_grace_seconds: float = Field(120.0, ge=0, le=7 * 86400, allow_inf_nan=False)
@@ -160,7 +164,7 @@ class Settings(BaseSettings):
             roots.append(root + (WRITABLE_SUFFIX if raw.endswith(WRITABLE_SUFFIX) else ""))
         return tuple(roots)
 
-    @field_validator("gateway_root_key", mode="after")
+    @field_validator("root_key", mode="after")
     @classmethod
     def _long_enough(cls, value: SecretStr) -> SecretStr:
         if value.get_secret_value() and len(value.get_secret_value()) < MIN_ROOT_KEY_LENGTH:

@@ -304,6 +304,23 @@ class Swarm:
             if "not found" not in str(error):
                 raise
 
+    def set_node_label(self, node_id: str, key: str, value: str) -> None:
+        """Set one label of a node, keeping the rest of its spec (the node agents' NPU-set
+        label, nodehealth/agents.py: the only node label npuswarm writes)."""
+        for _ in range(UPDATE_ATTEMPTS):
+            node = self._call("inspect_node", "inspect_node", node_id)
+            spec = dict(node.get("Spec") or {})
+            spec["Labels"] = dict(spec.get("Labels") or {}) | {key: value}
+            try:
+                self._call(
+                    "update_node", "update_node", node_id, int(node["Version"]["Index"]), spec
+                )
+                return
+            except SwarmRejected as error:
+                if OUT_OF_SEQUENCE not in str(error):
+                    raise
+        raise SwarmUnavailable(f"update_node {node_id}: still out of sequence")
+
     def service_tasks(self, service_id: str) -> list[dict[str, Any]]:
         found: list[dict[str, Any]] = self._call(
             "list_tasks", "tasks", filters={"service": service_id}

@@ -21,10 +21,14 @@ from docker.types import (
 )
 
 import swarmlab
+from npuswarm.nodehealth import agents
 from npuswarm.settings import Settings
+from tests.helpers import wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 LAB_NAME = os.environ.get("NPUSWARM_TEST_LAB_NAME", "npsltest")
+# The operator's root key in tests that run node agents (their credential derives from it).
+ROOT_KEY = "lab-root-key-0123456789abcdef"
 TASK_TIMEOUT = 60.0
 
 
@@ -156,6 +160,48 @@ def ask_from_client_container(manager, network: str, url: str, count: int) -> li
         client.remove(force=True)
     assert exit_code == 0, output
     return [json.loads(line) for line in output.splitlines()]
+
+
+@pytest.fixture(scope="session")
+def operator_image(swarm_lab) -> str:
+    """hack/build-image's image, loaded into every lab node (no registry here)."""
+    built = subprocess.run(
+        [str(REPO / "hack" / "build-image")], capture_output=True, text=True, check=False
+    )
+    if built.returncode != 0:
+        pytest.fail(f"hack/build-image failed:\n{built.stderr[-3000:]}")
+    tag = built.stdout.strip().splitlines()[-1]
+    swarm_lab.load_image(tag)
+    return tag
+
+
+@pytest.fixture
+def agents_removed(swarm_lab):
+    """Each test starts its agents itself (a node's runtime switch is read at container
+    creation) and leaves none behind."""
+    api = swarm_lab.client(1).api
+
+    def remove() -> None:
+        for service in api.services(filters={"label": agents.AGENT}):
+            api.remove_service(service["ID"])
+        wait_for(
+            lambda: not [
+                c
+                for k in (1, 2, 3)
+                for c in swarm_lab.client(k).api.containers(
+                    filters={"label": "com.docker.swarm.service.name"}
+                )
+                if c["Labels"].get("com.docker.swarm.service.name", "").startswith("npuswarm-agent")
+            ],
+            "agent containers gone",
+            timeout=30,
+        )
+        for secret in api.secrets(filters={"label": agents.AGENT}):
+            api.remove_secret(secret["ID"])
+
+    remove()
+    yield
+    remove()
 
 
 @pytest.fixture(scope="session")

@@ -21,7 +21,8 @@ from npuswarm.swarm import Swarm
 from tests.helpers import sample, wait_for
 from tests.invariants import npu_conflicts
 
-from .test_node_validation import body, probes_left
+from .conftest import ROOT_KEY
+from .test_node_agent import body
 
 pytestmark = pytest.mark.lab
 
@@ -55,8 +56,10 @@ def entry(name: str) -> dict[str, Any]:
 class Operator:
     """Runtime in an event loop of its own thread, as kopf would run it."""
 
-    def __init__(self, lab: swarmlab.Lab, index: dict[Any, Any]) -> None:
+    def __init__(self, lab: swarmlab.Lab, index: dict[Any, Any], agent_image: str) -> None:
         self.settings = Settings(
+            root_key=ROOT_KEY,
+            agent_image=agent_image,
             resync_seconds=600,
             task_poll_seconds=1,
             node_recheck_failed_seconds=1,
@@ -106,15 +109,16 @@ class Operator:
         runtime.reconciler.close()
 
 
+@pytest.mark.usefixtures("agents_removed")
 def test_the_operator_skips_a_node_without_the_runtime_and_uses_it_once_fixed(
-    swarm_lab: swarmlab.Lab,
+    swarm_lab: swarmlab.Lab, operator_image: str
 ) -> None:
     broken_id, broken_host = swarm_lab.node_id(3), swarm_lab.node(3).hostname
     swarm_lab.set_runtime_installed(3, False)
     errors_before = sample(metrics.REGISTRY, "npuswarm_background_errors_total", loop="node-check")
     api = swarm_lab.client(1).api
     try:
-        with Operator(swarm_lab, {("lab", "operated"): [entry("operated")]}) as operator:
+        with Operator(swarm_lab, {("lab", "operated"): [entry("operated")]}, operator_image) as operator:
             started = time.monotonic()
 
             def reported() -> dict[str, Any] | None:
@@ -123,7 +127,7 @@ def test_the_operator_skips_a_node_without_the_runtime_and_uses_it_once_fixed(
                     (c for c in status.get("conditions", []) if c["type"] == "Degraded"), {}
                 )
                 wanted = f"Ascend Docker Runtime is not the default runtime on node {broken_host}"
-                # The other two nodes' probes may end after the broken one's: placed on both.
+                # The other two nodes' agents may answer after the broken one's: placed on both.
                 named = wanted in degraded.get("message", "")
                 return status if named and status.get("placedReplicas") == 2 else None
 
@@ -158,4 +162,3 @@ def test_the_operator_skips_a_node_without_the_runtime_and_uses_it_once_fixed(
         sample(metrics.REGISTRY, "npuswarm_background_errors_total", loop="node-check")
         == errors_before
     )
-    wait_for(lambda: not probes_left(swarm_lab), "no probe service left", timeout=30)

@@ -149,7 +149,18 @@ def test_fake_npu_smi_table_shows_power_temperature_and_aicore_in_the_same_colum
     )
     assert {len(line) for line in lines} == {len(IDLE_TABLE.splitlines()[0])}
     readings = npusmi.parse_npu_smi(out)
-    assert readings[1] == npusmi.NpuReading(1, "Alarm", 30000, 32768, ())
+    assert readings[1] == npusmi.NpuReading(
+        1,
+        "Alarm",
+        30000,
+        32768,
+        (),
+        name="910B4",
+        bus_id="0000:C2:00.0",
+        power_w=301.5,
+        temperature_c=71.0,
+        aicore_percent=97.0,
+    )
     assert readings[0].healthy and not readings[1].healthy
 
 

@@ -428,8 +428,10 @@ def test_image_can_be_replaced_with_kustomize_images(kubectl: str, tmp_path: Pat
         check=True,
     )
     objects = [o for o in yaml.safe_load_all(result.stdout) if o]
-    image = operator_container(objects)["image"]
-    assert image == "registry.example.com/ai/npuswarm:0.2.0"
+    container = operator_container(objects)
+    assert container["image"] == "registry.example.com/ai/npuswarm:0.2.0"
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["NPUSWARM_AGENT_IMAGE"] == container["image"], "the node agents follow the edit"
 
 
 # --- production: peering -------------------------------------------------------------------

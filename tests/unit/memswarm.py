@@ -122,6 +122,11 @@ class MemorySwarm:
             raise SwarmRejected(f"remove_secret: secret is in use by the following service: {users[0]}")
         self.secrets.pop(secret_id, None)
 
+    def set_node_label(self, node_id: str, key: str, value: str) -> None:
+        self._call("update_node", node_id)
+        node = next(n for n in self.nodes if n["ID"] == node_id)
+        node["Spec"].setdefault("Labels", {})[key] = value
+
     def ping(self) -> bool:
         return not self.down
 

@@ -1,5 +1,5 @@
-"""NPU health from `npu-smi info`: parsing, which NPUs placement leaves alone and when, and a
-pass that moves a replica off an unhealthy NPU after the grace (pure and in-memory Swarm)."""
+"""NPU health from `npu-smi info`: parsing, and which NPUs placement leaves alone and when
+(pure). A pass that moves a replica off an unhealthy NPU: tests/unit/test_node_agents.py."""
 
 from __future__ import annotations
 
@@ -10,17 +10,11 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from npuswarm.nodehealth import checks as node_checks, npusmi
+from npuswarm.nodehealth import npusmi
 from npuswarm.nodehealth.npusmi import NodeHealth, NpuReading, Process
-from npuswarm.core.snapshot import snapshot_from_engine
-from npuswarm.nodehealth.runner import NodeChecker
-from npuswarm.reconcile import Reconciler
-from npuswarm.core.pipeline import Desired
-from npuswarm.settings import Settings
 
-from .builders import NOW, deployment, node
+from .builders import NOW
 from .memswarm import MemorySwarm
-from .test_node_checks import ProbingSwarm
 
 FAKE_NPU_SMI = Path(__file__).resolve().parents[2] / "hack" / "fake-npu-smi"
 
@@ -48,10 +42,28 @@ REAL_TABLE = """\
 """
 
 
+def test_a_column_printed_na_is_not_a_number() -> None:
+    na = REAL_TABLE.replace("| 88.1        41 ", "| NA          NA ")
+    found = npusmi.parse_npu_smi(na)
+    assert (found[0].power_w, found[0].temperature_c, found[0].hbm_used_mb) == (None, None, 29012)
+
+
 def test_parses_health_hbm_and_processes_of_each_chip() -> None:
     found = npusmi.parse_npu_smi(REAL_TABLE)
-    assert found[0] == NpuReading(0, "OK", 29012, 32768, (Process(381727, "python3.11", 25600),))
-    assert found[1] == NpuReading(1, "Alarm", 3366, 32768, ())
+    assert found[0] == NpuReading(
+        0,
+        "OK",
+        29012,
+        32768,
+        (Process(381727, "python3.11", 25600),),
+        name="910B4",
+        bus_id="0000:C1:00.0",
+        power_w=88.1,
+        temperature_c=41.0,
+        aicore_percent=0.0,
+    )
+    assert (found[1].health, found[1].hbm_used_mb, found[1].processes) == ("Alarm", 3366, ())
+    assert (found[1].bus_id, found[1].temperature_c) == ("0000:C2:00.0", 43.0)
     assert found[0].healthy and not found[1].healthy
     assert npusmi.parse_npu_smi("npu-smi: command not found") == {}
 
@@ -76,7 +88,9 @@ def test_parses_what_the_labs_stand_in_prints(tmp_path: Path) -> None:
     ).stdout
     found = npusmi.parse_npu_smi(out)
     assert sorted(found) == list(range(8))
-    assert found[2] == NpuReading(2, "Critical", 100, 32768, (Process(7, "vllm", 90),))
+    two = found[2]
+    assert (two.health, two.hbm_used_mb, two.hbm_total_mb) == ("Critical", 100, 32768)
+    assert two.processes == (Process(7, "vllm", 90),)
     assert all(found[n].healthy for n in found if n != 2)
 
 
@@ -113,144 +127,6 @@ def test_withheld_unhealthy_free_at_once_held_after_grace_and_foreign_processes(
     late = npusmi.withheld_npus(health, since, held, NOW + timedelta(seconds=60), 60).all()
     assert set(late["a"]) == {0, 1, 2}
     assert late["a"][1] == "NPU 1 on node host-a is unhealthy (npu-smi: Alarm, for 60s)"
-
-
-def test_a_health_probe_is_read_only_and_never_a_claim() -> None:
-    spec = npusmi.reading_spec(node("n1"), "img", "default", "x")
-    assert spec["TaskTemplate"]["ContainerSpec"]["Command"] == ["npu-smi", "info"]
-    assert "ReplicatedJob" in spec["Mode"]
-    raw = {"ID": "h1", "Spec": spec}
-    task = {
-        "ID": "t",
-        "ServiceID": "h1",
-        "NodeID": "n1",
-        "DesiredState": "running",
-        "Status": {"State": "running"},
-    }
-    snapshot = snapshot_from_engine([], [raw], [task], [])
-    assert snapshot.foreign == [] and snapshot.services == []
-    assert spec["Name"] in snapshot.names()
-
-
-class HealthSwarm(ProbingSwarm):
-    """Validation probes pass; health probes print the table `tables` holds for their node."""
-
-    def __init__(self, tables: dict[str, str], **kw: Any) -> None:
-        super().__init__({}, **kw)
-        self.tables = tables
-
-    def service_tasks(self, service_id: str) -> list[dict[str, Any]]:
-        labels = self.services[service_id]["Spec"]["Labels"]
-        if npusmi.READING in labels:
-            return [
-                {
-                    "ID": "t",
-                    "CreatedAt": "x",
-                    "Status": {"State": "complete", "ContainerStatus": {"ExitCode": 0}},
-                }
-            ]
-        node_id = labels[node_checks.CHECK_NODE]
-        npus = labels[node_checks.CHECK_NPUS]
-        self.answers[node_id] = {
-            "missing": [],
-            "env": {"ASCEND_VISIBLE_DEVICES": npus, "ASCEND_DOCKER_RUNTIME": "True"},
-        }
-        return super().service_tasks(service_id)
-
-    def service_logs(self, service_id: str) -> str:
-        labels = self.services[service_id]["Spec"]["Labels"]
-        if npusmi.READING in labels:
-            return self.tables.get(labels[npusmi.READING_NODE], "")
-        return super().service_logs(service_id)
-
-
-def table(unhealthy: set[int]) -> str:
-    rows = []
-    for npu in range(8):
-        health = "Critical" if npu in unhealthy else "OK"
-        rows.append(
-            f"| {npu:<5} 910B4               | {health:<13} | 86.5        40                0    / 0             |"
-        )
-        rows.append(
-            "| 0                         | 0000:C1:00.0  | 0           0    / 0          0 / 32768            |"
-        )
-    return "\n".join(rows)
-
-
-def test_a_replica_on_an_unhealthy_npu_moves_after_the_grace_and_the_npu_comes_back() -> None:
-    clock = [NOW]
-    settings = Settings(npu_unhealthy_grace_seconds=60, npu_health_seconds=10)
-    swarm = HealthSwarm({}, nodes=2, npus=8)
-    reconciler = Reconciler(swarm, settings, clock=lambda: clock[0])
-    checker = NodeChecker(
-        swarm, settings, reconciler.lock, lambda: reconciler.last_plan, clock=lambda: clock[0]
-    )
-    md = deployment("qwen3", replicas=1, npusPerReplica=4)
-    desired = Desired(deployments=[md])
-    wanted = [({}, md.spec.image)]
-
-    def turn() -> set[str]:
-        changed = checker.step(wanted)
-        reconciler.run_pass(desired, checker.unusable)
-        swarm.run_all()
-        return changed
-
-    for _ in range(4):  # validate both nodes, place the replica, read health once
-        turn()
-    replica = next(
-        s["Spec"]["Labels"]
-        for s in swarm.services.values()
-        if "npuswarm.io/npus" in s["Spec"]["Labels"]
-    )
-    where, npus = replica["npuswarm.io/node"], replica["npuswarm.io/npus"]
-    bad = int(npus.split(",")[0])
-    swarm.tables[where] = table({bad})
-    clock[0] += timedelta(seconds=11)
-    turn()  # starts a health probe
-    turn()  # reads it: unhealthy, but within the grace the replica stays
-    assert (bad in checker.health[where].npus) and not checker.health[where].npus[bad].healthy
-    still = next(
-        s["Spec"]["Labels"]
-        for s in swarm.services.values()
-        if "npuswarm.io/npus" in s["Spec"]["Labels"]
-    )
-    assert (still["npuswarm.io/node"], still["npuswarm.io/npus"]) == (where, npus)
-
-    clock[0] += timedelta(seconds=61)
-    assert where in turn(), "the grace running out changes what is withheld"
-    turn()
-    moved = next(
-        s["Spec"]["Labels"]
-        for s in swarm.services.values()
-        if "npuswarm.io/npus" in s["Spec"]["Labels"]
-    )
-    assert (moved["npuswarm.io/node"], moved["npuswarm.io/npus"]) != (where, npus)
-    if moved["npuswarm.io/node"] == where:
-        assert bad not in {int(n) for n in moved["npuswarm.io/npus"].split(",")}
-    limits = checker.unusable(reconciler.last_plan.snapshot)
-    assert bad in limits.npus[where]
-
-    swarm.tables[where] = table(set())
-    clock[0] += timedelta(seconds=11)
-    turn()
-    turn()
-    assert not checker.unusable(reconciler.last_plan.snapshot).npus, "healthy again: usable"
-
-
-def test_no_health_probe_on_a_node_that_failed_validation() -> None:
-    swarm = ProbingSwarm({}, nodes=1, npus=8)
-    reconciler = Reconciler(swarm, Settings(), clock=lambda: NOW)
-    checker = NodeChecker(
-        swarm, Settings(), reconciler.lock, lambda: reconciler.last_plan, clock=lambda: NOW
-    )
-    swarm.answers["node1"] = {"missing": ["/dev/davinci0"], "env": {}}
-    md = deployment("qwen3")
-    for _ in range(3):
-        reconciler.run_pass(Desired(deployments=[md]), checker.unusable)
-        checker.step([({}, md.spec.image)])
-    assert not checker.verdicts()["node1"].ok
-    assert checker.readings_running == {} and checker.health == {}
-    assert not any(npusmi.READING in s["Spec"]["Labels"] for s in swarm.services.values())
 
 
 def test_npu_gauges_count_unhealthy_and_busy_npus() -> None:

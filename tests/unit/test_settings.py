@@ -101,3 +101,25 @@ def test_operator_start_with_a_bad_setting_is_one_line_and_no_traceback() -> Non
     assert result.stderr.strip() == (
         "npuswarm: invalid settings: NPUSWARM_RESYNC_SECONDS='0': Input should be greater than 0"
     )
+
+
+@pytest.mark.parametrize(
+    "name", ["NPUSWARM_ROOT_KEY", "NPUSWARM_GATEWAY_ROOT_KEY", "NPUSWARM_GATEWAY_TOKEN"]
+)
+def test_the_root_key_is_read_under_its_name_and_its_earlier_ones(
+    monkeypatch: pytest.MonkeyPatch, name: str
+) -> None:
+    monkeypatch.setenv(name, "a-root-key-of-32-characters-long!")
+    assert Settings.from_env().root_key.get_secret_value() == "a-root-key-of-32-characters-long!"
+
+
+def test_node_agent_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert (Settings.from_env().agent_image, Settings.from_env().agent_port) == ("", 9109)
+    monkeypatch.setenv("NPUSWARM_AGENT_IMAGE", "registry.example.com/npuswarm@sha256:abc")
+    monkeypatch.setenv("NPUSWARM_AGENT_PORT", "19109")
+    settings = Settings.from_env()
+    assert settings.agent_image == "registry.example.com/npuswarm@sha256:abc"
+    assert settings.agent_port == 19109
+    monkeypatch.setenv("NPUSWARM_ROOT_KEY", "short")
+    with pytest.raises(SystemExit, match="NPUSWARM_ROOT_KEY=<hidden>"):
+        Settings.from_env()

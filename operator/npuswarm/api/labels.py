@@ -34,7 +34,18 @@ DEFAULT_INSTANCE = "default"
 # it as a claim (core/snapshot.py skips services with this label).
 NPU_SMI_READING = f"{PREFIX}/npu-health-probe"
 
+# A node agent's service and secrets (nodehealth/agents.py; value: the installation). The agent
+# only reads: it asks for every NPU of its nodes, those replicas hold included, so a pass does
+# not read it as a claim (core/snapshot.py skips services with this label), and it never
+# carries MANAGED_BY: it is no replica, no orphan and no gateway.
+NODE_AGENT = f"{PREFIX}/node-agent"
+NODE_AGENT_SET = f"{PREFIX}/node-agent-npus"
+
 # Node labels.
+# The NPU set a node's agent asks for, written by npuswarm (the only node label it writes):
+# each agent service is constrained to the nodes of one NPU set (nodehealth/agents.py).
+# Reverse-DNS without a slash: Swarm refuses a "/" in a constraint's label key.
+NODE_AGENT_NPUS = "io.npuswarm.agent-npus"
 NODE_NPUS = f"{PREFIX}/npus"
 NODE_NPUS_RESERVED = f"{PREFIX}/npus-reserved"
 NODE_TOPOLOGY = f"{PREFIX}/topology"

@@ -39,6 +39,9 @@ class NodeInfo(BaseModel):
     # NPUs kept out of use by npu-smi readings (nodehealth/npusmi.py), with why; also in
     # ``reserved``.
     withheld: dict[int, str] = {}
+    # Why the node takes no member of a multi-node group: its NPUs' RoCE links are down or
+    # unhealthy (nodehealth/roce.py); "" when fine or not known.
+    roce_problem: str = ""
 
     @property
     def usable_npus(self) -> frozenset[int]:
@@ -84,9 +87,11 @@ class NodeLimits:
     # must avoid for a cool-down.
     move: Mapping[tuple[str, str], str] = field(default_factory=dict)
     avoid: Mapping[tuple[str, str], frozenset[str]] = field(default_factory=dict)
+    # Node id -> why it takes no multi-node group member (RoCE links, nodehealth/roce.py).
+    roce: Mapping[str, str] = field(default_factory=dict)
 
     def apply(self, nodes: list[NodeInfo]) -> list[NodeInfo]:
-        if not self.nodes and not self.npus and not self.busy:
+        if not self.nodes and not self.npus and not self.busy and not self.roce:
             return nodes
         limited = []
         for node in nodes:
@@ -101,6 +106,8 @@ class NodeLimits:
             if withheld:
                 update["withheld"] = withheld
                 update["reserved"] = node.reserved | frozenset(withheld)
+            if node.id in self.roce:
+                update["roce_problem"] = self.roce[node.id]
             limited.append(node.model_copy(update=update) if update else node)
         return limited
 

@@ -195,8 +195,10 @@ def snapshot_from_engine(
     others: list[dict[str, Any]] = []
     for raw in services:
         service_labels = (raw.get("Spec") or {}).get("Labels") or {}
-        if labels.NPU_SMI_READING in service_labels:
-            continue  # reads npu-smi only: it shares NPUs and claims none (nodehealth/npusmi.py)
+        if labels.NPU_SMI_READING in service_labels or labels.NODE_AGENT in service_labels:
+            # Reads npu-smi only: it shares NPUs and claims none (nodehealth/agents.py; the
+            # npu-smi reading services of earlier versions, nodehealth/npusmi.py).
+            continue
         (owned if is_own(service_labels, instance) else others).append(raw)
     by_id: dict[str, ObservedService] = {}
     for raw in owned:

@@ -1,6 +1,7 @@
-"""Each ModelGateway's own credential and TLS certificate (docs/security.md).
+"""Each ModelGateway's own credential and TLS certificate, and the node agents'
+(docs/security.md).
 
-Everything derives from one root key that only the operator holds (NPUSWARM_GATEWAY_ROOT_KEY):
+Everything derives from one root key that only the operator holds (NPUSWARM_ROOT_KEY):
 
 - a gateway's credential is HMAC-SHA256(root, installation, namespace, name, uid, rotation):
   one gateway's credential opens no other, a re-created gateway of the same name gets a new
@@ -57,6 +58,22 @@ class GatewayIdentity:
 
 
 @dataclass(frozen=True)
+class AgentIdentity:
+    """The node agents of an installation (nodehealth/agents.py): one credential and one
+    certificate for all of them, since every agent answers the same operator the same way
+    and a node's agent can only speak for that node's address."""
+
+    rotation: str = ""
+
+    @property
+    def hostname(self) -> str:
+        return "node-agent.npuswarm.invalid"
+
+
+Identity = GatewayIdentity | AgentIdentity
+
+
+@dataclass(frozen=True)
 class TLSBundle:
     pem: bytes  # the private key and the certificate, as the front loads them from one file
     not_after: dt.datetime
@@ -71,7 +88,7 @@ class Credentials:
 
     def __init__(self, root_key: str, instance: str) -> None:
         if not root_key:
-            raise ValueError("no gateway root key")
+            raise ValueError("no root key")
         self._root = root_key.encode()
         self.instance = instance
         scalar = int.from_bytes(_derive(self._root, "npuswarm/gateway-ca/v1", instance), "big")
@@ -109,7 +126,11 @@ class Credentials:
         self.ca_pem = self.ca_certificate.public_bytes(serialization.Encoding.PEM)
         self._context: ssl.SSLContext | None = None
 
-    def credential(self, gateway: GatewayIdentity) -> bytes:
+    def credential(self, gateway: Identity) -> bytes:
+        if isinstance(gateway, AgentIdentity):
+            return _derive(
+                self._root, "npuswarm/agent-credential/v1", self.instance, gateway.rotation
+            )
         return _derive(
             self._root,
             "npuswarm/gateway-credential/v1",
@@ -120,15 +141,15 @@ class Credentials:
             gateway.rotation,
         )
 
-    def credential_file(self, gateway: GatewayIdentity) -> bytes:
+    def credential_file(self, gateway: Identity) -> bytes:
         """The credential as its secret holds it (protocol.parse_credential reads it)."""
         return self.credential(gateway).hex().encode() + b"\n"
 
-    def credential_id(self, gateway: GatewayIdentity) -> str:
+    def credential_id(self, gateway: Identity) -> str:
         """A public name for a credential (secret names, labels); reveals nothing of it."""
         return hmac.new(self.credential(gateway), b"id", hashlib.sha256).hexdigest()[:16]
 
-    def issue_tls(self, gateway: GatewayIdentity, now: dt.datetime) -> TLSBundle:
+    def issue_tls(self, gateway: Identity, now: dt.datetime) -> TLSBundle:
         key = ec.generate_private_key(ec.SECP256R1())
         not_after = now + TLS_VALIDITY
         certificate = (
@@ -168,15 +189,20 @@ class Credentials:
 
 
 def write_secret_files(
-    directory: Path, credentials: Credentials, gateway: GatewayIdentity, now: dt.datetime
+    directory: Path,
+    credentials: Credentials,
+    gateway: Identity,
+    now: dt.datetime,
+    names: tuple[str, str] = (protocol.CREDENTIAL_FILE, protocol.TLS_FILE),
 ) -> bytes:
-    """The two files Swarm mounts into a gateway's tasks, written into ``directory`` (0400):
-    for running the front outside Swarm (tests, the benchmark). Returns the credential."""
+    """The two files Swarm mounts into a gateway's or an agent's tasks (``names``: the
+    credential's and the TLS key's), written into ``directory`` (0400): for running the front
+    or the agent outside Swarm (tests, the benchmark). Returns the credential."""
     directory.mkdir(parents=True, exist_ok=True)
     credential = credentials.credential(gateway)
     files = {
-        protocol.CREDENTIAL_FILE: credentials.credential_file(gateway),
-        protocol.TLS_FILE: credentials.issue_tls(gateway, now).pem,
+        names[0]: credentials.credential_file(gateway),
+        names[1]: credentials.issue_tls(gateway, now).pem,
     }
     for name, data in files.items():
         path = directory / name

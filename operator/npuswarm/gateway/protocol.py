@@ -1,10 +1,13 @@
-"""The admin channel between npuswarm and a ModelGateway replica: how a push is signed and
-checked (docs/security.md, "The push channel").
+"""The signed channel from npuswarm to what it runs on the nodes: a ModelGateway replica's admin
+port (the push of its backends) and a node agent's port (its readings, nodehealth/agent.py).
+How a request is signed and checked, and the client side: a signer whose timestamps only grow
+and an HTTPS connection that checks the peer's certificate against the name npuswarm issued it
+for (docs/security.md, "The push channel" and "The node agent channel").
 
 Standard library only: the gateway front, which runs in the gateway image, imports this and
 nothing else of npuswarm.
 
-Every admin request carries ``Authorization: NPUSWARM-HMAC-SHA256 ts=<ms>,sig=<hex>``, an
+Every request carries ``Authorization: NPUSWARM-HMAC-SHA256 ts=<ms>,sig=<hex>``, an
 HMAC-SHA256 with the gateway's own credential over the method, the path, the timestamp and
 the SHA-256 of the body. The credential never travels: a reader of the network path (who
 also faces TLS) learns nothing that opens this or any other gateway. A replica accepts only
@@ -16,7 +19,13 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import http.client
 import re
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Callable
 
 SCHEME = "NPUSWARM-HMAC-SHA256"
 # How far the operator's clock may be from a gateway node's; NTP keeps a fleet far closer.
@@ -45,13 +54,52 @@ def parse_credential(text: str) -> bytes:
     """A credential file's content (hex, as npuswarm writes it); ValueError when it is not."""
     value = bytes.fromhex(text.strip())
     if len(value) < 32:
-        raise ValueError("a gateway credential has at least 32 bytes")
+        raise ValueError("a credential has at least 32 bytes")
     return value
 
 
+class Signer:
+    """Signs requests with timestamps that only grow within this process, even for two
+    requests in one millisecond (a peer refuses a timestamp it has seen)."""
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self._clock = clock
+        self._last = 0
+        self._lock = threading.Lock()
+
+    def now_ms(self) -> int:
+        with self._lock:
+            self._last = max(self._last + 1, int(self._clock() * 1000))
+            return self._last
+
+    def headers(self, credential: bytes, method: str, path: str, body: bytes) -> dict[str, str]:
+        stamp = self.now_ms()
+        return {
+            "Content-Type": "application/json",
+            "Authorization": authorization(credential, method, path, stamp, body),
+        }
+
+
+class PinnedHTTPS(http.client.HTTPSConnection):
+    """HTTPS to a node's address that checks the certificate against the name npuswarm issued
+    it for, not the address (a gateway's or the node agents' certificate names them, not the
+    node they run on)."""
+
+    def __init__(
+        self, address: str, port: int, server_name: str, context: ssl.SSLContext, timeout: float
+    ) -> None:
+        super().__init__(address, port, timeout=timeout, context=context)
+        self._server_name = server_name
+        self._tls = context
+
+    def connect(self) -> None:
+        self.sock = socket.create_connection((self.host, self.port), self.timeout)
+        self.sock = self._tls.wrap_socket(self.sock, server_hostname=self._server_name)
+
+
 class Verifier:
-    """One gateway replica's check of admin requests. Not thread-safe: the front calls it from
-    its one event loop."""
+    """One peer's check of signed requests (a gateway replica, a node agent). Not
+    thread-safe: the caller serialises it."""
 
     def __init__(self, credential: bytes | None) -> None:
         self.credential = credential
@@ -63,7 +111,7 @@ class Verifier:
         """None when the request is authentic and fresh (and it is then the newest accepted),
         else why it is refused. Refusals say little: the caller is not trusted."""
         if self.credential is None:
-            return "this gateway has no credential from npuswarm"
+            return "no credential from npuswarm"
         found = _HEADER.match(header or "")
         if found is None:
             return "missing or malformed signature"

@@ -9,11 +9,8 @@ so pushing twice is harmless and a restarted gateway is refilled by the next pas
 
 from __future__ import annotations
 
-import http.client
 import json
-import socket
 import ssl
-import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -41,6 +38,7 @@ from npuswarm.gateway.backends import (
     stopped_by,
 )
 from npuswarm.gateway.credentials import Credentials
+from npuswarm.gateway.protocol import Signer
 from npuswarm.gateway.service import SecretMount, gateway_actions, identity
 
 log = structlog.get_logger("npuswarm.gateway")
@@ -50,7 +48,7 @@ PUSH_CONCURRENCY = 8
 # nothing changed makes no call. The gateway keeps what it got; the refresh only bounds how
 # long a gateway that lost it somehow (it cannot without a new task) would go without.
 REFRESH_SECONDS = 60.0
-NO_KEY = "NPUSWARM_GATEWAY_ROOT_KEY is not set in the operator: gateways cannot be configured"
+NO_KEY = "NPUSWARM_ROOT_KEY is not set in the operator: gateways cannot be configured"
 
 
 @dataclass(frozen=True)
@@ -72,44 +70,6 @@ class KeySource(Protocol):
     def keys(self, namespace: str, name: str) -> KeySet | None: ...
 
 
-class _PinnedHTTPS(http.client.HTTPSConnection):
-    """HTTPS to a node's address that checks the certificate against a gateway's name, not
-    the address (gateway certificates name the gateway, not the node it runs on)."""
-
-    def __init__(self, target: PushTarget, context: ssl.SSLContext, timeout: float) -> None:
-        super().__init__(
-            target.replica.address, target.replica.admin_port, timeout=timeout, context=context
-        )
-        self._hostname = target.hostname
-        self._tls = context
-
-    def connect(self) -> None:
-        self.sock = socket.create_connection((self.host, self.port), self.timeout)
-        self.sock = self._tls.wrap_socket(self.sock, server_hostname=self._hostname)
-
-
-class Signer:
-    """Signs admin requests with timestamps that only grow within this process, even for two
-    requests in one millisecond (a gateway refuses a timestamp it has seen)."""
-
-    def __init__(self, clock: Callable[[], float] = time.time) -> None:
-        self._clock = clock
-        self._last = 0
-        self._lock = threading.Lock()
-
-    def now_ms(self) -> int:
-        with self._lock:
-            self._last = max(self._last + 1, int(self._clock() * 1000))
-            return self._last
-
-    def headers(self, credential: bytes, method: str, path: str, body: bytes) -> dict[str, str]:
-        stamp = self.now_ms()
-        return {
-            "Content-Type": "application/json",
-            "Authorization": protocol.authorization(credential, method, path, stamp, body),
-        }
-
-
 def admin_request(
     target: PushTarget,
     context: ssl.SSLContext,
@@ -119,7 +79,13 @@ def admin_request(
     body: bytes = b"",
 ) -> tuple[int, bytes]:
     """One signed request to a gateway replica's admin port over TLS: (status, body)."""
-    connection = _PinnedHTTPS(target, context, PUSH_TIMEOUT_SECONDS)
+    connection = protocol.PinnedHTTPS(
+        target.replica.address,
+        target.replica.admin_port,
+        target.hostname,
+        context,
+        PUSH_TIMEOUT_SECONDS,
+    )
     try:
         connection.request(
             method, path, body=body, headers=signer.headers(target.credential, method, path, body)

@@ -295,7 +295,7 @@ def plan_secrets(
                     base | {labels.SECRET_KIND: CREDENTIAL_KIND},
                 )
             )
-        tls_name = _valid_tls(mine, credential_id, now)
+        tls_name = valid_tls(mine, credential_id, now)
         if tls_name is None:
             bundle = credentials.issue_tls(who, now)
             expires = str(int(bundle.not_after.timestamp()))
@@ -317,14 +317,16 @@ def plan_secrets(
     return plan
 
 
-def _valid_tls(secrets: Iterable[ObservedSecret], credential_id: str, now: datetime) -> str | None:
-    """The name of the certificate of this credential that lasts longest, if it lasts beyond
-    the renewal margin."""
+def valid_tls(
+    secrets: Iterable[ObservedSecret], credential_id: str, now: datetime, kind: str = TLS_KIND
+) -> str | None:
+    """The name of the certificate (secret kind ``kind``) of this credential that lasts
+    longest, if it lasts beyond the renewal margin."""
     horizon = (now + TLS_RENEW_BEFORE).timestamp()
     usable = []
     for secret in secrets:
         if (
-            secret.labels.get(labels.SECRET_KIND) != TLS_KIND
+            secret.labels.get(labels.SECRET_KIND) != kind
             or secret.labels.get(labels.CREDENTIAL_ID) != credential_id
         ):
             continue

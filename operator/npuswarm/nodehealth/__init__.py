@@ -1,7 +1,8 @@
-"""Node health: node checks (does a node's Ascend runtime give NPUs to containers,
-checks.py), `npu-smi info` readings (npusmi.py), both pure, and the runner that starts their
-one-shot services through the Swarm client and keeps their answers (runner.py).
+"""Node health: node validation (does a node's Ascend runtime give NPUs to containers,
+checks.py) and `npu-smi info` readings (npusmi.py), both pure; the node agents' services, secrets
+and answers (agents.py, pure); the agent itself (agent.py, `npuswarm agent`, runs on the nodes);
+and the runner that keeps the agents and reads them for the node-check loop (runner.py).
 
 Words: a "node check" is one of these; the Swarm manager's reachability is "ping"; kopf's
-liveness probe is the only "probe" in the code (user-facing names such as
-NPUSWARM_NODE_PROBE_IMAGE and the services' labels keep the word: they are an interface)."""
+liveness probe is the only "probe" in the code (the labels of earlier versions' probe services
+keep the word: the operator looks for them at startup to remove them)."""

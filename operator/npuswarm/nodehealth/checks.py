@@ -1,13 +1,11 @@
 """Node validation: does a node's Ascend Docker Runtime really give NPUs to containers? Pure.
 
-A node check is a one-shot Swarm service pinned to one node that asks for NPUs exactly as a
-replica does (``ASCEND_VISIBLE_DEVICES`` in its env) and looks, inside its container, for
-what the runtime must deliver: the ``/dev/davinciN`` nodes, the driver's management devices
-and the driver files of the runtime's mount list. It prints one JSON line; these functions
-decide which nodes need a check, build its service spec, turn its result into checks a person
-can act on, and say which nodes take no new replicas. nodehealth/runner.py runs them against
-Swarm. (Their labels and names still say "probe": they are what Swarm holds, kept as they
-were so an upgrade finds the services an earlier version left.)
+The node agent (nodehealth/agent.py) runs in a container that asks for its node's NPUs exactly
+as a replica does (``ASCEND_VISIBLE_DEVICES`` in its env) and looks for what the runtime must
+deliver: the ``/dev/davinciN`` nodes, the driver's management devices and the driver files of
+the runtime's mount list. These functions name those paths, turn what it found into checks a
+person can act on, and say which nodes take no new replicas. (The ``probe`` labels are those
+of the one-shot probe services of earlier versions, removed at startup.)
 """
 
 from __future__ import annotations
@@ -23,44 +21,21 @@ from npuswarm.api import labels
 from npuswarm.core.nodes import NodeInfo
 from npuswarm.core.npus import format_npu_ids, parse_npu_ids
 
-# Check services carry these labels and never npuswarm's managed-by label: they are not
-# replicas, so a pass reads them as foreign claims (their NPUs are taken while they live)
-# and never removes them as orphans.
-CHECK = f"{labels.PREFIX}/node-probe"  # value: the installation (NPUSWARM_INSTANCE)
-CHECK_NODE = f"{labels.PREFIX}/probe-node"
-CHECK_NPUS = f"{labels.PREFIX}/probe-npus"
-CHECK_FINGERPRINT = f"{labels.PREFIX}/probe-fingerprint"
-NAME_PREFIX = "npuswarm-probe"
-
-RESULT_MARK = "NPUSWARM-PROBE "
+# The validation probe services of earlier versions carry this label (value: the
+# installation); the operator removes them at startup.
+CHECK = f"{labels.PREFIX}/node-probe"
 # What Ascend Docker Runtime mounts besides the NPUs (its base.list): the driver's
 # management devices and the driver files vllm-ascend needs.
 CONTROL_DEVICES = ("/dev/davinci_manager", "/dev/devmm_svm", "/dev/hisi_hdc")
 DRIVER_FILES = ("/usr/local/Ascend/driver/lib64", "/usr/local/dcmi", "/usr/local/bin/npu-smi")
-# Exit code of a check that found something missing (an uncommon one: python3 itself exits
-# 1 or 2 when it breaks, and that must not read as a verdict).
-MISSING_EXIT = 65
-# Runs as `python3 -c`: python3 is in every vLLM image; a shell's `test -e` is not enough
-# to report which paths are missing in one machine-readable line.
-SCRIPT = (
-    "import json, os\n"
-    "paths = [p for p in os.environ.get('NPUSWARM_PROBE_PATHS', '').split(',') if p]\n"
-    "missing = [p for p in paths if not os.path.exists(p)]\n"
-    "env = {k: v for k, v in os.environ.items() if k.startswith('ASCEND_')}\n"
-    f"print({RESULT_MARK!r} + json.dumps({{'missing': missing, 'env': env}}), flush=True)\n"
-    f"raise SystemExit({MISSING_EXIT} if missing else 0)\n"
-)
-
 # Check names: the `check` label of npuswarm_node_validation; bounded.
 RUNTIME = "runtime"
 DEVICES = "npu-devices"
 CONTROL = "control-devices"
 DRIVER = "driver-files"
 ENV = "env"
-CHECK_TASK = "probe-task"
-CHECKS = (RUNTIME, DEVICES, CONTROL, DRIVER, ENV, CHECK_TASK)
-
-TERMINAL_STATES = frozenset({"complete", "failed", "rejected", "shutdown", "orphaned", "remove"})
+AGENT = "agent"
+CHECKS = (RUNTIME, DEVICES, CONTROL, DRIVER, ENV, AGENT)
 
 
 @dataclass(frozen=True)
@@ -98,17 +73,6 @@ class Verdict:
         )
 
 
-@dataclass(frozen=True)
-class TaskResult:
-    """What a check's task and logs said: the JSON line (if any), the task's state, its
-    error and exit code."""
-
-    state: str
-    line: dict[str, Any] | None = None
-    error: str = ""
-    exit_code: int | None = None
-
-
 def fingerprint(node: NodeInfo) -> str:
     """What a verdict depends on: a new engine, changed labels or NPUs ask for a new check."""
     blob = json.dumps(
@@ -117,127 +81,27 @@ def fingerprint(node: NodeInfo) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def check_reason(
-    node: NodeInfo,
-    verdict: Verdict | None,
-    now: datetime,
-    *,
-    check_seconds: float,
-    recheck_failed_seconds: float,
-) -> str | None:
-    """Why ``node`` needs a check now, or None. Only ready, active nodes with NPUs."""
-    if node.state != "ready" or node.availability != "active" or not node.usable_npus:
-        return None
-    if verdict is None:
-        return "not validated yet"
-    if verdict.fingerprint != fingerprint(node):
-        return "engine, labels or NPUs changed"
-    age = (now - verdict.checked_at).total_seconds()
-    if verdict.ok and age >= check_seconds:
-        return f"last validated {age:.0f}s ago"
-    if not verdict.ok and age >= recheck_failed_seconds:
-        return "failed validation; checking again"
-    return None
-
-
-def check_npus(node: NodeInfo, free: Iterable[int]) -> frozenset[int]:
-    """The NPUs a check may ask for: those no replica holds or was just given. A node full
-    of replicas is not checked (its NPUs are in use: the replicas are the proof)."""
-    return frozenset(free) & node.usable_npus
-
-
 def check_paths(npus: Iterable[int]) -> list[str]:
     return [f"/dev/davinci{n}" for n in sorted(npus)] + list(CONTROL_DEVICES) + list(DRIVER_FILES)
 
 
-def check_service_name(instance: str, node_id: str, nonce: str) -> str:
-    return f"{NAME_PREFIX}-{instance}-{node_id[:12]}-{nonce}"[:63]
-
-
-def check_spec(
-    node: NodeInfo, npus: frozenset[int], image: str, instance: str, nonce: str
-) -> dict[str, Any]:
-    """A Swarm ServiceSpec (Engine API JSON) for one check: a replicated job of one task,
-    pinned by node id, never restarted, asking for ``npus`` the way core/render.py's replicas do."""
-    env = {
-        "ASCEND_VISIBLE_DEVICES": format_npu_ids(npus),
-        "ASCEND_RT_VISIBLE_DEVICES": format_npu_ids(range(len(npus))),
-        "NPUSWARM_PROBE_PATHS": ",".join(check_paths(npus)),
-    }
-    check_labels = {
-        CHECK: instance,
-        CHECK_NODE: node.id,
-        CHECK_NPUS: format_npu_ids(npus),
-        CHECK_FINGERPRINT: fingerprint(node),
-    }
-    return {
-        "Name": check_service_name(instance, node.id, nonce),
-        "Labels": check_labels,
-        "TaskTemplate": {
-            "ContainerSpec": {
-                "Image": image,
-                "Command": ["python3", "-c", SCRIPT],
-                "Env": [f"{k}={v}" for k, v in sorted(env.items())],
-                "Labels": dict(check_labels),
-            },
-            "Placement": {"Constraints": [f"node.id=={node.id}"]},
-            "RestartPolicy": {"Condition": "none", "MaxAttempts": 0},
-        },
-        # A job: Swarm runs the task once and leaves it complete (API 1.41).
-        "Mode": {"ReplicatedJob": {"MaxConcurrent": 1, "TotalCompletions": 1}},
-    }
-
-
-def is_check_of(service_labels: Mapping[str, str], instance: str) -> bool:
-    return service_labels.get(CHECK) == instance
-
-
-def result_line(log_text: str) -> dict[str, Any] | None:
-    """The check's JSON line out of its logs (Docker may prefix lines; the last one wins)."""
-    found = None
-    for line in log_text.splitlines():
-        _, mark, rest = line.partition(RESULT_MARK)
-        if not mark:
-            continue
-        try:
-            parsed = json.loads(rest)
-        except ValueError:
-            continue
-        if isinstance(parsed, dict):
-            found = parsed
-    return found
-
-
-def task_result(tasks: Sequence[Mapping[str, Any]]) -> TaskResult:
-    """The newest task's state, error and exit code (a job has one task)."""
-    if not tasks:
-        return TaskResult(state="pending")
-    task = max(tasks, key=lambda t: (str(t.get("CreatedAt", "")), str(t.get("ID", ""))))
-    status = task.get("Status") or {}
-    container = status.get("ContainerStatus") or {}
-    code = container.get("ExitCode")
-    return TaskResult(
-        state=str(status.get("State", "unknown")),
-        error=str(status.get("Err") or ""),
-        exit_code=int(code) if isinstance(code, int) else None,
-    )
-
-
-def finished(result: TaskResult) -> bool:
-    return result.state in TERMINAL_STATES
-
-
 def judge(
-    node: NodeInfo,
-    npus: frozenset[int],
-    result: TaskResult,
-    now: datetime,
-    *,
-    timed_out: bool = False,
+    node: NodeInfo, npus: frozenset[int], found: Mapping[str, Any] | None, now: datetime
 ) -> Verdict:
-    """Turn a check's result into checks, each failure said so a person can fix it."""
+    """Turn what the node agent's container found (``missing`` paths, its ``ASCEND_*`` env;
+    None: it said nothing) into checks, each failure said so a person can fix it."""
     host = node.hostname or node.id
-    checks = _checks(host, npus, result, timed_out)
+    if found is None:
+        checks = [
+            Check(
+                AGENT,
+                False,
+                f"on node {host}, the node agent answered without a validation result "
+                "(an agent of another npuswarm version?)",
+            )
+        ]
+    else:
+        checks = _from_result(host, npus, found)
     return Verdict(
         node_id=node.id,
         hostname=host,
@@ -248,35 +112,7 @@ def judge(
     )
 
 
-def _checks(host: str, npus: frozenset[int], result: TaskResult, timed_out: bool) -> list[Check]:
-    if result.line is None:
-        return _without_result(host, result, timed_out)
-    return _from_result(host, npus, result.line)
-
-
-def _without_result(host: str, result: TaskResult, timed_out: bool) -> list[Check]:
-    """The check task printed no result line: its state and exit code are all there is."""
-    if timed_out:
-        why = f"the probe task did not finish in time (state {result.state}"
-        why += f": {result.error})" if result.error else ")"
-    elif result.state in ("failed", "rejected") and result.error:
-        why = f"the probe task could not run: {result.error}"
-    elif result.exit_code == 0:
-        # Ran and passed, but its log line was not readable (a log driver Docker cannot
-        # read back): the exit code is the verdict.
-        return [Check(name, True) for name in CHECKS]
-    elif result.exit_code == MISSING_EXIT:
-        why = (
-            "the container lacked devices or driver files the runtime should provide "
-            "(details not readable from the logs)"
-        )
-        return [Check(RUNTIME, False, f"on node {host}, {why}")]
-    else:
-        why = f"the probe task ended {result.state} without a result: {result.error or '?'}"
-    return [Check(CHECK_TASK, False, f"on node {host}, {why}")]
-
-
-def _from_result(host: str, npus: frozenset[int], line: dict[str, Any]) -> list[Check]:
+def _from_result(host: str, npus: frozenset[int], line: Mapping[str, Any]) -> list[Check]:
     """What the container found missing, check by check."""
     missing = {str(p) for p in line.get("missing") or []}
     env = {str(k): str(v) for k, v in (line.get("env") or {}).items()}
@@ -285,7 +121,7 @@ def _from_result(host: str, npus: frozenset[int], line: dict[str, Any]) -> list[
     lost_control = [d for d in CONTROL_DEVICES if d in missing]
     lost_driver = [d for d in DRIVER_FILES if d in missing]
     runtime_seen = env.get("ASCEND_DOCKER_RUNTIME", "").lower() == "true"
-    checks = [Check(CHECK_TASK, True)]
+    checks = [Check(AGENT, True)]
     if not runtime_seen and len(lost_devices) == len(wanted_devices):
         checks.append(
             Check(
@@ -383,19 +219,11 @@ def unusable_nodes(
         elif node.id not in running and node.usable_npus:
             host = node.hostname or node.id
             found[node.id] = (
-                f"node {host} is being validated (probe under way)"
+                f"node {host} is being validated (its node agent has not answered yet)"
                 if node.id in known.checking
                 else f"node {host} is not validated yet"
             )
     return found
-
-
-def wanted_image(node: NodeInfo, selectors_and_images: Sequence[tuple[dict[str, str], str]]) -> str:
-    """The image of the first (oldest) deployment whose nodeSelector matches the node, or ''."""
-    for selector, image in selectors_and_images:
-        if node.matches(selector):
-            return image
-    return ""
 
 
 def changed(before: Mapping[str, Verdict], after: Mapping[str, Verdict]) -> set[str]:

@@ -1,10 +1,10 @@
-"""NPU health from `npu-smi info`, read by a one-shot task on each node. Pure.
+"""NPU health from `npu-smi info`, read by the node agent on each node (nodehealth/agent.py).
+Pure.
 
-A reading is a Swarm job pinned to a node that runs `npu-smi info` (Ascend Docker Runtime
-mounts npu-smi into containers that ask for NPUs). These functions build its spec, parse the
-table it prints, and decide which NPUs placement must leave alone: an unhealthy NPU nobody
-holds at once, one a replica holds after a grace period (moving a model costs minutes), and
-one running processes npuswarm did not start (someone's `docker run`), like a foreign claim.
+These functions parse the table it prints and decide which NPUs placement must leave
+alone: an unhealthy NPU nobody holds at once, one a replica holds after a grace period
+(moving a model costs minutes), and one running processes npuswarm did not start (someone's
+`docker run`), like a foreign claim.
 """
 
 from __future__ import annotations
@@ -16,19 +16,19 @@ from datetime import datetime
 from typing import Any
 
 from npuswarm.api import labels
-from npuswarm.core.nodes import NodeInfo
-from npuswarm.core.npus import format_npu_ids
 
-READING = labels.NPU_SMI_READING  # value: the installation
-READING_NODE = f"{labels.PREFIX}/probe-node"
-NAME_PREFIX = "npuswarm-health"
+# The npu-smi reading services of earlier versions (value: the installation), removed at startup.
+READING = labels.NPU_SMI_READING
 # npu-smi's Health column: OK and Warning still serve; Alarm, Critical and anything unknown
 # do not (MindCluster's device plugin draws the same line).
 SERVING = frozenset({"OK", "Warning"})
 
-_CHIP_ROW = re.compile(r"^\|\s*(\d+)\s+(\S+)\s*\|\s*(\S+)\s*\|")
-# The last "used / total" of the chip's second row is HBM (the one before is DDR memory).
-_HBM_ROW = re.compile(r"^\|\s*\d+\s*\|\s*[0-9A-Fa-f:.]+\s*\|.*\s(\d+)\s*/\s*(\d+)\s*\|\s*$")
+# Row 1 of a chip: NPU id, name, health, then power (W) and temperature (C) where readable.
+_CHIP_ROW = re.compile(r"^\|\s*(\d+)\s+(\S+)\s*\|\s*(\S+)\s*\|\s*(\S+)?\s*(\S+)?")
+# Row 2: chip id, bus id, AI core use (%), DDR and HBM "used / total"; the last pair is HBM.
+_HBM_ROW = re.compile(
+    r"^\|\s*\d+\s*\|\s*([0-9A-Fa-f:.]+)\s*\|\s*(\S+).*\s(\d+)\s*/\s*(\d+)\s*\|\s*$"
+)
 _PROCESS_ROW = re.compile(r"^\|\s*(\d+)\s+\d+\s*\|\s*(\d+)\s*\|\s*(.*?)\s*\|\s*(\d+)\s*\|\s*$")
 
 
@@ -46,6 +46,12 @@ class NpuReading:
     hbm_used_mb: int = 0
     hbm_total_mb: int = 0
     processes: tuple[Process, ...] = ()
+    # Read where the table has them (None: NA or absent), for the npu-exporter metrics.
+    name: str = ""
+    bus_id: str = ""
+    power_w: float | None = None
+    temperature_c: float | None = None
+    aicore_percent: float | None = None
 
     @property
     def healthy(self) -> bool:
@@ -77,16 +83,24 @@ def parse_npu_smi(text: str) -> dict[int, NpuReading]:
                 process = Process(int(found.group(2)), found.group(3), int(found.group(4)))
                 readings[int(found.group(1))]["processes"].append(process)
             continue
+        hbm = _HBM_ROW.match(line)
+        if hbm and current is not None:
+            readings[current]["bus_id"] = hbm.group(1)
+            readings[current]["aicore_percent"] = _number(hbm.group(2))
+            readings[current]["hbm_used_mb"] = int(hbm.group(3))
+            readings[current]["hbm_total_mb"] = int(hbm.group(4))
+            current = None
+            continue
         chip = _CHIP_ROW.match(line)
         if chip and not chip.group(2).startswith("0000:"):
             current = int(chip.group(1))
-            readings[current] = {"health": chip.group(3), "processes": []}
-            continue
-        hbm = _HBM_ROW.match(line)
-        if hbm and current is not None:
-            readings[current]["hbm_used_mb"] = int(hbm.group(1))
-            readings[current]["hbm_total_mb"] = int(hbm.group(2))
-            current = None
+            readings[current] = {
+                "health": chip.group(3),
+                "processes": [],
+                "name": chip.group(2),
+                "power_w": _number(chip.group(4)),
+                "temperature_c": _number(chip.group(5)),
+            }
     return {
         npu: NpuReading(
             npu=npu,
@@ -94,30 +108,22 @@ def parse_npu_smi(text: str) -> dict[int, NpuReading]:
             hbm_used_mb=r.get("hbm_used_mb", 0),
             hbm_total_mb=r.get("hbm_total_mb", 0),
             processes=tuple(r["processes"]),
+            name=r["name"],
+            bus_id=r.get("bus_id", ""),
+            power_w=r["power_w"],
+            temperature_c=r["temperature_c"],
+            aicore_percent=r.get("aicore_percent"),
         )
         for npu, r in readings.items()
     }
 
 
-def reading_spec(node: NodeInfo, image: str, instance: str, nonce: str) -> dict[str, Any]:
-    """A one-shot job on ``node`` running `npu-smi info`, with every NPU of the node visible
-    (the runtime mounts npu-smi only into containers that ask for NPUs)."""
-    reading_labels = {READING: instance, READING_NODE: node.id}
-    return {
-        "Name": f"{NAME_PREFIX}-{instance}-{node.id[:12]}-{nonce}"[:63],
-        "Labels": reading_labels,
-        "TaskTemplate": {
-            "ContainerSpec": {
-                "Image": image,
-                "Command": ["npu-smi", "info"],
-                "Env": [f"ASCEND_VISIBLE_DEVICES={format_npu_ids(node.npus)}"],
-                "Labels": dict(reading_labels),
-            },
-            "Placement": {"Constraints": [f"node.id=={node.id}"]},
-            "RestartPolicy": {"Condition": "none", "MaxAttempts": 0},
-        },
-        "Mode": {"ReplicatedJob": {"MaxConcurrent": 1, "TotalCompletions": 1}},
-    }
+def _number(text: str | None) -> float | None:
+    """A column's value; NA (a container or VM cannot read it) and the like are None."""
+    try:
+        return float(text) if text is not None else None
+    except ValueError:
+        return None
 
 
 def unhealthy_since(

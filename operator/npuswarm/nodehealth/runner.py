@@ -1,20 +1,22 @@
-"""Node checks against Swarm: starts their one-shot services (checks.check_spec for validation,
-npusmi.reading_spec for `npu-smi info`), reads their task state and logs back, removes them,
-and keeps the verdicts and readings. Only Swarm's Engine API is used (through swarm.Swarm);
-every decision is a pure function of nodehealth/checks.py or nodehealth/npusmi.py.
+"""Node checks against Swarm and the node agents (docs/node-health.md): keeps one agent service
+per NPU set and the node label that places it (nodehealth/agents.py), reads every agent over
+the signed channel (gateway/protocol.py), and keeps the verdicts and readings the pass takes.
+Every decision is a pure function of nodehealth/agents.py, checks.py or npusmi.py.
 
-A validation check takes only NPUs the last pass left free, decided under the pass lock, so a
-pass never places a replica on NPUs a check holds at the same moment; a pass reads a live
-check as a foreign claim. Every check service is removed once read, and stale ones of this
-installation are removed at startup.
+No Swarm service is created or removed in steady state: agent services and node labels are
+written only when the fleet's NPU sets change (or one was changed by hand), and the probe
+services of earlier versions are removed once, at startup.
 """
 
 from __future__ import annotations
 
+import http.client
+import json
 import threading
-import uuid
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
 
@@ -24,90 +26,194 @@ from npuswarm import metrics
 from npuswarm.core.clock import utcnow
 from npuswarm.core.diff import PassPlan
 from npuswarm.core.nodes import NodeInfo, NodeLimits
-from npuswarm.core.snapshot import SwarmSnapshot
+from npuswarm.core.snapshot import ObservedSecret, SwarmSnapshot
+from npuswarm.gateway import protocol
+from npuswarm.gateway.credentials import Credentials
+from npuswarm.gateway.service import SecretMount
+from npuswarm.nodehealth import agents, npusmi, roce
 from npuswarm.nodehealth import checks as node_checks
-from npuswarm.nodehealth import npusmi
 from npuswarm.nodehealth.checks import NodeVerdicts, Verdict
 from npuswarm.nodehealth.npusmi import NodeHealth
 from npuswarm.settings import Settings
-from npuswarm.swarm import SwarmRejected
+from npuswarm.swarm import SwarmRejected, SwarmUnavailable
 
-log = structlog.get_logger("npuswarm.probes")
-
-# A finished check whose log line is not readable yet is read again this many times before
-# its exit code alone decides (Swarm fetches logs from the node, a moment after the end).
-LOG_ATTEMPTS = 3
+log = structlog.get_logger("npuswarm.nodehealth")
 MIB = 1024 * 1024
-
-
-@dataclass
-class RunningTask:
-    """A check service under way on one node."""
-
-    node: NodeInfo
-    service_id: str
-    name: str
-    npus: frozenset[int]
-    started: datetime
-    log_attempts: int = 0
+READ_CONCURRENCY = 32
+READ_TIMEOUT_SECONDS = 5.0
+# Agent services are listed again this often even when no NPU set changed: a service removed
+# or edited by hand is put back (Swarm itself restarts a killed agent task).
+REPAIR_SECONDS = 300.0
+NO_KEY = "node checks need NPUSWARM_ROOT_KEY (the node agents' credential derives from it)"
+NO_IMAGE = "node checks need NPUSWARM_AGENT_IMAGE (the operator's own image runs the agents)"
 
 
 class CheckSwarm(Protocol):
     """What node checks need of Swarm (swarm.Swarm has it)."""
 
     def create_service(self, spec: dict[str, Any]) -> str: ...
+    def update_service(self, service_id: str, version: int, spec: dict[str, Any]) -> None: ...
     def remove_service(self, service_id: str) -> None: ...
-    def service_tasks(self, service_id: str) -> list[dict[str, Any]]: ...
-    def service_logs(self, service_id: str) -> str: ...
     def services_labelled(self, *label: str) -> list[dict[str, Any]]: ...
+    def secrets_labelled(self, *label: str) -> list[dict[str, Any]]: ...
+    def create_secret(self, name: str, data: bytes, secret_labels: dict[str, str]) -> str: ...
+    def remove_secret(self, secret_id: str) -> None: ...
+    def set_node_label(self, node_id: str, key: str, value: str) -> None: ...
+
+
+@dataclass(frozen=True)
+class Answer:
+    """One read of one agent: its document (None: no answer) and why not."""
+
+    document: dict[str, Any] | None
+    error: str = ""
+
+
+class AgentReader:
+    """Reads agents over TLS (npuswarm's CA, the agents' name), signed, with a keep-alive
+    connection per node and a conditional read (an unchanged agent answers 304)."""
+
+    def __init__(
+        self,
+        credentials: Credentials,
+        port: int,
+        timeout: float = READ_TIMEOUT_SECONDS,
+        concurrency: int = READ_CONCURRENCY,
+    ) -> None:
+        self.credential = credentials.credential(agents.IDENTITY)
+        self.context = credentials.client_context()
+        self.port = port
+        self.timeout = timeout
+        self.signer = protocol.Signer()
+        self._connections: dict[str, protocol.PinnedHTTPS] = {}
+        self._last: dict[str, tuple[str, dict[str, Any]]] = {}  # node id -> (ETag, document)
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(concurrency, thread_name_prefix="agent-read")
+
+    def read(self, nodes: Sequence[NodeInfo]) -> dict[str, Answer]:
+        return dict(zip((n.id for n in nodes), self._pool.map(self._read_one, nodes), strict=True))
+
+    def _read_one(self, node: NodeInfo) -> Answer:
+        if not node.addr:
+            return Answer(None, "the node has no address in Swarm")
+        with self._lock:
+            connection = self._connections.pop(node.id, None)
+            last = self._last.get(node.id)
+        if connection is None or connection.host != node.addr:
+            connection = protocol.PinnedHTTPS(
+                node.addr, self.port, agents.IDENTITY.hostname, self.context, self.timeout
+            )
+        path = agents.STATE_PATH
+        headers = self.signer.headers(self.credential, "GET", path, b"")
+        if last is not None:
+            headers["If-None-Match"] = last[0]
+        try:
+            connection.request("GET", path, headers=headers)
+            response = connection.getresponse()
+            body = response.read()
+        except (OSError, http.client.HTTPException) as error:
+            connection.close()
+            return Answer(None, f"{node.addr}:{self.port}: {error}")
+        with self._lock:
+            self._connections[node.id] = connection
+        if response.status == 304 and last is not None:
+            return Answer(last[1])
+        if response.status != 200:
+            return Answer(None, f"{response.status}: {body[:200].decode(errors='replace')}")
+        try:
+            document = json.loads(body)
+        except ValueError as error:
+            return Answer(None, f"unreadable answer: {error}")
+        with self._lock:
+            self._last[node.id] = (response.getheader("ETag") or "", document)
+        return Answer(document)
+
+    def forget(self, keep: set[str]) -> None:
+        """Drop connections and answers of nodes that are gone."""
+        with self._lock:
+            for node_id in set(self._connections) - keep:
+                self._connections.pop(node_id).close()
+            for node_id in set(self._last) - keep:
+                del self._last[node_id]
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+        with self._lock:
+            for connection in self._connections.values():
+                connection.close()
+            self._connections.clear()
 
 
 class NodeChecker:
-    """Runs node checks and keeps their verdicts and readings; ``step`` is called by a background
-    loop."""
+    """Keeps the agents running and their verdicts and readings; ``step`` is called by a
+    background loop."""
 
     def __init__(
         self,
         swarm: CheckSwarm,
         settings: Settings,
-        pass_lock: threading.Lock,
         last_plan: Callable[[], PassPlan | None],
+        credentials: Credentials | None,
         clock: Callable[[], datetime] = utcnow,
         *,
-        clean_stale: bool = True,
+        manage: bool = True,
+        reader: AgentReader | None = None,
     ) -> None:
         self.swarm = swarm
         self.settings = settings
-        self.pass_lock = pass_lock
         self.last_plan = last_plan
         self.clock = clock
-        self.running: dict[str, RunningTask] = {}
+        self.credentials = credentials
+        # The operator runs the agents; a one-off reader (the CLI) only reads them.
+        self.manage = manage
+        if reader is None and credentials is not None:
+            reader = AgentReader(credentials, settings.agent_port)
+        self.reader = reader
+        self.problem = NO_KEY if credentials is None else "" if settings.agent_image else NO_IMAGE
+        if self.problem and manage:
+            log.error("node agents not run", why=self.problem)
         self.known = NodeVerdicts()
-        self._lock = threading.Lock()  # always taken after pass_lock, never before
-        # The operator removes check services an earlier run left; a one-off check (the CLI)
-        # must not remove the running operator's.
-        self._cleaned = not clean_stale
-        # NPU health (npusmi.py): readings under way, the last reading per node, since when
-        # each (node, NPU) reads unhealthy, and the NPUs the last step withheld.
-        self.readings_running: dict[str, RunningTask] = {}
         self.health: dict[str, NodeHealth] = {}
         self.since: dict[tuple[str, int], datetime] = {}
+        self.up: dict[str, tuple[str, bool]] = {}  # node id -> (hostname, agent answered)
+        # node id -> its NPUs' RoCE links (None: no hccn_tool there), from the last answer.
+        self.roce: dict[str, dict[int, roce.RoceLink] | None] = {}
+        self._read_at: dict[str, float] = {}
         self._withheld: dict[str, dict[int, str]] = {}
+        self._cleaned = not manage
+        self._ensured: tuple[str, float] | None = None  # (what was ensured, when)
+        self._lock = threading.Lock()
 
     # -- read by the pass (under the pass lock) -------------------------------------------
 
     def unusable(self, snapshot: SwarmSnapshot) -> NodeLimits:
         """Nodes and NPUs kept out of placement, for the pass that observed ``snapshot``."""
         with self._lock:
-            known = NodeVerdicts(dict(self.known.verdicts), frozenset(self.running))
+            verdicts = dict(self.known.verdicts)
+        waiting = frozenset(n.id for n in agents.agent_nodes(snapshot.nodes)) - verdicts.keys()
+        known = NodeVerdicts(verdicts, frozenset() if self.problem else waiting)
         with_replicas = {a.node_id for a in snapshot.allocations() if not a.foreign}
         withheld = self.withheld(snapshot)
         blocked = node_checks.unusable_nodes(snapshot.nodes, known, with_replicas)
+        if self.problem:
+            blocked = {
+                node_id: f"{why}: {self.problem}" if node_id not in verdicts else why
+                for node_id, why in blocked.items()
+            }
+        with self._lock:
+            links = dict(self.roce)
+        hostnames = {node.id: node.hostname or node.id for node in snapshot.nodes}
+        roce_problems = {
+            node_id: why
+            for node_id, found in links.items()
+            if node_id in hostnames and (why := roce.problem(hostnames[node_id], found))
+        }
         return NodeLimits(
             nodes=blocked,
-            pending=frozenset(n for n in blocked if n not in known.verdicts),
+            pending=frozenset(n for n in blocked if n not in verdicts and not self.problem),
             npus=withheld.unhealthy,
             busy=withheld.busy,
+            roce=roce_problems,
         )
 
     def withheld(self, snapshot: SwarmSnapshot) -> npusmi.Withheld:
@@ -135,6 +241,28 @@ class NodeChecker:
             for npu, r in sorted(h.npus.items())
         ]
 
+    def npu_readings(self) -> list[tuple[str, npusmi.NpuReading, roce.RoceLink | None]]:
+        """(node, reading, RoCE link or None) of every NPU of the last readings, for the
+        npu-exporter metrics."""
+        with self._lock:
+            readings = list(self.health.values())
+            links = dict(self.roce)
+        return [
+            (h.hostname, reading, (links.get(h.node_id) or {}).get(npu))
+            for h in sorted(readings, key=lambda h: h.hostname)
+            if not h.error
+            for npu, reading in sorted(h.npus.items())
+        ]
+
+    def roce_links(self) -> dict[str, dict[int, roce.RoceLink] | None]:
+        with self._lock:
+            return dict(self.roce)
+
+    def agents_up(self) -> list[tuple[str, bool]]:
+        """(node, its agent answered the last read) for npuswarm_node_agent_up."""
+        with self._lock:
+            return sorted(self.up.values())
+
     def verdicts(self) -> dict[str, Verdict]:
         with self._lock:
             return dict(self.known.verdicts)
@@ -145,185 +273,168 @@ class NodeChecker:
 
     # -- the loop's work ---------------------------------------------------------------------
 
-    def step(self, wanted: Sequence[tuple[dict[str, str], str]]) -> set[str]:
-        """Read finished checks, start the checks that are due. ``wanted``: (nodeSelector,
-        image) of every deployment, oldest first. Returns the nodes whose verdict changed."""
-        swarm = self.swarm
+    def step(self) -> set[str]:
+        """Keep the agents, read those due. Returns the nodes whose verdict or withheld NPUs
+        changed (a pass is due)."""
         if not self._cleaned:
             self._remove_stale()
             self._cleaned = True
-        before = self.verdicts()
-        for node_id, task in list(self.running.items()):
-            verdict = self._read(task)
-            if verdict is None:
-                continue
-            _remove(swarm, task.service_id)
-            with self._lock:
-                del self.running[node_id]
-                self.known.verdicts[node_id] = verdict
-            log.info(
-                "node validated",
-                node=verdict.hostname,
-                ok=verdict.ok,
-                verdict=verdict.summary(),
-                probe_seconds=round((verdict.checked_at - task.started).total_seconds(), 1),
-            )
-        self._start_due(wanted)
-        changed = node_checks.changed(before, self.verdicts())
-        if self.settings.npu_health:
-            changed |= self._readings_step(wanted)
-        return changed
-
-    def _readings_step(self, wanted: Sequence[tuple[dict[str, str], str]]) -> set[str]:
-        """Read finished npu-smi readings, start due ones; the nodes whose withheld NPUs changed
-        (a new reading, or a grace period that ran out)."""
-        now = self.clock()
-        for node_id, task in list(self.readings_running.items()):
-            result = node_checks.task_result(self.swarm.service_tasks(task.service_id))
-            timed_out = (now - task.started).total_seconds() >= (
-                self.settings.node_probe_timeout_seconds
-            )
-            if not node_checks.finished(result) and not timed_out:
-                continue
-            text = self.swarm.service_logs(task.service_id) if node_checks.finished(result) else ""
-            readings = npusmi.parse_npu_smi(text)
-            if not readings and result.exit_code is not None and not timed_out:
-                task.log_attempts += 1
-                if task.log_attempts < LOG_ATTEMPTS:
-                    continue
-            error = "" if readings else f"no npu-smi table ({result.state}: {result.error})"
-            reading = NodeHealth(node_id, task.node.hostname, now, readings, error)
-            _remove(self.swarm, task.service_id)
-            with self._lock:
-                del self.readings_running[node_id]
-                self.health[node_id] = reading
-                self.since = npusmi.unhealthy_since(self.since, reading)
-            if error:
-                log.warning("npu health not read", node=task.node.hostname, error=error)
-        self._start_readings_due(wanted)
         plan = self.last_plan()
         if plan is None:
             return set()
+        nodes = agents.agent_nodes(plan.snapshot.nodes)
+        if self.manage and not self.problem:
+            try:
+                self._ensure_agents(nodes)
+            except (SwarmRejected, SwarmUnavailable) as error:
+                # The agents that run are still read; the next step tries the writes again.
+                log.warning("node agents not written", error=str(error))
+                self._ensured = None
+        before = self.verdicts()
+        self._read_agents(nodes)
+        changed = node_checks.changed(before, self.verdicts())
         withheld = self.withheld(plan.snapshot).all()
-        changed = {
+        moved = {
             node_id
             for node_id in withheld.keys() | self._withheld.keys()
             if withheld.get(node_id) != self._withheld.get(node_id)
         }
-        for node_id in changed:
+        for node_id in moved:
             log.info("npus withheld", node=node_id, npus=withheld.get(node_id, {}))
         self._withheld = withheld
-        return changed
+        return changed | moved
 
-    def _start_readings_due(self, wanted: Sequence[tuple[dict[str, str], str]]) -> None:
-        """An npu-smi reading shares NPUs with replicas (it only reads): no pass lock."""
-        plan = self.last_plan()
-        if plan is None:
+    def read_now(self, nodes: Sequence[NodeInfo]) -> None:
+        """Read every agent of ``nodes`` once, now (`npuswarm nodes --validate`)."""
+        self._read_at.clear()
+        self._read_agents(list(nodes))
+
+    def _read_agents(self, nodes: Sequence[NodeInfo]) -> None:
+        if self.reader is None:
             return
+        by_id = {node.id: node for node in nodes}
+        present = set(by_id)
+        now_s = time.monotonic()
+        due = [
+            node
+            for node in nodes
+            if node.state == "ready"
+            and (
+                node.id not in self.known.verdicts
+                or now_s - self._read_at.get(node.id, 0.0) >= self.settings.npu_health_seconds
+            )
+        ]
+        answers = self.reader.read(due) if due else {}
         now = self.clock()
-        verdicts = self.verdicts()
-        for node in plan.snapshot.nodes:
-            verdict = verdicts.get(node.id)
-            if node.id in self.readings_running or node.state != "ready" or not node.npus:
-                continue
-            if verdict is None or not verdict.ok:
-                continue  # no runtime, no npu-smi: validation says so already
-            last = self.health.get(node.id)
-            if last is not None and (now - last.read_at).total_seconds() < (
-                self.settings.npu_health_seconds
-            ):
-                continue
-            image = self.settings.node_probe_image or node_checks.wanted_image(node, wanted)
-            if not image:
-                continue
-            spec = npusmi.reading_spec(node, image, self.settings.instance, _nonce())
-            try:
-                service_id = _create_task(self.swarm, spec)
-            except SwarmRejected as error:
-                log.warning("health probe refused", node=node.hostname, error=str(error))
-                continue
-            with self._lock:
-                self.readings_running[node.id] = RunningTask(
-                    node, service_id, spec["Name"], node.npus, now
-                )
-
-    def _read(self, task: RunningTask) -> Verdict | None:
-        now = self.clock()
-        result = node_checks.task_result(self.swarm.service_tasks(task.service_id))
-        timed_out = (now - task.started).total_seconds() >= (
-            self.settings.node_probe_timeout_seconds
-        )
-        if not node_checks.finished(result) and not timed_out:
-            return None
-        if node_checks.finished(result):
-            line = node_checks.result_line(self.swarm.service_logs(task.service_id))
-            if line is None and result.exit_code is not None and not timed_out:
-                task.log_attempts += 1
-                if task.log_attempts < LOG_ATTEMPTS:
-                    return None
-            result = replace(result, line=line)
-        return node_checks.judge(task.node, task.npus, result, now, timed_out=timed_out)
-
-    def _start_due(self, wanted: Sequence[tuple[dict[str, str], str]]) -> None:
-        settings = self.settings
-        with self.pass_lock:
-            plan = self.last_plan()
-            if plan is None:
-                return
-            snapshot = plan.snapshot
-            free: Mapping[str, set[int]] = plan.placement.free
-            now = self.clock()
-            present = {node.id for node in snapshot.nodes}
-            with self._lock:
-                for node_id in list(self.known.verdicts):
-                    node = snapshot.node(node_id)
-                    # A node that left or went down is validated again when it is back: its
-                    # engine may have been reconfigured meanwhile.
-                    if node_id not in present or (node is not None and node.state != "ready"):
-                        del self.known.verdicts[node_id]
-            for node in snapshot.nodes:
-                if node.id in self.running:
-                    continue
-                reason = node_checks.check_reason(
-                    node,
-                    self.known.verdicts.get(node.id),
-                    now,
-                    check_seconds=settings.node_check_seconds,
-                    recheck_failed_seconds=settings.node_recheck_failed_seconds,
-                )
-                if reason is None:
-                    continue
-                image = settings.node_probe_image or node_checks.wanted_image(node, wanted)
-                npus = node_checks.check_npus(node, free.get(node.id, ()))
-                if not image or not npus:
-                    continue  # nobody wants the node, or all its NPUs are in use
-                spec = node_checks.check_spec(node, npus, image, settings.instance, _nonce())
-                try:
-                    service_id = _create_task(self.swarm, spec)
-                except SwarmRejected as error:
-                    log.warning("probe refused", node=node.hostname, error=str(error))
-                    continue
+        with self._lock:
+            for node_id in list(self.known.verdicts):
+                node = by_id.get(node_id)
+                # A node that left or went down is validated again when it is back: its
+                # engine may have been reconfigured meanwhile.
+                if node is None or node.state != "ready":
+                    del self.known.verdicts[node_id]
+            for gone in set(self.health) - present:
+                del self.health[gone]
+            for gone in set(self.up) - present:
+                del self.up[gone]
+            for gone in set(self.roce) - present:
+                del self.roce[gone]
+        self.reader.forget(present)
+        for node in due:
+            answer = answers[node.id]
+            host = node.hostname or node.id
+            if answer.document is None:
+                reading = agents.unreachable(node, answer.error, now)
+                if self.up.get(node.id, (host, False))[1]:
+                    log.warning("node agent unreachable", node=host, error=answer.error)
                 with self._lock:
-                    self.running[node.id] = RunningTask(node, service_id, spec["Name"], npus, now)
-                log.info("node probe started", node=node.hostname, reason=reason, image=image)
+                    self.up[node.id] = (host, False)
+                    self.health[node.id] = reading
+                    self.since = npusmi.unhealthy_since(self.since, reading)
+                continue
+            verdict = agents.verdict(node, answer.document, now)
+            reading = agents.health(node, answer.document, now)
+            links = roce.links(answer.document)
+            said = self.known.verdicts.get(node.id)
+            with self._lock:
+                self._read_at[node.id] = now_s
+                self.up[node.id] = (host, True)
+                self.known.verdicts[node.id] = verdict
+                said_roce = roce.problem(host, self.roce.get(node.id))
+                self.roce[node.id] = links
+                if self.settings.npu_health:
+                    self.health[node.id] = reading
+                    self.since = npusmi.unhealthy_since(self.since, reading)
+            if said is None or said.summary() != verdict.summary():
+                log.info("node validated", node=host, ok=verdict.ok, verdict=verdict.summary())
+            if roce.problem(host, links) != said_roce:
+                log.info("roce links", node=host, problem=roce.problem(host, links) or "none")
+
+    def _ensure_agents(self, nodes: Sequence[NodeInfo]) -> None:
+        """Node labels, the agents' secrets and one service per NPU set: written only when
+        something differs, listed only when the NPU sets change or every REPAIR_SECONDS."""
+        swarm, settings, instance = self.swarm, self.settings, self.settings.instance
+        for node_id, value in agents.label_writes(nodes).items():
+            try:
+                swarm.set_node_label(node_id, agents.NODE_LABEL, value)
+                log.info("node labelled for its agent", node=node_id, npus=value)
+            except (SwarmRejected, SwarmUnavailable) as error:
+                log.warning("node label refused", node=node_id, error=str(error))
+        sets = agents.wanted_sets(nodes)
+        key = json.dumps([sets, settings.agent_image, settings.agent_port])
+        now_s = time.monotonic()
+        ensured = self._ensured
+        if ensured is not None and ensured[0] == key and now_s - ensured[1] < REPAIR_SECONDS:
+            return
+        assert self.credentials is not None
+        observed = [
+            ObservedSecret(str(s["ID"]), str(s["Spec"]["Name"]), dict(s["Spec"].get("Labels", {})))
+            for s in swarm.secrets_labelled(f"{agents.AGENT}={instance}")
+        ]
+        secrets = agents.plan_secrets(observed, self.credentials, instance, self.clock())
+        ids = {s.name: s.id for s in observed}
+        for new in secrets.create:
+            ids[new.name] = swarm.create_secret(new.name, new.data, new.labels)
+        mounts = [SecretMount(m.name, m.file, ids[m.name]) for m in secrets.mounts]
+        wanted = {
+            npu_set: agents.agent_spec(
+                npu_set,
+                settings.agent_image,
+                instance,
+                settings.agent_port,
+                settings.npu_health_seconds,
+                mounts,
+                settings.node_recheck_failed_seconds,
+            )
+            for npu_set in sets
+        }
+        observed_services = swarm.services_labelled(f"{agents.AGENT}={instance}")
+        for write in agents.agent_writes(wanted, observed_services):
+            if write.kind == "create":
+                swarm.create_service(write.spec)
+            elif write.kind == "update":
+                swarm.update_service(write.service_id, write.version, write.spec)
+            else:
+                swarm.remove_service(write.service_id)
+            log.info("node agent service written", kind=write.kind, service=write.name)
+        for stale in secrets.stale:
+            try:
+                swarm.remove_secret(stale.id)
+            except SwarmRejected as error:  # still mounted by a task being replaced
+                log.info("agent secret kept for now", secret=stale.name, error=str(error))
+        self._ensured = (key, now_s)
 
     def _remove_stale(self) -> None:
-        """Check services of this installation left by an earlier run (a crash between start and
-        read)."""
+        """Probe services of earlier versions (one-shot validation and npu-smi readings)."""
         instance = self.settings.instance
-        mine = {p.service_id for p in [*self.running.values(), *self.readings_running.values()]}
         for key in (node_checks.CHECK, npusmi.READING):
             for service in self.swarm.services_labelled(f"{key}={instance}"):
-                if service.get("ID") not in mine:
-                    _remove(self.swarm, service["ID"])
-                    log.info("stale probe removed", service=service.get("Spec", {}).get("Name"))
+                self.swarm.remove_service(service["ID"])
+                log.info("stale probe removed", service=service.get("Spec", {}).get("Name"))
 
     def close(self) -> None:
-        """Remove check services under way (operator stopping)."""
-        for task in [*self.running.values(), *self.readings_running.values()]:
-            _remove(self.swarm, task.service_id)
-        self.running.clear()
-        self.readings_running.clear()
+        if self.reader is not None:
+            self.reader.close()
 
 
 def held_npus(snapshot: SwarmSnapshot) -> dict[str, set[int]]:
@@ -335,28 +446,9 @@ def held_npus(snapshot: SwarmSnapshot) -> dict[str, set[int]]:
     return held
 
 
-def _create_task(swarm: CheckSwarm, spec: dict[str, Any]) -> str:
-    """A replicated job where the manager has them (API 1.41, Docker 20.10); an older one
-    refuses the mode, and one replica that is never restarted does the same job."""
-    try:
-        return swarm.create_service(spec)
-    except SwarmRejected as error:
-        if "ReplicatedJob" not in spec.get("Mode", {}):
-            raise
-        log.info("replicated jobs refused; checking with a replicated service", error=str(error))
-        return swarm.create_service(dict(spec, Mode={"Replicated": {"Replicas": 1}}))
-
-
-def _remove(swarm: CheckSwarm, service_id: str) -> None:
-    swarm.remove_service(service_id)
-
-
-def _nonce() -> str:
-    return uuid.uuid4().hex[:8]
-
-
 def publish_verdicts(checker: NodeChecker | None) -> None:
-    """npuswarm_node_validation reads this checker's verdicts (None: no series)."""
+    """npuswarm_node_validation, the NPU gauges and npuswarm_node_agent_up read this checker
+    (None: no series)."""
 
     def checks() -> list[tuple[str, str, bool]]:
         assert checker is not None
@@ -368,3 +460,5 @@ def publish_verdicts(checker: NodeChecker | None) -> None:
 
     metrics.node_validation.source = checks if checker is not None else None
     metrics.npu_health.source = checker.npu_report if checker is not None else None
+    metrics.node_agent_up.source = checker.agents_up if checker is not None else None
+    metrics.npu_exporter.source = checker.npu_readings if checker is not None else None

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
+from npuswarm.gateway.credentials import Credentials
 from npuswarm.kube import Kube
 from npuswarm.nodehealth.runner import NodeChecker, publish_verdicts
 from npuswarm.reconcile import Reconciler
@@ -132,8 +133,10 @@ class Runtime:
             ]
         loops.append(("leadership", self.leader.run))
         if self.settings.node_validation and isinstance(swarm, Swarm):
+            root = self.settings.root_key.get_secret_value()
+            credentials = Credentials(root, self.settings.instance) if root else None
             checker = NodeChecker(
-                swarm, self.settings, self.reconciler.lock, lambda: self.reconciler.last_plan
+                swarm, self.settings, lambda: self.reconciler.last_plan, credentials
             )
             publish_verdicts(checker)
             self.node_checks = NodeCheckLoop(checker, self.settings, self.triggers, self.leader)
@@ -152,12 +155,11 @@ class Runtime:
             self.swarm_watch.close()
 
     async def close(self) -> None:
-        """Stop, wait for the pass loop, remove node checks under way, close the clients."""
+        """Stop, wait for the pass loop, close the agent reader and the clients."""
         self.stop()
         for task in self.tasks:
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
         if self.node_checks is not None:
-            # Checks under way would otherwise wait for the next start's cleanup.
             await asyncio.to_thread(self.node_checks.checker.close)
         await asyncio.to_thread(self.reconciler.close)

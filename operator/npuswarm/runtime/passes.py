@@ -197,8 +197,6 @@ class PassLoop:
     ) -> None:
         if self.swarm_watch is not None:
             self.swarm_watch.saw_pass(result)
-        if self.node_checks is not None:
-            self.node_checks.saw_pass(desired)
         busy = result.requeue or any(g.readyReplicas < g.replicas for g in result.gateways.values())
         if self.swarm_watch is not None:
             self.swarm_watch.set_busy(busy)
