@@ -407,14 +407,14 @@ def test_the_indexes_are_complete_once_they_hold_every_listed_object() -> None:
     reader = runtime(index).reader
     listed = {"modeldeployments": {"team/a", "team/b"}, "modelgateways": set()}
     gate = IndexGate(Listing(None, listed, listed))
-    assert not gate.check(reader)  # the LIST failed: not known
-    assert not gate.check(reader)  # team/b is not indexed yet
+    assert not gate.check(reader, gate.list_all())  # the LIST failed: not known
+    assert not gate.check(reader, gate.list_all())  # team/b is not indexed yet
     index[("team", "b")] = [entry("b")]
-    assert gate.check(reader) and gate.complete
+    assert gate.check(reader, gate.list_all()) and gate.complete
     # b deleted between kopf's LIST and ours: the next LIST no longer names it.
     late = IndexGate(Listing({"modeldeployments": {"team/a", "team/gone"}},
                              {"modeldeployments": {"team/a"}}))
-    assert not late.check(reader) and late.check(reader)
+    assert not late.check(reader, late.list_all()) and late.check(reader, late.list_all())
 
 
 def test_no_pass_runs_until_the_indexes_are_complete(monkeypatch: Any) -> None:

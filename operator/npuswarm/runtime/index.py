@@ -140,18 +140,29 @@ class IndexGate:
     lister: Lister | None
     complete: bool = False
 
-    def check(self, reader: IndexReader) -> bool:
+    def list_all(self) -> dict[str, set[str]] | None:
+        """The API server's side (blocking: run it in a thread); None when a LIST failed."""
+        found: dict[str, set[str]] = {}
+        for plural in (deployment_api.PLURAL, gateway_api.PLURAL):
+            listed = self.lister(plural) if self.lister is not None else set()
+            if listed is None:
+                return None
+            found[plural] = listed
+        return found
+
+    def check(self, reader: IndexReader, listed: dict[str, set[str]] | None) -> bool:
+        """Compare with kopf's indexes: in the event loop's thread, where kopf changes them
+        (walking them from another thread raced kopf's inserts)."""
         if self.complete or self.lister is None:
             self.complete = True
             return True
+        if listed is None:
+            return False
         for plural, index in (
             (deployment_api.PLURAL, reader.index),
             (gateway_api.PLURAL, reader.gateway_index),
         ):
-            listed = self.lister(plural)
-            if listed is None:
-                return False
-            if not listed <= {entry.key for entry in walk_index(index, {})}:
+            if not listed[plural] <= {entry.key for entry in walk_index(index, {})}:
                 return False
         self.complete = True
         return True

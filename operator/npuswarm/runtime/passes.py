@@ -106,7 +106,8 @@ class PassLoop:
 
     async def _indexes_complete(self) -> bool:
         started = time.monotonic()
-        if await asyncio.to_thread(self.gate.check, self.reader):
+        listed = await asyncio.to_thread(self.gate.list_all)
+        if self.gate.check(self.reader, listed):
             log.info(
                 "indexes complete",
                 deployments=len(self.reader.index),
