@@ -513,7 +513,16 @@ class ReplicaStatus(_Model):
 class ModelDeploymentStatus(_Model):
     observedGeneration: int | None = None
     phase: Phase = "Pending"
-    replicas: int = 0
+    replicas: int = Field(
+        0, description="Replicas wanted now (the scale subresource's status.replicas)."
+    )
+    selector: str | None = Field(
+        None,
+        description=(
+            "Label selector of this deployment's replicas, serialized (the scale "
+            "subresource's labelSelectorPath, which HPA and KEDA need)."
+        ),
+    )
     readyReplicas: int = 0
     placedReplicas: int = 0
     npus: int = Field(0, description="NPUs held by this deployment's replicas.")

@@ -165,6 +165,7 @@ def deployment_status(
         observedGeneration=md.metadata.generation,
         phase=verdict.phase(started=bool(placed)),
         replicas=desired_count,
+        selector=replica_selector(md.metadata.name),
         readyReplicas=ready_count,
         placedReplicas=len(placed),
         npus=sum(len(r.npus) for r in placed),
@@ -172,6 +173,12 @@ def deployment_status(
         replicaStatuses=replicas.statuses,
         conditions=verdict.conditions(previous_conditions, md.metadata.generation, now),
     )
+
+
+def replica_selector(name: str) -> str:
+    """The scale subresource's selector: the owner labels every replica's service carries
+    (the namespace is the deployment's own, as HPA reads it)."""
+    return f"{labels.MANAGED_BY}={labels.MANAGED_BY_VALUE},{labels.OWNER_NAME}={name}"
 
 
 def replica_report(whole: PassPlan, plan: DeploymentPlan, writes: Applied) -> ReplicaReport:
@@ -396,7 +403,7 @@ def _held_status(
 ) -> ModelDeploymentStatus:
     kept = {
         k: previous[k]
-        for k in ("replicas", "readyReplicas", "placedReplicas", "npus", "endpoint")
+        for k in ("replicas", "selector", "readyReplicas", "placedReplicas", "npus", "endpoint")
         if k in previous
     }
     replica_statuses = [
