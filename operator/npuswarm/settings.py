@@ -73,6 +73,9 @@ class Settings(BaseSettings):
             "gateway_root_key", f"{ENV_PREFIX}GATEWAY_ROOT_KEY", f"{ENV_PREFIX}GATEWAY_TOKEN"
         ),
     )
+    # How often the built-in autoscaler reads the gateways' engine load and decides counts
+    # (docs/autoscaling.md); the gateways read their backends every 2 s on their own.
+    autoscaler_seconds: float = Field(5.0, gt=0, le=3600, allow_inf_nan=False)
     # Node validation (docs/node-health.md): a one-shot probe task on each node checks that
     # Ascend Docker Runtime really gives its NPUs to containers before replicas go there.
     node_validation: bool = True
