@@ -66,6 +66,24 @@ def structural(schema: dict[str, Any], definitions: dict[str, Any] | None = None
     additional = schema.get("additionalProperties")
     if isinstance(additional, dict):
         out["additionalProperties"] = structural(additional, definitions)
+    # A map with constrained keys (dict[Pattern, X]): OpenAPI v3 in a CRD has neither
+    # patternProperties nor propertyNames, so the values' schema becomes additionalProperties
+    # and the key constraints a CEL rule.
+    patterns = out.pop("patternProperties", None)
+    names = out.pop("propertyNames", None) or {}
+    if isinstance(patterns, dict) and len(patterns) == 1:
+        ((pattern, values),) = patterns.items()
+        out["additionalProperties"] = structural(values, definitions)
+        checks = [f"k.matches('{pattern}')"]
+        if "maxLength" in names:
+            checks.append(f"size(k) <= {names['maxLength']}")
+        out.setdefault("x-kubernetes-validations", []).append(
+            {
+                "rule": f"self.all(k, {' && '.join(checks)})",
+                "message": f"keys must match {pattern}"
+                + (f" (at most {names['maxLength']})" if "maxLength" in names else ""),
+            }
+        )
     if "enum" in out and "type" not in out:
         out["type"] = "integer" if all(isinstance(v, int) for v in out["enum"]) else "string"
     return out
