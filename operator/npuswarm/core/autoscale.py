@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from npuswarm.api.deployment import Autoscaling, ModelDeployment
 from npuswarm.core import topology
 from npuswarm.core.nodes import NodeInfo
+from npuswarm.core.placement import PlacementResult, ReplicaRequest
 
 # As HPA's --horizontal-pod-autoscaler-tolerance: a ratio this close to 1 changes nothing.
 TOLERANCE = 0.1
@@ -171,57 +172,77 @@ def _highest(recommendations: Iterable[tuple[float, int]], since: float) -> int:
 
 
 def headroom(
-    ranked: Sequence[ModelDeployment],
-    nodes: Sequence[NodeInfo],
-    free: Mapping[str, set[int]],
-    placed: Mapping[str, int],
-    used_nodes: Mapping[str, set[str]],
-    wanted: Mapping[str, int],
+    placement: PlacementResult, nodes: Sequence[NodeInfo], wanted: Mapping[str, int]
 ) -> dict[str, int]:
-    """How many replicas each deployment could hold now: the ones placed, plus what the free
-    NPUs fit of the replicas it ``wanted`` more. Shared in ``ranked`` order (the placement's:
-    oldest first), so two deployments never count the same free NPUs."""
-    pool = {node_id: set(npus) for node_id, npus in free.items()}
-    accepting = [n for n in nodes if n.accepts_new_replicas]
+    """How many replicas each deployment in ``wanted`` could hold now: those placed, plus
+    those the free NPUs fit of the ones it wants more. The free NPUs are handed out as the
+    next placement would hand them out: in its order (oldest deployment first, each older
+    deployment's unplaced replicas before a younger one's new ones), best fit, so that no
+    two deployments count the same NPUs and what is counted here is what the pass places."""
+    pool = {node_id: set(npus) for node_id, npus in placement.free.items()}
+    accepting = sorted(
+        (n for n in nodes if n.accepts_new_replicas and n.usable_npus and n.id in pool),
+        key=lambda n: (n.hostname, n.id),
+    )
     found: dict[str, int] = {}
-    for md in ranked:
-        base = placed.get(md.key, 0)
-        more = max(0, wanted.get(md.key, 0) - base)
-        found[md.key] = base + _fit(md, accepting, pool, used_nodes.get(md.key, set()), more)
+    for key, requests in placement.requests.items():
+        placed = sum(1 for r in requests if r.key in placement.assignments)
+        if key in wanted:
+            more = max(0, wanted[key] - placed)
+            template = requests[0] if requests else None
+        else:
+            unplaced = [r for r in requests if r.key not in placement.assignments]
+            more, template = len(unplaced), (unplaced[0] if unplaced else None)
+        fitted = 0
+        if template is not None and more:
+            used = set(placement.nodes_used.get(key, set()))
+            fitted = _fit(template, accepting, pool, used, more)
+        if key in wanted:
+            found[key] = placed + fitted
     return found
 
 
 def _fit(
-    md: ModelDeployment,
+    request: ReplicaRequest,
     nodes: Sequence[NodeInfo],
     pool: dict[str, set[int]],
     used: set[str],
     more: int,
 ) -> int:
-    """Take NPUs for up to ``more`` replicas of ``md`` out of ``pool``; how many fitted."""
-    spec = md.spec
-    one_per_node = spec.npuIds is not None or (
-        spec.publish is not None and spec.publish.mode == "host"
-    )
+    """Take NPUs for up to ``more`` replicas like ``request`` out of ``pool``, each on the
+    node it fills most (the placement's best fit); how many fitted."""
+    one_per_node = request.one_per_node or request.npu_ids is not None
+    matching = [
+        n
+        for n in nodes
+        if n.matches(request.node_selector)
+        and (request.pinned_node is None or n.id == request.pinned_node)
+    ]
     fitted = 0
-    for node in nodes:
-        if fitted >= more:
-            break
-        if not node.matches(spec.nodeSelector) or (one_per_node and node.id in used):
-            continue
-        free = pool.get(node.id, set())
-        while fitted < more:
-            if spec.npuIds is not None:
-                pinned = frozenset(spec.npuIds)
-                chosen = pinned if pinned <= free else None
+    while fitted < more:
+        best: tuple[int, NodeInfo, frozenset[int]] | None = None
+        for node in matching:
+            free = pool[node.id]
+            slack = len(free) - request.npus
+            if slack < 0 or (one_per_node and node.id in used):
+                continue
+            if best is not None and slack >= best[0]:
+                continue
+            if request.npu_ids is not None:
+                fits = request.npu_ids <= free and topology.is_valid_set(
+                    request.npu_ids, node.topology
+                )
+                chosen = request.npu_ids if fits else None
             else:
-                chosen = topology.choose(frozenset(free), spec.npus_per_replica, node.topology)
-            if chosen is None:
-                break
-            free -= chosen
-            fitted += 1
-            if one_per_node:
-                break
+                chosen = topology.choose(frozenset(free), request.npus, node.topology)
+            if chosen is not None:
+                best = (slack, node, chosen)
+        if best is None:
+            break
+        _, node, chosen = best
+        pool[node.id] -= chosen
+        used.add(node.id)
+        fitted += 1
     return fitted
 
 

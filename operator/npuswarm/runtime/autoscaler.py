@@ -102,7 +102,7 @@ class Autoscaler:
         if not autoscaled:
             return
         loads: Mapping[str, ModelLoad] = {}
-        if self.read_load is not None and desired.gateways:
+        if self.read_load is not None:
             loads = self.read_load(desired.gateways, autoscaled, plan.snapshot)
         now = self.clock()
         with self.lock:
@@ -110,7 +110,6 @@ class Autoscaler:
             histories = {
                 md.key: self.histories.setdefault(md.key, autoscale.History()) for md in autoscaled
             }
-        placed = {md.key: len(plan.placement.for_deployment(md.key)) for md in autoscaled}
         inputs = {
             md.key: autoscale.Inputs(
                 current=current[md.key], load=_load(loads.get(md.key)), placeable=0, now=now
@@ -127,15 +126,13 @@ class Autoscaler:
             for md in autoscaled
         }
         nodes = plan.limits.apply(plan.snapshot.nodes) if plan.limits else plan.snapshot.nodes
-        room = autoscale.headroom(
-            autoscaled, nodes, plan.placement.free, placed, plan.placement.nodes_used, wanted
-        )
+        room = autoscale.headroom(plan.placement, nodes, wanted)
         for md in autoscaled:
             policy = md.spec.autoscaling
             assert policy is not None
             decision = autoscale.decide(
                 policy,
-                dataclasses.replace(inputs[md.key], placeable=room[md.key]),
+                dataclasses.replace(inputs[md.key], placeable=room.get(md.key, 0)),
                 histories[md.key],
             )
             self._record(md, policy.target.metric, policy.target.value, decision)
