@@ -23,6 +23,9 @@ __all__ = ["IMAGE", "NETWORK", "fast_spec", "free_port", "sample", "stop_process
 
 IMAGE = os.environ.get("NPUSWARM_TEST_IMAGE", "npuswarm/tiny-vllm:dev")
 NETWORK = "npuswarm-test-net"
+# The tests make NETWORK and the examples' vllm-net by hand and use them from many namespaces:
+# as an admin does for networks npuswarm did not create, the operator shares them with all.
+SHARED_NETWORKS = f"{NETWORK}=*,vllm-net=*"
 T = TypeVar("T")
 
 

@@ -27,7 +27,7 @@ import yaml
 import controlplane
 import operatorimage
 from tests.faultproxy import FaultProxy
-from tests.helpers import NETWORK, fast_spec, free_port, stop_process, wait_for
+from tests.helpers import NETWORK, SHARED_NETWORKS, fast_spec, free_port, stop_process, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -180,6 +180,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
             # developer's dockerd are foreign to it (never swept as orphans).
             "NPUSWARM_INSTANCE": INSTANCE,
             "NPUSWARM_GATEWAY_ROOT_KEY": GATEWAY_ROOT_KEY,
+            "NPUSWARM_SHARED_NETWORKS": SHARED_NETWORKS,
             # The local Swarm runs plain runc with no stand-in Ascend runtime: validation
             # would (rightly) refuse its node. tests/lab covers node validation.
             "NPUSWARM_NODE_VALIDATION": "false",
