@@ -301,6 +301,13 @@ autoscaler_recommended_replicas = Gauge(
     ["namespace", "name"],
     registry=REGISTRY,
 )
+autoscaler_unmet_replicas = Gauge(
+    "npuswarm_autoscaler_unmet_replicas",
+    "Replicas the load asks for that the fleet has no NPUs for (demand beyond the fleet: the "
+    "autoscaler does not ask for them).",
+    ["namespace", "name"],
+    registry=REGISTRY,
+)
 gateway_pushes_total = Counter(
     "npuswarm_gateway_pushes_total",
     "Pushes of backends to gateway replicas by outcome (success or error).",

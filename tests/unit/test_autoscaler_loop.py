@@ -168,3 +168,31 @@ def test_a_follower_does_not_decide() -> None:
     s.scaler.run(stop, 0.01, follower)
     assert len(looks) == 3
     assert s.requested == [] and s.scaler.counts[s.md.key] == 1
+
+
+def conditions_of(view) -> dict[str, Any]:
+    return {c.type: c for c in view.status.conditions}
+
+
+def test_a_scale_up_beyond_the_fleet_waits_for_npus_without_being_degraded() -> None:
+    s = Setup(deployment("chat", replicas=1, npusPerReplica=4), nodes=1, npus=8)
+    s.run_pass()
+    s.run_pass()  # the replica runs: the deployment serves
+    s.md = deployment("chat", replicas=3, npusPerReplica=4, generation=2)  # kubectl scale / HPA
+    s.run_pass()
+    view = s.run_pass().views[s.md.key]  # the second replica runs, the third has no NPUs
+    found = conditions_of(view)
+    assert found["Degraded"].status == "False"
+    assert (found["Progressing"].status, found["Progressing"].reason) == ("True", "InsufficientNPUs")
+    assert found["Progressing"].message.startswith("wanted 3, placed 2: waiting for NPUs; replica 2: needs 4")
+    assert found["Stalled"].status == "False" and found["Reconciling"].status == "True"
+    assert view.status.phase == "Progressing" and view.status.readyReplicas == 2
+    assert view.unplaced_reasons == {"InsufficientNPUs": 1}
+
+
+def test_nothing_running_for_want_of_npus_is_still_degraded() -> None:
+    s = Setup(deployment("chat", replicas=1, npusPerReplica=8), nodes=1, npus=4)
+    view = s.run_pass().views[s.md.key]
+    found = conditions_of(view)
+    assert (found["Degraded"].status, found["Degraded"].reason) == ("True", "InsufficientNPUs")
+    assert view.status.phase == "Degraded"

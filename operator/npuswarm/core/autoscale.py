@@ -72,6 +72,12 @@ class Decision:
     message: str
     observed: float | None = None  # the metric as the target reads it
     recommendation: int | None = None  # before stabilization and the placement cap
+    wanted: int | None = None  # after stabilization, before the placement cap
+
+    @property
+    def unmet(self) -> int:
+        """Replicas the load asks for that the fleet has no NPUs for."""
+        return max(0, (self.wanted or 0) - self.replicas)
 
     @property
     def changed(self) -> bool:
@@ -140,6 +146,7 @@ def decide(policy: Autoscaling, inputs: Inputs, history: History) -> Decision:
                 f"{inputs.placeable}: keeping {current}",
                 value,
                 raw,
+                wanted,
             )
         return Decision(
             capped,
@@ -148,12 +155,15 @@ def decide(policy: Autoscaling, inputs: Inputs, history: History) -> Decision:
             f"for {inputs.placeable})",
             value,
             raw,
+            wanted,
         )
     if wanted > current:
-        return Decision(wanted, "ScaledUp", f"{reading}: {current} -> {wanted}", value, raw)
+        return Decision(wanted, "ScaledUp", f"{reading}: {current} -> {wanted}", value, raw, wanted)
     if wanted < current:
-        return Decision(wanted, "ScaledDown", f"{reading}: {current} -> {wanted}", value, raw)
-    return Decision(current, "Steady", f"{reading}: {current} replicas", value, raw)
+        return Decision(
+            wanted, "ScaledDown", f"{reading}: {current} -> {wanted}", value, raw, wanted
+        )
+    return Decision(current, "Steady", f"{reading}: {current} replicas", value, raw, wanted)
 
 
 def _clamp(policy: Autoscaling, count: int) -> int:

@@ -149,10 +149,19 @@ def deployment_status(
     validating = [u for u in unplaced if u.reason == "NodeValidationPending"]
     unplaced = [u for u in unplaced if u.reason != "NodeValidationPending"]
     conflicts = [message for owner, message in placement.conflicts if owner == md.key]
-    degraded = _degraded(md.key, replicas, unplaced, writes.rejected, conflicts, placement.moved)
+    short = waiting_for_npus(md.key, unplaced, placement.moved, ready_count)
+    faults = [] if short else unplaced
+    degraded = _degraded(md.key, replicas, faults, writes.rejected, conflicts, placement.moved)
     rolling = bool(writes.done or plan.deferred)
     starting = any(r.nodeId and not r.ready for r in replicas.statuses)
     progressing = _progressing(rolling, writes, plan.deferred, starting, validating, degraded)
+    if short and degraded.status == "False" and not rolling:
+        progressing = ConditionValue(
+            "True",
+            "InsufficientNPUs",
+            f"wanted {desired_count}, placed {len(placed)}: waiting for NPUs; "
+            + "; ".join(f"replica {u.slot}: {u.message}" for u in unplaced),
+        )
     all_ready = ready_count == desired_count and not rolling and degraded.status == "False"
     counted = f"{ready_count}/{desired_count} replicas ready"
     if all_ready:
@@ -242,6 +251,25 @@ def replica_report(whole: PassPlan, plan: DeploymentPlan, writes: Applied) -> Re
             )
         )
     return report
+
+
+def waiting_for_npus(
+    key: str,
+    unplaced: Sequence[Unplaced],
+    moved: Mapping[tuple[str, str], str],
+    ready_count: int,
+) -> bool:
+    """Demand beyond the fleet, not a fault: a deployment that serves (a replica is ready)
+    and whose only missing replicas are new ones waiting for free NPUs (a scale-up by hand,
+    HPA, KEDA or minReplicas). It is Progressing, not Degraded: nothing is broken, and the
+    replicas start by themselves when NPUs are freed (docs/autoscaling.md). A replica that
+    lost its place (a node gone) and found no other is a fault, as is a deployment with
+    nothing running."""
+    return (
+        bool(unplaced)
+        and ready_count > 0
+        and all(u.reason == "InsufficientNPUs" and (key, u.slot) not in moved for u in unplaced)
+    )
 
 
 def _degraded(

@@ -20,7 +20,7 @@ from typing import Any
 import structlog
 
 from npuswarm import metrics
-from npuswarm.api.deployment import AutoscalerStatus, ModelDeployment
+from npuswarm.api.deployment import AUTOSCALING_METRICS, AutoscalerStatus, ModelDeployment
 from npuswarm.api.meta import split_key
 from npuswarm.core import autoscale
 from npuswarm.core.clock import timestamp, utcnow
@@ -160,6 +160,7 @@ class Autoscaler:
                 lastScaleMessage=last_message,
             )
         metrics.autoscaler_desired_replicas.labels(namespace, name).set(decision.replicas)
+        metrics.autoscaler_unmet_replicas.labels(namespace, name).set(decision.unmet)
         if decision.observed is not None:
             metrics.autoscaler_observed_value.labels(namespace, name, metric).set(decision.observed)
         if decision.recommendation is not None:
@@ -178,9 +179,16 @@ class Autoscaler:
         self.histories.pop(key, None)
         self.statuses.pop(key, None)
         namespace, name = split_key(key)
-        for gauge in (metrics.autoscaler_desired_replicas, metrics.autoscaler_recommended_replicas):
+        for gauge in (
+            metrics.autoscaler_desired_replicas,
+            metrics.autoscaler_recommended_replicas,
+            metrics.autoscaler_unmet_replicas,
+        ):
             with contextlib.suppress(KeyError):
                 gauge.remove(namespace, name)
+        for metric in AUTOSCALING_METRICS:
+            with contextlib.suppress(KeyError):
+                metrics.autoscaler_observed_value.remove(namespace, name, metric)
 
     def run(self, stop: threading.Event, interval: float, leading: Callable[[], bool]) -> None:
         """The loop body for runtime.triggers.survive: rounds until ``stop``, only while
