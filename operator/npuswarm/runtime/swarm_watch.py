@@ -46,7 +46,12 @@ class SwarmWatch:
         of the services it saw, and whether work is under way."""
         for action in result.all_applied():
             self.recent_writes[action.service_name] = time.monotonic()
-        self.owner_of_service = {s.id: s.deployment for s in result.plan.snapshot.services}
+        services = result.plan.snapshot.services
+        self.owner_of_service = {s.id: s.deployment for s in services}
+        # What the poll compares with: a task gone since (its service removed by a scale-down)
+        # asks for the pass that reports the deployment Ready again.
+        self.tasks_seen = {t.id: t.state for s in services for t in s.tasks}
+        self.service_of_task = {t.id: s.id for s in services for t in s.tasks}
 
     def set_busy(self, busy: bool) -> None:
         self.busy = busy
