@@ -71,6 +71,9 @@ def test_a_decision_reaches_the_pass_with_status_metrics_and_one_event() -> None
     assert s.services() == 1
     status = first.views[s.md.key].status
     assert status.autoscaler is not None and status.autoscaler.reason == "NoLoadReading"
+    # As HPA says it: no metrics, no scaling (and the count kept).
+    scaling = conditions_of(first.views[s.md.key])["ScalingActive"]
+    assert (scaling.status, scaling.reason) == ("False", "NoLoadReading")
 
     s.loads = {s.md.key: ModelLoad(replicas=1, waiting=3, running=1, kv_cache=0.2)}
     s.scaler.tick()
@@ -81,6 +84,8 @@ def test_a_decision_reaches_the_pass_with_status_metrics_and_one_event() -> None
     assert view.status.replicas == 3 and view.status.autoscaler is not None
     assert view.status.autoscaler.reason == "ScaledUp"
     assert view.status.autoscaler.observedValue == 3.0
+    assert (conditions_of(view)["ScalingActive"].status, conditions_of(view)["ScalingActive"].reason) == (
+        "True", "ScaledUp")
     assert "1 -> 3" in (view.status.autoscaler.lastScaleMessage or "")
     assert [e.reason for e in view.events if e.reason == "Autoscaled"] == ["Autoscaled"]
     get = metrics.REGISTRY.get_sample_value
@@ -90,6 +95,12 @@ def test_a_decision_reaches_the_pass_with_status_metrics_and_one_event() -> None
     # The same decision again: no second Event, no change.
     third = s.run_pass()
     assert not [e for e in third.views[s.md.key].events if e.reason == "Autoscaled"]
+
+
+def test_a_deployment_without_autoscaling_has_no_scaling_condition() -> None:
+    s = Setup(deployment("fixed", replicas=1))
+    view = s.run_pass().views[s.md.key]
+    assert "ScalingActive" not in conditions_of(view) and view.status.autoscaler is None
 
 
 def test_a_restarted_operator_starts_from_the_status_count() -> None:

@@ -49,7 +49,7 @@ from npuswarm.core.nodes import NodeLimits
 from npuswarm.core.placement import by_priority, place_all
 from npuswarm.core.render import Renderer, render_slots
 from npuswarm.core.snapshot import SwarmSnapshot
-from npuswarm.core.status import deployment_status, invalid_spec_status
+from npuswarm.core.status import deployment_status, invalid_spec_status, scaling_condition
 
 
 @dataclass(frozen=True)
@@ -205,6 +205,11 @@ def report(
         scaler = desired.autoscaler.get(md.key)
         if scaler is not None:
             status.autoscaler = scaler
+            status.conditions.append(
+                scaling_condition(
+                    scaler, previous.get("conditions", []), md.metadata.generation, now
+                )
+            )
             events += autoscaler_events(scaler, previous.get("autoscaler"))
         unplaced: dict[str, int] = {}
         for replica, item in whole.placement.unplaced.items():

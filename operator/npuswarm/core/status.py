@@ -8,7 +8,13 @@ from datetime import datetime, timedelta
 from typing import Any, Literal
 
 from npuswarm.api import labels
-from npuswarm.api.deployment import ModelDeployment, ModelDeploymentStatus, Phase, ReplicaStatus
+from npuswarm.api.deployment import (
+    AutoscalerStatus,
+    ModelDeployment,
+    ModelDeploymentStatus,
+    Phase,
+    ReplicaStatus,
+)
 from npuswarm.api.labels import SPEC_HASH
 from npuswarm.api.meta import Condition, ConditionStatus, ConditionType
 from npuswarm.core.clock import TIMESTAMP, timestamp
@@ -181,6 +187,27 @@ def deployment_status(
         endpoint=_endpoint(md),
         replicaStatuses=replicas.statuses,
         conditions=verdict.conditions(previous_conditions, md.metadata.generation, now),
+    )
+
+
+def scaling_condition(
+    scaler: AutoscalerStatus,
+    previous: Sequence[dict[str, Any]],
+    generation: int,
+    now: datetime,
+) -> Condition:
+    """Whether the built-in autoscaler has the load it decides from: False (and the count
+    kept) while no ModelGateway serving the model reports it."""
+    active: ConditionStatus = "False" if scaler.reason == "NoLoadReading" else "True"
+    old = next((c for c in previous if c.get("type") == "ScalingActive"), {})
+    since = old.get("lastTransitionTime") if old.get("status") == active else None
+    return Condition.model_construct(
+        type="ScalingActive",
+        status=active,
+        reason=scaler.reason,
+        message=scaler.message[:MAX_MESSAGE],
+        lastTransitionTime=since or timestamp(now),
+        observedGeneration=generation,
     )
 
 
