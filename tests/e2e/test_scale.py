@@ -84,3 +84,43 @@ def test_an_hpa_targeting_a_modeldeployment_is_accepted_and_read_back(cluster: C
     scale = scale_of(cluster, namespace, "hpa-target")
     assert scale["status"]["replicas"] == 1 and scale["status"]["selector"]
     cluster.kubectl("-n", namespace, "delete", "hpa", "hpa-target")
+
+
+AUTOSCALING = {"minReplicas": 1, "maxReplicas": 3, "target": {"metric": "requestsWaitingPerReplica", "value": 4}}
+
+
+def test_autoscaling_rules_refuse_bad_specs_at_apply(cluster: Cluster, namespace: str) -> None:
+    cases = {
+        "min-above-max": ({"autoscaling": {**AUTOSCALING, "minReplicas": 5}}, "minReplicas must not exceed maxReplicas"),
+        "kv-above-one": ({"autoscaling": {**AUTOSCALING, "target": {"metric": "kvCacheUsage", "value": 2}}},
+                         "a kvCacheUsage target is a fraction"),
+        "pernode": ({"mode": "PerNode", "autoscaling": AUTOSCALING}, "PerNode runs one on every matching node"),
+    }
+    for name, (spec, message) in cases.items():
+        refused = cluster.kubectl("-n", namespace, "apply", "-f", "-", input=manifest(name, **spec), check=False)
+        assert refused.returncode != 0 and message in refused.stderr, (name, refused.stderr)
+    # An integer target of a number field is read as one by the rule (no "no such overload").
+    fine = {**AUTOSCALING, "target": {"metric": "kvCacheUsage", "value": 1}}
+    cluster.kubectl("-n", namespace, "apply", "-f", "-", input=manifest("kv-one", autoscaling=fine))
+
+
+def test_with_autoscaling_npuswarm_owns_the_count_and_reports_a_scale_it_does_not_obey(
+        cluster: Cluster, namespace: str) -> None:
+    cluster.kubectl("-n", namespace, "apply", "-f", "-", input=manifest("owned", autoscaling=AUTOSCALING))
+    obj = wait_md(cluster, namespace, "owned",
+                  lambda o: is_ready(o) and "ModelGateway" in (o["status"].get("autoscaler") or {}).get("message", ""),
+                  "Ready at minReplicas, saying no gateway serves it")
+    assert obj["status"]["replicas"] == 1
+    assert obj["status"]["autoscaler"]["reason"] == "NoLoadReading"
+
+    # HPA, KEDA or a person writing spec.replicas: the write lands, npuswarm does not obey it.
+    cluster.kubectl("-n", namespace, "scale", "md/owned", "--replicas=3")
+    obj = wait_md(cluster, namespace, "owned",
+                  lambda o: "is not obeyed" in (o["status"].get("autoscaler") or {}).get("message", "")
+                  and o["status"].get("observedGeneration") == o["metadata"]["generation"],
+                  "the scale reported, not obeyed")
+    assert obj["spec"]["replicas"] == 3 and obj["status"]["replicas"] == 1
+    assert len(obj["status"]["replicaStatuses"]) == 1
+    assert scale_of(cluster, namespace, "owned")["status"]["replicas"] == 1
+    events = json.loads(cluster.kubectl("-n", namespace, "get", "events", "-o", "json").stdout)["items"]
+    assert any(e["reason"] == "ReplicasNotOwned" and e["type"] == "Warning" for e in events)
