@@ -28,7 +28,7 @@ from npuswarm.core import hostpolicy
 from npuswarm.core.clock import utcnow
 from npuswarm.core.nodes import NodeInfo
 from npuswarm.core.npus import device_name, format_npu_ids
-from npuswarm.core.pipeline import Desired, plan_pass, refuse_networks
+from npuswarm.core.pipeline import Desired, plan_pass
 from npuswarm.core.snapshot import SwarmSnapshot
 from npuswarm.nodehealth.checks import Verdict
 from npuswarm.nodehealth.npusmi import NodeHealth
@@ -82,19 +82,16 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if refused:
         raise UsageError(f"{hostpolicy.REASON}: " + "; ".join(refused))
     snapshot = Swarm().observe()
-    ranked = sorted(deployments, key=lambda md: md.key)
-    refused = [
-        f"{key}: {why}"
-        for key, why in refuse_networks(ranked, snapshot, settings.tenant_policy()).items()
-    ]
-    if refused:
-        raise UsageError(f"{hostpolicy.REASON}: " + "; ".join(refused))
     whole = plan_pass(
         deployments,
         snapshot,
         now=utcnow(),
         lost_node_grace_seconds=settings.lost_node_grace_seconds,
+        policy=settings.tenant_policy(),
     )
+    if whole.refused:
+        refused = [f"{key}: {why}" for key, why in sorted(whole.refused.items())]
+        raise UsageError(f"{hostpolicy.REASON}: " + "; ".join(refused))
     placement = whole.placement
     report: list[dict[str, Any]] = []
     for md in deployments:

@@ -191,12 +191,18 @@ async def gateway_wants_pass(
 
 @kopf.on.delete(*GATEWAYS)
 def on_gateway_delete(
-    *, body: kopf.Body, namespace: str | None, name: str, memo: kopf.Memo, **_: Any
+    *,
+    body: kopf.Body,
+    namespace: str | None,
+    name: str,
+    uid: str | None,
+    memo: kopf.Memo,
+    **_: Any,
 ) -> None:
     """Behind npuswarm's finalizer: the gateway's services go before the resource does."""
     runtime: Runtime = memo.runtime
     try:
-        removed = runtime.reconciler.finalize_gateway(namespace or "default", name)
+        removed = runtime.reconciler.finalize_gateway(namespace or "default", name, uid or "")
     except SwarmUnavailable as error:
         raise kopf.TemporaryError(f"Swarm unavailable, services kept: {error}", delay=15) from error
     log.info("gateway deleted", gateway=metadata_key(body.metadata), services_removed=removed)

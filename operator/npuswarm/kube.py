@@ -72,26 +72,37 @@ class Kube:
         }
         self.core.create_namespaced_event(namespace, body)
 
-    def existing(self, owners: set[str]) -> set[str] | None:
-        """Which of ``owners`` exist, from one complete LIST; None on any failure, so that
-        nothing is ever removed on a failed or partial read."""
+    def existing(self, owners: set[str], plural: str = deployment_api.PLURAL) -> set[str] | None:
+        """Which of ``owners`` (objects of ``plural``: ModelDeployments unless said) exist,
+        from one complete LIST; None on any failure, so that nothing is ever removed on a
+        failed or partial read."""
+        scopes = None if self.namespaces is None else {split_key(o)[0] for o in owners}
+        found = self.listed(plural, scopes)
+        return None if found is None else owners & found
+
+    def listed(
+        self, plural: str, scopes: set[str] | None = None, operation: str = "orphan_list"
+    ) -> set[str] | None:
+        """The ``namespace/name`` of every object of ``plural`` in the watched namespaces (of
+        those in ``scopes`` too, when given), from complete LISTs; None when any fails or
+        comes back partial (counted as ``operation`` in npuswarm_kube_api_errors_total)."""
         found: set[str] = set()
-        scopes: list[str | None] = [None]
+        namespaces: list[str | None] = [None]
         if self.namespaces is not None:
-            scopes = [*sorted({split_key(o)[0] for o in owners} & self.namespaces)]
-        for namespace in scopes:
+            namespaces = [*sorted(self.namespaces if scopes is None else scopes & self.namespaces)]
+        for namespace in namespaces:
             try:
                 if namespace is None:
                     listed: dict[str, Any] = self.objects.list_cluster_custom_object(  # type: ignore[assignment]
-                        meta.GROUP, meta.VERSION, deployment_api.PLURAL
+                        meta.GROUP, meta.VERSION, plural
                     )
                 else:
                     listed = self.objects.list_namespaced_custom_object(  # type: ignore[assignment]
-                        meta.GROUP, meta.VERSION, namespace, deployment_api.PLURAL
+                        meta.GROUP, meta.VERSION, namespace, plural
                     )
             except Exception as error:
-                metrics.kube_api_errors_total.labels("orphan_list").inc()
-                log.warning("cannot list ModelDeployments; orphans are kept", error=str(error))
+                metrics.kube_api_errors_total.labels(operation).inc()
+                log.warning(f"cannot list {plural}", error=str(error))
                 return None
             if (listed.get("metadata") or {}).get("continue"):
                 return None  # a partial page: not a complete read
@@ -99,7 +110,7 @@ class Kube:
                 object_key(item["metadata"].get("namespace", ""), item["metadata"]["name"])
                 for item in listed.get("items") or []
             )
-        return owners & found
+        return found
 
     def peering_status(self, name: str, namespace: str | None) -> dict[str, Any] | None:
         """kopf's peering object's status; None when there is no such object."""

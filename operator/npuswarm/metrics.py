@@ -121,7 +121,7 @@ background_errors_total = Counter(
 kube_api_errors_total = Counter(
     "npuswarm_kube_api_errors_total",
     "Kubernetes API calls of npuswarm's own that failed, by operation (status, event, "
-    "orphan_list): retried, never acted on as if they had succeeded.",
+    "orphan_list, index_list): retried, never acted on as if they had succeeded.",
     ["operation"],
     registry=REGISTRY,
 )

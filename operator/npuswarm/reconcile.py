@@ -21,8 +21,11 @@ from typing import Any, Protocol
 import structlog
 
 from npuswarm import metrics
+from npuswarm.api import deployment as deployment_api
+from npuswarm.api import gateway as gateway_api
 from npuswarm.api import labels
 from npuswarm.api.gateway import ModelGatewayStatus
+from npuswarm.api.meta import split_key
 from npuswarm.core.clock import utcnow
 from npuswarm.core.diff import Action, Applied, PassPlan, reported_services
 from npuswarm.core.nodes import NodeLimits
@@ -60,9 +63,10 @@ NodeChecks = Callable[[SwarmSnapshot], NodeLimits]
 
 
 class OwnerCatalog(Protocol):
-    """A complete read of which ModelDeployments exist, asked only when services look orphaned."""
+    """A complete read of which ModelDeployments (or ModelGateways) exist, asked only when
+    services look orphaned."""
 
-    def existing(self, owners: set[str]) -> set[str] | None:
+    def existing(self, owners: set[str], plural: str = deployment_api.PLURAL) -> set[str] | None:
         """Those of ``owners`` (``namespace/name``) that exist; None when that is not known."""
         ...
 
@@ -108,8 +112,8 @@ class Reconciler:
         self.lock = threading.Lock()
         self.renderer = Renderer(settings.instance, settings.stop_grace_seconds)
         self.policy = settings.tenant_policy()
-        # uids of deleted deployments: no pass may write for them again, even one that read
-        # its desired state before the deletion.
+        # uids of deleted deployments and gateways: no pass may write for them again, even one
+        # that read its desired state before the deletion.
         self._tombstones: OrderedDict[str, None] = OrderedDict()
         self.last_plan: PassPlan | None = None
         self._writers = ThreadPoolExecutor(
@@ -169,6 +173,7 @@ class Reconciler:
             gone = [network_id for name, network_id in whole.networks_to_remove if name not in kept]
             self._remove_networks(gone)
             self._remove_secrets([s.id for s in secrets.stale])
+            self._remove_orphan_gateways(desired, whole.snapshot)
             # Node probes read it under the same lock: they take only NPUs this pass left free.
             self.last_plan = whole
             with _collector_paused():
@@ -272,7 +277,8 @@ class Reconciler:
         if not self._tombstones:
             return desired
         alive = [md for md in desired.deployments if md.metadata.uid not in self._tombstones]
-        if len(alive) == len(desired.deployments):
+        gateways = [gw for gw in desired.gateways if gw.metadata.uid not in self._tombstones]
+        if len(alive) == len(desired.deployments) and len(gateways) == len(desired.gateways):
             return desired
         gone = {md.key for md in desired.deployments} - {md.key for md in alive}
         return Desired(
@@ -281,9 +287,30 @@ class Reconciler:
             deleting=desired.deleting | gone,
             previous=desired.previous,
             namespaces=desired.namespaces,
-            gateways=desired.gateways,
+            gateways=gateways,
             gateway_previous=desired.gateway_previous,
         )
+
+    def _remove_orphan_gateways(self, desired: Desired, snapshot: SwarmSnapshot) -> None:
+        """Services (and secrets) of this installation's gateways that no ModelGateway in the
+        index claims and that a complete LIST confirms gone (deleted while no operator ran its
+        finalizer): as orphans of deployments are, never on a guess from the index alone."""
+        claimed = {gw.key for gw in desired.gateways}
+        candidates = {
+            s.gateway
+            for s in snapshot.gateway_services
+            if s.gateway not in claimed
+            and desired.watches(s.gateway)
+            and is_own(s.labels, self.settings.instance)
+        }
+        if not candidates or self.owners is None:
+            return
+        existing = self.owners.existing(candidates, gateway_api.PLURAL)
+        if existing is None:
+            return
+        for key in sorted(candidates - existing):
+            removed = self._remove_gateway(*split_key(key))
+            log.info("orphan gateway removed", gateway=key, services=removed)
 
     def _apply(self, actions: list[Action]) -> dict[str, Applied]:
         """Every write of the pass, a bounded number at a time: within a pass no write depends
@@ -340,10 +367,7 @@ class Reconciler:
         """Remove every service this deployment owns (found by label, never by name), after
         any running pass ended; no later pass writes for this uid again."""
         with self.lock:
-            if uid:
-                self._tombstones[uid] = None
-                while len(self._tombstones) > MAX_TOMBSTONES:
-                    self._tombstones.popitem(last=False)
+            self._tombstone(uid)
             owned = [
                 s
                 for s in self.swarm.owned_services(namespace, name)
@@ -354,29 +378,36 @@ class Reconciler:
                 self.swarm.remove_service(service["ID"])
         return len(owned)
 
-    def finalize_gateway(self, namespace: str, name: str) -> int:
+    def finalize_gateway(self, namespace: str, name: str, uid: str = "") -> int:
         """Remove a deleted ModelGateway's services and then its secrets (found by label),
-        between passes."""
+        after any running pass ended; no later pass writes for this uid again."""
+        with self.lock:
+            self._tombstone(uid)
+            return self._remove_gateway(namespace, name)
+
+    def _remove_gateway(self, namespace: str, name: str) -> int:
         owner = (
             labels.OWNED_FILTER,
             f"{labels.GATEWAY_NAMESPACE}={namespace}",
             f"{labels.GATEWAY_NAME}={name}",
         )
-        with self.lock:
-            found = self.swarm.services_labelled(*owner)
-            gone = [
-                s["ID"]
-                for s in found
-                if is_own(s["Spec"].get("Labels") or {}, self.settings.instance)
-            ]
-            for service_id in gone:
-                self.swarm.remove_service(service_id)
-            secrets = secrets_from_engine(
-                self.swarm.secrets_labelled(*owner), self.settings.instance
-            )
-            for secret in secrets:
-                self.swarm.remove_secret(secret.id)
+        found = self.swarm.services_labelled(*owner)
+        gone = [
+            s["ID"] for s in found if is_own(s["Spec"].get("Labels") or {}, self.settings.instance)
+        ]
+        for service_id in gone:
+            self.swarm.remove_service(service_id)
+        for secret in secrets_from_engine(
+            self.swarm.secrets_labelled(*owner), self.settings.instance
+        ):
+            self.swarm.remove_secret(secret.id)
         return len(gone)
+
+    def _tombstone(self, uid: str) -> None:
+        if uid:
+            self._tombstones[uid] = None
+            while len(self._tombstones) > MAX_TOMBSTONES:
+                self._tombstones.popitem(last=False)
 
 
 @contextmanager

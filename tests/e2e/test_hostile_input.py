@@ -256,7 +256,7 @@ def test_api_server_and_models_agree_on_hostile_bodies(cluster: Cluster, namespa
             tally.disagreements.append(f"defaults differ: {response.body['spec']} | {shown}")
         nothing_reaches_a_shell(md)
         try:
-            if hostpolicy.violations(md, settings_.allowed_host_paths):
+            if hostpolicy.violations(md, settings_.tenant_policy()):
                 tally.refused_by_policy += 1
         except Exception as error:  # a crash is what is counted here
             tally.crashes.append(f"policy raised {error!r} for {shown}")

@@ -6,6 +6,9 @@ image. Nothing here is mocked. If the lab cannot start, every test using it erro
 
 import json
 import os
+import subprocess
+from pathlib import Path
+from typing import Any
 
 import pytest
 from docker.types import (
@@ -18,9 +21,23 @@ from docker.types import (
 )
 
 import swarmlab
+from npuswarm.settings import Settings
 
+REPO = Path(__file__).resolve().parents[2]
 LAB_NAME = os.environ.get("NPUSWARM_TEST_LAB_NAME", "npsltest")
 TASK_TIMEOUT = 60.0
+
+
+# Overlay networks the lab tests make by hand (test_npuswarm_on_lab.py, test_gateway.py).
+LAB_NETWORKS = ("npuswarm-lab-net", "npuswarm-gw-net")
+
+
+def lab_settings(**overrides: Any) -> Settings:
+    """The operator's settings on the lab: npuswarm did not create the tests' networks, so,
+    as an admin does for a network made by hand, they are shared (NPUSWARM_SHARED_NETWORKS)
+    with the namespaces the tests use; test_tenants.py checks the refusal without it."""
+    shared = ",".join(f"{network}=*" for network in LAB_NETWORKS)
+    return Settings(**{"shared_networks": shared, **overrides})
 
 
 @pytest.fixture(scope="session")
@@ -139,3 +156,32 @@ def ask_from_client_container(manager, network: str, url: str, count: int) -> li
         client.remove(force=True)
     assert exit_code == 0, output
     return [json.loads(line) for line in output.splitlines()]
+
+
+@pytest.fixture(scope="session")
+def gateway_image(swarm_lab: swarmlab.Lab) -> str:
+    """hack/build-gateway-image's image, loaded into every lab node (no registry here)."""
+    built = subprocess.run(
+        [str(REPO / "hack" / "build-gateway-image"), "--save"], capture_output=True, text=True
+    )
+    if built.returncode != 0:
+        pytest.fail(f"hack/build-gateway-image --save failed:\n{built.stderr[-3000:]}")
+    tarball = Path(built.stdout.strip())
+    tag = "npuswarm-gateway:" + tarball.stem.rsplit("-", 1)[1]
+    for node in swarm_lab.nodes:
+        client = swarmlab.docker_client(node.endpoint, timeout=300)
+        if not client.images.list(name=tag):
+            with tarball.open("rb") as data:
+                client.images.load(data)
+    return tag
+
+
+def service_container(swarm_lab: swarmlab.Lab, service: str) -> Any:
+    """The running container of a one-replica service, on whichever lab node it runs."""
+    for index in range(1, len(swarm_lab.nodes) + 1):
+        found = swarm_lab.client(index).containers.list(
+            filters={"label": f"com.docker.swarm.service.name={service}"}
+        )
+        if found:
+            return found[0]
+    raise AssertionError(f"no running container of {service}")

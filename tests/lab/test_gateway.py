@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import subprocess
 import threading
 import time
 import urllib.error
@@ -20,19 +19,19 @@ from typing import Any
 import pytest
 
 import swarmlab
-from npuswarm.gateway import protocol
 from npuswarm.api.deployment import ModelDeployment
 from npuswarm.api.gateway import ModelGateway
+from npuswarm.core.pipeline import Desired
+from npuswarm.gateway import protocol
 from npuswarm.gateway.backends import GatewayReplica
-from npuswarm.gateway.service import identity
 from npuswarm.gateway.credentials import Credentials
 from npuswarm.gateway.push import Gateways, PushTarget, Signer, admin_request
+from npuswarm.gateway.service import identity
 from npuswarm.reconcile import PassResult, Reconciler
-from npuswarm.core.pipeline import Desired
-from npuswarm.settings import Settings
 from npuswarm.swarm import Swarm
 from tests.helpers import wait_for
 
+from .conftest import lab_settings, service_container
 from .test_npuswarm_on_lab import lab_model
 
 pytestmark = pytest.mark.lab
@@ -46,24 +45,6 @@ HEALTH = {"intervalSeconds": 1, "timeoutSeconds": 1, "failureThreshold": 1}
 # A killed replica is out of the router within interval + timeout; a little slack for load.
 HEALTH_WINDOW_SECONDS = 4.0
 TOKEN_DELAY = "0.05"
-
-
-@pytest.fixture(scope="module")
-def gateway_image(swarm_lab: swarmlab.Lab) -> str:
-    """hack/build-gateway-image's image, loaded into every lab node (no registry here)."""
-    built = subprocess.run(
-        [str(REPO / "hack" / "build-gateway-image"), "--save"], capture_output=True, text=True
-    )
-    if built.returncode != 0:
-        pytest.fail(f"hack/build-gateway-image --save failed:\n{built.stderr[-3000:]}")
-    tarball = Path(built.stdout.strip())
-    tag = "npuswarm-gateway:" + tarball.stem.rsplit("-", 1)[1]
-    for node in swarm_lab.nodes:
-        client = swarmlab.docker_client(node.endpoint, timeout=300)
-        if not client.images.list(name=tag):
-            with tarball.open("rb") as data:
-                client.images.load(data)
-    return tag
 
 
 @pytest.fixture(scope="module")
@@ -154,11 +135,15 @@ def all_ready(result: PassResult, alpha_backends: int = 2) -> bool:
 
 @pytest.fixture(scope="module")
 def setup(swarm_lab: swarmlab.Lab, gateway_image: str, network: str) -> Iterator[Setup]:
-    settings = Settings(gateway_root_key=ROOT_KEY, lost_node_grace_seconds=3)
+    settings = lab_settings(gateway_root_key=ROOT_KEY, lost_node_grace_seconds=3)
     reconciler = Reconciler(
         Swarm(base_url=swarm_lab.endpoint),
         settings,
-        gateways=Gateways(settings.instance, Credentials(ROOT_KEY, settings.instance)),
+        gateways=Gateways(
+            settings.instance,
+            Credentials(ROOT_KEY, settings.instance),
+            policy=settings.tenant_policy(),
+        ),
     )
     alpha = model("alpha", "2026-01-10T00:00:00Z", replicas=2)
     beta = model("beta", "2026-01-11T00:00:00Z", replicas=1)
@@ -397,16 +382,6 @@ def test_the_router_admin_api_is_closed_on_the_public_port(setup: Setup) -> None
     assert sorted(setup.backends("alpha-chat")) == before
 
 
-def gateway_container(swarm_lab: swarmlab.Lab, service: str) -> Any:
-    for index in range(1, len(swarm_lab.nodes) + 1):
-        found = swarm_lab.client(index).containers.list(
-            filters={"label": f"com.docker.swarm.service.name={service}"}
-        )
-        if found:
-            return found[0]
-    raise AssertionError(f"no running container of {service}")
-
-
 def test_one_gateways_credential_opens_no_other_gateway(
     swarm_lab: swarmlab.Lab, setup: Setup
 ) -> None:
@@ -421,7 +396,7 @@ def test_one_gateways_credential_opens_no_other_gateway(
             lambda r: all_ready(r) and r.gateways["lab-b/gw"].readyReplicas == 1,
             "tenant B's gateway too",
         )
-        b_container = gateway_container(swarm_lab, "lab-b-gw-gateway")
+        b_container = service_container(swarm_lab, "lab-b-gw-gateway")
         path = "/run/secrets/npuswarm-gateway-credential"
         read = b_container.exec_run(["cat", path])
         assert read.exit_code == 0
@@ -448,7 +423,7 @@ def test_one_gateways_credential_opens_no_other_gateway(
         assert [r.status for r in replies] == [200] * 6
 
         a_credential = credentials.credential(a_identity)
-        a_container = gateway_container(swarm_lab, "lab-gw-gateway")
+        a_container = service_container(swarm_lab, "lab-gw-gateway")
         service = setup.reconciler.swarm.services_labelled("npuswarm.io/gateway-namespace=lab")
         for shown in (json.dumps(service), json.dumps(a_container.attrs)):
             assert a_credential.hex() not in shown and ROOT_KEY not in shown

@@ -27,11 +27,15 @@ pytestmark = pytest.mark.lab
 
 
 class RecordingKube:
-    """What the runtime writes to Kubernetes, kept in memory."""
+    """What the runtime writes to Kubernetes, kept in memory; its LISTs name nothing beyond
+    what the test puts in kopf's index."""
 
     def __init__(self) -> None:
         self.statuses: dict[str, dict[str, Any]] = {}
         self.events: list[tuple[str, str, str]] = []
+
+    def listed(self, plural: str, scopes: set[str] | None = None, operation: str = "") -> set[str]:
+        return set()
 
     def patch_status(
         self, namespace: str, name: str, patch: dict[str, Any], plural: str = ""

@@ -13,12 +13,11 @@ import pytest
 import swarmlab
 from npuswarm.api.deployment import ModelDeployment
 from npuswarm.reconcile import Reconciler
-from npuswarm.settings import Settings
 from npuswarm.swarm import Swarm
 from tests.helpers import wait_for
 from tests.swarm.conftest import converge
 
-from .conftest import ask_from_client_container
+from .conftest import ask_from_client_container, lab_settings
 
 pytestmark = pytest.mark.lab
 
@@ -28,7 +27,7 @@ GRACE_SECONDS = 3.0
 
 @pytest.fixture(scope="module")
 def lab_reconciler(swarm_lab: swarmlab.Lab) -> Reconciler:
-    return Reconciler(Swarm(base_url=swarm_lab.endpoint), Settings(lost_node_grace_seconds=GRACE_SECONDS))
+    return Reconciler(Swarm(base_url=swarm_lab.endpoint), lab_settings(lost_node_grace_seconds=GRACE_SECONDS))
 
 
 @pytest.fixture(scope="module")

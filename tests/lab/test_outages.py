@@ -18,11 +18,11 @@ import swarmlab
 from npuswarm.api.deployment import ModelDeployment
 from npuswarm.reconcile import PassResult, Reconciler
 from npuswarm.core.pipeline import Desired
-from npuswarm.settings import Settings
 from npuswarm.swarm import Swarm, SwarmUnavailable
 from tests import invariants
 from tests.helpers import wait_for
 
+from .conftest import lab_settings
 from .test_npuswarm_on_lab import NETWORK, lab_model
 
 pytestmark = pytest.mark.lab
@@ -114,7 +114,7 @@ def workers(swarm_lab: swarmlab.Lab) -> Any:
 def made(swarm_lab: swarmlab.Lab) -> Any:
     created: list[ModelDeployment] = []
     yield created
-    reconciler = Reconciler(Swarm(base_url=swarm_lab.endpoint), Settings())
+    reconciler = Reconciler(Swarm(base_url=swarm_lab.endpoint), lab_settings())
     for md in created:
         reconciler.finalize(md.metadata.namespace, md.metadata.name, md.metadata.uid)
 
@@ -141,7 +141,7 @@ def test_the_managers_dockerd_killed_mid_pass_and_restarted_converges_without_du
 ) -> None:
     swarm = KillsTheManagerMidPass(swarm_lab, base_url=swarm_lab.endpoint, timeout=10)
     # One write at a time, so that the kill lands between two writes of the same pass.
-    reconciler = Reconciler(swarm, Settings(lost_node_grace_seconds=600, write_concurrency=1))
+    reconciler = Reconciler(swarm, lab_settings(lost_node_grace_seconds=600, write_concurrency=1))
     steady = lab_model("steady", "2026-01-01T00:00:00Z", NETWORK, npusPerReplica=1, nodeSelector=POOL)
     made.append(steady)
     passes = Passes(reconciler, [steady])
@@ -175,7 +175,7 @@ def test_the_managers_dockerd_killed_mid_pass_and_restarted_converges_without_du
 def test_a_lost_worker_with_no_free_npus_elsewhere_leaves_its_replicas_unplaced_and_disturbs_nothing(
     swarm_lab: swarmlab.Lab, workers: Any, made: list[ModelDeployment]
 ) -> None:
-    reconciler = Reconciler(Swarm(base_url=swarm_lab.endpoint), Settings(lost_node_grace_seconds=GRACE_SECONDS))
+    reconciler = Reconciler(Swarm(base_url=swarm_lab.endpoint), lab_settings(lost_node_grace_seconds=GRACE_SECONDS))
     node3 = swarm_lab.node(3).hostname
     # node2 is full with `filler`; `victim` can only go to node3.
     filler = lab_model("filler", "2026-01-01T00:00:00Z", NETWORK, npusPerReplica=8,

@@ -100,6 +100,7 @@ def test_base_installs_these_objects_and_nothing_else(render: Any) -> None:
         ("ClusterRoleBinding", "npuswarm"),
         ("Deployment", "npuswarm"),
         ("Service", "npuswarm-metrics"),
+        ("NetworkPolicy", "npuswarm"),
     }
 
 
@@ -377,6 +378,23 @@ def test_metrics_service_reaches_the_metrics_port(render: Any) -> None:
         metrics_port = port_number(container, port["targetPort"])
         env = {e["name"]: e.get("value") for e in container["env"]}
         assert metrics_port == int(env["NPUSWARM_METRICS_PORT"]) == Settings.model_fields["metrics_port"].default
+
+
+@pytest.mark.parametrize("root", INSTALLS)
+def test_only_prometheus_reaches_the_operator_and_only_its_metrics_port(
+    render: Any, root: str
+) -> None:
+    objects = render(root)
+    policy = only(objects, "NetworkPolicy", "npuswarm")["spec"]
+    assert policy["podSelector"] == {"matchLabels": POD_LABELS}
+    assert policy["policyTypes"] == ["Ingress"]
+    (rule,) = policy["ingress"]
+    assert rule["ports"] == [{"port": "metrics", "protocol": "TCP"}]
+    (source,) = rule["from"]
+    assert source["namespaceSelector"]["matchLabels"] and source["podSelector"]["matchLabels"]
+    # The named port is the one the metrics Service targets.
+    container = operator_container(objects)
+    assert port_number(container, "metrics") == Settings.model_fields["metrics_port"].default
 
 
 def test_image_can_be_replaced_with_kustomize_images(kubectl: str, tmp_path: Path) -> None:

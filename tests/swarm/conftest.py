@@ -18,9 +18,9 @@ from npuswarm.reconcile import Reconciler
 from npuswarm.core.pipeline import DeploymentView, Desired
 from npuswarm.settings import Settings
 from npuswarm.swarm import Swarm
-from tests.helpers import IMAGE, NETWORK, fast_spec, wait_for
+from tests.helpers import IMAGE, NETWORK, SHARED_NETWORKS, fast_spec, wait_for
 
-__all__ = ["IMAGE", "NETWORK", "converge", "fast_spec", "model", "wait_for"]
+__all__ = ["IMAGE", "NETWORK", "converge", "fast_spec", "model", "swarm_settings", "wait_for"]
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -57,9 +57,14 @@ def namespace(docker_client: docker.APIClient) -> Iterator[str]:
         docker_client.remove_service(service["ID"])
 
 
+def swarm_settings() -> Settings:
+    """The operator's settings for these tests: the test network shared, lost nodes soon."""
+    return Settings(lost_node_grace_seconds=5, shared_networks=SHARED_NETWORKS)
+
+
 @pytest.fixture
 def reconciler(docker_client: docker.APIClient) -> Reconciler:
-    return Reconciler(Swarm(), Settings(lost_node_grace_seconds=5))
+    return Reconciler(Swarm(), swarm_settings())
 
 
 def model(namespace: str, name: str, created: str = "2026-01-01T00:00:00Z", **spec: Any) -> ModelDeployment:

@@ -17,6 +17,8 @@ import pytest
 from npuswarm import cli
 from npuswarm.reconcile import Reconciler
 
+from tests.helpers import SHARED_NETWORKS
+
 from .conftest import model, serve, wait_for
 
 pytestmark = pytest.mark.swarm
@@ -44,6 +46,7 @@ def test_seed_stack_imports_into_two_models_placed_4_plus_4_without_writing(
     namespace: str,
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     assert SEED_STACK.is_file()
     run(["import-stack", str(SEED_STACK), "--namespace", namespace, "-o", str(tmp_path)], capsys)
@@ -52,11 +55,18 @@ def test_seed_stack_imports_into_two_models_placed_4_plus_4_without_writing(
     # As the import's check note says: npuswarm never mounts /root, `plan` refuses it...
     refused = cli.main(["plan", "-f", files[0]])
     assert refused == 2 and "hostPath /root/.cache is never allowed" in capsys.readouterr().err
-    # ...so the cache moves under an allowed host path, as in examples/.
+    # ...so the cache moves under an allowed host path, as in examples/; the stack mounted
+    # both writable, and npuswarm allows writes only where the admin says so: the weights
+    # become read-only, and the admin allows writes under /data for the cache.
     for f in files:
         text = Path(f).read_text()
         assert "- hostPath: /root/.cache\n" in text
-        Path(f).write_text(text.replace("- hostPath: /root/.cache\n", "- hostPath: /data/vllm-cache\n"))
+        text = text.replace("- hostPath: /root/.cache\n", "- hostPath: /data/vllm-cache\n")
+        weights = "  - hostPath: /models\n    mountPath: /models\n    readOnly: false\n"
+        assert weights in text
+        Path(f).write_text(text.replace(weights, weights.replace("false", "true")))
+    monkeypatch.setenv("NPUSWARM_ALLOWED_HOST_PATHS", "/models,/data:rw")
+    monkeypatch.setenv("NPUSWARM_SHARED_NETWORKS", SHARED_NETWORKS)
 
     nodes = json.loads(run(["nodes", "-o", "json"], capsys))
     eight = [n for n in nodes if len(n["npus"]) == 8 and n["state"] == "ready"]

@@ -9,7 +9,9 @@ from npuswarm import metrics
 from npuswarm.reconcile import Reconciler
 from npuswarm.swarm import Swarm, SwarmUnavailable
 
-from .conftest import converge, model, serve, wait_for
+from tests.helpers import sample
+
+from .conftest import converge, model, serve, swarm_settings, wait_for
 
 
 def owned(client: docker.APIClient, namespace: str, name: str | None = None) -> dict[str, dict]:
@@ -26,10 +28,20 @@ def env_of(service: dict) -> dict[str, str]:
 
 def writes() -> float:
     return sum(
-        metrics.swarm_api_calls_total.labels(op, outcome)._value.get()
+        sample(metrics.REGISTRY, "npuswarm_swarm_api_calls_total", operation=op, outcome=outcome)
         for op in ("create_service", "update_service", "remove_service")
         for outcome in ("success", "error")
     )
+
+
+def test_a_dotted_kubernetes_name_gets_a_service_swarm_accepts(
+    docker_client: docker.APIClient, namespace: str, reconciler: Reconciler
+) -> None:
+    """`qwen2.5-7b` stayed Degraded with Swarm's "name must be valid as a DNS name component"
+    before names were mapped (issue 25, item 5)."""
+    outcome = converge(reconciler, model(namespace, "qwen2.5-7b"))
+    assert list(owned(docker_client, namespace)) == [f"{namespace}-qwen2_5-7b-0"]
+    assert outcome.status.readyReplicas == 1
 
 
 def test_create_gives_each_replica_its_own_npus_env_constraint_and_labels(
@@ -59,7 +71,7 @@ def test_create_gives_each_replica_its_own_npus_env_constraint_and_labels(
 
 def calls(operation: str) -> float:
     return sum(
-        metrics.swarm_api_calls_total.labels(operation, outcome)._value.get()
+        sample(metrics.REGISTRY, "npuswarm_swarm_api_calls_total", operation=operation, outcome=outcome)
         for outcome in ("success", "error")
     )
 
@@ -114,11 +126,11 @@ def test_service_deleted_by_hand_is_recreated_and_counted_as_drift(
     md = model(namespace, "m", replicas=1)
     outcome = converge(reconciler, md)
     docker_client.remove_service(f"{namespace}-m-0")
-    recreated = metrics.drift_corrections_total.labels("service_recreated")._value.get()
+    recreated = sample(metrics.REGISTRY, "npuswarm_drift_corrections_total", kind="service_recreated")
     again = serve(reconciler, md, [md], outcome.status.model_dump(mode="json"))
     assert [(a.kind, a.drift) for a in again.applied] == [("create", "service_recreated")]
     assert f"{namespace}-m-0" in owned(docker_client, namespace)
-    assert metrics.drift_corrections_total.labels("service_recreated")._value.get() == recreated + 1
+    assert sample(metrics.REGISTRY, "npuswarm_drift_corrections_total", kind="service_recreated") == recreated + 1
 
 
 def test_service_edited_by_hand_is_reverted(
@@ -196,21 +208,15 @@ def test_failing_task_makes_the_deployment_degraded_with_swarms_error(
 def test_unreachable_swarm_raises_and_removes_nothing(
     docker_client: docker.APIClient, namespace: str, tmp_path: pytest.TempPathFactory
 ) -> None:
-    working = Reconciler(Swarm(), reconciler_settings())
+    working = Reconciler(Swarm(), swarm_settings())
     md = model(namespace, "kept", replicas=1)
     converge(working, md)
-    dead = Reconciler(Swarm(base_url=f"unix://{tmp_path}/no.sock", timeout=2), reconciler_settings())
+    dead = Reconciler(Swarm(base_url=f"unix://{tmp_path}/no.sock", timeout=2), swarm_settings())
     with pytest.raises(SwarmUnavailable):
         serve(dead, md, [], {})
     with pytest.raises(SwarmUnavailable):
         dead.finalize(namespace, "kept", f"uid-{namespace}-kept")
     assert f"{namespace}-kept-0" in owned(docker_client, namespace)
-
-
-def reconciler_settings():  # type: ignore[no-untyped-def]
-    from npuswarm.settings import Settings
-
-    return Settings(lost_node_grace_seconds=5)
 
 
 def test_surge_update_starts_the_new_copy_on_spare_npus_before_the_old_one_goes(

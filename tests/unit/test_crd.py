@@ -1,6 +1,9 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from npuswarm.api.crd import crd_manifest, render_yaml
 from npuswarm.cli import CRD_PATH, main
@@ -76,3 +79,32 @@ def test_gateway_crd_refuses_what_the_model_refuses() -> None:
         "x-kubernetes-validations"
     ]
     assert spec["properties"]["policy"]["enum"] == ["cache_aware", "power_of_two", "round_robin", "random"]
+
+
+NOT_STRUCTURAL = {"$ref", "$defs", "anyOf", "oneOf", "allOf", "patternProperties", "propertyNames",
+                  "title", "const"}
+
+
+@pytest.mark.parametrize("kind", ["ModelDeployment", "ModelGateway"])
+def test_schemas_are_structural(kind: str) -> None:
+    """The API server refuses a CRD whose schema has any of NOT_STRUCTURAL (a map keyed by a
+    pattern, ModelGateway's clientAccess.keys, once came out as patternProperties); the key
+    pattern becomes a CEL rule instead."""
+    found: list[str] = []
+
+    def walk(node: Any, path: str) -> None:
+        if isinstance(node, dict):
+            found.extend(f"{path}.{key}" for key in node if key in NOT_STRUCTURAL)
+            for key, value in node.items():
+                if key not in ("properties", "enum", "default", "x-kubernetes-validations"):
+                    walk(value, f"{path}.{key}")
+            for name, value in (node.get("properties") or {}).items():
+                walk(value, f"{path}.{name}")
+
+    for version in crd_manifest(kind)["spec"]["versions"]:
+        walk(version["schema"]["openAPIV3Schema"], version["name"])
+    assert found == []
+    if kind == "ModelGateway":
+        keys = crd_manifest(kind)["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+        keys = keys["properties"]["spec"]["properties"]["clientAccess"]["properties"]["keys"]
+        assert "self.all(k, k.matches(" in keys["x-kubernetes-validations"][0]["rule"]

@@ -30,12 +30,11 @@ MOUNTS = (SecretMount("key-secret", "npuswarm-gateway-credential", "sid1"),
           SecretMount("tls-secret", "npuswarm-gateway-tls.pem", "sid2"))
 
 
-def gateway(name: str = "gw", namespace: str = "default", **spec: Any) -> ModelGateway:
+def gateway(name: str = "gw", namespace: str = "default", uid: str = "", **spec: Any) -> ModelGateway:
     body: dict[str, Any] = {"network": {"name": "vllm-net"}}
     body.update(spec)
-    return ModelGateway.model_validate(
-        {"metadata": {"name": name, "namespace": namespace, "generation": 3}, "spec": body}
-    )
+    metadata = {"name": name, "namespace": namespace, "generation": 3, "uid": uid}
+    return ModelGateway.model_validate({"metadata": metadata, "spec": body})
 
 
 def model(name: str, replicas: int = 1, **extra: Any) -> ModelDeployment:
@@ -334,4 +333,65 @@ def test_a_gateway_image_the_admin_does_not_allow_is_not_run() -> None:
     assert reasons["Degraded"][0] == "PolicyViolation" and "not an allowed image" in reasons["Degraded"][1]
     allowed = gateway(image="registry.local/npuswarm-gateway:1")
     r.run_pass(Desired(deployments=[model("a")], gateways=[allowed]))
+    assert [s.name for s in swarm.observe().gateway_services] == ["default-gw-gateway"]
+
+
+class GatewayCatalog:
+    """The complete LIST that confirms which ModelGateways exist; None: the read failed."""
+
+    def __init__(self, existing: set[str] | None) -> None:
+        self.found = existing
+        self.asked: list[tuple[set[str], str]] = []
+
+    def existing(self, owners: set[str], plural: str = "modeldeployments") -> set[str] | None:
+        self.asked.append((set(owners), plural))
+        return None if self.found is None else owners & self.found
+
+
+def gateway_reconciler(swarm: MemorySwarm, catalog: GatewayCatalog | None = None) -> Reconciler:
+    recorder = Recorder()
+    return Reconciler(swarm, Settings(), clock=lambda: NOW, owners=catalog,
+                      gateways=Gateways("default", CREDENTIALS, recorder.send))
+
+
+def test_a_pass_that_read_a_gateway_before_its_deletion_does_not_bring_it_back() -> None:
+    """Issue 25, item 2: a pass read its desired state, the gateway's finalizer removed its
+    service and secrets meanwhile, then the pass got the lock: it re-created them, and with no
+    owner left they ran forever with their credential and published ports."""
+    swarm = overlay_swarm(nodes=1)
+    r = gateway_reconciler(swarm)
+    gw = gateway(uid="uid-gw")
+    stale = Desired(deployments=[model("a")], gateways=[gw])
+    r.run_pass(stale)
+    assert [s.name for s in swarm.observe().gateway_services] == ["default-gw-gateway"]
+    r.finalize_gateway("default", "gw", "uid-gw")
+    assert swarm.observe().gateway_services == [] and swarm.secrets == {}
+    r.run_pass(stale)  # read before the deletion, run after it
+    assert swarm.observe().gateway_services == [] and swarm.secrets == {}
+
+
+def test_gateway_services_whose_gateway_a_complete_list_confirms_gone_are_removed() -> None:
+    swarm = overlay_swarm(nodes=1)
+    gw, kept = gateway(uid="uid-gw"), gateway("kept", uid="uid-kept")
+    r = gateway_reconciler(swarm, GatewayCatalog({"default/kept"}))
+    r.run_pass(Desired(deployments=[model("a")], gateways=[gw, kept]))
+    assert len(swarm.observe().gateway_services) == 2
+    # Deleted while no operator ran its finalizer (or forced): its service is an orphan.
+    r.run_pass(Desired(deployments=[model("a")], gateways=[kept]))
+    assert [s.name for s in swarm.observe().gateway_services] == ["default-kept-gateway"]
+    assert all("default-gw" not in s["Spec"]["Name"] for s in swarm.secrets.values())
+    assert r.owners.asked[-1] == ({"default/gw"}, "modelgateways")  # type: ignore[union-attr]
+
+
+def test_a_gateway_service_is_kept_when_the_list_cannot_confirm_its_gateway_gone() -> None:
+    """Right after a start kopf's index may not hold every gateway yet: only a complete read
+    of the API server decides, and a failed one removes nothing."""
+    swarm = overlay_swarm(nodes=1)
+    gw = gateway(uid="uid-gw")
+    r = gateway_reconciler(swarm, GatewayCatalog(None))
+    r.run_pass(Desired(deployments=[model("a")], gateways=[gw]))
+    r.run_pass(Desired(deployments=[model("a")]))
+    assert [s.name for s in swarm.observe().gateway_services] == ["default-gw-gateway"]
+    r.owners = GatewayCatalog({"default/gw"})
+    r.run_pass(Desired(deployments=[model("a")]))
     assert [s.name for s in swarm.observe().gateway_services] == ["default-gw-gateway"]

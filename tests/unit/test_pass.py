@@ -23,7 +23,7 @@ class Catalog:
         self.found = existing
         self.asked: list[set[str]] = []
 
-    def existing(self, owners: set[str]) -> set[str] | None:
+    def existing(self, owners: set[str], plural: str = "modeldeployments") -> set[str] | None:
         self.asked.append(set(owners))
         return None if self.found is None else owners & self.found
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any
 
 from prometheus_client import CollectorRegistry
@@ -10,10 +11,14 @@ from prometheus_client import CollectorRegistry
 from npuswarm import metrics
 from npuswarm.reconcile import Reconciler
 from npuswarm.runtime import Leadership, Runtime
+from npuswarm.core.pipeline import Desired
+from npuswarm.runtime.index import IndexGate
 from npuswarm.runtime.publisher import same_status
-from npuswarm.runtime.triggers import survive
+from npuswarm.runtime.swarm_watch import SwarmWatch, unseen_tasks
+from npuswarm.runtime.triggers import Triggers, survive
 from npuswarm.settings import Settings
 
+from .builders import deployment
 from .memswarm import MemorySwarm
 
 
@@ -207,7 +212,7 @@ def test_a_refused_status_write_asks_for_a_pass_soon_and_is_not_remembered(monke
 class ListFails:
     """The API server is down: the complete read that would confirm an orphan fails."""
 
-    def existing(self, owners: set[str]) -> None:
+    def existing(self, owners: set[str], plural: str = "modeldeployments") -> None:
         return None
 
 
@@ -239,3 +244,95 @@ def test_an_orphan_the_api_server_cannot_confirm_is_kept_and_asked_about_again_s
 
     assert asyncio.run(scenario()), "no pass asked for after an unconfirmed orphan"
     assert list(swarm.by_name()) == ["team-gone-0"]  # kept meanwhile
+
+
+def test_a_poll_that_finds_the_task_states_the_last_pass_saw_asks_for_no_pass() -> None:
+    """The pass hands the poll the task states it saw (issue 25, item 6: they were never
+    written, so every poll after a pass asked for a pass the last one had already done), and
+    forgets its writes once their echoes are over."""
+    swarm, settings = MemorySwarm(), Settings()
+    reconciler = Reconciler(swarm, settings)
+    md = deployment("m")
+    reconciler.run_pass(Desired(deployments=[md]))
+    swarm.run_all()
+    result = reconciler.run_pass(Desired(deployments=[md]))
+    triggers = Triggers()
+    watch = SwarmWatch(swarm, settings, triggers, None)  # type: ignore[arg-type] - not polled
+    watch.recent_writes = {"long-gone": time.monotonic() - 60}
+    watch.saw_pass(result)
+    assert "long-gone" not in watch.recent_writes
+    # What Swarm.task_states answers the poll: tasks Swarm wants running, of our services.
+    own = {t["ID"]: t["Status"]["State"] for t in swarm.tasks
+           if t["DesiredState"] == "running" and t["ServiceID"] in watch.owner_of_service}
+    assert own and set(own.values()) == {"running"}
+    assert unseen_tasks(own, watch.tasks_seen, {}) == []
+    failed = dict.fromkeys(own, "failed")
+    assert unseen_tasks(failed, watch.tasks_seen, {}) == sorted(own)
+    # Seen by the previous poll already: asked once, not again.
+    assert unseen_tasks(failed, watch.tasks_seen, failed) == []
+
+
+class Listing:
+    """The API server's complete LISTs (kube.Kube.listed), one answer per call."""
+
+    def __init__(self, *answers: dict[str, set[str]] | None) -> None:
+        self.answers = list(answers)
+        self.asked: list[str] = []
+
+    def __call__(self, plural: str) -> set[str] | None:
+        self.asked.append(plural)
+        answer = self.answers[0] if len(self.answers) == 1 else self.answers.pop(0)
+        return None if answer is None else answer.get(plural, set())
+
+
+def test_the_indexes_are_complete_once_they_hold_every_listed_object() -> None:
+    """Issue 25, item 3: kopf says nothing when its indexes are filled; a pass on half an
+    index pushes gateways half the models and takes the rest's services for orphans."""
+    index: dict[Any, Any] = {("team", "a"): [entry("a")]}
+    reader = runtime(index).reader
+    listed = {"modeldeployments": {"team/a", "team/b"}, "modelgateways": set()}
+    gate = IndexGate(Listing(None, listed, listed))
+    assert not gate.check(reader)  # the LIST failed: not known
+    assert not gate.check(reader)  # team/b is not indexed yet
+    index[("team", "b")] = [entry("b")]
+    assert gate.check(reader) and gate.complete
+    # b deleted between kopf's LIST and ours: the next LIST no longer names it.
+    late = IndexGate(Listing({"modeldeployments": {"team/a", "team/gone"}},
+                             {"modeldeployments": {"team/a"}}))
+    assert not late.check(reader) and late.check(reader)
+
+
+def test_no_pass_runs_until_the_indexes_are_complete(monkeypatch: Any) -> None:
+    import asyncio
+
+    from npuswarm.runtime import passes as passes_module
+
+    index: dict[Any, Any] = {}
+    rt = runtime(index)
+    swarm = rt.reconciler.swarm
+    assert isinstance(swarm, MemorySwarm)
+    listing = Listing({"modeldeployments": {"team/a"}})
+    rt.passes.gate = IndexGate(listing)
+    monkeypatch.setattr(passes_module, "INDEX_RETRY_SECONDS", 0.01)
+
+    async def scenario() -> tuple[int, int]:
+        loop = rt.triggers.loop = asyncio.get_running_loop()
+        rt.leader.leader = True
+        task = asyncio.create_task(rt.passes.run())
+        rt.triggers.request(everything=True)
+        deadline = loop.time() + 10
+        while len(listing.asked) < 3 and loop.time() < deadline:
+            await asyncio.sleep(0.01)
+        reads_before = swarm.calls["list_services"]
+        index[("team", "a")] = [entry("a")]
+        while not swarm.by_name() and loop.time() < deadline:
+            await asyncio.sleep(0.01)
+        rt.triggers.stop.set()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        return reads_before, len(swarm.by_name())
+
+    reads_before, services = asyncio.run(scenario())
+    assert len(listing.asked) >= 3
+    assert reads_before == 0, "a pass read Swarm before the indexes were complete"
+    assert services == 1

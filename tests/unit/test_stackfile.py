@@ -256,7 +256,7 @@ NOTES = [
     ({"networks": ["net", "other"]}, "dropped", "['other']"),
     ({"ports": ["9000:8000"], "networks": ["net"], "deploy": {"endpoint_mode": "dnsrr"}},
      "check", "Swarm rejects an ingress port with endpoint_mode dnsrr"),
-    ({"networks": ["vllm-net"]}, "check", "docker network create --driver overlay --attachable"),
+    ({"networks": ["vllm-net"]}, "check", "NPUSWARM_SHARED_NETWORKS=vllm-net=<namespace>"),
     ({}, "check", "reachable only through spec.publish"),
     ({"healthcheck": {"disable": True}}, "dropped", "always checks health"),
     ({"init": False}, "dropped", "init"),

@@ -6,6 +6,7 @@ additionalProperties next to properties. This turns pydantic's JSON Schema into 
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import yaml
@@ -66,27 +67,45 @@ def structural(schema: dict[str, Any], definitions: dict[str, Any] | None = None
     additional = schema.get("additionalProperties")
     if isinstance(additional, dict):
         out["additionalProperties"] = structural(additional, definitions)
-    # A map with constrained keys (dict[Pattern, X]): OpenAPI v3 in a CRD has neither
-    # patternProperties nor propertyNames, so the values' schema becomes additionalProperties
-    # and the key constraints a CEL rule.
-    patterns = out.pop("patternProperties", None)
-    names = out.pop("propertyNames", None) or {}
-    if isinstance(patterns, dict) and len(patterns) == 1:
-        ((pattern, values),) = patterns.items()
+    # A structural schema has neither patternProperties nor propertyNames (the API server
+    # refuses the CRD): the values' schema as additionalProperties, the keys' bounds as CEL.
+    names = dict(out.pop("propertyNames", None) or {})
+    patterns = out.pop("patternProperties", None) or {}
+    if len(patterns) > 1:
+        raise ValueError(f"cannot express patternProperties {list(patterns)} structurally")
+    for pattern, values in patterns.items():
         out["additionalProperties"] = structural(values, definitions)
-        checks = [f"k.matches('{pattern}')"]
-        if "maxLength" in names:
-            checks.append(f"size(k) <= {names['maxLength']}")
-        out.setdefault("x-kubernetes-validations", []).append(
-            {
-                "rule": f"self.all(k, {' && '.join(checks)})",
-                "message": f"keys must match {pattern}"
-                + (f" (at most {names['maxLength']})" if "maxLength" in names else ""),
-            }
-        )
+        names["pattern"] = pattern
+    if names:
+        out["x-kubernetes-validations"] = [
+            *out.get("x-kubernetes-validations", []),
+            *key_rules(names),
+        ]
     if "enum" in out and "type" not in out:
         out["type"] = "integer" if all(isinstance(v, int) for v in out["enum"]) else "string"
     return out
+
+
+def key_rules(names: dict[str, Any]) -> list[dict[str, str]]:
+    """Bounds on a map's keys (JSON Schema's propertyNames) as CEL rules."""
+    rules = []
+    if "pattern" in names:
+        pattern = names["pattern"]
+        rules.append(
+            {
+                "rule": f"self.all(k, k.matches({json.dumps(pattern)}))",
+                "message": f"keys must match {pattern}",
+            }
+        )
+    if "maxLength" in names:
+        limit = int(names["maxLength"])
+        rules.append(
+            {
+                "rule": f"self.all(k, size(k) <= {limit})",
+                "message": f"keys are at most {limit} characters",
+            }
+        )
+    return rules
 
 
 # OpenAPI's "integer" takes 2.0, while every CEL rule that reads such a field then fails with

@@ -11,7 +11,6 @@ import re
 from typing import Annotated, Any, Literal
 
 from pydantic import (
-    BaseModel,
     BeforeValidator,
     ConfigDict,
     Field,
@@ -26,7 +25,7 @@ from npuswarm.api.meta import (
     MAX_STRING,
     NETWORK_NAME_PATTERN,
     Condition,
-    ObjectMeta,
+    Resource,
     _Model,
 )
 
@@ -648,13 +647,7 @@ class ModelDeploymentStatus(_Model):
     )
 
 
-class ModelDeployment(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class ModelDeployment(Resource):
     apiVersion: Literal["npuswarm.io/v1alpha1"] = API_VERSION  # type: ignore[assignment]
     kind: Literal["ModelDeployment"] = KIND  # type: ignore[assignment]
-    metadata: ObjectMeta
     spec: ModelDeploymentSpec
-
-    @property
-    def key(self) -> str:
-        return self.metadata.key

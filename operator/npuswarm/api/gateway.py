@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 
 from npuswarm.api.meta import (
     API_VERSION,
@@ -16,7 +16,7 @@ from npuswarm.api.meta import (
     MAX_STRING,
     NETWORK_NAME_PATTERN,
     Condition,
-    ObjectMeta,
+    Resource,
     _Model,
 )
 
@@ -212,13 +212,7 @@ class ModelGatewayStatus(_Model):
     conditions: list[Condition] = Field(default_factory=list)
 
 
-class ModelGateway(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class ModelGateway(Resource):
     apiVersion: Literal["npuswarm.io/v1alpha1"] = API_VERSION  # type: ignore[assignment]
     kind: Literal["ModelGateway"] = KIND  # type: ignore[assignment]
-    metadata: ObjectMeta
     spec: ModelGatewaySpec
-
-    @property
-    def key(self) -> str:
-        return self.metadata.key

@@ -146,3 +146,16 @@ def validation_message(error: Exception) -> str:
         location = ".".join(str(part) for part in item["loc"]) or "spec"
         parts.append(f"{location}: {item['msg']}")
     return "; ".join(parts)
+
+
+class Resource(BaseModel):
+    """What a ModelDeployment and a ModelGateway object share: metadata, and the key
+    npuswarm knows it by. Fields other than metadata and spec are ignored (status, managed
+    fields...): npuswarm reads the spec and writes the status."""
+
+    model_config = ConfigDict(extra="ignore")
+    metadata: ObjectMeta
+
+    @property
+    def key(self) -> str:
+        return self.metadata.key

@@ -16,12 +16,12 @@ from npuswarm.api.deployment import ModelDeployment
 from npuswarm.api.labels import SPEC_HASH
 from npuswarm.core.nodes import NodeLimits
 from npuswarm.core.placement import PlacementResult, ReplicaRequest, spare_assignment
-from npuswarm.core.render import Renderer, SlotSpec, service_name
+from npuswarm.core.render import Renderer, SlotSpec, service_name, swarm_name
 from npuswarm.core.snapshot import ObservedService, SwarmSnapshot
 
 ActionKind = Literal["create", "update", "remove"]
 DriftKind = Literal["service_recreated", "service_updated", "replica_replaced"]
-SURGE_SUFFIX = "-surge"
+SURGE = "surge"
 
 
 @dataclass(frozen=True)
@@ -205,7 +205,8 @@ def surge(plan: DeploymentPlan, placement: PlacementResult, renderer: Renderer) 
             remaining.append(update)
             continue
         base = service_name(md, action.slot)
-        name = base + SURGE_SUFFIX if action.service_name == base else base
+        # Within Swarm's 63 characters: a base name already 63 long would otherwise be refused.
+        name = swarm_name(base, SURGE) if action.service_name == base else base
         plan.actions.append(
             Action(
                 kind="create",

@@ -92,8 +92,10 @@ class NodeLimits:
         for node in nodes:
             update: dict[str, Any] = {}
             if node.id in self.nodes:
-                update["blocked"] = self.nodes[node.id]
-                update["validating"] = node.id in self.pending
+                # A label problem (node_from_engine) stays in view: it is no pending check.
+                why = self.nodes[node.id]
+                update["blocked"] = f"{node.blocked}; {why}" if node.blocked else why
+                update["validating"] = node.id in self.pending and not node.blocked
             asked = {**(self.busy.get(node.id) or {}), **(self.npus.get(node.id) or {})}
             withheld = {n: why for n, why in asked.items() if n in node.npus}
             if withheld:
@@ -113,22 +115,22 @@ def node_from_engine(attrs: dict[str, Any]) -> NodeInfo:
     npus = _generic_resource_npus(description)
     if not npus and labels.NODE_NPUS in node_labels:
         npus = _label_ids(node_labels, labels.NODE_NPUS, problems)
-    problems_before_reserved = len(problems)
+    # A label npuswarm cannot read blocks new replicas (unknown reservations could cover any
+    # NPU, an unknown topology could forbid any set) but moves none: a typo in a label must
+    # not evict what runs. The NPUs stay known, so what runs there keeps them.
+    label_problems = len(problems)
     reserved = _label_ids(node_labels, labels.NODE_NPUS_RESERVED, problems)
-    if len(problems) > problems_before_reserved:
-        # Unknown reservations could cover any NPU: handing any out could collide with them.
-        npus = frozenset()
-
     topology_label = node_labels.get(labels.NODE_TOPOLOGY, "any")
     topology: Topology = "any"
     if topology_label in TOPOLOGIES:
         topology = topology_label
     else:
         problems.append(
-            f"unknown {labels.NODE_TOPOLOGY}={topology_label!r} (known: {', '.join(TOPOLOGIES)}); "
-            "node gets no replicas"
+            f"unknown {labels.NODE_TOPOLOGY}={topology_label!r} (known: {', '.join(TOPOLOGIES)})"
         )
-        npus = frozenset()
+    blocked = ""
+    if len(problems) > label_problems:
+        blocked = "; ".join(problems[label_problems:]) + ": no new replicas until it is fixed"
 
     return NodeInfo(
         id=attrs["ID"],
@@ -141,6 +143,7 @@ def node_from_engine(attrs: dict[str, Any]) -> NodeInfo:
         topology=topology,
         status_since=parse_engine_time(attrs.get("UpdatedAt")),
         problems=tuple(problems),
+        blocked=blocked,
         addr=node_address(attrs),
         engine=str((description.get("Engine") or {}).get("EngineVersion") or ""),
     )

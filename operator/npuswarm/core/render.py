@@ -26,9 +26,21 @@ from npuswarm.core.snapshot import ObservedService, SwarmSnapshot
 MAX_SERVICE_NAME = 63
 
 
+def swarm_name(*parts: str) -> str:
+    """A Swarm service or secret name made of Kubernetes names: ``parts`` joined by ``-``.
+
+    Swarm allows letters, digits, ``-`` and ``_`` ("valid as a DNS name component"), at most
+    63 characters; a Kubernetes name may also hold dots (``qwen2.5-7b``) but never ``_``. So a
+    dot becomes ``_``: two different Kubernetes names stay apart (``qwen2.5-7b`` and
+    ``qwen2-5-7b`` are both valid), and a name without dots, as every name Swarm accepted
+    before was, stays what it was (no running replica is renamed at an upgrade). Past 63
+    characters the name is shortened with a hash of the whole."""
+    return _fit("-".join(parts).replace(".", "_"))
+
+
 def service_name(md: ModelDeployment, slot: str) -> str:
-    """``<namespace>-<name>-<slot>``, shortened with a hash when Swarm's 63 characters run out."""
-    return _fit(f"{md.metadata.namespace}-{md.metadata.name}-{slot}")
+    """``<namespace>-<name>-<slot>`` as Swarm accepts it (swarm_name)."""
+    return swarm_name(md.metadata.namespace, md.metadata.name, slot)
 
 
 def free_service_name(md: ModelDeployment, slot: str, taken: Collection[str]) -> str:
@@ -40,7 +52,7 @@ def free_service_name(md: ModelDeployment, slot: str, taken: Collection[str]) ->
     if name not in taken:
         return name
     owner = hashlib.sha256(md.key.encode()).hexdigest()[:8]
-    return _fit(f"{md.metadata.namespace}-{md.metadata.name}-{owner}-{slot}")
+    return swarm_name(md.metadata.namespace, md.metadata.name, owner, slot)
 
 
 def _fit(name: str) -> str:

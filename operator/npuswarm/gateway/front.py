@@ -267,7 +267,8 @@ class Front:
             return models
         return {name: urls for name, urls in models.items() if name in client.models}
 
-    async def list_models(self, request: web.Request) -> web.Response:
+    def _listing(self, request: web.Request) -> dict[str, Any] | web.Response:
+        """The models this client may see, as OpenAI lists them, or the refusal to send."""
         if self.models is None:
             refused = refusal(None, None)
             assert refused is not None
@@ -275,7 +276,13 @@ class Front:
         client = self._client(request)
         if isinstance(client, web.Response):
             return client
-        return web.json_response(models_body(self._visible(client), self.created))
+        return models_body(self._visible(client), self.created)
+
+    async def list_models(self, request: web.Request) -> web.Response:
+        listed = self._listing(request)
+        if isinstance(listed, web.Response):
+            return listed
+        return web.json_response(listed)
 
     async def health(self, request: web.Request) -> web.Response:
         assert self.session is not None
@@ -290,15 +297,10 @@ class Front:
 
     async def get_model(self, request: web.Request) -> web.Response:
         """OpenAI's retrieve-model call, answered from the same state as the list."""
-        if self.models is None:
-            refused = refusal(None, None)
-            assert refused is not None
-            return refused
-        client = self._client(request)
-        if isinstance(client, web.Response):
-            return client
-        listed = models_body(self._visible(client), self.created)["data"]
-        found = next((m for m in listed if m["id"] == request.match_info["model"]), None)
+        listed = self._listing(request)
+        if isinstance(listed, web.Response):
+            return listed
+        found = next((m for m in listed["data"] if m["id"] == request.match_info["model"]), None)
         if found is None:
             return unknown_model(request.match_info["model"])
         return web.json_response(found)

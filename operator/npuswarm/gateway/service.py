@@ -16,10 +16,10 @@ from datetime import datetime
 from typing import Any
 
 from npuswarm.api import labels
-from npuswarm.api.gateway import ModelGateway
+from npuswarm.api.gateway import ModelGateway, ModelGatewaySpec
 from npuswarm.core.clock import SECOND_NS
 from npuswarm.core.diff import Action
-from npuswarm.core.render import health_command, network_labels
+from npuswarm.core.render import health_command, network_labels, swarm_name
 from npuswarm.core.snapshot import ObservedSecret, ObservedService, SwarmSnapshot
 from npuswarm.gateway import protocol
 from npuswarm.gateway.credentials import (
@@ -31,7 +31,6 @@ from npuswarm.gateway.credentials import (
 
 ROUTER_PORT = 30000
 ROUTER_METRICS_PORT = 29000
-MAX_SERVICE_NAME = 63
 # The gateway image's user (Dockerfile.gateway): it alone may read the mounted secrets.
 GATEWAY_UID = "10001"
 SECRET_PREFIX_LENGTH = 40  # of the service name, in a secret's name (Swarm allows 64)
@@ -51,11 +50,7 @@ def identity(gateway: ModelGateway) -> GatewayIdentity:
 
 
 def service_name(gateway: ModelGateway) -> str:
-    name = f"{gateway.metadata.namespace}-{gateway.metadata.name}-gateway"
-    if len(name) <= MAX_SERVICE_NAME:
-        return name
-    digest = hashlib.sha256(name.encode()).hexdigest()[:8]
-    return f"{name[: MAX_SERVICE_NAME - 9]}-{digest}"
+    return swarm_name(gateway.metadata.namespace, gateway.metadata.name, "gateway")
 
 
 # --- the gateway's own Swarm service --------------------------------------------------------
@@ -70,17 +65,10 @@ def gateway_labels(gateway: ModelGateway, instance: str) -> dict[str, str]:
     }
 
 
-def render_gateway(
-    gateway: ModelGateway, instance: str, mounts: Sequence[SecretMount]
-) -> dict[str, Any]:
-    """The gateway's Swarm service: no NPUs, on the deployments' network, at most one replica
-    per node (host-mode ports could not be shared anyway), the client port published as
-    asked and the admin port published on each replica's node (host mode), where npuswarm
-    pushes the backends over TLS. Its credential and TLS key come as Swarm secrets (files on
-    tmpfs), never in its environment or arguments."""
-    spec = gateway.spec
+def front_args(spec: ModelGatewaySpec) -> list[str]:
+    """The front's command line (gateway/front.py): its ports, routing and request bounds."""
     health = spec.healthCheck
-    args = [
+    return [
         "--port",
         str(spec.port),
         "--admin-port",
@@ -104,6 +92,26 @@ def render_gateway(
         "--max-in-flight",
         str(spec.requestLimits.maxInFlight),
     ]
+
+
+def secret_file(mount: SecretMount) -> dict[str, Any]:
+    """A Swarm secret as a file only the front's user can read (on tmpfs, never in env)."""
+    return {
+        "File": {"Name": mount.file, "UID": GATEWAY_UID, "GID": GATEWAY_UID, "Mode": 0o400},
+        "SecretID": mount.secret_id,
+        "SecretName": mount.name,
+    }
+
+
+def render_gateway(
+    gateway: ModelGateway, instance: str, mounts: Sequence[SecretMount]
+) -> dict[str, Any]:
+    """The gateway's Swarm service: no NPUs, on the deployments' network, at most one replica
+    per node (host-mode ports could not be shared anyway), the client port published as
+    asked and the admin port published on each replica's node (host mode), where npuswarm
+    pushes the backends over TLS. Its credential and TLS key come as Swarm secrets (files on
+    tmpfs), never in its environment or arguments."""
+    spec = gateway.spec
     constraints = [f"node.labels.{k}=={v}" for k, v in sorted(spec.nodeSelector.items())]
     service_labels = gateway_labels(gateway, instance)
     rendered: dict[str, Any] = {
@@ -113,20 +121,8 @@ def render_gateway(
             "ContainerSpec": {
                 "Image": spec.image,
                 "Command": ["npuswarm-gateway"],
-                "Args": args,
-                "Secrets": [
-                    {
-                        "File": {
-                            "Name": mount.file,
-                            "UID": GATEWAY_UID,
-                            "GID": GATEWAY_UID,
-                            "Mode": 0o400,
-                        },
-                        "SecretID": mount.secret_id,
-                        "SecretName": mount.name,
-                    }
-                    for mount in mounts
-                ],
+                "Args": front_args(spec),
+                "Secrets": [secret_file(mount) for mount in mounts],
                 "Labels": dict(service_labels),
                 "Init": True,
                 "Healthcheck": {

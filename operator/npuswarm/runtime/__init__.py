@@ -20,13 +20,14 @@ import asyncio
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from npuswarm.kube import Kube
 from npuswarm.nodehealth.runner import NodeChecker, publish_verdicts
 from npuswarm.reconcile import Reconciler
 from npuswarm.runtime.autoscaler import Autoscaler
-from npuswarm.runtime.index import IndexReader
+from npuswarm.runtime.index import IndexGate, IndexReader
 from npuswarm.runtime.leadership import Leadership, LeadershipWatch
 from npuswarm.runtime.node_checks import NodeCheckLoop
 from npuswarm.runtime.passes import PassLoop
@@ -71,8 +72,15 @@ class Runtime:
         )
         self.publisher = StatusPublisher(self.kube, self.triggers)
         self.leader = LeadershipWatch(self.leadership, self.kube, self.settings, self.triggers)
+        lister = None if self.kube is None else partial(self.kube.listed, operation="index_list")
         self.passes = PassLoop(
-            self.settings, self.reconciler, self.triggers, self.reader, self.publisher, self.leader
+            self.settings,
+            self.reconciler,
+            self.triggers,
+            self.reader,
+            self.publisher,
+            self.leader,
+            IndexGate(lister),
         )
         gateways = self.reconciler.gateways
         self.autoscaler = Autoscaler(

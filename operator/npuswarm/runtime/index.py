@@ -4,12 +4,14 @@ ModelGateways. Also the stamps of kopf's events, so a status write asks for no p
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import ValidationError
 
+from npuswarm.api import deployment as deployment_api
+from npuswarm.api import gateway as gateway_api
 from npuswarm.api.deployment import ModelDeployment
 from npuswarm.api.meta import Indexed, Stamp, stamp, validation_message, walk_index
 from npuswarm.core import hostpolicy
@@ -118,3 +120,38 @@ class IndexReader:
     def forget(self, key: str) -> None:
         self.seen.pop(key, None)
         self.parsed.pop(key, None)
+
+
+# (plural) -> the namespace/name of every such object the API server holds, from a complete
+# LIST (kube.Kube.listed); None when it could not be read.
+Lister = Callable[[str], "set[str] | None"]
+
+
+@dataclass
+class IndexGate:
+    """Whether kopf's indexes hold every ModelDeployment and ModelGateway yet. kopf fills
+    them from its own LIST, object by object, and says nothing when it is done; a pass before
+    that pushes gateways only some models (their clients get model_not_found) and may take
+    the missing ones' services for orphans. So: a LIST of our own, and the indexes are
+    complete once they hold every object it names. An object deleted between the two LISTs
+    is never indexed: the next LIST (a second later) no longer names it. Once complete, the
+    gate stays open (later objects are events on a filled index)."""
+
+    lister: Lister | None
+    complete: bool = False
+
+    def check(self, reader: IndexReader) -> bool:
+        if self.complete or self.lister is None:
+            self.complete = True
+            return True
+        for plural, index in (
+            (deployment_api.PLURAL, reader.index),
+            (gateway_api.PLURAL, reader.gateway_index),
+        ):
+            listed = self.lister(plural)
+            if listed is None:
+                return False
+            if not listed <= {entry.key for entry in walk_index(index, {})}:
+                return False
+        self.complete = True
+        return True

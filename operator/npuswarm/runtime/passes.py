@@ -21,7 +21,7 @@ from npuswarm.core.relocation import FailureTracker
 from npuswarm.core.status import unavailable_status
 from npuswarm.reconcile import NodeChecks, PassResult, Reconciler
 from npuswarm.runtime.autoscaler import Autoscaler
-from npuswarm.runtime.index import IndexReader
+from npuswarm.runtime.index import IndexGate, IndexReader
 from npuswarm.runtime.leadership import LeadershipWatch
 from npuswarm.runtime.node_checks import NodeCheckLoop
 from npuswarm.runtime.publisher import StatusPublisher
@@ -37,6 +37,8 @@ COALESCE_SECONDS = 0.1
 MAX_BACKOFF_SECONDS = 300.0
 # Services that look orphaned while the API server cannot confirm it: asked again this soon.
 ORPHAN_RETRY_SECONDS = 10.0
+# Until kopf's indexes are complete (IndexGate), asked again this often.
+INDEX_RETRY_SECONDS = 1.0
 # A pass with this many Swarm and status writes made a burst of garbage worth giving back.
 RELEASE_AFTER_WRITES = 100
 
@@ -50,6 +52,7 @@ class PassLoop:
         reader: IndexReader,
         publisher: StatusPublisher,
         leadership: LeadershipWatch,
+        gate: IndexGate | None = None,
     ) -> None:
         self.settings = settings
         self.reconciler = reconciler
@@ -57,6 +60,7 @@ class PassLoop:
         self.reader = reader
         self.publisher = publisher
         self.leadership = leadership
+        self.gate = gate or IndexGate(None)
         # Replicas failing over and over where they are (core/relocation.py).
         self.failing = FailureTracker(settings.relocation_rules(), reconciler.clock)
         # Set when the watches run (Runtime.start): they learn what each pass saw.
@@ -91,6 +95,8 @@ class PassLoop:
                 triggers.wake.clear()
                 if not self.leadership.leader:
                     continue  # another instance acts; triggers are kept for when we lead
+                if not self.gate.complete and not await self._indexes_complete():
+                    continue  # triggers are kept for the first pass on complete indexes
                 served, everything = triggers.take()
                 last_pass = time.monotonic()
                 await self.one_pass(served, everything)
@@ -100,6 +106,19 @@ class PassLoop:
                 metrics.background_errors_total.labels("pass").inc()
                 log.exception("pass loop error; continuing")
                 triggers.failures += 1
+
+    async def _indexes_complete(self) -> bool:
+        started = time.monotonic()
+        if await asyncio.to_thread(self.gate.check, self.reader):
+            log.info(
+                "indexes complete",
+                deployments=len(self.reader.index),
+                gateways=len(self.reader.gateway_index),
+                check_seconds=round(time.monotonic() - started, 3),
+            )
+            return True
+        self.triggers.request_later(INDEX_RETRY_SECONDS, [None])
+        return False
 
     async def one_pass(self, served: set[str], everything: bool) -> None:
         publisher = self.publisher

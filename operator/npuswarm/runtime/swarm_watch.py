@@ -43,13 +43,16 @@ class SwarmWatch:
 
     def saw_pass(self, result: PassResult) -> None:
         """What the pass just did and saw: its writes (their events are echoes), the owners
-        of the services it saw, and whether work is under way."""
+        of the services it saw and their tasks' states (a poll that finds the same states
+        asks for no pass)."""
+        now = time.monotonic()
+        self.recent_writes = {
+            name: when for name, when in self.recent_writes.items() if now - when < ECHO_SECONDS
+        }
         for action in result.all_applied():
-            self.recent_writes[action.service_name] = time.monotonic()
+            self.recent_writes[action.service_name] = now
         services = result.plan.snapshot.services
         self.owner_of_service = {s.id: s.deployment for s in services}
-        # What the poll compares with: a task gone since (its service removed by a scale-down)
-        # asks for the pass that reports the deployment Ready again.
         self.tasks_seen = {t.id: t.state for s in services for t in s.tasks}
         self.service_of_task = {t.id: s.id for s in services for t in s.tasks}
 
@@ -108,14 +111,7 @@ class SwarmWatch:
             states = self.swarm.task_states()
             owners = self.owner_of_service
             own = {t: state for t, (service, state) in states.items() if service in owners}
-            seen = self.tasks_seen
-            # New to the last pass and to the previous poll: a difference that stays (a task
-            # the pass cannot see the same way) asks once, not on every poll.
-            unseen = [
-                task
-                for task in own.keys() | seen.keys()
-                if own.get(task) != seen.get(task) and own.get(task) != own_before.get(task)
-            ]
+            unseen = unseen_tasks(own, self.tasks_seen, own_before)
             for task in unseen:
                 service = states[task][0] if task in states else self.service_of_task.get(task)
                 self.triggers.request_threadsafe(owners.get(service or ""))
@@ -140,3 +136,16 @@ class SwarmWatch:
                 self.triggers.request_threadsafe(everything=True, recovered=reachable)
             if stop.wait(self.settings.swarm_probe_seconds):
                 return
+
+
+def unseen_tasks(
+    own: Mapping[str, str], seen: Mapping[str, str], before: Mapping[str, str]
+) -> list[str]:
+    """npuswarm's tasks (id -> state) whose state is new both to the last pass (``seen``) and
+    to the previous poll (``before``): a difference that stays (a task the pass cannot see the
+    same way) asks for a pass once, not on every poll."""
+    return sorted(
+        task
+        for task in own.keys() | seen.keys()
+        if own.get(task) != seen.get(task) and own.get(task) != before.get(task)
+    )

@@ -575,7 +575,9 @@ def _swarm_network_name(key: str, ctx: _Context, notes: Notes) -> str:
     notes.check(
         f"network {key}",
         f"the stack created it (as <stack>_{key} unless named) and `docker stack rm` removes "
-        f"it: create it first with `docker network create --driver overlay --attachable {actual}`",
+        f"it: let npuswarm create {actual} for the deployments' namespace (remove the stack "
+        f"first), or create it with `docker network create --driver overlay --attachable "
+        f"{actual}` and have the admin share it (NPUSWARM_SHARED_NETWORKS={actual}=<namespace>)",
     )
     return actual
 
