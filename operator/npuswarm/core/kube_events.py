@@ -126,5 +126,6 @@ def autoscaler_events(status: AutoscalerStatus, previous: object) -> list[Event]
         found.append(Event("Normal", "Autoscaled", status.lastScaleMessage or ""))
     if "is not obeyed" in status.message:
         # Identical events are sent at most once an hour (EventFilter).
-        found.append(Event("Warning", "ReplicasNotOwned", status.message.split("; ", 1)[-1]))
+        note = status.message[status.message.find("spec.replicas=") :]
+        found.append(Event("Warning", "ReplicasNotOwned", note))
     return found
