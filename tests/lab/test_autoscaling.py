@@ -20,11 +20,11 @@ from npuswarm.gateway.credentials import Credentials
 from npuswarm.gateway.push import Gateways
 from npuswarm.reconcile import PassResult, Reconciler
 from npuswarm.runtime.autoscaler import Autoscaler
-from npuswarm.settings import Settings
 from npuswarm.swarm import Swarm
 from tests.helpers import wait_for
 
-from .test_gateway import ROOT_KEY, Load, gateway, gateway_image, network  # noqa: F401 (fixtures)
+from .conftest import lab_settings
+from .test_gateway import ROOT_KEY, Load, gateway, network  # noqa: F401 (a fixture)
 from .test_npuswarm_on_lab import lab_model
 
 pytestmark = pytest.mark.lab
@@ -100,9 +100,7 @@ def backends(result: PassResult) -> int:
 
 @pytest.fixture(scope="module")
 def scaled(swarm_lab: swarmlab.Lab, gateway_image: str, network: str) -> Iterator[Scaled]:  # noqa: F811
-    # The test network is made by hand: shared as an admin shares such a network.
-    settings = Settings(gateway_root_key=ROOT_KEY, lost_node_grace_seconds=3,
-                        shared_networks=(f"{network}=*",))
+    settings = lab_settings(gateway_root_key=ROOT_KEY, lost_node_grace_seconds=3)
     gateways = Gateways(settings.instance, Credentials(ROOT_KEY, settings.instance),
                         policy=settings.tenant_policy())
     reconciler = Reconciler(Swarm(base_url=swarm_lab.endpoint), settings, gateways=gateways)
