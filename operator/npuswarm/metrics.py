@@ -117,7 +117,7 @@ orphans_removed_total = Counter(
 background_errors_total = Counter(
     "npuswarm_background_errors_total",
     "Exceptions survived by a background loop (pass, events, task-poll, swarm-probe, "
-    "leadership, node-check).",
+    "leadership, node-check, autoscaler).",
     ["loop"],
     registry=REGISTRY,
 )
@@ -143,7 +143,15 @@ for _result in ("success", "error", "requeue", "requeue_after"):
 reconcile_errors_total.labels(CONTROLLER)
 for _result in ("success", "error"):
     passes_total.labels(_result)
-for _loop in ("pass", "events", "task-poll", "swarm-probe", "leadership", "node-check"):
+for _loop in (
+    "pass",
+    "events",
+    "task-poll",
+    "swarm-probe",
+    "leadership",
+    "node-check",
+    "autoscaler",
+):
     background_errors_total.labels(_loop)
 workqueue_depth.labels(CONTROLLER)
 
@@ -269,6 +277,38 @@ gateway_replicas_ready = Gauge(
     "npuswarm_gateway_replicas_ready",
     "Gateway replicas running and holding the pushed backends.",
     ["namespace", "gateway"],
+    registry=REGISTRY,
+)
+gateway_load_reads_total = Counter(
+    "npuswarm_gateway_load_reads_total",
+    "Reads of gateway replicas' engine load (GET /load, the autoscaler) by outcome.",
+    ["outcome"],
+    registry=REGISTRY,
+)
+autoscaler_desired_replicas = Gauge(
+    "npuswarm_autoscaler_desired_replicas",
+    "The replica count npuswarm's autoscaler decided, per autoscaled ModelDeployment.",
+    ["namespace", "name"],
+    registry=REGISTRY,
+)
+autoscaler_observed_value = Gauge(
+    "npuswarm_autoscaler_observed_value",
+    "The load metric the autoscaler read, as its target reads it (per replica, or the KV "
+    "cache fraction), per autoscaled ModelDeployment.",
+    ["namespace", "name", "metric"],
+    registry=REGISTRY,
+)
+autoscaler_recommended_replicas = Gauge(
+    "npuswarm_autoscaler_recommended_replicas",
+    "The count the load alone asks for (before stabilization and the placement cap).",
+    ["namespace", "name"],
+    registry=REGISTRY,
+)
+autoscaler_unmet_replicas = Gauge(
+    "npuswarm_autoscaler_unmet_replicas",
+    "Replicas the load asks for that the fleet has no NPUs for (demand beyond the fleet: the "
+    "autoscaler does not ask for them).",
+    ["namespace", "name"],
     registry=REGISTRY,
 )
 gateway_pushes_total = Counter(

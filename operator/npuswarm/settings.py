@@ -22,6 +22,7 @@ from npuswarm.core.hostpolicy import (
     reserved_env,
 )
 from npuswarm.core.relocation import RelocationRules
+from npuswarm.core.render import DEFAULT_STOP_GRACE_SECONDS
 
 ENV_PREFIX = "NPUSWARM_"
 # NPUSWARM_ALLOWED_HOST_PATHS=none: no hostPath volume at all.
@@ -78,6 +79,14 @@ class Settings(BaseSettings):
             f"{ENV_PREFIX}GATEWAY_TOKEN",
         ),
     )
+    # How long a stopping replica (scale-down, removal, update) may finish its requests before
+    # Swarm kills it; set on each replica's service at its next update (docs/autoscaling.md).
+    stop_grace_seconds: float = Field(
+        DEFAULT_STOP_GRACE_SECONDS, ge=0, le=3600, allow_inf_nan=False
+    )
+    # How often the built-in autoscaler reads the gateways' engine load and decides counts
+    # (docs/autoscaling.md); the gateways read their backends every 2 s on their own.
+    autoscaler_seconds: float = Field(5.0, gt=0, le=3600, allow_inf_nan=False)
     # Node checks (docs/node-health.md): a node agent on each NPU node checks that Ascend
     # Docker Runtime really gives its NPUs to containers before replicas go there, and reads
     # npu-smi; the operator reads it over TLS on the agent port (host mode, on the node's

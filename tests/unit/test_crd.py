@@ -49,7 +49,17 @@ def test_schema_is_structural_and_rejects_what_it_can() -> None:
     assert spec["engine"]["properties"]["tensorParallelSize"]["enum"] == [1, 2, 4, 8]
     assert spec["replicas"]["minimum"] == 0
     assert spec["mode"]["enum"] == ["Replicated", "PerNode"]
-    assert version["subresources"] == {"status": {}}
+    assert version["subresources"] == {
+        "status": {},
+        "scale": {
+            "specReplicasPath": ".spec.replicas",
+            "statusReplicasPath": ".status.replicas",
+            "labelSelectorPath": ".status.selector",
+        },
+    }
+    status = schema["properties"]["status"]["properties"]
+    # HPA reads the selector as one serialized string, not a LabelSelector object.
+    assert status["selector"]["type"] == "string"
     columns = [c["name"] for c in version["additionalPrinterColumns"]]
     assert columns == ["Ready", "Replicas", "NPUs", "Phase", "Age"]
 

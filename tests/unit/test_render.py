@@ -109,3 +109,18 @@ def test_long_names_fit_swarm() -> None:
     name = service_name(md, "0")
     assert len(name) <= 63
     assert name != service_name(deployment("m" * 59 + "n", namespace="team-with-a-long-namespace"), "0")
+
+
+def test_the_stop_grace_period_is_set_but_never_compared() -> None:
+    from npuswarm.core.render import DEFAULT_STOP_GRACE_SECONDS, Renderer
+    from npuswarm.core.placement import Assignment
+
+    md = deployment("graceful")
+    where = Assignment(deployment=md.key, slot="0", node_id="n1", npus=frozenset({0}), kept=False)
+    default = render_service(md, where)
+    container = default["TaskTemplate"]["ContainerSpec"]
+    assert container["StopGracePeriod"] == int(DEFAULT_STOP_GRACE_SECONDS * 1e9)
+    shorter = Renderer(stop_grace_seconds=30).render(md, where)
+    assert shorter["TaskTemplate"]["ContainerSpec"]["StopGracePeriod"] == 30 * 10**9
+    # Not in the comparison nor the hash: a new setting rewrites (restarts) no replica.
+    assert essential(shorter) == essential(default) and spec_hash(shorter) == spec_hash(default)

@@ -22,6 +22,13 @@ PRINTER_COLUMNS = [
     {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
 ]
+# `kubectl scale`, HPA and KEDA's ScaledObject write spec.replicas through /scale; HPA also
+# needs a selector string there (docs/autoscaling.md).
+SCALE_SUBRESOURCE = {
+    "specReplicasPath": ".spec.replicas",
+    "statusReplicasPath": ".status.replicas",
+    "labelSelectorPath": ".status.selector",
+}
 _DROPPED_KEYS = {"title", "additionalProperties"}
 
 
@@ -154,7 +161,7 @@ def crd_manifest(kind: str = deployment_api.KIND) -> dict[str, Any]:
                     "name": meta.VERSION,
                     "served": True,
                     "storage": True,
-                    "subresources": {"status": {}},
+                    "subresources": {"status": {}, "scale": SCALE_SUBRESOURCE},
                     "additionalPrinterColumns": PRINTER_COLUMNS,
                     "schema": {
                         "openAPIV3Schema": {
@@ -201,6 +208,8 @@ def gateway_crd_manifest() -> dict[str, Any]:
     }
     (version,) = manifest["spec"]["versions"]
     version["additionalPrinterColumns"] = GATEWAY_PRINTER_COLUMNS
+    # A gateway has no selector of its own to offer HPA; its replicas are set in its spec.
+    version["subresources"] = {"status": {}}
     schema = version["schema"]["openAPIV3Schema"]
     schema["description"] = "One OpenAI-compatible endpoint for ModelDeployments (vllm-router)."
     schema["properties"]["spec"] = spec_schema

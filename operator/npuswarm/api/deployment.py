@@ -329,6 +329,80 @@ class RestartPolicy(_Model):
     maxAttempts: Annotated[int, Field(ge=0, le=10000)] = Field(0, description="0 means unlimited.")
 
 
+AUTOSCALING_METRICS = ("requestsWaitingPerReplica", "requestsRunningPerReplica", "kvCacheUsage")
+MAX_STABILIZATION_SECONDS = 3600
+
+
+class AutoscalingTarget(_Model):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "self.metric != 'kvCacheUsage' || double(self.value) <= 1.0",
+                    "message": "a kvCacheUsage target is a fraction of the KV cache (at most 1)",
+                }
+            ]
+        }
+    )
+
+    metric: Literal["requestsWaitingPerReplica", "requestsRunningPerReplica", "kvCacheUsage"] = (
+        Field(
+            ...,
+            description=(
+                "vLLM's vllm:num_requests_waiting or vllm:num_requests_running per replica, or "
+                "vllm:kv_cache_usage_perc (0..1, the mean over replicas)."
+            ),
+        )
+    )
+    value: Annotated[float, Field(ge=0.01, le=1e6)] = Field(
+        ..., description="The value per replica (or KV cache fraction) to hold the metric at."
+    )
+
+    @model_validator(mode="after")
+    def _fraction(self) -> AutoscalingTarget:
+        if self.metric == "kvCacheUsage" and self.value > 1:
+            raise ValueError("a kvCacheUsage target is a fraction of the KV cache (at most 1)")
+        return self
+
+
+class Autoscaling(_Model):
+    """npuswarm's own autoscaler (docs/autoscaling.md). With it set npuswarm owns the count:
+    spec.replicas is not read, and HPA or KEDA must not drive this deployment."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "!has(self.minReplicas) || self.minReplicas <= self.maxReplicas",
+                    "message": "autoscaling.minReplicas must not exceed maxReplicas",
+                }
+            ]
+        }
+    )
+
+    minReplicas: Annotated[int, Field(ge=1, le=MAX_REPLICAS)] = Field(
+        1, description="The fewest replicas (at least 1: scaling to zero is not built yet)."
+    )
+    maxReplicas: Annotated[int, Field(ge=1, le=MAX_REPLICAS)] = Field(
+        ..., description="The most replicas the autoscaler asks for."
+    )
+    target: AutoscalingTarget
+    scaleUpStabilizationSeconds: Annotated[int, Field(ge=0, le=MAX_STABILIZATION_SECONDS)] = Field(
+        30, description="A scale-up waits until every recommendation this long agrees."
+    )
+    scaleDownStabilizationSeconds: Annotated[int, Field(ge=0, le=MAX_STABILIZATION_SECONDS)] = (
+        Field(300, description="A scale-down waits until every recommendation this long agrees.")
+    )
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Autoscaling:
+        if self.minReplicas > self.maxReplicas:
+            raise ValueError(
+                f"autoscaling.minReplicas={self.minReplicas} exceeds maxReplicas={self.maxReplicas}"
+            )
+        return self
+
+
 def _trimmed(path: str) -> str:
     """CEL for ``path`` without its trailing '/' (the patterns allow at most one)."""
     return f"({path}.endsWith('/') ? {path}.substring(0, size({path}) - 1) : {path})"
@@ -377,6 +451,15 @@ SPEC_RULES: list[JsonValue] = [
         "message": "two volumes use the same mountPath",
     },
     {
+        "rule": "!has(self.autoscaling) || (!has(self.mode) || self.mode != 'PerNode')",
+        "message": "autoscaling counts replicas: PerNode runs one on every matching node",
+    },
+    {
+        "rule": f"!has(self.autoscaling) || !{_INGRESS} || self.autoscaling.maxReplicas <= 1",
+        "message": "publish.mode=ingress allows a single replica: autoscaling.maxReplicas "
+        "must be 1",
+    },
+    {
         "rule": "!has(self.shmSize) || (quantity(self.shmSize).isGreaterThan(quantity('0')) "
         "&& quantity(self.shmSize).compareTo(quantity('1Ti')) <= 0)",
         "message": "shmSize must be more than 0 and at most 1Ti",
@@ -407,7 +490,14 @@ class ModelDeploymentSpec(_Model):
         description="PerNode runs one replica on every matching node (compose's global mode).",
     )
     replicas: Annotated[int, Field(ge=0, le=MAX_REPLICAS)] = Field(
-        1, description="Ignored in PerNode mode."
+        1,
+        description=(
+            "Ignored in PerNode mode, and when autoscaling is set (npuswarm owns the count "
+            "then, in status.replicas)."
+        ),
+    )
+    autoscaling: Autoscaling | None = Field(
+        None, description="npuswarm's own autoscaler on the engines' load (docs/autoscaling.md)."
     )
     npusPerReplica: NpuCount | None = Field(
         None, description="NPUs per replica; defaults to engine.tensorParallelSize."
@@ -478,6 +568,12 @@ class ModelDeploymentSpec(_Model):
                 "publish.mode=ingress allows a single replica: every replica is its own "
                 "Swarm service and an ingress port can be taken only once; use mode=host"
             )
+        if self.autoscaling is not None and self.mode == "PerNode":
+            raise ValueError("autoscaling counts replicas: PerNode runs one on every matching node")
+        if self.autoscaling is not None and ingress and self.autoscaling.maxReplicas > 1:
+            raise ValueError(
+                "publish.mode=ingress allows a single replica: autoscaling.maxReplicas must be 1"
+            )
         return self
 
     @property
@@ -509,16 +605,46 @@ class ReplicaStatus(_Model):
     message: str | None = Field(None, description="Why the replica is not placed or not ready.")
 
 
+class AutoscalerStatus(_Model):
+    """The built-in autoscaler's last decision, what it read, and its last change."""
+
+    desiredReplicas: int = Field(..., description="The count the autoscaler decided.")
+    reason: str = Field(
+        ..., description="Steady, ScaledUp, ScaledDown, NoLoadReading or WaitingForNPUs."
+    )
+    message: str = ""
+    metric: str | None = None
+    observedValue: float | None = Field(None, description="The metric as the target reads it.")
+    targetValue: float | None = None
+    recommendation: int | None = Field(
+        None, description="The count the load alone asks for (before windows and NPUs)."
+    )
+    lastScaleTime: str | None = None
+    lastScaleMessage: str | None = None
+
+
 class ModelDeploymentStatus(_Model):
     observedGeneration: int | None = None
     phase: Phase = "Pending"
-    replicas: int = 0
+    replicas: int = Field(
+        0, description="Replicas wanted now (the scale subresource's status.replicas)."
+    )
+    selector: str | None = Field(
+        None,
+        description=(
+            "Label selector of this deployment's replicas, serialized (the scale "
+            "subresource's labelSelectorPath, which HPA and KEDA need)."
+        ),
+    )
     readyReplicas: int = 0
     placedReplicas: int = 0
     npus: int = Field(0, description="NPUs held by this deployment's replicas.")
     endpoint: str | None = Field(None, description="host:port of the model on its network.")
     replicaStatuses: list[ReplicaStatus] = Field(default_factory=list)
     conditions: list[Condition] = Field(default_factory=list)
+    autoscaler: AutoscalerStatus | None = Field(
+        None, description="Set when spec.autoscaling is (docs/autoscaling.md)."
+    )
 
 
 class ModelDeployment(Resource):

@@ -51,7 +51,10 @@ class _Model(BaseModel):
 
 # Ready, Progressing and Degraded are for people and Argo CD (manifests/argocd/health.lua);
 # Reconciling and Stalled are kstatus's abnormal-true pair, for Flux, kpt and cli-utils.
-ConditionType = Literal["Ready", "Progressing", "Degraded", "Reconciling", "Stalled"]
+# ScalingActive only with spec.autoscaling (named as HPA names its own).
+ConditionType = Literal[
+    "Ready", "Progressing", "Degraded", "Reconciling", "Stalled", "ScalingActive"
+]
 ConditionStatus = Literal["True", "False", "Unknown"]
 
 

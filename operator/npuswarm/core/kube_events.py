@@ -11,7 +11,7 @@ from typing import Literal
 import structlog
 
 from npuswarm.api import labels
-from npuswarm.api.deployment import ModelDeployment, ModelDeploymentStatus
+from npuswarm.api.deployment import AutoscalerStatus, ModelDeployment, ModelDeploymentStatus
 from npuswarm.core.diff import Applied, PassPlan
 
 # The pass's placement lines keep the logger they always had.
@@ -116,3 +116,16 @@ def task_failure_events(status: ModelDeploymentStatus) -> list[Event]:
         for r in status.replicaStatuses
         if r.lastError and not r.ready
     ]
+
+
+def autoscaler_events(status: AutoscalerStatus, previous: object) -> list[Event]:
+    """A scale decision the status has not recorded yet, once; spec.replicas not obeyed."""
+    before = previous if isinstance(previous, dict) else {}
+    found = []
+    if status.lastScaleTime and status.lastScaleTime != before.get("lastScaleTime"):
+        found.append(Event("Normal", "Autoscaled", status.lastScaleMessage or ""))
+    if "is not obeyed" in status.message:
+        # Identical events are sent at most once an hour (EventFilter).
+        note = status.message[status.message.find("spec.replicas=") :]
+        found.append(Event("Warning", "ReplicasNotOwned", note))
+    return found

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from npuswarm.api.deployment import ModelDeployment, ModelDeploymentStatus
+from npuswarm.api.deployment import AutoscalerStatus, ModelDeployment, ModelDeploymentStatus
 from npuswarm.api.gateway import ModelGateway
 from npuswarm.api.meta import split_key
 from npuswarm.core import hostpolicy
@@ -39,12 +39,17 @@ from npuswarm.core.diff import (
     services_by_slot,
     surge,
 )
-from npuswarm.core.kube_events import Event, deployment_events, task_failure_events
+from npuswarm.core.kube_events import (
+    Event,
+    autoscaler_events,
+    deployment_events,
+    task_failure_events,
+)
 from npuswarm.core.nodes import NodeLimits
 from npuswarm.core.placement import by_priority, place_all
 from npuswarm.core.render import Renderer, render_slots
 from npuswarm.core.snapshot import SwarmSnapshot
-from npuswarm.core.status import deployment_status, invalid_spec_status
+from npuswarm.core.status import deployment_status, invalid_spec_status, scaling_condition
 
 
 @dataclass(frozen=True)
@@ -64,6 +69,9 @@ class Desired:
     # ModelGateways (gateway/) and the last status of each, by namespace/name.
     gateways: list[ModelGateway] = field(default_factory=list)
     gateway_previous: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # The built-in autoscaler's state of each autoscaled deployment (runtime/autoscaler.py);
+    # their decided counts are already in ``deployments``.
+    autoscaler: Mapping[str, AutoscalerStatus] = field(default_factory=dict)
 
     def known(self) -> set[str]:
         return {md.key for md in self.deployments} | set(self.invalid) | set(self.deleting)
@@ -194,6 +202,15 @@ def report(
         previous = desired.previous.get(md.key, {})
         status = deployment_status(md, whole, writes, previous.get("conditions", []), now)
         events = deployment_events(md, whole, writes) + task_failure_events(status)
+        scaler = desired.autoscaler.get(md.key)
+        if scaler is not None:
+            status.autoscaler = scaler
+            status.conditions.append(
+                scaling_condition(
+                    scaler, previous.get("conditions", []), md.metadata.generation, now
+                )
+            )
+            events += autoscaler_events(scaler, previous.get("autoscaler"))
         unplaced: dict[str, int] = {}
         for replica, item in whole.placement.unplaced.items():
             if replica[0] == md.key:

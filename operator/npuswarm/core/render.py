@@ -130,11 +130,18 @@ def network_labels(instance: str = labels.DEFAULT_INSTANCE) -> dict[str, str]:
     return marks
 
 
+# How long Swarm lets a stopping replica finish its requests before SIGKILL (Swarm's own
+# default is 10 s, which cuts most generations short). A replica leaves every gateway before it
+# is stopped (docs/gateway.md), so only requests already under way need it.
+DEFAULT_STOP_GRACE_SECONDS = 120.0
+
+
 def render_service(
     md: ModelDeployment,
     assignment: Assignment,
     name: str | None = None,
     instance: str = labels.DEFAULT_INSTANCE,
+    stop_grace_seconds: float = DEFAULT_STOP_GRACE_SECONDS,
 ) -> dict[str, Any]:
     """``name`` keeps an existing service's name: Swarm cannot rename a service."""
     replica_labels = owner_labels(md, instance) | {
@@ -157,6 +164,10 @@ def render_service(
     # On the container too, so each task tells which spec it was started from.
     rendered["Labels"][labels.SPEC_HASH] = digest
     container["Labels"][labels.SPEC_HASH] = digest
+    # Outside essential() and the hash on purpose: a new grace period alone rewrites no
+    # service (that would restart every loaded model at an upgrade); it rides on each
+    # replica's next update for another reason (docs/autoscaling.md).
+    container["StopGracePeriod"] = int(stop_grace_seconds * SECOND_NS)
     return rendered
 
 
@@ -311,8 +322,13 @@ class Renderer:
     two passes almost no deployment and no service changes, and rendering and comparing
     thousands of specs again would dominate a pass. Results are shared: never mutate them."""
 
-    def __init__(self, instance: str = labels.DEFAULT_INSTANCE) -> None:
+    def __init__(
+        self,
+        instance: str = labels.DEFAULT_INSTANCE,
+        stop_grace_seconds: float = DEFAULT_STOP_GRACE_SECONDS,
+    ) -> None:
         self.instance = instance
+        self.stop_grace_seconds = stop_grace_seconds
         self._rendered: dict[tuple[Any, ...], tuple[dict[str, Any], dict[str, Any]]] = {}
         self._observed: dict[tuple[str, int], dict[str, Any]] = {}
         self._previous: tuple[dict[Any, Any], dict[Any, Any]] = ({}, {})
@@ -359,7 +375,9 @@ class Renderer:
         )
         entry = self._rendered.get(key) or self._previous[0].get(key)
         if entry is None:
-            spec = render_service(md, assignment, name=name, instance=self.instance)
+            spec = render_service(
+                md, assignment, name, self.instance, stop_grace_seconds=self.stop_grace_seconds
+            )
             entry = (spec, essential(spec))
         self._rendered[key] = entry
         self._essentials[id(entry[0])] = entry[1]

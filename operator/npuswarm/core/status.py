@@ -8,7 +8,13 @@ from datetime import datetime, timedelta
 from typing import Any, Literal
 
 from npuswarm.api import labels
-from npuswarm.api.deployment import ModelDeployment, ModelDeploymentStatus, Phase, ReplicaStatus
+from npuswarm.api.deployment import (
+    AutoscalerStatus,
+    ModelDeployment,
+    ModelDeploymentStatus,
+    Phase,
+    ReplicaStatus,
+)
 from npuswarm.api.labels import SPEC_HASH
 from npuswarm.api.meta import Condition, ConditionStatus, ConditionType
 from npuswarm.core.clock import TIMESTAMP, timestamp
@@ -149,10 +155,19 @@ def deployment_status(
     validating = [u for u in unplaced if u.reason == "NodeValidationPending"]
     unplaced = [u for u in unplaced if u.reason != "NodeValidationPending"]
     conflicts = [message for owner, message in placement.conflicts if owner == md.key]
-    degraded = _degraded(md.key, replicas, unplaced, writes.rejected, conflicts, placement.moved)
+    short = waiting_for_npus(md.key, unplaced, placement.moved, ready_count)
+    faults = [] if short else unplaced
+    degraded = _degraded(md.key, replicas, faults, writes.rejected, conflicts, placement.moved)
     rolling = bool(writes.done or plan.deferred)
     starting = any(r.nodeId and not r.ready for r in replicas.statuses)
     progressing = _progressing(rolling, writes, plan.deferred, starting, validating, degraded)
+    if short and degraded.status == "False" and not rolling:
+        progressing = ConditionValue(
+            "True",
+            "InsufficientNPUs",
+            f"wanted {desired_count}, placed {len(placed)}: waiting for NPUs; "
+            + "; ".join(f"replica {u.slot}: {u.message}" for u in unplaced),
+        )
     all_ready = ready_count == desired_count and not rolling and degraded.status == "False"
     counted = f"{ready_count}/{desired_count} replicas ready"
     if all_ready:
@@ -165,6 +180,7 @@ def deployment_status(
         observedGeneration=md.metadata.generation,
         phase=verdict.phase(started=bool(placed)),
         replicas=desired_count,
+        selector=replica_selector(md.metadata.name),
         readyReplicas=ready_count,
         placedReplicas=len(placed),
         npus=sum(len(r.npus) for r in placed),
@@ -172,6 +188,33 @@ def deployment_status(
         replicaStatuses=replicas.statuses,
         conditions=verdict.conditions(previous_conditions, md.metadata.generation, now),
     )
+
+
+def scaling_condition(
+    scaler: AutoscalerStatus,
+    previous: Sequence[dict[str, Any]],
+    generation: int,
+    now: datetime,
+) -> Condition:
+    """Whether the built-in autoscaler has the load it decides from: False (and the count
+    kept) while no ModelGateway serving the model reports it."""
+    active: ConditionStatus = "False" if scaler.reason == "NoLoadReading" else "True"
+    old = next((c for c in previous if c.get("type") == "ScalingActive"), {})
+    since = old.get("lastTransitionTime") if old.get("status") == active else None
+    return Condition.model_construct(
+        type="ScalingActive",
+        status=active,
+        reason=scaler.reason,
+        message=scaler.message[:MAX_MESSAGE],
+        lastTransitionTime=since or timestamp(now),
+        observedGeneration=generation,
+    )
+
+
+def replica_selector(name: str) -> str:
+    """The scale subresource's selector: the owner labels every replica's service carries
+    (the namespace is the deployment's own, as HPA reads it)."""
+    return f"{labels.MANAGED_BY}={labels.MANAGED_BY_VALUE},{labels.OWNER_NAME}={name}"
 
 
 def replica_report(whole: PassPlan, plan: DeploymentPlan, writes: Applied) -> ReplicaReport:
@@ -235,6 +278,25 @@ def replica_report(whole: PassPlan, plan: DeploymentPlan, writes: Applied) -> Re
             )
         )
     return report
+
+
+def waiting_for_npus(
+    key: str,
+    unplaced: Sequence[Unplaced],
+    moved: Mapping[tuple[str, str], str],
+    ready_count: int,
+) -> bool:
+    """Demand beyond the fleet, not a fault: a deployment that serves (a replica is ready)
+    and whose only missing replicas are new ones waiting for free NPUs (a scale-up by hand,
+    HPA, KEDA or minReplicas). It is Progressing, not Degraded: nothing is broken, and the
+    replicas start by themselves when NPUs are freed (docs/autoscaling.md). A replica that
+    lost its place (a node gone) and found no other is a fault, as is a deployment with
+    nothing running."""
+    return (
+        bool(unplaced)
+        and ready_count > 0
+        and all(u.reason == "InsufficientNPUs" and (key, u.slot) not in moved for u in unplaced)
+    )
 
 
 def _degraded(
@@ -396,7 +458,7 @@ def _held_status(
 ) -> ModelDeploymentStatus:
     kept = {
         k: previous[k]
-        for k in ("replicas", "readyReplicas", "placedReplicas", "npus", "endpoint")
+        for k in ("replicas", "selector", "readyReplicas", "placedReplicas", "npus", "endpoint")
         if k in previous
     }
     replica_statuses = [

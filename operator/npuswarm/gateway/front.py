@@ -39,7 +39,7 @@ from urllib.parse import quote
 import aiohttp
 from aiohttp import web
 
-from npuswarm.gateway import admission, protocol
+from npuswarm.gateway import admission, load, protocol
 
 # The only routes the public port forwards, all POST with a JSON body naming the model: the
 # OpenAI-style routes vllm-router 0.1.17 routes by model (read off its binary: docs/gateway.md).
@@ -198,6 +198,11 @@ class RequestLimits:
 
 # The end of a response kept to read its `usage` from (a stream's last chunks hold it).
 USAGE_TAIL_BYTES = 8192
+# Backends' /metrics read at once, and how long one may take (a stuck engine must not hold
+# the others' readings back).
+SCRAPE_CONCURRENCY = 8
+SCRAPE_TIMEOUT_SECONDS = 2.0
+MAX_METRICS_BYTES = 4 * 1024 * 1024
 
 
 class Front:
@@ -208,9 +213,19 @@ class Front:
         sync_seconds: float,
         limits: RequestLimits = RequestLimits(),
         clock: Callable[[], float] = time.monotonic,
+        scrape_seconds: float = 2.0,
     ) -> None:
         self.router_url = router_url
         self.verifier = protocol.Verifier(credential)
+        # Reads of /load have their own order of timestamps: the operator's autoscaler and
+        # its pushes sign concurrently, and a read must not make a push look replayed.
+        self.load_verifier = protocol.Verifier(credential)
+        self.scrape_seconds = scrape_seconds
+        self.clock = clock
+        # The backends' engine load, per model and URL, and when it was last read.
+        self.readings: dict[str, dict[str, load.Reading]] = {}
+        self.scrape_errors: dict[str, str] = {}
+        self.scraped_at: float | None = None
         self.sync_seconds = sync_seconds
         self.limits = limits
         # Who may call, and how fast: pushed with the backends (gateway/admission.py).
@@ -422,6 +437,59 @@ class Front:
             return web.json_response({"error": f"router not updated: {error}"}, status=502)
         return web.json_response({"models": {m: list(u) for m, u in state.items()}})
 
+    async def get_load(self, request: web.Request) -> web.Response:
+        """The engines' load per model, as last scraped (signed like every admin call)."""
+        refused = self.load_verifier.refusal(
+            request.headers.get("Authorization"), request.method, request.path, b"", now_ms()
+        )
+        if refused is not None:
+            log(f"admin request refused (GET /load): {refused}")
+            return web.json_response({"error": f"unauthorised: {refused}"}, status=401)
+        age = -1.0 if self.scraped_at is None else self.clock() - self.scraped_at
+        return web.json_response(load.load_body(self.readings, self.scrape_errors, age))
+
+    async def scrape(self) -> None:
+        """Every backend's /metrics once, SCRAPE_CONCURRENCY at a time, each bounded by
+        SCRAPE_TIMEOUT_SECONDS; a backend that fails is left out (and named) this round."""
+        desired = self.desired or {}
+        assert self.session is not None
+        session = self.session
+        gate = asyncio.Semaphore(SCRAPE_CONCURRENCY)
+        readings: dict[str, dict[str, load.Reading]] = {}
+        errors: dict[str, str] = {}
+
+        async def one(model: str, url: str) -> None:
+            async with gate:
+                try:
+                    async with session.get(
+                        f"{url}/metrics",
+                        timeout=aiohttp.ClientTimeout(total=SCRAPE_TIMEOUT_SECONDS),
+                    ) as answer:
+                        if answer.status != 200:
+                            errors[url] = f"GET /metrics answered {answer.status}"
+                            return
+                        text = await answer.content.read(MAX_METRICS_BYTES)
+                except (aiohttp.ClientError, TimeoutError) as error:
+                    errors[url] = f"GET /metrics: {error or type(error).__name__}"
+                    return
+            reading = load.parse_metrics(text.decode(errors="replace"))
+            if reading is None:
+                errors[url] = "its /metrics has no vLLM request gauges"
+            else:
+                readings.setdefault(model, {})[url] = reading
+
+        await asyncio.gather(*(one(m, u) for m, urls in desired.items() for u in urls))
+        self.readings, self.scrape_errors = readings, errors
+        self.scraped_at = self.clock()
+
+    async def scrape_forever(self) -> None:
+        while True:
+            try:
+                await self.scrape()
+            except Exception as error:  # the next round tries again; serving goes on
+                log(f"reading the backends' load failed: {error!r}")
+            await asyncio.sleep(self.scrape_seconds)
+
     async def get_backends(self, request: web.Request) -> web.Response:
         refused = await self._refused(request, b"")
         if refused is not None:
@@ -550,6 +618,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--health-timeout", type=int, default=3)
     parser.add_argument("--health-failures", type=int, default=2)
     parser.add_argument("--sync-seconds", type=float, default=5.0)
+    parser.add_argument(
+        "--scrape-seconds",
+        type=float,
+        default=2.0,
+        help="how often the backends' /metrics are read for GET /load (the autoscaler)",
+    )
     parser.add_argument("--max-body-bytes", type=int, default=MAX_BODY)
     parser.add_argument("--body-timeout", type=float, default=30.0)
     parser.add_argument("--max-in-flight", type=int, default=1024)
@@ -574,6 +648,7 @@ def build_apps(front: Front) -> tuple[web.Application, web.Application]:
     admin = web.Application()
     admin.router.add_put("/backends", front.put_backends)
     admin.router.add_get("/backends", front.get_backends)
+    admin.router.add_get("/load", front.get_load)
     return public, admin
 
 
@@ -613,7 +688,13 @@ async def run(args: argparse.Namespace) -> int:
     credential, tls = read_secrets(args.secrets_dir)
     router = await asyncio.create_subprocess_exec(*router_command(args))
     limits = RequestLimits(args.max_body_bytes, args.body_timeout, args.max_in_flight)
-    front = Front(f"http://127.0.0.1:{args.router_port}", credential, args.sync_seconds, limits)
+    front = Front(
+        f"http://127.0.0.1:{args.router_port}",
+        credential,
+        args.sync_seconds,
+        limits,
+        scrape_seconds=args.scrape_seconds,
+    )
     public, admin = build_apps(front)
     public_runner, admin_runner = web.AppRunner(public), web.AppRunner(admin)
     await public_runner.setup()
@@ -627,10 +708,12 @@ async def run(args: argparse.Namespace) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     syncing = asyncio.create_task(front.sync_forever())
+    scraping = asyncio.create_task(front.scrape_forever())
     router_exit = asyncio.create_task(router.wait())
     stopping = asyncio.create_task(stop.wait())
     await asyncio.wait({router_exit, stopping}, return_when=asyncio.FIRST_COMPLETED)
     syncing.cancel()
+    scraping.cancel()
     code = 0
     if router_exit.done():
         log(f"vllm-router exited with {router.returncode}")

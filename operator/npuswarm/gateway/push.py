@@ -26,7 +26,7 @@ from npuswarm.api.gateway import ModelGateway, ModelGatewayStatus
 from npuswarm.core.diff import Action, PassPlan
 from npuswarm.core.hostpolicy import REASON, TenantPolicy, network_violation
 from npuswarm.core.snapshot import SwarmSnapshot
-from npuswarm.gateway import protocol
+from npuswarm.gateway import load, protocol
 from npuswarm.gateway.access import KeySet, access_state
 from npuswarm.gateway.backends import (
     GatewayReplica,
@@ -44,6 +44,8 @@ from npuswarm.gateway.service import SecretMount, gateway_actions, identity
 log = structlog.get_logger("npuswarm.gateway")
 PUSH_TIMEOUT_SECONDS = 5.0
 PUSH_CONCURRENCY = 8
+# Reads of GET /load (the autoscaler): at once, and each bounded like a push.
+LOAD_CONCURRENCY = 8
 # The same state is not pushed again to the same gateway task for this long: a pass where
 # nothing changed makes no call. The gateway keeps what it got; the refresh only bounds how
 # long a gateway that lost it somehow (it cannot without a new task) would go without.
@@ -131,16 +133,74 @@ class Gateways:
         self.credentials = credentials
         self.policy = policy or TenantPolicy()
         self.keys = keys
+        self.signer = Signer()
         if send is None and credentials is not None:
-            send = https_sender(credentials, Signer())
+            send = https_sender(credentials, self.signer)
         self.send = send
         self.clock = clock
         # (admin URL, task id) -> (state, when) of the last push it accepted.
         self._pushed: dict[tuple[str, str], tuple[dict[str, Any], float]] = {}
         self._pushers = ThreadPoolExecutor(PUSH_CONCURRENCY, thread_name_prefix="gateway-push")
+        self._readers = ThreadPoolExecutor(LOAD_CONCURRENCY, thread_name_prefix="gateway-load")
 
     def close(self) -> None:
         self._pushers.shutdown(wait=True)
+        self._readers.shutdown(wait=True)
+
+    def read_load(
+        self,
+        gateways: Sequence[ModelGateway],
+        deployments: Sequence[ModelDeployment],
+        snapshot: SwarmSnapshot,
+    ) -> dict[str, load.ModelLoad]:
+        """Each deployment's engine load, from every running replica of every gateway serving
+        it (GET /load, signed, LOAD_CONCURRENCY at a time, each within PUSH_TIMEOUT_SECONDS).
+        A deployment no gateway serves, or whose gateways all failed to answer, is absent."""
+        if self.credentials is None:
+            return {}
+        credentials = self.credentials
+        serving: dict[str, list[str]] = {}
+        jobs = []
+        for gateway in gateways:
+            chosen = [md for md in selected(gateway, deployments) if md.spec.autoscaling]
+            if not chosen:
+                continue
+            for md in chosen:
+                serving.setdefault(md.key, []).append(gateway.key)
+            who = identity(gateway)
+            credential = credentials.credential(who)
+            for replica in running_replicas(gateway, snapshot):
+                target = PushTarget(replica, who.hostname, credential)
+                jobs.append((gateway.key, self._readers.submit(self._get_load, target)))
+        answers: dict[str, list[dict[str, Any]]] = {}
+        for gateway_key, future in jobs:
+            try:
+                answers.setdefault(gateway_key, []).append(future.result())
+            except Exception as error:
+                metrics.gateway_load_reads_total.labels("error").inc()
+                log.warning("gateway load read failed", gateway=gateway_key, error=str(error))
+            else:
+                metrics.gateway_load_reads_total.labels("success").inc()
+        found: dict[str, load.ModelLoad] = {}
+        by_key = {md.key: md for md in deployments}
+        for key, gateway_keys in serving.items():
+            merged = load.merge(a for g in gateway_keys for a in answers.get(g, []))
+            model = merged.get(by_key[key].spec.served_model_name)
+            if model is not None:
+                found[key] = model
+        return found
+
+    def _get_load(self, target: PushTarget) -> dict[str, Any]:
+        assert self.credentials is not None
+        status, body = admin_request(
+            target, self.credentials.client_context(), self.signer, "GET", "/load"
+        )
+        if status != 200:
+            raise RuntimeError(
+                f"GET /load answered {status}: {body[:200].decode(errors='replace')}"
+            )
+        answer: dict[str, Any] = json.loads(body)
+        return answer
 
     def prepare(
         self,

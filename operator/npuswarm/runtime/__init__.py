@@ -6,6 +6,7 @@
 - the Swarm watch (swarm_watch.py): event stream, task poll, reachability ping,
 - the leadership watch (leadership.py): kopf's peering rule, the gate of every pass,
 - the node-check loop (node_checks.py), when node validation is on,
+- the autoscaler loop (autoscaler.py): engine load from the gateways, replica counts,
 
 all holding one Triggers object (triggers.py) to ask for a pass. Triggers only mark
 deployments as wanting a pass; triggers that arrive together are served by one pass, and the
@@ -26,6 +27,7 @@ from npuswarm.gateway.credentials import Credentials
 from npuswarm.kube import Kube
 from npuswarm.nodehealth.runner import NodeChecker, publish_verdicts
 from npuswarm.reconcile import Reconciler
+from npuswarm.runtime.autoscaler import Autoscaler
 from npuswarm.runtime.index import IndexGate, IndexReader
 from npuswarm.runtime.leadership import Leadership, LeadershipWatch
 from npuswarm.runtime.node_checks import NodeCheckLoop
@@ -57,6 +59,7 @@ class Runtime:
     # Made by start(): the Swarm watch, and the node checks when NPUSWARM_NODE_VALIDATION is on.
     swarm_watch: SwarmWatch | None = field(init=False, default=None)
     node_checks: NodeCheckLoop | None = field(init=False, default=None)
+    autoscaler: Autoscaler = field(init=False)
     tasks: list[asyncio.Task[None]] = field(init=False, default_factory=list)
     threads: list[threading.Thread] = field(init=False, default_factory=list)
 
@@ -84,6 +87,12 @@ class Runtime:
             self.leader,
             IndexGate(lister),
         )
+        gateways = self.reconciler.gateways
+        self.autoscaler = Autoscaler(
+            gateways.read_load if gateways is not None else None,
+            self.triggers.request_threadsafe,
+        )
+        self.passes.autoscaler = self.autoscaler
 
     # -- what kopf's handlers call --------------------------------------------------------
 
@@ -132,6 +141,9 @@ class Runtime:
                 ("swarm-probe", self.swarm_watch.ping),
             ]
         loops.append(("leadership", self.leader.run))
+        scaler, stop = self.autoscaler, self.triggers.stop
+        interval = self.settings.autoscaler_seconds
+        loops.append(("autoscaler", lambda: scaler.run(stop, interval, lambda: self.leader.leader)))
         if self.settings.node_validation and isinstance(swarm, Swarm):
             root = self.settings.root_key.get_secret_value()
             credentials = Credentials(root, self.settings.instance) if root else None

@@ -20,6 +20,7 @@ from npuswarm.core.pipeline import Desired
 from npuswarm.core.relocation import FailureTracker
 from npuswarm.core.status import unavailable_status
 from npuswarm.reconcile import NodeChecks, PassResult, Reconciler
+from npuswarm.runtime.autoscaler import Autoscaler
 from npuswarm.runtime.index import IndexGate, IndexReader
 from npuswarm.runtime.leadership import LeadershipWatch
 from npuswarm.runtime.node_checks import NodeCheckLoop
@@ -65,6 +66,8 @@ class PassLoop:
         # Set when the watches run (Runtime.start): they learn what each pass saw.
         self.swarm_watch: SwarmWatch | None = None
         self.node_checks: NodeCheckLoop | None = None
+        # The built-in autoscaler: its counts go into every pass, it learns each plan.
+        self.autoscaler: Autoscaler | None = None
         self.sequence = 0
         self.last_metrics: metrics.PassMetrics | None = None
 
@@ -121,6 +124,8 @@ class PassLoop:
     async def one_pass(self, served: set[str], everything: bool) -> None:
         publisher = self.publisher
         desired = self.reader.desired(publisher.written, publisher.gateways_written)
+        if self.autoscaler is not None:
+            desired = self.autoscaler.serve(desired)
         if everything:
             served = desired.known()
         self.sequence += 1
@@ -198,6 +203,8 @@ class PassLoop:
     ) -> None:
         if self.swarm_watch is not None:
             self.swarm_watch.saw_pass(result)
+        if self.autoscaler is not None:
+            self.autoscaler.saw_pass(result.plan)
         busy = result.requeue or any(g.readyReplicas < g.replicas for g in result.gateways.values())
         if self.swarm_watch is not None:
             self.swarm_watch.set_busy(busy)

@@ -1,0 +1,272 @@
+"""Built-in autoscaling: how many replicas a deployment wants from its engines' load. Pure.
+
+The autoscaler loop (runtime/autoscaler.py) reads each model's load from the ModelGateways
+serving it and calls ``decide`` once per autoscaled deployment; the pass then takes the
+decided count as plain input (``with_replicas``) instead of spec.replicas. The rule follows
+Kubernetes' HPA so that its users meet no surprise:
+
+- a recommendation: ceil(total / target) for the per-replica request counts, and
+  ceil(replicas x usage / target) for the KV cache usage, within a tolerance of 10%;
+- clamped to [minReplicas, maxReplicas];
+- stabilized: the count never rises above the lowest recommendation of the scale-up window
+  nor falls below the highest one of the scale-down window, so a short burst or a short lull
+  changes nothing and a scale-up is not undone before the scale-down window has passed;
+- capped by what placement can give: a scale-up never asks for a replica the fleet has no
+  NPUs for (``headroom``: the last pass's free NPUs, shared in priority order), so the
+  count stays where it can be served and the status says "waiting for NPUs" instead.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from npuswarm.api.deployment import Autoscaling, ModelDeployment
+from npuswarm.core import topology
+from npuswarm.core.nodes import NodeInfo
+from npuswarm.core.placement import PlacementResult, ReplicaRequest
+
+# As HPA's --horizontal-pod-autoscaler-tolerance: a ratio this close to 1 changes nothing.
+TOLERANCE = 0.1
+# "No limit" for a placement cap (more than any deployment may have).
+MAX_PLACEABLE = 10**6
+# Recommendations older than the longest window allowed are never read again.
+MAX_WINDOW_SECONDS = 3600
+
+
+@dataclass(frozen=True)
+class Load:
+    """One model's engine load, summed over the replicas that reported it (vLLM's gauges)."""
+
+    replicas: int  # backends whose /metrics answered
+    waiting: float = 0.0  # vllm:num_requests_waiting, summed
+    running: float = 0.0  # vllm:num_requests_running, summed
+    kv_cache: float | None = None  # vllm:kv_cache_usage_perc, the mean (0..1); None: unread
+
+
+@dataclass(frozen=True)
+class Inputs:
+    current: int  # the count the pass serves now (the last decision)
+    load: Load | None  # None: no gateway reading for this model
+    placeable: int  # replicas the fleet could hold now: placed + what free NPUs fit
+    now: float  # seconds (monotonic)
+
+
+@dataclass
+class History:
+    """The recommendations of one deployment, (when, count), oldest first."""
+
+    recommendations: list[tuple[float, int]] = field(default_factory=list)
+
+    def keep(self, now: float, recommendation: int) -> None:
+        cutoff = now - MAX_WINDOW_SECONDS
+        self.recommendations = [r for r in self.recommendations if r[0] >= cutoff]
+        self.recommendations.append((now, recommendation))
+
+
+@dataclass(frozen=True)
+class Decision:
+    replicas: int
+    reason: str  # Steady, ScaledUp, ScaledDown, NoLoadReading, WaitingForNPUs
+    message: str
+    observed: float | None = None  # the metric as the target reads it
+    recommendation: int | None = None  # before stabilization and the placement cap
+    wanted: int | None = None  # after stabilization, before the placement cap
+
+    @property
+    def unmet(self) -> int:
+        """Replicas the load asks for that the fleet has no NPUs for."""
+        return max(0, (self.wanted or 0) - self.replicas)
+
+    @property
+    def changed(self) -> bool:
+        return self.reason in ("ScaledUp", "ScaledDown")
+
+
+def observed_value(policy: Autoscaling, load: Load) -> float | None:
+    """The metric as the target reads it: per replica for request counts, the mean usage
+    for the KV cache; None when nothing reported it."""
+    metric = policy.target.metric
+    if metric == "kvCacheUsage":
+        return load.kv_cache
+    if load.replicas <= 0:
+        return None
+    total = load.waiting if metric == "requestsWaitingPerReplica" else load.running
+    return total / load.replicas
+
+
+def recommend(policy: Autoscaling, current: int, load: Load) -> tuple[int, float] | None:
+    """HPA's raw recommendation and the value it read, or None without a reading."""
+    value = observed_value(policy, load)
+    if value is None:
+        return None
+    target = policy.target.value
+    ratio = value / target
+    if abs(ratio - 1.0) <= TOLERANCE:
+        wanted = current
+    elif policy.target.metric == "kvCacheUsage":
+        wanted = math.ceil(load.replicas * ratio)
+    else:
+        total = value * load.replicas
+        wanted = math.ceil(total / target - 1e-9)
+    return _clamp(policy, wanted), value
+
+
+def decide(policy: Autoscaling, inputs: Inputs, history: History) -> Decision:
+    """One deployment's count now (``history`` gains this recommendation)."""
+    current = _clamp(policy, inputs.current)
+    if inputs.load is None or inputs.load.replicas == 0:
+        return Decision(
+            current,
+            "NoLoadReading",
+            f"no load reading from a ModelGateway serving this model: keeping {current}",
+        )
+    found = recommend(policy, current, inputs.load)
+    if found is None:
+        return Decision(current, "NoLoadReading", f"the engines report no {policy.target.metric}")
+    raw, value = found
+    history.keep(inputs.now, raw)
+    up_floor = _lowest(history.recommendations, inputs.now - policy.scaleUpStabilizationSeconds)
+    down_ceiling = _highest(
+        history.recommendations, inputs.now - policy.scaleDownStabilizationSeconds
+    )
+    wanted = current
+    wanted = max(wanted, up_floor)
+    wanted = min(wanted, down_ceiling)
+    wanted = _clamp(policy, wanted)
+    reading = f"{policy.target.metric} {value:.3g} (target {policy.target.value:g})"
+    if wanted > current and wanted > inputs.placeable:
+        capped = max(current, inputs.placeable)
+        if capped == current:
+            return Decision(
+                current,
+                "WaitingForNPUs",
+                f"{reading} wants {wanted} replicas; the fleet has NPUs for "
+                f"{inputs.placeable}: keeping {current}",
+                value,
+                raw,
+                wanted,
+            )
+        return Decision(
+            capped,
+            "ScaledUp",
+            f"{reading}: {current} -> {capped} replicas (wanted {wanted}; the fleet has NPUs "
+            f"for {inputs.placeable})",
+            value,
+            raw,
+            wanted,
+        )
+    if wanted > current:
+        return Decision(wanted, "ScaledUp", f"{reading}: {current} -> {wanted}", value, raw, wanted)
+    if wanted < current:
+        return Decision(
+            wanted, "ScaledDown", f"{reading}: {current} -> {wanted}", value, raw, wanted
+        )
+    return Decision(current, "Steady", f"{reading}: {current} replicas", value, raw, wanted)
+
+
+def _clamp(policy: Autoscaling, count: int) -> int:
+    return max(policy.minReplicas, min(policy.maxReplicas, count))
+
+
+def _lowest(recommendations: Iterable[tuple[float, int]], since: float) -> int:
+    """The lowest recommendation at or after ``since`` (the newest one is always in)."""
+    found = [count for when, count in recommendations if when >= since]
+    return min(found) if found else 0
+
+
+def _highest(recommendations: Iterable[tuple[float, int]], since: float) -> int:
+    found = [count for when, count in recommendations if when >= since]
+    return max(found) if found else 0
+
+
+def headroom(
+    placement: PlacementResult, nodes: Sequence[NodeInfo], wanted: Mapping[str, int]
+) -> dict[str, int]:
+    """How many replicas each deployment in ``wanted`` could hold now: those placed, plus
+    those the free NPUs fit of the ones it wants more. The free NPUs are handed out as the
+    next placement would hand them out: in its order (oldest deployment first, each older
+    deployment's unplaced replicas before a younger one's new ones), best fit, so that no
+    two deployments count the same NPUs and what is counted here is what the pass places."""
+    pool = {node_id: set(npus) for node_id, npus in placement.free.items()}
+    accepting = sorted(
+        (n for n in nodes if n.accepts_new_replicas and n.usable_npus and n.id in pool),
+        key=lambda n: (n.hostname, n.id),
+    )
+    found: dict[str, int] = {}
+    for key, requests in placement.requests.items():
+        placed = sum(1 for r in requests if r.key in placement.assignments)
+        if key in wanted:
+            more = max(0, wanted[key] - placed)
+            template = requests[0] if requests else None
+        else:
+            unplaced = [r for r in requests if r.key not in placement.assignments]
+            more, template = len(unplaced), (unplaced[0] if unplaced else None)
+        fitted = 0
+        if template is not None and more:
+            used = set(placement.nodes_used.get(key, set()))
+            fitted = _fit(template, accepting, pool, used, more)
+        if key in wanted:
+            found[key] = placed + fitted
+    return found
+
+
+def _fit(
+    request: ReplicaRequest,
+    nodes: Sequence[NodeInfo],
+    pool: dict[str, set[int]],
+    used: set[str],
+    more: int,
+) -> int:
+    """Take NPUs for up to ``more`` replicas like ``request`` out of ``pool``, each on the
+    node it fills most (the placement's best fit); how many fitted."""
+    one_per_node = request.one_per_node or request.npu_ids is not None
+    matching = [
+        n
+        for n in nodes
+        if n.matches(request.node_selector)
+        and (request.pinned_node is None or n.id == request.pinned_node)
+    ]
+    fitted = 0
+    while fitted < more:
+        best: tuple[int, NodeInfo, frozenset[int]] | None = None
+        for node in matching:
+            free = pool[node.id]
+            slack = len(free) - request.npus
+            if slack < 0 or (one_per_node and node.id in used):
+                continue
+            if best is not None and slack >= best[0]:
+                continue
+            if request.npu_ids is not None:
+                fits = request.npu_ids <= free and topology.is_valid_set(
+                    request.npu_ids, node.topology
+                )
+                chosen = request.npu_ids if fits else None
+            else:
+                chosen = topology.choose(frozenset(free), request.npus, node.topology)
+            if chosen is not None:
+                best = (slack, node, chosen)
+        if best is None:
+            break
+        _, node, chosen = best
+        pool[node.id] -= chosen
+        used.add(node.id)
+        fitted += 1
+    return fitted
+
+
+def with_replicas(
+    deployments: Sequence[ModelDeployment], counts: Mapping[str, int]
+) -> list[ModelDeployment]:
+    """The deployments as the pass serves them: an autoscaled one with its decided count in
+    place of spec.replicas (the stored object is never written: npuswarm does not own it)."""
+    served = []
+    for md in deployments:
+        count = counts.get(md.key)
+        if count is None or md.spec.autoscaling is None or count == md.spec.replicas:
+            served.append(md)
+            continue
+        spec = md.spec.model_copy(update={"replicas": count})
+        served.append(md.model_copy(update={"spec": spec}))
+    return served

@@ -1,0 +1,240 @@
+"""The built-in autoscaler's loop (docs/autoscaling.md): every NPUSWARM_AUTOSCALER_SECONDS it
+reads each autoscaled model's engine load from the ModelGateways serving it, decides every
+autoscaled deployment's count (core/autoscale.py) and asks for a pass where one changed.
+
+It runs in its own thread, outside the pass lock, from what the last pass saw (its desired
+state and its placement); the pass takes the decided counts as plain input (``serve``). One
+owner of the count: with spec.autoscaling set, this loop decides it and spec.replicas is
+neither read nor written (a write of it is reported in the status and an Event).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import threading
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import structlog
+
+from npuswarm import metrics
+from npuswarm.api.deployment import AUTOSCALING_METRICS, AutoscalerStatus, ModelDeployment
+from npuswarm.api.meta import split_key
+from npuswarm.core import autoscale
+from npuswarm.core.clock import timestamp, utcnow
+from npuswarm.core.diff import PassPlan
+from npuswarm.core.pipeline import Desired
+from npuswarm.core.placement import by_priority
+from npuswarm.core.snapshot import SwarmSnapshot
+from npuswarm.gateway.load import ModelLoad
+
+log = structlog.get_logger("npuswarm.autoscaler")
+
+# (gateways, autoscaled deployments, snapshot) -> each deployment's load.
+LoadReader = Callable[[Any, list[ModelDeployment], SwarmSnapshot], Mapping[str, ModelLoad]]
+
+
+class Autoscaler:
+    def __init__(
+        self,
+        read_load: LoadReader | None,
+        request: Callable[[str], None],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.read_load = read_load
+        self.request = request
+        self.clock = clock
+        self.lock = threading.Lock()
+        # What the last pass read (before the counts were put in) and planned.
+        self.last_desired: Desired | None = None
+        self.last_plan: PassPlan | None = None
+        self.histories: dict[str, autoscale.History] = {}
+        self.counts: dict[str, int] = {}
+        self.statuses: dict[str, AutoscalerStatus] = {}
+
+    # -- the pass's side ------------------------------------------------------------------
+
+    def serve(self, desired: Desired) -> Desired:
+        """The pass's input with every autoscaled deployment at its decided count (before
+        the first decision: its last status.replicas, within its bounds)."""
+        counts: dict[str, int] = {}
+        statuses: dict[str, AutoscalerStatus] = {}
+        with self.lock:
+            self.last_desired = desired
+            for md in desired.deployments:
+                policy = md.spec.autoscaling
+                if policy is None:
+                    continue
+                count = self.counts.get(md.key)
+                previous = desired.previous.get(md.key, {})
+                if count is None:
+                    count = _from_status(previous.get("replicas"), policy.minReplicas)
+                count = max(policy.minReplicas, min(policy.maxReplicas, count))
+                self.counts[md.key] = count
+                status = self.statuses.get(md.key) or _first_status(
+                    count, previous.get("autoscaler")
+                )
+                statuses[md.key] = _with_owner_note(status, md, count)
+                counts[md.key] = count
+            for gone in set(self.counts) - set(counts):
+                self._forget(gone)
+        return dataclasses.replace(
+            desired,
+            deployments=autoscale.with_replicas(desired.deployments, counts),
+            autoscaler=statuses,
+        )
+
+    def saw_pass(self, plan: PassPlan) -> None:
+        with self.lock:
+            self.last_plan = plan
+
+    # -- the loop -------------------------------------------------------------------------
+
+    def tick(self) -> None:
+        """One round: read the load, decide, ask for a pass where a count changed."""
+        with self.lock:
+            desired, plan = self.last_desired, self.last_plan
+        if desired is None or plan is None:
+            return
+        autoscaled = by_priority([md for md in desired.deployments if md.spec.autoscaling])
+        if not autoscaled:
+            return
+        loads: Mapping[str, ModelLoad] = {}
+        if self.read_load is not None:
+            loads = self.read_load(desired.gateways, autoscaled, plan.snapshot)
+        now = self.clock()
+        with self.lock:
+            current = {md.key: self.counts.get(md.key, md.spec.replicas) for md in autoscaled}
+            histories = {
+                md.key: self.histories.setdefault(md.key, autoscale.History()) for md in autoscaled
+            }
+        inputs = {
+            md.key: autoscale.Inputs(
+                current=current[md.key], load=_load(loads.get(md.key)), placeable=0, now=now
+            )
+            for md in autoscaled
+        }
+        # What each would ask for with NPUs to spare, to share the free NPUs by (oldest first).
+        wanted = {
+            md.key: autoscale.decide(
+                md.spec.autoscaling,  # type: ignore[arg-type]
+                dataclasses.replace(inputs[md.key], placeable=autoscale.MAX_PLACEABLE),
+                autoscale.History(list(histories[md.key].recommendations)),
+            ).replicas
+            for md in autoscaled
+        }
+        nodes = plan.limits.apply(plan.snapshot.nodes) if plan.limits else plan.snapshot.nodes
+        room = autoscale.headroom(plan.placement, nodes, wanted)
+        for md in autoscaled:
+            policy = md.spec.autoscaling
+            assert policy is not None
+            decision = autoscale.decide(
+                policy,
+                dataclasses.replace(inputs[md.key], placeable=room.get(md.key, 0)),
+                histories[md.key],
+            )
+            self._record(md, policy.target.metric, policy.target.value, decision)
+
+    def _record(
+        self, md: ModelDeployment, metric: str, target: float, decision: autoscale.Decision
+    ) -> None:
+        namespace, name = split_key(md.key)
+        with self.lock:
+            before = self.statuses.get(md.key)
+            last_time = before.lastScaleTime if before else None
+            last_message = before.lastScaleMessage if before else None
+            if decision.changed:
+                last_time, last_message = timestamp(utcnow()), decision.message
+                self.counts[md.key] = decision.replicas
+            self.statuses[md.key] = AutoscalerStatus(
+                desiredReplicas=decision.replicas,
+                reason=decision.reason,
+                message=decision.message,
+                metric=metric,
+                observedValue=decision.observed,
+                targetValue=target,
+                recommendation=decision.recommendation,
+                lastScaleTime=last_time,
+                lastScaleMessage=last_message,
+            )
+        metrics.autoscaler_desired_replicas.labels(namespace, name).set(decision.replicas)
+        metrics.autoscaler_unmet_replicas.labels(namespace, name).set(decision.unmet)
+        if decision.observed is not None:
+            metrics.autoscaler_observed_value.labels(namespace, name, metric).set(decision.observed)
+        if decision.recommendation is not None:
+            metrics.autoscaler_recommended_replicas.labels(namespace, name).set(
+                decision.recommendation
+            )
+        if decision.changed:
+            log.info(
+                "autoscaled", deployment=md.key, replicas=decision.replicas, why=decision.message
+            )
+        if decision.changed or before is None or before.reason != decision.reason:
+            self.request(md.key)
+
+    def _forget(self, key: str) -> None:
+        self.counts.pop(key, None)
+        self.histories.pop(key, None)
+        self.statuses.pop(key, None)
+        namespace, name = split_key(key)
+        for gauge in (
+            metrics.autoscaler_desired_replicas,
+            metrics.autoscaler_recommended_replicas,
+            metrics.autoscaler_unmet_replicas,
+        ):
+            with contextlib.suppress(KeyError):
+                gauge.remove(namespace, name)
+        for metric in AUTOSCALING_METRICS:
+            with contextlib.suppress(KeyError):
+                metrics.autoscaler_observed_value.remove(namespace, name, metric)
+
+    def run(self, stop: threading.Event, interval: float, leading: Callable[[], bool]) -> None:
+        """The loop body for runtime.triggers.survive: rounds until ``stop``, only while
+        this instance leads."""
+        while not stop.is_set():
+            if leading():
+                self.tick()
+            stop.wait(interval)
+
+
+def _load(found: ModelLoad | None) -> autoscale.Load | None:
+    if found is None:
+        return None
+    return autoscale.Load(found.replicas, found.waiting, found.running, found.kv_cache)
+
+
+def _from_status(value: object, default: int) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else default
+
+
+def _first_status(count: int, previous: object) -> AutoscalerStatus:
+    """Before this instance's first decision: the last scale event the status recorded."""
+    last = previous if isinstance(previous, dict) else {}
+    return AutoscalerStatus(
+        desiredReplicas=count,
+        reason="NoLoadReading",
+        message="waiting for the first load reading",
+        lastScaleTime=last.get("lastScaleTime")
+        if isinstance(last.get("lastScaleTime"), str)
+        else None,
+        lastScaleMessage=last.get("lastScaleMessage")
+        if isinstance(last.get("lastScaleMessage"), str)
+        else None,
+    )
+
+
+def _with_owner_note(status: AutoscalerStatus, md: ModelDeployment, count: int) -> AutoscalerStatus:
+    """spec.replicas written by someone else while autoscaling is set: reported, not obeyed."""
+    if (
+        "replicas" not in md.spec.model_fields_set
+        or md.spec.replicas == count
+        or "spec.replicas" in status.message
+    ):
+        return status
+    note = (
+        f"; spec.replicas={md.spec.replicas} is not obeyed: autoscaling owns the count "
+        "(remove spec.autoscaling to set it by hand, or with HPA/KEDA)"
+    )
+    return status.model_copy(update={"message": status.message + note})
