@@ -44,11 +44,14 @@ def structural(schema: dict[str, Any], definitions: dict[str, Any] | None = None
             raise ValueError(f"cannot express anyOf {schema['anyOf']} structurally")
         rest = {k: v for k, v in schema.items() if k != "anyOf"}
         nullable = structural({**options[0], **rest}, definitions)
-        nullable["nullable"] = True
-        if "enum" in nullable and None not in nullable["enum"]:
-            # The API server checks a null against the enum too: without null in it, a
-            # field the models take as unset would be refused ("Unsupported value: null").
-            nullable["enum"] = [*nullable["enum"], None]
+        if "enum" in nullable:
+            # The API server refuses a null against an enum even with null in it and
+            # `nullable` set ("Unsupported value: null", kube-apiserver 1.35); a field that is
+            # not nullable has its null pruned before validation instead: unset, as the
+            # models take it.
+            nullable["enum"] = [value for value in nullable["enum"] if value is not None]
+        else:
+            nullable["nullable"] = True
         if nullable.get("default") is None:
             nullable.pop("default", None)
         return nullable
