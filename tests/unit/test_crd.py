@@ -43,9 +43,10 @@ def test_schema_is_structural_and_rejects_what_it_can() -> None:
         assert "$ref" not in node and "anyOf" not in node and "title" not in node
         assert not ("properties" in node and "additionalProperties" in node)
     spec = schema["properties"]["spec"]["properties"]
-    # Optional: null is in the enum too, or the API server would refuse an explicit null.
-    assert spec["npusPerReplica"]["enum"] == [1, 2, 4, 8, None]
-    assert spec["npusPerReplica"]["nullable"] is True
+    # Optional and not nullable: the API server prunes an explicit null (an enum refuses a
+    # null even when it lists null and the field is nullable).
+    assert spec["npusPerReplica"]["enum"] == [1, 2, 4, 8]
+    assert "nullable" not in spec["npusPerReplica"]
     assert spec["engine"]["properties"]["tensorParallelSize"]["enum"] == [1, 2, 4, 8]
     assert spec["replicas"]["minimum"] == 0
     assert spec["mode"]["enum"] == ["Replicated", "PerNode"]
