@@ -39,6 +39,9 @@ class NodeInfo(BaseModel):
     # NPUs kept out of use by npu-smi readings (nodehealth/npusmi.py), with why; also in
     # ``reserved``.
     withheld: dict[int, str] = {}
+    # Why the node's RoCE links are down ("" = up or not reported): it gets no member of a
+    # multi-node replica (core/gang.py); the node agent reports it through NodeLimits.
+    roce_down: str = ""
 
     @property
     def usable_npus(self) -> frozenset[int]:
@@ -84,9 +87,11 @@ class NodeLimits:
     # must avoid for a cool-down.
     move: Mapping[tuple[str, str], str] = field(default_factory=dict)
     avoid: Mapping[tuple[str, str], frozenset[str]] = field(default_factory=dict)
+    # Nodes whose RoCE links are down (-> why): no member of a multi-node replica goes there.
+    roce_down: Mapping[str, str] = field(default_factory=dict)
 
     def apply(self, nodes: list[NodeInfo]) -> list[NodeInfo]:
-        if not self.nodes and not self.npus and not self.busy:
+        if not self.nodes and not self.npus and not self.busy and not self.roce_down:
             return nodes
         limited = []
         for node in nodes:
@@ -94,6 +99,8 @@ class NodeLimits:
             if node.id in self.nodes:
                 update["blocked"] = self.nodes[node.id]
                 update["validating"] = node.id in self.pending
+            if node.id in self.roce_down:
+                update["roce_down"] = self.roce_down[node.id]
             asked = {**(self.busy.get(node.id) or {}), **(self.npus.get(node.id) or {})}
             withheld = {n: why for n, why in asked.items() if n in node.npus}
             if withheld:

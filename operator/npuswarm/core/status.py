@@ -218,6 +218,9 @@ def replica_report(whole: PassPlan, plan: DeploymentPlan, writes: Applied) -> Re
             message = "waiting for its turn in the rolling update (updateStrategy)"
         elif request.slot in touched:
             message = "service written, waiting for the task to run"
+        group_note = placement.group_notes.get(request.group_key) if request.group_key else None
+        if group_note is not None:
+            message = f"{message}; {group_note}" if message else group_note
         if error:
             report.failing.append(f"replica {request.slot}: {error}")
         newest = service.newest_task if service is not None else None
