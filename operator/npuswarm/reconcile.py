@@ -106,7 +106,7 @@ class Reconciler:
         self.clock = clock
         self.owners = owners
         self.lock = threading.Lock()
-        self.renderer = Renderer(settings.instance)
+        self.renderer = Renderer(settings.instance, settings.hccl_interface)
         self.policy = settings.tenant_policy()
         # uids of deleted deployments: no pass may write for them again, even one that read
         # its desired state before the deletion.

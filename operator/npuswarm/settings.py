@@ -64,6 +64,9 @@ class Settings(BaseSettings):
     # Which npuswarm installation this is, when several share one Swarm: each owns only the
     # services carrying its name, and treats the others' as foreign. It is a label value.
     instance: str = Field("default", pattern=r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+    # The host interface multi-node replicas' HCCL/Gloo/TP sockets use on a node without an
+    # npuswarm.io/hccl-interface label (docs/multi-node.md); empty: left to HCCL and Gloo.
+    hccl_interface: str = Field("", pattern=r"^[A-Za-z0-9_.:-]{0,15}$")
     # The root of every ModelGateway's own credential and of the gateways' TLS CA
     # (gateway/credentials.py); it never leaves the operator. Empty: gateways are reported
     # NotConfigured and not run. NPUSWARM_GATEWAY_TOKEN, its name before 0.2, still works.

@@ -39,7 +39,9 @@ def run(nodes: list[NodeInfo], requests: list[ReplicaRequest],
 
 def claims_of(result: PlacementResult) -> list[Allocation]:
     return [Allocation(deployment=a.deployment, slot=a.slot, node_id=a.node_id, npus=a.npus,
-                       service=f"{a.deployment}-{a.slot}") for a in result.assignments.values()]
+                       service=f"{a.deployment}-{a.slot}",
+                       port_block=a.group.ports.block if a.group else None)
+            for a in result.assignments.values()]
 
 
 def test_a_spec_with_nodes_per_replica_asks_for_one_request_per_member() -> None:
@@ -174,10 +176,16 @@ def assert_whole_groups(nodes: list[NodeInfo], requests: list[ReplicaRequest], r
     for request in requests:
         if request.group_key is not None:
             groups.setdefault(request.group_key, []).append(request)
+    ports: dict[tuple[str, int], tuple[str, str]] = {}
     for members in groups.values():
         placed = [result.assignments[m.key] for m in members if m.key in result.assignments]
         assert len(placed) in (0, len(members)), "a half-placed group"
         assert len({a.node_id for a in placed}) == len(placed), "two members on one node"
+        for member, assignment in zip(members, placed):
+            assert assignment.group is not None and assignment.group.member == member.member
+            owner = ports.setdefault((assignment.node_id, assignment.group.ports.block), member.group_key)
+            assert owner == member.group_key, "a host port block given twice on one node"
+        assert len({a.group.ports.block for a in placed if a.group}) <= 1, "one group, one block"
 
 
 @settings(max_examples=300, deadline=None)

@@ -20,6 +20,40 @@ from npuswarm.core.nodes import NodeInfo
 # Nodes named in a message about a group that cannot be placed; the rest are counted.
 MAX_NAMED = 3
 
+# Host ports of groups: a group on the host network binds its API port and the data-parallel
+# RPC port on its leader's node, and HCCL's 16 host ports (HCCL_IF_BASE_PORT..+15) on every
+# member's node. Each group takes one block of PORT_BLOCK_SIZE ports, the same block on all
+# its nodes (the RPC port must be the same value everywhere), so no two groups sharing a node
+# share a port. Blocks start at GROUP_PORT_BASE, well apart from vLLM's and HCCL's defaults
+# (8000, 29500, 29550, 60000-60015), so a single-node replica on its defaults never meets one.
+GROUP_PORT_BASE = 30000
+PORT_BLOCK_SIZE = 32
+PORT_BLOCKS = 64
+HCCL_PORTS = 16
+
+
+@dataclass(frozen=True)
+class GroupPorts:
+    block: int
+    api: int
+    rpc: int
+    hccl_base: int
+
+    @classmethod
+    def of_block(cls, block: int) -> GroupPorts:
+        first = GROUP_PORT_BASE + block * PORT_BLOCK_SIZE
+        return cls(
+            block=block, api=first, rpc=first + 1, hccl_base=first + PORT_BLOCK_SIZE - HCCL_PORTS
+        )
+
+
+def free_block(taken: Mapping[str, Set[int]], node_ids: Sequence[str]) -> int | None:
+    """The lowest port block no other group uses on any of these nodes."""
+    for block in range(PORT_BLOCKS):
+        if all(block not in taken.get(node_id, ()) for node_id in node_ids):
+            return block
+    return None
+
 
 @dataclass(frozen=True)
 class Seat:

@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
+from npuswarm.api import labels
 from npuswarm.api.deployment import ModelDeployment
 from npuswarm.core import gang, topology
 from npuswarm.core.nodes import NodeInfo, NodeLimits
@@ -80,6 +81,8 @@ class Allocation(BaseModel):
     service: str
     # Held by a service npuswarm does not own: taken, reported, never moved or kept.
     foreign: bool = False
+    # A member of a multi-node replica: its group's host port block (core/gang.py).
+    port_block: int | None = None
 
     @property
     def key(self) -> ReplicaKey:
@@ -96,6 +99,19 @@ class Allocation(BaseModel):
         )
 
 
+class GroupSeat(BaseModel):
+    """Where a member of a multi-node replica sits in its group, for rendering."""
+
+    model_config = ConfigDict(frozen=True)
+
+    member: int  # 0 leads (serves the API); the others run --headless
+    members: int
+    leader_address: str  # the leader's node address: --data-parallel-address
+    address: str  # this member's node address: HCCL_IF_IP
+    interface: str  # the node's npuswarm.io/hccl-interface label ("" = the operator default)
+    ports: gang.GroupPorts
+
+
 class Assignment(BaseModel):
     model_config = ConfigDict(frozen=True)
 
@@ -104,6 +120,7 @@ class Assignment(BaseModel):
     node_id: str
     npus: frozenset[int]
     kept: bool  # True: the replica stays where it runs (sticky)
+    group: GroupSeat | None = None  # a member of a multi-node replica
 
     @property
     def key(self) -> ReplicaKey:
@@ -139,6 +156,10 @@ class PlacementResult:
     requests: dict[str, list[ReplicaRequest]] = field(default_factory=dict)
     # Multi-node replicas placed away from their groupTopologyKey: (deployment, group) -> why.
     group_notes: dict[ReplicaKey, str] = field(default_factory=dict)
+    # Host port blocks of groups, per node (core/gang.py), and the block each member's
+    # service records.
+    port_blocks: dict[str, set[int]] = field(default_factory=dict)
+    _block_of: dict[ReplicaKey, int] = field(default_factory=dict)
     _by_deployment: dict[str, dict[str, Assignment]] = field(default_factory=dict)
     _candidates: dict[CandidateKey, list[NodeInfo]] = field(default_factory=dict)
     _accepting: dict[CandidateKey, list[NodeInfo]] = field(default_factory=dict)
@@ -295,6 +316,11 @@ def place(
     for member in requests:
         if member.group_key is not None:
             groups.setdefault(member.group_key, []).append(member)
+    for allocation in allocations:
+        if allocation.port_block is not None and not allocation.foreign:
+            # Taken while the service runs, wanted or not, like its NPUs.
+            result.port_blocks.setdefault(allocation.node_id, set()).add(allocation.port_block)
+            result._block_of[allocation.key] = allocation.port_block
     for allocation in _claim_order(allocations, requests):
         if allocation.foreign:
             _hold_foreign(result, allocation)
@@ -529,6 +555,7 @@ def _place_group(members: list[ReplicaRequest], result: PlacementResult) -> None
     let go too, so a group that waits holds no NPUs once its services are removed."""
     missing = [m for m in members if m.key not in result.assignments]
     if not missing:
+        _seat_group(members, result)
         return
     leader = members[0]
     kept = [result.assignments[m.key] for m in members if m.key in result.assignments]
@@ -558,11 +585,7 @@ def _place_group(members: list[ReplicaRequest], result: PlacementResult) -> None
         elif _blocked_nodes(matching):
             reason = _validation_reason(matching)
         message = f"group {leader.group} of {leader.members} nodes: {outcome.message}"
-        for member in members:
-            if member.key in result.assignments:
-                result.unassign(member.key)
-                result.moved[member.key] = f"its group cannot be placed whole: {outcome.message}"
-            result.unplaced[member.key] = _unplaced(member, reason, message)
+        _let_group_go(members, result, reason, message, outcome.message)
         return
     for member, seat in zip(missing, outcome.seats, strict=True):
         result.assign(
@@ -579,6 +602,57 @@ def _place_group(members: list[ReplicaRequest], result: PlacementResult) -> None
         )
     if outcome.preference_unmet and leader.group_key is not None:
         result.group_notes[leader.group_key] = outcome.preference_unmet
+    _seat_group(members, result)
+
+
+def _let_group_go(
+    members: list[ReplicaRequest],
+    result: PlacementResult,
+    reason: UnplacedReason,
+    message: str,
+    why: str,
+) -> None:
+    for member in members:
+        if member.key in result.assignments:
+            result.unassign(member.key)
+            result.moved[member.key] = f"its group cannot be placed whole: {why}"
+        result.unplaced[member.key] = _unplaced(member, reason, message)
+
+
+def _seat_group(members: list[ReplicaRequest], result: PlacementResult) -> None:
+    """Every member placed: give the group its port block (kept while every member's node
+    has it; else the lowest block free on all of them) and each member its seat."""
+    placed = [result.assignments[m.key] for m in members]
+    node_ids = [a.node_id for a in placed]
+    recorded = {result._block_of.get(m.key) for m in members}
+    block = next(iter(recorded)) if len(recorded) == 1 else None
+    if block is not None:
+        # Its own services claimed it on their nodes; any other claim there is another group's.
+        others = [n for n, a in zip(node_ids, placed, strict=True) if not a.kept]
+        if any(block in result.port_blocks.get(n, ()) for n in others):
+            block = None
+    if block is None:
+        block = gang.free_block(result.port_blocks, node_ids)
+    if block is None:
+        leader = members[0]
+        why = f"no free host port block on nodes {sorted(node_ids)} ({gang.PORT_BLOCKS} blocks)"
+        _let_group_go(members, result, "InsufficientNPUs", f"group {leader.group}: {why}", why)
+        return
+    for node_id in node_ids:
+        result.port_blocks.setdefault(node_id, set()).add(block)
+    ports = gang.GroupPorts.of_block(block)
+    leader_node = result._nodes.get(placed[0].node_id)
+    for member, assignment in zip(members, placed, strict=True):
+        node = result._nodes.get(assignment.node_id)
+        seat = GroupSeat(
+            member=member.member,
+            members=member.members,
+            leader_address=leader_node.addr if leader_node else "",
+            address=node.addr if node else "",
+            interface=node.labels.get(labels.NODE_HCCL_INTERFACE, "") if node else "",
+            ports=ports,
+        )
+        result.assign(assignment.model_copy(update={"group": seat}))
 
 
 def _validation_reason(nodes: list[NodeInfo]) -> UnplacedReason:

@@ -96,12 +96,14 @@ class ObservedService:
             npus = parse_npu_ids(npu_text)
         except ValueError:
             return None
+        block = self.labels.get(labels.PORT_BLOCK, "")
         return Allocation(
             deployment=self.deployment,
             slot=self.slot,
             node_id=node_id,
             npus=npus,
             service=self.name,
+            port_block=int(block) if block.isdigit() else None,
         )
 
 
