@@ -421,5 +421,11 @@ def _with_network_names(spec: dict[str, Any], names: dict[str, str]) -> dict[str
     attached = template.get("Networks")
     if not attached:
         return spec
-    renamed = [dict(n, Target=names.get(n.get("Target", ""), n.get("Target"))) for n in attached]
+    # A multi-node replica's member is rendered on "host" only; Swarm stores the cluster-wide
+    # id of its host network, which GET /networks does not list (it lists the local one).
+    member = labels.PORT_BLOCK in (spec.get("Labels") or {})
+    renamed = [
+        dict(n, Target=names.get(n.get("Target", ""), "host" if member else n.get("Target")))
+        for n in attached
+    ]
     return dict(spec, TaskTemplate=dict(template, Networks=renamed))
