@@ -111,8 +111,17 @@ class Settings(BaseSettings):
     allowed_images: Annotated[tuple[str, ...], NoDecode] = ()
     # Networks namespaces other than their owner's may join: "net=ns1|ns2,public=*".
     shared_networks: Annotated[tuple[str, ...], NoDecode] = ()
+    # Namespaces whose ModelDeployments may run multi-node replicas, which use the host
+    # network (docs/multi-node.md): "ns1,ns2" or "*"; empty: none.
+    host_network_namespaces: Annotated[tuple[str, ...], NoDecode] = ()
 
-    @field_validator("allowed_reserved_env", "allowed_images", "shared_networks", mode="before")
+    @field_validator(
+        "allowed_reserved_env",
+        "allowed_images",
+        "shared_networks",
+        "host_network_namespaces",
+        mode="before",
+    )
     @classmethod
     def _list(cls, value: Any) -> Any:
         if isinstance(value, str):
@@ -182,6 +191,7 @@ class Settings(BaseSettings):
             ),
             allowed_env=frozenset(self.allowed_reserved_env),
             images=self.allowed_images,
+            host_network_namespaces=frozenset(self.host_network_namespaces),
             shared_networks={
                 network: frozenset(n for n in namespaces.split("|") if n)
                 for network, _, namespaces in (g.partition("=") for g in self.shared_networks)
