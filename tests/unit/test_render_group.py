@@ -88,3 +88,21 @@ def test_port_blocks_on_distinct_nodes_may_repeat() -> None:
     result = placed([first], nodes=NODES[:2])
     assert {a.group.ports.block for a in result.assignments.values() if a.group} == {0}
     assert all(a.group is None for a in placed([second]).assignments.values())
+
+
+def test_export_stack_writes_one_compose_service_per_member_on_the_host_network() -> None:
+    import yaml
+
+    from npuswarm.stackfiles.exporter import export_stack
+
+    result = placed([DS])
+    rendered = {DS.key: {a.slot: render_service(DS, a) for a in result.assignments.values()}}
+    compose = yaml.safe_load(export_stack([DS], rendered))
+    services = compose["services"]
+    assert sorted(services) == ["default-ds-0-m0", "default-ds-0-m1"]
+    leader, member = services["default-ds-0-m0"], services["default-ds-0-m1"]
+    assert "--headless" in member["command"] and "--headless" not in leader["command"]
+    assert member["healthcheck"] == {"disable": True} and "test" in leader["healthcheck"]
+    assert all(list(s["networks"]) == ["host"] for s in services.values())
+    assert compose["networks"] == {"host": {"external": True}}
+    assert leader["deploy"]["placement"]["constraints"][0].startswith("node.id==")
