@@ -208,9 +208,12 @@ def test_status_says_when_the_preferred_label_could_not_be_met() -> None:
     from npuswarm.core.diff import Applied
     from npuswarm.core.snapshot import SwarmSnapshot
 
-    nodes = [node("a", labels={"sw": "1"}), node("b", labels={"sw": "2"})]
+    nodes = [node(n, labels={"sw": sw}).model_copy(update={"addr": f"10.0.0.{sw}"})
+             for n, sw in (("a", "1"), ("b", "2"))]
     md = deployment("ds", nodesPerReplica=2, npusPerReplica=8, groupTopologyKey="sw")
     whole = plan_pass([md], SwarmSnapshot(nodes=nodes, services=[]), now=NOW, lost_node_grace_seconds=GRACE)
     status = deployment_status(md, whole, Applied(), [], NOW)
     messages = [r.message or "" for r in status.replicaStatuses]
     assert len(messages) == 2 and all("groupTopologyKey not met" in m for m in messages)
+    # The host network has no alias: the leader's node address and the group's API port.
+    assert status.endpoint == "10.0.0.1:30000"
