@@ -62,6 +62,7 @@ def test_a_two_node_group_forms_becomes_ready_and_serves_through_its_leader(
             assert member["devices"] == [f"davinci{i}" for i in range(8)]
         headless = joined[1]
         assert "--headless" in headless["args"]
+        assert status.endpoint == f"{leader.address}:{api}"
         answer = get(f"http://{leader.address}:{api}/v1/models")
         assert [m["id"] for m in answer["data"]] == ["/models/ds"]
         print(f"\ngroup on {sorted(members[r].hostname for r in members)}: {json.dumps(group)[:600]}")
