@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from pydantic import ValidationError
 
 import controlplane
@@ -101,3 +103,42 @@ def test_kubectl_apply_takes_consistent_groups_as_the_models_do(
     result = apply(plane, spec)
     assert result.returncode == 0, result.stderr
     assert models_accept(spec)
+
+
+GROUP_FIELDS = st.fixed_dictionaries({}, optional={
+    "nodesPerReplica": st.sampled_from([1, 2, 3, 4]),
+    "npusPerReplica": st.sampled_from([1, 2, 4, 8]),
+    "mode": st.sampled_from(["Replicated", "PerNode"]),
+    "network": st.just({"name": "vllm-net"}),
+    "publish": st.just({"port": 18000}),
+    "groupTopologyKey": st.sampled_from(["npuswarm.io/switch", "rack", "a b"]),
+    "engine": st.fixed_dictionaries({}, optional={
+        "tensorParallelSize": st.sampled_from([1, 2, 4, 8]),
+        "dataParallelSize": st.sampled_from([1, 2, 3, 4, 6, 8, 16]),
+        "extraArgs": st.lists(st.sampled_from(["--headless", "--data_parallel_size=2", "-dpa",
+                                               "--seed", "1", "--data-parallel-hybrid-lb"]),
+                              max_size=2),
+    }),
+})
+
+
+def test_the_api_server_and_the_models_agree_on_random_group_shapes(
+    plane: controlplane.ControlPlane,
+) -> None:
+    disagreements: list[str] = []
+    tally = {"accepted": 0, "refused": 0}
+
+    @settings(max_examples=60, deadline=None, database=None,
+              suppress_health_check=list(HealthCheck))
+    @given(GROUP_FIELDS)
+    def check(spec: dict[str, Any]) -> None:
+        server = apply(plane, spec).returncode == 0
+        models = models_accept(spec)
+        tally["accepted" if models else "refused"] += 1
+        if server != models:
+            disagreements.append(f"server {'accepts' if server else 'refuses'}: {json.dumps(spec)}")
+
+    check()
+    print(f"\ngroup shapes: {tally}")
+    assert disagreements == [], "\n".join(disagreements[:10])
+    assert tally["accepted"] and tally["refused"]
