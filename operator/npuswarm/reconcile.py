@@ -110,7 +110,9 @@ class Reconciler:
         self.clock = clock
         self.owners = owners
         self.lock = threading.Lock()
-        self.renderer = Renderer(settings.instance, settings.stop_grace_seconds)
+        self.renderer = Renderer(
+            settings.instance, settings.stop_grace_seconds, settings.hccl_interface
+        )
         self.policy = settings.tenant_policy()
         # uids of deleted deployments and gateways: no pass may write for them again, even one
         # that read its desired state before the deletion.

@@ -65,6 +65,9 @@ class Settings(BaseSettings):
     # Which npuswarm installation this is, when several share one Swarm: each owns only the
     # services carrying its name, and treats the others' as foreign. It is a label value.
     instance: str = Field("default", pattern=r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+    # The host interface multi-node replicas' HCCL/Gloo/TP sockets use on a node without an
+    # npuswarm.io/hccl-interface label (docs/multi-node.md); empty: left to HCCL and Gloo.
+    hccl_interface: str = Field("", pattern=r"^[A-Za-z0-9_.:-]{0,15}$")
     # The root of every credential npuswarm hands out: gateways' and node agents', and of
     # their TLS CA (gateway/credentials.py); it never leaves the operator. Empty: gateways are
     # reported NotConfigured and node agents are not run. Its earlier names,
@@ -121,8 +124,17 @@ class Settings(BaseSettings):
     allowed_images: Annotated[tuple[str, ...], NoDecode] = ()
     # Networks namespaces other than their owner's may join: "net=ns1|ns2,public=*".
     shared_networks: Annotated[tuple[str, ...], NoDecode] = ()
+    # Namespaces whose ModelDeployments may run multi-node replicas, which use the host
+    # network (docs/multi-node.md): "ns1,ns2" or "*"; empty: none.
+    host_network_namespaces: Annotated[tuple[str, ...], NoDecode] = ()
 
-    @field_validator("allowed_reserved_env", "allowed_images", "shared_networks", mode="before")
+    @field_validator(
+        "allowed_reserved_env",
+        "allowed_images",
+        "shared_networks",
+        "host_network_namespaces",
+        mode="before",
+    )
     @classmethod
     def _list(cls, value: Any) -> Any:
         if isinstance(value, str):
@@ -192,6 +204,7 @@ class Settings(BaseSettings):
             ),
             allowed_env=frozenset(self.allowed_reserved_env),
             images=self.allowed_images,
+            host_network_namespaces=frozenset(self.host_network_namespaces),
             shared_networks={
                 network: frozenset(n for n in namespaces.split("|") if n)
                 for network, _, namespaces in (g.partition("=") for g in self.shared_networks)

@@ -246,3 +246,15 @@ def test_images_outside_the_admins_patterns_are_refused() -> None:
     (refused,) = violations(deployment(image="docker.io/evil/vllm:latest"), policy)
     assert "is not an allowed image" in refused and "NPUSWARM_ALLOWED_IMAGES" in refused
     assert violations(deployment(image="anything:1"), DEFAULTS.tenant_policy()) == []  # empty: any
+
+
+def test_multi_node_replicas_need_the_admins_host_network_grant() -> None:
+    group = deployment("ds", namespace="team-a", nodesPerReplica=2)
+    refused = violations(group, Settings().tenant_policy())
+    assert refused == [
+        "spec.nodesPerReplica: a multi-node replica runs on the host network; the cluster admin "
+        "allows it per namespace with NPUSWARM_HOST_NETWORK_NAMESPACES"
+    ]
+    assert violations(group, Settings(host_network_namespaces="team-b,team-a").tenant_policy()) == []
+    assert violations(group, Settings(host_network_namespaces="*").tenant_policy()) == []
+    assert violations(deployment("one", namespace="team-a"), Settings().tenant_policy()) == []

@@ -360,6 +360,12 @@ SERVICE_ERRORS = [
      "restartPolicy.condition"),
     ("entrypoint type", {"entrypoint": {"a": 1}}, "entrypoint must be a string or a list"),
     ("environment type", {"environment": "A=1"}, "environment must be a list or a mapping"),
+    # A member of a hand-made multi-node group would otherwise import as a one-node replica.
+    ("headless group member",
+     {"command": "serve /m --headless --data-parallel-size 4 --data-parallel-start-rank 2"},
+     "one node of a multi-node data-parallel group (--data-parallel-start-rank, --headless)"),
+    ("group leader", {"command": "serve /m --data-parallel-address=10.0.0.1"},
+     "import-stack does not recognise groups"),
 ]  # fmt: skip
 
 

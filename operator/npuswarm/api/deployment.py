@@ -91,6 +91,16 @@ NO_NUL_PATTERN = r"^[^\x00]*$"
 # An argument vLLM would read as a flag where a value is expected (model, served name).
 NOT_A_FLAG_PATTERN = r"^[^-\x00][^\x00]*$"
 MAX_SHM_BYTES = 2**40  # 1Ti
+# A multi-node replica (a data-parallel group, docs/multi-node.md): at most this many nodes.
+MAX_NODES_PER_REPLICA = 64
+MAX_DATA_PARALLEL = 512
+# `vllm serve` flags npuswarm renders for a data-parallel group (ranks, leader address, ports),
+# by prefix: a user value would give two members the same rank or point one at the wrong
+# leader. Prefixes, not a regex: a regex over every extraArgs item exceeds the API server's
+# CEL cost budget at the spec level, where nodesPerReplica can be read.
+GROUP_OWNED_PREFIXES = ("--data-parallel", "--data_parallel", "--headless", "-dp")
+# A Kubernetes-style label key (optional DNS prefix, then a name).
+LABEL_KEY_PATTERN = r"^([a-z0-9]([-a-z0-9.]*[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"
 
 # Bounds a user would expect, and that keep every number inside what Docker stores (int64
 # nanoseconds) and every list small enough for the API server's validation cost budget.
@@ -150,6 +160,16 @@ class Engine(_Model):
     )
 
     tensorParallelSize: NpuCount = Field(1, description="vLLM --tensor-parallel-size.")
+    dataParallelSize: Annotated[int, Field(ge=1, le=MAX_DATA_PARALLEL)] | None = Field(
+        None,
+        description=(
+            "vLLM --data-parallel-size: data-parallel ranks of one replica over all its nodes. "
+            "Each node runs dataParallelSize / nodesPerReplica ranks of tensorParallelSize "
+            "NPUs, so npusPerReplica (NPUs on each node) must equal that product. Defaults "
+            "to nodesPerReplica x npusPerReplica / tensorParallelSize on a multi-node replica; "
+            "unset (vLLM's 1) otherwise."
+        ),
+    )
     enableExpertParallel: bool = Field(False, description="vLLM --enable-expert-parallel.")
     maxModelLen: Annotated[int, Field(ge=1, le=2**24)] | None = Field(
         None, description="vLLM --max-model-len; vLLM's default when unset."
@@ -413,6 +433,12 @@ _NPUS_PER_REPLICA = (
     "(has(self.engine) && has(self.engine.tensorParallelSize) "
     "? self.engine.tensorParallelSize : 1))"
 )
+_NODES_PER_REPLICA = "(has(self.nodesPerReplica) ? self.nodesPerReplica : 1)"
+_TENSOR_PARALLEL = (
+    "(has(self.engine) && has(self.engine.tensorParallelSize) ? self.engine.tensorParallelSize : 1)"
+)
+_HAS_DP = "(has(self.engine) && has(self.engine.dataParallelSize))"
+_MULTI_NODE = f"({_NODES_PER_REPLICA} > 1)"
 _INGRESS = "(has(self.publish) && has(self.publish.mode) && self.publish.mode == 'ingress')"
 # The cross-field rules of ModelDeploymentSpec._consistent, for `kubectl apply` to refuse at
 # admission. Defaults are applied before these run, but fields defaulted by a factory in
@@ -464,6 +490,39 @@ SPEC_RULES: list[JsonValue] = [
         "&& quantity(self.shmSize).compareTo(quantity('1Ti')) <= 0)",
         "message": "shmSize must be more than 0 and at most 1Ti",
     },
+    # A data-parallel group (docs/multi-node.md): ranks split evenly over the nodes, and each
+    # node's NPUs are exactly its ranks times the tensor-parallel size.
+    {
+        "rule": f"!{_HAS_DP} || self.engine.dataParallelSize % {_NODES_PER_REPLICA} == 0",
+        "message": "engine.dataParallelSize must be a multiple of nodesPerReplica: every node "
+        "runs the same number of data-parallel ranks",
+    },
+    {
+        "rule": f"!{_HAS_DP} || self.engine.dataParallelSize % {_NODES_PER_REPLICA} != 0 "
+        f"|| {_NPUS_PER_REPLICA} == "
+        f"self.engine.dataParallelSize / {_NODES_PER_REPLICA} * {_TENSOR_PARALLEL}",
+        "message": "npusPerReplica (NPUs on each node) must equal engine.dataParallelSize / "
+        "nodesPerReplica x engine.tensorParallelSize",
+    },
+    {
+        "rule": f"!{_MULTI_NODE} || !has(self.mode) || self.mode != 'PerNode'",
+        "message": "nodesPerReplica > 1 needs mode=Replicated: PerNode runs one replica inside "
+        "each node",
+    },
+    {
+        "rule": f"!{_MULTI_NODE} || (!has(self.network) && !has(self.publish))",
+        "message": "a multi-node replica runs on the host network: network and publish do not "
+        "apply (status.endpoint gives the leader's node address and port)",
+    },
+    {
+        "rule": f"!({_MULTI_NODE} || {_HAS_DP}) || !has(self.engine) "
+        "|| !has(self.engine.extraArgs) || self.engine.extraArgs.all(a, "
+        + " && ".join(f"!a.startsWith('{p}')" for p in GROUP_OWNED_PREFIXES)
+        + ")",
+        "message": "extraArgs must not set data-parallel flags ("
+        + ", ".join(f"{p}..." for p in GROUP_OWNED_PREFIXES)
+        + "): npuswarm renders them from nodesPerReplica and engine.dataParallelSize",
+    },
 ]
 
 
@@ -502,13 +561,30 @@ class ModelDeploymentSpec(_Model):
     npusPerReplica: NpuCount | None = Field(
         None, description="NPUs per replica; defaults to engine.tensorParallelSize."
     )
+    nodesPerReplica: Annotated[int, Field(ge=1, le=MAX_NODES_PER_REPLICA)] = Field(
+        1,
+        description=(
+            "Nodes one replica spans (a data-parallel group: one vLLM per node, the first "
+            "serving the API, the others --headless); npusPerReplica is then the NPUs on "
+            "each node. Such a replica uses the host network."
+        ),
+    )
+    groupTopologyKey: str | None = Field(
+        None,
+        max_length=317,
+        pattern=LABEL_KEY_PATTERN,
+        description=(
+            "A node label (e.g. a switch or rack label) the nodes of one multi-node replica "
+            "should share; preferred, not required: the status says when it could not be met."
+        ),
+    )
     npuIds: list[Annotated[int, Field(ge=0, le=63)]] | None = Field(
         None,
         max_length=8,
         json_schema_extra={"x-kubernetes-list-type": "set"},
         description=(
-            "Host NPU ids (davinciN) every replica must use, instead of any free ones. "
-            "As many as npusPerReplica; at most one replica per node."
+            "Host NPU ids (davinciN) every replica (every node of a multi-node one) must use, "
+            "instead of any free ones. As many as npusPerReplica; at most one replica per node."
         ),
     )
     engine: Engine = Field(default_factory=Engine)
@@ -550,6 +626,7 @@ class ModelDeploymentSpec(_Model):
                     f"npuIds names {len(self.npuIds)} NPUs but a replica gets "
                     f"{self.npus_per_replica} (npusPerReplica)"
                 )
+        self._consistent_group()
         ingress = self.publish is not None and self.publish.mode == "ingress"
         if ingress and self.network is not None and self.network.endpointMode == "dnsrr":
             raise ValueError(
@@ -576,9 +653,57 @@ class ModelDeploymentSpec(_Model):
             )
         return self
 
+    def _consistent_group(self) -> None:
+        """The data-parallel rules of SPEC_RULES, with the numbers in the message."""
+        nodes, tensor = self.nodesPerReplica, self.engine.tensorParallelSize
+        data = self.engine.dataParallelSize
+        if data is not None:
+            if data % nodes:
+                raise ValueError(
+                    f"engine.dataParallelSize={data} must be a multiple of "
+                    f"nodesPerReplica={nodes}: every node runs the same number of ranks"
+                )
+            if self.npus_per_replica != data // nodes * tensor:
+                raise ValueError(
+                    f"npusPerReplica={self.npus_per_replica} (NPUs on each node) must equal "
+                    f"engine.dataParallelSize/nodesPerReplica x engine.tensorParallelSize = "
+                    f"{data}/{nodes} x {tensor} = {data // nodes * tensor}"
+                )
+        if nodes > 1 and self.mode == "PerNode":
+            raise ValueError(
+                "nodesPerReplica > 1 needs mode=Replicated: PerNode runs one replica inside "
+                "each node"
+            )
+        if nodes > 1 and (self.network is not None or self.publish is not None):
+            raise ValueError(
+                "a multi-node replica runs on the host network: network and publish do not "
+                "apply (status.endpoint gives the leader's node address and port)"
+            )
+        if nodes > 1 or data is not None:
+            for arg in self.engine.extraArgs:
+                if arg.startswith(GROUP_OWNED_PREFIXES):
+                    raise ValueError(
+                        f"extraArgs must not set {arg.split('=', 1)[0]}: npuswarm renders "
+                        "data-parallel flags from nodesPerReplica and engine.dataParallelSize"
+                    )
+
     @property
     def npus_per_replica(self) -> int:
+        """NPUs of one replica on each of its nodes."""
         return self.npusPerReplica or self.engine.tensorParallelSize
+
+    @property
+    def data_parallel_size(self) -> int:
+        """Ranks of one replica over all its nodes (1 when nothing asks for data parallel)."""
+        if self.engine.dataParallelSize is not None:
+            return self.engine.dataParallelSize
+        if self.nodesPerReplica == 1:
+            return 1
+        return self.nodesPerReplica * (self.npus_per_replica // self.engine.tensorParallelSize)
+
+    @property
+    def multi_node(self) -> bool:
+        return self.nodesPerReplica > 1
 
     @property
     def served_model_name(self) -> str:

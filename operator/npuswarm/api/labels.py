@@ -14,6 +14,9 @@ NODE = f"{PREFIX}/node"
 NPUS = f"{PREFIX}/npus"
 SPEC_HASH = f"{PREFIX}/spec-hash"
 MODEL = f"{PREFIX}/model"
+# A member of a multi-node replica: the block of host ports its group uses (core/gang.py), the
+# source of truth for them after a restart, as NPUS is for NPUs.
+PORT_BLOCK = f"{PREFIX}/port-block"
 # A ModelGateway's services carry these instead of the owner labels: they are not replicas.
 GATEWAY_NAMESPACE = f"{PREFIX}/gateway-namespace"
 GATEWAY_NAME = f"{PREFIX}/gateway-name"
@@ -49,5 +52,8 @@ NODE_AGENT_NPUS = "io.npuswarm.agent-npus"
 NODE_NPUS = f"{PREFIX}/npus"
 NODE_NPUS_RESERVED = f"{PREFIX}/npus-reserved"
 NODE_TOPOLOGY = f"{PREFIX}/topology"
+# The host interface carrying the node's address, for HCCL/Gloo/TP sockets of a multi-node
+# replica (e.g. enp189s0f0); unset: the operator's NPUSWARM_HCCL_INTERFACE.
+NODE_HCCL_INTERFACE = f"{PREFIX}/hccl-interface"
 
 OWNED_FILTER = f"{MANAGED_BY}={MANAGED_BY_VALUE}"

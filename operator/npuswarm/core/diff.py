@@ -182,6 +182,15 @@ def diff(
     for slot, services in sorted(plan.by_slot.items()):
         if slot not in wanted:
             plan.actions.extend(_remove(s, "replica no longer wanted") for s in services)
+    # A member whose group cannot be placed whole serves nothing alone (its leader or peers
+    # are gone): removing it gives its NPUs back instead of holding them while it waits.
+    for request in plan.requests:
+        unplaced = placement.unplaced.get(request.key)
+        if request.group is not None and unplaced is not None and request.slot not in plan.slots:
+            plan.actions.extend(
+                _remove(s, f"its group cannot be placed whole: {unplaced.message}")
+                for s in plan.by_slot.get(request.slot, [])
+            )
 
 
 # --- step 5: surge copies on spare NPUs -------------------------------------------------------

@@ -98,6 +98,9 @@ class TenantPolicy:
     images: tuple[str, ...] = ()
     # Networks the admin shares: name -> namespaces that may join it ("*": every one).
     shared_networks: Mapping[str, frozenset[str]] = field(default_factory=dict)
+    # Namespaces that may run multi-node replicas, whose members use the node's network
+    # stack ("*": every one); none by default.
+    host_network_namespaces: frozenset[str] = frozenset()
 
     def shares(self, network: str, namespace: str) -> bool:
         granted = self.shared_networks.get(network, frozenset())
@@ -198,6 +201,12 @@ def violations(md: ModelDeployment, policy: TenantPolicy) -> list[str]:
     image = policy.image_violation(md.spec.image, "spec.image")
     if image is not None:
         found.append(image)
+    granted = policy.host_network_namespaces
+    if md.spec.multi_node and not (md.metadata.namespace in granted or "*" in granted):
+        found.append(
+            "spec.nodesPerReplica: a multi-node replica runs on the host network; the cluster "
+            "admin allows it per namespace with NPUSWARM_HOST_NETWORK_NAMESPACES"
+        )
     return found
 
 

@@ -17,8 +17,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
+from npuswarm.api import labels
 from npuswarm.api.deployment import ModelDeployment
-from npuswarm.core import topology
+from npuswarm.core import gang, topology
 from npuswarm.core.nodes import NodeInfo, NodeLimits
 
 ReplicaKey = tuple[str, str]  # (deployment "namespace/name", slot)
@@ -47,10 +48,25 @@ class ReplicaRequest(BaseModel):
     # Nodes this replica should not go to now (it kept failing there, failing.py); used
     # only while another node fits.
     avoid_nodes: frozenset[str] = frozenset()
+    # A member of a multi-node replica (core/gang.py): its group's index, its rank among the
+    # group's nodes (0 leads) and the group's size; placed with the rest of its group or not.
+    group: str | None = None
+    member: int = 0
+    members: int = 1
+    topology_key: str | None = None
 
     @property
     def key(self) -> ReplicaKey:
         return (self.deployment, self.slot)
+
+    @property
+    def group_key(self) -> ReplicaKey | None:
+        return (self.deployment, self.group) if self.group is not None else None
+
+
+def member_slot(group: int | str, member: int) -> str:
+    """The slot of one member of a multi-node replica: group index, then member index."""
+    return f"{group}-m{member}"
 
 
 class Allocation(BaseModel):
@@ -65,6 +81,8 @@ class Allocation(BaseModel):
     service: str
     # Held by a service npuswarm does not own: taken, reported, never moved or kept.
     foreign: bool = False
+    # A member of a multi-node replica: its group's host port block (core/gang.py).
+    port_block: int | None = None
 
     @property
     def key(self) -> ReplicaKey:
@@ -81,6 +99,19 @@ class Allocation(BaseModel):
         )
 
 
+class GroupSeat(BaseModel):
+    """Where a member of a multi-node replica sits in its group, for rendering."""
+
+    model_config = ConfigDict(frozen=True)
+
+    member: int  # 0 leads (serves the API); the others run --headless
+    members: int
+    leader_address: str  # the leader's node address: --data-parallel-address
+    address: str  # this member's node address: HCCL_IF_IP
+    interface: str  # the node's npuswarm.io/hccl-interface label ("" = the operator default)
+    ports: gang.GroupPorts
+
+
 class Assignment(BaseModel):
     model_config = ConfigDict(frozen=True)
 
@@ -89,6 +120,7 @@ class Assignment(BaseModel):
     node_id: str
     npus: frozenset[int]
     kept: bool  # True: the replica stays where it runs (sticky)
+    group: GroupSeat | None = None  # a member of a multi-node replica
 
     @property
     def key(self) -> ReplicaKey:
@@ -122,6 +154,12 @@ class PlacementResult:
     nodes_used: dict[str, set[str]] = field(default_factory=dict)
     # Each deployment's replica requests, by deployment key, oldest deployment first.
     requests: dict[str, list[ReplicaRequest]] = field(default_factory=dict)
+    # Multi-node replicas placed away from their groupTopologyKey: (deployment, group) -> why.
+    group_notes: dict[ReplicaKey, str] = field(default_factory=dict)
+    # Host port blocks of groups, per node (core/gang.py), and the block each member's
+    # service records.
+    port_blocks: dict[str, set[int]] = field(default_factory=dict)
+    _block_of: dict[ReplicaKey, int] = field(default_factory=dict)
     _by_deployment: dict[str, dict[str, Assignment]] = field(default_factory=dict)
     _candidates: dict[CandidateKey, list[NodeInfo]] = field(default_factory=dict)
     _accepting: dict[CandidateKey, list[NodeInfo]] = field(default_factory=dict)
@@ -157,6 +195,11 @@ class PlacementResult:
         self.nodes_used.setdefault(assignment.deployment, set()).add(assignment.node_id)
         self._by_deployment.setdefault(assignment.deployment, {})[assignment.slot] = assignment
 
+    def unassign(self, key: ReplicaKey) -> None:
+        """Take back a kept assignment (its service still runs, so its NPUs stay taken)."""
+        self.assignments.pop(key, None)
+        self._by_deployment.get(key[0], {}).pop(key[1], None)
+
     def for_deployment(self, deployment: str) -> list[Assignment]:
         """In slot order; looked up, not scanned: every deployment of a pass asks."""
         slots = self._by_deployment.get(deployment, {})
@@ -188,6 +231,19 @@ def replica_requests(md: ModelDeployment, nodes: Iterable[NodeInfo]) -> list[Rep
         or (spec.publish is not None and spec.publish.mode == "host"),
         "npu_ids": frozenset(spec.npuIds) if spec.npuIds is not None else None,
     }
+    if spec.multi_node:
+        return [
+            ReplicaRequest(
+                slot=member_slot(group, member),
+                group=str(group),
+                member=member,
+                members=spec.nodesPerReplica,
+                topology_key=spec.groupTopologyKey,
+                **common,
+            )
+            for group in range(spec.replicas)
+            for member in range(spec.nodesPerReplica)
+        ]
     if spec.mode == "Replicated":
         return [ReplicaRequest(slot=str(index), **common) for index in range(spec.replicas)]
     # PerNode: every matching node with NPUs, including one that is down right now: its
@@ -256,6 +312,15 @@ def place(
     result.taken.update({node.id: set() for node in nodes})
     result.free.update({node.id: set(node.usable_npus) for node in nodes})
     requests_by_key = {request.key: request for request in requests}
+    groups: dict[ReplicaKey, list[ReplicaRequest]] = {}
+    for member in requests:
+        if member.group_key is not None:
+            groups.setdefault(member.group_key, []).append(member)
+    for allocation in allocations:
+        if allocation.port_block is not None and not allocation.foreign:
+            # Taken while the service runs, wanted or not, like its NPUs.
+            result.port_blocks.setdefault(allocation.node_id, set()).add(allocation.port_block)
+            result._block_of[allocation.key] = allocation.port_block
     for allocation in _claim_order(allocations, requests):
         if allocation.foreign:
             _hold_foreign(result, allocation)
@@ -263,6 +328,10 @@ def place(
         request = requests_by_key.get(allocation.key)
         _keep_or_move(result, allocation, request, moving, now, lost_node_grace_seconds)
     for request in requests:
+        if request.group_key is not None:
+            if request.member == 0:  # a group is placed at its leader's place in the order
+                _place_group(groups[request.group_key], result)
+            continue
         if request.key in result.assignments:
             continue
         assignment = _best_fit(request, result)
@@ -368,6 +437,8 @@ def spare_assignment(result: PlacementResult, request: ReplicaRequest) -> Assign
 
     The claim is recorded in ``result`` so two surges of one pass never share NPUs.
     """
+    if request.group is not None:
+        return None  # one member alone on spare NPUs is no use: a group is replaced whole
     assignment = _best_fit(request, result)
     if isinstance(assignment, Unplaced):
         return None
@@ -476,6 +547,112 @@ def _best_fit(request: ReplicaRequest, result: PlacementResult) -> Assignment | 
         npus=chosen,
         kept=False,
     )
+
+
+def _place_group(members: list[ReplicaRequest], result: PlacementResult) -> None:
+    """Every member of one group has a node after this, or none has (core/gang.py): kept
+    members stay, the missing ones get distinct nodes; when they cannot, the kept ones are
+    let go too, so a group that waits holds no NPUs once its services are removed."""
+    missing = [m for m in members if m.key not in result.assignments]
+    if not missing:
+        _seat_group(members, result)
+        return
+    leader = members[0]
+    kept = [result.assignments[m.key] for m in members if m.key in result.assignments]
+    excluded = dict.fromkeys((a.node_id for a in kept), "runs a member of this group already")
+    if leader.one_per_node:
+        for node_id in result.nodes_used.get(leader.deployment, ()):
+            excluded.setdefault(node_id, "another replica of the deployment holds its NPUs")
+    key: CandidateKey = (tuple(sorted(leader.node_selector.items())), None)
+    matching = _candidates(key, leader, result)
+    domain = None
+    if leader.topology_key is not None and kept:
+        domain = result._nodes[kept[0].node_id].labels.get(leader.topology_key)
+    ask = gang.GangAsk(
+        members=leader.members,
+        missing=len(missing),
+        npus=leader.npus,
+        npu_ids=leader.npu_ids,
+        topology_key=leader.topology_key,
+        domain=domain,
+        avoid=frozenset().union(*(m.avoid_nodes for m in members)),
+    )
+    outcome = gang.choose(ask, matching, result.free, excluded)
+    if isinstance(outcome, gang.GangShortfall):
+        reason: UnplacedReason = "InsufficientNPUs"
+        if not matching:
+            reason = "NoMatchingNode"
+        elif _blocked_nodes(matching):
+            reason = _validation_reason(matching)
+        message = f"group {leader.group} of {leader.members} nodes: {outcome.message}"
+        _let_group_go(members, result, reason, message, outcome.message)
+        return
+    for member, seat in zip(missing, outcome.seats, strict=True):
+        result.assign(
+            Assignment(
+                deployment=member.deployment,
+                slot=member.slot,
+                node_id=seat.node.id,
+                npus=seat.npus,
+                kept=False,
+            )
+        )
+        result.hold(
+            seat.node.id, seat.npus, member.deployment, f"{member.deployment}[{member.slot}]"
+        )
+    if outcome.preference_unmet and leader.group_key is not None:
+        result.group_notes[leader.group_key] = outcome.preference_unmet
+    _seat_group(members, result)
+
+
+def _let_group_go(
+    members: list[ReplicaRequest],
+    result: PlacementResult,
+    reason: UnplacedReason,
+    message: str,
+    why: str,
+) -> None:
+    for member in members:
+        if member.key in result.assignments:
+            result.unassign(member.key)
+            result.moved[member.key] = f"its group cannot be placed whole: {why}"
+        result.unplaced[member.key] = _unplaced(member, reason, message)
+
+
+def _seat_group(members: list[ReplicaRequest], result: PlacementResult) -> None:
+    """Every member placed: give the group its port block (kept while every member's node
+    has it; else the lowest block free on all of them) and each member its seat."""
+    placed = [result.assignments[m.key] for m in members]
+    node_ids = [a.node_id for a in placed]
+    recorded = {result._block_of.get(m.key) for m in members}
+    block = next(iter(recorded)) if len(recorded) == 1 else None
+    if block is not None:
+        # Its own services claimed it on their nodes; any other claim there is another group's.
+        others = [n for n, a in zip(node_ids, placed, strict=True) if not a.kept]
+        if any(block in result.port_blocks.get(n, ()) for n in others):
+            block = None
+    if block is None:
+        block = gang.free_block(result.port_blocks, node_ids)
+    if block is None:
+        leader = members[0]
+        why = f"no free host port block on nodes {sorted(node_ids)} ({gang.PORT_BLOCKS} blocks)"
+        _let_group_go(members, result, "InsufficientNPUs", f"group {leader.group}: {why}", why)
+        return
+    for node_id in node_ids:
+        result.port_blocks.setdefault(node_id, set()).add(block)
+    ports = gang.GroupPorts.of_block(block)
+    leader_node = result._nodes.get(placed[0].node_id)
+    for member, assignment in zip(members, placed, strict=True):
+        node = result._nodes.get(assignment.node_id)
+        seat = GroupSeat(
+            member=member.member,
+            members=member.members,
+            leader_address=leader_node.addr if leader_node else "",
+            address=node.addr if node else "",
+            interface=node.labels.get(labels.NODE_HCCL_INTERFACE, "") if node else "",
+            ports=ports,
+        )
+        result.assign(assignment.model_copy(update={"group": seat}))
 
 
 def _validation_reason(nodes: list[NodeInfo]) -> UnplacedReason:

@@ -20,7 +20,7 @@ from npuswarm.api import labels
 from npuswarm.api.deployment import ModelDeployment
 from npuswarm.core.clock import SECOND_NS
 from npuswarm.core.npus import format_npu_ids
-from npuswarm.core.placement import Assignment
+from npuswarm.core.placement import Assignment, GroupSeat
 from npuswarm.core.snapshot import ObservedService, SwarmSnapshot
 
 MAX_SERVICE_NAME = 63
@@ -68,10 +68,11 @@ def network_alias(md: ModelDeployment) -> str | None:
     return md.spec.network.alias or md.metadata.name
 
 
-def vllm_args(md: ModelDeployment) -> list[str]:
+def vllm_args(md: ModelDeployment, seat: GroupSeat | None = None) -> list[str]:
     """The `vllm serve` argument list; a list, so no shell ever re-splits user values."""
     spec = md.spec
     engine = spec.engine
+    port = seat.ports.api if seat is not None else engine.port
     args = [
         "serve",
         spec.model,
@@ -82,8 +83,12 @@ def vllm_args(md: ModelDeployment) -> list[str]:
         "--host",
         "0.0.0.0",
         "--port",
-        str(engine.port),
+        str(port),
     ]
+    if seat is not None:
+        args += group_args(md, seat)
+    elif engine.dataParallelSize is not None:
+        args += ["--data-parallel-size", str(engine.dataParallelSize)]
     if engine.enableExpertParallel:
         args.append("--enable-expert-parallel")
     if engine.maxModelLen is not None:
@@ -91,8 +96,41 @@ def vllm_args(md: ModelDeployment) -> list[str]:
     return args + list(engine.extraArgs)
 
 
-def container_env(md: ModelDeployment, npus: frozenset[int]) -> list[str]:
-    env = dict(md.spec.engine.env)
+def group_args(md: ModelDeployment, seat: GroupSeat) -> list[str]:
+    """vllm-ascend's multi-node data parallel flags (docs/multi-node.md): every member names
+    the whole group and the leader; the others run --headless from their first rank."""
+    local = md.spec.data_parallel_size // seat.members
+    args = [
+        "--data-parallel-size",
+        str(md.spec.data_parallel_size),
+        "--data-parallel-size-local",
+        str(local),
+        "--data-parallel-address",
+        seat.leader_address,
+        "--data-parallel-rpc-port",
+        str(seat.ports.rpc),
+    ]
+    if seat.member > 0:
+        args += ["--headless", "--data-parallel-start-rank", str(local * seat.member)]
+    return args
+
+
+def group_env(seat: GroupSeat, default_interface: str) -> dict[str, str]:
+    """HCCL, Gloo and TP sockets on the node's own address and interface; without a known
+    interface they are left to pick one themselves (HCCL_IF_IP still names the address)."""
+    env = {"HCCL_IF_IP": seat.address, "HCCL_IF_BASE_PORT": str(seat.ports.hccl_base)}
+    interface = seat.interface or default_interface
+    if interface:
+        env |= dict.fromkeys(
+            ("GLOO_SOCKET_IFNAME", "TP_SOCKET_IFNAME", "HCCL_SOCKET_IFNAME"), interface
+        )
+    return env
+
+
+def container_env(
+    md: ModelDeployment, npus: frozenset[int], group: Mapping[str, str] | None = None
+) -> list[str]:
+    env = dict(md.spec.engine.env) | dict(group or {})
     # The runtime hook mounts exactly these host NPUs; inside, they are renumbered 0..N-1.
     env["ASCEND_VISIBLE_DEVICES"] = format_npu_ids(npus)
     env["ASCEND_RT_VISIBLE_DEVICES"] = format_npu_ids(range(len(npus)))
@@ -142,19 +180,28 @@ def render_service(
     name: str | None = None,
     instance: str = labels.DEFAULT_INSTANCE,
     stop_grace_seconds: float = DEFAULT_STOP_GRACE_SECONDS,
+    hccl_interface: str = "",
 ) -> dict[str, Any]:
-    """``name`` keeps an existing service's name: Swarm cannot rename a service."""
+    """``name`` keeps an existing service's name: Swarm cannot rename a service.
+    ``hccl_interface``: a group member's interface when its node has no label for it."""
     replica_labels = owner_labels(md, instance) | {
         labels.REPLICA: assignment.slot,
         labels.NODE: assignment.node_id,
         labels.NPUS: format_npu_ids(assignment.npus),
         labels.MODEL: md.spec.served_model_name,
     }
-    container = _container(md, assignment.npus, replica_labels)
+    seat = assignment.group
+    if seat is not None:
+        replica_labels[labels.PORT_BLOCK] = str(seat.ports.block)
+    container = _container(md, assignment.npus, replica_labels, seat, hccl_interface)
+    task_template = _task_template(md, assignment.node_id, container)
+    if seat is not None:
+        # The rendezvous, torch.distributed and HCCL bind host addresses (docs/multi-node.md).
+        task_template["Networks"] = [{"Target": "host"}]
     rendered: dict[str, Any] = {
         "Name": name or service_name(md, assignment.slot),
         "Labels": dict(replica_labels),
-        "TaskTemplate": _task_template(md, assignment.node_id, container),
+        "TaskTemplate": task_template,
         "Mode": {"Replicated": {"Replicas": 1}},
         # Stop first: the replacement task needs the NPUs the old one holds.
         "UpdateConfig": {"Parallelism": 1, "Order": "stop-first", "FailureAction": "pause"},
@@ -172,7 +219,11 @@ def render_service(
 
 
 def _container(
-    md: ModelDeployment, npus: frozenset[int], replica_labels: dict[str, str]
+    md: ModelDeployment,
+    npus: frozenset[int],
+    replica_labels: dict[str, str],
+    seat: GroupSeat | None = None,
+    hccl_interface: str = "",
 ) -> dict[str, Any]:
     spec = md.spec
     mounts: list[dict[str, Any]] = [
@@ -189,23 +240,28 @@ def _container(
         {"Type": "tmpfs", "Target": "/dev/shm", "TmpfsOptions": {"SizeBytes": spec.shm_size_bytes}}
     )
     health = spec.healthCheck
+    port = seat.ports.api if seat is not None else spec.engine.port
+    healthcheck: dict[str, Any] = {
+        "Test": health_command(port, health.path, health.timeoutSeconds),
+        "Interval": health.intervalSeconds * SECOND_NS,
+        "Timeout": health.timeoutSeconds * SECOND_NS,
+        "Retries": health.retries,
+        "StartPeriod": health.startPeriodSeconds * SECOND_NS,
+    }
+    if seat is not None and seat.member > 0:
+        # A headless member serves no HTTP: its group's health is its leader's.
+        healthcheck = {"Test": ["NONE"]}
     return {
         "Image": spec.image,
         "Command": ["vllm"],
-        "Args": vllm_args(md),
-        "Env": container_env(md, npus),
+        "Args": vllm_args(md, seat),
+        "Env": container_env(md, npus, group_env(seat, hccl_interface) if seat else None),
         # The owner uid stays off the task: a re-created ModelDeployment adopts its running
         # replicas instead of restarting every one of them.
         "Labels": {k: v for k, v in replica_labels.items() if k != labels.OWNER_UID},
         "Mounts": mounts,
         "Init": True,
-        "Healthcheck": {
-            "Test": health_command(spec.engine.port, health.path, health.timeoutSeconds),
-            "Interval": health.intervalSeconds * SECOND_NS,
-            "Timeout": health.timeoutSeconds * SECOND_NS,
-            "Retries": health.retries,
-            "StartPeriod": health.startPeriodSeconds * SECOND_NS,
-        },
+        "Healthcheck": healthcheck,
     }
 
 
@@ -326,9 +382,11 @@ class Renderer:
         self,
         instance: str = labels.DEFAULT_INSTANCE,
         stop_grace_seconds: float = DEFAULT_STOP_GRACE_SECONDS,
+        hccl_interface: str = "",
     ) -> None:
         self.instance = instance
         self.stop_grace_seconds = stop_grace_seconds
+        self.hccl_interface = hccl_interface
         self._rendered: dict[tuple[Any, ...], tuple[dict[str, Any], dict[str, Any]]] = {}
         self._observed: dict[tuple[str, int], dict[str, Any]] = {}
         self._previous: tuple[dict[Any, Any], dict[Any, Any]] = ({}, {})
@@ -371,12 +429,18 @@ class Renderer:
             assignment.slot,
             assignment.node_id,
             assignment.npus,
+            assignment.group,
             name,
         )
         entry = self._rendered.get(key) or self._previous[0].get(key)
         if entry is None:
             spec = render_service(
-                md, assignment, name, self.instance, stop_grace_seconds=self.stop_grace_seconds
+                md,
+                assignment,
+                name=name,
+                instance=self.instance,
+                stop_grace_seconds=self.stop_grace_seconds,
+                hccl_interface=self.hccl_interface,
             )
             entry = (spec, essential(spec))
         self._rendered[key] = entry

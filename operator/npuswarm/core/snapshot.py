@@ -96,12 +96,14 @@ class ObservedService:
             npus = parse_npu_ids(npu_text)
         except ValueError:
             return None
+        block = self.labels.get(labels.PORT_BLOCK, "")
         return Allocation(
             deployment=self.deployment,
             slot=self.slot,
             node_id=node_id,
             npus=npus,
             service=self.name,
+            port_block=int(block) if block.isdigit() else None,
         )
 
 
@@ -421,5 +423,11 @@ def _with_network_names(spec: dict[str, Any], names: dict[str, str]) -> dict[str
     attached = template.get("Networks")
     if not attached:
         return spec
-    renamed = [dict(n, Target=names.get(n.get("Target", ""), n.get("Target"))) for n in attached]
+    # A multi-node replica's member is rendered on "host" only; Swarm stores the cluster-wide
+    # id of its host network, which GET /networks does not list (it lists the local one).
+    member = labels.PORT_BLOCK in (spec.get("Labels") or {})
+    renamed = [
+        dict(n, Target=names.get(n.get("Target", ""), "host" if member else n.get("Target")))
+        for n in attached
+    ]
     return dict(spec, TaskTemplate=dict(template, Networks=renamed))

@@ -21,7 +21,7 @@ from npuswarm.core.clock import TIMESTAMP, timestamp
 from npuswarm.core.diff import Action, Applied, DeploymentPlan, PassPlan
 from npuswarm.core.nodes import NodeInfo, NodeLimits
 from npuswarm.core.npus import parse_npu_ids
-from npuswarm.core.placement import Unplaced
+from npuswarm.core.placement import Assignment, Unplaced
 from npuswarm.core.render import network_alias
 from npuswarm.core.snapshot import SwarmSnapshot
 
@@ -184,7 +184,7 @@ def deployment_status(
         readyReplicas=ready_count,
         placedReplicas=len(placed),
         npus=sum(len(r.npus) for r in placed),
-        endpoint=_endpoint(md),
+        endpoint=_endpoint(md, placement.for_deployment(md.key)),
         replicaStatuses=replicas.statuses,
         conditions=verdict.conditions(previous_conditions, md.metadata.generation, now),
     )
@@ -261,6 +261,9 @@ def replica_report(whole: PassPlan, plan: DeploymentPlan, writes: Applied) -> Re
             message = "waiting for its turn in the rolling update (updateStrategy)"
         elif request.slot in touched:
             message = "service written, waiting for the task to run"
+        group_note = placement.group_notes.get(request.group_key) if request.group_key else None
+        if group_note is not None:
+            message = f"{message}; {group_note}" if message else group_note
         if error:
             report.failing.append(f"replica {request.slot}: {error}")
         newest = service.newest_task if service is not None else None
@@ -375,7 +378,11 @@ def node_unavailable(node: NodeInfo | None, grace_seconds: float) -> str | None:
     )
 
 
-def _endpoint(md: ModelDeployment) -> str | None:
+def _endpoint(md: ModelDeployment, assignments: Sequence[Assignment]) -> str | None:
+    if md.spec.multi_node:
+        # On the host network: each group is reached at its leader's node address and port.
+        leaders = [a.group for a in assignments if a.group is not None and a.group.member == 0]
+        return ", ".join(f"{s.leader_address}:{s.ports.api}" for s in leaders) or None
     alias = network_alias(md)
     if alias is not None:
         return f"{alias}:{md.spec.engine.port}"

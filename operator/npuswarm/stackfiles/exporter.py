@@ -83,7 +83,10 @@ def compose_service(md: ModelDeployment, spec: Mapping[str, Any]) -> dict[str, A
         "volumes": [_compose_mount(mount) for mount in container.get("Mounts") or []],
     }
     health = container.get("Healthcheck")
-    if health:
+    if health and list(health.get("Test") or []) == ["NONE"]:
+        # A headless member of a multi-node replica serves no HTTP (docs/multi-node.md).
+        service["healthcheck"] = {"disable": True}
+    elif health:
         service["healthcheck"] = {
             "test": list(health["Test"]),
             "interval": go_duration(health["Interval"]),

@@ -169,10 +169,23 @@ def _map_image(service: Mapping[str, Any], spec: dict[str, Any], notes: Notes) -
     notes.mapped("image", image)
 
 
+# What only a member of a group spread over nodes is started with (rank offset, leader).
+_GROUP_MEMBER_FLAGS = ("--data-parallel-address", "--data-parallel-start-rank", "-dpa", "-dpr")
+
+
 def _map_command(
     args: list[str], spec: dict[str, Any], engine: dict[str, Any], notes: Notes
 ) -> None:
     serve = parse_serve_args(args, notes)
+    group_flags = sorted(
+        {a.split("=", 1)[0] for a in serve.extra} & {"--headless", *_GROUP_MEMBER_FLAGS}
+    )
+    if group_flags:
+        raise StackFileError(
+            f"looks like one node of a multi-node data-parallel group ({', '.join(group_flags)}); "
+            "import-stack does not recognise groups: write one ModelDeployment with "
+            "nodesPerReplica and engine.dataParallelSize instead (docs/multi-node.md)"
+        )
     if serve.model is None:
         raise StackFileError("vllm serve has no model: give it as the first argument")
     spec["model"] = serve.model
