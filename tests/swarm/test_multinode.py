@@ -58,7 +58,9 @@ def test_member_services_are_stored_with_their_args_env_network_and_pin(
     snapshot = swarm.observe()
     node = snapshot.nodes[0]
     ports = gang.GroupPorts.of_block(gang.PORT_BLOCKS - 1)  # out of the way of other tests
-    renderer = Renderer(hccl_interface="lo")
+    # A short stop grace: members on the host network keep their ports until they stop, and
+    # the next test's group takes the same block.
+    renderer = Renderer(hccl_interface="lo", stop_grace_seconds=1)
     specs = []
     # Both members on the one node, each with its own NPUs, as two nodes would have them.
     for member, npus in ((0, frozenset({0, 1})), (1, frozenset({2, 3}))):
@@ -95,9 +97,17 @@ def test_member_services_are_stored_with_their_args_env_network_and_pin(
     member_args = member["Spec"]["TaskTemplate"]["ContainerSpec"]["Args"]
     assert member_args[member_args.index("--headless") + 1:][:2] == ["--data-parallel-start-rank", "2"]
     # The leader really runs on the host network: its API port answers on the node's address.
-    wait_for(lambda: any(t["Status"]["State"] == "running"
-                         for t in docker_client.tasks(filters={"service": leader["ID"]})),
-             "the leader's task to run", timeout=60)
+    def leader_runs() -> bool:
+        tasks = docker_client.tasks(filters={"service": leader["ID"]})
+        last_seen.extend(f"{t['Status']['State']}: {t['Status'].get('Err', '')}" for t in tasks)
+        return any(t["Status"]["State"] == "running" for t in tasks)
+
+    last_seen: list[str] = []
+    try:
+        wait_for(leader_runs, "the leader's task to run", timeout=120)
+    except BaseException:
+        print("leader task states seen:", sorted(set(last_seen))[-10:])
+        raise
     # The snapshot reads the block back from the label: the source of truth after a restart.
     blocks = {a.slot: a.port_block for a in swarm.observe().allocations() if a.deployment == md.key}
     assert blocks == {member_slot(0, 0): ports.block, member_slot(0, 1): ports.block}

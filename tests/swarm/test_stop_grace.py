@@ -12,7 +12,7 @@ from npuswarm.core.render import DEFAULT_STOP_GRACE_SECONDS
 from npuswarm.reconcile import Reconciler
 from npuswarm.swarm import Swarm
 
-from .conftest import converge, model, serve
+from .conftest import converge, model, serve, wait_for
 
 GRACE_NS = int(DEFAULT_STOP_GRACE_SECONDS * 1_000_000_000)
 
@@ -34,7 +34,15 @@ def test_the_grace_period_rides_on_the_next_update(
     older = copy.deepcopy(created["Spec"])
     del older["TaskTemplate"]["ContainerSpec"]["StopGracePeriod"]
     Swarm().update_service(created["ID"], created["Version"]["Index"], older)
-    stripped = only_service(docker_client, namespace)
+
+    def settled() -> dict | None:
+        # Swarm writes the rolling update's end into the service (a new version of its own):
+        # compare versions only after that.
+        service = only_service(docker_client, namespace)
+        state = (service.get("UpdateStatus") or {}).get("State")
+        return service if state in (None, "completed") else None
+
+    stripped = wait_for(settled, "the update of the older spec to complete", timeout=60)
     assert "StopGracePeriod" not in stripped["Spec"]["TaskTemplate"]["ContainerSpec"]
 
     # The upgraded operator's pass: nothing to write for the grace period alone.
