@@ -24,6 +24,21 @@ def owned(client: docker.APIClient, namespace: str, name: str) -> list[dict]:
                                               f"npuswarm.io/owner-name={name}"]})
 
 
+def wait_until_running(client: docker.APIClient, service_id: str, what: str) -> None:
+    seen: list[str] = []
+
+    def running() -> bool:
+        tasks = client.tasks(filters={"service": service_id})
+        seen.extend(f"{t['Status']['State']}: {t['Status'].get('Err', '')}" for t in tasks)
+        return any(t["Status"]["State"] == "running" for t in tasks)
+
+    try:
+        wait_for(running, what, timeout=120)
+    except BaseException:
+        print("task states seen:", sorted(set(seen))[-10:])
+        raise
+
+
 def group_spec() -> dict:
     # A group runs on the host network: no overlay network, no published port.
     return {"nodesPerReplica": 2, "npusPerReplica": 2, "network": None,
@@ -69,8 +84,12 @@ def test_member_services_are_stored_with_their_args_env_network_and_pin(
         assignment = Assignment(deployment=md.key, slot=member_slot(0, member), node_id=node.id,
                                 npus=npus, kept=False, group=seat)
         spec = renderer.render(md, assignment, name=service_name(md, assignment.slot))
-        swarm.create_service(spec)
+        service_id = swarm.create_service(spec)
         specs.append(spec)
+        if member == 0:
+            # Both members share this one node's API port here, and the local Swarm's image
+            # serves HTTP even with --headless: the leader must hold the port first.
+            wait_until_running(docker_client, service_id, "the leader's task to run")
     stored = {s["Spec"]["Name"]: s for s in owned(docker_client, namespace, "ds")}
     assert set(stored) == {s["Name"] for s in specs}
     observed = {s.name: s for s in swarm.observe().services}
@@ -96,18 +115,9 @@ def test_member_services_are_stored_with_their_args_env_network_and_pin(
     assert "--headless" not in leader["Spec"]["TaskTemplate"]["ContainerSpec"]["Args"]
     member_args = member["Spec"]["TaskTemplate"]["ContainerSpec"]["Args"]
     assert member_args[member_args.index("--headless") + 1:][:2] == ["--data-parallel-start-rank", "2"]
-    # The leader really runs on the host network: its API port answers on the node's address.
-    def leader_runs() -> bool:
-        tasks = docker_client.tasks(filters={"service": leader["ID"]})
-        last_seen.extend(f"{t['Status']['State']}: {t['Status'].get('Err', '')}" for t in tasks)
-        return any(t["Status"]["State"] == "running" for t in tasks)
-
-    last_seen: list[str] = []
-    try:
-        wait_for(leader_runs, "the leader's task to run", timeout=120)
-    except BaseException:
-        print("leader task states seen:", sorted(set(last_seen))[-10:])
-        raise
+    # The leader really runs on the host network (waited for above).
+    assert any(t["Status"]["State"] == "running"
+               for t in docker_client.tasks(filters={"service": leader["ID"]}))
     # The snapshot reads the block back from the label: the source of truth after a restart.
     blocks = {a.slot: a.port_block for a in swarm.observe().allocations() if a.deployment == md.key}
     assert blocks == {member_slot(0, 0): ports.block, member_slot(0, 1): ports.block}
