@@ -27,6 +27,7 @@ from npuswarm.gateway.credentials import (
     TLS_RENEW_BEFORE,
     Credentials,
     GatewayIdentity,
+    Identity,
 )
 
 ROUTER_PORT = 30000
@@ -297,17 +298,9 @@ def plan_secrets(
             )
         tls_name = valid_tls(mine, credential_id, now)
         if tls_name is None:
-            bundle = credentials.issue_tls(who, now)
-            expires = str(int(bundle.not_after.timestamp()))
-            digest = hashlib.sha256(f"{credential_id}/{expires}".encode()).hexdigest()[:16]
-            tls_name = f"{prefix}-{digest}-tls"
-            plan.create.append(
-                NewSecret(
-                    tls_name,
-                    bundle.pem,
-                    base | {labels.SECRET_KIND: TLS_KIND, labels.NOT_AFTER: expires},
-                )
-            )
+            fresh = new_tls_secret(credentials, who, credential_id, prefix, base, now)
+            tls_name = fresh.name
+            plan.create.append(fresh)
         plan.mounts[gateway.key] = (
             SecretMount(credential_name, protocol.CREDENTIAL_FILE),
             SecretMount(tls_name, protocol.TLS_FILE),
@@ -315,6 +308,27 @@ def plan_secrets(
         wanted = {credential_name, tls_name}
         plan.stale.extend(s for s in mine if s.name not in wanted)
     return plan
+
+
+def new_tls_secret(
+    credentials: Credentials,
+    who: Identity,
+    credential_id: str,
+    prefix: str,
+    base: dict[str, str],
+    now: datetime,
+    kind: str = TLS_KIND,
+) -> NewSecret:
+    """A fresh certificate for ``who`` as a new secret (Swarm secrets are immutable), named
+    after its credential and expiry; ``valid_tls`` finds it again by those labels."""
+    bundle = credentials.issue_tls(who, now)
+    expires = str(int(bundle.not_after.timestamp()))
+    digest = hashlib.sha256(f"{credential_id}/{expires}".encode()).hexdigest()[:16]
+    return NewSecret(
+        f"{prefix}-{digest}-tls",
+        bundle.pem,
+        base | {labels.SECRET_KIND: kind, labels.NOT_AFTER: expires},
+    )
 
 
 def valid_tls(

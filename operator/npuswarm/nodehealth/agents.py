@@ -29,7 +29,7 @@ from npuswarm.core.nodes import NodeInfo
 from npuswarm.core.npus import format_npu_ids, parse_npu_ids
 from npuswarm.core.snapshot import ObservedSecret
 from npuswarm.gateway.credentials import AgentIdentity, Credentials
-from npuswarm.gateway.service import NewSecret, SecretMount, valid_tls
+from npuswarm.gateway.service import NewSecret, SecretMount, new_tls_secret, valid_tls
 from npuswarm.nodehealth import checks
 from npuswarm.nodehealth.checks import Verdict
 from npuswarm.nodehealth.npusmi import NodeHealth, parse_npu_smi
@@ -233,17 +233,9 @@ def plan_secrets(
         )
     tls_name = valid_tls(observed, credential_id, now, TLS_KIND)
     if tls_name is None:
-        bundle = credentials.issue_tls(IDENTITY, now)
-        expires = str(int(bundle.not_after.timestamp()))
-        digest = hashlib.sha256(f"{credential_id}/{expires}".encode()).hexdigest()[:16]
-        tls_name = f"{prefix}-{digest}-tls"
-        plan.create.append(
-            NewSecret(
-                tls_name,
-                bundle.pem,
-                base | {labels.SECRET_KIND: TLS_KIND, labels.NOT_AFTER: expires},
-            )
-        )
+        fresh = new_tls_secret(credentials, IDENTITY, credential_id, prefix, base, now, TLS_KIND)
+        tls_name = fresh.name
+        plan.create.append(fresh)
     plan.mounts = (
         SecretMount(credential_name, CREDENTIAL_FILE),
         SecretMount(tls_name, TLS_FILE),
