@@ -6,7 +6,7 @@ import json
 import os
 import subprocess
 import sys
-import time
+
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -20,7 +20,7 @@ from npuswarm.gateway.backends import GatewayReplica
 from npuswarm.gateway.credentials import Credentials, GatewayIdentity, write_secret_files
 from npuswarm.gateway.push import PushTarget, Signer, admin_request
 from tests.fakevllm.conftest import SERVER, make_dev_dir, wait_listening
-from tests.helpers import free_port, stop_process
+from tests.helpers import free_port, stop_process, wait_for
 from tests.unit.builders import NOW
 
 ROOT_KEY = "gateway-tests-root-key-0123456789"
@@ -159,11 +159,16 @@ def make_gateway(tmp_path: Path) -> Iterator[Any]:
         )
         started.append((proc, log))
         made = Gateway(proc, port, admin)
-        deadline = time.monotonic() + START_DEADLINE
-        while call(f"{made.url}/health").status != 200 if _listening(port) else True:
-            if proc.poll() is not None or time.monotonic() > deadline:
+        def healthy() -> bool:
+            if proc.poll() is not None:
                 raise AssertionError(log_path.read_text()[-3000:])
-            time.sleep(0.1)  # poll interval while vllm-router starts
+            return _listening(port) and call(f"{made.url}/health").status == 200
+
+        try:
+            wait_for(healthy, "the gateway front's /health", timeout=START_DEADLINE, interval=0.1)
+        except BaseException:
+            print(log_path.read_text()[-3000:])
+            raise
         return made
 
     yield start
