@@ -313,8 +313,15 @@ autoscaler_unmet_replicas = Gauge(
 )
 gateway_pushes_total = Counter(
     "npuswarm_gateway_pushes_total",
-    "Pushes of backends to gateway replicas by outcome (success or error).",
+    "Pushes of backends to gateway replicas by outcome (success, error, or fenced: not sent "
+    "because this instance does not hold the leadership lease).",
     ["outcome"],
+    registry=REGISTRY,
+)
+gateway_held_writes = Gauge(
+    "npuswarm_gateway_held_writes",
+    "Writes the last pass held back because a gateway may still list the replica they stop "
+    "(made by the pass after the gateway accepts a state without it).",
     registry=REGISTRY,
 )
 

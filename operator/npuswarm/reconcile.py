@@ -27,12 +27,13 @@ from npuswarm.api import labels
 from npuswarm.api.gateway import ModelGatewayStatus
 from npuswarm.api.meta import split_key
 from npuswarm.core.clock import utcnow
-from npuswarm.core.diff import Action, Applied, PassPlan, reported_services
+from npuswarm.core.diff import Action, Applied, PassPlan, hold_writes, reported_services
 from npuswarm.core.nodes import NodeLimits
 from npuswarm.core.pipeline import DeploymentView, Desired, plan_pass, report
 from npuswarm.core.render import Renderer, network_labels
 from npuswarm.core.snapshot import SwarmSnapshot, is_own, secrets_from_engine
 from npuswarm.core.status import npu_states
+from npuswarm.gateway.backends import stopped_by
 from npuswarm.gateway.push import GatewayPass, Gateways
 from npuswarm.gateway.service import GatewaySecrets, SecretMount, plan_secrets
 from npuswarm.settings import Settings
@@ -215,13 +216,19 @@ class Reconciler:
     def _gateways_first(
         self, desired: Desired, whole: PassPlan, secrets: GatewaySecrets
     ) -> GatewayPass:
-        """Before any write that stops a replica: every gateway drops it (and gets the
-        replicas that became ready). See gateway/backends.py."""
-        if self.gateways is None or not desired.gateways:
+        """Every gateway is handed its backends (without the replicas this pass's writes
+        stop, with those that became ready), and the writes that would stop a replica some
+        gateway may still list wait for a later pass (gateway/push.py)."""
+        if self.gateways is None:
             return GatewayPass()
         mounts: dict[str, tuple[SecretMount, ...]] = secrets.mounts
         gateway_pass = self.gateways.prepare(desired.gateways, desired.deployments, whole, mounts)
-        self.gateways.push(gateway_pass)
+        self.gateways.offer(gateway_pass)
+        held = self.gateways.holding(stopped_by(whole.actions))
+        if held:
+            hold_writes(whole, held)
+            log.info("writes wait for gateways to drop their replicas", services=sorted(held))
+        metrics.gateway_held_writes.set(len(held))
         return gateway_pass
 
     def _remove_secrets(self, secret_ids: list[str]) -> None:

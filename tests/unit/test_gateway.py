@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
+from npuswarm import metrics
 from npuswarm.api import labels
 from npuswarm.api.deployment import ModelDeployment
 from npuswarm.api.gateway import ModelGateway
@@ -256,25 +257,40 @@ def test_a_replica_leaves_every_gateway_before_its_task_is_stopped() -> None:
         "Spec": {"ContainerSpec": {"Labels": {}}},
     }
     swarm.tasks.append(gw_task)
-    ready = r.run_pass(Desired(deployments=[a], gateways=[gw]))
+    desired = Desired(deployments=[a], gateways=[gw])
+    first = r.run_pass(desired)  # hands the new gateway task its state; does not wait
+    assert first.gateways["default/gw"].readyReplicas == 0, "not configured until it accepts"
+    settle(gateways)
     assert recorder.log == [("push", {"served-a": 2})]
+    ready = r.run_pass(desired)
     assert ready.gateways["default/gw"].phase == "Ready"
     assert ready.gateways["default/gw"].endpoint == "10.123.0.1:8000"
 
-    r.run_pass(Desired(deployments=[a], gateways=[gw]))
+    r.run_pass(desired)
+    settle(gateways)
     assert recorder.log == [("push", {"served-a": 2})], "nothing changed: no second push"
 
     recorder.log.clear()
-    changed = model("a", replicas=2, engine={"maxModelLen": 4096})
-    r.run_pass(Desired(deployments=[changed], gateways=[gw]))
-    # maxUnavailable 1: one replica is updated, and the gateway dropped it first.
+    changed = Desired(deployments=[model("a", replicas=2, engine={"maxModelLen": 4096})], gateways=[gw])
+    held = r.run_pass(changed)
+    # maxUnavailable 1: one replica is to be updated; the gateway may still list it, so the
+    # update waits for the pass after the gateway accepted a state without it.
+    assert not held.views["default/a"].applied and held.views["default/a"].requeue
+    assert metrics.REGISTRY.get_sample_value("npuswarm_gateway_held_writes") == 1
+    settle(gateways)
+    r.run_pass(changed)
     assert recorder.log == [("push", {"served-a": 1}), ("update", "default-a-0")]
 
     recorder.log.clear()
     swarm.tasks = [t for t in swarm.tasks if t["ID"] != "gw-task"]
     swarm.tasks.append(dict(gw_task, ID="gw-task-2"))  # the gateway restarted: a new task
-    r.run_pass(Desired(deployments=[changed], gateways=[gw]))
+    r.run_pass(changed)
+    settle(gateways)
     assert recorder.log and recorder.log[0][0] == "push", "a new gateway task is refilled"
+
+
+def settle(gateways: Gateways) -> None:
+    assert gateways.pusher is not None and gateways.pusher.settle(10.0), "pushes did not end"
 
 
 def test_without_a_root_key_gateways_are_not_run_and_say_why() -> None:

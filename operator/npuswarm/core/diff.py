@@ -103,6 +103,17 @@ class PassPlan:
         return [a for plan in self.plans.values() for a in plan.actions] + self.orphans
 
 
+def hold_writes(whole: PassPlan, services: frozenset[str]) -> None:
+    """Take the writes to ``services`` out of this pass: each deployment's wait with its
+    rollout-held updates (reported as waiting, asked again), orphans' until a later pass."""
+    for plan in whole.plans.values():
+        held = [a for a in plan.actions if a.service_name in services]
+        if held:
+            plan.actions = [a for a in plan.actions if a.service_name not in services]
+            plan.deferred.extend(held)
+    whole.orphans = [a for a in whole.orphans if a.service_name not in services]
+
+
 def services_by_slot(snapshot: SwarmSnapshot, deployment: str) -> dict[str, list[ObservedService]]:
     by_slot: dict[str, list[ObservedService]] = {}
     for service in snapshot.services_of(deployment):

@@ -70,26 +70,55 @@ def replica_url(md: ModelDeployment, service: ObservedService, network: str) -> 
     return f"http://{address}:{md.spec.engine.port}" if address else None
 
 
+@dataclass(frozen=True)
+class Listing:
+    """What one gateway is to list after this pass's writes, and which services that means."""
+
+    backends: Backends
+    # The services whose replicas ``backends`` lists.
+    members: frozenset[str]
+    # Every service of the deployments the gateway serves, listed or not: what a gateway
+    # replica whose state npuswarm does not know (since its start) may still list.
+    serves: frozenset[str]
+
+
+def listing(
+    gateway: ModelGateway,
+    deployments: Iterable[ModelDeployment],
+    snapshot: SwarmSnapshot,
+    stopping: frozenset[str],
+) -> Listing:
+    """Every served model name of the selected deployments, with its ready replicas' URLs
+    (task IPs, not VIPs: per replica, exact, and they work without IPVS). A model with no
+    ready replica is listed with none, so the gateway answers 503 for it, not 404."""
+    network = gateway.spec.network.name
+    backends: Backends = {}
+    members: set[str] = set()
+    serves: set[str] = set()
+    for md in selected(gateway, deployments):
+        urls = backends.setdefault(md.spec.served_model_name, [])
+        for service in snapshot.services_of(md.key):
+            serves.add(service.name)
+            if service.name in stopping:
+                continue
+            url = replica_url(md, service, network)
+            if url is not None:
+                urls.append(url)
+                members.add(service.name)
+    return Listing(
+        backends={model: sorted(set(urls)) for model, urls in sorted(backends.items())},
+        members=frozenset(members),
+        serves=frozenset(serves),
+    )
+
+
 def desired_backends(
     gateway: ModelGateway,
     deployments: Iterable[ModelDeployment],
     snapshot: SwarmSnapshot,
     stopping: frozenset[str],
 ) -> Backends:
-    """Every served model name of the selected deployments, with its ready replicas' URLs
-    (task IPs, not VIPs: per replica, exact, and they work without IPVS). A model with no
-    ready replica is listed with none, so the gateway answers 503 for it, not 404."""
-    network = gateway.spec.network.name
-    backends: Backends = {}
-    for md in selected(gateway, deployments):
-        urls = backends.setdefault(md.spec.served_model_name, [])
-        for service in snapshot.services_of(md.key):
-            if service.name in stopping:
-                continue
-            url = replica_url(md, service, network)
-            if url is not None:
-                urls.append(url)
-    return {model: sorted(set(urls)) for model, urls in sorted(backends.items())}
+    return listing(gateway, deployments, snapshot, stopping).backends
 
 
 # --- where each replica is pushed to, and the status ----------------------------------------
@@ -140,8 +169,10 @@ class GatewayWork:
     gateway: ModelGateway
     backends: Backends
     replicas: list[GatewayReplica]
-    # admin URL -> the error of a refused or failed push (filled by gateway/push.py).
+    # admin URL -> the error of its last refused or failed push (filled by gateway/push.py).
     push_errors: dict[str, str] = field(default_factory=dict)
+    # Admin URLs of replicas that have accepted no push yet (a new gateway task).
+    unconfigured: frozenset[str] = frozenset()
     # Why the operator does not run this gateway, if so: (condition reason, message).
     problem: tuple[str, str] | None = None
     # Client access as pushed (gateway/access.py), and the keys it came from: None when the
@@ -167,7 +198,11 @@ def gateway_status(
     gateway has no placement, so its phase is the standing (never Progressing)."""
     gateway = work.gateway
     desired = gateway.spec.replicas
-    configured = [r for r in work.replicas if r.admin_url not in work.push_errors]
+    configured = [
+        r
+        for r in work.replicas
+        if r.admin_url not in work.push_errors and r.admin_url not in work.unconfigured
+    ]
     verdict = _conditions(work, len(configured))
     secret = gateway.spec.clientAccess.apiKeysSecret
     return ModelGatewayStatus.model_construct(

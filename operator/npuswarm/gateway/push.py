@@ -1,16 +1,28 @@
 """The pass's side of ModelGateways: compute (gateway/backends.py), push each replica's
-backends over TLS before the pass's Swarm writes, and report their status and metrics.
+backends over TLS, hold back the writes that would stop a replica a gateway may still list,
+and report their status and metrics.
 
 The push goes to every running gateway replica's admin port, at its node's address (host
 mode), over TLS checked against npuswarm's gateway CA and that gateway's own name, signed with
 that gateway's own credential (gateway/protocol.py, docs/security.md). It is the full state,
-so pushing twice is harmless and a restarted gateway is refilled by the next pass.
+so pushing twice is harmless and a restarted gateway is refilled at once.
+
+Pushes run on the pusher's own thread, outside the pass lock (issue 25, item 4): a pass hands
+each gateway replica the state it should have and goes on; a gateway whose admin port does not
+answer backs off on its own and slows nobody else's pass, finalizer or node check. The order
+"a replica leaves every gateway before any write stops it" holds through ``holding``: a pass
+applies no write that stops a replica some gateway replica may still list (its last accepted
+state lists it, a push in flight lists it, or npuswarm has not heard from it since its start);
+those writes wait, and the pass that follows the acknowledgement (``on_settled``) makes them.
+A gateway replica whose last push failed holds nothing: it is retried with backoff, and its
+vllm-router's own health checks drop a stopped backend within interval x threshold.
 """
 
 from __future__ import annotations
 
 import json
 import ssl
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -31,8 +43,9 @@ from npuswarm.gateway.access import KeySet, access_state
 from npuswarm.gateway.backends import (
     GatewayReplica,
     GatewayWork,
-    desired_backends,
+    Listing,
     gateway_status,
+    listing,
     running_replicas,
     selected,
     stopped_by,
@@ -50,6 +63,8 @@ LOAD_CONCURRENCY = 8
 # nothing changed makes no call. The gateway keeps what it got; the refresh only bounds how
 # long a gateway that lost it somehow (it cannot without a new task) would go without.
 REFRESH_SECONDS = 60.0
+# A gateway replica whose push failed is tried again after 1, 2, 4 ... seconds, at most this.
+MAX_PUSH_BACKOFF_SECONDS = 60.0
 NO_KEY = "NPUSWARM_ROOT_KEY is not set in the operator: gateways cannot be configured"
 
 
@@ -110,10 +125,195 @@ def https_sender(credentials: Credentials, signer: Signer) -> Sender:
     return send
 
 
+def push_backoff(failures: int) -> float:
+    """Seconds before a gateway replica whose last ``failures`` pushes failed is tried again."""
+    return float(min(MAX_PUSH_BACKOFF_SECONDS, 2.0 ** (failures - 1)))
+
+
+@dataclass(frozen=True)
+class Offer:
+    """One gateway in one pass: its work, what it lists, and its replicas to push to."""
+
+    work: GatewayWork
+    listing: Listing
+    targets: list[PushTarget]
+
+
+@dataclass
+class _Replica:
+    """One gateway replica (task) as the pusher knows it."""
+
+    target: PushTarget
+    state: dict[str, Any]  # what it should hold
+    members: frozenset[str]  # the services ``state`` lists
+    serves: frozenset[str]  # every service its gateway serves (see backends.Listing)
+    accepted: dict[str, Any] | None = None
+    accepted_members: frozenset[str] | None = None  # None: not heard from since our start
+    accepted_at: float = 0.0
+    sending: frozenset[str] | None = None  # members of the state in flight, if any
+    failures: int = 0
+    retry_at: float = 0.0
+    error: str | None = None
+
+    def may_list(self) -> frozenset[str]:
+        if self.failures:
+            return frozenset()
+        listed = self.serves if self.accepted_members is None else self.accepted_members
+        return listed | (self.sending or frozenset())
+
+    def due(self, now: float) -> bool:
+        if self.sending is not None or now < self.retry_at:
+            return False
+        return self.accepted != self.state or now - self.accepted_at >= REFRESH_SECONDS
+
+
+class Pusher:
+    """Keeps every gateway replica holding the state the last pass gave it, on its own
+    thread, PUSH_CONCURRENCY at a time, each replica backing off on its own."""
+
+    def __init__(self, send: Sender, clock: Callable[[], float] = time.monotonic) -> None:
+        self.send = send
+        self.clock = clock
+        # Set by the runtime: whether this instance holds the leadership lease (a push is a
+        # write: an instance that lost the lease sends nothing), and who to tell when a hold
+        # may have ended or a replica got its first state.
+        self.fence: Callable[[], bool] | None = None
+        self.on_settled: Callable[[], None] | None = None
+        self._replicas: dict[tuple[str, str], _Replica] = {}  # (admin URL, task)
+        self._held: frozenset[str] = frozenset()
+        self._changed = threading.Condition()
+        self._stop = False
+        self._senders = ThreadPoolExecutor(PUSH_CONCURRENCY, thread_name_prefix="gateway-push")
+        self._thread = threading.Thread(target=self._run, name="gateway-push", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        with self._changed:
+            self._stop = True
+            self._changed.notify_all()
+        self._thread.join()
+        self._senders.shutdown(wait=True)
+
+    def offer(self, offers: Sequence[Offer]) -> None:
+        """The state each running gateway replica should hold; returns at once. Fills each
+        work's push errors and unconfigured replicas from what the pusher last heard."""
+        with self._changed:
+            live: dict[tuple[str, str], _Replica] = {}
+            for offer in offers:
+                work, listed = offer.work, offer.listing
+                for target in offer.targets:
+                    key = (target.replica.admin_url, target.replica.task)
+                    known = self._replicas.get(key) or _Replica(
+                        target, work.state, listed.members, listed.serves
+                    )
+                    known.target, known.state = target, work.state
+                    known.members, known.serves = listed.members, listed.serves
+                    live[key] = known
+                    if known.error is not None:
+                        work.push_errors[key[0]] = known.error
+                    if known.accepted is None:
+                        work.unconfigured |= {key[0]}
+            self._replicas = live
+            self._changed.notify_all()
+
+    def holding(self, stopping: frozenset[str]) -> frozenset[str]:
+        """Those of ``stopping`` (service names) that some gateway replica may still list:
+        their writes wait. Remembered, so that the answer changing wakes a pass."""
+        with self._changed:
+            listed: set[str] = set()
+            for replica in self._replicas.values():
+                listed |= replica.may_list()
+            self._held = stopping & listed
+            return self._held
+
+    def settle(self, timeout: float) -> bool:
+        """Wait until every replica holds its state or has failed (tests, shutdown)."""
+        deadline = self.clock() + timeout
+        with self._changed:
+            while any(
+                r.sending is not None or (r.accepted != r.state and not r.failures)
+                for r in self._replicas.values()
+            ):
+                left = deadline - self.clock()
+                if left <= 0:
+                    return False
+                self._changed.wait(left)
+            return True
+
+    def _run(self) -> None:
+        while True:
+            with self._changed:
+                if self._stop:
+                    return
+                now = self.clock()
+                due = [(k, r) for k, r in self._replicas.items() if r.due(now)]
+                fenced = bool(due) and self.fence is not None and not self.fence()
+                if fenced:
+                    metrics.gateway_pushes_total.labels("fenced").inc(len(due))
+                    due = []
+                for key, replica in due:
+                    replica.sending = replica.members
+                    self._senders.submit(self._push, key, replica, replica.state, replica.members)
+                # Fenced: asked again soon, as the lease may be confirmed any moment.
+                waits = [1.0] if fenced else []
+                for r in self._replicas.values():
+                    if r.sending is None and r.failures:
+                        waits.append(r.retry_at - now)
+                    elif r.sending is None and r.accepted is not None:
+                        waits.append(r.accepted_at + REFRESH_SECONDS - now)
+                self._changed.wait(max(0.05, min(waits, default=REFRESH_SECONDS)))
+
+    def _push(
+        self,
+        key: tuple[str, str],
+        replica: _Replica,
+        state: dict[str, Any],
+        members: frozenset[str],
+    ) -> None:
+        try:
+            self.send(replica.target, state)
+        except Exception as error:
+            outcome, message = "error", str(error)[:300]
+        else:
+            outcome, message = "success", ""
+        metrics.gateway_pushes_total.labels(outcome).inc()
+        with self._changed:
+            held_before = self._held & replica.may_list()
+            first = replica.accepted is None
+            replica.sending = None
+            now = self.clock()
+            if outcome == "success":
+                replica.accepted, replica.accepted_at = state, now
+                replica.accepted_members = members
+                replica.failures, replica.retry_at, replica.error = 0, 0.0, None
+            else:
+                replica.failures += 1
+                replica.retry_at = now + push_backoff(replica.failures)
+                replica.error = message
+                log.warning(
+                    "gateway push failed",
+                    replica=key[0],
+                    failures=replica.failures,
+                    retry_in=round(replica.retry_at - now, 1),
+                    error=message,
+                )
+            released = held_before - replica.may_list()
+            self._changed.notify_all()
+        # What a pass would now do or report differently: held writes may go, a new replica
+        # became configured, a replica just started failing.
+        news = (first and outcome == "success") or (outcome == "error" and replica.failures == 1)
+        if (released or news) and self.on_settled is not None:
+            self.on_settled()
+
+
 @dataclass
 class GatewayPass:
-    works: list[GatewayWork] = field(default_factory=list)
+    offers: list[Offer] = field(default_factory=list)
     actions: list[Action] = field(default_factory=list)  # the gateways' own services
+
+    @property
+    def works(self) -> list[GatewayWork]:
+        return [offer.work for offer in self.offers]
 
 
 class Gateways:
@@ -136,15 +336,12 @@ class Gateways:
         self.signer = Signer()
         if send is None and credentials is not None:
             send = https_sender(credentials, self.signer)
-        self.send = send
-        self.clock = clock
-        # (admin URL, task id) -> (state, when) of the last push it accepted.
-        self._pushed: dict[tuple[str, str], tuple[dict[str, Any], float]] = {}
-        self._pushers = ThreadPoolExecutor(PUSH_CONCURRENCY, thread_name_prefix="gateway-push")
+        self.pusher = Pusher(send, clock) if send is not None and credentials is not None else None
         self._readers = ThreadPoolExecutor(LOAD_CONCURRENCY, thread_name_prefix="gateway-load")
 
     def close(self) -> None:
-        self._pushers.shutdown(wait=True)
+        if self.pusher is not None:
+            self.pusher.close()
         self._readers.shutdown(wait=True)
 
     def read_load(
@@ -213,24 +410,31 @@ class Gateways:
         replica those writes stop, and the writes of the gateways' own services (``mounts``:
         each gateway's secrets, with their ids)."""
         stopping = stopped_by(whole.actions)
-        works = [
-            GatewayWork(
+        offers = []
+        for gw in gateways:
+            listed = listing(gw, deployments, whole.snapshot, stopping)
+            work = GatewayWork(
                 gateway=gw,
-                backends=desired_backends(gw, deployments, whole.snapshot, stopping),
+                backends=listed.backends,
                 replicas=running_replicas(gw, whole.snapshot),
                 problem=self._problem(gw, whole.snapshot),
             )
-            for gw in gateways
-        ]
-        for work in works:
-            access = work.gateway.spec.clientAccess
+            access = gw.spec.clientAccess
             if access.apiKeysSecret is not None and self.keys is not None:
-                work.keys = self.keys.keys(work.gateway.metadata.namespace, access.apiKeysSecret)
+                work.keys = self.keys.keys(gw.metadata.namespace, access.apiKeysSecret)
             work.access = access_state(access, work.keys)
+            offers.append(Offer(work, listed, self._targets(work)))
         # A refused gateway's service is left as it is (like a refused deployment's).
-        allowed = [w.gateway for w in works if w.problem is None]
+        allowed = [o.work.gateway for o in offers if o.work.problem is None]
         actions = gateway_actions(allowed, whole.snapshot, self.instance, mounts)
-        return GatewayPass(works=works, actions=actions)
+        return GatewayPass(offers=offers, actions=actions)
+
+    def _targets(self, work: GatewayWork) -> list[PushTarget]:
+        if self.credentials is None:
+            return []
+        who = identity(work.gateway)
+        credential = self.credentials.credential(who)
+        return [PushTarget(replica, who.hostname, credential) for replica in work.replicas]
 
     def _problem(self, gateway: ModelGateway, snapshot: SwarmSnapshot) -> tuple[str, str] | None:
         if self.credentials is None:
@@ -242,44 +446,14 @@ class Gateways:
         )
         return (REASON, refused) if refused is not None else None
 
-    def push(self, work: GatewayPass) -> None:
-        """Every replica of every gateway, at once; waits for all. A replica that cannot be
-        reached is reported in its gateway's status; the pass goes on (that replica, being
-        unreachable, is not serving clients either; its vllm-router's own health checks
-        drop a stopped backend within interval x threshold)."""
-        if self.credentials is None or self.send is None:
-            return
-        now = self.clock()
-        live = {(r.admin_url, r.task) for item in work.works for r in item.replicas}
-        self._pushed = {key: value for key, value in self._pushed.items() if key in live}
-        jobs = []
-        for item in work.works:
-            who = identity(item.gateway)
-            credential = self.credentials.credential(who)
-            for replica in item.replicas:
-                key = (replica.admin_url, replica.task)
-                last = self._pushed.get(key)
-                if last is not None and last[0] == item.state and now - last[1] < REFRESH_SECONDS:
-                    continue
-                target = PushTarget(replica, who.hostname, credential)
-                send = self._pushers.submit(self.send, target, item.state)
-                jobs.append((item, key, send))
-        for item, key, future in jobs:
-            try:
-                future.result()
-            except Exception as error:
-                self._pushed.pop(key, None)
-                item.push_errors[key[0]] = str(error)[:300]
-                metrics.gateway_pushes_total.labels("error").inc()
-                log.warning(
-                    "gateway push failed",
-                    gateway=item.gateway.key,
-                    replica=key[0],
-                    error=str(error),
-                )
-            else:
-                self._pushed[key] = (item.state, now)
-                metrics.gateway_pushes_total.labels("success").inc()
+    def offer(self, work: GatewayPass) -> None:
+        """Hand every gateway replica its state (pushed on the pusher's thread)."""
+        if self.pusher is not None:
+            self.pusher.offer(work.offers)
+
+    def holding(self, stopping: frozenset[str]) -> frozenset[str]:
+        """Services of ``stopping`` whose stop must wait: a gateway may still list them."""
+        return self.pusher.holding(stopping) if self.pusher is not None else frozenset()
 
     def statuses(
         self,

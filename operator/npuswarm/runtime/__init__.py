@@ -88,6 +88,11 @@ class Runtime:
             IndexGate(lister),
         )
         gateways = self.reconciler.gateways
+        if gateways is not None and gateways.pusher is not None:
+            # Pushes are writes too; and a push that ends a hold (gateway/push.py) asks for
+            # the pass that makes the held writes.
+            gateways.pusher.fence = lambda: self.leader.leader
+            gateways.pusher.on_settled = self.triggers.request_threadsafe
         self.autoscaler = Autoscaler(
             gateways.read_load if gateways is not None else None,
             self.triggers.request_threadsafe,
