@@ -9,6 +9,7 @@ from datetime import timedelta
 from typing import Any
 
 from npuswarm.api import labels
+from npuswarm.cli import read_agents
 from npuswarm.core.nodes import NodeInfo
 from npuswarm.core.pipeline import Desired
 from npuswarm.core.snapshot import ObservedSecret, snapshot_from_engine
@@ -408,3 +409,18 @@ def test_a_refused_agent_write_still_reads_the_agents_that_run_and_is_tried_agai
     del swarm.refuse["npuswarm-agent-default-0-7"]
     checker.step()
     assert [s["Spec"]["Name"] for s in swarm.services.values()] == ["npuswarm-agent-default-0-7"]
+
+
+def test_nodes_validate_reads_the_agents_and_writes_nothing_to_swarm() -> None:
+    """Issue 25, item 6: `npuswarm nodes --validate` used to start one-shot probe services
+    holding every node's NPUs and remove them at its end, so an interrupted run left them
+    holding NPUs. It now only reads the node agents: nothing to leave behind."""
+    swarm = MemorySwarm(nodes=2, npus=8)
+    for node in swarm.nodes:
+        node["Status"]["Addr"] = ""  # no address to read an agent at: answers nothing
+    verdicts, health, roce = read_agents(swarm, SETTINGS)
+    assert swarm.writes() == 0 and swarm.calls["update_node"] == 0
+    assert swarm.calls["create_secret"] == 0 and swarm.secrets == {}
+    assert all("agent unreachable" in (reading.error or "") for reading in health.values())
+    assert set(health) == {"node1", "node2"} and roce == {}
+    assert set(verdicts) <= {n["ID"] for n in swarm.nodes}
