@@ -318,6 +318,12 @@ gateway_pushes_total = Counter(
     ["outcome"],
     registry=REGISTRY,
 )
+status_writes_pending = Gauge(
+    "npuswarm_status_writes_pending",
+    "Status PATCHes handed over by passes and not yet accepted by the API server (written in "
+    "the background, retried with backoff; one per object, the newest).",
+    registry=REGISTRY,
+)
 gateway_held_writes = Gauge(
     "npuswarm_gateway_held_writes",
     "Writes the last pass held back because a gateway may still list the replica they stop "

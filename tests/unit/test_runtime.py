@@ -297,7 +297,7 @@ class Throttled:
         return True
 
 
-def test_a_refused_status_write_asks_for_a_pass_soon_and_is_not_remembered(monkeypatch: Any) -> None:
+def test_a_refused_status_write_is_retried_in_the_background(monkeypatch: Any) -> None:
     import asyncio
 
     from npuswarm.api.deployment import ModelDeploymentStatus
@@ -306,22 +306,62 @@ def test_a_refused_status_write_asks_for_a_pass_soon_and_is_not_remembered(monke
 
     monkeypatch.setattr(publisher_module, "STATUS_RETRY_SECONDS", 0.01)
     rt = runtime({})
-    rt.publisher.kube = Throttled()
+    throttled = rt.publisher.kube = Throttled()
     status = ModelDeploymentStatus(phase="Progressing", replicas=1)
 
-    async def scenario() -> set[str]:
-        loop = rt.triggers.loop = asyncio.get_running_loop()
+    async def scenario() -> list[str]:
         await rt.publisher.write_statuses({"team/a": status}, Desired(), resync=False)
-        assert "team/a" not in rt.publisher.written  # not written: the next pass must try again
-        deadline = loop.time() + 10
-        while "team/a" not in rt.triggers.dirty and loop.time() < deadline:
+        assert throttled.written == [], "the pass does not wait for the API server"
+        deadline = asyncio.get_running_loop().time() + 10
+        while not throttled.written and asyncio.get_running_loop().time() < deadline:
+            await rt.publisher.settled()
             await asyncio.sleep(0.01)
-        return set(rt.triggers.dirty)
+        await rt.publisher.close()
+        return throttled.written
 
     failed = {"operation": "status"}
     before = metrics.REGISTRY.get_sample_value("npuswarm_kube_api_errors_total", failed) or 0
-    assert asyncio.run(scenario()) == {"team/a"}
+    assert asyncio.run(scenario()) == ["a"], "written once the API server accepts"
     assert metrics.REGISTRY.get_sample_value("npuswarm_kube_api_errors_total", failed) == before + 1
+    assert metrics.REGISTRY.get_sample_value("npuswarm_status_writes_pending") == 0
+
+
+class Ordered:
+    """An API server whose first PATCH of an object answers only when released."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.written: list[tuple[str, str]] = []
+
+    def patch_status(self, namespace: str, name: str, patch: dict[str, Any], plural: str = "") -> bool:
+        if not self.written:
+            self.release.wait(10)
+        self.written.append((name, patch["phase"]))
+        return True
+
+
+def test_a_newer_status_replaces_one_not_yet_written_and_never_lands_before_it() -> None:
+    """Three passes change a status while the first PATCH hangs: the first lands, then only
+    the newest (never the middle one, never the first after the newest)."""
+    import asyncio
+
+    from npuswarm.api.deployment import ModelDeploymentStatus
+    from npuswarm.core.pipeline import Desired
+
+    rt = runtime({})
+    slow = rt.publisher.kube = Ordered()
+
+    async def scenario() -> list[tuple[str, str]]:
+        for phase in ("Pending", "Progressing", "Ready"):
+            status = ModelDeploymentStatus(phase=phase, replicas=1)
+            await rt.publisher.write_statuses({"team/a": status}, Desired(), resync=False)
+            await asyncio.sleep(0)  # let a writer take the first one
+        slow.release.set()
+        await rt.publisher.settled()
+        await rt.publisher.close()
+        return slow.written
+
+    assert asyncio.run(scenario()) == [("a", "Pending"), ("a", "Ready")]
 
 
 class ListFails:

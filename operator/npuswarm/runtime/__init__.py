@@ -71,7 +71,7 @@ class Runtime:
             self.index,
             self.gateway_index,
         )
-        self.publisher = StatusPublisher(self.kube, self.triggers)
+        self.publisher = StatusPublisher(self.kube)
         self.leader = LeadershipWatch(self.leadership, self.kube, self.settings, self.triggers)
         swarm = self.reconciler.swarm
         if isinstance(swarm, Swarm):
@@ -177,6 +177,7 @@ class Runtime:
         for task in self.tasks:
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
+        await self.publisher.close()
         if self.node_checks is not None:
             await asyncio.to_thread(self.node_checks.checker.close)
         await asyncio.to_thread(self.reconciler.close)
