@@ -104,6 +104,15 @@ pass_duration_seconds = Histogram(
     buckets=RECONCILE_BUCKETS,
     registry=REGISTRY,
 )
+pass_phase_seconds = Histogram(
+    "npuswarm_pass_phase_seconds",
+    "Where a pass's time goes, by phase: waited (from the first trigger it serves to its "
+    "start), observe (Swarm's lists), plan (place, render, diff), gateways, apply (the Swarm "
+    "writes), report (statuses and events computed; writing them is in the background).",
+    ["phase"],
+    buckets=RECONCILE_BUCKETS,
+    registry=REGISTRY,
+)
 pass_writes_total = Counter(
     "npuswarm_pass_writes_total",
     "Swarm writes made by reconcile passes.",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -78,6 +79,8 @@ class PassResult:
     views: dict[str, DeploymentView]
     orphans_removed: list[Action] = field(default_factory=list)
     gateways: dict[str, ModelGatewayStatus] = field(default_factory=dict)
+    # Seconds spent in each phase of the pass (observe, plan, gateways, apply, report).
+    timings: dict[str, float] = field(default_factory=dict)
 
     @property
     def requeue(self) -> bool:
@@ -163,14 +166,19 @@ class Reconciler:
         """Raises SwarmUnavailable when Swarm cannot be read or written: nothing is concluded
         from a failed read, so nothing is removed; the caller retries with backoff."""
         with self.lock:
+            clock = PhaseClock()
             with _collector_paused():
                 desired = self._without_tombstoned(desired)
-                whole = self.plan(desired, checks)
+                snapshot = self.swarm.observe()
+                clock.lap("observe")
+                whole = self._plan(desired, snapshot, checks(snapshot) if checks else None)
+                clock.lap("plan")
             # Until this pass's writes are all made, no plan says which NPUs are free: node
             # checks must not take NPUs that a write of a pass failing part-way gave away.
             self.last_plan = None
             secrets = self._gateway_secrets(desired)
             gateway_pass = self._gateways_first(desired, whole, secrets)
+            clock.lap("gateways")
             # Writes wait on Swarm, while the rest of the process goes on making garbage:
             # the collector runs meanwhile.
             self._create_networks(whole.networks_to_create)
@@ -180,6 +188,7 @@ class Reconciler:
             self._remove_networks(gone)
             self._remove_secrets([s.id for s in secrets.stale])
             self._remove_orphan_gateways(desired, whole.snapshot)
+            clock.lap("apply")
             # Node probes read it under the same lock: they take only NPUs this pass left free.
             self.last_plan = whole
             with _collector_paused():
@@ -188,6 +197,8 @@ class Reconciler:
                 result.gateways = self.gateways.statuses(
                     gateway_pass, desired.deployments, desired.gateway_previous, self.clock()
                 )
+            clock.lap("report")
+            result.timings = clock.laps
             return result
 
     def _gateway_secrets(self, desired: Desired) -> GatewaySecrets:
@@ -420,6 +431,19 @@ class Reconciler:
             self._tombstones[uid] = None
             while len(self._tombstones) > MAX_TOMBSTONES:
                 self._tombstones.popitem(last=False)
+
+
+class PhaseClock:
+    """Seconds between laps, by phase name."""
+
+    def __init__(self) -> None:
+        self.laps: dict[str, float] = {}
+        self._last = time.monotonic()
+
+    def lap(self, phase: str) -> None:
+        now = time.monotonic()
+        self.laps[phase] = round(now - self._last, 4)
+        self._last = now
 
 
 @contextmanager

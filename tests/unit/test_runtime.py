@@ -491,3 +491,22 @@ def test_no_pass_runs_until_the_indexes_are_complete(monkeypatch: Any) -> None:
     assert len(listing.asked) >= 3
     assert reads_before == 0, "a pass read Swarm before the indexes were complete"
     assert services == 1
+
+
+def test_a_pass_says_where_its_time_went_and_how_long_its_trigger_waited() -> None:
+    """The breakdown from a trigger to the writes (issue 22, item 6): each pass's phases."""
+    swarm = MemorySwarm(nodes=1)
+    result = Reconciler(swarm, Settings()).run_pass(Desired(deployments=[deployment("a")]))
+    assert list(result.timings) == ["observe", "plan", "gateways", "apply", "report"]
+    assert all(seconds >= 0 for seconds in result.timings.values())
+    assert swarm.writes() == 1
+
+    waited = {"phase": "waited"}
+    before = metrics.REGISTRY.get_sample_value("npuswarm_pass_phase_seconds_count", waited) or 0
+    triggers = Triggers()
+    triggers.request("team/a")
+    triggers.request("team/b")
+    assert triggers.take() == ({"team/a", "team/b"}, True)
+    assert triggers.take() == (set(), False)  # nothing waited: nothing observed
+    after = metrics.REGISTRY.get_sample_value("npuswarm_pass_phase_seconds_count", waited)
+    assert after == before + 1

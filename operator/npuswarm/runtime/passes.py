@@ -162,6 +162,7 @@ class PassLoop:
                 orphans_removed=len(result.orphans_removed),
                 swarm_seconds=round(elapsed, 3),
                 duration_seconds=round(total, 3),
+                **{f"{phase}_seconds": seconds for phase, seconds in result.timings.items()},
             )
         if result.plan.unconfirmed_orphans:
             self.triggers.request_later(ORPHAN_RETRY_SECONDS, [None])
@@ -172,6 +173,8 @@ class PassLoop:
     def _count(self, result: PassResult, served: set[str], pass_id: str, total: float) -> None:
         metrics.passes_total.labels("success").inc()
         metrics.pass_duration_seconds.observe(total)
+        for phase, seconds in result.timings.items():
+            metrics.pass_phase_seconds.labels(phase).observe(seconds)
         metrics.pass_writes_total.inc(result.writes)
         metrics.orphans_removed_total.inc(len(result.orphans_removed))
         # Served: the deployments that asked, and any the pass wrote or changed the status of

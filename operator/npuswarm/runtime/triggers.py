@@ -29,6 +29,8 @@ class Triggers:
     everything: bool = True  # the first pass serves every deployment
     # Passes that failed in a row (a Swarm outage): the pass loop backs off by it.
     failures: int = 0
+    # When the oldest trigger not yet served arrived (monotonic): how long a pass kept it waiting.
+    since: float | None = None
 
     def request(
         self, key: str | None = None, *, everything: bool = False, recovered: bool = False
@@ -43,6 +45,8 @@ class Triggers:
             self.everything = True
         elif key is not None:
             self.dirty.add(key)
+        if self.since is None:
+            self.since = time.monotonic()
         metrics.workqueue_depth.labels(metrics.CONTROLLER).set(len(self.dirty))
         self.wake.set()
 
@@ -66,6 +70,9 @@ class Triggers:
     def take(self) -> tuple[set[str], bool]:
         """What the next pass serves: the deployments that asked, and whether everything did."""
         served, everything = set(self.dirty), self.everything
+        if self.since is not None:
+            metrics.pass_phase_seconds.labels("waited").observe(time.monotonic() - self.since)
+            self.since = None
         self.dirty.clear()
         self.everything = False
         metrics.workqueue_depth.labels(metrics.CONTROLLER).set(0)
