@@ -42,6 +42,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "hack" / "lib"))
 
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+
 import controlplane  # noqa: E402
 import localrun  # noqa: E402
 import swarmlab  # noqa: E402
@@ -138,6 +140,13 @@ def raw_spec(item: dict[str, Any], node_id: str, npus: frozenset[int]) -> dict[s
     return spec
 
 
+def swarm_time(stamp: str) -> float:
+    """A Swarm timestamp (RFC 3339 with nanoseconds) as seconds since the epoch."""
+    whole, _, fraction = stamp.rstrip("Z").partition(".")
+    seconds = datetime.fromisoformat(whole).replace(tzinfo=UTC).timestamp()
+    return seconds + float(f"0.{fraction or '0'}")
+
+
 def fill_placement(node_ids: list[str], count: int) -> list[tuple[str, frozenset[int]]]:
     """Node by node, NPU by NPU: where raw replicas go when npuswarm has not placed them."""
     return [(node_ids[i // NPUS], frozenset({i % NPUS})) for i in range(count)]
@@ -204,6 +213,7 @@ class Operator:
     def __init__(self, state: Path, kubeconfig: Path, docker_host: str, image: str) -> None:
         metrics_port, health_port = free_port(), free_port()
         self.health_url = f"http://127.0.0.1:{health_port}/healthz"
+        self.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
         self.log = state / "operator.log"
         env = operator_env(
             str(kubeconfig),
@@ -226,6 +236,20 @@ class Operator:
                 return bool(response.status == 200)
         except OSError:
             return False
+
+    def phases(self) -> dict[str, float]:
+        """Seconds spent so far in each pass phase (npuswarm_pass_phase_seconds sums) and
+        the passes run, from the operator's metrics endpoint."""
+        with urllib.request.urlopen(self.metrics_url, timeout=5) as response:
+            text = response.read().decode()
+        found: dict[str, float] = {}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == "npuswarm_pass_phase_seconds_sum":
+                    found[sample.labels["phase"]] = sample.value
+                elif sample.name == "npuswarm_pass_duration_seconds_count":
+                    found["passes"] = sample.value
+        return found
 
     def alive(self) -> bool:
         code = self.proc.poll()
@@ -287,14 +311,13 @@ class Bench:
         label = f"{RAW_LABEL}=1"
         row: dict[str, Any] = {"kind": "raw", "n": count, "run": run}
         started = time.monotonic()
-        ids = [
-            self._create_raw(spec)
-            for spec in specs
-        ]
+        ids = [self._create_raw(spec) for spec in specs]
         row["creates_s"] = round(time.monotonic() - started, 2)
         try:
             wait_until(lambda: self.lab.all_running(label, count), "all running", START_DEADLINE)
             row["all_running_s"] = round(time.monotonic() - started, 2)
+            created = max(swarm_time(s["CreatedAt"]) for s in self.lab.services(label))
+            row["services_to_running_s"] = round(time.time() - created, 2)
         except Missed as missed:
             row["all_running_s"], row["note"] = None, str(missed)
         for service_id in ids:
@@ -309,9 +332,10 @@ class Bench:
         items = [manifest(n) for n in names(count)]
         label = f"{labels.OWNER_NAMESPACE}={NAMESPACE}"
         row: dict[str, Any] = {"kind": "npuswarm", "n": count, "run": run}
+        phases_before = self.operator.phases()
         started = time.monotonic()
         self.kube.apply(items)
-        applied = time.monotonic()
+        applied, applied_wall = time.monotonic(), time.time()
         row["apply_s"] = round(applied - started, 2)
         placement: list[tuple[str, frozenset[int]]] = []
         try:
@@ -320,9 +344,10 @@ class Bench:
                 "all running",
                 START_DEADLINE,
             )
-            done = time.monotonic()
+            done, done_wall = time.monotonic(), time.time()
             row["all_running_s"] = round(done - applied, 2)
             row["from_apply_start_s"] = round(done - started, 2)
+            row.update(self.breakdown(label, applied_wall, done_wall, phases_before))
             where = {
                 s["Spec"]["Labels"][labels.OWNER_NAME]: (
                     s["Spec"]["Labels"][labels.NODE],
@@ -337,6 +362,25 @@ class Bench:
         self.gone(label, row)
         self.note("npuswarm", **row)
         return row, placement
+
+    def breakdown(
+        self, label: str, applied: float, done: float, phases_before: dict[str, float]
+    ) -> dict[str, Any]:
+        """Where npuswarm's start went: from `kubectl apply` returning to the last service's
+        creation in Swarm (the manager's own CreatedAt; same clock, same machine), from there
+        to all running (Swarm's part, as for raw creates), and the operator's pass phases
+        summed over the passes meanwhile (kopf's part is the rest of the first span)."""
+        created = max(swarm_time(s["CreatedAt"]) for s in self.lab.services(label))
+        after = self.operator.phases()
+        phases = {
+            phase: round(after.get(phase, 0.0) - phases_before.get(phase, 0.0), 3)
+            for phase in ("waited", "observe", "plan", "gateways", "apply", "report", "passes")
+        }
+        return {
+            "to_services_s": round(created - applied, 3),
+            "services_to_running_s": round(done - created, 2),
+            "phases": phases,
+        }
 
     def delete(self, items: list[dict[str, Any]]) -> None:
         listing = json.dumps({"apiVersion": "v1", "kind": "List", "items": items})
@@ -357,7 +401,7 @@ class Bench:
         # Untimed warm-up: every NPU of every node runs the image once before any figure.
         self.result["warmup"] = self.raw(NODES * NPUS, fill_placement(node_ids, NODES * NPUS), 0)
         for run in range(1, self.repeat + 1):
-            for count in SIZES:
+            for count in self.result["sizes"]:
                 # Alternate who goes first, so neither side always follows the other's cleanup.
                 if run % 2:
                     row, placement = self.npuswarm(count, run)
@@ -570,7 +614,7 @@ def _s(value: Any) -> str:
 def summary(result: dict[str, Any]) -> dict[int, dict[str, Any]]:
     """Per N: medians of both sides and their ratio."""
     out: dict[int, dict[str, Any]] = {}
-    for count in SIZES:
+    for count in result.get("sizes", SIZES):
         rows = [r for r in result["starts"] if r["n"] == count]
         raw = [r["all_running_s"] for r in rows if r["kind"] == "raw" and r["all_running_s"]]
         ours = [r for r in rows if r["kind"] == "npuswarm" and r["all_running_s"]]
@@ -589,6 +633,42 @@ def summary(result: dict[str, Any]) -> dict[int, dict[str, Any]]:
     return out
 
 
+def breakdown_table(result: dict[str, Any]) -> list[str]:
+    """Each npuswarm start split: `kubectl apply` returning -> its last service created in
+    Swarm, and that -> all running (raw's same span beside it); the pass phases summed."""
+    ours = [r for r in result["starts"] if r["kind"] == "npuswarm" and "phases" in r]
+    if not ours:
+        return []
+    lines = [
+        "",
+        "**Where a start goes** (npuswarm's runs): apply -> services is kopf's watch, the "
+        "trigger's wait and the passes; services -> running is Swarm's part, beside the raw "
+        "run's same span; the phases are the operator's `npuswarm_pass_phase_seconds` summed "
+        "over the passes meanwhile.",
+        "",
+        "| N | run | apply -> services | services -> running | raw: services -> running "
+        "| passes | waited | observe | plan | apply |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for row in ours:
+        raw = next(
+            (
+                r
+                for r in result["starts"]
+                if (r["kind"], r["n"], r["run"]) == ("raw", row["n"], row["run"])
+            ),
+            {},
+        )
+        phases = row["phases"]
+        lines.append(
+            f"| {row['n']} | {row['run']} | {row['to_services_s']} s "
+            f"| {row['services_to_running_s']} s | {_s(raw.get('services_to_running_s'))} "
+            f"| {phases['passes']:g} | {phases['waited']} s | {phases['observe']} s "
+            f"| {phases['plan']} s | {phases['apply']} s |"
+        )
+    return lines
+
+
 def markdown(result: dict[str, Any]) -> str:
     lines = [
         f"Run {result['started']}, checkout `{result['checkout']}`, "
@@ -603,7 +683,7 @@ def markdown(result: dict[str, Any]) -> str:
         "| N | run | raw | npuswarm | npuswarm from apply start | ratio |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
-    for count in SIZES:
+    for count in result.get("sizes", SIZES):
         for run in sorted({r["run"] for r in result["starts"]}):
             raw = next(
                 (
@@ -646,6 +726,7 @@ def markdown(result: dict[str, Any]) -> str:
             f"| {count} | {entry['raw_s']} s | {entry['npuswarm_s']} s | {entry['ratio']} "
             f"| {entry['ratio_from_apply_start']} | {verdict} |"
         )
+    lines += breakdown_table(result)
     roll = result.get("rolling", {})
     replica = roll.get("replica", {})
     lines += [
@@ -693,7 +774,9 @@ def newest_result() -> dict[str, Any]:
 # --- main ---------------------------------------------------------------------------------------
 
 
-def execute(repeat: int, state: Path) -> dict[str, Any]:
+def execute(
+    repeat: int, state: Path, sizes: tuple[int, ...] = SIZES, only_starts: bool = False
+) -> dict[str, Any]:
     wall = time.monotonic()
     with swarmlab.lab_session(nodes=NODES, npus=NPUS, name=LAB_NAME) as lab:
         lab_view = Lab(lab)
@@ -704,11 +787,13 @@ def execute(repeat: int, state: Path) -> dict[str, Any]:
             kube.kubectl("create", "namespace", NAMESPACE)
             operator = Operator(state, kubeconfig, lab.endpoint, agent_image(lab))
             bench = Bench(lab_view, kube, operator, repeat)
+            bench.result["sizes"] = list(sizes)
             try:
                 wait_until(operator.answers, "the operator's liveness endpoint", 60)
                 bench.starts()
-                bench.rolling()
-                bench.node_loss()
+                if not only_starts:
+                    bench.rolling()
+                    bench.node_loss()
             except Exception as error:
                 # A broken run still leaves its figures so far, and says why it stopped.
                 bench.result["error"] = f"{type(error).__name__}: {error}"
@@ -727,7 +812,14 @@ def main(argv: list[str] | None = None) -> int:
         "--from-results", action="store_true", help="only rewrite --report from the newest result"
     )
     parser.add_argument("--keep", action="store_true", help="keep the state folder (logs)")
+    parser.add_argument(
+        "--sizes", default=",".join(map(str, SIZES)), help="N of the starts, e.g. 1,8"
+    )
+    parser.add_argument(
+        "--only-starts", action="store_true", help="skip the rolling update and the node loss"
+    )
     args = parser.parse_args(argv)
+    sizes = tuple(int(n) for n in args.sizes.split(","))
     if args.from_results:
         if args.report is None:
             parser.error("--from-results needs --report PAGE")
@@ -735,7 +827,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     state = Path(tempfile.mkdtemp(prefix="npuswarm-labbench-"))
     try:
-        result = execute(args.repeat, state)
+        result = execute(args.repeat, state, sizes, args.only_starts)
     finally:
         if args.keep:
             print(f"[lab] state and logs kept in {state}", file=sys.stderr)
