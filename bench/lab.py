@@ -182,10 +182,16 @@ class Lab:
         return len(running) == count and all(running.values())
 
     def quiet(self, label: str) -> bool:
-        """No service with ``label`` and no container left on any node."""
+        """No service with ``label`` and no container left on any node but the node agents'
+        (they run for as long as the operator does)."""
         if self.services(label):
             return False
-        return all(not api.containers() for api in self.node_apis)
+        agents = {s["ID"] for s in self.services(labels.NODE_AGENT)}
+        return all(
+            c["Labels"].get("com.docker.swarm.service.id") in agents
+            for api in self.node_apis
+            for c in api.containers()
+        )
 
     def node_ids(self) -> list[str]:
         return [self.lab.node_id(k) for k in range(1, NODES + 1)]
