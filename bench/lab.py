@@ -229,6 +229,9 @@ class Operator:
                 "NPUSWARM_LOST_NODE_GRACE_SECONDS": f"{GRACE_SECONDS:g}",
                 "NPUSWARM_ROOT_KEY": ROOT_KEY,
                 "NPUSWARM_AGENT_IMAGE": image,
+                # The bench makes its network itself (the raw side needs it too): an admin
+                # shares it, or npuswarm refuses a network it did not make for the namespace.
+                "NPUSWARM_SHARED_NETWORKS": NETWORK,
             },
         )
         argv = operator_command(self.health_url)
@@ -280,6 +283,7 @@ class Bench:
             "lab": {"name": LAB_NAME, "nodes": NODES, "npus_per_node": NPUS},
             "settings": {
                 "NPUSWARM_LOST_NODE_GRACE_SECONDS": GRACE_SECONDS,
+                "NPUSWARM_SHARED_NETWORKS": NETWORK,
                 "others": "defaults (resync 30 s, task poll 5 s / 1 s busy); node agents from "
                 "the operator's image with a root key, as the manifests set them",
                 "poll_s": POLL,
