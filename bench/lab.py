@@ -231,7 +231,7 @@ class Operator:
                 "NPUSWARM_AGENT_IMAGE": image,
                 # The bench makes its network itself (the raw side needs it too): an admin
                 # shares it, or npuswarm refuses a network it did not make for the namespace.
-                "NPUSWARM_SHARED_NETWORKS": NETWORK,
+                "NPUSWARM_SHARED_NETWORKS": f"{NETWORK}={NAMESPACE}",
             },
         )
         argv = operator_command(self.health_url)
@@ -283,7 +283,7 @@ class Bench:
             "lab": {"name": LAB_NAME, "nodes": NODES, "npus_per_node": NPUS},
             "settings": {
                 "NPUSWARM_LOST_NODE_GRACE_SECONDS": GRACE_SECONDS,
-                "NPUSWARM_SHARED_NETWORKS": NETWORK,
+                "NPUSWARM_SHARED_NETWORKS": f"{NETWORK}={NAMESPACE}",
                 "others": "defaults (resync 30 s, task poll 5 s / 1 s busy); node agents from "
                 "the operator's image with a root key, as the manifests set them",
                 "poll_s": POLL,
