@@ -8,6 +8,8 @@ from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
 
+import pytest
+
 from npuswarm.api import labels
 from npuswarm.cli import read_agents
 from npuswarm.core.nodes import NodeInfo
@@ -424,3 +426,31 @@ def test_nodes_validate_reads_the_agents_and_writes_nothing_to_swarm() -> None:
     assert all("agent unreachable" in (reading.error or "") for reading in health.values())
     assert set(health) == {"node1", "node2"} and roce == {}
     assert set(verdicts) <= {n["ID"] for n in swarm.nodes}
+
+
+def test_the_loop_steps_every_second_only_while_agents_come_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fresh start used to wait a poll interval before writing the agents and another
+    before reading them (about 10 s before the first replica could be placed on a fleet)."""
+    from npuswarm.nodehealth import runner
+
+    swarm = MemorySwarm(nodes=2, npus=8)
+    reconciler = Reconciler(swarm, SETTINGS, clock=lambda: NOW)
+    checker, fake = checker_for(swarm, reconciler, SETTINGS)
+    assert checker.settling(), "no pass yet"
+    reconciler.run_pass(Desired(deployments=[]), checker.unusable)
+    checker.step()  # writes the agents; none answers yet
+    assert checker.settling()
+    fake.documents = {"node1": ok_answer()}
+    checker.step()
+    assert checker.settling(), "node2 has no verdict yet"
+    fake.documents["node2"] = ok_answer()
+    checker.step()
+    assert not checker.settling()
+
+    late = Reconciler(swarm, SETTINGS, clock=lambda: NOW)
+    silent, _ = checker_for(swarm, late, SETTINGS)
+    late.run_pass(Desired(deployments=[]), silent.unusable)
+    silent.step()
+    assert silent.settling()
+    monkeypatch.setattr(runner, "SETTLE_SECONDS", 0.0)
+    assert not silent.settling(), "an agent that never answers is read at the normal interval"

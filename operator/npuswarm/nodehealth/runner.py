@@ -44,6 +44,9 @@ READ_TIMEOUT_SECONDS = 5.0
 # Agent services are listed again this often even when no NPU set changed: a service removed
 # or edited by hand is put back (Swarm itself restarts a killed agent task).
 REPAIR_SECONDS = 300.0
+# After a start or an agent write, nodes without a verdict are read every second this long.
+SETTLE_SECONDS = 120.0
+SETTLE_POLL_SECONDS = 1.0
 NO_KEY = "node checks need NPUSWARM_ROOT_KEY (the node agents' credential derives from it)"
 NO_IMAGE = "node checks need NPUSWARM_AGENT_IMAGE (the operator's own image runs the agents)"
 
@@ -182,6 +185,8 @@ class NodeChecker:
         self._withheld: dict[str, dict[int, str]] = {}
         self._cleaned = not manage
         self._ensured: tuple[str, float] | None = None  # (what was ensured, when)
+        # Since when agents may be starting: this checker's start, or its last agent write.
+        self._settle_from = time.monotonic()
         self._lock = threading.Lock()
 
     # -- read by the pass (under the pass lock) -------------------------------------------
@@ -304,6 +309,20 @@ class NodeChecker:
         self._withheld = withheld
         return changed | moved
 
+    def settling(self) -> bool:
+        """Whether node agents are still coming up: no pass has run yet, or a ready NPU node
+        has no verdict within SETTLE_SECONDS of this checker's start or its last agent write.
+        The loop then steps every second, so a fresh start places replicas a second after the
+        agents answer, not one or two poll intervals later; an agent that never answers is
+        read at the normal interval once the window ends."""
+        plan = self.last_plan()
+        if plan is None:
+            return True
+        if time.monotonic() - self._settle_from > SETTLE_SECONDS:
+            return False
+        nodes = agents.agent_nodes(plan.snapshot.nodes)
+        return any(n.state == "ready" and n.id not in self.known.verdicts for n in nodes)
+
     def read_now(self, nodes: Sequence[NodeInfo]) -> None:
         """Read every agent of ``nodes`` once, now (`npuswarm nodes --validate`)."""
         self._read_at.clear()
@@ -377,6 +396,7 @@ class NodeChecker:
         for node_id, value in agents.label_writes(nodes).items():
             try:
                 swarm.set_node_label(node_id, agents.NODE_LABEL, value)
+                self._settle_from = time.monotonic()
                 log.info("node labelled for its agent", node=node_id, npus=value)
             except (SwarmRejected, SwarmUnavailable) as error:
                 log.warning("node label refused", node=node_id, error=str(error))
@@ -416,6 +436,7 @@ class NodeChecker:
                 swarm.update_service(write.service_id, write.version, write.spec)
             else:
                 swarm.remove_service(write.service_id)
+            self._settle_from = time.monotonic()
             log.info("node agent service written", kind=write.kind, service=write.name)
         for stale in secrets.stale:
             try:

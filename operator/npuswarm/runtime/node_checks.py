@@ -4,7 +4,7 @@ node that passed or stops placing on one that failed."""
 
 from __future__ import annotations
 
-from npuswarm.nodehealth.runner import NodeChecker
+from npuswarm.nodehealth.runner import SETTLE_POLL_SECONDS, NodeChecker
 from npuswarm.runtime.leadership import LeadershipWatch
 from npuswarm.runtime.triggers import Triggers
 from npuswarm.settings import Settings
@@ -24,11 +24,13 @@ class NodeCheckLoop:
         self.leadership = leadership
 
     def run(self) -> None:
+        """A step at once, then every task poll interval; every second while the agents
+        are coming up (NodeChecker.settling), since no replica goes to a node before its
+        agent answered."""
         stop = self.triggers.stop
         while not stop.is_set():
-            if stop.wait(self.settings.task_poll_seconds):
-                return
-            if not self.leadership.leader:
-                continue
-            if self.checker.step():
+            if self.leadership.leader and self.checker.step():
                 self.triggers.request_threadsafe(everything=True)
+            settling = self.checker.settling()
+            if stop.wait(SETTLE_POLL_SECONDS if settling else self.settings.task_poll_seconds):
+                return
