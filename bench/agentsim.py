@@ -143,7 +143,13 @@ class AgentSim:
                     or task["Status"]["State"] != "running"
                 ):
                     continue
-                found = self._by_task.get(task["ID"]) or self._start(task)
+                found = self._by_task.get(task["ID"])
+                if found is None:
+                    found = self._start(task)
+                    if found is not None and any(
+                        a.node_id == found.node_id for a in self._by_task.values()
+                    ):
+                        self.count("agents restarted")
                 if found is not None:
                     self._refresh(found, task)
                     by_addr[node["Status"]["Addr"]] = found
@@ -246,6 +252,8 @@ def _counted(base: type[BaseHTTPRequestHandler], sim: AgentSim) -> type[BaseHTTP
                 sim.count("closed: agent gone")
                 self.close_connection = True
                 return
+            if self.headers.get("If-None-Match"):
+                sim.count("conditional reads")
             super().do_GET()
 
         def send_response(self, code: int, message: str | None = None) -> None:

@@ -1067,12 +1067,24 @@ class EngineSim:
             self.counters = Counters()
 
     def summary(self) -> list[dict[str, Any]]:
+        """One line per service; Node and Npus: where its last running task runs, and the
+        ASCEND_VISIBLE_DEVICES that task was given."""
         with self._lock:
-            running = Counter(
-                t["ServiceID"]
-                for t in self.tasks.values()
-                if t["Status"]["State"] == "running" and t["DesiredState"] == "running"
-            )
+            running: Counter[str] = Counter()
+            where: dict[str, tuple[str, str]] = {}
+            for t in self.tasks.values():
+                if t["Status"]["State"] == "running" and t["DesiredState"] == "running":
+                    running[t["ServiceID"]] += 1
+                    env = t["Spec"]["ContainerSpec"].get("Env") or []
+                    npus = next(
+                        (
+                            e.split("=", 1)[1]
+                            for e in env
+                            if e.startswith("ASCEND_VISIBLE_DEVICES=")
+                        ),
+                        "",
+                    )
+                    where[t["ServiceID"]] = (t.get("NodeID", ""), npus)
             return [
                 {
                     "ID": s["ID"],
@@ -1082,6 +1094,8 @@ class EngineSim:
                     "Image": s["Spec"]["TaskTemplate"]["ContainerSpec"].get("Image"),
                     "CreatedAt": s["CreatedAt"],
                     "Running": running[s["ID"]],
+                    "Node": where.get(s["ID"], ("", ""))[0],
+                    "Npus": where.get(s["ID"], ("", ""))[1],
                 }
                 for s in self.services.values()
             ]
