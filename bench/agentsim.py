@@ -79,6 +79,7 @@ class AgentSim:
         self.sim = sim
         self._dir = Path(tempfile.mkdtemp(prefix="agentsim-"))
         self._seen = -1  # the sim's generation the agents were last matched to
+        self._health_seen = -1  # and its NPU health version
         self._by_addr: dict[str, NodeAgent] = {}
         self._by_task: dict[str, NodeAgent] = {}
         self._contexts: dict[str, ssl.SSLContext] = {}  # TLS secret id -> server context
@@ -131,6 +132,8 @@ class AgentSim:
         lock); an unchanged task keeps its agent and ETag."""
         sim = self.sim
         by_addr: dict[str, NodeAgent] = {}
+        had_agent = {a.node_id for a in self._by_task.values()}
+        health_changed = sim.npu_health_version != self._health_seen
         for service in sim.services.values():
             if labels.NODE_AGENT not in (service["Spec"].get("Labels") or {}):
                 continue
@@ -146,15 +149,17 @@ class AgentSim:
                 found = self._by_task.get(task["ID"])
                 if found is None:
                     found = self._start(task)
-                    if found is not None and any(
-                        a.node_id == found.node_id for a in self._by_task.values()
-                    ):
+                    if found is None:
+                        continue
+                    if found.node_id in had_agent:
                         self.count("agents restarted")
-                if found is not None:
                     self._refresh(found, task)
-                    by_addr[node["Status"]["Addr"]] = found
+                elif health_changed:  # a task's spec never changes: only its NPUs' health
+                    self._refresh(found, task)
+                by_addr[node["Status"]["Addr"]] = found
         self._by_addr = by_addr
         self._by_task = {a.task_id: a for a in by_addr.values()}
+        self._health_seen = sim.npu_health_version
 
     def _start(self, task: dict[str, Any]) -> NodeAgent | None:
         """The agent a new task runs, with what it mounts (None: its secrets are gone)."""

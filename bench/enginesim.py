@@ -230,6 +230,7 @@ class EngineSim:
         # node id -> NPU -> the health its npu-smi reports (/sim/.../health): the simulated
         # node agents (bench/agentsim.py) answer with it.
         self.npu_health: dict[str, dict[int, str]] = {}
+        self.npu_health_version = 0
         self._events: deque[SimEvent] = deque(maxlen=EVENT_BUFFER)
         self._event_seq = 0
         self._timers: list[tuple[float, int, str]] = []
@@ -575,6 +576,7 @@ class EngineSim:
                 readings.pop(npu, None)
             else:
                 readings[npu] = health
+            self.npu_health_version += 1
             self._touch()
 
     def set_node_state(self, ref: str, state: str) -> None:

@@ -574,6 +574,14 @@ class Run:
         name = "md-00001"
         if name not in names(self.o.deployments):
             return
+        off = [
+            key
+            for key in ("NPUSWARM_NODE_VALIDATION", "NPUSWARM_NPU_HEALTH")
+            if self.o.settings.get(key, "true").lower() in ("false", "0", "no", "off")
+        ]
+        if off:
+            self.note("npu", skipped=f"{'/'.join(off)} off: no NPU health is read")
+            return
         grace = unhealthy_grace(self.o.settings)
         services = [s for s in sim.services() if s["Labels"].get(OWNER_NAME) == name]
         if len(services) != 1 or not services[0]["Node"] or not services[0]["Npus"].isdigit():
