@@ -273,6 +273,9 @@ class _Server(ThreadingHTTPServer):
 
     daemon_threads = True
     block_on_close = False
+    # One socket stands in for a thousand: the operator connects to 32 nodes at once, and
+    # socketserver's backlog of 5 would drop their SYNs (a 1 s retransmit each).
+    request_queue_size = 1024
 
     def __init__(self, address: tuple[str, int], agents_: AgentSim) -> None:
         self.agents = agents_
