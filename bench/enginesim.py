@@ -16,9 +16,16 @@ Docker API: GET /_ping /version /info /nodes /nodes/{id} /services (and ?status=
 /services/{id} /tasks /tasks/{id} /networks /networks/{id} /events (chunked JSON lines);
 POST /services/create /services/{id}/update?version=N (a stale N gets 500 "update out of
 sequence", as from Swarm) /nodes/{id}/update?version=N; DELETE /services/{id}.
+Secrets: POST /secrets/create (Name, Labels, Data kept; never served back), GET /secrets
+/secrets/{id}, DELETE /secrets/{id} (refused while a service mounts it); a service that
+mounts a secret that does not exist is refused, as by Swarm.
 List filters: services id, name, label, mode; tasks id, name, service, node, desired-state,
-label; nodes id, name, role, membership, node.label; networks id, name, driver, scope.
-An optional /v1.NN prefix is accepted.
+label; nodes id, name, role, membership, node.label; networks id, name, driver, scope;
+secrets id, name, names, label. An optional /v1.NN prefix is accepted.
+
+Every node's Status.Addr is its own address in 127.1.0.0/16 (all of 127/8 is loopback on
+Linux). With ``--agent-port P`` (or ``start_agents(P)``) the node agents' port answers there
+as npuswarm's node agents do (bench/agentsim.py: needs npuswarm importable).
 
 A scheduler stands in for Swarm's: every replica slot of a service gets a task on a node that
 satisfies its constraints (node.id / node.hostname / node.role / node.labels.*, == and !=),
@@ -33,6 +40,8 @@ Benchmark controls, outside the Docker API (never counted):
   POST /sim/reset                     zero the counters
   GET  /sim/services                  [{ID, Name, Labels, Version, Image, Running, ..}]
   POST /sim/nodes/{id|hostname}/down  (and /up): the node's state, with a node event
+  POST /sim/nodes/{id|hostname}/npus/{n}/health?state=Critical
+                                      what that node's npu-smi reports for NPU n (OK clears)
   POST /sim/seed?count=M&prefix=P     M services (one replica, running at once), spread over
                                       the nodes; an optional JSON body gives Labels
   DELETE /sim/services/{id|name}      remove a service "by hand"
@@ -44,6 +53,7 @@ next to a client that lists 2,000 services and their tasks.
 from __future__ import annotations
 
 import argparse
+import base64
 import copy
 import hashlib
 import heapq
@@ -216,6 +226,11 @@ class EngineSim:
         self.tasks: dict[str, dict[str, Any]] = {}
         self._by_service: dict[str, dict[str, dict[str, Any]]] = {}  # tasks per service id
         self.networks: dict[str, dict[str, Any]] = {}
+        self.secrets: dict[str, dict[str, Any]] = {}  # as listed, plus "Data" (base64)
+        # node id -> NPU -> the health its npu-smi reports (/sim/.../health): the simulated
+        # node agents (bench/agentsim.py) answer with it.
+        self.npu_health: dict[str, dict[int, str]] = {}
+        self.npu_health_version = 0
         self._events: deque[SimEvent] = deque(maxlen=EVENT_BUFFER)
         self._event_seq = 0
         self._timers: list[tuple[float, int, str]] = []
@@ -223,6 +238,7 @@ class EngineSim:
         self.counters = Counters()
         self._closing = False
         self._server: ThreadingHTTPServer | None = None
+        self.agents: Any = None  # bench/agentsim.AgentSim, once start_agents ran
         self._threads: list[threading.Thread] = []
         self.cluster_id = swarm_id("sim-cluster")
         for i in range(nodes):
@@ -273,7 +289,7 @@ class EngineSim:
                 },
                 "TLSInfo": {"TrustRoot": "", "CertIssuerSubject": "", "CertIssuerPublicKey": ""},
             },
-            # Addresses in loopback space: data only, nothing ever connects to them.
+            # Loopback addresses: the simulated node agents answer there (bench/agentsim.py).
             "Status": {"State": "ready", "Addr": f"127.1.{i // 250}.{i % 250 + 1}"},
         }
         if manager:
@@ -377,6 +393,13 @@ class EngineSim:
         template.setdefault("Runtime", "container")
         for attachment in template.get("Networks") or []:
             attachment["Target"] = self._network_id(attachment.get("Target", ""))
+        for reference in template["ContainerSpec"].get("Secrets") or []:
+            if reference.get("SecretID") not in self.secrets:
+                raise ApiError(
+                    400,
+                    "rpc error: code = InvalidArgument desc = secret not found: "
+                    f"{reference.get('SecretName') or reference.get('SecretID')}",
+                )
         spec.setdefault("Labels", {})
         spec.setdefault("Mode", {"Replicated": {"Replicas": 1}})
         spec.setdefault("EndpointSpec", {"Mode": "vip"})
@@ -485,6 +508,77 @@ class EngineSim:
             self._emit("node", "update", node["ID"], attributes)
             self._touch()
 
+    def create_secret(self, spec: dict[str, Any]) -> str:
+        """POST /secrets/create: Name, Labels and Data (base64), kept as given."""
+        with self._lock:
+            name = spec.get("Name") or ""
+            if not name:
+                raise ApiError(400, "rpc error: code = InvalidArgument desc = name must be given")
+            if any(s["Spec"]["Name"] == name for s in self.secrets.values()):
+                raise ApiError(
+                    409, f"rpc error: code = AlreadyExists desc = secret {name} already exists"
+                )
+            try:
+                data = base64.b64decode(spec.get("Data") or "", validate=True)
+            except ValueError as error:
+                raise ApiError(400, f"invalid secret data: {error}") from error
+            if not data or len(data) > 500 * 1024:
+                raise ApiError(
+                    400,
+                    "rpc error: code = InvalidArgument desc = secret data must be larger than "
+                    "0 and less than 500 KiB",
+                )
+            secret_id = self._new_id("secret")
+            now = engine_time()
+            self.secrets[secret_id] = {
+                "ID": secret_id,
+                "Version": {"Index": self._next_index()},
+                "CreatedAt": now,
+                "UpdatedAt": now,
+                "Spec": {"Name": name, "Labels": dict(spec.get("Labels") or {})},
+                "Data": spec["Data"],
+            }
+            self._touch()
+            return secret_id
+
+    def secret_data(self, ref: str) -> bytes:
+        """What a task that mounts the secret reads from its file (never served over the
+        API: Swarm does not return secret data)."""
+        with self._lock:
+            return base64.b64decode(self._find_secret(ref)["Data"])
+
+    def remove_secret(self, ref: str) -> None:
+        with self._lock:
+            secret = self._find_secret(ref)
+            users = sorted(
+                s["Spec"]["Name"]
+                for s in self.services.values()
+                if any(
+                    r.get("SecretID") == secret["ID"]
+                    for r in s["Spec"]["TaskTemplate"]["ContainerSpec"].get("Secrets") or []
+                )
+            )
+            if users:
+                raise ApiError(
+                    400,
+                    f"rpc error: code = InvalidArgument desc = secret '{secret['Spec']['Name']}' "
+                    f"is in use by the following service: {', '.join(users)}",
+                )
+            del self.secrets[secret["ID"]]
+            self._touch()
+
+    def set_npu_health(self, ref: str, npu: int, health: str) -> None:
+        """What the node's npu-smi reports for one NPU from now on ("OK" clears it)."""
+        with self._lock:
+            node = self._find_node(ref)
+            readings = self.npu_health.setdefault(node["ID"], {})
+            if health == "OK":
+                readings.pop(npu, None)
+            else:
+                readings[npu] = health
+            self.npu_health_version += 1
+            self._touch()
+
     def set_node_state(self, ref: str, state: str) -> None:
         """A node's heartbeat lost (down) or back (ready), as the dispatcher would see it."""
         if state not in ("ready", "down", "unknown", "disconnected"):
@@ -509,9 +603,20 @@ class EngineSim:
         node["Version"] = {"Index": self._next_index()}
         node["UpdatedAt"] = engine_time()
         usable = self._usable(node)
+        # What a node change can affect: global services (their constraints), services with
+        # a task there, and pending tasks (they may fit now). Orchestrating every service for
+        # each of a thousand node label writes would be the sim's own quadratic.
+        affected = {
+            service_id
+            for service_id, service in self.services.items()
+            if "Global" in (service["Spec"].get("Mode") or {})
+        }
         for task in list(self.tasks.values()):
+            if task["DesiredState"] == "running" and task["Status"]["State"] == "pending":
+                affected.add(task["ServiceID"])
             if task.get("NodeID") != node["ID"]:
                 continue
+            affected.add(task["ServiceID"])
             if not usable and task["DesiredState"] == "running":
                 # The orchestrator replaces the task; the old one keeps its last reported
                 # state while its node is unreachable, or stops at once when drained.
@@ -529,7 +634,7 @@ class EngineSim:
                 )
             ):
                 self._set_task_state(task, "shutdown", "shutdown")
-        for service_id in list(self.services):
+        for service_id in [sid for sid in self.services if sid in affected]:
             self._orchestrate(service_id)
 
     # -- orchestrator and scheduler (callers hold the lock) ---------------------------------
@@ -756,6 +861,33 @@ class EngineSim:
             raise ApiError(404, f"task {ref} not found")
         return self.tasks[ref]
 
+    def _find_secret(self, ref: str) -> dict[str, Any]:
+        if ref in self.secrets:
+            return self.secrets[ref]
+        for secret in self.secrets.values():
+            if secret["Spec"]["Name"] == ref:
+                return secret
+        matches = [s for sid, s in self.secrets.items() if sid.startswith(ref)]
+        if len(matches) == 1:
+            return matches[0]
+        raise ApiError(404, f"secret {ref} not found")
+
+    def _list_secrets(self, filters: dict[str, list[str]]) -> list[dict[str, Any]]:
+        """Secrets as Swarm lists them: metadata, never the data."""
+        result = []
+        for secret in self.secrets.values():
+            spec = secret["Spec"]
+            if "id" in filters and not _any_prefix(secret["ID"], filters["id"]):
+                continue
+            if "name" in filters and not _any_prefix(spec["Name"], filters["name"]):
+                continue
+            if "names" in filters and spec["Name"] not in filters["names"]:
+                continue
+            if "label" in filters and not labels_match(spec.get("Labels"), filters["label"]):
+                continue
+            result.append(_without_data(secret))
+        return result
+
     def _find_network(self, ref: str) -> dict[str, Any]:
         for net in self.networks.values():
             if ref in (net["Id"], net["Name"]):
@@ -923,6 +1055,8 @@ class EngineSim:
                 "nodes": len(self.nodes),
                 "services": len(self.services),
                 "tasks": len(self.tasks),
+                "secrets": len(self.secrets),
+                "agents": self.agents.stats() if self.agents is not None else None,
                 "running_tasks": sum(
                     1
                     for t in self.tasks.values()
@@ -935,12 +1069,24 @@ class EngineSim:
             self.counters = Counters()
 
     def summary(self) -> list[dict[str, Any]]:
+        """One line per service; Node and Npus: where its last running task runs, and the
+        ASCEND_VISIBLE_DEVICES that task was given."""
         with self._lock:
-            running = Counter(
-                t["ServiceID"]
-                for t in self.tasks.values()
-                if t["Status"]["State"] == "running" and t["DesiredState"] == "running"
-            )
+            running: Counter[str] = Counter()
+            where: dict[str, tuple[str, str]] = {}
+            for t in self.tasks.values():
+                if t["Status"]["State"] == "running" and t["DesiredState"] == "running":
+                    running[t["ServiceID"]] += 1
+                    env = t["Spec"]["ContainerSpec"].get("Env") or []
+                    npus = next(
+                        (
+                            e.split("=", 1)[1]
+                            for e in env
+                            if e.startswith("ASCEND_VISIBLE_DEVICES=")
+                        ),
+                        "",
+                    )
+                    where[t["ServiceID"]] = (t.get("NodeID", ""), npus)
             return [
                 {
                     "ID": s["ID"],
@@ -950,6 +1096,8 @@ class EngineSim:
                     "Image": s["Spec"]["TaskTemplate"]["ContainerSpec"].get("Image"),
                     "CreatedAt": s["CreatedAt"],
                     "Running": running[s["ID"]],
+                    "Node": where.get(s["ID"], ("", ""))[0],
+                    "Npus": where.get(s["ID"], ("", ""))[1],
                 }
                 for s in self.services.values()
             ]
@@ -1009,6 +1157,13 @@ class EngineSim:
             self._threads.append(thread)
         return self
 
+    def start_agents(self, port: int, host: str = "0.0.0.0") -> Any:
+        """Serve the node agents on ``port`` (bench/agentsim.py; needs npuswarm importable)."""
+        from agentsim import AgentSim
+
+        self.agents = AgentSim(self, port, host).start()
+        return self.agents
+
     def _serve_http(self) -> None:
         assert self._server is not None
         self._server.serve_forever(poll_interval=0.05)
@@ -1020,6 +1175,8 @@ class EngineSim:
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
+        if self.agents is not None:
+            self.agents.stop()
         for thread in self._threads:
             thread.join(timeout=5)
 
@@ -1063,6 +1220,10 @@ class EngineSim:
                     write(event.body)
 
 
+def _without_data(secret: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in secret.items() if k != "Data"}
+
+
 def _event_matches(event: SimEvent, filters: dict[str, list[str]], sim: EngineSim) -> bool:
     if "type" in filters and event.type not in filters["type"]:
         return False
@@ -1102,10 +1263,15 @@ _ROUTES: list[tuple[str, re.Pattern[str], str]] = [
         ("GET", "/tasks/{id}"),
         ("GET", "/networks"),
         ("GET", "/networks/{id}"),
+        ("GET", "/secrets"),
+        ("POST", "/secrets/create"),
+        ("GET", "/secrets/{id}"),
+        ("DELETE", "/secrets/{id}"),
         ("GET", "/sim/stats"),
         ("POST", "/sim/reset"),
         ("GET", "/sim/services"),
         ("POST", "/sim/nodes/{id}/{state}"),
+        ("POST", "/sim/nodes/{id}/npus/{npu}/health"),
         ("POST", "/sim/seed"),
         ("DELETE", "/sim/services/{id}"),
     ]
@@ -1244,6 +1410,15 @@ class _Handler(BaseHTTPRequestHandler):
             )
         elif route == "GET /networks/{id}":
             self._reply(route, 200, sim.dump(lambda: sim._find_network(params["id"])))
+        elif route == "GET /secrets":
+            self._reply(route, 200, sim.cached_list(route, key, lambda: sim._list_secrets(filters)))
+        elif route == "POST /secrets/create":
+            self._reply(route, 201, {"ID": sim.create_secret(self._body(raw_body))})
+        elif route == "GET /secrets/{id}":
+            self._reply(route, 200, sim.dump(lambda: _without_data(sim._find_secret(params["id"]))))
+        elif route == "DELETE /secrets/{id}":
+            sim.remove_secret(params["id"])
+            self._reply(route, 204, b"", "text/plain")
         elif route == "GET /sim/stats":
             self._reply(route, 200, sim.stats())
         elif route == "POST /sim/reset":
@@ -1257,6 +1432,14 @@ class _Handler(BaseHTTPRequestHandler):
             if state is None:
                 raise ApiError(404, f"no such node action {params['state']!r}: use down or up")
             sim.set_node_state(params["id"], state)
+            self._reply(route, 200, {})
+        elif route == "POST /sim/nodes/{id}/npus/{npu}/health":
+            health = query.get("state", "")
+            if not re.fullmatch(r"[A-Za-z]{1,20}", health):
+                raise ApiError(400, "state: a health as npu-smi prints it (OK, Warning, Critical)")
+            if not params["npu"].isdigit():
+                raise ApiError(400, f"not an NPU id: {params['npu']!r}")
+            sim.set_npu_health(params["id"], int(params["npu"]), health)
             self._reply(route, 200, {})
         elif route == "POST /sim/seed":
             seed_labels = self._body(raw_body).get("Labels")
@@ -1368,6 +1551,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--task-delay", type=float, default=0.5, help="seconds until running")
     parser.add_argument("--network", action="append", default=None, help="overlay networks")
     parser.add_argument("--seed", type=int, default=0, help="pre-seed this many services")
+    parser.add_argument(
+        "--agent-port",
+        type=int,
+        default=0,
+        help="serve the node agents on this port of every node address (bench/agentsim.py)",
+    )
     args = parser.parse_args(argv)
     sim = EngineSim(
         nodes=args.nodes,
@@ -1379,6 +1568,9 @@ def main(argv: list[str] | None = None) -> int:
         sim.seed(args.seed)
     sim.start(args.host, args.port)
     print(f"enginesim: {args.nodes} nodes on {sim.url}", flush=True)
+    if args.agent_port:
+        sim.start_agents(args.agent_port)
+        print(f"enginesim: node agents on port {args.agent_port}", flush=True)
     stopped = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopped.set())
     signal.signal(signal.SIGINT, lambda *_: stopped.set())

@@ -123,8 +123,9 @@ def checkout() -> str:
 class Sim:
     """The enginesim process and its /sim/ control endpoints."""
 
-    def __init__(self, nodes: int, log: Path) -> None:
+    def __init__(self, nodes: int, log: Path, agent_port: int) -> None:
         self.port = free_port()
+        self.agent_port = agent_port
         self.url = f"http://127.0.0.1:{self.port}"
         self.docker_host = f"tcp://127.0.0.1:{self.port}"
         with log.open("wb") as out:
@@ -136,6 +137,8 @@ class Sim:
                     str(nodes),
                     "--port",
                     str(self.port),
+                    "--agent-port",
+                    str(agent_port),
                 ],
                 stdout=out,
                 stderr=subprocess.STDOUT,
@@ -162,6 +165,9 @@ class Sim:
         result: dict[str, Any] = self.call("/sim/stats")
         return result
 
+    def set_npu_health(self, node: str, npu: int, state: str) -> None:
+        self.call(f"/sim/nodes/{node}/npus/{npu}/health?state={state}", method="POST")
+
     def stop(self) -> None:
         stop_process(self.proc)
 
@@ -186,6 +192,44 @@ def metric_sums(url: str) -> dict[str, float]:
             key = f"{name}{{{label.group(1) if label else ''}}}"
             sums[key] = sums.get(key, 0.0) + float(value)
     return sums
+
+
+def agents_up(url: str) -> dict[str, int]:
+    """npuswarm_node_agent_up: how many nodes' agents answered the last read, of how many."""
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            text = response.read().decode()
+    except OSError:
+        return {}
+    values = [
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("npuswarm_node_agent_up{")
+    ]
+    return {"up": sum(1 for v in values if v == 1), "nodes": len(values)}
+
+
+def admin_settings(agent_port: int) -> dict[str, str]:
+    """What an admin sets for node checks (docs/node-health.md): the agents' image (the
+    operator's own; the sim runs no image) and a root key; the agent port is the sim's."""
+    return {
+        "NPUSWARM_AGENT_IMAGE": "sim/npuswarm:bench",
+        "NPUSWARM_ROOT_KEY": "fleet-benchmark-root-key-" + "0" * 24,
+        "NPUSWARM_AGENT_PORT": str(agent_port),
+    }
+
+
+def unhealthy_grace(settings: dict[str, str]) -> float:
+    """The operator's NPU unhealthy grace: the run's setting, else the product's default."""
+    given = settings.get("NPUSWARM_NPU_UNHEALTHY_GRACE_SECONDS")
+    if given is not None:
+        return float(given)
+    from npuswarm.settings import Settings
+
+    return float(Settings.model_fields["npu_unhealthy_grace_seconds"].default)
+
+
+SERVICE_WRITES = ("POST /services/create", "POST /services/{id}/update", "DELETE /services/{id}")
 
 
 # --- the Kubernetes side -----------------------------------------------------------------------
@@ -295,6 +339,12 @@ class Run:
                 "phase_timeout_s": options.phase_timeout,
                 "changed": options.changed,
                 "settings": dict(options.settings),
+                # Set as an admin would for node checks; not departures from the defaults.
+                "admin_settings": [
+                    "NPUSWARM_AGENT_IMAGE",
+                    "NPUSWARM_ROOT_KEY",
+                    "NPUSWARM_AGENT_PORT",
+                ],
             },
             "phases": {},
         }
@@ -310,7 +360,8 @@ class Run:
 
     def execute(self) -> dict[str, Any]:
         wall = time.monotonic()
-        sim = Sim(self.o.nodes, self.state / "enginesim.log")
+        self.agent_port = free_port()
+        sim = Sim(self.o.nodes, self.state / "enginesim.log", self.agent_port)
         try:
             if wait(sim.ready, 30, 0.1) is None:
                 raise RuntimeError(f"enginesim did not answer: {self.state / 'enginesim.log'}")
@@ -338,7 +389,8 @@ class Run:
 
     def start_operator(self, sim: Sim, kubeconfig: Path) -> tuple[int, str]:
         metrics_port, health_port = free_port(), free_port()
-        env = operator_env(str(kubeconfig), sim.docker_host, metrics_port, self.o.settings)
+        settings = admin_settings(sim.agent_port) | self.o.settings
+        env = operator_env(str(kubeconfig), sim.docker_host, metrics_port, settings)
         with (self.state / "operator.log").open("wb") as log:
             self.operator = subprocess.Popen(
                 operator_command(f"http://127.0.0.1:{health_port}/healthz"),
@@ -406,6 +458,7 @@ class Run:
 
         self.alive()
         self.steady(sim, pid, metrics_url)
+        self.note("steady", node_agents=agents_up(metrics_url))
         self.alive()  # figures of a window in which the operator died are no figures
         # A window that opens before convergence measures catching up, not a steady state.
         self.note("steady", after_all_ready=ready is not None)
@@ -417,6 +470,7 @@ class Run:
         self.new_deployment(sim, kube)
         self.restore(sim)
         self.update(sim, kube)
+        self.npu_unhealthy(sim)
         self.note("memory", vmhwm_end_mib=round(memory_kib(pid)["VmHWM"] / 1024, 1))
 
     def steady(self, sim: Sim, pid: int, metrics_url: str) -> None:
@@ -427,6 +481,7 @@ class Run:
             time.monotonic(),
         )
         sim_cpu0 = cpu_seconds(sim.proc.pid)
+        agents0 = (before.get("agents") or {}).get("cpu_seconds", 0.0)
         time.sleep(self.o.window)
         after, cpu1, op1, t1 = (
             sim.stats(),
@@ -435,6 +490,7 @@ class Run:
             time.monotonic(),
         )
         sim_cpu1 = cpu_seconds(sim.proc.pid)
+        agents1 = (after.get("agents") or {}).get("cpu_seconds", 0.0)
         elapsed = t1 - t0
         per_minute = 60 / elapsed
         routes = {
@@ -451,8 +507,20 @@ class Run:
             window_s=round(elapsed, 1),
             operator_cpu_pct=round(100 * (cpu1 - cpu0) / elapsed, 1),
             enginesim_cpu_pct=round(100 * (sim_cpu1 - sim_cpu0) / elapsed, 1),
+            # Of that, the simulated node agents' handshakes and answers (thread CPU time).
+            sim_agents_cpu_pct=round(100 * (agents1 - agents0) / elapsed, 1),
+            manager_calls_per_min=round(sum(routes.values()) * per_minute, 1),
             list_calls_per_min=round(lists * per_minute, 1),
             writes_per_min=round((after["writes"] - before["writes"]) * per_minute, 1),
+            service_writes_per_min=round(
+                sum(routes.get(r, 0) for r in SERVICE_WRITES) * per_minute, 1
+            ),
+            agent_answers_per_min={
+                k: round(v * per_minute, 1)
+                for k, v in _delta(before.get("agents"), after.get("agents")).items()
+                if v
+            },
+            operator_vmrss_mib=round(memory_kib(pid)["VmRSS"] / 1024, 1),
             reconciles_per_min=round(reconciles * per_minute, 1),
             list_calls_per_reconcile=round(lists / reconciles, 2) if reconciles else None,
             engine_mib_read_per_min=round(
@@ -497,6 +565,53 @@ class Run:
         else:
             self.note("restore", service_back_s=round(seconds, 2))
 
+    def npu_unhealthy(self, sim: Sim) -> None:
+        """An NPU that holds a replica turns Critical in its node's npu-smi: the time until the
+        replica runs elsewhere. The operator sees it at its next read of that node's agent
+        (every NPUSWARM_NPU_HEALTH_SECONDS), then waits its unhealthy grace before it moves
+        the replica; the sim's agent reports the change at once (an agent's own interval
+        would add up to one more read period)."""
+        name = "md-00001"
+        if name not in names(self.o.deployments):
+            return
+        off = [
+            key
+            for key in ("NPUSWARM_NODE_VALIDATION", "NPUSWARM_NPU_HEALTH")
+            if self.o.settings.get(key, "true").lower() in ("false", "0", "no", "off")
+        ]
+        if off:
+            self.note("npu", skipped=f"{'/'.join(off)} off: no NPU health is read")
+            return
+        grace = unhealthy_grace(self.o.settings)
+        services = [s for s in sim.services() if s["Labels"].get(OWNER_NAME) == name]
+        if len(services) != 1 or not services[0]["Node"] or not services[0]["Npus"].isdigit():
+            self.note("npu", skipped=f"{name} is not one running replica on one NPU: {services}")
+            return
+        node, npu = services[0]["Node"], int(services[0]["Npus"])
+        sim.set_npu_health(node, npu, "Critical")
+
+        def moved() -> bool:
+            self.alive()
+            return any(
+                s["Running"] >= 1 and (s["Node"], s["Npus"]) != (node, str(npu))
+                for s in sim.services()
+                if s["Labels"].get(OWNER_NAME) == name
+            )
+
+        deadline = grace + 30 + self.o.phase_timeout
+        seconds = wait(moved, deadline, 0.2)
+        sim.set_npu_health(node, npu, "OK")
+        if seconds is None:
+            self.missed("npu", "unhealthy_to_moved_s", deadline)
+            self.note("npu", grace_s=grace)
+            return
+        self.note(
+            "npu",
+            unhealthy_to_moved_s=round(seconds, 1),
+            grace_s=grace,
+            beyond_grace_s=round(seconds - grace, 1),
+        )
+
     def update(self, sim: Sim, kube: Kube) -> None:
         k = min(self.o.changed, self.o.deployments)
         changed = names(self.o.deployments)[-k:]
@@ -534,6 +649,12 @@ class Run:
         )
 
 
+def _delta(before: dict[str, Any] | None, after: dict[str, Any] | None) -> dict[str, int]:
+    """The agents' answer counters over a window (/sim/stats "agents")."""
+    old, new = (before or {}).get("counts", {}), (after or {}).get("counts", {})
+    return {k: v - old.get(k, 0) for k, v in new.items()}
+
+
 def _tally(values: Any) -> dict[str, int]:
     counts: dict[str, int] = {}
     for value in values:
@@ -557,9 +678,10 @@ def markdown(results: list[dict[str, Any]]) -> str:
     """One table row per run: the section 8 figures side by side."""
     header = (
         "| nodes x deployments | checkout | all services | all Ready | steady CPU | list calls/min "
-        "| reconciles/min | writes/min | new -> service | removed -> back | k changed: writes "
-        "| RSS | run took |\n"
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n"
+        "| reconciles/min | writes/min | service writes/min | Engine calls/min | agents up "
+        "| new -> service | removed -> back | k changed: writes | NPU unhealthy -> moved "
+        "| RSS | sim CPU (agents) | node checks | run took |\n"
+        "|" + " --- |" * 19 + "\n"
     )
     rows = []
     for r in sorted(
@@ -574,13 +696,32 @@ def markdown(results: list[dict[str, Any]]) -> str:
             else _fmt(u, "all_updated_s")
         )
         stopped = f" (stopped: {r['error']})" if r.get("error") else ""
+        npu = p.get("npu", {})
+        moved = _fmt(npu, "unhealthy_to_moved_s", " s")
+        if npu.get("grace_s") is not None and npu.get("unhealthy_to_moved_s") is not None:
+            moved += f" (grace {npu['grace_s']:g} + {npu['beyond_grace_s']} s)"
+        agents = s.get("node_agents") or {}
+        up = f"{agents['up']}/{agents['nodes']}" if agents else "-"
+        sim_cpu = _fmt(s, "enginesim_cpu_pct", " %")
+        if "sim_agents_cpu_pct" in s:
+            sim_cpu += f" ({s['sim_agents_cpu_pct']} %)"
+        settings = r["params"].get("settings") or {}
+        checks = (
+            "off"
+            if str(settings.get("NPUSWARM_NODE_VALIDATION", "true")).lower() == "false"
+            else "on"
+            if "admin_settings" in r["params"]
+            else "no agents (before)"
+        )
         rows.append(
             f"| {r['params']['nodes']} x {r['params']['deployments']} | `{r['checkout']}` "
             f"| {_fmt(c, 'all_services_s', ' s')} | {_fmt(c, 'all_ready_s', ' s')} "
             f"| {_fmt(s, 'operator_cpu_pct', ' %')} | {_fmt(s, 'list_calls_per_min')} "
             f"| {_fmt(s, 'reconciles_per_min')} | {_fmt(s, 'writes_per_min')} "
+            f"| {_fmt(s, 'service_writes_per_min')} | {_fmt(s, 'manager_calls_per_min')} | {up} "
             f"| {_fmt(n, 'service_created_s', ' s')} | {_fmt(rs, 'service_back_s', ' s')} "
-            f"| {update} | {_fmt(m, 'vmrss_mib', ' MiB')} | {r.get('duration_s', '-')} s{stopped} |"
+            f"| {update} | {moved} | {_fmt(m, 'vmrss_mib', ' MiB')} | {sim_cpu} | {checks} "
+            f"| {r.get('duration_s', '-')} s{stopped} |"
         )
     return header + "\n".join(rows) + "\n"
 

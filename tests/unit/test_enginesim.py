@@ -11,6 +11,7 @@ import threading
 import time
 import urllib.request
 from collections.abc import Iterator
+from types import SimpleNamespace
 from typing import Any
 
 import docker
@@ -18,7 +19,13 @@ import docker.errors
 import pytest
 
 from enginesim import EngineSim
+from localrun import free_port
 from npuswarm.api import labels
+from npuswarm.gateway import protocol
+from npuswarm.gateway.credentials import Credentials
+from npuswarm.nodehealth import agents
+from npuswarm.nodehealth.runner import NodeChecker
+from npuswarm.settings import Settings
 from npuswarm.swarm import Swarm
 from tests.swarm.conftest import wait_for
 
@@ -263,3 +270,163 @@ def test_npuswarm_observes_the_sim(client: docker.APIClient, sim: EngineSim) -> 
     assert service.running_current_spec
     assert service.spec["TaskTemplate"]["Networks"][0]["Target"] == "vllm-net"
     assert sim.stats()["list_calls"] == 4
+
+
+# --- what the node agents need (nodehealth/runner.py, bench/agentsim.py) ----------------------
+
+
+def test_secrets_are_created_listed_by_label_and_removed_once_unused(
+    client: docker.APIClient, sim: EngineSim
+) -> None:
+    kept = client.create_secret("a-key", b"one", labels={"kind": "key", "owner": "a"})["ID"]
+    other = client.create_secret("b-key", b"two", labels={"kind": "key"})["ID"]
+    with pytest.raises(docker.errors.APIError, match="already exists"):
+        client.create_secret("a-key", b"again")
+    listed = client.secrets(filters={"label": ["kind=key", "owner=a"]})
+    assert [s["ID"] for s in listed] == [kept]
+    assert listed[0]["Spec"] == {"Name": "a-key", "Labels": {"kind": "key", "owner": "a"}}
+    assert "Data" not in client.inspect_secret(kept)["Spec"], "Swarm never returns the data"
+    assert sim.secret_data(kept) == b"one"
+    node = client.nodes()[0]["ID"]
+    spec = template(node) | {
+        "ContainerSpec": {
+            "Image": "img:1",
+            "Secrets": [{"File": {"Name": "f"}, "SecretID": kept, "SecretName": "a-key"}],
+        }
+    }
+    client.create_service(spec, name="uses-a")
+    with pytest.raises(docker.errors.APIError, match="in use by the following service: uses-a"):
+        client.remove_secret(kept)
+    with pytest.raises(docker.errors.APIError, match="secret not found"):
+        client.create_service(
+            spec | {"ContainerSpec": {"Image": "i", "Secrets": [{"SecretID": "nope"}]}}, name="x"
+        )
+    client.remove_secret(other)
+    client.remove_service("uses-a")
+    client.remove_secret(kept)
+    assert client.secrets() == []
+    with pytest.raises(docker.errors.NotFound):
+        client.remove_secret(kept)
+
+
+def test_node_update_writes_labels_and_refuses_a_stale_version(client: docker.APIClient) -> None:
+    node = client.nodes()[1]
+    version = node["Version"]["Index"]
+    spec = node["Spec"] | {"Labels": {labels.NODE_AGENT_NPUS: "0-7"}}
+    client.update_node(node["ID"], version, spec)
+    updated = client.inspect_node(node["ID"])
+    assert updated["Spec"]["Labels"] == {labels.NODE_AGENT_NPUS: "0-7"}
+    assert updated["Version"]["Index"] > version
+    with pytest.raises(docker.errors.APIError, match="update out of sequence"):
+        client.update_node(node["ID"], version, node["Spec"])
+    filtered = client.nodes(filters={"node.label": f"{labels.NODE_AGENT_NPUS}=0-7"})
+    assert [n["ID"] for n in filtered] == [node["ID"]]
+
+
+def test_a_global_service_runs_one_task_per_node_its_constraint_matches(
+    client: docker.APIClient, sim: EngineSim
+) -> None:
+    nodes = client.nodes()
+    constraint = f"node.labels.{labels.NODE_AGENT_NPUS}==0-7"
+    service_id = client.create_service(
+        {"ContainerSpec": {"Image": "agent:1"}, "Placement": {"Constraints": [constraint]}},
+        name="agents",
+        mode={"Global": {}},
+    )["ID"]
+    assert tasks_of(client, service_id) == [], "no node carries the label yet"
+    for node in nodes[:2]:
+        Swarm(base_url=sim.url).set_node_label(node["ID"], labels.NODE_AGENT_NPUS, "0-7")
+
+    def running_on() -> set[str]:
+        return {
+            t["NodeID"]
+            for t in tasks_of(client, service_id)
+            if t["Status"]["State"] == "running" and t["DesiredState"] == "running"
+        }
+
+    wait_for(lambda: len(running_on()) == 2, "two agent tasks", timeout=10, interval=0.05)
+    assert running_on() == {n["ID"] for n in nodes[:2]}
+    assert {t["Slot"] for t in tasks_of(client, service_id)} == {0}, "global tasks have no slot"
+    Swarm(base_url=sim.url).set_node_label(nodes[0]["ID"], labels.NODE_AGENT_NPUS, "0-3")
+    wait_for(
+        lambda: running_on() == {nodes[1]["ID"]},
+        "the relabelled node's task to stop",
+        timeout=10,
+        interval=0.05,
+    )
+
+
+ROOT = "fleet-root-key-for-tests-0123456789"
+
+
+def test_the_operators_node_checks_start_and_read_the_simulated_agents(
+    client: docker.APIClient, sim: EngineSim
+) -> None:
+    """The real NodeChecker (nodehealth/runner.py) against the sim: it labels the nodes,
+    creates the agents' secrets and global service, and reads every node's agent over TLS
+    pinned to npuswarm's CA, signed, at the node's own 127/8 address."""
+    port = free_port()
+    sim.start_agents(port)
+    settings = Settings(agent_image="npuswarm:1", agent_port=port, root_key=ROOT)
+    credentials = Credentials(ROOT, settings.instance)
+    swarm = Swarm(base_url=sim.url)
+    checker = NodeChecker(
+        swarm, settings, lambda: SimpleNamespace(snapshot=swarm.observe()), credentials
+    )
+    try:
+        nodes = swarm.observe().nodes
+        assert len({n.addr for n in nodes}) == 3 and all(n.addr.startswith("127.") for n in nodes)
+
+        def all_validated() -> bool:
+            checker.step()
+            verdicts = checker.verdicts()
+            return len(verdicts) == 3 and all(v.ok for v in verdicts.values())
+
+        wait_for(all_validated, "every node's agent to answer", timeout=15, interval=0.1)
+        assert checker.agents_up() == [("sim-0001", True), ("sim-0002", True), ("sim-0003", True)]
+        readings = checker.readings()
+        assert {n: (h.error, len(h.npus)) for n, h in readings.items()} == {
+            n.id: ("", 8) for n in nodes
+        }
+        (service,) = client.services(filters={"label": f"{agents.AGENT}=default"})
+        assert service["Spec"]["Mode"] == {"Global": {}}
+        assert len(client.secrets(filters={"label": f"{agents.AGENT}=default"})) == 2
+        assert {n["Spec"]["Labels"][agents.NODE_LABEL] for n in client.nodes()} == {"0-7"}
+
+        answered = dict(sim.agents.stats()["counts"])
+        checker.read_now(nodes)
+        counts = sim.agents.stats()["counts"]
+        assert counts.get("answered 304", 0) - answered.get("answered 304", 0) == 3
+        assert counts["connections"] == answered["connections"], "keep-alive: no new handshake"
+
+        sim_get(sim, f"/sim/nodes/{nodes[1].id}/npus/3/health?state=Critical", method="POST")
+        checker.read_now(nodes)
+        unhealthy = {
+            (h.hostname, npu)
+            for h in checker.readings().values()
+            for npu, r in h.npus.items()
+            if not r.healthy
+        }
+        assert unhealthy == {("sim-0002", 3)}
+        sim_get(sim, f"/sim/nodes/{nodes[1].id}/npus/3/health?state=OK", method="POST")
+        checker.read_now(nodes)
+        assert all(r.healthy for h in checker.readings().values() for r in h.npus.values())
+
+        # An unsigned request is refused by the agent's own check.
+        connection = protocol.PinnedHTTPS(
+            nodes[0].addr, port, agents.IDENTITY.hostname, credentials.client_context(), 5
+        )
+        connection.request("GET", agents.STATE_PATH)
+        assert connection.getresponse().status == 401
+        connection.close()
+
+        # No agent task on a node: nothing answers there, so its agent is down.
+        client.remove_service(service["ID"])
+        checker.read_now(nodes)
+        assert checker.agents_up() == [
+            ("sim-0001", False),
+            ("sim-0002", False),
+            ("sim-0003", False),
+        ]
+    finally:
+        checker.close()
