@@ -12,6 +12,7 @@ from typing import Annotated, Any
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from npuswarm.core.groups import GroupRules
 from npuswarm.core.hostpolicy import (
     DEFAULT_ALLOWED_HOST_PATHS,
     PLACEMENT_ENV,
@@ -218,6 +219,16 @@ class Settings(BaseSettings):
             backoff_seconds=self.failing_replica_backoff_seconds,
             cooldown_seconds=self.failing_replica_cooldown_seconds,
             max_moves=self.failing_replica_max_moves,
+        )
+
+    def group_rules(self) -> GroupRules:
+        """Multi-node replicas that keep failing back off as failing replicas move: the
+        same back-off, doubled up to the cool-down (core/groups.py)."""
+        return GroupRules(
+            backoff_seconds=self.failing_replica_backoff_seconds,
+            max_backoff_seconds=max(
+                self.failing_replica_cooldown_seconds, self.failing_replica_backoff_seconds
+            ),
         )
 
     @classmethod

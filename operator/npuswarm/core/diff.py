@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 from npuswarm.api.deployment import ModelDeployment
 from npuswarm.api.labels import SPEC_HASH
+from npuswarm.core.groups import GroupPlan
 from npuswarm.core.nodes import NodeLimits
 from npuswarm.core.placement import PlacementResult, ReplicaRequest, spare_assignment
 from npuswarm.core.render import Renderer, SlotSpec, service_name, swarm_name
@@ -97,6 +98,8 @@ class PassPlan:
     lost_node_grace_seconds: float = 0.0
     # What node checks kept out of this placement (for the NPU gauges).
     limits: NodeLimits | None = None
+    # Multi-node replicas: each group's generation, restart and back-off (core/groups.py).
+    groups: GroupPlan = field(default_factory=GroupPlan)
 
     @property
     def actions(self) -> list[Action]:

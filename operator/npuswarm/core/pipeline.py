@@ -27,7 +27,7 @@ from typing import Any
 from npuswarm.api.deployment import AutoscalerStatus, ModelDeployment, ModelDeploymentStatus
 from npuswarm.api.gateway import ModelGateway
 from npuswarm.api.meta import split_key
-from npuswarm.core import hostpolicy
+from npuswarm.core import groups, hostpolicy
 from npuswarm.core.diff import (
     Action,
     Applied,
@@ -91,6 +91,7 @@ def plan_pass(
     renderer: Renderer | None = None,
     limits: NodeLimits | None = None,
     policy: hostpolicy.TenantPolicy | None = None,
+    group_tracker: groups.GroupTracker | None = None,
 ) -> PassPlan:
     """Steps 1 to 7: one placement of every deployment, then each one's writes; writes nothing.
 
@@ -98,7 +99,8 @@ def plan_pass(
     removed by hand). ``orphan_owners``: deployments known to be gone, whose services are
     removed; the caller decides that only from a complete read of the ModelDeployments.
     ``limits``: what node checks and failing replicas keep out of placement.
-    ``renderer`` remembers specs across passes (the operator keeps one)."""
+    ``renderer`` remembers specs across passes (the operator keeps one); ``group_tracker``
+    the back-off of multi-node replicas that keep failing (core/groups.py)."""
     known = known_services or {}
     renderer = renderer or Renderer()
     renderer.new_pass()
@@ -119,6 +121,10 @@ def plan_pass(
         lost_node_grace_seconds=lost_node_grace_seconds,
         limits=limits,
     )
+    # 2b. Multi-node replicas live and die together: each group's generation, raised on
+    #     every member to restart the whole group when one member ended or moved.
+    tracker = group_tracker or groups.GroupTracker()
+    group_plan = tracker.decide(placement, snapshot, now)
     whole = PassPlan(
         snapshot=snapshot,
         placement=placement,
@@ -131,6 +137,7 @@ def plan_pass(
         refused=refused,
         lost_node_grace_seconds=lost_node_grace_seconds,
         limits=limits,
+        groups=group_plan,
     )
     plans = list(whole.plans.values())
 
@@ -148,9 +155,13 @@ def plan_pass(
     for plan in plans:
         surge(plan, placement, renderer)
 
-    # 6. Limit the rollout: the remaining updates, within maxUnavailable.
+    # 6. Limit the rollout: the remaining updates, within maxUnavailable (a group of a
+    #    multi-node replica counts as one replica, and is updated whole).
     for plan in plans:
-        limit_rollout(plan)
+        if plan.md.spec.multi_node:
+            groups.limit_rollout(plan, group_plan.fates)
+        else:
+            limit_rollout(plan)
 
     # 7. Orphans and networks, for the pass as a whole.
     orphans_and_networks(whole, admitted, orphan_owners)
@@ -212,8 +223,10 @@ def report(
             )
             events += autoscaler_events(scaler, previous.get("autoscaler"))
         unplaced: dict[str, int] = {}
+        # A group's members are unplaced together and count as one replica: its leader.
+        followers = {r.key for r in whole.plans[md.key].requests if r.member > 0}
         for replica, item in whole.placement.unplaced.items():
-            if replica[0] == md.key:
+            if replica[0] == md.key and replica not in followers:
                 unplaced[item.reason] = unplaced.get(item.reason, 0) + 1
         views[md.key] = DeploymentView(
             key=md.key,

@@ -110,6 +110,8 @@ class GroupSeat(BaseModel):
     address: str  # this member's node address: HCCL_IF_IP
     interface: str  # the node's npuswarm.io/hccl-interface label ("" = the operator default)
     ports: gang.GroupPorts
+    # Raised to restart the whole group (core/groups.py); 0 renders no label, as before.
+    generation: int = 0
 
 
 class Assignment(BaseModel):
