@@ -157,6 +157,7 @@ class Reconciler:
             limits=limits,
             policy=self.policy,
             group_tracker=self.groups,
+            port_range=self.settings.port_range(),
         )
         if unconfirmed:
             whole.unconfirmed_orphans = unconfirmed

@@ -8,6 +8,8 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
+import pytest
+
 from npuswarm.api import labels
 from npuswarm.core.pipeline import Desired
 from npuswarm.reconcile import PassResult, Reconciler
@@ -199,3 +201,45 @@ def test_single_node_replicas_have_no_group_rows() -> None:
     single = deployment("single", npusPerReplica=2)
     status = ready_pass(reconciler, swarm, single).views[single.key].status
     assert status.groupStatuses == [] and status.readyReplicas == 1
+
+
+def test_a_group_placed_where_removed_members_still_stop_takes_another_port_block() -> None:
+    """The stop grace keeps a removed member's task (and its host ports) alive for up to
+    120 s: a group placed again on those nodes must not take that block there."""
+    swarm, reconciler, _ = setup(nodes=2)
+    ds = deployment("ds", **GROUP)
+    ready_pass(reconciler, swarm, ds)
+    old = {s["ID"]: s["Spec"] for s in swarm.services.values()}
+    assert {s["Labels"][labels.PORT_BLOCK] for s in old.values()} == {"0"}
+    # The deployment is deleted: its services go, their tasks still stop (desired "remove").
+    for service_id in list(old):
+        swarm.remove_service(service_id)
+    for service_id, spec in old.items():
+        swarm.tasks.append({
+            "ID": f"stopping-{service_id}", "ServiceID": service_id, "NodeID": spec["Labels"][labels.NODE],
+            "DesiredState": "remove", "CreatedAt": "2026-11-30T11:00:00Z",
+            "Status": {"State": "running", "Timestamp": "2026-11-30T11:00:00Z"},
+            "Spec": {"ContainerSpec": {"Labels": spec["TaskTemplate"]["ContainerSpec"]["Labels"]}},
+        })
+    again = deployment("ds2", **GROUP)
+    reconciler.run_pass(Desired(deployments=[again]))
+    assert {s["Spec"]["Labels"][labels.PORT_BLOCK] for s in swarm.services.values()} == {"1"}
+    # Stopped tasks (Swarm keeps them as history, state "shutdown") hold nothing.
+    for task in swarm.tasks:
+        if task["ID"].startswith("stopping-"):
+            task["Status"]["State"] = "shutdown"
+    snapshot = swarm.observe()
+    assert snapshot.stopping_members == []
+
+
+def test_the_port_range_is_a_setting() -> None:
+    swarm, reconciler, _ = setup(group_port_range="40000-40063")
+    ds = deployment("ds", replicas=1, **GROUP)
+    reconciler.run_pass(Desired(deployments=[ds]))
+    leader = members(swarm)["0-m0"]["Spec"]["TaskTemplate"]["ContainerSpec"]
+    assert leader["Args"][leader["Args"].index("--port") + 1] == "40000"
+    assert "HCCL_IF_BASE_PORT=40016" in leader["Env"]
+    assert Settings(group_port_range="40000-40063").port_range().blocks == 2
+    for bad in ("40000", "40000-40010", "80-1000", "50000-40000"):
+        with pytest.raises(ValueError, match="NPUSWARM_GROUP_PORT_RANGE|group_port_range|first"):
+            Settings(group_port_range=bad)

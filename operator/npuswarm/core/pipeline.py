@@ -39,6 +39,7 @@ from npuswarm.core.diff import (
     services_by_slot,
     surge,
 )
+from npuswarm.core.gang import PortRange
 from npuswarm.core.kube_events import (
     Event,
     autoscaler_events,
@@ -92,6 +93,7 @@ def plan_pass(
     limits: NodeLimits | None = None,
     policy: hostpolicy.TenantPolicy | None = None,
     group_tracker: groups.GroupTracker | None = None,
+    port_range: PortRange | None = None,
 ) -> PassPlan:
     """Steps 1 to 7: one placement of every deployment, then each one's writes; writes nothing.
 
@@ -120,6 +122,7 @@ def plan_pass(
         now=now,
         lost_node_grace_seconds=lost_node_grace_seconds,
         limits=limits,
+        port_range=port_range,
     )
     # 2b. Multi-node replicas live and die together: each group's generation, raised on
     #     every member to restart the whole group when one member ended or moved.
