@@ -104,6 +104,9 @@ def test_a_member_that_ends_restarts_every_member_of_its_group() -> None:
             for s in swarm.services.values()} == {"1"}
     status = result.views[ds.key].status
     assert status.groupStatuses[0].state == "Restarting" and status.readyReplicas == 0
+    restarted = [e for e in result.views[ds.key].events if e.reason == "GroupRestarted"]
+    assert [e.message for e in restarted] == [
+        "group 0 restarts whole (generation 1): member 0-m1 ended (failed: task: non-zero exit (1))"]
     assert next(c for c in status.conditions if c.type == "Progressing").reason in ("GroupRestarting", "RollingOut")
     swarm.run_all()
     again = reconciler.run_pass(Desired(deployments=[ds]))
@@ -128,6 +131,7 @@ def test_a_group_that_keeps_failing_backs_off_doubling() -> None:
     assert "member 0-m1 ended" in (group.message or "") and "restarts at" in (group.message or "")
     degraded = next(c for c in waiting.views[ds.key].status.conditions if c.type == "Degraded")
     assert degraded.status == "True"
+    assert [e.reason for e in waiting.views[ds.key].events if e.reason.startswith("Group")] == ["GroupBackingOff"]
     clock.now += timedelta(seconds=56)  # 60 s after the first restart
     assert reconciler.run_pass(Desired(deployments=[ds])).writes == 2
     assert generations(swarm) == {"0-m0": "2", "0-m1": "2"}
@@ -191,6 +195,7 @@ def test_an_unplaceable_group_counts_once_among_unplaced_replicas() -> None:
     ds = deployment("ds", **GROUP)
     view = reconciler.run_pass(Desired(deployments=[ds])).views[ds.key]
     assert view.unplaced_reasons == {"InsufficientNPUs": 1}
+    assert [e.reason for e in view.events] == ["InsufficientNPUs"]  # one event for the group
     assert (view.status.replicas, view.status.placedReplicas) == (1, 0)
     assert view.status.groupStatuses[0].state == "Pending"
     assert "needs 2 of 2 node(s)" in (view.status.groupStatuses[0].message or "")

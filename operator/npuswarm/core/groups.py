@@ -246,6 +246,20 @@ def group_statuses(
     return found
 
 
+def outside_restarts(
+    deployment: str, requests: Sequence[ReplicaRequest], plan: GroupPlan, failing: list[str]
+) -> list[str]:
+    """``failing`` ("replica <slot>: <error>") without the members of groups this pass
+    restarts: their failures are what the restart answers, not a fault left standing."""
+    restarting = {
+        f"replica {m.slot}: "
+        for group, members in members_by_group(requests).items()
+        if (fate := plan.fates.get((deployment, group))) is not None and fate.restart
+        for m in members
+    }
+    return [f for f in failing if not any(f.startswith(prefix) for prefix in restarting)]
+
+
 def _group_state(rows: list[ReplicaStatus], fate: GroupFate | None) -> tuple[GroupState, str]:
     if fate is None or any(r.nodeId is None for r in rows):
         unplaced = next((r.message for r in rows if r.message), "")

@@ -44,6 +44,7 @@ from npuswarm.core.kube_events import (
     Event,
     autoscaler_events,
     deployment_events,
+    group_events,
     task_failure_events,
 )
 from npuswarm.core.nodes import NodeLimits
@@ -215,7 +216,11 @@ def report(
         writes = applied.get(md.key, Applied())
         previous = desired.previous.get(md.key, {})
         status = deployment_status(md, whole, writes, previous.get("conditions", []), now)
-        events = deployment_events(md, whole, writes) + task_failure_events(status)
+        events = (
+            deployment_events(md, whole, writes)
+            + group_events(md, whole)
+            + task_failure_events(status)
+        )
         scaler = desired.autoscaler.get(md.key)
         if scaler is not None:
             status.autoscaler = scaler

@@ -157,6 +157,11 @@ def deployment_status(
     validating = [u for u in unplaced if u.reason == "NodeValidationPending"]
     unplaced = [u for u in unplaced if u.reason != "NodeValidationPending"]
     conflicts = [message for owner, message in placement.conflicts if owner == md.key]
+    if md.spec.multi_node:
+        # A group restarting whole in this pass has dealt with its members' failures.
+        replicas.failing = groups.outside_restarts(
+            md.key, plan.requests, whole.groups, replicas.failing
+        )
     short = waiting_for_npus(md.key, unplaced, placement.moved, ready_count)
     faults = [] if short else unplaced
     degraded = _degraded(md.key, replicas, faults, writes.rejected, conflicts, placement.moved)
