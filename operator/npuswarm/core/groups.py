@@ -293,7 +293,10 @@ def limit_rollout(plan: DeploymentPlan, fates: Mapping[GroupKey, GroupFate]) -> 
 
     group_of = {r.slot: r.group for r in plan.requests if r.group is not None}
     wanted = {group_of[slot] for slot in plan.desired if slot in group_of}
-    budget = max(0, plan.md.spec.updateStrategy.maxUnavailable - sum(not up(g) for g in wanted))
+    # A group is never surged (it would need a second set of nodes for one replica), so
+    # maxUnavailable 0 (a surge-only strategy) still lets one group at a time through.
+    allowed = max(1, plan.md.spec.updateStrategy.maxUnavailable)
+    budget = max(0, allowed - sum(not up(g) for g in wanted))
     by_group: dict[str, list[Update]] = {}
     for update in plan.updates:
         by_group.setdefault(group_of.get(update.action.slot, ""), []).append(update)
