@@ -39,7 +39,8 @@ def setup(nodes: int = 3, **settings: Any) -> tuple[MemorySwarm, Reconciler, Clo
 
 
 def members(swarm: MemorySwarm) -> dict[str, dict[str, Any]]:
-    return {s["Spec"]["Labels"][labels.REPLICA]: s for s in swarm.services.values()}
+    return {s["Spec"]["Labels"][labels.REPLICA]: s for s in swarm.services.values()
+            if labels.REPLICA in s["Spec"]["Labels"]}
 
 
 def generations(swarm: MemorySwarm) -> dict[str, str]:
@@ -248,3 +249,58 @@ def test_the_port_range_is_a_setting() -> None:
     for bad in ("40000", "40000-40010", "80-1000", "50000-40000"):
         with pytest.raises(ValueError, match="NPUSWARM_GROUP_PORT_RANGE|group_port_range|first"):
             Settings(group_port_range=bad)
+
+
+# --- serving: a gateway routes to a group's leader only (issue 20 item 5) ------------------
+
+
+def test_a_gateway_routes_to_each_ready_groups_leader_and_drops_a_group_before_any_member_stops() -> None:
+    from npuswarm.gateway.push import Gateways
+
+    from .test_gateway import CREDENTIALS, Recorder, gateway, overlay_swarm
+
+    swarm = overlay_swarm(nodes=4)
+    for index, node in enumerate(swarm.nodes, start=1):
+        node["Status"]["Addr"] = f"10.123.0.{index}"
+    recorder = Recorder()
+    updates = swarm.update_service
+
+    def recorded_update(service_id: str, version: int, spec: dict[str, Any]) -> None:
+        recorder.log.append(("update", spec["Name"]))
+        updates(service_id, version, spec)
+
+    swarm.update_service = recorded_update  # type: ignore[method-assign]
+    reconciler = Reconciler(swarm, Settings(host_network_namespaces="*"), clock=lambda: NOW,
+                            gateways=Gateways("default", CREDENTIALS, send=recorder.send))
+    ds = deployment("ds", replicas=2, servedModelName="ds", **GROUP)
+    gw = gateway()
+    reconciler.run_pass(Desired(deployments=[ds], gateways=[gw]))
+    swarm.run_all()
+    (gw_service,) = [s for s in swarm.services.values() if labels.GATEWAY_NAME in s["Spec"]["Labels"]]
+    swarm.tasks.append({"ID": "task-gw", "ServiceID": gw_service["ID"], "NodeID": "node1",
+                        "DesiredState": "running", "CreatedAt": "2026-11-30T11:00:00Z",
+                        "Status": {"State": "running", "Timestamp": "2026-11-30T11:00:00Z"},
+                        "Spec": {"ContainerSpec": {"Labels": {}}}})
+    ready = reconciler.run_pass(Desired(deployments=[ds], gateways=[gw]))
+    address = {n["ID"]: n["Status"]["Addr"] for n in swarm.nodes}
+
+    def leader_url(group: str) -> str:
+        spec = members(swarm)[f"{group}-m0"]["Spec"]
+        args = spec["TaskTemplate"]["ContainerSpec"]["Args"]
+        return f"http://{address[spec['Labels'][labels.NODE]]}:{args[args.index('--port') + 1]}"
+
+    # One URL per group: its leader's node address and the group's API port; no member's.
+    urls = recorder.states[-1]["models"]["ds"]
+    assert urls == sorted([leader_url("0"), leader_url("1")]) and len(set(urls)) == 2
+    assert ready.gateways["default/gw"].models[0].backends == urls
+    # A member of group 1 ends: before the writes that restart group 1, the gateway drops it.
+    recorder.log.clear()
+    end_task(swarm, "1-m1")
+    reconciler.run_pass(Desired(deployments=[ds], gateways=[gw]))
+    assert recorder.log[0] == ("push", {"ds": 1})
+    assert sorted(recorder.log[1:]) == [("update", "default-ds-1-m0"), ("update", "default-ds-1-m1")]
+    # The group is back only once every member runs its new spec.
+    recorder.log.clear()
+    swarm.run_all()
+    reconciler.run_pass(Desired(deployments=[ds], gateways=[gw]))
+    assert recorder.log == [("push", {"ds": 2})]
