@@ -304,3 +304,42 @@ def test_a_gateway_routes_to_each_ready_groups_leader_and_drops_a_group_before_a
     swarm.run_all()
     reconciler.run_pass(Desired(deployments=[ds], gateways=[gw]))
     assert recorder.log == [("push", {"ds": 2})]
+
+
+# --- the examples (issue 20 item 7) ---------------------------------------------------------
+
+
+def test_the_deepseek_example_renders_the_tutorials_flags_over_four_nodes() -> None:
+    from pathlib import Path
+
+    import yaml
+
+    from npuswarm.api.deployment import ModelDeployment
+
+    examples = Path(__file__).resolve().parents[2] / "examples"
+    body = yaml.safe_load((examples / "deepseek-v3-w8a8-4node.yaml").read_text())
+    body["metadata"] |= {"namespace": "default", "uid": "uid-ds", "creationTimestamp": "2026-01-01T00:00:00Z"}
+    md = ModelDeployment.model_validate(body)
+    swarm, reconciler, _ = setup(nodes=4)
+    for index, node in enumerate(swarm.nodes, start=1):
+        node["Status"]["Addr"] = f"192.168.1.{index}"
+    reconciler.run_pass(Desired(deployments=[md]))
+    specs = {slot: s["Spec"]["TaskTemplate"]["ContainerSpec"] for slot, s in members(swarm).items()}
+    assert sorted(specs) == ["0-m0", "0-m1", "0-m2", "0-m3"]
+    leader_args = specs["0-m0"]["Args"]
+    leader = next(n for n in swarm.nodes if n["ID"] == members(swarm)["0-m0"]["Spec"]["Labels"][labels.NODE])
+    tutorial = ["--tensor-parallel-size", "4", "--data-parallel-size", "8", "--data-parallel-size-local", "2",
+                "--data-parallel-address", leader["Status"]["Addr"]]
+    for slot, container in specs.items():
+        args = " ".join(container["Args"])
+        assert " ".join(tutorial[2:]) in args and "--tensor-parallel-size 4" in args
+        assert all(flag in container["Args"] for flag in (
+            "--enable-expert-parallel", "--quantization=ascend", "--seed=1024", "--trust-remote-code",
+            "--no-enable-prefix-caching", "--max-num-seqs=16", "--max-num-batched-tokens=4096"))
+        assert "ASCEND_VISIBLE_DEVICES=0,1,2,3,4,5,6,7" in container["Env"] and "HCCL_BUFFSIZE=1024" in container["Env"]
+        member = int(slot.rsplit("m", 1)[1])
+        if member:
+            assert f"--headless --data-parallel-start-rank {2 * member}" in args
+        else:
+            assert "--headless" not in args and "--served-model-name deepseek_v3" in args
+    assert "--data-parallel-start-rank" not in " ".join(leader_args)
