@@ -5,6 +5,7 @@ model):
 
     1 refuse   the host policy that needs Swarm's networks      core/hostpolicy.py
     2 place    every replica of every deployment, oldest first  core/placement.py
+    2b groups  multi-node replicas: restart a group whole       core/groups.py
     3 render   each placed replica's spec and its service       core/render.py
     4 diff     rendered against observed: create, update, remove  core/diff.py
     5 surge    spare NPUs for updates that would take a ready replica down, in priority order
