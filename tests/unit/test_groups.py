@@ -343,3 +343,14 @@ def test_the_deepseek_example_renders_the_tutorials_flags_over_four_nodes() -> N
         else:
             assert "--headless" not in args and "--served-model-name deepseek_v3" in args
     assert "--data-parallel-start-rank" not in " ".join(leader_args)
+
+
+def test_a_swarm_outage_keeps_the_last_group_rows() -> None:
+    from npuswarm.core.status import unavailable_status
+
+    swarm, reconciler, _ = setup()
+    ds = deployment("ds", **GROUP)
+    before = ready_pass(reconciler, swarm, ds).views[ds.key].status.model_dump(mode="json")
+    held = unavailable_status(1, "list_nodes: connection refused", before, NOW)
+    assert [g.model_dump(mode="json") for g in held.groupStatuses] == before["groupStatuses"]
+    assert held.readyReplicas == 1 and held.phase == "Progressing"

@@ -233,7 +233,11 @@ def report(
             events += autoscaler_events(scaler, previous.get("autoscaler"))
         unplaced: dict[str, int] = {}
         # A group's members are unplaced together and count as one replica: its leader.
-        followers = {r.key for r in whole.plans[md.key].requests if r.member > 0}
+        followers = (
+            {r.key for r in whole.plans[md.key].requests if r.member > 0}
+            if md.spec.multi_node
+            else set()
+        )
         for replica, item in whole.placement.unplaced.items():
             if replica[0] == md.key and replica not in followers:
                 unplaced[item.reason] = unplaced.get(item.reason, 0) + 1

@@ -516,10 +516,12 @@ def _held_status(
     replica_statuses = [
         ReplicaStatus.model_validate(r) for r in previous.get("replicaStatuses", [])
     ]
+    group_statuses = [GroupStatus.model_validate(g) for g in previous.get("groupStatuses", [])]
     return ModelDeploymentStatus(
         observedGeneration=generation,
         phase=phase,
         replicaStatuses=replica_statuses,
+        groupStatuses=group_statuses,
         conditions=ConditionSet(ready, progressing, degraded).conditions(
             previous.get("conditions", []), generation, now
         ),
