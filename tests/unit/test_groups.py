@@ -354,3 +354,20 @@ def test_a_swarm_outage_keeps_the_last_group_rows() -> None:
     held = unavailable_status(1, "list_nodes: connection refused", before, NOW)
     assert [g.model_dump(mode="json") for g in held.groupStatuses] == before["groupStatuses"]
     assert held.readyReplicas == 1 and held.phase == "Progressing"
+
+
+def test_a_member_whose_npus_turn_unhealthy_moves_and_the_whole_group_restarts() -> None:
+    from npuswarm.core.nodes import NodeLimits
+
+    swarm, reconciler, _ = setup()
+    ds = deployment("ds", **GROUP)
+    ready_pass(reconciler, swarm, ds)
+    node_of = {slot: s["Spec"]["Labels"][labels.NODE] for slot, s in members(swarm).items()}
+    sick = NodeLimits(npus={node_of["0-m1"]: {3: "npu-smi: NPU 3 health Critical"}})
+    result = reconciler.run_pass(Desired(deployments=[ds]), checks=lambda _: sick)
+    moved = {slot: s["Spec"]["Labels"][labels.NODE] for slot, s in members(swarm).items()}
+    assert moved["0-m0"] == node_of["0-m0"] and moved["0-m1"] not in node_of.values()
+    assert generations(swarm) == {"0-m0": "1", "0-m1": "1"}
+    reasons = {a.slot: a.reason for a in result.views[ds.key].applied}
+    assert reasons["0-m0"].startswith("group restart: member 0-m1 placed anew")
+    assert "NPU 3 health Critical" in reasons["0-m0"]
