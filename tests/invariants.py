@@ -5,7 +5,8 @@
   anyone's (ASCEND_VISIBLE_DEVICES of the service env, on the task's NodeID);
 - every service of this installation belongs to an existing ModelDeployment and no two
   services serve one (deployment, replica);
-- each deployment's status (placedReplicas, npus) matches the services Swarm has.
+- each deployment's status (placedReplicas, npus) matches the services Swarm has (a
+  multi-node replica is one replica of nodesPerReplica services).
 
 Ownership is compared by namespace/name. The uid label is compared only when the
 owner was never re-created: a ModelDeployment deleted and created again under the same name
@@ -94,9 +95,11 @@ def ownership(client: Any, deployments: Iterable[dict[str, Any]], instance: str,
             continue  # not yet observed: nothing to compare (callers wait for convergence)
         services = mine.get(key, [])
         npus = sum(len(_devices(s["Spec"]["Labels"].get(f"{PREFIX}/npus", ""))) for s in services)
-        if status.get("placedReplicas", 0) != len(services):
+        # A multi-node replica is one replica of nodesPerReplica member services.
+        members = int((md.get("spec") or {}).get("nodesPerReplica") or 1)
+        if status.get("placedReplicas", 0) * members != len(services):
             found.append(f"{key[0]}/{key[1]}: status.placedReplicas={status.get('placedReplicas')} "
-                         f"but Swarm has {len(services)} services")
+                         f"(x{members} services) but Swarm has {len(services)} services")
         if status.get("npus", 0) != npus:
             found.append(f"{key[0]}/{key[1]}: status.npus={status.get('npus')} but its services hold {npus}")
     return found

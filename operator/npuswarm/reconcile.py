@@ -29,6 +29,7 @@ from npuswarm.api.gateway import ModelGatewayStatus
 from npuswarm.api.meta import split_key
 from npuswarm.core.clock import utcnow
 from npuswarm.core.diff import Action, Applied, PassPlan, hold_writes, reported_services
+from npuswarm.core.groups import GroupTracker
 from npuswarm.core.nodes import NodeLimits
 from npuswarm.core.pipeline import DeploymentView, Desired, plan_pass, report
 from npuswarm.core.render import Renderer, network_labels
@@ -118,6 +119,8 @@ class Reconciler:
             settings.instance, settings.stop_grace_seconds, settings.hccl_interface
         )
         self.policy = settings.tenant_policy()
+        # Multi-node replicas that keep failing back off (core/groups.py).
+        self.groups = GroupTracker(settings.group_rules())
         # uids of deleted deployments and gateways: no pass may write for them again, even one
         # that read its desired state before the deletion.
         self._tombstones: OrderedDict[str, None] = OrderedDict()
@@ -157,6 +160,8 @@ class Reconciler:
             renderer=self.renderer,
             limits=limits,
             policy=self.policy,
+            group_tracker=self.groups,
+            port_range=self.settings.port_range(),
         )
         if unconfirmed:
             whole.unconfirmed_orphans = unconfirmed
@@ -188,6 +193,7 @@ class Reconciler:
             self._remove_networks(gone)
             self._remove_secrets([s.id for s in secrets.stale])
             self._remove_orphan_gateways(desired, whole.snapshot)
+            self.groups.remember(whole.groups, gateway_pass.held)
             clock.lap("apply")
             # Node probes read it under the same lock: they take only NPUs this pass left free.
             self.last_plan = whole
@@ -237,7 +243,7 @@ class Reconciler:
         self.gateways.offer(gateway_pass)
         held = self.gateways.holding(stopped_by(whole.actions))
         if held:
-            hold_writes(whole, held)
+            gateway_pass.held = hold_writes(whole, held)
             log.info("writes wait for gateways to drop their replicas", services=sorted(held))
         metrics.gateway_held_writes.set(len(held))
         return gateway_pass

@@ -12,6 +12,8 @@ from typing import Annotated, Any
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from npuswarm.core.gang import PortRange
+from npuswarm.core.groups import GroupRules
 from npuswarm.core.hostpolicy import (
     DEFAULT_ALLOWED_HOST_PATHS,
     PLACEMENT_ENV,
@@ -127,6 +129,9 @@ class Settings(BaseSettings):
     # Namespaces whose ModelDeployments may run multi-node replicas, which use the host
     # network (docs/multi-node.md): "ns1,ns2" or "*"; empty: none.
     host_network_namespaces: Annotated[tuple[str, ...], NoDecode] = ()
+    # Host ports multi-node replicas take blocks of 32 from ("first-last", docs/multi-node.md):
+    # the API, data-parallel RPC and HCCL ports of each group. Changing it restarts groups.
+    group_port_range: str = "30000-32047"
 
     @field_validator(
         "allowed_reserved_env",
@@ -139,6 +144,12 @@ class Settings(BaseSettings):
     def _list(cls, value: Any) -> Any:
         if isinstance(value, str):
             return tuple(part.strip() for part in value.split(",") if part.strip())
+        return value
+
+    @field_validator("group_port_range", mode="after")
+    @classmethod
+    def _port_range(cls, value: str) -> str:
+        PortRange.parse(value)
         return value
 
     @field_validator("allowed_reserved_env", mode="after")
@@ -218,6 +229,19 @@ class Settings(BaseSettings):
             backoff_seconds=self.failing_replica_backoff_seconds,
             cooldown_seconds=self.failing_replica_cooldown_seconds,
             max_moves=self.failing_replica_max_moves,
+        )
+
+    def port_range(self) -> PortRange:
+        return PortRange.parse(self.group_port_range)
+
+    def group_rules(self) -> GroupRules:
+        """Multi-node replicas that keep failing back off as failing replicas move: the
+        same back-off, doubled up to the cool-down (core/groups.py)."""
+        return GroupRules(
+            backoff_seconds=self.failing_replica_backoff_seconds,
+            max_backoff_seconds=max(
+                self.failing_replica_cooldown_seconds, self.failing_replica_backoff_seconds
+            ),
         )
 
     @classmethod

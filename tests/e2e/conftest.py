@@ -187,6 +187,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
             # One node: a failing replica could only move to other NPUs of the same node,
             # which would rewrite services tests expect unchanged. tests/lab covers moves.
             "NPUSWARM_FAILING_REPLICA_THRESHOLD": "0",
+            # Multi-node replicas (host network) in the tests' namespaces (test_multinode_status).
+            "NPUSWARM_HOST_NETWORK_NAMESPACES": "*",
         }
         container = f"npuswarm-e2e-{uuid.uuid4().hex[:8]}"
         sa_dir = operatorimage.service_account_dir(state / "serviceaccount", token, plane.ca_file)

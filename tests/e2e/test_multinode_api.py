@@ -142,3 +142,30 @@ def test_the_api_server_and_the_models_agree_on_random_group_shapes(
     print(f"\ngroup shapes: {tally}")
     assert disagreements == [], "\n".join(disagreements[:10])
     assert tally["accepted"] and tally["refused"]
+
+
+GROUP_STATUSES = sorted((REPO / "manifests" / "argocd" / "testdata").glob("group-*.yaml"))
+
+
+@pytest.mark.parametrize("path", GROUP_STATUSES, ids=[p.name for p in GROUP_STATUSES])
+def test_a_group_status_as_the_pass_writes_it_is_kept_whole_by_the_api_server(
+    plane: controlplane.ControlPlane, path: Path
+) -> None:
+    """The status subresource prunes what the CRD's schema does not name: every field of a
+    group's status (groupStatuses, their members) must come back as written."""
+    import yaml
+
+    obj = yaml.safe_load(path.read_text())
+    name = obj["metadata"]["name"]
+    body = {"apiVersion": obj["apiVersion"], "kind": obj["kind"],
+            "metadata": {"name": name, "namespace": "default"}, "spec": obj["spec"]}
+    kubectl(plane, "apply", "-f", "-", input=json.dumps(body))
+    try:
+        kubectl(plane, "patch", "modeldeployment", name, "-n", "default", "--subresource=status",
+                "--type=merge", "-p", json.dumps({"status": obj["status"]}))
+        stored = json.loads(kubectl(plane, "get", "modeldeployment", name, "-n", "default",
+                                    "-o", "json").stdout)
+        assert stored["status"] == obj["status"]
+        assert stored["status"]["groupStatuses"][0]["members"][0]["replica"] == "0-m0"
+    finally:
+        kubectl(plane, "delete", "modeldeployment", name, "-n", "default", "--wait=false")

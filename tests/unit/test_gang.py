@@ -217,3 +217,21 @@ def test_status_says_when_the_preferred_label_could_not_be_met() -> None:
     assert len(messages) == 2 and all("groupTopologyKey not met" in m for m in messages)
     # The host network has no alias: the leader's node address and the group's API port.
     assert status.endpoint == "10.0.0.1:30000"
+
+
+@settings(max_examples=200, deadline=None)
+@given(nodes_strategy, work_strategy, st.lists(st.tuples(st.integers(0, 7), st.integers(0, 3)), max_size=8))
+def test_no_group_gets_a_port_block_that_a_stopping_member_still_holds_on_its_nodes(
+    nodes: list[NodeInfo], requests: list[ReplicaRequest], stopping: list[tuple[int, int]]
+) -> None:
+    """Tasks of removed members in their stop grace (core/snapshot.py stopping_members) keep
+    their block on their node: nothing new is given that block there."""
+    held = {(nodes[i % len(nodes)].id, block) for i, block in stopping}
+    claims = [Allocation(deployment="", slot="", node_id=node_id, npus=frozenset(), foreign=True,
+                         service=f"task {node_id}-{block} (stopping)", port_block=block)
+              for node_id, block in sorted(held)]
+    result = run(nodes, requests, claims)
+    assert_whole_groups(nodes, requests, result)
+    for assignment in result.assignments.values():
+        if assignment.group is not None:
+            assert (assignment.node_id, assignment.group.ports.block) not in held

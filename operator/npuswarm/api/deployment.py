@@ -730,6 +730,29 @@ class ReplicaStatus(_Model):
     message: str | None = Field(None, description="Why the replica is not placed or not ready.")
 
 
+GroupState = Literal["Pending", "Starting", "Ready", "Restarting", "BackingOff"]
+
+
+class GroupStatus(_Model):
+    """One multi-node replica (a data-parallel group), read as one replica."""
+
+    group: str = Field(..., description="The group's index; its members are <group>-m<member>.")
+    state: GroupState = Field(
+        ...,
+        description=(
+            "Pending (not every member has a place), Starting, Ready (every member runs the "
+            "current spec and the leader is healthy), Restarting (every member is being "
+            "replaced: one failed or moved), BackingOff (a member ended; the restart waits)."
+        ),
+    )
+    ready: bool = False
+    generation: int = Field(0, description="Raised each time the whole group is restarted.")
+    restarts: int = Field(0, description="Restarts in a row after a member ended.")
+    endpoint: str | None = Field(None, description="The leader's node address and API port.")
+    message: str | None = None
+    members: list[ReplicaStatus] = Field(default_factory=list)
+
+
 class AutoscalerStatus(_Model):
     """The built-in autoscaler's last decision, what it read, and its last change."""
 
@@ -766,6 +789,13 @@ class ModelDeploymentStatus(_Model):
     npus: int = Field(0, description="NPUs held by this deployment's replicas.")
     endpoint: str | None = Field(None, description="host:port of the model on its network.")
     replicaStatuses: list[ReplicaStatus] = Field(default_factory=list)
+    groupStatuses: list[GroupStatus] = Field(
+        default_factory=list,
+        description=(
+            "Multi-node replicas (nodesPerReplica > 1): each group with its members; "
+            "replicas, readyReplicas and placedReplicas then count groups."
+        ),
+    )
     conditions: list[Condition] = Field(default_factory=list)
     autoscaler: AutoscalerStatus | None = Field(
         None, description="Set when spec.autoscaling is (docs/autoscaling.md)."

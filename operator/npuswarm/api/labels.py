@@ -17,6 +17,10 @@ MODEL = f"{PREFIX}/model"
 # A member of a multi-node replica: the block of host ports its group uses (core/gang.py), the
 # source of truth for them after a restart, as NPUS is for NPUs.
 PORT_BLOCK = f"{PREFIX}/port-block"
+# A member of a multi-node replica: its group's generation (core/groups.py). npuswarm raises it
+# on every member at once to restart the whole group (a member failed or moved); a changed
+# label is a changed task template, so Swarm replaces every member's task.
+GROUP_GENERATION = f"{PREFIX}/group-generation"
 # A ModelGateway's services carry these instead of the owner labels: they are not replicas.
 GATEWAY_NAMESPACE = f"{PREFIX}/gateway-namespace"
 GATEWAY_NAME = f"{PREFIX}/gateway-name"

@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 from npuswarm.api.deployment import ModelDeployment
 from npuswarm.api.labels import SPEC_HASH
+from npuswarm.core.groups import GroupPlan
 from npuswarm.core.nodes import NodeLimits
 from npuswarm.core.placement import PlacementResult, ReplicaRequest, spare_assignment
 from npuswarm.core.render import Renderer, SlotSpec, service_name, swarm_name
@@ -97,21 +98,28 @@ class PassPlan:
     lost_node_grace_seconds: float = 0.0
     # What node checks kept out of this placement (for the NPU gauges).
     limits: NodeLimits | None = None
+    # Multi-node replicas: each group's generation, restart and back-off (core/groups.py).
+    groups: GroupPlan = field(default_factory=GroupPlan)
 
     @property
     def actions(self) -> list[Action]:
         return [a for plan in self.plans.values() for a in plan.actions] + self.orphans
 
 
-def hold_writes(whole: PassPlan, services: frozenset[str]) -> None:
-    """Take the writes to ``services`` out of this pass: each deployment's wait with its
-    rollout-held updates (reported as waiting, asked again), orphans' until a later pass."""
+def hold_writes(whole: PassPlan, services: frozenset[str]) -> list[Action]:
+    """Take the writes to ``services`` out of this pass and return them: each deployment's
+    wait with its rollout-held updates (reported as waiting, asked again), orphans' until a
+    later pass."""
+    taken: list[Action] = []
     for plan in whole.plans.values():
         held = [a for a in plan.actions if a.service_name in services]
         if held:
             plan.actions = [a for a in plan.actions if a.service_name not in services]
             plan.deferred.extend(held)
+            taken += held
+    taken += [a for a in whole.orphans if a.service_name in services]
     whole.orphans = [a for a in whole.orphans if a.service_name not in services]
+    return taken
 
 
 def services_by_slot(snapshot: SwarmSnapshot, deployment: str) -> dict[str, list[ObservedService]]:

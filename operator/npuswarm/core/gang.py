@@ -33,6 +33,34 @@ HCCL_PORTS = 16
 
 
 @dataclass(frozen=True)
+class PortRange:
+    """The host ports groups take blocks from (NPUSWARM_GROUP_PORT_RANGE): ``blocks`` blocks
+    of PORT_BLOCK_SIZE from ``first``. A service records its block's index, so changing the
+    range moves (and restarts) every group."""
+
+    first: int = GROUP_PORT_BASE
+    blocks: int = PORT_BLOCKS
+
+    @classmethod
+    def parse(cls, text: str) -> PortRange:
+        """``first-last``, both inclusive, holding at least one block."""
+        low, dash, high = text.strip().partition("-")
+        if not (dash and low.isdigit() and high.isdigit()):
+            raise ValueError(f"{text!r} is not first-last (e.g. 30000-32047)")
+        first, last = int(low), int(high)
+        if not 1024 <= first <= last <= 65535:
+            raise ValueError(f"{text!r}: ports must be within 1024-65535, first <= last")
+        blocks = (last - first + 1) // PORT_BLOCK_SIZE
+        if blocks < 1:
+            raise ValueError(f"{text!r} holds no block of {PORT_BLOCK_SIZE} ports")
+        return cls(first, blocks)
+
+    @property
+    def last(self) -> int:
+        return self.first + self.blocks * PORT_BLOCK_SIZE - 1
+
+
+@dataclass(frozen=True)
 class GroupPorts:
     block: int
     api: int
@@ -40,16 +68,18 @@ class GroupPorts:
     hccl_base: int
 
     @classmethod
-    def of_block(cls, block: int) -> GroupPorts:
-        first = GROUP_PORT_BASE + block * PORT_BLOCK_SIZE
+    def of_block(cls, block: int, ports: PortRange = PortRange()) -> GroupPorts:
+        first = ports.first + block * PORT_BLOCK_SIZE
         return cls(
             block=block, api=first, rpc=first + 1, hccl_base=first + PORT_BLOCK_SIZE - HCCL_PORTS
         )
 
 
-def free_block(taken: Mapping[str, Set[int]], node_ids: Sequence[str]) -> int | None:
+def free_block(
+    taken: Mapping[str, Set[int]], node_ids: Sequence[str], ports: PortRange = PortRange()
+) -> int | None:
     """The lowest port block no other group uses on any of these nodes."""
-    for block in range(PORT_BLOCKS):
+    for block in range(ports.blocks):
         if all(block not in taken.get(node_id, ()) for node_id in node_ids):
             return block
     return None

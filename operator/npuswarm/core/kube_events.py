@@ -13,6 +13,7 @@ import structlog
 from npuswarm.api import labels
 from npuswarm.api.deployment import AutoscalerStatus, ModelDeployment, ModelDeploymentStatus
 from npuswarm.core.diff import Applied, PassPlan
+from npuswarm.core.groups import members_by_group
 
 # The pass's placement lines keep the logger they always had.
 log = structlog.get_logger("npuswarm.reconcile")
@@ -95,8 +96,14 @@ def deployment_events(md: ModelDeployment, whole: PassPlan, writes: Applied) -> 
             )
         elif action.kind == "remove":
             events.append(Event("Normal", "Removed", f"{action.service_name}: {action.reason}"))
+    # A group's members are unplaced together, for one reason: one event, its leader's.
+    followers = (
+        {r.key for r in whole.plans[md.key].requests if r.member > 0}
+        if md.spec.multi_node and md.key in whole.plans
+        else set()
+    )
     for key, unplaced in sorted(placement.unplaced.items()):
-        if key[0] == md.key:
+        if key[0] == md.key and key not in followers:
             # Waiting for a node's first validation probe is no warning.
             kind: EventType = "Normal" if unplaced.reason == "NodeValidationPending" else "Warning"
             events.append(
@@ -108,6 +115,24 @@ def deployment_events(md: ModelDeployment, whole: PassPlan, writes: Applied) -> 
         if owner == md.key:
             events.append(Event("Warning", "NPUConflict", message))
     return events
+
+
+def group_events(md: ModelDeployment, whole: PassPlan) -> list[Event]:
+    """A multi-node replica restarted whole, or waiting for its back-off (core/groups.py)."""
+    plan = whole.plans.get(md.key)
+    if not md.spec.multi_node or plan is None:
+        return []
+    found = []
+    for group in members_by_group(plan.requests):
+        fate = whole.groups.fates.get((md.key, group))
+        if fate is None:
+            continue
+        if fate.restart:
+            message = f"group {group} restarts whole (generation {fate.generation}): {fate.restart}"
+            found.append(Event("Warning", "GroupRestarted", message))
+        elif fate.waiting:
+            found.append(Event("Warning", "GroupBackingOff", f"group {group}: {fate.waiting}"))
+    return found
 
 
 def task_failure_events(status: ModelDeploymentStatus) -> list[Event]:

@@ -5,6 +5,7 @@ model):
 
     1 refuse   the host policy that needs Swarm's networks      core/hostpolicy.py
     2 place    every replica of every deployment, oldest first  core/placement.py
+    2b groups  multi-node replicas: restart a group whole       core/groups.py
     3 render   each placed replica's spec and its service       core/render.py
     4 diff     rendered against observed: create, update, remove  core/diff.py
     5 surge    spare NPUs for updates that would take a ready replica down, in priority order
@@ -27,7 +28,7 @@ from typing import Any
 from npuswarm.api.deployment import AutoscalerStatus, ModelDeployment, ModelDeploymentStatus
 from npuswarm.api.gateway import ModelGateway
 from npuswarm.api.meta import split_key
-from npuswarm.core import hostpolicy
+from npuswarm.core import groups, hostpolicy
 from npuswarm.core.diff import (
     Action,
     Applied,
@@ -39,10 +40,12 @@ from npuswarm.core.diff import (
     services_by_slot,
     surge,
 )
+from npuswarm.core.gang import PortRange
 from npuswarm.core.kube_events import (
     Event,
     autoscaler_events,
     deployment_events,
+    group_events,
     task_failure_events,
 )
 from npuswarm.core.nodes import NodeLimits
@@ -91,6 +94,8 @@ def plan_pass(
     renderer: Renderer | None = None,
     limits: NodeLimits | None = None,
     policy: hostpolicy.TenantPolicy | None = None,
+    group_tracker: groups.GroupTracker | None = None,
+    port_range: PortRange | None = None,
 ) -> PassPlan:
     """Steps 1 to 7: one placement of every deployment, then each one's writes; writes nothing.
 
@@ -98,7 +103,8 @@ def plan_pass(
     removed by hand). ``orphan_owners``: deployments known to be gone, whose services are
     removed; the caller decides that only from a complete read of the ModelDeployments.
     ``limits``: what node checks and failing replicas keep out of placement.
-    ``renderer`` remembers specs across passes (the operator keeps one)."""
+    ``renderer`` remembers specs across passes (the operator keeps one); ``group_tracker``
+    the back-off of multi-node replicas that keep failing (core/groups.py)."""
     known = known_services or {}
     renderer = renderer or Renderer()
     renderer.new_pass()
@@ -118,7 +124,12 @@ def plan_pass(
         now=now,
         lost_node_grace_seconds=lost_node_grace_seconds,
         limits=limits,
+        port_range=port_range,
     )
+    # 2b. Multi-node replicas live and die together: each group's generation, raised on
+    #     every member to restart the whole group when one member ended or moved.
+    tracker = group_tracker or groups.GroupTracker()
+    group_plan = tracker.decide(placement, snapshot, now)
     whole = PassPlan(
         snapshot=snapshot,
         placement=placement,
@@ -131,6 +142,7 @@ def plan_pass(
         refused=refused,
         lost_node_grace_seconds=lost_node_grace_seconds,
         limits=limits,
+        groups=group_plan,
     )
     plans = list(whole.plans.values())
 
@@ -148,9 +160,13 @@ def plan_pass(
     for plan in plans:
         surge(plan, placement, renderer)
 
-    # 6. Limit the rollout: the remaining updates, within maxUnavailable.
+    # 6. Limit the rollout: the remaining updates, within maxUnavailable (a group of a
+    #    multi-node replica counts as one replica, and is updated whole).
     for plan in plans:
-        limit_rollout(plan)
+        if plan.md.spec.multi_node:
+            groups.limit_rollout(plan, group_plan.fates)
+        else:
+            limit_rollout(plan)
 
     # 7. Orphans and networks, for the pass as a whole.
     orphans_and_networks(whole, admitted, orphan_owners)
@@ -201,7 +217,11 @@ def report(
         writes = applied.get(md.key, Applied())
         previous = desired.previous.get(md.key, {})
         status = deployment_status(md, whole, writes, previous.get("conditions", []), now)
-        events = deployment_events(md, whole, writes) + task_failure_events(status)
+        events = (
+            deployment_events(md, whole, writes)
+            + group_events(md, whole)
+            + task_failure_events(status)
+        )
         scaler = desired.autoscaler.get(md.key)
         if scaler is not None:
             status.autoscaler = scaler
@@ -212,8 +232,14 @@ def report(
             )
             events += autoscaler_events(scaler, previous.get("autoscaler"))
         unplaced: dict[str, int] = {}
+        # A group's members are unplaced together and count as one replica: its leader.
+        followers = (
+            {r.key for r in whole.plans[md.key].requests if r.member > 0}
+            if md.spec.multi_node
+            else set()
+        )
         for replica, item in whole.placement.unplaced.items():
-            if replica[0] == md.key:
+            if replica[0] == md.key and replica not in followers:
                 unplaced[item.reason] = unplaced.get(item.reason, 0) + 1
         views[md.key] = DeploymentView(
             key=md.key,

@@ -110,6 +110,8 @@ class GroupSeat(BaseModel):
     address: str  # this member's node address: HCCL_IF_IP
     interface: str  # the node's npuswarm.io/hccl-interface label ("" = the operator default)
     ports: gang.GroupPorts
+    # Raised to restart the whole group (core/groups.py); 0 renders no label, as before.
+    generation: int = 0
 
 
 class Assignment(BaseModel):
@@ -159,6 +161,7 @@ class PlacementResult:
     # Host port blocks of groups, per node (core/gang.py), and the block each member's
     # service records.
     port_blocks: dict[str, set[int]] = field(default_factory=dict)
+    port_range: gang.PortRange = field(default_factory=gang.PortRange)
     _block_of: dict[ReplicaKey, int] = field(default_factory=dict)
     _by_deployment: dict[str, dict[str, Assignment]] = field(default_factory=dict)
     _candidates: dict[CandidateKey, list[NodeInfo]] = field(default_factory=dict)
@@ -263,6 +266,7 @@ def place_all(
     now: datetime,
     lost_node_grace_seconds: float,
     limits: NodeLimits | None = None,
+    port_range: gang.PortRange | None = None,
 ) -> PlacementResult:
     """One placement over every deployment (``ranked``: by_priority's order), so each
     deployment of a pass sees the same global answer; ``result.requests`` keeps each one's
@@ -289,6 +293,7 @@ def place_all(
         now=now,
         lost_node_grace_seconds=lost_node_grace_seconds,
         move=limits.move if limits is not None else None,
+        port_range=port_range,
     )
     result.requests = requests_by_deployment
     return result
@@ -302,11 +307,12 @@ def place(
     now: datetime,
     lost_node_grace_seconds: float,
     move: Mapping[ReplicaKey, str] | None = None,
+    port_range: gang.PortRange | None = None,
 ) -> PlacementResult:
     """Keep every valid allocation, then place what is missing, best fit, in request order.
     ``move``: replicas that must leave their allocation (-> why) although it is valid."""
     moving = move or {}
-    result = PlacementResult()
+    result = PlacementResult(port_range=port_range or gang.PortRange())
     result._ordered = sorted(nodes, key=lambda n: (n.hostname, n.id))
     result._nodes.update({node.id: node for node in nodes})
     result.taken.update({node.id: set() for node in nodes})
@@ -317,9 +323,12 @@ def place(
         if member.group_key is not None:
             groups.setdefault(member.group_key, []).append(member)
     for allocation in allocations:
-        if allocation.port_block is not None and not allocation.foreign:
-            # Taken while the service runs, wanted or not, like its NPUs.
-            result.port_blocks.setdefault(allocation.node_id, set()).add(allocation.port_block)
+        if allocation.port_block is None:
+            continue
+        # Taken while the service runs, wanted or not, like its NPUs; and while a removed
+        # member's task still stops (foreign: snapshot.stopping_members).
+        result.port_blocks.setdefault(allocation.node_id, set()).add(allocation.port_block)
+        if not allocation.foreign:
             result._block_of[allocation.key] = allocation.port_block
     for allocation in _claim_order(allocations, requests):
         if allocation.foreign:
@@ -632,15 +641,19 @@ def _seat_group(members: list[ReplicaRequest], result: PlacementResult) -> None:
         if any(block in result.port_blocks.get(n, ()) for n in others):
             block = None
     if block is None:
-        block = gang.free_block(result.port_blocks, node_ids)
+        block = gang.free_block(result.port_blocks, node_ids, result.port_range)
     if block is None:
         leader = members[0]
-        why = f"no free host port block on nodes {sorted(node_ids)} ({gang.PORT_BLOCKS} blocks)"
+        span = result.port_range
+        why = (
+            f"no free host port block on nodes {sorted(node_ids)} "
+            f"({span.blocks} blocks in {span.first}-{span.last})"
+        )
         _let_group_go(members, result, "InsufficientNPUs", f"group {leader.group}: {why}", why)
         return
     for node_id in node_ids:
         result.port_blocks.setdefault(node_id, set()).add(block)
-    ports = gang.GroupPorts.of_block(block)
+    ports = gang.GroupPorts.of_block(block, result.port_range)
     leader_node = result._nodes.get(placed[0].node_id)
     for member, assignment in zip(members, placed, strict=True):
         node = result._nodes.get(assignment.node_id)

@@ -193,11 +193,17 @@ def render_service(
     seat = assignment.group
     if seat is not None:
         replica_labels[labels.PORT_BLOCK] = str(seat.ports.block)
+        if seat.generation:
+            replica_labels[labels.GROUP_GENERATION] = str(seat.generation)
     container = _container(md, assignment.npus, replica_labels, seat, hccl_interface)
     task_template = _task_template(md, assignment.node_id, container)
     if seat is not None:
         # The rendezvous, torch.distributed and HCCL bind host addresses (docs/multi-node.md).
         task_template["Networks"] = [{"Target": "host"}]
+        # Swarm would restart a failed member alone, into a group that no longer expects it
+        # (vLLM's leader takes no late member; the others hang or exit): npuswarm restarts
+        # the whole group instead, with back-off (core/groups.py).
+        task_template["RestartPolicy"] = dict(task_template["RestartPolicy"], Condition="none")
     rendered: dict[str, Any] = {
         "Name": name or service_name(md, assignment.slot),
         "Labels": dict(replica_labels),

@@ -152,6 +152,10 @@ class SwarmSnapshot:
     # The namespaces whose replicas or gateways are on each network now (for networks made
     # before they carried a namespace: those namespaces keep them).
     network_users: dict[str, frozenset[str]] = field(default_factory=dict)
+    # Tasks of removed multi-node members still in their stop grace: they hold their group's
+    # host ports on their node until they exit, so no new group may take that block there
+    # (a foreign claim of no NPUs and one port block each).
+    stopping_members: list[Allocation] = field(default_factory=list)
     _by_deployment: dict[str, list[ObservedService]] = field(default_factory=dict, repr=False)
     _nodes_by_id: dict[str, NodeInfo] = field(default_factory=dict, repr=False)
 
@@ -172,9 +176,10 @@ class SwarmSnapshot:
         return set(self._by_deployment)
 
     def allocations(self) -> list[Allocation]:
-        """npuswarm's claims from its labels, then every foreign claim."""
+        """npuswarm's claims from its labels, then every foreign claim, then the host port
+        blocks of removed group members whose tasks still stop."""
         own = [a for a in (s.allocation() for s in self.services) if a is not None]
-        return own + [claim.allocation() for claim in self.foreign]
+        return own + [claim.allocation() for claim in self.foreign] + self.stopping_members
 
     def node(self, node_id: str) -> NodeInfo | None:
         return self._nodes_by_id.get(node_id)
@@ -228,6 +233,13 @@ def snapshot_from_engine(
         for raw in others
         for claim in foreign_claims(raw, foreign_tasks.get(raw.get("ID", ""), []), hostnames)
     ]
+    foreign_ids = {raw.get("ID", "") for raw in others}
+    stopping = [
+        claim
+        for service_id, leftover in foreign_tasks.items()
+        if service_id not in foreign_ids
+        for claim in stopping_members(leftover, instance)
+    ]
     users: dict[str, set[str]] = {}
     for service in [*by_id.values(), *gateways]:
         namespace = service.labels.get(labels.OWNER_NAMESPACE) or service.labels.get(
@@ -260,7 +272,32 @@ def snapshot_from_engine(
             if is_own(n.get("Labels") or {}, instance) and "Id" in n and "Name" in n
         },
         gateway_services=sorted(gateways, key=lambda s: s.name),
+        stopping_members=stopping,
     )
+
+
+def stopping_members(tasks: list[dict[str, Any]], instance: str) -> list[Allocation]:
+    """The port blocks that tasks of a removed member service hold until they have stopped
+    (Swarm lists them, desired state "remove", through the stop grace)."""
+    found = []
+    for task in tasks:
+        task_labels = ((task.get("Spec") or {}).get("ContainerSpec") or {}).get("Labels") or {}
+        block = str(task_labels.get(labels.PORT_BLOCK, ""))
+        state = (task.get("Status") or {}).get("State")
+        if is_own(task_labels, instance) and block.isdigit() and state in LIVE_TASK_STATES:
+            node_id = str(task.get("NodeID") or task_labels.get(labels.NODE, ""))
+            found.append(
+                Allocation(
+                    deployment="",
+                    slot="",
+                    node_id=node_id,
+                    npus=frozenset(),
+                    service=f"task {task.get('ID', '')} (stopping)",
+                    foreign=True,
+                    port_block=int(block),
+                )
+            )
+    return found
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ from typing import Any, Literal
 from npuswarm.api import labels
 from npuswarm.api.deployment import (
     AutoscalerStatus,
+    GroupStatus,
     ModelDeployment,
     ModelDeploymentStatus,
     Phase,
@@ -17,11 +18,12 @@ from npuswarm.api.deployment import (
 )
 from npuswarm.api.labels import SPEC_HASH
 from npuswarm.api.meta import Condition, ConditionStatus, ConditionType
+from npuswarm.core import groups
 from npuswarm.core.clock import TIMESTAMP, timestamp
 from npuswarm.core.diff import Action, Applied, DeploymentPlan, PassPlan
 from npuswarm.core.nodes import NodeInfo, NodeLimits
 from npuswarm.core.npus import parse_npu_ids
-from npuswarm.core.placement import Assignment, Unplaced
+from npuswarm.core.placement import Assignment, PlacementResult, Unplaced
 from npuswarm.core.render import network_alias
 from npuswarm.core.snapshot import SwarmSnapshot
 
@@ -155,6 +157,11 @@ def deployment_status(
     validating = [u for u in unplaced if u.reason == "NodeValidationPending"]
     unplaced = [u for u in unplaced if u.reason != "NodeValidationPending"]
     conflicts = [message for owner, message in placement.conflicts if owner == md.key]
+    if md.spec.multi_node:
+        # A group restarting whole in this pass has dealt with its members' failures.
+        replicas.failing = groups.outside_restarts(
+            md.key, plan.requests, whole.groups, replicas.failing
+        )
     short = waiting_for_npus(md.key, unplaced, placement.moved, ready_count)
     faults = [] if short else unplaced
     degraded = _degraded(md.key, replicas, faults, writes.rejected, conflicts, placement.moved)
@@ -170,6 +177,34 @@ def deployment_status(
         )
     all_ready = ready_count == desired_count and not rolling and degraded.status == "False"
     counted = f"{ready_count}/{desired_count} replicas ready"
+    placed_count = len(placed)
+    group_rows: list[GroupStatus] = []
+    if md.spec.multi_node:
+        # A group is one replica: every count, condition and gauge reads groups.
+        group_rows = groups.group_statuses(
+            plan.requests, replicas.statuses, whole.groups.fates, _leaders(md, placement)
+        )
+        desired_count = len(group_rows)
+        ready_count = sum(1 for g in group_rows if g.ready)
+        placed_count = sum(1 for g in group_rows if g.state != "Pending")
+        backing_off = [g for g in group_rows if g.state == "BackingOff"]
+        restarting = [g for g in group_rows if g.state == "Restarting"]
+        if backing_off and degraded.status == "False":
+            degraded = ConditionValue(
+                "True",
+                "GroupBackingOff",
+                "; ".join(f"group {g.group}: {g.message}" for g in backing_off),
+            )
+            progressing = ConditionValue("False", "Stalled", degraded.message)
+        elif restarting and degraded.status == "False":
+            progressing = ConditionValue(
+                "True",
+                "GroupRestarting",
+                "; ".join(f"group {g.group}: {g.message}" for g in restarting),
+            )
+        all_ready = ready_count == desired_count and not rolling and degraded.status == "False"
+        nodes = md.spec.nodesPerReplica
+        counted = f"{ready_count}/{desired_count} replicas ready (groups of {nodes} nodes)"
     if all_ready:
         reason = "ScaledToZero" if desired_count == 0 else "AllReplicasReady"
         ready = ConditionValue("True", reason, counted)
@@ -182,10 +217,11 @@ def deployment_status(
         replicas=desired_count,
         selector=replica_selector(md.metadata.name),
         readyReplicas=ready_count,
-        placedReplicas=len(placed),
+        placedReplicas=placed_count,
         npus=sum(len(r.npus) for r in placed),
         endpoint=_endpoint(md, placement.for_deployment(md.key)),
         replicaStatuses=replicas.statuses,
+        groupStatuses=group_rows,
         conditions=verdict.conditions(previous_conditions, md.metadata.generation, now),
     )
 
@@ -378,6 +414,15 @@ def node_unavailable(node: NodeInfo | None, grace_seconds: float) -> str | None:
     )
 
 
+def _leaders(md: ModelDeployment, placement: PlacementResult) -> dict[str, str]:
+    """Each placed group's leader, ``<leader node address>:<API port>`` by group index."""
+    return {
+        a.slot.split("-m")[0]: f"{a.group.leader_address}:{a.group.ports.api}"
+        for a in placement.for_deployment(md.key)
+        if a.group is not None and a.group.member == 0
+    }
+
+
 def _endpoint(md: ModelDeployment, assignments: Sequence[Assignment]) -> str | None:
     if md.spec.multi_node:
         # On the host network: each group is reached at its leader's node address and port.
@@ -471,10 +516,12 @@ def _held_status(
     replica_statuses = [
         ReplicaStatus.model_validate(r) for r in previous.get("replicaStatuses", [])
     ]
+    group_statuses = [GroupStatus.model_validate(g) for g in previous.get("groupStatuses", [])]
     return ModelDeploymentStatus(
         observedGeneration=generation,
         phase=phase,
         replicaStatuses=replica_statuses,
+        groupStatuses=group_statuses,
         conditions=ConditionSet(ready, progressing, degraded).conditions(
             previous.get("conditions", []), generation, now
         ),

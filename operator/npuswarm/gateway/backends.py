@@ -10,6 +10,7 @@ replica joins in the pass that first sees its task running, i.e. healthy).
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -18,6 +19,7 @@ from typing import Any
 import structlog
 from pydantic import ValidationError
 
+from npuswarm.api import labels
 from npuswarm.api.deployment import ModelDeployment
 from npuswarm.api.gateway import (
     ClientAccessStatus,
@@ -40,7 +42,8 @@ def selected(
     gateway: ModelGateway, deployments: Iterable[ModelDeployment]
 ) -> list[ModelDeployment]:
     """The deployments a gateway serves: its namespace, its selector (empty: all), and on its
-    network (elsewhere it could not reach them)."""
+    network (elsewhere it could not reach them), or multi-node replicas, which are on the
+    host network and reached at their leader's node address (docs/multi-node.md)."""
     wanted = gateway.spec.modelSelector.matchLabels
     return sorted(
         (
@@ -48,8 +51,13 @@ def selected(
             for md in deployments
             if md.metadata.namespace == gateway.metadata.namespace
             and all(md.metadata.labels.get(k) == v for k, v in wanted.items())
-            and md.spec.network is not None
-            and md.spec.network.name == gateway.spec.network.name
+            and (
+                md.spec.multi_node
+                or (
+                    md.spec.network is not None
+                    and md.spec.network.name == gateway.spec.network.name
+                )
+            )
         ),
         key=lambda md: md.key,
     )
@@ -97,13 +105,20 @@ def listing(
     serves: set[str] = set()
     for md in selected(gateway, deployments):
         urls = backends.setdefault(md.spec.served_model_name, [])
+        if md.spec.multi_node:
+            services = snapshot.services_of(md.key)
+            serves.update(s.name for s in services)
+            for url, names in group_backends(services, snapshot, stopping).items():
+                urls.append(url)
+                members.update(names)
+            continue
         for service in snapshot.services_of(md.key):
             serves.add(service.name)
             if service.name in stopping:
                 continue
-            url = replica_url(md, service, network)
-            if url is not None:
-                urls.append(url)
+            address = replica_url(md, service, network)
+            if address is not None:
+                urls.append(address)
                 members.add(service.name)
     return Listing(
         backends={model: sorted(set(urls)) for model, urls in sorted(backends.items())},
@@ -119,6 +134,47 @@ def desired_backends(
     stopping: frozenset[str],
 ) -> Backends:
     return listing(gateway, deployments, snapshot, stopping).backends
+
+
+def group_backends(
+    services: Sequence[ObservedService], snapshot: SwarmSnapshot, stopping: frozenset[str]
+) -> dict[str, list[str]]:
+    """Each ready group's leader, ``http://<leader node address>:<API port>``: only the leader
+    serves the API. A group is out as soon as one member is not running its current spec,
+    is on a node that is not ready, or is stopped by this pass's writes: a group missing a
+    member cannot serve, and its leader must leave every gateway before any member stops."""
+    by_group: dict[str, list[ObservedService]] = {}
+    for service in services:
+        by_group.setdefault(service.slot.partition("-m")[0], []).append(service)
+    urls: dict[str, list[str]] = {}
+    for members in by_group.values():
+        leader = next((s for s in members if s.slot.endswith("-m0")), None)
+        if leader is None or any(not _serving(s, snapshot, stopping) for s in members):
+            continue
+        node = snapshot.node(leader.labels.get(labels.NODE, ""))
+        port = _api_port(leader)
+        if node is not None and node.addr and port is not None:
+            urls[f"http://{node.addr}:{port}"] = [s.name for s in members]
+    return urls
+
+
+def _serving(service: ObservedService, snapshot: SwarmSnapshot, stopping: frozenset[str]) -> bool:
+    node = snapshot.node(service.labels.get(labels.NODE, ""))
+    return (
+        service.name not in stopping
+        and service.running_current_spec
+        and node is not None
+        and node.state == "ready"
+    )
+
+
+def _api_port(service: ObservedService) -> int | None:
+    """The --port the leader's engine serves on, as its service runs it."""
+    args = ((service.spec.get("TaskTemplate") or {}).get("ContainerSpec") or {}).get("Args") or []
+    for flag, value in itertools.pairwise(args):
+        if flag == "--port" and str(value).isdigit():
+            return int(value)
+    return None
 
 
 # --- where each replica is pushed to, and the status ----------------------------------------

@@ -310,6 +310,8 @@ class Pusher:
 class GatewayPass:
     offers: list[Offer] = field(default_factory=list)
     actions: list[Action] = field(default_factory=list)  # the gateways' own services
+    # The pass's writes held back: they stop a replica a gateway may still list.
+    held: list[Action] = field(default_factory=list)
 
     @property
     def works(self) -> list[GatewayWork]:
