@@ -4,7 +4,7 @@ feeds the pass, against the in-memory Swarm with agents that answer from a dict.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -172,8 +172,11 @@ class Agents:
         self.documents: dict[str, dict[str, Any]] = {}
         self.reads = 0
 
-    def read(self, nodes: Sequence[NodeInfo]) -> dict[str, Answer]:
+    def read(
+        self, nodes: Sequence[NodeInfo], paths: Mapping[str, Sequence[str]] | None = None
+    ) -> dict[str, Answer]:
         self.reads += len(nodes)
+        self.paths = dict(paths or {})
         return {
             n.id: Answer(self.documents[n.id])
             if n.id in self.documents

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict
 
 from npuswarm.api import labels
 from npuswarm.api.deployment import ModelDeployment
-from npuswarm.core import gang, topology
+from npuswarm.core import gang, hostfiles, topology
 from npuswarm.core.nodes import NodeInfo, NodeLimits
 
 ReplicaKey = tuple[str, str]  # (deployment "namespace/name", slot)
@@ -30,6 +30,7 @@ UnplacedReason = Literal[
     "InsufficientNPUs",
     "NodeValidationFailed",
     "NodeValidationPending",
+    "HostFilesUnavailable",
 ]
 # At most this many blocked nodes are named in one message; the rest are counted.
 MAX_NAMED_BLOCKED = 3
@@ -48,6 +49,11 @@ class ReplicaRequest(BaseModel):
     # Nodes this replica should not go to now (it kept failing there, failing.py); used
     # only while another node fits.
     avoid_nodes: frozenset[str] = frozenset()
+    # Nodes where its host files are missing, unchecked or escape their root (core/hostfiles):
+    # no new replica there (-> why); ``evict_nodes`` also makes one running there move.
+    exclude_nodes: dict[str, str] = {}
+    evict_nodes: dict[str, str] = {}
+    exclude_pending: frozenset[str] = frozenset()  # of those, only not yet checked
     # A member of a multi-node replica (core/gang.py): its group's index, its rank among the
     # group's nodes (0 leads) and the group's size; placed with the rest of its group or not.
     group: str | None = None
@@ -271,6 +277,8 @@ def place_all(
     and the nodes each avoids."""
     placeable = limits.apply(nodes) if limits is not None else nodes
     avoid = limits.avoid if limits is not None else {}
+    reports = limits.files if limits is not None else None
+    files_seen: dict[Any, hostfiles.NodeFiles] = {}
     requests_by_deployment: dict[str, list[ReplicaRequest]] = {}
     ordered: list[ReplicaRequest] = []
     for md in ranked:
@@ -280,6 +288,8 @@ def place_all(
                 r.model_copy(update={"avoid_nodes": avoid[r.key]}) if r.key in avoid else r
                 for r in requests
             ]
+        if reports is not None and md.spec.volumes:
+            requests = _with_host_files(md, requests, placeable, reports, files_seen)
         requests_by_deployment[md.key] = requests
         ordered.extend(requests)
     result = place(
@@ -292,6 +302,29 @@ def place_all(
     )
     result.requests = requests_by_deployment
     return result
+
+
+def _with_host_files(
+    md: ModelDeployment,
+    requests: list[ReplicaRequest],
+    nodes: list[NodeInfo],
+    reports: Mapping[str, Mapping[str, hostfiles.PathCheck]],
+    seen: dict[Any, hostfiles.NodeFiles],
+) -> list[ReplicaRequest]:
+    """The nodes each request may not use because of its host files; deployments of the same
+    selector and paths share one look at the nodes (O(distinct models x nodes) a pass)."""
+    key = (tuple(sorted(md.spec.nodeSelector.items())), hostfiles.needed_paths(md))
+    found = seen.get(key)
+    if found is None:
+        found = seen[key] = hostfiles.node_files(md, nodes, reports)
+    if not found.exclude:
+        return requests
+    update = {
+        "exclude_nodes": dict(found.exclude),
+        "evict_nodes": dict(found.evict),
+        "exclude_pending": found.pending,
+    }
+    return [r.model_copy(update=update) for r in requests]
 
 
 def place(
@@ -467,6 +500,8 @@ def _keep_problem(
         return f"node {node.hostname} is {node.state} for longer than {grace:g}s"
     if node.drained:
         return f"node {node.hostname} is drained"
+    if node.id in request.evict_nodes:
+        return request.evict_nodes[node.id]
     if not node.matches(request.node_selector):
         return f"node {node.hostname} no longer matches the nodeSelector"
     if request.pinned_node is not None and request.pinned_node != node.id:
@@ -497,9 +532,14 @@ def _best_fit(request: ReplicaRequest, result: PlacementResult) -> Assignment | 
             "NoMatchingNode",
             f"no node with NPUs matches nodeSelector {request.node_selector or '{}'}",
         )
-    if request.one_per_node or request.npu_ids is not None or request.avoid_nodes:
+    excluded = request.exclude_nodes
+    if request.one_per_node or request.npu_ids is not None or request.avoid_nodes or excluded:
         used = result.nodes_used.get(request.deployment, set())
-        available = [n for n in matching if n.accepts_new_replicas and n.id not in used]
+        available = [
+            n
+            for n in matching
+            if n.accepts_new_replicas and n.id not in used and n.id not in excluded
+        ]
         preferred = [n for n in available if n.id not in request.avoid_nodes]
         found = _scan(request, preferred, result) if preferred else None
         if found is None and request.avoid_nodes:
@@ -511,6 +551,9 @@ def _best_fit(request: ReplicaRequest, result: PlacementResult) -> Assignment | 
         found = _from_buckets(request, key, result)
     blocked = _blocked_nodes(matching)
     if not available:
+        files = _host_files_reason(request, matching)
+        if files is not None:
+            return files
         if blocked:
             return _unplaced(
                 request,
@@ -560,6 +603,8 @@ def _place_group(members: list[ReplicaRequest], result: PlacementResult) -> None
     leader = members[0]
     kept = [result.assignments[m.key] for m in members if m.key in result.assignments]
     excluded = dict.fromkeys((a.node_id for a in kept), "runs a member of this group already")
+    for node_id, why in leader.exclude_nodes.items():
+        excluded.setdefault(node_id, why)
     if leader.one_per_node:
         for node_id in result.nodes_used.get(leader.deployment, ()):
             excluded.setdefault(node_id, "another replica of the deployment holds its NPUs")
@@ -653,6 +698,24 @@ def _seat_group(members: list[ReplicaRequest], result: PlacementResult) -> None:
             ports=ports,
         )
         result.assign(assignment.model_copy(update={"group": seat}))
+
+
+def _host_files_reason(request: ReplicaRequest, matching: list[NodeInfo]) -> Unplaced | None:
+    """Every matching node that would take the replica lacks its host files, has not
+    reported them yet, or refuses them: say so per node."""
+    excluded = [n for n in matching if n.accepts_new_replicas and n.id in request.exclude_nodes]
+    if not excluded:
+        return None
+    reason: UnplacedReason = hostfiles.MISSING
+    if all(n.id in request.exclude_pending for n in excluded):
+        reason = "NodeValidationPending"
+    shown = [request.exclude_nodes[n.id] for n in excluded[:MAX_NAMED_BLOCKED]]
+    more = len(excluded) - len(shown)
+    return _unplaced(
+        request,
+        reason,
+        "; ".join(shown) + (f"; and {more} more node(s)" if more > 0 else ""),
+    )
 
 
 def _validation_reason(nodes: list[NodeInfo]) -> UnplacedReason:

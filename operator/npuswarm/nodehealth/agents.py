@@ -42,6 +42,11 @@ NAME_PREFIX = "npuswarm-agent"
 CREDENTIAL_FILE = "npuswarm-agent-credential"
 TLS_FILE = "npuswarm-agent-tls.pem"
 STATE_PATH = "/v1/state"
+# Where the agent sees the node's filesystem, read-only (nodehealth/pathcheck.py reads only
+# below the allowed host-path roots). The whole of "/" rather than each root at its own
+# path: Docker 20.10 refuses to start a task whose bind source is missing, so a root absent
+# from one node would keep that node's agent from starting.
+HOST_VIEW = "/host"
 CREDENTIAL_KIND, TLS_KIND = "agent-credential", "agent-tls"
 IDENTITY = AgentIdentity()
 
@@ -100,6 +105,7 @@ def agent_spec(
     interval_seconds: float,
     mounts: Sequence[SecretMount],
     recheck_failed_seconds: float = 60.0,
+    host_roots: Sequence[str] = (),
 ) -> dict[str, Any]:
     """One NPU set's agent: a global service on the nodes labelled with that set, asking for
     its NPUs as a replica does, its port published on each node's address (host mode: the
@@ -125,6 +131,7 @@ def agent_spec(
                     # `env` check compares the two.
                     "--npus",
                     format_npu_ids(npus),
+                    *(["--host-roots", ",".join(host_roots)] if host_roots else []),
                 ],
                 # npu-smi opens the driver's devices, root:HwHiAiUser 0660 on Atlas nodes.
                 "User": "0",
@@ -139,6 +146,19 @@ def agent_spec(
                 ],
                 "Labels": dict(service_labels),
                 "Init": True,
+                # The node's filesystem, read-only, for the host-path checks; rslave so that
+                # a model store mounted on the node after the agent started is seen.
+                "Mounts": [
+                    {
+                        "Type": "bind",
+                        "Source": "/",
+                        "Target": HOST_VIEW,
+                        "ReadOnly": True,
+                        "BindOptions": {"Propagation": "rslave"},
+                    }
+                ]
+                if host_roots
+                else [],
             },
             "Placement": {"Constraints": [f"node.labels.{NODE_LABEL}=={npu_set}"]},
             "Resources": {"Limits": {"MemoryBytes": 256 * 1024 * 1024}},
