@@ -28,7 +28,7 @@ from typing import Any
 
 from npuswarm.core.npus import parse_npu_ids
 from npuswarm.gateway import protocol
-from npuswarm.nodehealth import agents, checks, pathcheck, roce
+from npuswarm.nodehealth import agents, checks, npusmi, pathcheck, roce
 
 NPU_SMI = "/usr/local/bin/npu-smi"
 NPU_SMI_TIMEOUT_SECONDS = 20.0
@@ -92,6 +92,16 @@ class AgentState:
             return self.etag, self.body
 
 
+def read_faults(table: str, command: str = NPU_SMI) -> dict[str, str]:
+    """`npu-smi info -t health -i N -c 0` of each NPU whose Health column is not OK: its
+    error codes, graded by the operator (nodehealth/faults.py). Healthy NPUs cost nothing."""
+    found: dict[str, str] = {}
+    for npu, reading in sorted(npusmi.parse_npu_smi(table).items()):
+        if reading.health != "OK":
+            found[str(npu)] = _run([command, "info", "-t", "health", "-i", str(npu), "-c", "0"])
+    return found
+
+
 def read_roce(visible: str, hccn_tool: str = roce.HCCN_TOOL) -> dict[str, Any]:
     """Each NPU's RoCE link and net health as hccn_tool prints them (parsed by the operator,
     nodehealth/roce.py); ``present`` False where the node has no hccn_tool."""
@@ -138,8 +148,14 @@ class Reader:
         if self.count % self.roce_every == 0:
             self.roce = read_roce(self.visible, self.hccn_tool)
         self.count += 1
+        table = read_npu_smi(self.npu_smi)
         state.update(
-            {"validation": validation, "npuSmi": read_npu_smi(self.npu_smi), "roce": self.roce}
+            {
+                "validation": validation,
+                "npuSmi": table,
+                "npuFaults": read_faults(table["text"], self.npu_smi),
+                "roce": self.roce,
+            }
         )
         return validation
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
@@ -30,7 +30,7 @@ from npuswarm.core.npus import format_npu_ids, parse_npu_ids
 from npuswarm.core.snapshot import ObservedSecret
 from npuswarm.gateway.credentials import AgentIdentity, Credentials
 from npuswarm.gateway.service import NewSecret, SecretMount, new_tls_secret, valid_tls
-from npuswarm.nodehealth import checks
+from npuswarm.nodehealth import checks, faults
 from npuswarm.nodehealth.checks import Verdict
 from npuswarm.nodehealth.npusmi import NodeHealth, parse_npu_smi
 
@@ -146,17 +146,10 @@ def agent_spec(
                 ],
                 "Labels": dict(service_labels),
                 "Init": True,
-                # The node's filesystem, read-only, for the host-path checks; rslave so that
-                # a model store mounted on the node after the agent started is seen.
-                "Mounts": [
-                    {
-                        "Type": "bind",
-                        "Source": "/",
-                        "Target": HOST_VIEW,
-                        "ReadOnly": True,
-                        "BindOptions": {"Propagation": "rslave"},
-                    }
-                ]
+                # The node's filesystem, read-only, for the host-path checks. Docker's default
+                # propagation (rprivate): rslave would be refused on a node whose / is a
+                # private mount ("not a shared or slave mount"), and keep its agent down.
+                "Mounts": [{"Type": "bind", "Source": "/", "Target": HOST_VIEW, "ReadOnly": True}]
                 if host_roots
                 else [],
             },
@@ -278,10 +271,23 @@ def verdict(node: NodeInfo, answer: Mapping[str, Any], now: datetime) -> Verdict
     return checks.judge(node, npus or node.npus, found or None, now)
 
 
-def health(node: NodeInfo, answer: Mapping[str, Any], now: datetime) -> NodeHealth:
-    """The agent's last `npu-smi info`: no table is no reading (nothing is concluded)."""
+def health(
+    node: NodeInfo,
+    answer: Mapping[str, Any],
+    now: datetime,
+    table: faults.FaultTable | None = None,
+) -> NodeHealth:
+    """The agent's last `npu-smi info`, each NPU's error codes graded with ``table``: no
+    table is no reading (nothing is concluded)."""
     reading = answer.get("npuSmi") or {}
     readings = parse_npu_smi(str(reading.get("text", "")))
+    texts = answer.get("npuFaults") or {}
+    grades = table or faults.FaultTable.default()
+    for npu, found in list(readings.items()):
+        codes = faults.error_codes(str(texts.get(str(npu), "")))
+        fault = faults.grade(found.health, codes, grades)
+        if fault is not None:
+            readings[npu] = replace(found, fault=fault)
     error = "" if readings else f"no npu-smi table ({reading.get('error') or 'empty output'})"
     return NodeHealth(node.id, node.hostname or node.id, now, readings, error)
 
