@@ -95,6 +95,9 @@ class NodeLimits:
     # Node id -> host path -> what its agent found there (core/hostfiles.py); None: no agents
     # read the nodes' files, so only the lexical host policy applies.
     files: Mapping[str, Mapping[str, PathCheck]] | None = None
+    # Replicas (deployment, slot) to restart in place, on the same node and NPUs (-> why):
+    # a fault graded RestartRequest/RestartBusiness on an NPU they hold (nodehealth/faults).
+    restart: Mapping[tuple[str, str], str] = field(default_factory=dict)
 
     def apply(self, nodes: list[NodeInfo]) -> list[NodeInfo]:
         if not self.nodes and not self.npus and not self.busy and not self.roce:

@@ -45,6 +45,8 @@ READ_TIMEOUT_SECONDS = 5.0
 # Agent services are listed again this often even when no NPU set changed: a service removed
 # or edited by hand is put back (Swarm itself restarts a killed agent task).
 REPAIR_SECONDS = 300.0
+# A fault on one NPU: (node id, NPU, its error codes).
+Occurrence = tuple[str, int, tuple[str, ...]]
 NO_KEY = "node checks need NPUSWARM_ROOT_KEY (the node agents' credential derives from it)"
 NO_IMAGE = "node checks need NPUSWARM_AGENT_IMAGE (the operator's own image runs the agents)"
 
@@ -194,6 +196,9 @@ class NodeChecker:
         # answer; and the paths each node was last asked about.
         self.files: dict[str, dict[str, hostfiles.PathCheck]] = {}
         self._asked: dict[str, tuple[str, ...]] = {}
+        self.fault_table = settings.fault_table()
+        # Fault occurrences (node, NPU, codes) whose replica was restarted in place: once each.
+        self._restarted: set[Occurrence] = set()
         self._read_at: dict[str, float] = {}
         self._withheld: dict[str, dict[int, str]] = {}
         self._cleaned = not manage
@@ -226,7 +231,11 @@ class NodeChecker:
         }
         with self._lock:
             files = None if self.problem or self.reader is None else dict(self.files)
+            health = dict(self.health)
+        for node_id, why in faults_isolating_nodes(health).items():
+            blocked[node_id] = f"{blocked[node_id]}; {why}" if node_id in blocked else why
         return NodeLimits(
+            restart=self._restarts(snapshot, health),
             nodes=blocked,
             pending=frozenset(n for n in blocked if n not in verdicts and not self.problem),
             npus=withheld.unhealthy,
@@ -234,6 +243,40 @@ class NodeChecker:
             roce=roce_problems,
             files=files,
         )
+
+    def _restarts(
+        self, snapshot: SwarmSnapshot, health: Mapping[str, NodeHealth]
+    ) -> dict[tuple[str, str], str]:
+        """Replicas to restart in place (deployment, slot) -> why: those on an NPU whose
+        fault is graded restart, once per occurrence (the same codes on the same NPU); an
+        occurrence that clears is forgotten, so the next one restarts again."""
+        current: set[Occurrence] = set()
+        due: dict[tuple[str, int], tuple[Occurrence, str]] = {}
+        for node_id, reading in health.items():
+            if reading.error:
+                continue
+            for npu, found in reading.npus.items():
+                if found.fault is not None and found.fault.action == "restart":
+                    occurrence = (node_id, npu, found.fault.codes)
+                    current.add(occurrence)
+                    if occurrence not in self._restarted:
+                        why = f"NPU {npu} on node {reading.hostname}: {found.fault.describe()}"
+                        due[(node_id, npu)] = (occurrence, why)
+        restart: dict[tuple[str, str], str] = {}
+        for allocation in snapshot.allocations() if due else ():
+            if allocation.foreign:
+                continue
+            for npu in sorted(allocation.npus):
+                if (allocation.node_id, npu) in due:
+                    occurrence, why = due[(allocation.node_id, npu)]
+                    restart[allocation.key] = why
+                    self._restarted.add(occurrence)
+                    log.info("replica restarted in place", replica=allocation.key, why=why)
+                    break
+        # Kept while the reading still shows them; unreadable nodes keep theirs.
+        unread = {node_id for node_id, reading in health.items() if reading.error}
+        self._restarted = {o for o in self._restarted if o in current or o[0] in unread}
+        return restart
 
     def withheld(self, snapshot: SwarmSnapshot) -> npusmi.Withheld:
         """NPUs placement must leave alone now (unhealthy, or busy with others' processes)."""
@@ -401,7 +444,7 @@ class NodeChecker:
                     self.since = npusmi.unhealthy_since(self.since, reading)
                 continue
             verdict = agents.verdict(node, answer.document, now)
-            reading = agents.health(node, answer.document, now)
+            reading = agents.health(node, answer.document, now, self.fault_table)
             links = roce.links(answer.document)
             said = self.known.verdicts.get(node.id)
             found = answer.document.get("paths") or {}
@@ -493,6 +536,20 @@ class NodeChecker:
     def close(self) -> None:
         if self.reader is not None:
             self.reader.close()
+
+
+def faults_isolating_nodes(health: Mapping[str, NodeHealth]) -> dict[str, str]:
+    """Nodes whose NPU faults are graded SeparateNode -> why: no new replica there."""
+    isolated: dict[str, str] = {}
+    for node_id, reading in health.items():
+        graded = [
+            f"NPU {npu} {found.fault.describe()}"
+            for npu, found in sorted(reading.npus.items())
+            if found.fault is not None and found.fault.action == "node"
+        ]
+        if graded and not reading.error:
+            isolated[node_id] = f"node {reading.hostname} is isolated ({'; '.join(graded)})"
+    return isolated
 
 
 def held_npus(snapshot: SwarmSnapshot) -> dict[str, set[int]]:
