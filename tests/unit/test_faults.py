@@ -181,3 +181,29 @@ def test_isolate_preseparate_and_node_grades() -> None:
     checker2.step()
     limits = checker2.unusable(reconciler.last_plan.snapshot)  # type: ignore[union-attr]
     assert "node host2 is isolated (NPU 5 SeparateNode: error code 80E18402)" in limits.nodes["node2"]
+
+
+def test_error_codes_are_exported_as_npu_exporter_does() -> None:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from npuswarm import metrics
+
+    swarm = MemorySwarm(nodes=1, npus=8)
+    reconciler = Reconciler(swarm, SETTINGS, clock=lambda: NOW)
+    checker, fake = checker_for(swarm, reconciler, SETTINGS)
+    fake.documents = {"node1": graded(3, "Alarm", [0xA4025021, 0x8C03A000, 0x8C084E00])}
+    reconciler.run_pass(Desired(deployments=[]), checker.unusable)
+    checker.step()
+    registry = CollectorRegistry()
+    collector = metrics.NpuExporterCollector()
+    collector.source = checker.npu_readings
+    registry.register(collector)
+    text = generate_latest(registry).decode()
+    labels_of = {"id": "3", "model_name": "910B4", "node": "host1",
+                 "pcie_bus_info": "0000:C1:00.0"}
+    value = registry.get_sample_value
+    assert value("npu_chip_info_error_code", labels_of) == 0xA4025021
+    assert value("npu_chip_info_error_code_1", labels_of) == 0x8C03A000
+    assert value("npu_chip_info_error_code_2", labels_of) == 0x8C084E00
+    assert "npu_chip_info_error_code_3{" not in text
+    assert 'npu_chip_info_error_code{id="0"' not in text, "no series for an NPU without error"
