@@ -45,15 +45,18 @@ def own_namespace(path: str = NAMESPACE_FILE) -> str | None:
 
 
 class Kube:
-    def __init__(self, namespaces: frozenset[str] | None = None) -> None:
+    def __init__(
+        self, namespaces: frozenset[str] | None = None, api_client: Any | None = None
+    ) -> None:
         # None: cluster-wide; else only these namespaces may be listed (a namespaced Role).
         self.namespaces = namespaces
-        try:
-            kubernetes.config.load_incluster_config()  # type: ignore[no-untyped-call]
-        except kubernetes.config.ConfigException:
-            kubernetes.config.load_kube_config()  # type: ignore[no-untyped-call]
-        self.objects = kubernetes.client.CustomObjectsApi()
-        self.core = kubernetes.client.CoreV1Api()
+        if api_client is None:  # the process's own config (a second identity: api_client)
+            try:
+                kubernetes.config.load_incluster_config()  # type: ignore[no-untyped-call]
+            except kubernetes.config.ConfigException:
+                kubernetes.config.load_kube_config()  # type: ignore[no-untyped-call]
+        self.objects = kubernetes.client.CustomObjectsApi(api_client)
+        self.core = kubernetes.client.CoreV1Api(api_client)
 
     def patch_status(
         self, namespace: str, name: str, patch: dict[str, Any], plural: str = deployment_api.PLURAL
