@@ -204,3 +204,15 @@ def test_a_missing_path_never_moves_a_replica_that_runs() -> None:
                          npus=frozenset(range(8)), service="qwen-0")
     result = placed(weights(replicas=1), nodes, files, [running])
     assert result.assignments[("default/qwen", "0")].kept
+
+
+def test_replicas_share_the_node_with_the_files_and_the_rest_say_which_node_lacks_them() -> None:
+    nodes = [node("n1", 16, hostname="atlas-1"), node("n2", hostname="atlas-2")]
+    files = {"n1": {"/models": HAS, "/models/qwen": HAS},
+             "n2": {"/models": HAS, "/models/qwen": MISSING}}
+    result = placed(weights(replicas=3), nodes, files)
+    assert sorted(a.node_id for a in result.assignments.values()) == ["n1", "n1"]
+    (unplaced,) = result.unplaced.values()
+    assert unplaced.reason == "HostFilesUnavailable"
+    assert "the most free on a matching node is 0" in unplaced.message
+    assert "model /models/qwen missing on atlas-2" in unplaced.message

@@ -23,7 +23,8 @@ from npuswarm.core import gang, hostfiles, topology
 from npuswarm.core.nodes import NodeInfo, NodeLimits
 
 ReplicaKey = tuple[str, str]  # (deployment "namespace/name", slot)
-CandidateKey = tuple[tuple[tuple[str, str], ...], str | None]  # (nodeSelector, pinned node)
+# (nodeSelector, pinned node, nodes excluded for host files): one candidate list per key.
+CandidateKey = tuple[tuple[tuple[str, str], ...], str | None, tuple[str, ...]]
 UnplacedReason = Literal[
     "NoMatchingNode",
     "NodesUnavailable",
@@ -54,6 +55,7 @@ class ReplicaRequest(BaseModel):
     exclude_nodes: dict[str, str] = {}
     evict_nodes: dict[str, str] = {}
     exclude_pending: frozenset[str] = frozenset()  # of those, only not yet checked
+    exclude_key: tuple[str, ...] = ()  # sorted(exclude_nodes): part of the candidate key
     # A member of a multi-node replica (core/gang.py): its group's index, its rank among the
     # group's nodes (0 leads) and the group's size; placed with the rest of its group or not.
     group: str | None = None
@@ -323,6 +325,7 @@ def _with_host_files(
         "exclude_nodes": dict(found.exclude),
         "evict_nodes": dict(found.evict),
         "exclude_pending": found.pending,
+        "exclude_key": tuple(sorted(found.exclude)),
     }
     return [r.model_copy(update=update) for r in requests]
 
@@ -524,22 +527,24 @@ def _keep_problem(
 
 def _best_fit(request: ReplicaRequest, result: PlacementResult) -> Assignment | Unplaced:
     """The node this replica fills most (least slack), the first by hostname among equals."""
-    key: CandidateKey = (tuple(sorted(request.node_selector.items())), request.pinned_node)
+    key: CandidateKey = (
+        tuple(sorted(request.node_selector.items())),
+        request.pinned_node,
+        request.exclude_key,
+    )
     matching = _candidates(key, request, result)
     if not matching:
+        files = _host_files_reason(request, result)
+        if files is not None:
+            return files
         return _unplaced(
             request,
             "NoMatchingNode",
             f"no node with NPUs matches nodeSelector {request.node_selector or '{}'}",
         )
-    excluded = request.exclude_nodes
-    if request.one_per_node or request.npu_ids is not None or request.avoid_nodes or excluded:
+    if request.one_per_node or request.npu_ids is not None or request.avoid_nodes:
         used = result.nodes_used.get(request.deployment, set())
-        available = [
-            n
-            for n in matching
-            if n.accepts_new_replicas and n.id not in used and n.id not in excluded
-        ]
+        available = [n for n in matching if n.accepts_new_replicas and n.id not in used]
         preferred = [n for n in available if n.id not in request.avoid_nodes]
         found = _scan(request, preferred, result) if preferred else None
         if found is None and request.avoid_nodes:
@@ -551,7 +556,7 @@ def _best_fit(request: ReplicaRequest, result: PlacementResult) -> Assignment | 
         found = _from_buckets(request, key, result)
     blocked = _blocked_nodes(matching)
     if not available:
-        files = _host_files_reason(request, matching)
+        files = _host_files_reason(request, result)
         if files is not None:
             return files
         if blocked:
@@ -575,12 +580,19 @@ def _best_fit(request: ReplicaRequest, result: PlacementResult) -> Assignment | 
         )
     if found is None:
         most_free = max(len(result.free[n.id]) for n in available)
+        short = (
+            f"needs {request.npus} free NPUs on one node; the most free on a matching "
+            f"node is {most_free}"
+        )
+        files = _host_files_reason(request, result)
+        if files is not None:
+            # Nodes without its files would perhaps have had room: that is what to fix.
+            return _unplaced(request, files.reason, f"{short}; not used: {files.message}")
         # Nodes that failed validation would perhaps have had room: that is what to fix.
         return _unplaced(
             request,
             _validation_reason(matching) if blocked else "InsufficientNPUs",
-            f"needs {request.npus} free NPUs on one node; the most free on a matching "
-            f"node is {most_free}" + (f"; not used: {blocked}" if blocked else ""),
+            short + (f"; not used: {blocked}" if blocked else ""),
         )
     node, chosen = found
     return Assignment(
@@ -603,12 +615,10 @@ def _place_group(members: list[ReplicaRequest], result: PlacementResult) -> None
     leader = members[0]
     kept = [result.assignments[m.key] for m in members if m.key in result.assignments]
     excluded = dict.fromkeys((a.node_id for a in kept), "runs a member of this group already")
-    for node_id, why in leader.exclude_nodes.items():
-        excluded.setdefault(node_id, why)
     if leader.one_per_node:
         for node_id in result.nodes_used.get(leader.deployment, ()):
             excluded.setdefault(node_id, "another replica of the deployment holds its NPUs")
-    key: CandidateKey = (tuple(sorted(leader.node_selector.items())), None)
+    key: CandidateKey = (tuple(sorted(leader.node_selector.items())), None, leader.exclude_key)
     matching = _candidates(key, leader, result)
     domain = None
     if leader.topology_key is not None and kept:
@@ -700,10 +710,11 @@ def _seat_group(members: list[ReplicaRequest], result: PlacementResult) -> None:
         result.assign(assignment.model_copy(update={"group": seat}))
 
 
-def _host_files_reason(request: ReplicaRequest, matching: list[NodeInfo]) -> Unplaced | None:
+def _host_files_reason(request: ReplicaRequest, result: PlacementResult) -> Unplaced | None:
     """Every matching node that would take the replica lacks its host files, has not
     reported them yet, or refuses them: say so per node."""
-    excluded = [n for n in matching if n.accepts_new_replicas and n.id in request.exclude_nodes]
+    found = (result._nodes.get(node_id) for node_id in request.exclude_key)
+    excluded = [n for n in found if n is not None and n.accepts_new_replicas]
     if not excluded:
         return None
     reason: UnplacedReason = hostfiles.MISSING
@@ -738,15 +749,18 @@ def _blocked_nodes(nodes: list[NodeInfo]) -> str:
 def _candidates(
     key: CandidateKey, request: ReplicaRequest, result: PlacementResult
 ) -> list[NodeInfo]:
-    """Nodes with NPUs that match a request's selector and pin, computed once per pass."""
+    """Nodes with NPUs that match a request's selector and pin and that its host files do
+    not rule out, computed once per pass and key."""
     matching = result._candidates.get(key)
     if matching is None:
+        excluded = request.exclude_nodes
         matching = [
             node
             for node in result._ordered
             if node.usable_npus
             and node.matches(request.node_selector)
             and (request.pinned_node is None or node.id == request.pinned_node)
+            and node.id not in excluded
         ]
         result._candidates[key] = matching
         result._accepting[key] = [n for n in matching if n.accepts_new_replicas]

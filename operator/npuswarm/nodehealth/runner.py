@@ -435,6 +435,8 @@ class NodeChecker:
             answer = answers[node.id]
             host = node.hostname or node.id
             if answer.document is None:
+                # Asked: a node whose agent is down is not asked again every step.
+                self._asked[node.id] = asked.get(node.id, ())
                 reading = agents.unreachable(node, answer.error, now)
                 if self.up.get(node.id, (host, False))[1]:
                     log.warning("node agent unreachable", node=host, error=answer.error)
