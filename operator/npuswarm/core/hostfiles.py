@@ -18,6 +18,7 @@ it mounts the path). This module turns those reports into placement limits:
 
 from __future__ import annotations
 
+import functools
 import posixpath
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -74,12 +75,19 @@ class NeededPath:
 def needed_paths(md: ModelDeployment) -> tuple[NeededPath, ...]:
     """The host paths ``md`` needs on a node: every volume's source, and the model's own
     directory when spec.model is a path inside one of them (a model id needs nothing)."""
+    if not md.spec.volumes:
+        return ()
+    return _needed(md.spec.model, tuple((v.hostPath, v.mountPath) for v in md.spec.volumes))
+
+
+@functools.lru_cache(maxsize=8192)
+def _needed(model: str, volumes: tuple[tuple[str, str], ...]) -> tuple[NeededPath, ...]:
+    """Remembered: every pass asks it of every deployment, and few distinct ones exist."""
     found: dict[str, NeededPath] = {}
-    model = md.spec.model
-    for volume in md.spec.volumes:
-        source = normalise_host_path(volume.hostPath)
+    for host_path, mount_path in volumes:
+        source = normalise_host_path(host_path)
         found.setdefault(source, NeededPath(source, "hostPath"))
-        mount = posixpath.normpath(volume.mountPath)
+        mount = posixpath.normpath(mount_path)
         if model.startswith("/") and is_within(posixpath.normpath(model), mount):
             inside = posixpath.relpath(posixpath.normpath(model), mount)
             host = source if inside == "." else posixpath.join(source, inside)
