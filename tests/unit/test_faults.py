@@ -48,6 +48,8 @@ def test_the_most_serious_level_wins_and_unknown_codes_isolate() -> None:
     assert faults.grade("Warning", ["A4025021"], table).action == "tolerate"  # type: ignore[union-attr]
     unknown = faults.grade("Critical", ["DEADBEEF"], table)
     assert unknown is not None and unknown.level == "SeparateNPU"
+    minor = faults.grade("Warning", ["DEADBEEF"], table)  # a minor alarm: MindCluster's rule
+    assert minor is not None and minor.level == "NotHandleFault"
     assert faults.grade("OK", ["80C98008"], table) is None
     assert faults.grade("Alarm", [], table) is None  # the Health column decides
 

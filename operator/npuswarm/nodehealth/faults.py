@@ -14,9 +14,10 @@ serious level of an NPU's codes decides what npuswarm does:
 - node (SeparateNode, npuswarm's own level, no code has it by default): the node takes no new
   replica; those that run there stay.
 
-A code the table does not know is SeparateNPU, as MindCluster's device plugin grades a code
-missing from its faultCode.json at any severity above minor. An NPU whose health is not OK
-but whose codes could not be read keeps the rule of the Health column (OK and Warning serve).
+A code the table does not know is graded as MindCluster's device plugin grades a code missing
+from its faultCode.json, by the alarm's severity: NotHandleFault on a minor alarm (Health
+`Warning`), SeparateNPU above it. An NPU whose health is not OK but whose codes could not be
+read keeps the rule of the Health column (OK and Warning serve).
 """
 
 from __future__ import annotations
@@ -56,6 +57,8 @@ ACTIONS: dict[str, Action] = {
     "SeparateNode": "node",
 }
 UNKNOWN_LEVEL = "SeparateNPU"
+# npu-smi's Health column for a minor alarm (DCMI health 1): an unknown code there is tolerated.
+MINOR = "Warning"
 
 # The defaults: a few codes per level from MindCluster's published table (its device plugin's
 # faultCode.json; docs/node-health.md lists them). For the whole table, point
@@ -195,8 +198,10 @@ class FaultTable:
             levels[_code(code)] = level.strip()
         return FaultTable(levels)
 
-    def level(self, code: str) -> str:
-        return self.levels.get(code.upper(), UNKNOWN_LEVEL)
+    def level(self, code: str, health: str = "") -> str:
+        """A code's level; one the table lacks by the alarm's severity (``health``)."""
+        unknown = "NotHandleFault" if health == MINOR else UNKNOWN_LEVEL
+        return self.levels.get(code.upper(), unknown)
 
 
 def _code(text: str) -> str:
@@ -246,5 +251,5 @@ def grade(health: str, codes: Iterable[str], table: FaultTable) -> Fault | None:
     codes = tuple(codes)
     if health == "OK" or not codes:
         return None
-    level = max((table.level(c) for c in codes), key=LEVELS.index)
+    level = max((table.level(c, health) for c in codes), key=LEVELS.index)
     return Fault(codes, level, ACTIONS[level])

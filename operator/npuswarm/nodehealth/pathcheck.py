@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from npuswarm.core.hostpolicy import is_within, normalise_host_path
+from npuswarm.core.hostpolicy import HostRoot, TenantPolicy, is_within, normalise_host_path
 
 # Linux gives up after 40 links in one resolution (ELOOP); so does this.
 MAX_LINKS = 40
@@ -165,9 +165,10 @@ def list_size(
 
 
 def root_of(path: str, roots: Iterable[str]) -> str | None:
-    """The most specific of ``roots`` holding ``path`` (both normalised)."""
-    holding = [r for r in roots if is_within(path, r)]
-    return max(holding, key=len, default=None)
+    """The most specific of ``roots`` holding ``path`` (both normalised), as the host policy
+    picks it."""
+    found = TenantPolicy(host_roots=tuple(HostRoot(r) for r in roots)).root_of(path)
+    return found.path if found is not None else None
 
 
 def check(
