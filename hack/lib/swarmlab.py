@@ -811,6 +811,19 @@ class Lab:
         else:
             marker.write_text("the stand-in Ascend runtime is switched off on this node\n")
 
+    def mask_path(self, index: int, path: str) -> None:
+        """Hide what is at ``path`` (a directory) from node `index` only: an empty tmpfs over
+        it in the node's mount namespace, as if the node's disk lacked those files (the lab's
+        nodes otherwise share this machine's filesystem). Containers created afterwards see
+        the empty directory; `unmask_path` undoes it."""
+        holder = (self.node(index).run_dir / "holder.pid").read_text().strip()
+        run("nsenter", f"--target={holder}", "--mount", "--",
+            "mount", "-t", "tmpfs", "-o", "mode=755,size=1m", "npuswarm-lab-mask", path)
+
+    def unmask_path(self, index: int, path: str) -> None:
+        holder = (self.node(index).run_dir / "holder.pid").read_text().strip()
+        run("nsenter", f"--target={holder}", "--mount", "--", "umount", path, check=False)
+
     def set_npu_state(self, index: int, npus: dict[int, dict]) -> None:
         """What node `index`'s stand-in npu-smi reports, per NPU id: health ("OK", "Warning",
         "Alarm", "Critical"), error_codes [int, e.g. 0x80E18402], error_information [str],

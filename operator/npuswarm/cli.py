@@ -12,6 +12,7 @@ import signal
 import sys
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from npuswarm.api.deployment import ModelDeployment
 from npuswarm.api.meta import validation_message
 from npuswarm.core import hostpolicy
 from npuswarm.core.clock import utcnow
+from npuswarm.core.hostfiles import PathCheck
 from npuswarm.core.nodes import NodeInfo
 from npuswarm.core.npus import device_name, format_npu_ids
 from npuswarm.core.pipeline import plan_pass
@@ -152,6 +154,7 @@ def nodes_map(
     verdicts: Mapping[str, Verdict] | None = None,
     health: Mapping[str, NodeHealth] | None = None,
     roce_problems: Mapping[str, str] | None = None,
+    files: Mapping[str, Mapping[str, PathCheck]] | None = None,
 ) -> str:
     """One block per node: every davinciN with the replica that holds it; with ``verdicts``
     and ``health`` (``--validate``), what node validation and `npu-smi info` found."""
@@ -178,6 +181,7 @@ def nodes_map(
             lines.append(_validation_line(node, verdicts.get(node.id)))
         if node.id in (roce_problems or {}):
             lines.append(f"  ! {(roce_problems or {})[node.id]}: no multi-node group member")
+        lines.extend(_files_lines(node.hostname or node.id, (files or {}).get(node.id, {})))
         if not node.npus:
             lines.append("  (no NPUs)")
         for npu in sorted(node.npus):
@@ -210,12 +214,20 @@ def _validation_line(node: NodeInfo, verdict: Verdict | None) -> str:
     return "  ! " + verdict.summary()
 
 
-def read_agents(
-    swarm: Any, settings: Settings
-) -> tuple[dict[str, Verdict], dict[str, NodeHealth], dict[str, str]]:
-    """Read every node's agent once, now (`npuswarm nodes --validate`): what its container got
-    from the runtime, its last `npu-smi info`, and why its RoCE links keep multi-node groups
-    away (node id -> why). Needs the operator's root key to sign."""
+@dataclass
+class AgentReadout:
+    """Every node's agent read once (`npuswarm nodes --validate`), by node id: what its
+    container got from the runtime, its last `npu-smi info`, why its RoCE links keep
+    multi-node groups away, and what it found at the host paths asked (``--path``)."""
+
+    verdicts: dict[str, Verdict] = field(default_factory=dict)
+    health: dict[str, NodeHealth] = field(default_factory=dict)
+    roce: dict[str, str] = field(default_factory=dict)
+    files: dict[str, dict[str, PathCheck]] = field(default_factory=dict)
+
+
+def read_agents(swarm: Any, settings: Settings, paths: Sequence[str] = ()) -> AgentReadout:
+    """Read every node's agent once, now. Needs the operator's root key to sign."""
     root = settings.root_key.get_secret_value()
     if not root:
         raise UsageError(
@@ -225,9 +237,15 @@ def read_agents(
     checker = NodeChecker(
         swarm, settings, lambda: None, Credentials(root, settings.instance), manage=False
     )
+    asked = tuple(sorted(set(paths)))
     try:
-        checker.read_now(snapshot.nodes)
-        return checker.verdicts(), checker.readings(), dict(checker.unusable(snapshot).roce)
+        checker.read_now(snapshot.nodes, {n.id: asked for n in snapshot.nodes} if asked else {})
+        return AgentReadout(
+            checker.verdicts(),
+            checker.readings(),
+            dict(checker.unusable(snapshot).roce),
+            checker.host_files(),
+        )
     finally:
         checker.close()
 
@@ -236,10 +254,13 @@ def cmd_nodes(args: argparse.Namespace) -> int:
     settings = Settings.from_env()
     swarm = Swarm(timeout=settings.docker_timeout_seconds, instance=settings.instance)
     verdicts: dict[str, Verdict] | None = None
-    health: dict[str, NodeHealth] = {}
-    roce_problems: dict[str, str] = {}
+    readout = AgentReadout()
+    if args.path and not args.validate:
+        raise UsageError("--path asks the node agents: use it with --validate")
     if args.validate:
-        verdicts, health, roce_problems = read_agents(swarm, settings)
+        readout = read_agents(swarm, settings, args.path)
+        verdicts = readout.verdicts
+    health, roce_problems, files = readout.health, readout.roce, readout.files
     snapshot = swarm.observe()
     if args.output == "json":
         data = [
@@ -255,14 +276,55 @@ def cmd_nodes(args: argparse.Namespace) -> int:
             | ({"validation": _verdict_json(verdicts.get(n.id))} if verdicts is not None else {})
             | ({"npuHealth": _health_json(health[n.id])} if n.id in health else {})
             | ({"roce": roce_problems[n.id]} if n.id in roce_problems else {})
+            | ({"hostPaths": _files_json(files[n.id])} if files.get(n.id) else {})
             for n in snapshot.nodes
         ]
         print(json.dumps(data, indent=2))
     else:
-        print(nodes_map(snapshot, verdicts, health, roce_problems))
+        print(nodes_map(snapshot, verdicts, health, roce_problems, files))
     if verdicts is not None and any(not v.ok for v in verdicts.values()):
         return 1
     return 0
+
+
+def _files_json(found: Mapping[str, PathCheck]) -> dict[str, Any]:
+    return {
+        path: {
+            k: v
+            for k, v in {
+                "exists": check.exists,
+                "sizeBytes": check.size,
+                "files": check.files,
+                "truncated": check.truncated,
+                "root": check.root,
+                "escapes": check.escapes,
+                "error": check.error,
+            }.items()
+            if v or k == "exists"
+        }
+        for path, check in sorted(found.items())
+    }
+
+
+def _files_lines(hostname: str, found: Mapping[str, PathCheck]) -> list[str]:
+    """What the node's agent found at each host path asked (core/hostfiles.py)."""
+    lines = []
+    for path, check in sorted(found.items()):
+        if check.escapes:
+            lines.append(
+                f"  ! hostPath {path} resolves to {check.escapes}, outside its allowed root "
+                f"{check.root}: refused on {hostname}"
+            )
+        elif check.error:
+            lines.append(f"  ! {path} unreadable on {hostname}: {check.error}")
+        elif not check.exists:
+            lines.append(f"  ! {path} missing on {hostname}")
+        else:
+            more = "+" if check.truncated else ""
+            lines.append(
+                f"  files: {path}  {check.files}{more} files, {check.size / 2**30:.1f}{more} GiB"
+            )
+    return lines
 
 
 def _verdict_json(verdict: Verdict | None) -> dict[str, Any] | None:
@@ -486,6 +548,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--validate",
         action="store_true",
         help="read every node's agent now and show its verdict (exit 1 if one fails)",
+    )
+    nodes.add_argument(
+        "--path",
+        action="append",
+        default=[],
+        metavar="HOST_PATH",
+        help="with --validate: ask every agent about this host path (exists, size, and whether "
+        "its symbolic links lead out of its allowed root); repeatable",
     )
     nodes.set_defaults(func=cmd_nodes)
 

@@ -11,8 +11,10 @@ import socket
 from typing import Any
 
 import kopf
+import kubernetes
 import structlog
 from prometheus_client import start_http_server
+from pydantic import SecretStr
 
 from npuswarm import metrics
 from npuswarm.api import deployment as deployment_api
@@ -22,7 +24,7 @@ from npuswarm.api.meta import metadata_key
 from npuswarm.gateway.credentials import Credentials
 from npuswarm.gateway.push import Gateways
 from npuswarm.gateway.service import gateway_key
-from npuswarm.kube import Kube, SecretKeys
+from npuswarm.kube import ROOT_KEY_SECRET, Kube, SecretKeys, own_namespace, root_key
 from npuswarm.reconcile import Reconciler
 from npuswarm.runtime import Leadership, Runtime
 from npuswarm.settings import Settings
@@ -59,6 +61,7 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **kwargs: Any)
     namespaces = frozenset(n for n in watched.split(",") if n) if watched else None
     swarm = Swarm(timeout=config.docker_timeout_seconds, instance=config.instance)
     kube = Kube(namespaces)
+    config = with_root_key(config, kube)
     peering = settings.peering
     runtime = Runtime(
         settings=config,
@@ -90,6 +93,26 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **kwargs: Any)
     start_http_server(config.metrics_port, registry=metrics.REGISTRY)
     runtime.start()
     log.info("npuswarm started", metrics_port=config.metrics_port, settings=config.__dict__)
+
+
+def with_root_key(config: Settings, kube: Kube) -> Settings:
+    """``config`` with a root key: NPUSWARM_ROOT_KEY, else the one in the Secret
+    npuswarm-root-key of the operator's namespace (made now if missing), so a fresh install
+    runs node agents and gateways without the admin making a key. When that fails (no
+    namespace known, RBAC), gateways and node agents stay off and say which setting."""
+    if config.root_key.get_secret_value():
+        return config
+    namespace = own_namespace()
+    if namespace is None:
+        log.warning("no root key", why="NPUSWARM_ROOT_KEY is empty and no namespace is known")
+        return config
+    try:
+        key = root_key(kube, namespace)
+    except (kubernetes.client.ApiException, ValueError) as error:
+        log.error("root key secret not read", namespace=namespace, error=str(error)[:300])
+        return config
+    log.info("root key from secret", secret=f"{namespace}/{ROOT_KEY_SECRET}")
+    return config.model_copy(update={"root_key": SecretStr(key)})
 
 
 def gateway_credentials(config: Settings) -> Credentials | None:

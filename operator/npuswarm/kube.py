@@ -4,6 +4,8 @@ pass, the complete read that confirms orphans, and the peering objects for leade
 from __future__ import annotations
 
 import base64
+import os
+import secrets
 import time
 from typing import Any
 
@@ -21,18 +23,40 @@ log = structlog.get_logger("npuswarm.kube")
 # A rotated API key works at the gateway at most this long after the Secret changed (plus a
 # pass and a push).
 KEYS_TTL_SECONDS = 5.0
+# With NPUSWARM_ROOT_KEY empty, the operator keeps its root key in this Secret of its own
+# namespace (docs/install.md): made once by the first instance, read by every later one.
+ROOT_KEY_SECRET = "npuswarm-root-key"
+ROOT_KEY_ENTRY = "root-key"
+# Where the kubelet tells a pod its namespace (the ServiceAccount's projected files).
+NAMESPACE_FILE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
+
+
+def own_namespace(path: str = NAMESPACE_FILE) -> str | None:
+    """The operator's namespace: POD_NAMESPACE (the Deployment sets it), else the
+    ServiceAccount's namespace file; None outside a cluster."""
+    found = os.environ.get("POD_NAMESPACE")
+    if found:
+        return found
+    try:
+        with open(path, encoding="ascii") as file:
+            return file.read().strip() or None
+    except OSError:
+        return None
 
 
 class Kube:
-    def __init__(self, namespaces: frozenset[str] | None = None) -> None:
+    def __init__(
+        self, namespaces: frozenset[str] | None = None, api_client: Any | None = None
+    ) -> None:
         # None: cluster-wide; else only these namespaces may be listed (a namespaced Role).
         self.namespaces = namespaces
-        try:
-            kubernetes.config.load_incluster_config()  # type: ignore[no-untyped-call]
-        except kubernetes.config.ConfigException:
-            kubernetes.config.load_kube_config()  # type: ignore[no-untyped-call]
-        self.objects = kubernetes.client.CustomObjectsApi()
-        self.core = kubernetes.client.CoreV1Api()
+        if api_client is None:  # the process's own config (a second identity: api_client)
+            try:
+                kubernetes.config.load_incluster_config()  # type: ignore[no-untyped-call]
+            except kubernetes.config.ConfigException:
+                kubernetes.config.load_kube_config()  # type: ignore[no-untyped-call]
+        self.objects = kubernetes.client.CustomObjectsApi(api_client)
+        self.core = kubernetes.client.CoreV1Api(api_client)
 
     def patch_status(
         self, namespace: str, name: str, patch: dict[str, Any], plural: str = deployment_api.PLURAL
@@ -141,6 +165,38 @@ class Kube:
         data = {key: base64.b64decode(value) for key, value in (secret.data or {}).items()}
         version = secret.metadata.resource_version if secret.metadata is not None else None
         return data, str(version or "")
+
+
+def root_key(kube: Kube, namespace: str) -> str:
+    """The root key kept in ``namespace``'s Secret ``npuswarm-root-key``: read, or created
+    with 32 random bytes when it does not exist. Never updated: an instance that loses the
+    race to create it (409) reads the winner's, so every instance holds the same key."""
+    found = kube.read_secret(namespace, ROOT_KEY_SECRET)
+    if found is None:
+        body: Any = {
+            "metadata": {
+                "name": ROOT_KEY_SECRET,
+                "namespace": namespace,
+                "labels": {"app.kubernetes.io/name": "npuswarm"},
+                "annotations": {
+                    "npuswarm.io/about": "the root of every credential npuswarm hands out "
+                    "(gateways', node agents'); made by the operator since NPUSWARM_ROOT_KEY "
+                    "is empty. Deleting it changes every credential at the next start."
+                },
+            },
+            "type": "Opaque",
+            "stringData": {ROOT_KEY_ENTRY: secrets.token_hex(32)},
+        }
+        try:
+            kube.core.create_namespaced_secret(namespace, body)
+            log.info("root key secret created", secret=f"{namespace}/{ROOT_KEY_SECRET}")
+        except kubernetes.client.ApiException as error:
+            if error.status != 409:
+                raise
+        found = kube.read_secret(namespace, ROOT_KEY_SECRET)
+    if found is None or not found[0].get(ROOT_KEY_ENTRY):
+        raise ValueError(f"Secret {namespace}/{ROOT_KEY_SECRET} has no {ROOT_KEY_ENTRY!r} entry")
+    return found[0][ROOT_KEY_ENTRY].decode()
 
 
 class SecretKeys:

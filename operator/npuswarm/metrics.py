@@ -489,9 +489,34 @@ class NpuExporterCollector:
                 network.add_metric(_exporter_labels(node, reading), 1 if healthy else 0)
         yield link
         yield network
+        yield from _error_codes(readings)
 
     def describe(self) -> Iterator[Metric]:
         return self.collect()
+
+
+# npu-exporter serves an NPU's first 10 DCMI error codes as npu_chip_info_error_code and
+# npu_chip_info_error_code_1 .. _9, in decimal, with no series when there is no error.
+ERROR_CODE_SERIES = 10
+
+
+def _error_codes(
+    readings: list[tuple[str, NpuReading, RoceLink | None]],
+) -> Iterator[Metric]:
+    families = [
+        GaugeMetricFamily(
+            "npu_chip_info_error_code" + (f"_{index}" if index else ""),
+            f"Error code {index + 1} of the NPU as npu-smi -t health reports it (decimal; "
+            "convert to hex for the fault tables); no series when there is none.",
+            labels=NPU_EXPORTER_LABELS,
+        )
+        for index in range(ERROR_CODE_SERIES)
+    ]
+    for node, reading, _ in readings:
+        codes = reading.fault.codes if reading.fault is not None else ()
+        for family, code in zip(families, codes[:ERROR_CODE_SERIES], strict=False):
+            family.add_metric(_exporter_labels(node, reading), float(int(code, 16)))
+    yield from families
 
 
 def _exporter_labels(node: str, reading: NpuReading) -> list[str]:

@@ -9,7 +9,14 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    AliasChoices,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from npuswarm.core.gang import PortRange
@@ -25,6 +32,7 @@ from npuswarm.core.hostpolicy import (
 )
 from npuswarm.core.relocation import RelocationRules
 from npuswarm.core.render import DEFAULT_STOP_GRACE_SECONDS
+from npuswarm.nodehealth import faults
 
 ENV_PREFIX = "NPUSWARM_"
 # NPUSWARM_ALLOWED_HOST_PATHS=none: no hostPath volume at all.
@@ -108,6 +116,11 @@ class Settings(BaseSettings):
     npu_health: bool = True
     npu_health_seconds: float = Field(30.0, gt=0, le=86400, allow_inf_nan=False)
     npu_unhealthy_grace_seconds: float = Field(120.0, ge=0, le=7 * 86400, allow_inf_nan=False)
+    # Fault grades (docs/node-health.md, "Fault grades"): npu-smi error codes -> MindCluster's
+    # levels. A faultCode.json of MindCluster replaces the built-in table; then CODE=Level
+    # pairs ("80C98008=RestartRequest,8C03A000=SeparateNode") override single codes.
+    fault_codes_file: str = ""
+    fault_codes: str = ""
     # A replica whose tasks of the current spec fail this many times in a row where it is
     # moves (0: never); each further move waits twice the backoff; the node it left is
     # avoided by it for the cool-down; after max moves it stays, reported as failing.
@@ -195,6 +208,16 @@ class Settings(BaseSettings):
                 raise ValueError(f"{raw!r} may not be allowed: {denied or '/'} is always refused")
             roots.append(root + (WRITABLE_SUFFIX if raw.endswith(WRITABLE_SUFFIX) else ""))
         return tuple(roots)
+
+    @field_validator("fault_codes", mode="after")
+    @classmethod
+    def _fault_codes_read(cls, value: str, info: ValidationInfo) -> str:
+        """A table or override that cannot be read stops the start with its reason."""
+        faults.load_table(str(info.data.get("fault_codes_file") or ""), value)
+        return value
+
+    def fault_table(self) -> faults.FaultTable:
+        return faults.load_table(self.fault_codes_file, self.fault_codes)
 
     @field_validator("root_key", mode="after")
     @classmethod

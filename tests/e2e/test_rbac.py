@@ -21,6 +21,9 @@ NEEDED = [
     ("patch", "modeldeployments.npuswarm.io --subresource=status", "-A"),
     ("create", "events", "-n models"),
     ("get", "secrets", "-n models"),  # a ModelGateway's API keys Secret, by its name
+    # The root key Secret, made once when NPUSWARM_ROOT_KEY is empty (handlers.with_root_key).
+    ("create", "secrets", "-n npuswarm-system"),
+    ("get", "secrets/npuswarm-root-key", "-n npuswarm-system"),
     ("get", "customresourcedefinitions.apiextensions.k8s.io", ""),
     ("list", "customresourcedefinitions.apiextensions.k8s.io", ""),
     ("watch", "customresourcedefinitions.apiextensions.k8s.io", ""),
@@ -30,6 +33,10 @@ DENIED = [
     ("create", "modeldeployments.npuswarm.io", "-A"),
     ("delete", "modeldeployments.npuswarm.io", "-A"),
     ("list", "secrets", "-A"),
+    ("create", "secrets", "-n models"),
+    ("update", "secrets/npuswarm-root-key", "-n npuswarm-system"),
+    ("patch", "secrets/npuswarm-root-key", "-n npuswarm-system"),
+    ("delete", "secrets/npuswarm-root-key", "-n npuswarm-system"),
     ("watch", "secrets", "-A"),
     ("list", "namespaces", ""),
     ("create", "pods", "-n default"),

@@ -164,13 +164,18 @@ def test_a_node_without_the_runtime_gets_no_replica_is_reported_and_is_used_once
         assert f'npuswarm_node_validation{{check="runtime",node="{broken_host}"}} 0.0' in scraped
         assert f'npuswarm_node_agent_up{{node="{broken_host}"}} 1.0' in scraped
 
-        # `npuswarm nodes --validate` reads the agents and says the same.
-        out = io.StringIO()
-        with pytest.MonkeyPatch.context() as patch, redirect_stdout(out):
-            patch.setenv("DOCKER_HOST", swarm_lab.endpoint)
-            patch.setenv("NPUSWARM_ROOT_KEY", ROOT_KEY)
-            code = cli.main(["nodes", "--validate"])
-        assert code == 1 and wanted in out.getvalue(), out.getvalue()
+        # `npuswarm nodes --validate` reads the agents and says the same. The failed node's
+        # agent exits every node_recheck_failed_seconds for a new container (3 s here), so a
+        # one-off read can fall between two containers: read until one answers.
+        def validated() -> str | None:
+            out = io.StringIO()
+            with pytest.MonkeyPatch.context() as patch, redirect_stdout(out):
+                patch.setenv("DOCKER_HOST", swarm_lab.endpoint)
+                patch.setenv("NPUSWARM_ROOT_KEY", ROOT_KEY)
+                code = cli.main(["nodes", "--validate"])
+            return out.getvalue() if code == 1 and wanted in out.getvalue() else None
+
+        wait_for(validated, "`npuswarm nodes --validate` naming the failed check", 30, 0.5)
 
         # Fixed: the failed agent's next container sees the runtime, the third replica goes.
         swarm_lab.set_runtime_installed(broken, True)

@@ -10,7 +10,7 @@ from .promql import MONITORING_DOC, exported_families
 
 def documented_metrics() -> dict[str, str]:
     """Metric -> type from the rows of the metrics table: | `name` | type | labels | meaning |"""
-    rows = re.findall(r"^\| `([a-z_:]+)` \| (\w+) \|", MONITORING_DOC.read_text(), re.MULTILINE)
+    rows = re.findall(r"^\| `([a-z0-9_:]+)` \| (\w+) \|", MONITORING_DOC.read_text(), re.MULTILINE)
     return dict(rows)
 
 

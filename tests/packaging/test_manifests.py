@@ -98,6 +98,9 @@ def test_base_installs_these_objects_and_nothing_else(render: Any) -> None:
         ("ServiceAccount", "npuswarm"),
         ("ClusterRole", "npuswarm"),
         ("ClusterRoleBinding", "npuswarm"),
+        # create the root key Secret in its namespace, get that one (NPUSWARM_ROOT_KEY empty)
+        ("Role", "npuswarm-root-key"),
+        ("RoleBinding", "npuswarm-root-key"),
         ("Deployment", "npuswarm"),
         ("Service", "npuswarm-metrics"),
         ("NetworkPolicy", "npuswarm"),
@@ -187,6 +190,10 @@ def test_base_rbac_is_exactly_what_kopf_and_npuswarm_use(render: Any) -> None:
         ("", "events", "create", ()),
         # a ModelGateway's API keys Secret, read by name (never listed)
         ("", "secrets", "get", ()),
+        # the root key Secret (NPUSWARM_ROOT_KEY empty), a Role of npuswarm-system only:
+        # created once (create cannot be narrowed by name), then read by its name
+        ("", "secrets", "create", ()),
+        ("", "secrets", "get", ("npuswarm-root-key",)),
         ("apiextensions.k8s.io", "customresourcedefinitions", "get", ()),
         ("apiextensions.k8s.io", "customresourcedefinitions", "list", ()),
         ("apiextensions.k8s.io", "customresourcedefinitions", "watch", ()),
@@ -223,9 +230,16 @@ def test_one_apply_installs_it_no_object_of_a_kind_defined_in_the_same_apply(
 
 @pytest.mark.parametrize("root", INSTALLS)
 def test_no_access_to_secrets_and_no_update(render: Any, root: str) -> None:
-    """Secrets: `get` only (a ModelGateway's API keys Secret, read by name), never list/watch."""
-    for group, resource, verb, _ in rules(render(root)):
-        assert resource != "secrets" or verb == "get", verb
+    """Secrets: `get` (a ModelGateway's API keys Secret, read by name) and, in the operator's
+    own namespace only, `create` (its root key Secret); never list, watch, update or delete."""
+    objects = render(root)
+    for role in of_kind(objects, "ClusterRole"):
+        for group, resource, verb, _ in rules([role]):
+            assert resource != "secrets" or verb == "get", verb
+    for role in of_kind(objects, "Role"):
+        assert role["metadata"]["namespace"] == NAMESPACE
+    for group, resource, verb, _ in rules(objects):
+        assert resource != "secrets" or verb in ("get", "create"), verb
         # kopf only PATCHes; an `update` grant would be unused power.
         assert verb != "update", (group, resource)
         if verb in WRITE_VERBS:
@@ -235,6 +249,7 @@ def test_no_access_to_secrets_and_no_update(render: Any, root: str) -> None:
                 ("modelgateways", "patch"),
                 ("modelgateways/status", "patch"),
                 ("events", "create"),
+                ("secrets", "create"),
                 ("clusterkopfpeerings", "patch"),
                 # npuswarm run creates its own peering object (one-pass install)
                 ("clusterkopfpeerings", "create"),
@@ -244,7 +259,7 @@ def test_no_access_to_secrets_and_no_update(render: Any, root: str) -> None:
 @pytest.mark.parametrize("root", INSTALLS)
 def test_bindings_grant_the_roles_to_the_operator_only(render: Any, root: str) -> None:
     objects = render(root)
-    roles = {o["metadata"]["name"] for o in of_kind(objects, "ClusterRole")}
+    roles = {o["metadata"]["name"] for o in of_kind(objects, "ClusterRole") + of_kind(objects, "Role")}
     bindings = of_kind(objects, "ClusterRoleBinding") + of_kind(objects, "RoleBinding")
     assert bindings
     for binding in bindings:

@@ -371,7 +371,7 @@ def test_the_operators_node_checks_start_and_read_the_simulated_agents(
     credentials = Credentials(ROOT, settings.instance)
     swarm = Swarm(base_url=sim.url)
     checker = NodeChecker(
-        swarm, settings, lambda: SimpleNamespace(snapshot=swarm.observe()), credentials
+        swarm, settings, lambda: SimpleNamespace(snapshot=swarm.observe(), plans={}), credentials
     )
     try:
         nodes = swarm.observe().nodes

@@ -145,3 +145,49 @@ def test_an_agent_whose_container_failed_validation_stops_for_a_new_container(
     assert agent.lacking(agent.inspect("0,1"))
     passing = {"missing": [], "env": {"ASCEND_VISIBLE_DEVICES": "0,1"}, "npus": "0,1"}
     assert not agent.lacking(passing)
+
+
+def test_the_agent_answers_about_the_host_paths_asked_in_the_signed_body(tmp_path: Path) -> None:
+    """The operator's reader sends each node's paths in the signed POST; the agent resolves
+    them in its view of the node (here a directory) and the answer changes its ETag when a
+    link appears."""
+    host = tmp_path / "host"
+    (host / "models" / "qwen").mkdir(parents=True)
+    (host / "models" / "qwen" / "w.bin").write_bytes(b"w" * 64)
+    secrets = tmp_path / "secrets"
+    write_secret_files(
+        secrets, CREDENTIALS, agents.IDENTITY, NOW, (agents.CREDENTIAL_FILE, agents.TLS_FILE)
+    )
+    stop = threading.Event()
+    server = agent.serve(
+        0,
+        protocol.parse_credential((secrets / agents.CREDENTIAL_FILE).read_text()),
+        str(secrets / agents.TLS_FILE),
+        "0",
+        3600.0,
+        str(FAKE_NPU_SMI),
+        host="127.0.0.1",
+        stop=stop,
+        hccn_tool=str(FAKE_HCCN_TOOL),
+        host_roots=("/models",),
+        host_view=str(host),
+    )
+    reader = AgentReader(CREDENTIALS, server.server_address[1])
+    target = node("n1").model_copy(update={"addr": "127.0.0.1"})
+    asked = {"n1": ("/models/qwen", "/models/x", "/etc")}
+    try:
+        found = reader.read([target], asked)["n1"].document
+        assert found is not None
+        assert found["paths"]["/models/qwen"] == {
+            "exists": True, "root": "/models", "size": 64, "files": 1, "truncated": False}
+        assert found["paths"]["/models/x"]["exists"] is False
+        assert found["paths"]["/etc"]["error"] == "outside the agent's allowed roots"
+        (host / "models" / "x").symlink_to("/")
+        again = reader.read([target], asked)["n1"].document
+        assert again is not None and again["paths"]["/models/x"]["escapes"] == "/"
+        plain = reader.read([target])["n1"].document
+        assert plain is not None and "paths" not in plain and "validation" in plain
+    finally:
+        reader.close()
+        stop.set()
+        server.shutdown()

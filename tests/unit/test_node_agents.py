@@ -4,7 +4,7 @@ feeds the pass, against the in-memory Swarm with agents that answer from a dict.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -175,8 +175,11 @@ class Agents:
         self.documents: dict[str, dict[str, Any]] = {}
         self.reads = 0
 
-    def read(self, nodes: Sequence[NodeInfo]) -> dict[str, Answer]:
+    def read(
+        self, nodes: Sequence[NodeInfo], paths: Mapping[str, Sequence[str]] | None = None
+    ) -> dict[str, Answer]:
         self.reads += len(nodes)
+        self.paths = dict(paths or {})
         return {
             n.id: Answer(self.documents[n.id])
             if n.id in self.documents
@@ -420,12 +423,12 @@ def test_nodes_validate_reads_the_agents_and_writes_nothing_to_swarm() -> None:
     swarm = MemorySwarm(nodes=2, npus=8)
     for node in swarm.nodes:
         node["Status"]["Addr"] = ""  # no address to read an agent at: answers nothing
-    verdicts, health, roce = read_agents(swarm, SETTINGS)
+    readout = read_agents(swarm, SETTINGS)
     assert swarm.writes() == 0 and swarm.calls["update_node"] == 0
     assert swarm.calls["create_secret"] == 0 and swarm.secrets == {}
-    assert all("agent unreachable" in (reading.error or "") for reading in health.values())
-    assert set(health) == {"node1", "node2"} and roce == {}
-    assert set(verdicts) <= {n["ID"] for n in swarm.nodes}
+    assert all("agent unreachable" in (reading.error or "") for reading in readout.health.values())
+    assert set(readout.health) == {"node1", "node2"} and readout.roce == {}
+    assert set(readout.verdicts) <= {n["ID"] for n in swarm.nodes}
 
 
 def test_the_loop_steps_every_second_only_while_agents_come_up(monkeypatch: pytest.MonkeyPatch) -> None:

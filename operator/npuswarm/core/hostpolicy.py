@@ -13,9 +13,12 @@ import fnmatch
 import posixpath
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from npuswarm.api.deployment import ModelDeployment
-from npuswarm.core.snapshot import SwarmSnapshot
+
+if TYPE_CHECKING:  # core/snapshot imports placement, which imports core/hostfiles -> here
+    from npuswarm.core.snapshot import SwarmSnapshot
 
 # Where model weights and caches usually live on a node; anything else must be allowed
 # explicitly by the cluster admin (NPUSWARM_ALLOWED_HOST_PATHS).

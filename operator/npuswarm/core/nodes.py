@@ -5,13 +5,16 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
 from npuswarm.api import labels
 from npuswarm.core.clock import parse_engine_time
 from npuswarm.core.npus import npu_id_from_device, parse_npu_ids
+
+if TYPE_CHECKING:
+    from npuswarm.core.hostfiles import PathCheck
 
 Topology = Literal["any", "rings-of-4"]
 TOPOLOGIES: tuple[Topology, ...] = ("any", "rings-of-4")
@@ -89,6 +92,12 @@ class NodeLimits:
     avoid: Mapping[tuple[str, str], frozenset[str]] = field(default_factory=dict)
     # Node id -> why it takes no multi-node group member (RoCE links, nodehealth/roce.py).
     roce: Mapping[str, str] = field(default_factory=dict)
+    # Node id -> host path -> what its agent found there (core/hostfiles.py); None: no agents
+    # read the nodes' files, so only the lexical host policy applies.
+    files: Mapping[str, Mapping[str, PathCheck]] | None = None
+    # Replicas (deployment, slot) to restart in place, on the same node and NPUs (-> why):
+    # a fault graded RestartRequest/RestartBusiness on an NPU they hold (nodehealth/faults).
+    restart: Mapping[tuple[str, str], str] = field(default_factory=dict)
 
     def apply(self, nodes: list[NodeInfo]) -> list[NodeInfo]:
         if not self.nodes and not self.npus and not self.busy and not self.roce:

@@ -10,6 +10,7 @@ model):
     4 diff     rendered against observed: create, update, remove  core/diff.py
     5 surge    spare NPUs for updates that would take a ready replica down, in priority order
     6 limit    the rolling update (maxUnavailable)
+    6b restart replicas a graded NPU fault restarts in place       core/inplace.py
     7 orphans  services of deleted deployments; networks to create and to remove
 
 Then the writes happen (reconcile.py: the gateways first, then Swarm), and:
@@ -41,6 +42,7 @@ from npuswarm.core.diff import (
     surge,
 )
 from npuswarm.core.gang import PortRange
+from npuswarm.core.inplace import restart_in_place
 from npuswarm.core.kube_events import (
     Event,
     autoscaler_events,
@@ -167,6 +169,11 @@ def plan_pass(
             groups.limit_rollout(plan, group_plan.fates)
         else:
             limit_rollout(plan)
+
+    # 6b. Restart in place the replicas a fault graded "restart" asks it of (same node, NPUs).
+    if limits is not None and limits.restart:
+        for plan in plans:
+            restart_in_place(plan, limits.restart)
 
     # 7. Orphans and networks, for the pass as a whole.
     orphans_and_networks(whole, admitted, orphan_owners)

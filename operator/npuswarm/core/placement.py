@@ -19,17 +19,19 @@ from pydantic import BaseModel, ConfigDict
 
 from npuswarm.api import labels
 from npuswarm.api.deployment import ModelDeployment
-from npuswarm.core import gang, topology
+from npuswarm.core import gang, hostfiles, topology
 from npuswarm.core.nodes import NodeInfo, NodeLimits
 
 ReplicaKey = tuple[str, str]  # (deployment "namespace/name", slot)
-CandidateKey = tuple[tuple[tuple[str, str], ...], str | None]  # (nodeSelector, pinned node)
+# (nodeSelector, pinned node, nodes excluded for host files): one candidate list per key.
+CandidateKey = tuple[tuple[tuple[str, str], ...], str | None, tuple[str, ...]]
 UnplacedReason = Literal[
     "NoMatchingNode",
     "NodesUnavailable",
     "InsufficientNPUs",
     "NodeValidationFailed",
     "NodeValidationPending",
+    "HostFilesUnavailable",
 ]
 # At most this many blocked nodes are named in one message; the rest are counted.
 MAX_NAMED_BLOCKED = 3
@@ -48,6 +50,12 @@ class ReplicaRequest(BaseModel):
     # Nodes this replica should not go to now (it kept failing there, failing.py); used
     # only while another node fits.
     avoid_nodes: frozenset[str] = frozenset()
+    # Nodes where its host files are missing, unchecked or escape their root (core/hostfiles):
+    # no new replica there (-> why); ``evict_nodes`` also makes one running there move.
+    exclude_nodes: dict[str, str] = {}
+    evict_nodes: dict[str, str] = {}
+    exclude_pending: frozenset[str] = frozenset()  # of those, only not yet checked
+    exclude_key: tuple[str, ...] = ()  # sorted(exclude_nodes): part of the candidate key
     # A member of a multi-node replica (core/gang.py): its group's index, its rank among the
     # group's nodes (0 leads) and the group's size; placed with the rest of its group or not.
     group: str | None = None
@@ -275,6 +283,8 @@ def place_all(
     and the nodes each avoids."""
     placeable = limits.apply(nodes) if limits is not None else nodes
     avoid = limits.avoid if limits is not None else {}
+    reports = limits.files if limits is not None else None
+    files_seen: dict[Any, hostfiles.NodeFiles] = {}
     requests_by_deployment: dict[str, list[ReplicaRequest]] = {}
     ordered: list[ReplicaRequest] = []
     for md in ranked:
@@ -284,6 +294,8 @@ def place_all(
                 r.model_copy(update={"avoid_nodes": avoid[r.key]}) if r.key in avoid else r
                 for r in requests
             ]
+        if reports is not None and md.spec.volumes:
+            requests = _with_host_files(md, requests, placeable, reports, files_seen)
         requests_by_deployment[md.key] = requests
         ordered.extend(requests)
     result = place(
@@ -297,6 +309,30 @@ def place_all(
     )
     result.requests = requests_by_deployment
     return result
+
+
+def _with_host_files(
+    md: ModelDeployment,
+    requests: list[ReplicaRequest],
+    nodes: list[NodeInfo],
+    reports: Mapping[str, Mapping[str, hostfiles.PathCheck]],
+    seen: dict[Any, hostfiles.NodeFiles],
+) -> list[ReplicaRequest]:
+    """The nodes each request may not use because of its host files; deployments of the same
+    selector and paths share one look at the nodes (O(distinct models x nodes) a pass)."""
+    key = (tuple(sorted(md.spec.nodeSelector.items())), hostfiles.needed_paths(md))
+    found = seen.get(key)
+    if found is None:
+        found = seen[key] = hostfiles.node_files(md, nodes, reports)
+    if not found.exclude:
+        return requests
+    update = {
+        "exclude_nodes": dict(found.exclude),
+        "evict_nodes": dict(found.evict),
+        "exclude_pending": found.pending,
+        "exclude_key": tuple(sorted(found.exclude)),
+    }
+    return [r.model_copy(update=update) for r in requests]
 
 
 def place(
@@ -476,6 +512,8 @@ def _keep_problem(
         return f"node {node.hostname} is {node.state} for longer than {grace:g}s"
     if node.drained:
         return f"node {node.hostname} is drained"
+    if node.id in request.evict_nodes:
+        return request.evict_nodes[node.id]
     if not node.matches(request.node_selector):
         return f"node {node.hostname} no longer matches the nodeSelector"
     if request.pinned_node is not None and request.pinned_node != node.id:
@@ -498,9 +536,16 @@ def _keep_problem(
 
 def _best_fit(request: ReplicaRequest, result: PlacementResult) -> Assignment | Unplaced:
     """The node this replica fills most (least slack), the first by hostname among equals."""
-    key: CandidateKey = (tuple(sorted(request.node_selector.items())), request.pinned_node)
+    key: CandidateKey = (
+        tuple(sorted(request.node_selector.items())),
+        request.pinned_node,
+        request.exclude_key,
+    )
     matching = _candidates(key, request, result)
     if not matching:
+        files = _host_files_reason(request, result)
+        if files is not None:
+            return files
         return _unplaced(
             request,
             "NoMatchingNode",
@@ -520,6 +565,9 @@ def _best_fit(request: ReplicaRequest, result: PlacementResult) -> Assignment | 
         found = _from_buckets(request, key, result)
     blocked = _blocked_nodes(matching)
     if not available:
+        files = _host_files_reason(request, result)
+        if files is not None:
+            return files
         if blocked:
             return _unplaced(
                 request,
@@ -541,12 +589,19 @@ def _best_fit(request: ReplicaRequest, result: PlacementResult) -> Assignment | 
         )
     if found is None:
         most_free = max(len(result.free[n.id]) for n in available)
+        short = (
+            f"needs {request.npus} free NPUs on one node; the most free on a matching "
+            f"node is {most_free}"
+        )
+        files = _host_files_reason(request, result)
+        if files is not None:
+            # Nodes without its files would perhaps have had room: that is what to fix.
+            return _unplaced(request, files.reason, f"{short}; not used: {files.message}")
         # Nodes that failed validation would perhaps have had room: that is what to fix.
         return _unplaced(
             request,
             _validation_reason(matching) if blocked else "InsufficientNPUs",
-            f"needs {request.npus} free NPUs on one node; the most free on a matching "
-            f"node is {most_free}" + (f"; not used: {blocked}" if blocked else ""),
+            short + (f"; not used: {blocked}" if blocked else ""),
         )
     node, chosen = found
     return Assignment(
@@ -572,7 +627,7 @@ def _place_group(members: list[ReplicaRequest], result: PlacementResult) -> None
     if leader.one_per_node:
         for node_id in result.nodes_used.get(leader.deployment, ()):
             excluded.setdefault(node_id, "another replica of the deployment holds its NPUs")
-    key: CandidateKey = (tuple(sorted(leader.node_selector.items())), None)
+    key: CandidateKey = (tuple(sorted(leader.node_selector.items())), None, leader.exclude_key)
     matching = _candidates(key, leader, result)
     domain = None
     if leader.topology_key is not None and kept:
@@ -668,6 +723,25 @@ def _seat_group(members: list[ReplicaRequest], result: PlacementResult) -> None:
         result.assign(assignment.model_copy(update={"group": seat}))
 
 
+def _host_files_reason(request: ReplicaRequest, result: PlacementResult) -> Unplaced | None:
+    """Every matching node that would take the replica lacks its host files, has not
+    reported them yet, or refuses them: say so per node."""
+    found = (result._nodes.get(node_id) for node_id in request.exclude_key)
+    excluded = [n for n in found if n is not None and n.accepts_new_replicas]
+    if not excluded:
+        return None
+    reason: UnplacedReason = hostfiles.MISSING
+    if all(n.id in request.exclude_pending for n in excluded):
+        reason = "NodeValidationPending"
+    shown = [request.exclude_nodes[n.id] for n in excluded[:MAX_NAMED_BLOCKED]]
+    more = len(excluded) - len(shown)
+    return _unplaced(
+        request,
+        reason,
+        "; ".join(shown) + (f"; and {more} more node(s)" if more > 0 else ""),
+    )
+
+
 def _validation_reason(nodes: list[NodeInfo]) -> UnplacedReason:
     """Failed when a blocked node failed its probe; pending when they all still wait for
     their first one (a few seconds: not a fault)."""
@@ -688,15 +762,18 @@ def _blocked_nodes(nodes: list[NodeInfo]) -> str:
 def _candidates(
     key: CandidateKey, request: ReplicaRequest, result: PlacementResult
 ) -> list[NodeInfo]:
-    """Nodes with NPUs that match a request's selector and pin, computed once per pass."""
+    """Nodes with NPUs that match a request's selector and pin and that its host files do
+    not rule out, computed once per pass and key."""
     matching = result._candidates.get(key)
     if matching is None:
+        excluded = request.exclude_nodes
         matching = [
             node
             for node in result._ordered
             if node.usable_npus
             and node.matches(request.node_selector)
             and (request.pinned_node is None or node.id == request.pinned_node)
+            and node.id not in excluded
         ]
         result._candidates[key] = matching
         result._accepting[key] = [n for n in matching if n.accepts_new_replicas]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import os
 import ssl
@@ -27,12 +28,15 @@ from typing import Any
 
 from npuswarm.core.npus import parse_npu_ids
 from npuswarm.gateway import protocol
-from npuswarm.nodehealth import agents, checks, roce
+from npuswarm.nodehealth import agents, checks, npusmi, pathcheck, roce
 
 NPU_SMI = "/usr/local/bin/npu-smi"
 NPU_SMI_TIMEOUT_SECONDS = 20.0
 # An idle keep-alive connection is closed after this long (the operator reads every 30 s).
 IDLE_SECONDS = 120.0
+# A request naming host paths to check: at most this large (core/hostfiles.MAX_PATHS_PER_NODE
+# paths of at most 4 KiB each).
+MAX_BODY = 256 * 1024
 
 
 def inspect(visible: str, exists: Callable[[str], bool] = os.path.exists) -> dict[str, Any]:
@@ -88,6 +92,16 @@ class AgentState:
             return self.etag, self.body
 
 
+def read_faults(table: str, command: str = NPU_SMI) -> dict[str, str]:
+    """`npu-smi info -t health -i N -c 0` of each NPU whose Health column is not OK: its
+    error codes, graded by the operator (nodehealth/faults.py). Healthy NPUs cost nothing."""
+    found: dict[str, str] = {}
+    for npu, reading in sorted(npusmi.parse_npu_smi(table).items()):
+        if reading.health != "OK":
+            found[str(npu)] = _run([command, "info", "-t", "health", "-i", str(npu), "-c", "0"])
+    return found
+
+
 def read_roce(visible: str, hccn_tool: str = roce.HCCN_TOOL) -> dict[str, Any]:
     """Each NPU's RoCE link and net health as hccn_tool prints them (parsed by the operator,
     nodehealth/roce.py); ``present`` False where the node has no hccn_tool."""
@@ -134,8 +148,14 @@ class Reader:
         if self.count % self.roce_every == 0:
             self.roce = read_roce(self.visible, self.hccn_tool)
         self.count += 1
+        table = read_npu_smi(self.npu_smi)
         state.update(
-            {"validation": validation, "npuSmi": read_npu_smi(self.npu_smi), "roce": self.roce}
+            {
+                "validation": validation,
+                "npuSmi": table,
+                "npuFaults": read_faults(table["text"], self.npu_smi),
+                "roce": self.roce,
+            }
         )
         return validation
 
@@ -150,21 +170,38 @@ def lacking(validation: dict[str, Any]) -> bool:
 
 
 def make_handler(
-    state: AgentState, verifier: protocol.Verifier, clock: Callable[[], float] = time.time
+    state: AgentState,
+    verifier: protocol.Verifier,
+    clock: Callable[[], float] = time.time,
+    paths: pathcheck.PathChecker | None = None,
 ) -> type[BaseHTTPRequestHandler]:
     verify_lock = threading.Lock()
+    paths_lock = threading.Lock()
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"  # keep-alive: one TLS handshake per operator connection
         timeout = IDLE_SECONDS
 
         def do_GET(self) -> None:
+            self._answer("GET", b"")
+
+        def do_POST(self) -> None:
+            """The state, and what this node has at the host paths the body names
+            (``{"paths": [...]}``, signed with the request)."""
+            length = int(self.headers.get("Content-Length") or 0)
+            if length > MAX_BODY:
+                self.close_connection = True
+                self._send(413, b'{"error": "request too large"}')
+                return
+            self._answer("POST", self.rfile.read(length))
+
+        def _answer(self, method: str, request: bytes) -> None:
             with verify_lock:
                 refusal = verifier.refusal(
                     self.headers.get("Authorization"),
-                    "GET",
+                    method,
                     self.path,
-                    b"",
+                    request,
                     int(clock() * 1000),
                 )
             if refusal is not None:
@@ -174,10 +211,28 @@ def make_handler(
                 self._send(404, b'{"error": "not found"}')
                 return
             etag, body = state.answer()
+            if method == "POST":
+                etag, body = self._with_paths(etag, body, request)
             if self.headers.get("If-None-Match") == etag:
                 self._send(304, b"", etag)
                 return
             self._send(200, body, etag)
+
+        def _with_paths(self, etag: str, body: bytes, request: bytes) -> tuple[str, bytes]:
+            try:
+                asked = json.loads(request).get("paths") or []
+            except (ValueError, AttributeError):
+                asked = []
+            asked = [p for p in asked if isinstance(p, str) and len(p) <= 4096][:64]
+            if paths is None:
+                found = {p: {"exists": False, "error": "no host roots given"} for p in asked}
+            else:
+                with paths_lock:
+                    found = paths.answer(asked)
+            part = json.dumps(found, sort_keys=True).encode()
+            digest = hashlib.sha256(part).hexdigest()[:16]
+            merged = json.dumps({**json.loads(body), "paths": found}, sort_keys=True).encode()
+            return f'{etag[:-1]}-{digest}"', merged
 
         def _send(self, code: int, body: bytes, etag: str = "") -> None:
             self.send_response(code)
@@ -207,6 +262,8 @@ def serve(
     stop: threading.Event | None = None,
     recheck_failed: float = 0.0,
     hccn_tool: str = roce.HCCN_TOOL,
+    host_roots: tuple[str, ...] = (),
+    host_view: str = agents.HOST_VIEW,
 ) -> ThreadingHTTPServer:
     """Start reading and serving (in threads); returns the server (``shutdown()`` ends it).
     With ``recheck_failed``, a container that lacks what the runtime should give sets
@@ -232,7 +289,9 @@ def serve(
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.load_cert_chain(tls_pem)
-    server = ThreadingHTTPServer((host, port), make_handler(state, protocol.Verifier(credential)))
+    paths = pathcheck.PathChecker(host_roots, pathcheck.HostView(host_view), interval)
+    handler = make_handler(state, protocol.Verifier(credential), paths=paths)
+    server = ThreadingHTTPServer((host, port), handler)
     server.daemon_threads = True
     server.socket = context.wrap_socket(server.socket, server_side=True)
     threading.Thread(target=keep_reading, name="agent-readings", daemon=True).start()
@@ -257,6 +316,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="the NPU ids the service asked for (default: ASCEND_VISIBLE_DEVICES as seen)",
     )
     parser.add_argument(
+        "--host-roots",
+        default="",
+        help="the allowed host-path roots (comma-separated) whose paths the operator may ask about",
+    )
+    parser.add_argument(
+        "--host-view",
+        default=agents.HOST_VIEW,
+        help="where the node's filesystem is mounted read-only in this container",
+    )
+    parser.add_argument(
         "--recheck-failed",
         type=float,
         default=60.0,
@@ -279,6 +348,8 @@ def run(args: argparse.Namespace) -> int:
         args.npu_smi,
         stop=stop,
         recheck_failed=args.recheck_failed,
+        host_roots=tuple(r for r in args.host_roots.split(",") if r),
+        host_view=args.host_view,
     )
     print(f"npuswarm agent: serving on :{args.port}, NPUs {visible or 'none'}", flush=True)
     with contextlib.suppress(KeyboardInterrupt):

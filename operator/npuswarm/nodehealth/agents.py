@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
@@ -30,7 +30,7 @@ from npuswarm.core.npus import format_npu_ids, parse_npu_ids
 from npuswarm.core.snapshot import ObservedSecret
 from npuswarm.gateway.credentials import AgentIdentity, Credentials
 from npuswarm.gateway.service import NewSecret, SecretMount, new_tls_secret, valid_tls
-from npuswarm.nodehealth import checks
+from npuswarm.nodehealth import checks, faults
 from npuswarm.nodehealth.checks import Verdict
 from npuswarm.nodehealth.npusmi import NodeHealth, parse_npu_smi
 
@@ -42,6 +42,11 @@ NAME_PREFIX = "npuswarm-agent"
 CREDENTIAL_FILE = "npuswarm-agent-credential"
 TLS_FILE = "npuswarm-agent-tls.pem"
 STATE_PATH = "/v1/state"
+# Where the agent sees the node's filesystem, read-only (nodehealth/pathcheck.py reads only
+# below the allowed host-path roots). The whole of "/" rather than each root at its own
+# path: Docker 20.10 refuses to start a task whose bind source is missing, so a root absent
+# from one node would keep that node's agent from starting.
+HOST_VIEW = "/host"
 CREDENTIAL_KIND, TLS_KIND = "agent-credential", "agent-tls"
 IDENTITY = AgentIdentity()
 
@@ -100,6 +105,7 @@ def agent_spec(
     interval_seconds: float,
     mounts: Sequence[SecretMount],
     recheck_failed_seconds: float = 60.0,
+    host_roots: Sequence[str] = (),
 ) -> dict[str, Any]:
     """One NPU set's agent: a global service on the nodes labelled with that set, asking for
     its NPUs as a replica does, its port published on each node's address (host mode: the
@@ -125,6 +131,7 @@ def agent_spec(
                     # `env` check compares the two.
                     "--npus",
                     format_npu_ids(npus),
+                    *(["--host-roots", ",".join(host_roots)] if host_roots else []),
                 ],
                 # npu-smi opens the driver's devices, root:HwHiAiUser 0660 on Atlas nodes.
                 "User": "0",
@@ -139,6 +146,12 @@ def agent_spec(
                 ],
                 "Labels": dict(service_labels),
                 "Init": True,
+                # The node's filesystem, read-only, for the host-path checks. Docker's default
+                # propagation (rprivate): rslave would be refused on a node whose / is a
+                # private mount ("not a shared or slave mount"), and keep its agent down.
+                "Mounts": [{"Type": "bind", "Source": "/", "Target": HOST_VIEW, "ReadOnly": True}]
+                if host_roots
+                else [],
             },
             "Placement": {"Constraints": [f"node.labels.{NODE_LABEL}=={npu_set}"]},
             "Resources": {"Limits": {"MemoryBytes": 256 * 1024 * 1024}},
@@ -258,10 +271,23 @@ def verdict(node: NodeInfo, answer: Mapping[str, Any], now: datetime) -> Verdict
     return checks.judge(node, npus or node.npus, found or None, now)
 
 
-def health(node: NodeInfo, answer: Mapping[str, Any], now: datetime) -> NodeHealth:
-    """The agent's last `npu-smi info`: no table is no reading (nothing is concluded)."""
+def health(
+    node: NodeInfo,
+    answer: Mapping[str, Any],
+    now: datetime,
+    table: faults.FaultTable | None = None,
+) -> NodeHealth:
+    """The agent's last `npu-smi info`, each NPU's error codes graded with ``table``: no
+    table is no reading (nothing is concluded)."""
     reading = answer.get("npuSmi") or {}
     readings = parse_npu_smi(str(reading.get("text", "")))
+    texts = answer.get("npuFaults") or {}
+    grades = table or faults.FaultTable.default()
+    for npu, found in list(readings.items()):
+        codes = faults.error_codes(str(texts.get(str(npu), "")))
+        fault = faults.grade(found.health, codes, grades)
+        if fault is not None:
+            readings[npu] = replace(found, fault=fault)
     error = "" if readings else f"no npu-smi table ({reading.get('error') or 'empty output'})"
     return NodeHealth(node.id, node.hostname or node.id, now, readings, error)
 

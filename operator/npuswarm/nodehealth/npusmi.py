@@ -16,6 +16,7 @@ from datetime import datetime
 from typing import Any
 
 from npuswarm.api import labels
+from npuswarm.nodehealth.faults import Fault
 
 # The npu-smi reading services of earlier versions (value: the installation), removed at startup.
 READING = labels.NPU_SMI_READING
@@ -52,10 +53,24 @@ class NpuReading:
     power_w: float | None = None
     temperature_c: float | None = None
     aicore_percent: float | None = None
+    # Its error codes graded (nodehealth/faults.py); None: OK, or no codes were read, and
+    # the Health column decides.
+    fault: Fault | None = None
 
     @property
     def healthy(self) -> bool:
+        """It may keep its replica: no fault, a tolerated one, one its replica is restarted
+        for, or one that only keeps new replicas off."""
+        if self.fault is not None:
+            return self.fault.action != "isolate"
         return self.health in SERVING
+
+    @property
+    def preseparated(self) -> bool:
+        return self.fault is not None and self.fault.action == "preseparate"
+
+    def why(self) -> str:
+        return f"npu-smi: {self.health}" + (f", {self.fault.describe()}" if self.fault else "")
 
 
 @dataclass(frozen=True)
@@ -178,9 +193,13 @@ def withheld_npus(
                 lasted = (now - started).total_seconds()
                 if npu not in ours or lasted >= grace_seconds:
                     found.setdefault(node_id, {})[npu] = (
-                        f"NPU {npu} on node {host} is unhealthy (npu-smi: {reading.health}"
+                        f"NPU {npu} on node {host} is unhealthy ({reading.why()}"
                         + (f", for {lasted:.0f}s)" if npu in ours else ")")
                     )
+            elif reading.preseparated and npu not in ours:
+                busy.setdefault(node_id, {})[npu] = (
+                    f"NPU {npu} on node {host} takes no new replica ({reading.why()})"
+                )
             elif reading.processes and npu not in ours:
                 shown = ", ".join(f"pid {p.pid} {p.name}" for p in reading.processes[:3])
                 busy.setdefault(node_id, {})[npu] = (

@@ -14,7 +14,7 @@ import http.client
 import json
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
@@ -23,6 +23,7 @@ from typing import Any, Protocol
 import structlog
 
 from npuswarm import metrics
+from npuswarm.core import hostfiles
 from npuswarm.core.clock import utcnow
 from npuswarm.core.diff import PassPlan
 from npuswarm.core.nodes import NodeInfo, NodeLimits
@@ -47,6 +48,8 @@ REPAIR_SECONDS = 300.0
 # After a start or an agent write, nodes without a verdict are read every second this long.
 SETTLE_SECONDS = 120.0
 SETTLE_POLL_SECONDS = 1.0
+# A fault on one NPU: (node id, NPU, its error codes).
+Occurrence = tuple[str, int, tuple[str, ...]]
 NO_KEY = "node checks need NPUSWARM_ROOT_KEY (the node agents' credential derives from it)"
 NO_IMAGE = "node checks need NPUSWARM_AGENT_IMAGE (the operator's own image runs the agents)"
 
@@ -93,10 +96,19 @@ class AgentReader:
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(concurrency, thread_name_prefix="agent-read")
 
-    def read(self, nodes: Sequence[NodeInfo]) -> dict[str, Answer]:
-        return dict(zip((n.id for n in nodes), self._pool.map(self._read_one, nodes), strict=True))
+    def read(
+        self, nodes: Sequence[NodeInfo], paths: Mapping[str, Sequence[str]] | None = None
+    ) -> dict[str, Answer]:
+        """Each node's answer; ``paths``: node id -> the host paths its agent is asked
+        about (core/hostfiles.py), sent in the signed body of a POST."""
+        asked = paths or {}
 
-    def _read_one(self, node: NodeInfo) -> Answer:
+        def one(node: NodeInfo) -> Answer:
+            return self._read_one(node, asked.get(node.id, ()))
+
+        return dict(zip((n.id for n in nodes), self._pool.map(one, nodes), strict=True))
+
+    def _read_one(self, node: NodeInfo, paths: Sequence[str] = ()) -> Answer:
         if not node.addr:
             return Answer(None, "the node has no address in Swarm")
         with self._lock:
@@ -107,11 +119,13 @@ class AgentReader:
                 node.addr, self.port, agents.IDENTITY.hostname, self.context, self.timeout
             )
         path = agents.STATE_PATH
-        headers = self.signer.headers(self.credential, "GET", path, b"")
+        method = "POST" if paths else "GET"
+        request = json.dumps({"paths": list(paths)}).encode() if paths else b""
+        headers = self.signer.headers(self.credential, method, path, request)
         if last is not None:
             headers["If-None-Match"] = last[0]
         try:
-            connection.request("GET", path, headers=headers)
+            connection.request(method, path, body=request or None, headers=headers)
             response = connection.getresponse()
             body = response.read()
         except (OSError, http.client.HTTPException) as error:
@@ -181,6 +195,13 @@ class NodeChecker:
         self.up: dict[str, tuple[str, bool]] = {}  # node id -> (hostname, agent answered)
         # node id -> its NPUs' RoCE links (None: no hccn_tool there), from the last answer.
         self.roce: dict[str, dict[int, roce.RoceLink] | None] = {}
+        # node id -> host path -> what its agent found (core/hostfiles.py), from the last
+        # answer; and the paths each node was last asked about.
+        self.files: dict[str, dict[str, hostfiles.PathCheck]] = {}
+        self._asked: dict[str, tuple[str, ...]] = {}
+        self.fault_table = settings.fault_table()
+        # Fault occurrences (node, NPU, codes) whose replica was restarted in place: once each.
+        self._restarted: set[Occurrence] = set()
         self._read_at: dict[str, float] = {}
         self._withheld: dict[str, dict[int, str]] = {}
         self._cleaned = not manage
@@ -213,13 +234,54 @@ class NodeChecker:
             for node_id, found in links.items()
             if node_id in hostnames and (why := roce.problem(hostnames[node_id], found))
         }
+        with self._lock:
+            files = None if self.problem or self.reader is None else dict(self.files)
+            health = dict(self.health)
+        for node_id, why in faults_isolating_nodes(health).items():
+            blocked[node_id] = f"{blocked[node_id]}; {why}" if node_id in blocked else why
         return NodeLimits(
+            restart=self._restarts(snapshot, health),
             nodes=blocked,
             pending=frozenset(n for n in blocked if n not in verdicts and not self.problem),
             npus=withheld.unhealthy,
             busy=withheld.busy,
             roce=roce_problems,
+            files=files,
         )
+
+    def _restarts(
+        self, snapshot: SwarmSnapshot, health: Mapping[str, NodeHealth]
+    ) -> dict[tuple[str, str], str]:
+        """Replicas to restart in place (deployment, slot) -> why: those on an NPU whose
+        fault is graded restart, once per occurrence (the same codes on the same NPU); an
+        occurrence that clears is forgotten, so the next one restarts again."""
+        current: set[Occurrence] = set()
+        due: dict[tuple[str, int], tuple[Occurrence, str]] = {}
+        for node_id, reading in health.items():
+            if reading.error:
+                continue
+            for npu, found in reading.npus.items():
+                if found.fault is not None and found.fault.action == "restart":
+                    occurrence = (node_id, npu, found.fault.codes)
+                    current.add(occurrence)
+                    if occurrence not in self._restarted:
+                        why = f"NPU {npu} on node {reading.hostname}: {found.fault.describe()}"
+                        due[(node_id, npu)] = (occurrence, why)
+        restart: dict[tuple[str, str], str] = {}
+        for allocation in snapshot.allocations() if due else ():
+            if allocation.foreign:
+                continue
+            for npu in sorted(allocation.npus):
+                if (allocation.node_id, npu) in due:
+                    occurrence, why = due[(allocation.node_id, npu)]
+                    restart[allocation.key] = why
+                    self._restarted.add(occurrence)
+                    log.info("replica restarted in place", replica=allocation.key, why=why)
+                    break
+        # Kept while the reading still shows them; unreadable nodes keep theirs.
+        unread = {node_id for node_id, reading in health.items() if reading.error}
+        self._restarted = {o for o in self._restarted if o in current or o[0] in unread}
+        return restart
 
     def withheld(self, snapshot: SwarmSnapshot) -> npusmi.Withheld:
         """NPUs placement must leave alone now (unhealthy, or busy with others' processes)."""
@@ -259,6 +321,11 @@ class NodeChecker:
             for npu, reading in sorted(h.npus.items())
         ]
 
+    def host_files(self) -> dict[str, dict[str, hostfiles.PathCheck]]:
+        """Node id -> host path -> what its agent found, for `npuswarm nodes`."""
+        with self._lock:
+            return {node_id: dict(found) for node_id, found in self.files.items()}
+
     def roce_links(self) -> dict[str, dict[int, roce.RoceLink] | None]:
         with self._lock:
             return dict(self.roce)
@@ -296,8 +363,15 @@ class NodeChecker:
                 log.warning("node agents not written", error=str(error))
                 self._ensured = None
         before = self.verdicts()
-        self._read_agents(nodes)
+        files_before = self.host_files()
+        self._read_agents(nodes, self._paths(plan))
         changed = node_checks.changed(before, self.verdicts())
+        files_after = self.host_files()
+        changed |= {
+            node_id
+            for node_id in files_before.keys() | files_after.keys()
+            if files_before.get(node_id) != files_after.get(node_id)
+        }
         withheld = self.withheld(plan.snapshot).all()
         moved = {
             node_id
@@ -323,14 +397,25 @@ class NodeChecker:
         nodes = agents.agent_nodes(plan.snapshot.nodes)
         return any(n.state == "ready" and n.id not in self.known.verdicts for n in nodes)
 
-    def read_now(self, nodes: Sequence[NodeInfo]) -> None:
+    def read_now(
+        self, nodes: Sequence[NodeInfo], paths: Mapping[str, tuple[str, ...]] | None = None
+    ) -> None:
         """Read every agent of ``nodes`` once, now (`npuswarm nodes --validate`)."""
         self._read_at.clear()
-        self._read_agents(list(nodes))
+        self._read_agents(list(nodes), paths or {})
 
-    def _read_agents(self, nodes: Sequence[NodeInfo]) -> None:
+    @staticmethod
+    def _paths(plan: PassPlan) -> dict[str, tuple[str, ...]]:
+        """Node id -> the host paths of the deployments that want it (bounded per node)."""
+        deployments = [p.md for p in plan.plans.values()]
+        return hostfiles.paths_by_node(deployments, agents.agent_nodes(plan.snapshot.nodes))
+
+    def _read_agents(
+        self, nodes: Sequence[NodeInfo], paths: Mapping[str, tuple[str, ...]] | None = None
+    ) -> None:
         if self.reader is None:
             return
+        asked = paths or {}
         by_id = {node.id: node for node in nodes}
         present = set(by_id)
         now_s = time.monotonic()
@@ -341,9 +426,12 @@ class NodeChecker:
             and (
                 node.id not in self.known.verdicts
                 or now_s - self._read_at.get(node.id, 0.0) >= self.settings.npu_health_seconds
+                # A deployment wants paths its agent was not asked about: ask now, so that
+                # its replicas wait seconds, not a reading interval.
+                or asked.get(node.id, ()) != self._asked.get(node.id, ())
             )
         ]
-        answers = self.reader.read(due) if due else {}
+        answers = self.reader.read(due, asked) if due else {}
         now = self.clock()
         with self._lock:
             for node_id in list(self.known.verdicts):
@@ -358,11 +446,16 @@ class NodeChecker:
                 del self.up[gone]
             for gone in set(self.roce) - present:
                 del self.roce[gone]
+            for gone in set(self.files) - present:
+                del self.files[gone]
+                self._asked.pop(gone, None)
         self.reader.forget(present)
         for node in due:
             answer = answers[node.id]
             host = node.hostname or node.id
             if answer.document is None:
+                # Asked: a node whose agent is down is not asked again every step.
+                self._asked[node.id] = asked.get(node.id, ())
                 reading = agents.unreachable(node, answer.error, now)
                 if self.up.get(node.id, (host, False))[1]:
                     log.warning("node agent unreachable", node=host, error=answer.error)
@@ -372,11 +465,19 @@ class NodeChecker:
                     self.since = npusmi.unhealthy_since(self.since, reading)
                 continue
             verdict = agents.verdict(node, answer.document, now)
-            reading = agents.health(node, answer.document, now)
+            reading = agents.health(node, answer.document, now, self.fault_table)
             links = roce.links(answer.document)
             said = self.known.verdicts.get(node.id)
+            found = answer.document.get("paths") or {}
+            files = {
+                path: hostfiles.PathCheck.from_answer(found[path])
+                for path in asked.get(node.id, ())
+                if isinstance(found.get(path), dict)
+            }
             with self._lock:
                 self._read_at[node.id] = now_s
+                self._asked[node.id] = asked.get(node.id, ())
+                self.files[node.id] = files
                 self.up[node.id] = (host, True)
                 self.known.verdicts[node.id] = verdict
                 said_roce = roce.problem(host, self.roce.get(node.id))
@@ -401,7 +502,8 @@ class NodeChecker:
             except (SwarmRejected, SwarmUnavailable) as error:
                 log.warning("node label refused", node=node_id, error=str(error))
         sets = agents.wanted_sets(nodes)
-        key = json.dumps([sets, settings.agent_image, settings.agent_port])
+        roots = settings.tenant_policy().allowed_host_paths
+        key = json.dumps([sets, settings.agent_image, settings.agent_port, roots])
         now_s = time.monotonic()
         ensured = self._ensured
         if ensured is not None and ensured[0] == key and now_s - ensured[1] < REPAIR_SECONDS:
@@ -425,6 +527,7 @@ class NodeChecker:
                 settings.npu_health_seconds,
                 mounts,
                 settings.node_recheck_failed_seconds,
+                roots,
             )
             for npu_set in sets
         }
@@ -456,6 +559,20 @@ class NodeChecker:
     def close(self) -> None:
         if self.reader is not None:
             self.reader.close()
+
+
+def faults_isolating_nodes(health: Mapping[str, NodeHealth]) -> dict[str, str]:
+    """Nodes whose NPU faults are graded SeparateNode -> why: no new replica there."""
+    isolated: dict[str, str] = {}
+    for node_id, reading in health.items():
+        graded = [
+            f"NPU {npu} {found.fault.describe()}"
+            for npu, found in sorted(reading.npus.items())
+            if found.fault is not None and found.fault.action == "node"
+        ]
+        if graded and not reading.error:
+            isolated[node_id] = f"node {reading.hostname} is isolated ({'; '.join(graded)})"
+    return isolated
 
 
 def held_npus(snapshot: SwarmSnapshot) -> dict[str, set[int]]:
