@@ -42,7 +42,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -50,7 +50,7 @@ from typing import TYPE_CHECKING, Any
 from npuswarm.api import labels
 from npuswarm.core.npus import parse_npu_ids
 from npuswarm.gateway import protocol
-from npuswarm.nodehealth import agent, agents
+from npuswarm.nodehealth import agent, agents, npusmi
 
 if TYPE_CHECKING:
     from enginesim import EngineSim
@@ -72,6 +72,7 @@ class NodeAgent:
     state: agent.AgentState
     handler: type[BaseHTTPRequestHandler]
     inputs: tuple[Any, ...] = ()
+    since: dict[int, float] = field(default_factory=dict)  # NPU -> first read unhealthy
 
 
 class AgentSim:
@@ -202,9 +203,13 @@ class AgentSim:
         found.inputs = inputs
         seen_env = RUNTIME_ENV | {k: v for k, v in env.items() if k == "ASCEND_VISIBLE_DEVICES"}
         validation = agent.inspect(asked, exists=lambda _path: True) | {"env": seen_env}
+        table = self._npu_smi(asked, dict(health))
+        # Built only when the health changed: now is when the agent first read it.
+        found.since = npusmi.first_unhealthy(found.since, table["text"], time.time())
         document = {
             "validation": validation,
-            "npuSmi": self._npu_smi(asked, dict(health)),
+            "npuSmi": table,
+            "npuSince": {str(npu): at for npu, at in found.since.items()},
             "roce": agent.read_roce(asked, str(self._dir / "no-hccn_tool")),
         }
         found.state.update(document)

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import json
 import os
 import subprocess
@@ -106,6 +108,33 @@ def test_unhealthy_since_keeps_the_first_time_and_forgets_recovered_npus() -> No
     assert npusmi.unhealthy_since(again, reading("a", later, n3=NpuReading(3, "OK"))) == {}
     failed_read = NodeHealth("a", "host-a", later, {}, error="no table")
     assert npusmi.unhealthy_since(again, failed_read) == again
+
+
+def test_the_grace_runs_from_when_the_agent_first_read_the_npu_unhealthy() -> None:
+    """Issue 22, item 6: the operator reads each agent every 30 s, so counting from its own
+    read moved a replica up to 30 s after grace; the agent's first unhealthy reading is the
+    fault's time, kept within the operator's clock."""
+    fault = NOW - timedelta(seconds=25)
+    healthy = reading("a", NOW - timedelta(seconds=30), n3=NpuReading(3, "OK"))
+    seen = replace(reading("a", NOW, n3=NpuReading(3, "Critical")), since={3: fault})
+    assert npusmi.unhealthy_since({}, seen, healthy) == {("a", 3): fault}
+    # A skewed agent clock: not before the last read that found it healthy, not after now.
+    skewed = replace(seen, since={3: NOW - timedelta(hours=1)})
+    assert npusmi.unhealthy_since({}, skewed, healthy) == {("a", 3): healthy.read_at}
+    ahead = replace(seen, since={3: NOW + timedelta(minutes=5)})
+    assert npusmi.unhealthy_since({}, ahead, healthy) == {("a", 3): NOW}
+    # Without the agent's time (an older agent), the operator's read.
+    assert npusmi.unhealthy_since({}, reading("a", NOW, n3=NpuReading(3, "Critical"))) == {
+        ("a", 3): NOW
+    }
+
+
+def test_the_agent_keeps_the_first_unhealthy_reading_until_a_healthy_one() -> None:
+    alarm = REAL_TABLE  # NPU 1 reads Alarm, NPU 0 OK
+    first = npusmi.first_unhealthy({}, alarm, 100.0)
+    assert first == {1: 100.0}
+    assert npusmi.first_unhealthy(first, alarm, 130.0) == {1: 100.0}
+    assert npusmi.first_unhealthy(first, alarm.replace("Alarm", "OK   "), 160.0) == {}
 
 
 def test_withheld_unhealthy_free_at_once_held_after_grace_and_foreign_processes() -> None:

@@ -141,6 +141,7 @@ class Reader:
         self.roce_every = max(1, roce_every)
         self.count = 0
         self.roce: dict[str, Any] = {"present": False}
+        self.since: dict[int, float] = {}  # NPU -> first read unhealthy (epoch seconds)
 
     def refresh(self, state: AgentState) -> dict[str, Any]:
         """Read again; returns the validation part (what the container has)."""
@@ -149,10 +150,12 @@ class Reader:
             self.roce = read_roce(self.visible, self.hccn_tool)
         self.count += 1
         table = read_npu_smi(self.npu_smi)
+        self.since = npusmi.first_unhealthy(self.since, table["text"], time.time())
         state.update(
             {
                 "validation": validation,
                 "npuSmi": table,
+                "npuSince": {str(npu): at for npu, at in self.since.items()},
                 "npuFaults": read_faults(table["text"], self.npu_smi),
                 "roce": self.roce,
             }

@@ -20,7 +20,7 @@ import hashlib
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from npuswarm.api import labels
@@ -289,7 +289,12 @@ def health(
         if fault is not None:
             readings[npu] = replace(found, fault=fault)
     error = "" if readings else f"no npu-smi table ({reading.get('error') or 'empty output'})"
-    return NodeHealth(node.id, node.hostname or node.id, now, readings, error)
+    since = {
+        int(npu): datetime.fromtimestamp(float(at), UTC)
+        for npu, at in (answer.get("npuSince") or {}).items()
+        if str(npu).isdigit() and isinstance(at, int | float)
+    }
+    return NodeHealth(node.id, node.hostname or node.id, now, readings, error, since)
 
 
 def unreachable(node: NodeInfo, why: str, now: datetime) -> NodeHealth:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -80,6 +80,8 @@ class NodeHealth:
     read_at: datetime
     npus: Mapping[int, NpuReading]
     error: str = ""  # the reading could not run npu-smi: nothing is concluded from it
+    # NPU -> when the agent first read it unhealthy (its own clock), when it says so.
+    since: Mapping[int, datetime] = field(default_factory=dict)
 
 
 def parse_npu_smi(text: str) -> dict[int, NpuReading]:
@@ -142,17 +144,42 @@ def _number(text: str | None) -> float | None:
 
 
 def unhealthy_since(
-    before: Mapping[tuple[str, int], datetime], health: NodeHealth
+    before: Mapping[tuple[str, int], datetime],
+    health: NodeHealth,
+    previous: NodeHealth | None = None,
 ) -> dict[tuple[str, int], datetime]:
-    """(node, NPU) -> when it was first read unhealthy, updated with one node's reading."""
+    """(node, NPU) -> since when it is unhealthy, updated with one node's reading: when the
+    agent first read it so (so the grace runs from the fault, not from the operator's next
+    read of the agent), kept within the operator's own clock: not after this read, and not
+    before the ``previous`` read that still found it healthy (an agent's skewed clock moves
+    nothing early)."""
     since = {key: t for key, t in before.items() if key[0] != health.node_id}
     if health.error:
         since.update({k: t for k, t in before.items() if k[0] == health.node_id})
         return since
     for npu, reading in health.npus.items():
-        if not reading.healthy:
-            since[(health.node_id, npu)] = before.get((health.node_id, npu), health.read_at)
+        if reading.healthy:
+            continue
+        key = (health.node_id, npu)
+        if key in before:
+            since[key] = before[key]
+            continue
+        started = min(health.since.get(npu, health.read_at), health.read_at)
+        earlier = previous.npus.get(npu) if previous is not None and not previous.error else None
+        if previous is not None and earlier is not None and earlier.healthy:
+            started = max(started, previous.read_at)
+        since[key] = started
     return since
+
+
+def first_unhealthy(previous: Mapping[int, float], text: str, now: float) -> dict[int, float]:
+    """The agent's side: NPU -> when (epoch seconds) it was first read unhealthy in an
+    unbroken run of readings of ``npu-smi info`` (``text``); a healthy reading ends it."""
+    return {
+        npu: previous.get(npu, now)
+        for npu, reading in parse_npu_smi(text).items()
+        if not reading.healthy
+    }
 
 
 @dataclass(frozen=True)

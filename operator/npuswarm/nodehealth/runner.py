@@ -483,8 +483,9 @@ class NodeChecker:
                 said_roce = roce.problem(host, self.roce.get(node.id))
                 self.roce[node.id] = links
                 if self.settings.npu_health:
+                    previous = self.health.get(node.id)
                     self.health[node.id] = reading
-                    self.since = npusmi.unhealthy_since(self.since, reading)
+                    self.since = npusmi.unhealthy_since(self.since, reading, previous)
             if said is None or said.summary() != verdict.summary():
                 log.info("node validated", node=host, ok=verdict.ok, verdict=verdict.summary())
             if roce.problem(host, links) != said_roce:
