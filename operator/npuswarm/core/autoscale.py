@@ -14,6 +14,12 @@ Kubernetes' HPA so that its users meet no surprise:
 - capped by what placement can give: a scale-up never asks for a replica the fleet has no
   NPUs for (``headroom``: the last pass's free NPUs, shared in priority order), so the
   count stays where it can be served and the status says "waiting for NPUs" instead.
+
+Scale to zero (minReplicas 0) is a rule of its own, not the formula's: an engine with one
+request running and none waiting recommends 0 replicas by the formula, but it is busy. So the
+formula's floor is 1, and a deployment goes to 0 only when the gateways saw no request for
+it for its scale-down window (and its engines run and queue none); at 0 a request held at a
+gateway starts one replica at once, with no window (the client is waiting for it).
 """
 
 from __future__ import annotations
@@ -43,6 +49,8 @@ class Load:
     waiting: float = 0.0  # vllm:num_requests_waiting, summed
     running: float = 0.0  # vllm:num_requests_running, summed
     kv_cache: float | None = None  # vllm:kv_cache_usage_perc, the mean (0..1); None: unread
+    held: int = 0  # requests the gateways hold for it (it has no ready replica)
+    idle_seconds: float | None = None  # since the gateways last saw a request; None: unknown
 
 
 @dataclass(frozen=True)
@@ -68,7 +76,9 @@ class History:
 @dataclass(frozen=True)
 class Decision:
     replicas: int
-    reason: str  # Steady, ScaledUp, ScaledDown, NoLoadReading, WaitingForNPUs
+    # Steady, ScaledUp, ScaledDown, ScaledToZero, ScaledFromZero, Idle (at zero),
+    # NoLoadReading, WaitingForNPUs
+    reason: str
     message: str
     observed: float | None = None  # the metric as the target reads it
     recommendation: int | None = None  # before stabilization and the placement cap
@@ -81,7 +91,10 @@ class Decision:
 
     @property
     def changed(self) -> bool:
-        return self.reason in ("ScaledUp", "ScaledDown")
+        return self.reason in CHANGES
+
+
+CHANGES = frozenset({"ScaledUp", "ScaledDown", "ScaledToZero", "ScaledFromZero"})
 
 
 def observed_value(policy: Autoscaling, load: Load) -> float | None:
@@ -115,6 +128,10 @@ def recommend(policy: Autoscaling, current: int, load: Load) -> tuple[int, float
 
 def decide(policy: Autoscaling, inputs: Inputs, history: History) -> Decision:
     """One deployment's count now (``history`` gains this recommendation)."""
+    if policy.minReplicas == 0:
+        zero = _to_or_from_zero(policy, inputs, history)
+        if zero is not None:
+            return zero
     current = _clamp(policy, inputs.current)
     if inputs.load is None or inputs.load.replicas == 0:
         return Decision(
@@ -166,8 +183,60 @@ def decide(policy: Autoscaling, inputs: Inputs, history: History) -> Decision:
     return Decision(current, "Steady", f"{reading}: {current} replicas", value, raw, wanted)
 
 
+def _to_or_from_zero(policy: Autoscaling, inputs: Inputs, history: History) -> Decision | None:
+    """The scale-to-zero rule (minReplicas 0), or None to decide by the formula."""
+    load, window = inputs.load, policy.scaleDownStabilizationSeconds
+    if inputs.current <= 0:
+        if load is None:
+            return Decision(
+                0,
+                "NoLoadReading",
+                "no load reading from a ModelGateway serving this model: keeping 0 (a request "
+                "held there starts a replica)",
+            )
+        if load.held <= 0:
+            return Decision(0, "Idle", "no requests: 0 replicas (a request starts one)")
+        history.keep(inputs.now, 1)
+        reading = f"{load.held} request{'s' if load.held != 1 else ''} held at the gateway"
+        if inputs.placeable < 1:
+            return Decision(
+                0,
+                "WaitingForNPUs",
+                f"{reading} wants 1 replica; the fleet has no NPUs for it: keeping 0",
+                wanted=1,
+            )
+        return Decision(1, "ScaledFromZero", f"{reading}: 0 -> 1", recommendation=1, wanted=1)
+    idle = load is not None and _idle(load, window)
+    if not idle:
+        return None
+    assert load is not None and load.idle_seconds is not None
+    history.keep(inputs.now, 0)
+    return Decision(
+        0,
+        "ScaledToZero",
+        f"no request for {load.idle_seconds:.0f} s (scale-down window {window} s): "
+        f"{inputs.current} -> 0",
+        recommendation=0,
+        wanted=0,
+    )
+
+
+def _idle(load: Load, window: int) -> bool:
+    """No request at any gateway for the window, none held, and none in the engines (a
+    client calling a replica directly shows only there)."""
+    return (
+        load.idle_seconds is not None
+        and load.idle_seconds >= window
+        and load.held == 0
+        and load.waiting == 0
+        and load.running == 0
+    )
+
+
 def _clamp(policy: Autoscaling, count: int) -> int:
-    return max(policy.minReplicas, min(policy.maxReplicas, count))
+    """Within the bounds; at least 1, since the formula never scales to zero (the
+    scale-to-zero rule above does)."""
+    return max(policy.minReplicas, 1, min(policy.maxReplicas, count))
 
 
 def _lowest(recommendations: Iterable[tuple[float, int]], since: float) -> int:
@@ -182,13 +251,18 @@ def _highest(recommendations: Iterable[tuple[float, int]], since: float) -> int:
 
 
 def headroom(
-    placement: PlacementResult, nodes: Sequence[NodeInfo], wanted: Mapping[str, int]
+    placement: PlacementResult,
+    nodes: Sequence[NodeInfo],
+    wanted: Mapping[str, int],
+    templates: Mapping[str, ReplicaRequest] | None = None,
 ) -> dict[str, int]:
     """How many replicas each deployment in ``wanted`` could hold now: those placed, plus
     those the free NPUs fit of the ones it wants more. The free NPUs are handed out as the
     next placement would hand them out: in its order (oldest deployment first, each older
     deployment's unplaced replicas before a younger one's new ones), best fit, so that no
-    two deployments count the same NPUs and what is counted here is what the pass places."""
+    two deployments count the same NPUs and what is counted here is what the pass places.
+    ``templates``: what one replica of a deployment at zero asks for (it has no request in
+    the placement to copy)."""
     pool = {node_id: set(npus) for node_id, npus in placement.free.items()}
     accepting = sorted(
         (n for n in nodes if n.accepts_new_replicas and n.usable_npus and n.id in pool),
@@ -199,7 +273,7 @@ def headroom(
         placed = sum(1 for r in requests if r.key in placement.assignments)
         if key in wanted:
             more = max(0, wanted[key] - placed)
-            template = requests[0] if requests else None
+            template = requests[0] if requests else (templates or {}).get(key)
         else:
             unplaced = [r for r in requests if r.key not in placement.assignments]
             more, template = len(unplaced), (unplaced[0] if unplaced else None)
