@@ -46,9 +46,8 @@ WAIT = 30  # the gateway's scaleFromZero.maxWaitSeconds
 RETRY_AFTER = 11
 # What the first request after zero may pay beyond the replica's own start time: the
 # autoscaler's wake read (every 1 s), a pass creating the service, the pass that sees it
-# ready (every 1 s) and its push to the gateway. The issue asks for about 2 s; this shared
-# 2-core machine runs three Docker-in-Docker nodes besides, hence 3 s.
-MARGIN_SECONDS = 3.0
+# ready (every 1 s) and its push to the gateway: the issue's 2 s (measured here: 1.1-1.2 s).
+MARGIN_SECONDS = 2.0
 POOL = {"npuswarm.io/test-pool": "zero"}  # node 2: where sleepy (and the hog) may go
 
 
