@@ -1,8 +1,9 @@
 """Scale to zero and back on the multi-node lab: a ModelGateway (the gateway image) in front
 of a fake vLLM deployment with autoscaling.minReplicas 0. The operator's loops run here as it
-runs them: the autoscaler's own loop (5 s rounds, and every second the gateways serving a
-model at zero) in its thread, and passes at once when it asks for one, else every second (the
-task poll's pace while work is under way). The invariant checker looks after every pass.
+runs them (hack/lib/operatorloops.py): the autoscaler's own loop (5 s rounds, and every second
+the gateways serving a model at zero) in its thread, and passes at once when it asks for one,
+else every second (the task poll's pace while work is under way). The invariant checker looks
+after every pass.
 
 Figures printed (`pytest -s`): the time to zero after the last request, the replica's start
 time as Swarm measured it, and the latency the first request after zero paid on top of a warm
@@ -10,7 +11,6 @@ one."""
 
 from __future__ import annotations
 
-import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -22,13 +22,11 @@ import pytest
 import swarmlab
 from npuswarm.api.deployment import ModelDeployment
 from npuswarm.api.gateway import ModelGateway
-from npuswarm.core.kube_events import Event
-from npuswarm.core.pipeline import Desired
 from npuswarm.gateway.credentials import Credentials
 from npuswarm.gateway.push import Gateways
 from npuswarm.reconcile import PassResult, Reconciler
-from npuswarm.runtime.autoscaler import Autoscaler
 from npuswarm.swarm import Swarm
+from operatorloops import OperatorLoops
 from tests import invariants
 from tests.helpers import wait_for
 
@@ -80,64 +78,11 @@ def zero_gateway(image: str) -> ModelGateway:
     return ModelGateway.model_validate(body)
 
 
-class Operator:
+class Operator(OperatorLoops):
     def __init__(self, reconciler: Reconciler, deployments: list[ModelDeployment],
                  gw: ModelGateway, gateways: Gateways, api: Any) -> None:
-        self.reconciler, self.deployments, self.gateway, self.api = reconciler, deployments, gw, api
-        self.wanted = threading.Event()
-        self.stop = threading.Event()
-        self.scaler = Autoscaler(gateways.read_load, lambda key: self.wanted.set())
-        self.previous: dict[str, dict[str, Any]] = {}
-        self.last: PassResult | None = None
-        self.events: list[tuple[float, Event]] = []
-        self.reasons: list[str] = []  # sleepy's autoscaler reason after each pass
-        self.violations: list[str] = []
-        self.errors: list[BaseException] = []
-        self.threads = [threading.Thread(target=self._guard, args=(self._passes,), daemon=True),
-                        threading.Thread(target=self._guard, args=(self._autoscale,), daemon=True)]
-
-    def __enter__(self) -> Operator:
-        self.run_pass()  # the autoscaler decides from what a pass saw
-        for thread in self.threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self.stop.set()
-        self.wanted.set()
-        for thread in self.threads:
-            thread.join(timeout=60)
-
-    def _guard(self, body: Any) -> None:
-        try:
-            body()
-        except BaseException as error:  # reported by check()
-            self.errors.append(error)
-
-    def _autoscale(self) -> None:
-        self.scaler.run(self.stop, 5.0, lambda: True, 1.0)
-
-    def _passes(self) -> None:
-        while not self.stop.is_set():
-            self.wanted.wait(1.0)
-            self.wanted.clear()
-            if not self.stop.is_set():
-                self.run_pass()
-
-    def run_pass(self) -> PassResult:
-        desired = self.scaler.serve(Desired(deployments=list(self.deployments),
-                                            gateways=[self.gateway], previous=self.previous))
-        result = self.reconciler.run_pass(desired)
-        self.scaler.saw_pass(result.plan)
-        self.previous = {k: v.status.model_dump(mode="json") for k, v in result.views.items()}
-        now = time.monotonic()
-        self.events += [(now, e) for view in result.views.values() for e in view.events]
-        self.violations += self.invariants()
-        scaler = result.views[KEY].status.autoscaler if KEY in result.views else None
-        if scaler is not None:
-            self.reasons.append(scaler.reason)
-        self.last = result
-        return result
+        super().__init__(reconciler, deployments, gw, gateways, check=self.invariants)
+        self.api = api
 
     def invariants(self) -> list[str]:
         """No NPU held twice, no replica served by two services (after every pass)."""
@@ -167,15 +112,8 @@ class Operator:
                           [(c.type, c.reason, c.message) for c in view.status.conditions])
             raise
 
-    def services(self, name: str = "sleepy") -> list[dict[str, Any]]:
+    def services(self, name: str = KEY.split("/")[1]) -> list[dict[str, Any]]:
         return self.api.services(filters={"label": f"npuswarm.io/owner-name={name}"})
-
-    @property
-    def url(self) -> str:
-        assert self.last is not None
-        endpoint = self.last.gateways["lab/gw"].endpoint
-        assert endpoint
-        return "http://" + endpoint.split(", ")[0]
 
 
 def backends(result: PassResult) -> int:
@@ -294,5 +232,5 @@ def test_with_no_npus_free_a_request_gets_503_with_retry_after_within_the_wait(
     assert WAIT <= waited < WAIT + 10
     assert not operator.services()
     # While the request was held, the autoscaler said why it asked for nothing.
-    assert "WaitingForNPUs" in operator.reasons, sorted(set(operator.reasons))
+    assert "WaitingForNPUs" in operator.reasons[KEY], sorted(set(operator.reasons[KEY]))
     operator.check()

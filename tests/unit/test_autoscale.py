@@ -316,3 +316,14 @@ def test_load_body_round_trips_through_merge() -> None:
     body = load.load_body({"m": {"http://a:8000": load.Reading(1, 2, 0.3)}}, {"http://b:8000": "timeout"}, 1.5)
     assert body["errors"] == {"http://b:8000": "timeout"} and body["ageSeconds"] == 1.5
     assert load.merge([body]) == {"m": load.ModelLoad(1, 1.0, 2.0, 0.3)}
+
+
+def test_after_a_restart_a_scale_down_still_waits_a_full_window() -> None:
+    """The history starts empty (a new operator): the count it found stands for the time
+    before its first reading, so a low first reading does not scale down at once."""
+    rule = policy(scaleDownStabilizationSeconds=300)
+    history = History()
+    first = decide(rule, Inputs(current=3, load=waiting(0, replicas=3), placeable=8, now=1000), history)
+    assert first.replicas == 3 and first.recommendation == 1
+    later = decide(rule, Inputs(current=3, load=waiting(0, replicas=3), placeable=8, now=1301), history)
+    assert later.replicas == 1 and later.reason == "ScaledDown"

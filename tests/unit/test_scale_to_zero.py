@@ -8,16 +8,15 @@ from __future__ import annotations
 import threading
 from typing import Any
 
+import pytest
+from pydantic import ValidationError
+
 from npuswarm import metrics
 from npuswarm.api.gateway import ModelGateway
 from npuswarm.core.autoscale import History, Inputs, Load, decide
 from npuswarm.gateway import load
 from npuswarm.gateway.backends import GatewayWork, waking_models
 from npuswarm.gateway.load import ModelLoad
-from npuswarm.runtime.autoscaler import Autoscaler
-
-import pytest
-from pydantic import ValidationError
 
 from .builders import deployment
 from .test_autoscale import policy

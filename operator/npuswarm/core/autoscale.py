@@ -37,6 +37,9 @@ from npuswarm.core.placement import PlacementResult, ReplicaRequest
 TOLERANCE = 0.1
 # "No limit" for a placement cap (more than any deployment may have).
 MAX_PLACEABLE = 10**6
+# How far before the first reading the count held until then is recorded (out of a
+# window of 0 s: such a window reads the newest recommendation only).
+FIRST_READING_AGE = 1e-3
 # Recommendations older than the longest window allowed are never read again.
 MAX_WINDOW_SECONDS = 3600
 
@@ -143,6 +146,10 @@ def decide(policy: Autoscaling, inputs: Inputs, history: History) -> Decision:
     if found is None:
         return Decision(current, "NoLoadReading", f"the engines report no {policy.target.metric}")
     raw, value = found
+    if not history.recommendations:
+        # A first reading (a new deployment, an operator restart): the count held until now
+        # stands for the time before it, so a scale-down still waits a full window.
+        history.keep(inputs.now - FIRST_READING_AGE, current)
     history.keep(inputs.now, raw)
     up_floor = _lowest(history.recommendations, inputs.now - policy.scaleUpStabilizationSeconds)
     down_ceiling = _highest(
