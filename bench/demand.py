@@ -61,41 +61,71 @@ BLOCK = "bench/demand.py"
 
 
 def deployment() -> ModelDeployment:
-    return ModelDeployment.model_validate({
-        "metadata": {"name": "curve", "namespace": "bench", "uid": "uid-curve", "generation": 1,
-                     "creationTimestamp": "2026-01-01T00:00:00Z"},
-        "spec": {
-            "image": swarmlab.IMAGE,
-            "model": "/models/curve",
-            "servedModelName": MODEL,
-            "network": {"name": NETWORK},
-            "healthCheck": {"startPeriodSeconds": 20, "intervalSeconds": 1, "timeoutSeconds": 2},
-            "restartPolicy": {"delaySeconds": 1},
-            "engine": {"port": 8000, "env": {"FAKE_VLLM_MAX_RUNNING": "2",
-                                              "FAKE_VLLM_LATENCY_SECONDS": "0.5"}},
-            "autoscaling": {
-                "minReplicas": 1,
-                "maxReplicas": 4,
-                "target": {"metric": "requestsWaitingPerReplica", "value": 2},
-                "scaleUpStabilizationSeconds": UP_WINDOW,
-                "scaleDownStabilizationSeconds": DOWN_WINDOW,
+    return ModelDeployment.model_validate(
+        {
+            "metadata": {
+                "name": "curve",
+                "namespace": "bench",
+                "uid": "uid-curve",
+                "generation": 1,
+                "creationTimestamp": "2026-01-01T00:00:00Z",
             },
-        },
-    })
+            "spec": {
+                "image": swarmlab.IMAGE,
+                "model": "/models/curve",
+                "servedModelName": MODEL,
+                "network": {"name": NETWORK},
+                "healthCheck": {
+                    "startPeriodSeconds": 20,
+                    "intervalSeconds": 1,
+                    "timeoutSeconds": 2,
+                },
+                "restartPolicy": {"delaySeconds": 1},
+                "engine": {
+                    "port": 8000,
+                    "env": {"FAKE_VLLM_MAX_RUNNING": "2", "FAKE_VLLM_LATENCY_SECONDS": "0.5"},
+                },
+                "autoscaling": {
+                    "minReplicas": 1,
+                    "maxReplicas": 4,
+                    "target": {"metric": "requestsWaitingPerReplica", "value": 2},
+                    "scaleUpStabilizationSeconds": UP_WINDOW,
+                    "scaleDownStabilizationSeconds": DOWN_WINDOW,
+                },
+            },
+        }
+    )
 
 
 def gateway(image: str) -> ModelGateway:
-    return ModelGateway.model_validate({
-        "metadata": {"name": "gw", "namespace": "bench", "uid": "uid-bench-gw", "generation": 1},
-        "spec": {"image": image, "port": PORT, "adminPort": ADMIN_PORT, "replicas": 1,
-                 "policy": "round_robin", "network": {"name": NETWORK},
-                 "healthCheck": {"intervalSeconds": 1, "timeoutSeconds": 1, "failureThreshold": 1}},
-    })
+    return ModelGateway.model_validate(
+        {
+            "metadata": {
+                "name": "gw",
+                "namespace": "bench",
+                "uid": "uid-bench-gw",
+                "generation": 1,
+            },
+            "spec": {
+                "image": image,
+                "port": PORT,
+                "adminPort": ADMIN_PORT,
+                "replicas": 1,
+                "policy": "round_robin",
+                "network": {"name": NETWORK},
+                "healthCheck": {"intervalSeconds": 1, "timeoutSeconds": 1, "failureThreshold": 1},
+            },
+        }
+    )
 
 
 def gateway_image(lab: swarmlab.Lab) -> str:
-    built = subprocess.run([str(REPO / "hack" / "build-gateway-image"), "--save"],
-                           capture_output=True, text=True, check=True)
+    built = subprocess.run(
+        [str(REPO / "hack" / "build-gateway-image"), "--save"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     tarball = Path(built.stdout.strip())
     tag = "npuswarm-gateway:" + tarball.stem.rsplit("-", 1)[1]
     for node in lab.nodes:
@@ -126,11 +156,13 @@ class Clients:
             thread.start()
 
     def _run(self, stop: threading.Event) -> None:
-        body = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
-                           "max_tokens": 3}).encode()
+        body = json.dumps(
+            {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+        ).encode()
         while not stop.is_set():
-            request = urllib.request.Request(f"{self.url}/v1/chat/completions", body,
-                                             {"Content-Type": "application/json"})
+            request = urllib.request.Request(
+                f"{self.url}/v1/chat/completions", body, {"Content-Type": "application/json"}
+            )
             started = time.monotonic()
             try:
                 with urllib.request.urlopen(request, timeout=60) as answer:
@@ -161,7 +193,7 @@ def replay(loops: OperatorLoops, curve: dict[str, Any]) -> dict[str, Any]:
     started = time.monotonic()
     served: list[tuple[float, int]] = []  # (seconds into the run, backends)
     try:
-        for index, (at, count) in enumerate(steps):
+        for at, count in steps:
             while time.monotonic() - started < at:
                 served.append((time.monotonic() - started, backends(loops)))
                 time.sleep(0.25)  # sampling the gateway's backends while the curve runs
@@ -177,28 +209,42 @@ def replay(loops: OperatorLoops, curve: dict[str, Any]) -> dict[str, Any]:
             continue
         at = when - started
         step_at, step_count = max((s for s in steps if s[0] <= at), default=steps[0])
-        count = int(event.message.rsplit("-> ", 1)[1].split()[0]) if "-> " in event.message else None
+        tail = event.message.rsplit("-> ", 1)
+        count = int(tail[1].split()[0]) if len(tail) == 2 else None
         reached = next((t for t, b in served if t >= at and b == count), None)
-        decisions.append({
-            "at": round(at, 1), "message": event.message, "replicas": count,
-            "step_at": step_at, "clients": step_count,
-            "reaction_seconds": round(at - step_at, 1),
-            "serving_seconds": None if reached is None else round(reached - at, 1),
-        })
+        decisions.append(
+            {
+                "at": round(at, 1),
+                "message": event.message,
+                "replicas": count,
+                "step_at": step_at,
+                "clients": step_count,
+                "reaction_seconds": round(at - step_at, 1),
+                "serving_seconds": None if reached is None else round(reached - at, 1),
+            }
+        )
     per_step = []
     bounds = [s[0] for s in steps] + [float(curve["end"])]
     for (at, count), until in zip(steps, bounds[1:], strict=True):
         inside = [r for r in clients.replies if at <= r[0] - started < until]
         seconds = sorted(r[1] for r in inside)
-        per_step.append({
-            "from": at, "to": until, "clients": count, "requests": len(inside),
-            "failed": sum(1 for r in inside if r[2] != 200),
-            "p50": round(statistics.median(seconds), 3) if seconds else None,
-            "p99": round(seconds[int(0.99 * (len(seconds) - 1))], 3) if seconds else None,
-        })
-    return {"decisions": decisions, "steps": per_step,
-            "requests": len(clients.replies),
-            "failed": sum(1 for r in clients.replies if r[2] != 200)}
+        per_step.append(
+            {
+                "from": at,
+                "to": until,
+                "clients": count,
+                "requests": len(inside),
+                "failed": sum(1 for r in inside if r[2] != 200),
+                "p50": round(statistics.median(seconds), 3) if seconds else None,
+                "p99": round(seconds[int(0.99 * (len(seconds) - 1))], 3) if seconds else None,
+            }
+        )
+    return {
+        "decisions": decisions,
+        "steps": per_step,
+        "requests": len(clients.replies),
+        "failed": sum(1 for r in clients.replies if r[2] != 200),
+    }
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -209,18 +255,26 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if not api.networks(names=[NETWORK]):
             api.create_network(NETWORK, driver="overlay", attachable=True)
         settings = Settings(shared_networks=f"{NETWORK}=*", gateway_root_key=ROOT_KEY)
-        gateways = Gateways(settings.instance, Credentials(ROOT_KEY, settings.instance),
-                            policy=settings.tenant_policy())
+        gateways = Gateways(
+            settings.instance,
+            Credentials(ROOT_KEY, settings.instance),
+            policy=settings.tenant_policy(),
+        )
         reconciler = Reconciler(Swarm(base_url=lab.endpoint), settings, gateways=gateways)
         md, gw = deployment(), gateway(image)
         loops = OperatorLoops(reconciler, [md], gw, gateways)
         try:
             with loops:
                 deadline = time.monotonic() + 300
-                while not (backends(loops) == 1 and loops.last
-                           and loops.last.gateways["bench/gw"].readyReplicas == 1):
+                while not (
+                    backends(loops) == 1
+                    and loops.last
+                    and loops.last.gateways["bench/gw"].readyReplicas == 1
+                ):
                     if loops.errors or time.monotonic() > deadline:
-                        raise SystemExit(f"the gateway and one replica never got ready: {loops.errors}")
+                        raise SystemExit(
+                            f"the gateway and a replica never got ready: {loops.errors}"
+                        )
                     time.sleep(0.5)  # polling the loops' last pass
                 result = replay(loops, curve)
                 if loops.errors:
@@ -242,7 +296,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def report(result: dict[str, Any]) -> str:
     lines = [
         f"Run {result['when']} on checkout {result['checkout']} "
-        f"({result['machine'].get('cpus')} cores): curve `{result['curve']}`, windows "
+        f"({result['machine'].get('cpus')} cores): curve `{Path(result['curve']).name}`, windows "
         f"{result['windows']['up']} s up / {result['windows']['down']} s down, 1-4 replicas of "
         f"4 requests/s each; {result['requests']} requests, **{result['failed']} failed**.",
         "",
@@ -251,13 +305,20 @@ def report(result: dict[str, Any]) -> str:
     ]
     for d in result["decisions"]:
         serving = "not reached" if d["serving_seconds"] is None else f"{d['serving_seconds']} s"
-        lines.append(f"| {d['message']} | {d['at']} s | {d['step_at']:g} s ({d['clients']}) | "
-                     f"{d['reaction_seconds']} s | {serving} |")
-    lines += ["", "| step | clients | requests | failed | p50 | p99 |",
-              "| --- | ---: | ---: | ---: | ---: | ---: |"]
+        lines.append(
+            f"| {d['message']} | {d['at']} s | {d['step_at']:g} s ({d['clients']}) | "
+            f"{d['reaction_seconds']} s | {serving} |"
+        )
+    lines += [
+        "",
+        "| step | clients | requests | failed | p50 | p99 |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
     for s in result["steps"]:
-        lines.append(f"| {s['from']:g}-{s['to']:g} s | {s['clients']} | {s['requests']} | "
-                     f"{s['failed']} | {s['p50']} s | {s['p99']} s |")
+        lines.append(
+            f"| {s['from']:g}-{s['to']:g} s | {s['clients']} | {s['requests']} | "
+            f"{s['failed']} | {s['p50']} s | {s['p99']} s |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -265,8 +326,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--curve", default=str(REPO / "bench" / "curves" / "chat-day.json"))
     parser.add_argument("--lab", default="npdemand", help="the lab's name (one per session)")
-    parser.add_argument("--report", action="store_true",
-                        help="rewrite the demand block of docs/autoscaling.md and bench/README.md")
+    parser.add_argument(
+        "--report",
+        action="store_true",
+        help="rewrite the demand block of docs/autoscaling.md and bench/README.md",
+    )
     parser.add_argument("--from-results", action="store_true", help="report the newest saved run")
     args = parser.parse_args()
     if args.from_results:

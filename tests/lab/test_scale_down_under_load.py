@@ -38,7 +38,8 @@ def steady(net: str) -> ModelDeployment:
     return lab_model(
         "steady", "2026-03-01T00:00:00Z", net,
         servedModelName=MODEL,
-        engine={"port": 8000, "env": {"FAKE_VLLM_LATENCY_SECONDS": "0.01"}},
+        # 0.1 s a request: the removed replicas have requests in flight when they are told to go.
+        engine={"port": 8000, "env": {"FAKE_VLLM_LATENCY_SECONDS": "0.1"}},
         autoscaling={
             "minReplicas": 1,
             "maxReplicas": 3,
@@ -67,7 +68,8 @@ def operator(swarm_lab: swarmlab.Lab, gateway_image: str, network: str) -> Itera
     made.previous = {KEY: {"replicas": 3}}
     try:
         with made:
-            made.until(lambda r: backends(r) == 3 and r.views[KEY].status.readyReplicas == 3,
+            made.until(lambda r: backends(r) == 3 and r.views[KEY].status.readyReplicas == 3
+                       and r.gateways["lab/gw"].readyReplicas == 1,
                        "three replicas ready behind the gateway", timeout=240)
             yield made
     finally:
