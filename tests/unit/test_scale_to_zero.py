@@ -9,17 +9,20 @@ import threading
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from npuswarm import metrics
 from npuswarm.api.gateway import ModelGateway
-from npuswarm.core.autoscale import History, Inputs, Load, decide
+from npuswarm.core import autoscale
+from npuswarm.core.autoscale import History, Inputs, Load, decide, headroom, wake_templates
 from npuswarm.gateway import load
 from npuswarm.gateway.backends import GatewayWork, waking_models
 from npuswarm.gateway.load import ModelLoad
 
-from .builders import deployment
-from .test_autoscale import policy
+from .builders import deployment, node
+from .test_autoscale import allocations_of, place, policy
 from .test_autoscaler_loop import Setup, conditions_of
 
 WINDOW = 60
@@ -255,3 +258,44 @@ def test_a_steady_load_that_only_wobbles_writes_no_status() -> None:
     s.loads = {s.md.key: ModelLoad(replicas=1, waiting=2.5, running=1, kv_cache=None)}
     s.scaler.tick()
     assert s.scaler.statuses[s.md.key].observedValue == 2.5  # moved by more than the tolerance
+
+
+# --- never wake what cannot be placed ------------------------------------------------------------
+
+fleets = st.lists(st.tuples(st.sampled_from([0, 1, 2, 4, 8]), st.sampled_from(["any", "rings-of-4"])),
+                  min_size=1, max_size=5)
+# (NPUs per replica, replicas now, held requests): 0 replicas with held requests wakes.
+demands = st.lists(st.tuples(st.sampled_from([1, 2, 4, 8]), st.integers(0, 3), st.integers(0, 3)),
+                   min_size=1, max_size=6)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(fleet=fleets, demand=demands)
+def test_a_model_is_woken_only_where_the_next_placement_places_its_replica(fleet, demand) -> None:
+    nodes = [node(f"n{i}", npus, topology=kind) for i, (npus, kind) in enumerate(fleet)]
+    scaling = {"minReplicas": 0, "maxReplicas": 4, "scaleUpStabilizationSeconds": 0,
+               "target": {"metric": "requestsWaitingPerReplica", "value": 1}}
+    deployments = [
+        deployment(f"d{i}", created=f"2026-01-{i + 1:02d}T00:00:00Z", replicas=count,
+                   npusPerReplica=npus, network={"name": "net"}, autoscaling=scaling)
+        for i, (npus, count, _) in enumerate(demand)
+    ]
+    first = place(deployments, nodes)
+    loads = {md.key: Load(replicas=0, held=held, idle_seconds=0.0)
+             for md, (_, count, held) in zip(deployments, demand, strict=True) if count == 0}
+    current = {md.key: md.spec.replicas for md in deployments}
+    wanted = {key: 1 if load.held else 0 for key, load in loads.items()}
+    room = headroom(first, nodes, wanted, wake_templates(deployments, nodes, current, wanted))
+    counts = {}
+    for md in deployments:
+        if md.key not in loads:
+            continue
+        found = decide(md.spec.autoscaling, Inputs(0, loads[md.key], room.get(md.key, 0), 0), History())
+        counts[md.key] = found.replicas
+        assert found.replicas <= 1 and (found.replicas == 0 or loads[md.key].held > 0)
+    second = place(autoscale.with_replicas(deployments, counts), nodes, allocations_of(first))
+    for key, count in counts.items():
+        if count:
+            assert not [k for k in second.unplaced if k[0] == key], f"{key} woken but not placed"
+    # Nothing placed before loses its place to a woken model.
+    assert set(first.assignments) <= set(second.assignments)

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from npuswarm.api.deployment import Autoscaling, ModelDeployment
 from npuswarm.core import topology
 from npuswarm.core.nodes import NodeInfo
-from npuswarm.core.placement import PlacementResult, ReplicaRequest
+from npuswarm.core.placement import PlacementResult, ReplicaRequest, replica_requests
 
 # As HPA's --horizontal-pod-autoscaler-tolerance: a ratio this close to 1 changes nothing.
 TOLERANCE = 0.1
@@ -290,6 +290,22 @@ def headroom(
             fitted = _fit(template, accepting, pool, used, more)
         if key in wanted:
             found[key] = placed + fitted
+    return found
+
+
+def wake_templates(
+    deployments: Iterable[ModelDeployment],
+    nodes: Sequence[NodeInfo],
+    current: Mapping[str, int],
+    wanted: Mapping[str, int],
+) -> dict[str, ReplicaRequest]:
+    """For ``headroom``: what one replica asks for, for each deployment at zero that wants
+    one (the placement holds no request of it to copy)."""
+    found = {}
+    for md in deployments:
+        if current.get(md.key) == 0 and wanted.get(md.key, 0) > 0:
+            one = md.spec.model_copy(update={"replicas": 1})
+            found[md.key] = replica_requests(md.model_copy(update={"spec": one}), nodes)[0]
     return found
 
 

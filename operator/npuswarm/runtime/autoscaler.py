@@ -30,7 +30,7 @@ from npuswarm.core import autoscale
 from npuswarm.core.clock import timestamp, utcnow
 from npuswarm.core.diff import PassPlan
 from npuswarm.core.pipeline import Desired
-from npuswarm.core.placement import by_priority, replica_requests
+from npuswarm.core.placement import by_priority
 from npuswarm.core.snapshot import SwarmSnapshot
 from npuswarm.gateway.load import ModelLoad
 
@@ -148,15 +148,7 @@ class Autoscaler:
         growing = any(wanted[key] > current[key] for key in wanted)
         room = {}
         if growing:
-            # A deployment at zero has no request in the placement to measure a replica by.
-            templates = {
-                md.key: replica_requests(
-                    md.model_copy(update={"spec": md.spec.model_copy(update={"replicas": 1})}),
-                    nodes,
-                )[0]
-                for md in autoscaled
-                if current[md.key] == 0 and wanted[md.key] > 0
-            }
+            templates = autoscale.wake_templates(autoscaled, nodes, current, wanted)
             room = autoscale.headroom(plan.placement, nodes, wanted, templates)
         for md in autoscaled:
             policy = md.spec.autoscaling
