@@ -45,7 +45,7 @@ RETRY_AFTER = 11
 # What the first request after zero may pay beyond the replica's own start time: up to 1 s
 # for the autoscaler's wake read, a pass creating the service, up to 1 s until the pass that
 # sees it ready (the busy task poll's pace), and that pass's push to the gateway. The issue's
-# "about 2 s"; measured here 1.1-2.1 s (four runs, the two passes taking 0.2-0.5 s each on
+# "about 2 s"; measured here 1.1-2.1 s (six runs, the two passes taking 0.2-0.5 s each on
 # this shared machine), so the bound is 2.5 s.
 MARGIN_SECONDS = 2.5
 POOL = {"npuswarm.io/test-pool": "zero"}  # node 2: where sleepy (and the hog) may go
