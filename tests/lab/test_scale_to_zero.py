@@ -192,7 +192,9 @@ def test_an_idle_model_goes_to_zero_and_its_first_request_is_answered(operator: 
     to_zero = time.monotonic() - last_request
     assert zero.views[KEY].status.npus == 0
     assert [e for _, e in operator.events if e.reason == "ScaledToZero"]
-    operator.until(lambda r: backends(r) == 0, "sleepy out of the gateway")
+    # Out of the gateway, which is not degraded by a model at zero (no alert either).
+    operator.until(lambda r: backends(r) == 0 and r.gateways["lab/gw"].phase == "Ready",
+                   "sleepy out of the gateway, the gateway Ready")
 
     asked, asked_wall = time.monotonic(), time.time()
     first = ask(operator.url)

@@ -299,3 +299,17 @@ def test_a_model_is_woken_only_where_the_next_placement_places_its_replica(fleet
             assert not [k for k in second.unplaced if k[0] == key], f"{key} woken but not placed"
     # Nothing placed before loses its place to a woken model.
     assert set(first.assignments) <= set(second.assignments)
+
+
+def test_a_gateway_is_not_degraded_by_a_model_at_zero_but_is_by_another_without_backend() -> None:
+    from npuswarm.gateway.backends import gateway_status
+    from .builders import NOW as now
+
+    gw = gateway()
+    at_zero = GatewayWork(gateway=gw, backends={"z": [], "f": ["http://10.0.0.1:8000"]}, replicas=[],
+                          from_zero=["z"])
+    degraded = {c.type: c for c in gateway_status(at_zero, {}, [], now).conditions}["Degraded"]
+    assert degraded.status == "False"
+    broken = GatewayWork(gateway=gw, backends={"z": [], "f": []}, replicas=[], from_zero=["z"])
+    degraded = {c.type: c for c in gateway_status(broken, {}, [], now).conditions}["Degraded"]
+    assert (degraded.status, degraded.reason, degraded.message) == ("True", "ModelWithoutBackend", "no ready replica of f")

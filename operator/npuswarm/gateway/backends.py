@@ -224,7 +224,11 @@ def gateway_status(
 
 def _conditions(work: GatewayWork, configured: int) -> ConditionSet:
     desired = work.gateway.spec.replicas
-    idle = sorted(model for model, urls in work.backends.items() if not urls)
+    # A model that scales from zero has no backend as its normal state at zero: its requests
+    # are held while a replica starts, so the gateway is not degraded by it.
+    idle = sorted(
+        model for model, urls in work.backends.items() if not urls and model not in work.from_zero
+    )
     degraded = AS_EXPECTED
     problem = work.problem
     if problem is not None:

@@ -304,6 +304,7 @@ class Gateways:
     ) -> dict[str, ModelGatewayStatus]:
         found: dict[str, ModelGatewayStatus] = {}
         metrics.gateway_backends.clear()
+        metrics.gateway_scales_from_zero.clear()
         metrics.gateway_replicas_ready.clear()
         for item in work.works:
             gw = item.gateway
@@ -318,5 +319,7 @@ class Gateways:
             namespace, name = gw.metadata.namespace, gw.metadata.name
             for model, urls in item.backends.items():
                 metrics.gateway_backends.labels(namespace, name, model).set(len(urls))
+            for model in item.from_zero:
+                metrics.gateway_scales_from_zero.labels(namespace, name, model).set(1)
             metrics.gateway_replicas_ready.labels(namespace, name).set(status.readyReplicas)
         return found
