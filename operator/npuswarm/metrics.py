@@ -282,6 +282,13 @@ gateway_backends = Gauge(
     ["namespace", "gateway", "model"],
     registry=REGISTRY,
 )
+gateway_scales_from_zero = Gauge(
+    "npuswarm_gateway_scales_from_zero",
+    "1 for each served model a ModelGateway holds requests for while it has no replica (its "
+    "deployment scales to zero): no backend is then its normal state, not a fault.",
+    ["namespace", "gateway", "model"],
+    registry=REGISTRY,
+)
 gateway_replicas_ready = Gauge(
     "npuswarm_gateway_replicas_ready",
     "Gateway replicas running and holding the pushed backends.",

@@ -95,6 +95,7 @@ def test_autoscaling_rules_refuse_bad_specs_at_apply(cluster: Cluster, namespace
         "kv-above-one": ({"autoscaling": {**AUTOSCALING, "target": {"metric": "kvCacheUsage", "value": 2}}},
                          "a kvCacheUsage target is a fraction"),
         "pernode": ({"mode": "PerNode", "autoscaling": AUTOSCALING}, "PerNode runs one on every matching node"),
+        "negative-min": ({"autoscaling": {**AUTOSCALING, "minReplicas": -1}}, "minReplicas"),
     }
     for name, (spec, message) in cases.items():
         refused = cluster.kubectl("-n", namespace, "apply", "-f", "-", input=manifest(name, **spec), check=False)
@@ -102,6 +103,13 @@ def test_autoscaling_rules_refuse_bad_specs_at_apply(cluster: Cluster, namespace
     # An integer target of a number field is read as one by the rule (no "no such overload").
     fine = {**AUTOSCALING, "target": {"metric": "kvCacheUsage", "value": 1}}
     cluster.kubectl("-n", namespace, "apply", "-f", "-", input=manifest("kv-one", autoscaling=fine))
+    # Scale to zero wakes through a ModelGateway, which reaches replicas on their network.
+    zero = yaml.safe_load(manifest("zero-no-network", autoscaling={**AUTOSCALING, "minReplicas": 0}))
+    del zero["spec"]["network"]
+    refused = cluster.kubectl("-n", namespace, "apply", "-f", "-", input=yaml.safe_dump(zero), check=False)
+    assert refused.returncode != 0 and "autoscaling.minReplicas=0 needs network" in refused.stderr, refused.stderr
+    cluster.kubectl("-n", namespace, "apply", "-f", "-",
+                    input=manifest("zero", autoscaling={**AUTOSCALING, "minReplicas": 0}))
 
 
 def test_with_autoscaling_npuswarm_owns_the_count_and_reports_a_scale_it_does_not_obey(

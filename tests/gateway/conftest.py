@@ -91,10 +91,13 @@ class Gateway:
         models: dict[str, list[str]],
         credential: bytes | None = None,
         access: dict[str, Any] | None = None,
+        scale_from_zero: dict[str, Any] | None = None,
     ) -> Answer:
         state: dict[str, Any] = {"models": models}
         if access is not None:
             state["access"] = access
+        if scale_from_zero is not None:
+            state["scaleFromZero"] = scale_from_zero
         return self.admin("PUT", "/backends", state, credential)
 
     def backends(self) -> Any:

@@ -31,8 +31,11 @@ def test_load_reports_each_backends_waiting_and_running_requests(gateway: Gatewa
     assert body["models"]["b"][b] == {"waiting": 0, "running": 0, "kvCache": 0}
     assert 0 < body["models"]["a"][a]["kvCache"] <= 1
     assert body["errors"] == {} and body["ageSeconds"] >= 0
+    # Three requests in flight at the front: a is not idle, and none is held (it has a backend).
+    assert body["demand"]["a"] == {"held": 0, "idleSeconds": 0}
     assert load.merge([body])["a"] == load.ModelLoad(replicas=1, waiting=2, running=1,
-                                                      kv_cache=body["models"]["a"][a]["kvCache"])
+                                                      kv_cache=body["models"]["a"][a]["kvCache"],
+                                                      held=0, idle_seconds=0)
 
     assert call(f"{a}/fake/release", {}).status == 200
     for sender in senders:

@@ -73,7 +73,8 @@ class MemorySwarm:
 
     def create_network(self, name: str, network_labels: dict[str, str]) -> None:
         self._call("create_network", name)
-        self.networks.append({"Id": f"net-{name}", "Name": name, "Labels": dict(network_labels)})
+        self.networks.append({"Id": f"net-{name}", "Name": name, "Labels": dict(network_labels),
+                              "Scope": "swarm", "Driver": "overlay"})
 
     def remove_network(self, network_id: str) -> None:
         self._call("remove_network")

@@ -38,11 +38,12 @@ def waiting(total: float, replicas: int = 1) -> Load:
 # --- the spec ---------------------------------------------------------------------------------
 
 
-def test_spec_refuses_min_above_max_zero_min_and_kv_targets_above_one() -> None:
+def test_spec_refuses_min_above_max_negative_min_and_kv_targets_above_one() -> None:
     with pytest.raises(ValidationError, match="minReplicas=5 exceeds maxReplicas=2"):
         policy(minReplicas=5, maxReplicas=2)
-    with pytest.raises(ValidationError, match="greater than or equal to 1"):
-        policy(minReplicas=0)
+    with pytest.raises(ValidationError, match="greater than or equal to 0"):
+        policy(minReplicas=-1)
+    assert policy(minReplicas=0).minReplicas == 0  # scale to zero
     with pytest.raises(ValidationError, match="at most 1"):
         policy(target={"metric": "kvCacheUsage", "value": 2})
     assert policy(target={"metric": "kvCacheUsage", "value": 0.8}).target.value == 0.8
@@ -69,7 +70,7 @@ def test_crd_carries_the_cross_field_rules() -> None:
     assert any("self.mode != 'PerNode'" in r and "autoscaling" in r for r in rules)
     scaling = spec["properties"]["autoscaling"]
     assert "self.minReplicas <= self.maxReplicas" in scaling["x-kubernetes-validations"][0]["rule"]
-    assert scaling["properties"]["minReplicas"]["minimum"] == 1
+    assert scaling["properties"]["minReplicas"]["minimum"] == 0  # scale to zero
 
 
 # --- the decision -----------------------------------------------------------------------------
@@ -315,3 +316,14 @@ def test_load_body_round_trips_through_merge() -> None:
     body = load.load_body({"m": {"http://a:8000": load.Reading(1, 2, 0.3)}}, {"http://b:8000": "timeout"}, 1.5)
     assert body["errors"] == {"http://b:8000": "timeout"} and body["ageSeconds"] == 1.5
     assert load.merge([body]) == {"m": load.ModelLoad(1, 1.0, 2.0, 0.3)}
+
+
+def test_after_a_restart_a_scale_down_still_waits_a_full_window() -> None:
+    """The history starts empty (a new operator): the count it found stands for the time
+    before its first reading, so a low first reading does not scale down at once."""
+    rule = policy(scaleDownStabilizationSeconds=300)
+    history = History()
+    first = decide(rule, Inputs(current=3, load=waiting(0, replicas=3), placeable=8, now=1000), history)
+    assert first.replicas == 3 and first.recommendation == 1
+    later = decide(rule, Inputs(current=3, load=waiting(0, replicas=3), placeable=8, now=1301), history)
+    assert later.replicas == 1 and later.reason == "ScaledDown"

@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from npuswarm.gateway import front
 from npuswarm.gateway.front import (
     models_body,
     parse_state,
@@ -165,3 +166,18 @@ def test_a_model_that_keeps_backends_never_has_zero_workers_in_the_router_during
     assert all(counts.get("alpha", 0) >= 1 for _, counts, _ in seen), seen
     # The front switched to the new state only after the new worker was in the router.
     assert seen[0][2] is False and seen[1][2] is True
+
+
+def test_models_that_scale_from_zero_are_listed_without_a_backend() -> None:
+    body = front.models_body({"a": (), "b": (), "c": ("http://x:1",)}, 1, frozenset({"a"}))
+    assert [m["id"] for m in body["data"]] == ["a", "c"]
+
+
+def test_the_hold_settings_are_parsed_and_refused_when_malformed() -> None:
+    assert front.parse_hold(None) == front.HoldPolicy()  # an operator from before: hold nothing
+    pushed = {"models": ["a"], "maxWaitSeconds": 60, "maxQueuedRequests": 5, "retryAfterSeconds": 9}
+    assert front.parse_hold(pushed) == front.HoldPolicy(frozenset({"a"}), 60.0, 5, 9)
+    for bad in ("x", {**pushed, "models": "a"}, {**pushed, "maxWaitSeconds": 0},
+                {**pushed, "retryAfterSeconds": True}, {**pushed, "maxQueuedRequests": None}):
+        with pytest.raises(ValueError):
+            front.parse_hold(bad)

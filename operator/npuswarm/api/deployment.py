@@ -400,8 +400,13 @@ class Autoscaling(_Model):
         }
     )
 
-    minReplicas: Annotated[int, Field(ge=1, le=MAX_REPLICAS)] = Field(
-        1, description="The fewest replicas (at least 1: scaling to zero is not built yet)."
+    minReplicas: Annotated[int, Field(ge=0, le=MAX_REPLICAS)] = Field(
+        1,
+        description=(
+            "The fewest replicas. 0: scale to zero, releasing every NPU after no request for "
+            "scaleDownStabilizationSeconds; a request at a ModelGateway starts one again "
+            "(docs/autoscaling.md)."
+        ),
     )
     maxReplicas: Annotated[int, Field(ge=1, le=MAX_REPLICAS)] = Field(
         ..., description="The most replicas the autoscaler asks for."
@@ -484,6 +489,12 @@ SPEC_RULES: list[JsonValue] = [
         "rule": f"!has(self.autoscaling) || !{_INGRESS} || self.autoscaling.maxReplicas <= 1",
         "message": "publish.mode=ingress allows a single replica: autoscaling.maxReplicas "
         "must be 1",
+    },
+    {
+        "rule": "!has(self.autoscaling) || !has(self.autoscaling.minReplicas) "
+        "|| self.autoscaling.minReplicas > 0 || has(self.network)",
+        "message": "autoscaling.minReplicas=0 needs network: only a ModelGateway on that network "
+        "can hold a request while a replica starts",
     },
     {
         "rule": "!has(self.shmSize) || (quantity(self.shmSize).isGreaterThan(quantity('0')) "
@@ -647,6 +658,11 @@ class ModelDeploymentSpec(_Model):
             )
         if self.autoscaling is not None and self.mode == "PerNode":
             raise ValueError("autoscaling counts replicas: PerNode runs one on every matching node")
+        if self.autoscaling is not None and self.autoscaling.minReplicas == 0 and not self.network:
+            raise ValueError(
+                "autoscaling.minReplicas=0 needs network: only a ModelGateway on that network "
+                "can hold a request while a replica starts"
+            )
         if self.autoscaling is not None and ingress and self.autoscaling.maxReplicas > 1:
             raise ValueError(
                 "publish.mode=ingress allows a single replica: autoscaling.maxReplicas must be 1"
@@ -758,7 +774,11 @@ class AutoscalerStatus(_Model):
 
     desiredReplicas: int = Field(..., description="The count the autoscaler decided.")
     reason: str = Field(
-        ..., description="Steady, ScaledUp, ScaledDown, NoLoadReading or WaitingForNPUs."
+        ...,
+        description=(
+            "Steady, ScaledUp, ScaledDown, ScaledToZero, ScaledFromZero, Idle (at zero), "
+            "NoLoadReading or WaitingForNPUs."
+        ),
     )
     message: str = ""
     metric: str | None = None
@@ -769,6 +789,9 @@ class AutoscalerStatus(_Model):
     )
     lastScaleTime: str | None = None
     lastScaleMessage: str | None = None
+    lastScaleReason: str | None = Field(
+        None, description="ScaledUp, ScaledDown, ScaledToZero or ScaledFromZero."
+    )
 
 
 class ModelDeploymentStatus(_Model):

@@ -139,6 +139,29 @@ class RequestLimits(_Model):
     )
 
 
+class ScaleFromZero(_Model):
+    """How a gateway replica holds requests for a model scaled to zero (its ModelDeployment's
+    autoscaling.minReplicas is 0) while npuswarm starts a replica (docs/autoscaling.md)."""
+
+    maxWaitSeconds: Annotated[int, Field(ge=1, le=3600)] = Field(
+        300,
+        description=(
+            "How long a request waits for a replica to be ready; then 503 model_not_ready "
+            "with Retry-After. Long enough for a model to load (minutes on NPUs)."
+        ),
+    )
+    maxQueuedRequests: Annotated[int, Field(ge=1, le=100000)] = Field(
+        100,
+        description=(
+            "Requests held per model and gateway replica; more: 503 model_not_ready with "
+            "Retry-After at once."
+        ),
+    )
+    retryAfterSeconds: Annotated[int, Field(ge=1, le=3600)] = Field(
+        30, description="The Retry-After of those 503 answers."
+    )
+
+
 class ModelGatewaySpec(_Model):
     image: str = Field(
         DEFAULT_IMAGE,
@@ -169,6 +192,7 @@ class ModelGatewaySpec(_Model):
     )
     clientAccess: ClientAccess = Field(default_factory=ClientAccess)
     requestLimits: RequestLimits = Field(default_factory=RequestLimits)
+    scaleFromZero: ScaleFromZero = Field(default_factory=ScaleFromZero)
 
     model_config = ConfigDict(
         json_schema_extra={

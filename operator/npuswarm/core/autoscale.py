@@ -14,6 +14,12 @@ Kubernetes' HPA so that its users meet no surprise:
 - capped by what placement can give: a scale-up never asks for a replica the fleet has no
   NPUs for (``headroom``: the last pass's free NPUs, shared in priority order), so the
   count stays where it can be served and the status says "waiting for NPUs" instead.
+
+Scale to zero (minReplicas 0) is a rule of its own, not the formula's: an engine with one
+request running and none waiting recommends 0 replicas by the formula, but it is busy. So the
+formula's floor is 1, and a deployment goes to 0 only when the gateways saw no request for
+it for its scale-down window (and its engines run and queue none); at 0 a request held at a
+gateway starts one replica at once, with no window (the client is waiting for it).
 """
 
 from __future__ import annotations
@@ -25,12 +31,15 @@ from dataclasses import dataclass, field
 from npuswarm.api.deployment import Autoscaling, ModelDeployment
 from npuswarm.core import topology
 from npuswarm.core.nodes import NodeInfo
-from npuswarm.core.placement import PlacementResult, ReplicaRequest
+from npuswarm.core.placement import PlacementResult, ReplicaRequest, replica_requests
 
 # As HPA's --horizontal-pod-autoscaler-tolerance: a ratio this close to 1 changes nothing.
 TOLERANCE = 0.1
 # "No limit" for a placement cap (more than any deployment may have).
 MAX_PLACEABLE = 10**6
+# How far before the first reading the count held until then is recorded (out of a
+# window of 0 s: such a window reads the newest recommendation only).
+FIRST_READING_AGE = 1e-3
 # Recommendations older than the longest window allowed are never read again.
 MAX_WINDOW_SECONDS = 3600
 
@@ -43,6 +52,8 @@ class Load:
     waiting: float = 0.0  # vllm:num_requests_waiting, summed
     running: float = 0.0  # vllm:num_requests_running, summed
     kv_cache: float | None = None  # vllm:kv_cache_usage_perc, the mean (0..1); None: unread
+    held: int = 0  # requests the gateways hold for it (it has no ready replica)
+    idle_seconds: float | None = None  # since the gateways last saw a request; None: unknown
 
 
 @dataclass(frozen=True)
@@ -68,7 +79,9 @@ class History:
 @dataclass(frozen=True)
 class Decision:
     replicas: int
-    reason: str  # Steady, ScaledUp, ScaledDown, NoLoadReading, WaitingForNPUs
+    # Steady, ScaledUp, ScaledDown, ScaledToZero, ScaledFromZero, Idle (at zero),
+    # NoLoadReading, WaitingForNPUs
+    reason: str
     message: str
     observed: float | None = None  # the metric as the target reads it
     recommendation: int | None = None  # before stabilization and the placement cap
@@ -81,7 +94,10 @@ class Decision:
 
     @property
     def changed(self) -> bool:
-        return self.reason in ("ScaledUp", "ScaledDown")
+        return self.reason in CHANGES
+
+
+CHANGES = frozenset({"ScaledUp", "ScaledDown", "ScaledToZero", "ScaledFromZero"})
 
 
 def observed_value(policy: Autoscaling, load: Load) -> float | None:
@@ -115,6 +131,10 @@ def recommend(policy: Autoscaling, current: int, load: Load) -> tuple[int, float
 
 def decide(policy: Autoscaling, inputs: Inputs, history: History) -> Decision:
     """One deployment's count now (``history`` gains this recommendation)."""
+    if policy.minReplicas == 0:
+        zero = _to_or_from_zero(policy, inputs, history)
+        if zero is not None:
+            return zero
     current = _clamp(policy, inputs.current)
     if inputs.load is None or inputs.load.replicas == 0:
         return Decision(
@@ -126,6 +146,10 @@ def decide(policy: Autoscaling, inputs: Inputs, history: History) -> Decision:
     if found is None:
         return Decision(current, "NoLoadReading", f"the engines report no {policy.target.metric}")
     raw, value = found
+    if not history.recommendations:
+        # A first reading (a new deployment, an operator restart): the count held until now
+        # stands for the time before it, so a scale-down still waits a full window.
+        history.keep(inputs.now - FIRST_READING_AGE, current)
     history.keep(inputs.now, raw)
     up_floor = _lowest(history.recommendations, inputs.now - policy.scaleUpStabilizationSeconds)
     down_ceiling = _highest(
@@ -166,8 +190,60 @@ def decide(policy: Autoscaling, inputs: Inputs, history: History) -> Decision:
     return Decision(current, "Steady", f"{reading}: {current} replicas", value, raw, wanted)
 
 
+def _to_or_from_zero(policy: Autoscaling, inputs: Inputs, history: History) -> Decision | None:
+    """The scale-to-zero rule (minReplicas 0), or None to decide by the formula."""
+    load, window = inputs.load, policy.scaleDownStabilizationSeconds
+    if inputs.current <= 0:
+        if load is None:
+            return Decision(
+                0,
+                "NoLoadReading",
+                "no load reading from a ModelGateway serving this model: keeping 0 (a request "
+                "held there starts a replica)",
+            )
+        if load.held <= 0:
+            return Decision(0, "Idle", "no requests: 0 replicas (a request starts one)")
+        history.keep(inputs.now, 1)
+        reading = f"{load.held} request{'s' if load.held != 1 else ''} held at the gateway"
+        if inputs.placeable < 1:
+            return Decision(
+                0,
+                "WaitingForNPUs",
+                f"{reading} wants 1 replica; the fleet has no NPUs for it: keeping 0",
+                wanted=1,
+            )
+        return Decision(1, "ScaledFromZero", f"{reading}: 0 -> 1", recommendation=1, wanted=1)
+    idle = load is not None and _idle(load, window)
+    if not idle:
+        return None
+    assert load is not None and load.idle_seconds is not None
+    history.keep(inputs.now, 0)
+    return Decision(
+        0,
+        "ScaledToZero",
+        f"no request for {load.idle_seconds:.0f} s (scale-down window {window} s): "
+        f"{inputs.current} -> 0",
+        recommendation=0,
+        wanted=0,
+    )
+
+
+def _idle(load: Load, window: int) -> bool:
+    """No request at any gateway for the window, none held, and none in the engines (a
+    client calling a replica directly shows only there)."""
+    return (
+        load.idle_seconds is not None
+        and load.idle_seconds >= window
+        and load.held == 0
+        and load.waiting == 0
+        and load.running == 0
+    )
+
+
 def _clamp(policy: Autoscaling, count: int) -> int:
-    return max(policy.minReplicas, min(policy.maxReplicas, count))
+    """Within the bounds; at least 1, since the formula never scales to zero (the
+    scale-to-zero rule above does)."""
+    return max(policy.minReplicas, 1, min(policy.maxReplicas, count))
 
 
 def _lowest(recommendations: Iterable[tuple[float, int]], since: float) -> int:
@@ -182,13 +258,18 @@ def _highest(recommendations: Iterable[tuple[float, int]], since: float) -> int:
 
 
 def headroom(
-    placement: PlacementResult, nodes: Sequence[NodeInfo], wanted: Mapping[str, int]
+    placement: PlacementResult,
+    nodes: Sequence[NodeInfo],
+    wanted: Mapping[str, int],
+    templates: Mapping[str, ReplicaRequest] | None = None,
 ) -> dict[str, int]:
     """How many replicas each deployment in ``wanted`` could hold now: those placed, plus
     those the free NPUs fit of the ones it wants more. The free NPUs are handed out as the
     next placement would hand them out: in its order (oldest deployment first, each older
     deployment's unplaced replicas before a younger one's new ones), best fit, so that no
-    two deployments count the same NPUs and what is counted here is what the pass places."""
+    two deployments count the same NPUs and what is counted here is what the pass places.
+    ``templates``: what one replica of a deployment at zero asks for (it has no request in
+    the placement to copy)."""
     pool = {node_id: set(npus) for node_id, npus in placement.free.items()}
     accepting = sorted(
         (n for n in nodes if n.accepts_new_replicas and n.usable_npus and n.id in pool),
@@ -199,7 +280,7 @@ def headroom(
         placed = sum(1 for r in requests if r.key in placement.assignments)
         if key in wanted:
             more = max(0, wanted[key] - placed)
-            template = requests[0] if requests else None
+            template = requests[0] if requests else (templates or {}).get(key)
         else:
             unplaced = [r for r in requests if r.key not in placement.assignments]
             more, template = len(unplaced), (unplaced[0] if unplaced else None)
@@ -209,6 +290,22 @@ def headroom(
             fitted = _fit(template, accepting, pool, used, more)
         if key in wanted:
             found[key] = placed + fitted
+    return found
+
+
+def wake_templates(
+    deployments: Iterable[ModelDeployment],
+    nodes: Sequence[NodeInfo],
+    current: Mapping[str, int],
+    wanted: Mapping[str, int],
+) -> dict[str, ReplicaRequest]:
+    """For ``headroom``: what one replica asks for, for each deployment at zero that wants
+    one (the placement holds no request of it to copy)."""
+    found = {}
+    for md in deployments:
+        if current.get(md.key) == 0 and wanted.get(md.key, 0) > 0:
+            one = md.spec.model_copy(update={"replicas": 1})
+            found[md.key] = replica_requests(md.model_copy(update={"spec": one}), nodes)[0]
     return found
 
 

@@ -147,8 +147,15 @@ def autoscaler_events(status: AutoscalerStatus, previous: object) -> list[Event]
     """A scale decision the status has not recorded yet, once; spec.replicas not obeyed."""
     before = previous if isinstance(previous, dict) else {}
     found = []
-    if status.lastScaleTime and status.lastScaleTime != before.get("lastScaleTime"):
-        found.append(Event("Normal", "Autoscaled", status.lastScaleMessage or ""))
+    last = (status.lastScaleTime, status.lastScaleMessage)
+    if status.lastScaleTime and last != (
+        before.get("lastScaleTime"),
+        before.get("lastScaleMessage"),
+    ):
+        # Going to and coming back from zero are told apart: a client waited for the second.
+        zero = status.lastScaleReason in ("ScaledToZero", "ScaledFromZero")
+        reason = status.lastScaleReason if zero else "Autoscaled"
+        found.append(Event("Normal", reason or "Autoscaled", status.lastScaleMessage or ""))
     if "is not obeyed" in status.message:
         # Identical events are sent at most once an hour (EventFilter).
         note = status.message[status.message.find("spec.replicas=") :]

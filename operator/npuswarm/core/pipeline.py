@@ -29,7 +29,7 @@ from typing import Any
 from npuswarm.api.deployment import AutoscalerStatus, ModelDeployment, ModelDeploymentStatus
 from npuswarm.api.gateway import ModelGateway
 from npuswarm.api.meta import split_key
-from npuswarm.core import groups, hostpolicy
+from npuswarm.core import groups, hostpolicy, scaledown
 from npuswarm.core.diff import (
     Action,
     Applied,
@@ -118,7 +118,10 @@ def plan_pass(
     )
     admitted = by_priority([md for md in deployments if md.key not in refused])
 
-    # 2. Place every replica of every deployment at once, oldest deployment first.
+    # 2. Place every replica of every deployment at once, oldest deployment first; a
+    #    scale-down keeps the replicas core/scaledown.py chooses (the others are removed).
+    by_slot = {md.key: services_by_slot(snapshot, md.key) for md in admitted}
+    kept = {md.key: scaledown.kept_slots(md, by_slot[md.key]) for md in admitted}
     placement = place_all(
         admitted,
         snapshot.nodes,
@@ -127,6 +130,7 @@ def plan_pass(
         lost_node_grace_seconds=lost_node_grace_seconds,
         limits=limits,
         port_range=port_range,
+        slots={key: slots for key, slots in kept.items() if slots is not None},
     )
     # 2b. Multi-node replicas live and die together: each group's generation, raised on
     #     every member to restart the whole group when one member ended or moved.
@@ -136,9 +140,7 @@ def plan_pass(
         snapshot=snapshot,
         placement=placement,
         plans={
-            md.key: DeploymentPlan(
-                md, placement.requests[md.key], services_by_slot(snapshot, md.key)
-            )
+            md.key: DeploymentPlan(md, placement.requests[md.key], by_slot[md.key])
             for md in admitted
         },
         refused=refused,

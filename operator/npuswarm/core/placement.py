@@ -10,7 +10,7 @@ result with spare_assignment.
 from __future__ import annotations
 
 import heapq
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
@@ -231,7 +231,11 @@ def by_priority(deployments: list[ModelDeployment]) -> list[ModelDeployment]:
     return [md for _, md in ranked]
 
 
-def replica_requests(md: ModelDeployment, nodes: Iterable[NodeInfo]) -> list[ReplicaRequest]:
+def replica_requests(
+    md: ModelDeployment, nodes: Iterable[NodeInfo], slots: Sequence[str] | None = None
+) -> list[ReplicaRequest]:
+    """``slots``: the replicas a Replicated deployment keeps (core/scaledown.py); None: the
+    first spec.replicas."""
     spec = md.spec
     common: dict[str, Any] = {
         "deployment": md.key,
@@ -256,7 +260,8 @@ def replica_requests(md: ModelDeployment, nodes: Iterable[NodeInfo]) -> list[Rep
             for member in range(spec.nodesPerReplica)
         ]
     if spec.mode == "Replicated":
-        return [ReplicaRequest(slot=str(index), **common) for index in range(spec.replicas)]
+        chosen = slots if slots is not None else [str(i) for i in range(spec.replicas)]
+        return [ReplicaRequest(slot=slot, **common) for slot in chosen]
     # PerNode: every matching node with NPUs, including one that is down right now: its
     # replica waits for it rather than being dropped and recreated on every flap.
     return [
@@ -275,12 +280,14 @@ def place_all(
     lost_node_grace_seconds: float,
     limits: NodeLimits | None = None,
     port_range: gang.PortRange | None = None,
+    slots: Mapping[str, Sequence[str]] | None = None,
 ) -> PlacementResult:
     """One placement over every deployment (``ranked``: by_priority's order), so each
     deployment of a pass sees the same global answer; ``result.requests`` keeps each one's
     requests. ``limits`` (node checks, failing replicas): nodes that get no new replica (what
     runs there stays), NPUs given to nobody (a replica holding one moves), replicas that move
-    and the nodes each avoids."""
+    and the nodes each avoids. ``slots``: the replicas a deployment keeps when it is not its
+    first spec.replicas (core/scaledown.py)."""
     placeable = limits.apply(nodes) if limits is not None else nodes
     avoid = limits.avoid if limits is not None else {}
     reports = limits.files if limits is not None else None
@@ -288,7 +295,7 @@ def place_all(
     requests_by_deployment: dict[str, list[ReplicaRequest]] = {}
     ordered: list[ReplicaRequest] = []
     for md in ranked:
-        requests = replica_requests(md, placeable)
+        requests = replica_requests(md, placeable, (slots or {}).get(md.key))
         if avoid:
             requests = [
                 r.model_copy(update={"avoid_nodes": avoid[r.key]}) if r.key in avoid else r

@@ -235,11 +235,41 @@ class GatewayWork:
     # gateway asks for keys whose Secret could not be read.
     access: dict[str, Any] = field(default_factory=dict)
     keys: KeySet | None = None
+    # The served models a request wakes (waking_models).
+    from_zero: list[str] = field(default_factory=list)
 
     @property
     def state(self) -> dict[str, Any]:
-        """What a push carries: the full state of one gateway."""
-        return {"models": self.backends, "access": self.access}
+        """What a push carries: the full state of one gateway. ``scaleFromZero`` came with
+        scale to zero; a front from before ignores it (and answers 503 as it did)."""
+        return {
+            "models": self.backends,
+            "access": self.access,
+            "scaleFromZero": scale_from_zero(self.gateway, self.from_zero),
+        }
+
+
+def waking_models(gateway: ModelGateway, deployments: Iterable[ModelDeployment]) -> list[str]:
+    """The served model names of the gateway's deployments that scale to zero: a request
+    for one is held while a replica starts, instead of answered 503."""
+    return sorted(
+        {
+            md.spec.served_model_name
+            for md in selected(gateway, deployments)
+            if md.spec.autoscaling is not None and md.spec.autoscaling.minReplicas == 0
+        }
+    )
+
+
+def scale_from_zero(gateway: ModelGateway, models: Sequence[str]) -> dict[str, Any]:
+    """The hold settings a gateway replica gets with its backends."""
+    hold = gateway.spec.scaleFromZero
+    return {
+        "models": list(models),
+        "maxWaitSeconds": hold.maxWaitSeconds,
+        "maxQueuedRequests": hold.maxQueuedRequests,
+        "retryAfterSeconds": hold.retryAfterSeconds,
+    }
 
 
 def gateway_status(
@@ -285,7 +315,11 @@ def gateway_status(
 
 def _conditions(work: GatewayWork, configured: int) -> ConditionSet:
     desired = work.gateway.spec.replicas
-    idle = sorted(model for model, urls in work.backends.items() if not urls)
+    # A model that scales from zero has no backend as its normal state at zero: its requests
+    # are held while a replica starts, so the gateway is not degraded by it.
+    idle = sorted(
+        model for model, urls in work.backends.items() if not urls and model not in work.from_zero
+    )
     degraded = AS_EXPECTED
     problem = work.problem
     if problem is not None:

@@ -91,14 +91,17 @@ def openai_error(
     return web.json_response(body, status=status, headers=headers)
 
 
-def models_body(models: Mapping[str, tuple[str, ...]], created: int) -> dict[str, Any]:
-    """OpenAI's model list: the models that have at least one ready backend, sorted."""
+def models_body(
+    models: Mapping[str, tuple[str, ...]], created: int, waking: frozenset[str] = frozenset()
+) -> dict[str, Any]:
+    """OpenAI's model list: the models that have at least one ready backend, and those that
+    scale from zero (a request for one is held while a replica starts), sorted."""
     return {
         "object": "list",
         "data": [
             {"id": name, "object": "model", "created": created, "owned_by": "npuswarm"}
             for name, backends in sorted(models.items())
-            if backends
+            if backends or name in waking
         ],
     }
 
@@ -138,6 +141,53 @@ def refusal(model: object, models: Mapping[str, tuple[str, ...]] | None) -> web.
             "model",
         )
     return None
+
+
+@dataclass(frozen=True)
+class HoldPolicy:
+    """Scale from zero at this gateway (pushed with the backends, ``scaleFromZero``): a
+    request for one of ``models`` while it has no ready backend waits for one, at most
+    ``max_wait`` seconds and ``max_queued`` requests per model; then 503 model_not_ready
+    with Retry-After. A push without it (an older operator) holds nothing."""
+
+    models: frozenset[str] = frozenset()
+    max_wait: float = 300.0
+    max_queued: int = 100
+    retry_after: int = 30
+
+
+def parse_hold(value: object) -> HoldPolicy:
+    """The push's ``scaleFromZero`` (absent: hold nothing); ValueError when malformed."""
+    if value is None:
+        return HoldPolicy()
+    if not isinstance(value, dict):
+        raise ValueError("scaleFromZero must be an object")
+    models = value.get("models", [])
+    if not isinstance(models, list) or not all(isinstance(m, str) and m for m in models):
+        raise ValueError("scaleFromZero.models must be a list of model names")
+    keys = ("maxWaitSeconds", "maxQueuedRequests", "retryAfterSeconds")
+    numbers = {key: value.get(key) for key in keys}
+    for key, number in numbers.items():
+        if not isinstance(number, int) or isinstance(number, bool) or not 1 <= number <= 100000:
+            raise ValueError(f"scaleFromZero.{key} must be an integer from 1 to 100000")
+    return HoldPolicy(
+        frozenset(models),
+        float(numbers["maxWaitSeconds"]),  # type: ignore[arg-type]
+        int(numbers["maxQueuedRequests"]),  # type: ignore[arg-type]
+        int(numbers["retryAfterSeconds"]),  # type: ignore[arg-type]
+    )
+
+
+def not_ready_yet(model: str, why: str, retry_after: int) -> web.Response:
+    """A held request that cannot be served: OpenAI's 503, and when to try again."""
+    return openai_error(
+        503,
+        f"The model `{model}` has no ready replica: {why}.",
+        "service_unavailable",
+        "model_not_ready",
+        "model",
+        retry_after=retry_after,
+    )
 
 
 def parse_state(body: object) -> dict[str, tuple[str, ...]]:
@@ -238,6 +288,14 @@ class Front:
         # The last pushed state, which sync() brings vllm-router to.
         self.desired: dict[str, tuple[str, ...]] | None = None
         self.created = int(time.time())
+        # Scale from zero: what to hold (pushed), what is held and what ran, per model.
+        self.hold = HoldPolicy()
+        self.held: dict[str, int] = {}
+        self.active: dict[str, int] = {}
+        self.last_request: dict[str, float] = {}
+        self.started_at = clock()
+        # Notified whenever the served state changes: held requests look again.
+        self.state_changed = asyncio.Condition()
         self.lock = asyncio.Lock()
         self.session: aiohttp.ClientSession | None = None
         self.last_sync_error: str | None = None
@@ -261,6 +319,52 @@ class Front:
             return openai_error(401, found, "invalid_request_error", "invalid_api_key", None)
         return found
 
+    def demand(self) -> dict[str, load.Demand]:
+        """Each served model's demand here, for GET /load (the operator wakes a model at
+        zero that holds requests, and lets a model idle for its window go to zero)."""
+        now = self.clock()
+        found = {}
+        for model in self.desired or {}:
+            if self.active.get(model) or self.held.get(model):
+                idle = 0.0
+            else:
+                idle = now - max(self.started_at, self.last_request.get(model, self.started_at))
+            found[model] = load.Demand(self.held.get(model, 0), max(0.0, idle))
+        return found
+
+    async def wait_for_backend(self, model: str) -> web.Response | None:
+        """Hold a request for a model scaled to zero until it has a ready backend (None:
+        forward it now), or answer 503 with Retry-After: the queue is full, or none came
+        within the wait."""
+        hold = self.hold
+        if self.held.get(model, 0) >= hold.max_queued:
+            return not_ready_yet(
+                model, f"{hold.max_queued} requests already wait for it to start", hold.retry_after
+            )
+        self.held[model] = self.held.get(model, 0) + 1
+        try:
+            async with self.state_changed:
+                await asyncio.wait_for(
+                    self.state_changed.wait_for(lambda: not self._waits(model)), hold.max_wait
+                )
+            return None
+        except TimeoutError:
+            return not_ready_yet(
+                model, f"no replica started within {hold.max_wait:g} s", hold.retry_after
+            )
+        finally:
+            self.held[model] -= 1
+            self.last_request[model] = self.clock()
+
+    def _waits(self, model: str) -> bool:
+        """Whether a request for ``model`` is held rather than answered now."""
+        return (
+            self.models is not None
+            and model in self.models
+            and not self.models[model]
+            and model in self.hold.models
+        )
+
     def _visible(self, client: admission.Client) -> dict[str, tuple[str, ...]]:
         models = self.models or {}
         if client.models is None:
@@ -276,7 +380,7 @@ class Front:
         client = self._client(request)
         if isinstance(client, web.Response):
             return client
-        return models_body(self._visible(client), self.created)
+        return models_body(self._visible(client), self.created, self.hold.models)
 
     async def list_models(self, request: web.Request) -> web.Response:
         listed = self._listing(request)
@@ -370,9 +474,26 @@ class Front:
             return openai_error(
                 400, "the body is not a JSON object", "invalid_request_error", "bad_json", None
             )
+        if isinstance(model, str) and self._waits(model) and model in self._visible(client):
+            self.last_request[model] = self.clock()
+            held = await self.wait_for_backend(model)
+            if held is not None:
+                return held
         refused = refusal(model, self._visible(client) if self.models is not None else None)
         if refused is not None:
             return refused
+        assert self.session is not None
+        assert isinstance(model, str)
+        self.active[model] = self.active.get(model, 0) + 1
+        try:
+            return await self._send(request, client, model, body)
+        finally:
+            self.active[model] -= 1
+            self.last_request[model] = self.clock()
+
+    async def _send(
+        self, request: web.Request, client: admission.Client, model: str, body: bytes
+    ) -> web.StreamResponse:
         assert self.session is not None
         # The client's key is the gateway's business: replicas never see (or log) it.
         headers = {
@@ -425,10 +546,12 @@ class Front:
             pushed = json.loads(body)
             state = parse_state(pushed)
             access = admission.parse_access(pushed.get("access"))
+            hold = parse_hold(pushed.get("scaleFromZero"))
         except ValueError as error:
             return web.json_response({"error": str(error)}, status=400)
         # Keys and limits take effect at once (a rotated key works from this answer on).
         self.access = access
+        self.hold = hold
         self.desired = state
         try:
             await self.sync()
@@ -446,7 +569,9 @@ class Front:
             log(f"admin request refused (GET /load): {refused}")
             return web.json_response({"error": f"unauthorised: {refused}"}, status=401)
         age = -1.0 if self.scraped_at is None else self.clock() - self.scraped_at
-        return web.json_response(load.load_body(self.readings, self.scrape_errors, age))
+        return web.json_response(
+            load.load_body(self.readings, self.scrape_errors, age, self.demand())
+        )
 
     async def scrape(self) -> None:
         """Every backend's /metrics once, SCRAPE_CONCURRENCY at a time, each bounded by
@@ -535,6 +660,8 @@ class Front:
             moved = [(url, model) for url, model in diff.add if url in have]
             await self._add(fresh)
             self.models = desired
+            async with self.state_changed:
+                self.state_changed.notify_all()
             for url in diff.remove:
                 async with self.session.delete(
                     f"{self.router_url}/workers/{quote(url, safe='')}"

@@ -65,13 +65,32 @@ def parse_metrics(text: str) -> Reading | None:
     return Reading(sums.get(WAITING, 0.0), sums.get(RUNNING, 0.0), kv_cache)
 
 
+@dataclass(frozen=True)
+class Demand:
+    """A model's demand as one gateway replica sees it: requests it holds while the model
+    has no ready replica (scale from zero), and how long since a request for it last came
+    or ended (0 while one is in flight; counted from the front's start if none came)."""
+
+    held: int
+    idle_seconds: float
+
+
 def load_body(
-    readings: Mapping[str, Mapping[str, Reading]], errors: Mapping[str, str], age: float
+    readings: Mapping[str, Mapping[str, Reading]],
+    errors: Mapping[str, str],
+    age: float,
+    demand: Mapping[str, Demand] | None = None,
 ) -> dict[str, Any]:
     """``GET /load``'s answer: per model, per backend URL, its reading (backends whose
-    /metrics failed are listed with their error, so the operator counts only real ones)."""
+    /metrics failed are listed with their error, so the operator counts only real ones),
+    and each model's demand at this gateway replica (``demand``: added for scale to zero;
+    an operator that does not know it ignores it)."""
     return {
         "ageSeconds": round(age, 3),
+        "demand": {
+            model: {"held": d.held, "idleSeconds": round(d.idle_seconds, 1)}
+            for model, d in sorted((demand or {}).items())
+        },
         "models": {
             model: {
                 url: {"waiting": r.waiting, "running": r.running, "kvCache": r.kv_cache}
@@ -91,17 +110,39 @@ class ModelLoad:
     waiting: float
     running: float
     kv_cache: float | None
+    held: int = 0  # requests the gateway replicas hold for it (it has no ready replica)
+    # The least idle time any gateway replica reports; None when one of them did not say
+    # (a front from before scale to zero): then it is never taken for idle.
+    idle_seconds: float | None = None
 
 
 def merge(answers: Iterable[Mapping[str, Any]]) -> dict[str, ModelLoad]:
     """The gateways' ``/load`` answers into one load per model. Every replica of every
     gateway serving a model scrapes the same backends: each backend URL counts once (the
-    first answer's reading of it). Malformed parts are skipped, never trusted."""
+    first answer's reading of it). Each replica holds its own requests: those add up; a
+    model is idle only as long as its least idle replica says. Malformed parts are
+    skipped, never trusted."""
     seen: dict[str, dict[str, Reading]] = {}
+    held: dict[str, int] = {}
+    idle: dict[str, float | None] = {}
     for answer in answers:
         models = answer.get("models") if isinstance(answer, Mapping) else None
         if not isinstance(models, Mapping):
             continue
+        demand = answer.get("demand")
+        demand = demand if isinstance(demand, Mapping) else {}
+        for model, values in demand.items():
+            found = _demand(values)
+            if not isinstance(model, str) or found is None:
+                continue
+            held[model] = held.get(model, 0) + found.held
+            if model not in idle:
+                idle[model] = found.idle_seconds
+            elif (before := idle[model]) is not None:
+                idle[model] = min(before, found.idle_seconds)
+        for model in models:
+            if isinstance(model, str) and model not in demand:
+                idle[model] = None  # this replica does not report demand: never idle
         for model, backends in models.items():
             if not isinstance(model, str) or not isinstance(backends, Mapping):
                 continue
@@ -110,15 +151,27 @@ def merge(answers: Iterable[Mapping[str, Any]]) -> dict[str, ModelLoad]:
                 if isinstance(url, str) and reading is not None:
                     seen.setdefault(model, {}).setdefault(url, reading)
     merged: dict[str, ModelLoad] = {}
-    for model, backends in seen.items():
+    for model in seen.keys() | held.keys() | {m for m, s in idle.items() if s is not None}:
+        backends = seen.get(model, {})
         caches = [r.kv_cache for r in backends.values() if r.kv_cache is not None]
         merged[model] = ModelLoad(
             replicas=len(backends),
             waiting=sum(r.waiting for r in backends.values()),
             running=sum(r.running for r in backends.values()),
             kv_cache=sum(caches) / len(caches) if caches else None,
+            held=held.get(model, 0),
+            idle_seconds=idle.get(model),
         )
     return merged
+
+
+def _demand(values: object) -> Demand | None:
+    if not isinstance(values, Mapping):
+        return None
+    count, idle = values.get("held"), values.get("idleSeconds")
+    if not _number(count) or not _number(idle):
+        return None
+    return Demand(int(count), float(idle))  # type: ignore[arg-type]
 
 
 def _reading(values: object) -> Reading | None:

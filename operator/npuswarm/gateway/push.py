@@ -20,6 +20,7 @@ vllm-router's own health checks drop a stopped backend within interval x thresho
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import ssl
 import threading
@@ -49,6 +50,7 @@ from npuswarm.gateway.backends import (
     running_replicas,
     selected,
     stopped_by,
+    waking_models,
 )
 from npuswarm.gateway.credentials import Credentials
 from npuswarm.gateway.protocol import Signer
@@ -372,21 +374,32 @@ class Gateways:
                 target = PushTarget(replica, who.hostname, credential)
                 jobs.append((gateway.key, self._readers.submit(self._get_load, target)))
         answers: dict[str, list[dict[str, Any]]] = {}
+        failed: set[str] = set()
         for gateway_key, future in jobs:
             try:
                 answers.setdefault(gateway_key, []).append(future.result())
             except Exception as error:
+                failed.add(gateway_key)
                 metrics.gateway_load_reads_total.labels("error").inc()
                 log.warning("gateway load read failed", gateway=gateway_key, error=str(error))
             else:
                 metrics.gateway_load_reads_total.labels("success").inc()
         found: dict[str, load.ModelLoad] = {}
         by_key = {md.key: md for md in deployments}
+        # Deployments served by the same gateways share one merge: merging once per
+        # deployment would read every answer (all its models) once per deployment.
+        merged_by: dict[tuple[str, ...], dict[str, load.ModelLoad]] = {}
         for key, gateway_keys in serving.items():
-            merged = load.merge(a for g in gateway_keys for a in answers.get(g, []))
-            model = merged.get(by_key[key].spec.served_model_name)
-            if model is not None:
-                found[key] = model
+            group = tuple(gateway_keys)
+            if group not in merged_by:
+                merged_by[group] = load.merge(a for g in group for a in answers.get(g, []))
+            model = merged_by[group].get(by_key[key].spec.served_model_name)
+            if model is None:
+                continue
+            if failed.intersection(group):
+                # A replica that did not answer may have had requests: not idle.
+                model = dataclasses.replace(model, idle_seconds=None)
+            found[key] = model
         return found
 
     def _get_load(self, target: PushTarget) -> dict[str, Any]:
@@ -420,6 +433,7 @@ class Gateways:
                 backends=listed.backends,
                 replicas=running_replicas(gw, whole.snapshot),
                 problem=self._problem(gw, whole.snapshot),
+                from_zero=waking_models(gw, deployments),
             )
             access = gw.spec.clientAccess
             if access.apiKeysSecret is not None and self.keys is not None:
@@ -466,6 +480,7 @@ class Gateways:
     ) -> dict[str, ModelGatewayStatus]:
         found: dict[str, ModelGatewayStatus] = {}
         metrics.gateway_backends.clear()
+        metrics.gateway_scales_from_zero.clear()
         metrics.gateway_replicas_ready.clear()
         for item in work.works:
             gw = item.gateway
@@ -480,5 +495,7 @@ class Gateways:
             namespace, name = gw.metadata.namespace, gw.metadata.name
             for model, urls in item.backends.items():
                 metrics.gateway_backends.labels(namespace, name, model).set(len(urls))
+            for model in item.from_zero:
+                metrics.gateway_scales_from_zero.labels(namespace, name, model).set(1)
             metrics.gateway_replicas_ready.labels(namespace, name).set(status.readyReplicas)
         return found

@@ -147,8 +147,10 @@ class Runtime:
             ]
         loops.append(("leadership", self.leader.run))
         scaler, stop = self.autoscaler, self.triggers.stop
-        interval = self.settings.autoscaler_seconds
-        loops.append(("autoscaler", lambda: scaler.run(stop, interval, lambda: self.leader.leader)))
+        interval, wake = self.settings.autoscaler_seconds, self.settings.autoscaler_wake_seconds
+        loops.append(
+            ("autoscaler", lambda: scaler.run(stop, interval, lambda: self.leader.leader, wake))
+        )
         if self.settings.node_validation and isinstance(swarm, Swarm):
             root = self.settings.root_key.get_secret_value()
             credentials = Credentials(root, self.settings.instance) if root else None

@@ -2,6 +2,10 @@
 reads each autoscaled model's engine load from the ModelGateways serving it, decides every
 autoscaled deployment's count (core/autoscale.py) and asks for a pass where one changed.
 
+Deployments at zero (autoscaling.minReplicas 0) are read every ``wake_interval`` (1 s)
+between those rounds, from the gateways serving them only: a request held there waits for
+this loop to see it, so that wait is kept short (docs/autoscaling.md, "Scale to zero").
+
 It runs in its own thread, outside the pass lock, from what the last pass saw (its desired
 state and its placement); the pass takes the decided counts as plain input (``serve``). One
 owner of the count: with spec.autoscaling set, this loop decides it and spec.replicas is
@@ -70,7 +74,9 @@ class Autoscaler:
                 count = self.counts.get(md.key)
                 previous = desired.previous.get(md.key, {})
                 if count is None:
-                    count = _from_status(previous.get("replicas"), policy.minReplicas)
+                    # A new deployment starts with a replica even if it may scale to zero:
+                    # a model that cannot start says so at once, not at its first request.
+                    count = _from_status(previous.get("replicas"), max(1, policy.minReplicas))
                 count = max(policy.minReplicas, min(policy.maxReplicas, count))
                 self.counts[md.key] = count
                 status = self.statuses.get(md.key) or _first_status(
@@ -92,13 +98,25 @@ class Autoscaler:
 
     # -- the loop -------------------------------------------------------------------------
 
-    def tick(self) -> None:
-        """One round: read the load, decide, ask for a pass where a count changed."""
+    def at_zero(self) -> frozenset[str]:
+        """The deployments scaled to zero: a request for one waits at a gateway."""
+        with self.lock:
+            return frozenset(key for key, count in self.counts.items() if count == 0)
+
+    def tick(self, only: frozenset[str] | None = None) -> None:
+        """One round: read the load, decide, ask for a pass where a count changed.
+        ``only``: these deployments alone, from the gateways serving them."""
         with self.lock:
             desired, plan = self.last_desired, self.last_plan
         if desired is None or plan is None:
             return
-        autoscaled = by_priority([md for md in desired.deployments if md.spec.autoscaling])
+        autoscaled = by_priority(
+            [
+                md
+                for md in desired.deployments
+                if md.spec.autoscaling and (only is None or md.key in only)
+            ]
+        )
         if not autoscaled:
             return
         loads: Mapping[str, ModelLoad] = {}
@@ -126,7 +144,12 @@ class Autoscaler:
             for md in autoscaled
         }
         nodes = plan.limits.apply(plan.snapshot.nodes) if plan.limits else plan.snapshot.nodes
-        room = autoscale.headroom(plan.placement, nodes, wanted)
+        # Only a scale-up needs the fleet's room (and it costs a walk over the placement).
+        growing = any(wanted[key] > current[key] for key in wanted)
+        room = {}
+        if growing:
+            templates = autoscale.wake_templates(autoscaled, nodes, current, wanted)
+            room = autoscale.headroom(plan.placement, nodes, wanted, templates)
         for md in autoscaled:
             policy = md.spec.autoscaling
             assert policy is not None
@@ -145,20 +168,25 @@ class Autoscaler:
             before = self.statuses.get(md.key)
             last_time = before.lastScaleTime if before else None
             last_message = before.lastScaleMessage if before else None
+            last_reason = before.lastScaleReason if before else None
             if decision.changed:
                 last_time, last_message = timestamp(utcnow()), decision.message
+                last_reason = decision.reason
                 self.counts[md.key] = decision.replicas
-            self.statuses[md.key] = AutoscalerStatus(
-                desiredReplicas=decision.replicas,
-                reason=decision.reason,
-                message=decision.message,
-                metric=metric,
-                observedValue=decision.observed,
-                targetValue=target,
-                recommendation=decision.recommendation,
-                lastScaleTime=last_time,
-                lastScaleMessage=last_message,
-            )
+            # A reading that moved by noise only keeps the status as it was (no write).
+            if _news(before, decision, target):
+                self.statuses[md.key] = AutoscalerStatus(
+                    desiredReplicas=decision.replicas,
+                    reason=decision.reason,
+                    message=decision.message,
+                    metric=metric,
+                    observedValue=_rounded(decision.observed),
+                    targetValue=target,
+                    recommendation=decision.recommendation,
+                    lastScaleTime=last_time,
+                    lastScaleMessage=last_message,
+                    lastScaleReason=last_reason,
+                )
         metrics.autoscaler_desired_replicas.labels(namespace, name).set(decision.replicas)
         metrics.autoscaler_unmet_replicas.labels(namespace, name).set(decision.unmet)
         if decision.observed is not None:
@@ -190,19 +218,64 @@ class Autoscaler:
             with contextlib.suppress(KeyError):
                 metrics.autoscaler_observed_value.remove(namespace, name, metric)
 
-    def run(self, stop: threading.Event, interval: float, leading: Callable[[], bool]) -> None:
+    def run(
+        self,
+        stop: threading.Event,
+        interval: float,
+        leading: Callable[[], bool],
+        wake_interval: float = 1.0,
+    ) -> None:
         """The loop body for runtime.triggers.survive: rounds until ``stop``, only while
-        this instance leads."""
+        this instance leads; between two rounds, every ``wake_interval``, the deployments
+        at zero alone."""
+        due = self.clock()
         while not stop.is_set():
             if leading():
-                self.tick()
-            stop.wait(interval)
+                if self.clock() >= due:
+                    due = self.clock() + interval
+                    self.tick()
+                else:
+                    waiting = self.at_zero()
+                    if waiting:
+                        self.tick(only=waiting)
+            stop.wait(min(interval, wake_interval))
 
 
 def _load(found: ModelLoad | None) -> autoscale.Load | None:
     if found is None:
         return None
-    return autoscale.Load(found.replicas, found.waiting, found.running, found.kv_cache)
+    return autoscale.Load(
+        found.replicas,
+        found.waiting,
+        found.running,
+        found.kv_cache,
+        found.held,
+        found.idle_seconds,
+    )
+
+
+def _news(before: AutoscalerStatus | None, decision: autoscale.Decision, target: float) -> bool:
+    """Whether a decision is worth a new status: a steady load reads a little differently
+    every round, and a status PATCH per round for that is noise. So a decision that changes
+    nothing but the reading, by no more than HPA's tolerance of the target, keeps the status
+    (and its message) as it was; the metric npuswarm_autoscaler_observed_value has every
+    reading."""
+    if before is None or decision.changed:
+        return True
+    if (before.desiredReplicas, before.reason, before.recommendation) != (
+        decision.replicas,
+        decision.reason,
+        decision.recommendation,
+    ):
+        return True
+    if decision.observed is None or before.observedValue is None:
+        return decision.observed != before.observedValue or before.message != decision.message
+    return abs(decision.observed - before.observedValue) > autoscale.TOLERANCE * target
+
+
+def _rounded(value: float | None) -> float | None:
+    """Three significant digits, as the message says it."""
+    return None if value is None else float(f"{value:.3g}")
 
 
 def _from_status(value: object, default: int) -> int:
@@ -221,6 +294,9 @@ def _first_status(count: int, previous: object) -> AutoscalerStatus:
         else None,
         lastScaleMessage=last.get("lastScaleMessage")
         if isinstance(last.get("lastScaleMessage"), str)
+        else None,
+        lastScaleReason=last.get("lastScaleReason")
+        if isinstance(last.get("lastScaleReason"), str)
         else None,
     )
 
