@@ -98,8 +98,9 @@ def ownership(client: Any, deployments: Iterable[dict[str, Any]], instance: str,
         # A multi-node replica is one replica of nodesPerReplica member services.
         members = int((md.get("spec") or {}).get("nodesPerReplica") or 1)
         if status.get("placedReplicas", 0) * members != len(services):
-            found.append(f"{key[0]}/{key[1]}: status.placedReplicas={status.get('placedReplicas')} "
-                         f"(x{members} services) but Swarm has {len(services)} services")
+            per = f" ({members} services each)" if members > 1 else ""
+            found.append(f"{key[0]}/{key[1]}: status.placedReplicas={status.get('placedReplicas')}"
+                         f"{per} but Swarm has {len(services)} services")
         if status.get("npus", 0) != npus:
             found.append(f"{key[0]}/{key[1]}: status.npus={status.get('npus')} but its services hold {npus}")
     return found

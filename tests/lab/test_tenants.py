@@ -290,9 +290,10 @@ def test_the_lab_gateway_asks_for_a_key_limits_it_and_rotates_it_without_restart
     # key's name, so renaming is what gives it a bucket of its own), then the old one goes.
     keys.data, keys.version = {"team": OLD_KEY.encode(), "team-next": NEW_KEY.encode()}, "2"
     tenants.converge(serving, "both keys in effect")
-    assert chat(url, NEW_KEY)[0] == 200
+    # The pass hands the gateway its new state; the push follows on the pusher's thread.
+    wait_for(lambda: chat(url, NEW_KEY)[0] == 200, "the new key accepted", timeout=20)
     keys.data, keys.version = {"team-next": NEW_KEY.encode()}, "3"
     tenants.converge(serving, "the old key removed")
-    assert chat(url, OLD_KEY)[0] == 401
+    wait_for(lambda: chat(url, OLD_KEY)[0] == 401, "the old key refused", timeout=20)
     assert chat(url, NEW_KEY)[0] == 200
     assert service_container(swarm_lab, service[0]["Spec"]["Name"]).id == before
