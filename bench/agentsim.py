@@ -204,8 +204,12 @@ class AgentSim:
         seen_env = RUNTIME_ENV | {k: v for k, v in env.items() if k == "ASCEND_VISIBLE_DEVICES"}
         validation = agent.inspect(asked, exists=lambda _path: True) | {"env": seen_env}
         table = self._npu_smi(asked, dict(health))
-        # Built only when the health changed: now is when the agent first read it.
-        found.since = npusmi.first_unhealthy(found.since, table["text"], time.time())
+        # A simulated agent reads npu-smi the moment an NPU's health changes (a real one on
+        # its interval, NPUSWARM_NPU_HEALTH_SECONDS): its first unhealthy reading is the fault.
+        found.since = {
+            npu: self.sim.npu_fault_at.get((found.node_id, npu), at)
+            for npu, at in npusmi.first_unhealthy(found.since, table["text"], time.time()).items()
+        }
         document = {
             "validation": validation,
             "npuSmi": table,

@@ -231,6 +231,8 @@ class EngineSim:
         # node agents (bench/agentsim.py) answer with it.
         self.npu_health: dict[str, dict[int, str]] = {}
         self.npu_health_version = 0
+        # (node id, NPU) -> when it turned unhealthy (epoch seconds).
+        self.npu_fault_at: dict[tuple[str, int], float] = {}
         self._events: deque[SimEvent] = deque(maxlen=EVENT_BUFFER)
         self._event_seq = 0
         self._timers: list[tuple[float, int, str]] = []
@@ -574,8 +576,10 @@ class EngineSim:
             readings = self.npu_health.setdefault(node["ID"], {})
             if health == "OK":
                 readings.pop(npu, None)
+                self.npu_fault_at.pop((node["ID"], npu), None)
             else:
                 readings[npu] = health
+                self.npu_fault_at.setdefault((node["ID"], npu), time.time())
             self.npu_health_version += 1
             self._touch()
 

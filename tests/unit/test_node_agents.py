@@ -457,3 +457,14 @@ def test_the_loop_steps_every_second_only_while_agents_come_up(monkeypatch: pyte
     assert silent.settling()
     monkeypatch.setattr(runner, "SETTLE_SECONDS", 0.0)
     assert not silent.settling(), "an agent that never answers is read at the normal interval"
+
+
+def test_the_loop_wakes_when_an_unhealthy_npus_grace_ends() -> None:
+    """A replica on an NPU read unhealthy moves when the grace ends, not up to a poll later."""
+    swarm = MemorySwarm(nodes=1, npus=8)
+    reconciler = Reconciler(swarm, SETTINGS, clock=lambda: NOW)
+    checker, _ = checker_for(swarm, reconciler, SETTINGS)
+    assert checker.next_grace_end() is None
+    grace = SETTINGS.npu_unhealthy_grace_seconds
+    checker.since = {("node1", 3): NOW - timedelta(seconds=grace - 20), ("node1", 4): NOW - timedelta(seconds=grace + 5)}
+    assert checker.next_grace_end() == 20.0, "the soonest grace still to end; an ended one is past"

@@ -102,8 +102,8 @@ def deployment_events(md: ModelDeployment, whole: PassPlan, writes: Applied) -> 
         if md.spec.multi_node and md.key in whole.plans
         else set()
     )
-    for key, unplaced in sorted(placement.unplaced.items()):
-        if key[0] == md.key and key not in followers:
+    for key, unplaced in placement.unplaced_of(md.key):
+        if key not in followers:
             # Waiting for a node's first validation probe is no warning.
             kind: EventType = "Normal" if unplaced.reason == "NodeValidationPending" else "Warning"
             events.append(

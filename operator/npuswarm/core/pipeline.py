@@ -247,8 +247,8 @@ def report(
             if md.spec.multi_node
             else set()
         )
-        for replica, item in whole.placement.unplaced.items():
-            if replica[0] == md.key and replica not in followers:
+        for replica, item in whole.placement.unplaced_of(md.key):
+            if replica not in followers:
                 unplaced[item.reason] = unplaced.get(item.reason, 0) + 1
         views[md.key] = DeploymentView(
             key=md.key,

@@ -152,7 +152,7 @@ def deployment_status(
     desired_count = len(plan.requests)
     ready_count = sum(1 for r in replicas.statuses if r.ready)
     placed = [r for r in replicas.statuses if r.nodeId is not None]
-    unplaced = [u for k, u in sorted(placement.unplaced.items()) if k[0] == md.key]
+    unplaced = [u for _, u in placement.unplaced_of(md.key)]
     # Waiting a few seconds for a node's first validation check is progress, not a fault.
     validating = [u for u in unplaced if u.reason == "NodeValidationPending"]
     unplaced = [u for u in unplaced if u.reason != "NodeValidationPending"]

@@ -295,6 +295,16 @@ class NodeChecker:
             self.settings.npu_unhealthy_grace_seconds,
         )
 
+    def next_grace_end(self) -> float | None:
+        """Seconds until the soonest unhealthy NPU's grace ends (its replica then moves), if
+        one is still running: the loop steps then rather than at its next poll."""
+        grace = self.settings.npu_unhealthy_grace_seconds
+        now = self.clock()
+        with self._lock:
+            ends = [(t - now).total_seconds() + grace for t in self.since.values()]
+        upcoming = [end for end in ends if end > 0]
+        return min(upcoming) if upcoming else None
+
     def npu_report(self) -> list[tuple[str, int, bool, int, bool]]:
         """(node, NPU, healthy, HBM used bytes, holds a replica) of the last readings."""
         plan = self.last_plan()

@@ -26,11 +26,16 @@ class NodeCheckLoop:
     def run(self) -> None:
         """A step at once, then every task poll interval; every second while the agents
         are coming up (NodeChecker.settling), since no replica goes to a node before its
-        agent answered."""
+        agent answered; and when an unhealthy NPU's grace ends."""
         stop = self.triggers.stop
         while not stop.is_set():
             if self.leadership.leader and self.checker.step():
                 self.triggers.request_threadsafe(everything=True)
             settling = self.checker.settling()
-            if stop.wait(SETTLE_POLL_SECONDS if settling else self.settings.task_poll_seconds):
+            wait = SETTLE_POLL_SECONDS if settling else self.settings.task_poll_seconds
+            grace_end = self.checker.next_grace_end()
+            if grace_end is not None:
+                # An unhealthy NPU's replica moves when its grace ends, not a poll later.
+                wait = min(wait, grace_end + 0.05)
+            if stop.wait(wait):
                 return
