@@ -153,6 +153,7 @@ class Reconciler:
             renderer=self.renderer,
             limits=limits,
             policy=self.policy,
+            quotas=desired.quotas,
         )
         if unconfirmed:
             whole.unconfirmed_orphans = unconfirmed

@@ -16,6 +16,7 @@ from npuswarm.api.deployment import ModelDeployment
 from npuswarm.api.labels import SPEC_HASH
 from npuswarm.core.nodes import NodeLimits
 from npuswarm.core.placement import PlacementResult, ReplicaRequest, spare_assignment
+from npuswarm.core.preemption import Preemption
 from npuswarm.core.render import Renderer, SlotSpec, service_name, swarm_name
 from npuswarm.core.snapshot import ObservedService, SwarmSnapshot
 
@@ -97,6 +98,8 @@ class PassPlan:
     lost_node_grace_seconds: float = 0.0
     # What node checks kept out of this placement (for the NPU gauges).
     limits: NodeLimits | None = None
+    # Replicas stopped for higher-priority ones in this pass (core/preemption.py).
+    preemptions: list[Preemption] = field(default_factory=list)
 
     @property
     def actions(self) -> list[Action]:
@@ -185,6 +188,12 @@ def diff(
     # A member whose group cannot be placed whole serves nothing alone (its leader or peers
     # are gone): removing it gives its NPUs back instead of holding them while it waits.
     for request in plan.requests:
+        evicted = placement.evicted.get(request.key)
+        if evicted is not None:
+            # Preempted or beyond its namespace's quota: still wanted, but it gives its NPUs
+            # back (the gateways drop it first, like every removal).
+            plan.actions.extend(_remove(s, evicted) for s in plan.by_slot.get(request.slot, []))
+            continue
         unplaced = placement.unplaced.get(request.key)
         if request.group is not None and unplaced is not None and request.slot not in plan.slots:
             plan.actions.extend(

@@ -98,7 +98,11 @@ def deployment_events(md: ModelDeployment, whole: PassPlan, writes: Applied) -> 
     for key, unplaced in sorted(placement.unplaced.items()):
         if key[0] == md.key:
             # Waiting for a node's first validation probe is no warning.
-            kind: EventType = "Normal" if unplaced.reason == "NodeValidationPending" else "Warning"
+            kind: EventType = (
+                "Normal"
+                if unplaced.reason in ("NodeValidationPending", "Preempting")
+                else "Warning"
+            )
             events.append(
                 Event(kind, unplaced.reason, f"replica {unplaced.slot}: {unplaced.message}")
             )

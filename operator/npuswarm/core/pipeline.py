@@ -4,7 +4,9 @@ A reader follows a deployment down without coming back up (kueue's scheduling cy
 model):
 
     1 refuse   the host policy that needs Swarm's networks      core/hostpolicy.py
-    2 place    every replica of every deployment, oldest first  core/placement.py
+    2 place    every replica, by priority then age, sticky     core/placement.py
+               within each namespace's NPU quota                 core/quota.py
+    2b preempt lower priorities for replicas without NPUs      core/preemption.py
     3 render   each placed replica's spec and its service       core/render.py
     4 diff     rendered against observed: create, update, remove  core/diff.py
     5 surge    spare NPUs for updates that would take a ready replica down, in priority order
@@ -27,7 +29,7 @@ from typing import Any
 from npuswarm.api.deployment import AutoscalerStatus, ModelDeployment, ModelDeploymentStatus
 from npuswarm.api.gateway import ModelGateway
 from npuswarm.api.meta import split_key
-from npuswarm.core import hostpolicy
+from npuswarm.core import hostpolicy, preemption
 from npuswarm.core.diff import (
     Action,
     Applied,
@@ -46,7 +48,8 @@ from npuswarm.core.kube_events import (
     task_failure_events,
 )
 from npuswarm.core.nodes import NodeLimits
-from npuswarm.core.placement import by_priority, place_all
+from npuswarm.core.placement import by_age, by_priority, place_all
+from npuswarm.core.quota import Quotas
 from npuswarm.core.render import Renderer, render_slots
 from npuswarm.core.snapshot import SwarmSnapshot
 from npuswarm.core.status import deployment_status, invalid_spec_status, scaling_condition
@@ -72,6 +75,8 @@ class Desired:
     # The built-in autoscaler's state of each autoscaled deployment (runtime/autoscaler.py);
     # their decided counts are already in ``deployments``.
     autoscaler: Mapping[str, AutoscalerStatus] = field(default_factory=dict)
+    # Each namespace's NPU quota (its Namespace's npuswarm.io/npu-quota annotation).
+    quotas: Quotas = field(default_factory=Quotas)
 
     def known(self) -> set[str]:
         return {md.key for md in self.deployments} | set(self.invalid) | set(self.deleting)
@@ -91,6 +96,7 @@ def plan_pass(
     renderer: Renderer | None = None,
     limits: NodeLimits | None = None,
     policy: hostpolicy.TenantPolicy | None = None,
+    quotas: Quotas | None = None,
 ) -> PassPlan:
     """Steps 1 to 7: one placement of every deployment, then each one's writes; writes nothing.
 
@@ -98,6 +104,7 @@ def plan_pass(
     removed by hand). ``orphan_owners``: deployments known to be gone, whose services are
     removed; the caller decides that only from a complete read of the ModelDeployments.
     ``limits``: what node checks and failing replicas keep out of placement.
+    ``quotas``: each namespace's NPU quota.
     ``renderer`` remembers specs across passes (the operator keeps one)."""
     known = known_services or {}
     renderer = renderer or Renderer()
@@ -105,12 +112,11 @@ def plan_pass(
 
     # 1. Refuse what the host policy forbids once Swarm's networks are known: a refused
     #    deployment asks for nothing and changes nothing.
-    refused = refuse_networks(
-        by_priority(deployments), snapshot, policy or hostpolicy.TenantPolicy()
-    )
+    refused = refuse_networks(by_age(deployments), snapshot, policy or hostpolicy.TenantPolicy())
     admitted = by_priority([md for md in deployments if md.key not in refused])
 
-    # 2. Place every replica of every deployment at once, oldest deployment first.
+    # 2. Place every replica of every deployment at once, highest priority first, then the
+    #    oldest deployment first.
     placement = place_all(
         admitted,
         snapshot.nodes,
@@ -118,7 +124,12 @@ def plan_pass(
         now=now,
         lost_node_grace_seconds=lost_node_grace_seconds,
         limits=limits,
+        admit=quotas.admit if quotas is not None and quotas.npus else None,
     )
+
+    # 2b. Replicas that found no NPUs take them from lower-priority ones: the victims are
+    #     removed by the diff (gateways first), the preemptor placed once they have exited.
+    preempted = preemption.preempt(placement, preemption.ranks(admitted))
     whole = PassPlan(
         snapshot=snapshot,
         placement=placement,
@@ -131,6 +142,7 @@ def plan_pass(
         refused=refused,
         lost_node_grace_seconds=lost_node_grace_seconds,
         limits=limits,
+        preemptions=preempted.preemptions,
     )
     plans = list(whole.plans.values())
 

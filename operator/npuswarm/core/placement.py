@@ -1,16 +1,17 @@
 """Placement: which node and which NPUs each replica of every ModelDeployment gets. Pure.
 
-Step 2 of the pass (core/pipeline.py): place_all turns every deployment into replica requests,
-oldest first, and places them all at once. The same inputs always give the same result,
-whatever order allocations were listed in: requests come in priority order (oldest deployment
-first), and everything else is sorted. Step 5 (the surge) takes spare NPUs from the same
-result with spare_assignment.
+Step 2 of the pass (core/pipeline.py): place_all turns every deployment into replica requests
+and places them all at once. The same inputs always give the same result, whatever order
+allocations were listed in: requests come in priority order (spec.priority, higher first,
+then the oldest deployment first), and everything else is sorted. Replicas that find no NPUs
+may take them from lower-priority ones in step 2b (core/preemption.py). Step 5 (the surge)
+takes spare NPUs from the same result with spare_assignment.
 """
 
 from __future__ import annotations
 
 import heapq
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
@@ -30,6 +31,12 @@ UnplacedReason = Literal[
     "InsufficientNPUs",
     "NodeValidationFailed",
     "NodeValidationPending",
+    # Preemption (core/preemption.py): a replica stopped for a higher-priority one, and the
+    # higher-priority one waiting for the NPUs it stops.
+    "Preempted",
+    "Preempting",
+    # The namespace's NPU quota is used up (core/quota.py).
+    "QuotaExceeded",
 ]
 # At most this many blocked nodes are named in one message; the rest are counted.
 MAX_NAMED_BLOCKED = 3
@@ -83,6 +90,9 @@ class Allocation(BaseModel):
     foreign: bool = False
     # A member of a multi-node replica: its group's host port block (core/gang.py).
     port_block: int | None = None
+    # Held by a task of a removed service that is still stopping (its stop grace period):
+    # taken until Swarm no longer lists the task, never kept or moved.
+    stopping: bool = False
 
     @property
     def key(self) -> ReplicaKey:
@@ -152,7 +162,7 @@ class PlacementResult:
     free: dict[str, set[int]] = field(default_factory=dict)
     # Nodes that already run a replica of a deployment (for one-replica-per-node requests).
     nodes_used: dict[str, set[str]] = field(default_factory=dict)
-    # Each deployment's replica requests, by deployment key, oldest deployment first.
+    # Each deployment's replica requests, by deployment key, in placement order.
     requests: dict[str, list[ReplicaRequest]] = field(default_factory=dict)
     # Multi-node replicas placed away from their groupTopologyKey: (deployment, group) -> why.
     group_notes: dict[ReplicaKey, str] = field(default_factory=dict)
@@ -171,6 +181,13 @@ class PlacementResult:
     _keys_of_node: dict[str, list[CandidateKey]] = field(default_factory=dict)
     # Hostname order makes ties deterministic and lets a scan stop at the first exact fit.
     _ordered: list[NodeInfo] = field(default_factory=list)
+    # NPUs held by stopping tasks of removed services, per node: free once they exit.
+    releasing: dict[str, set[int]] = field(default_factory=dict)
+    # Replicas whose running service must stop although they are still wanted (preempted,
+    # beyond their namespace's quota) -> why; the diff removes their services.
+    evicted: dict[ReplicaKey, str] = field(default_factory=dict)
+    # NPUs each namespace with a quota may still be given (core/quota.py).
+    quota_room: dict[str, int] = field(default_factory=dict)
     # (node, NPU) -> (deployment, service) of whoever claimed it (foreign: no deployment).
     _holders: dict[tuple[str, int], tuple[str, str]] = field(default_factory=dict)
 
@@ -200,23 +217,36 @@ class PlacementResult:
         self.assignments.pop(key, None)
         self._by_deployment.get(key[0], {}).pop(key[1], None)
 
+    def nodes(self) -> list[NodeInfo]:
+        """The nodes placement saw, by hostname."""
+        return self._ordered
+
     def for_deployment(self, deployment: str) -> list[Assignment]:
         """In slot order; looked up, not scanned: every deployment of a pass asks."""
         slots = self._by_deployment.get(deployment, {})
         return [slots[slot] for slot in sorted(slots)]
 
 
-def priority(md: ModelDeployment, position: int) -> tuple[str, int, str, str]:
-    """Older deployments are placed first, so a newcomer can never take NPUs from them.
-
-    Objects not yet created (files given to `npuswarm plan`) come last, in the given order.
-    """
+def age(md: ModelDeployment, position: int) -> tuple[str, int, str, str]:
+    """Older deployments first, so a newcomer of the same priority can never take NPUs
+    from them. Objects not yet created (files given to `npuswarm plan`) come last, in the
+    given order."""
     created = md.metadata.creationTimestamp
     return (created or "~", 0 if created else position, md.metadata.namespace, md.metadata.name)
 
 
+def priority(md: ModelDeployment, position: int) -> tuple[int, tuple[str, int, str, str]]:
+    """spec.priority, higher first; age breaks ties (docs/priority.md)."""
+    return (-md.spec.priority, age(md, position))
+
+
 def by_priority(deployments: list[ModelDeployment]) -> list[ModelDeployment]:
     ranked = sorted(enumerate(deployments), key=lambda item: priority(item[1], item[0]))
+    return [md for _, md in ranked]
+
+
+def by_age(deployments: list[ModelDeployment]) -> list[ModelDeployment]:
+    ranked = sorted(enumerate(deployments), key=lambda item: age(item[1], item[0]))
     return [md for _, md in ranked]
 
 
@@ -255,6 +285,21 @@ def replica_requests(md: ModelDeployment, nodes: Iterable[NodeInfo]) -> list[Rep
     ]
 
 
+@dataclass
+class Admission:
+    """Which replica requests may be placed at all (core/quota.py decides)."""
+
+    admitted: list[ReplicaRequest]  # in the order given
+    refused: dict[ReplicaKey, Unplaced] = field(default_factory=dict)
+    # Refused replicas that run now: their services stop (-> why).
+    evicted: dict[ReplicaKey, str] = field(default_factory=dict)
+    # NPUs each namespace with a quota may still be given (for the autoscaler's headroom).
+    room: dict[str, int] = field(default_factory=dict)
+
+
+Admit = Callable[[list[ReplicaRequest], list[Allocation]], Admission]
+
+
 def place_all(
     ranked: list[ModelDeployment],
     nodes: list[NodeInfo],
@@ -263,12 +308,14 @@ def place_all(
     now: datetime,
     lost_node_grace_seconds: float,
     limits: NodeLimits | None = None,
+    admit: Admit | None = None,
 ) -> PlacementResult:
     """One placement over every deployment (``ranked``: by_priority's order), so each
     deployment of a pass sees the same global answer; ``result.requests`` keeps each one's
     requests. ``limits`` (node checks, failing replicas): nodes that get no new replica (what
     runs there stays), NPUs given to nobody (a replica holding one moves), replicas that move
-    and the nodes each avoids."""
+    and the nodes each avoids. ``admit``: which requests may be placed at all (the
+    namespaces' NPU quotas); the others are unplaced, and stop if they run."""
     placeable = limits.apply(nodes) if limits is not None else nodes
     avoid = limits.avoid if limits is not None else {}
     requests_by_deployment: dict[str, list[ReplicaRequest]] = {}
@@ -282,15 +329,19 @@ def place_all(
             ]
         requests_by_deployment[md.key] = requests
         ordered.extend(requests)
+    admission = admit(ordered, allocations) if admit is not None else Admission(ordered)
     result = place(
         placeable,
-        ordered,
+        admission.admitted,
         allocations,
         now=now,
         lost_node_grace_seconds=lost_node_grace_seconds,
         move=limits.move if limits is not None else None,
     )
     result.requests = requests_by_deployment
+    result.unplaced.update(admission.refused)
+    result.evicted.update(admission.evicted)
+    result.quota_room = admission.room
     return result
 
 
@@ -325,6 +376,9 @@ def place(
         if allocation.foreign:
             _hold_foreign(result, allocation)
             continue
+        if allocation.stopping:
+            _hold_releasing(result, allocation)
+            continue
         request = requests_by_key.get(allocation.key)
         _keep_or_move(result, allocation, request, moving, now, lost_node_grace_seconds)
     for request in requests:
@@ -350,7 +404,8 @@ def place(
 
 def _claim_order(allocations: list[Allocation], requests: list[ReplicaRequest]) -> list[Allocation]:
     """Desired replicas claim first (by priority), then allocations nobody wants any more:
-    those still run until removed, so their NPUs stay taken in this pass. Foreign claims
+    those still run until removed, so their NPUs stay taken in this pass; then the tasks of
+    removed services that are still stopping (``releasing``). Foreign claims
     come last: a replica that already runs keeps its NPUs when a foreign service appears
     on them (both keep running, the conflict is reported), and no new replica is ever
     placed on them."""
@@ -359,6 +414,7 @@ def _claim_order(allocations: list[Allocation], requests: list[ReplicaRequest]) 
         allocations,
         key=lambda a: (
             a.foreign,
+            a.stopping,
             priority.get(a.key, len(priority)),
             a.deployment,
             a.slot,
@@ -390,6 +446,15 @@ def _hold_foreign(result: PlacementResult, allocation: Allocation) -> None:
             )
         )
     result.hold(allocation.node_id, allocation.npus - result.taken[allocation.node_id], "", "")
+
+
+def _hold_releasing(result: PlacementResult, allocation: Allocation) -> None:
+    """NPUs a stopping task still holds: nobody gets them until it has exited."""
+    held = allocation.npus - result.taken.get(allocation.node_id, set())
+    if not held:
+        return
+    result.releasing.setdefault(allocation.node_id, set()).update(held)
+    result.hold(allocation.node_id, frozenset(held), "", allocation.service)
 
 
 def _keep_or_move(

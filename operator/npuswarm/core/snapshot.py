@@ -131,11 +131,34 @@ class ForeignClaim:
         )
 
 
+@dataclass(frozen=True)
+class StoppingClaim:
+    """NPUs a task of a removed service still holds while it stops (within its stop grace
+    period): Swarm lists such a task, desired state "remove", until its container exits."""
+
+    owner: str  # "namespace/name[slot]" of npuswarm's, else the service id
+    node_id: str
+    npus: frozenset[int]
+
+    def allocation(self) -> Allocation:
+        return Allocation(
+            deployment="",
+            slot="",
+            node_id=self.node_id,
+            npus=self.npus,
+            service=f"{self.owner} (stopping)",
+            stopping=True,
+        )
+
+
 @dataclass
 class SwarmSnapshot:
     nodes: list[NodeInfo]
     services: list[ObservedService]
     foreign: list[ForeignClaim] = field(default_factory=list)
+    # NPUs of tasks whose service is gone but which still stop (core/preemption.py relies on
+    # them: a preemptor is placed only once its victims have exited).
+    stopping: list[StoppingClaim] = field(default_factory=list)
     # Network name -> "swarm", "local" or "ingress", npuswarm's or not
     # (policy.network_violations reads it).
     networks: dict[str, str] = field(default_factory=dict)
@@ -172,9 +195,10 @@ class SwarmSnapshot:
         return set(self._by_deployment)
 
     def allocations(self) -> list[Allocation]:
-        """npuswarm's claims from its labels, then every foreign claim."""
+        """npuswarm's claims from its labels, then stopping tasks', then every foreign claim."""
         own = [a for a in (s.allocation() for s in self.services) if a is not None]
-        return own + [claim.allocation() for claim in self.foreign]
+        stopping = [claim.allocation() for claim in self.stopping]
+        return own + stopping + [claim.allocation() for claim in self.foreign]
 
     def node(self, node_id: str) -> NodeInfo | None:
         return self._nodes_by_id.get(node_id)
@@ -228,6 +252,13 @@ def snapshot_from_engine(
         for raw in others
         for claim in foreign_claims(raw, foreign_tasks.get(raw.get("ID", ""), []), hostnames)
     ]
+    listed = {raw.get("ID", "") for raw in services}
+    stopping = [
+        claim
+        for service_id, orphaned in foreign_tasks.items()
+        if service_id not in listed
+        for claim in stopping_claims(service_id, orphaned)
+    ]
     users: dict[str, set[str]] = {}
     for service in [*by_id.values(), *gateways]:
         namespace = service.labels.get(labels.OWNER_NAMESPACE) or service.labels.get(
@@ -247,6 +278,7 @@ def snapshot_from_engine(
         nodes=node_infos,
         services=sorted(by_id.values(), key=lambda s: s.name),
         foreign=sorted(foreign, key=lambda c: (c.node_id, c.service)),
+        stopping=sorted(stopping, key=lambda c: (c.node_id, c.owner)),
         networks={
             n["Name"]: "ingress" if n.get("Ingress") else str(n.get("Scope") or "local")
             for n in networks
@@ -361,6 +393,49 @@ def foreign_claims(
         for node_id, npus in sorted(claims.items())
         if npus
     ]
+
+
+def stopping_claims(service_id: str, tasks: list[dict[str, Any]]) -> list[StoppingClaim]:
+    """The NPUs the still-live tasks of a removed service hold: from npuswarm's labels on the
+    container, else its ASCEND_VISIBLE_DEVICES, else the NPU generic resources Swarm gave it."""
+    claims = []
+    for task in tasks:
+        node_id = task.get("NodeID")
+        if not node_id or (task.get("Status") or {}).get("State") not in LIVE_TASK_STATES:
+            continue
+        container = (task.get("Spec") or {}).get("ContainerSpec") or {}
+        task_labels = container.get("Labels") or {}
+        npus: frozenset[int] = frozenset()
+        owner = service_id
+        if labels.NPUS in task_labels:
+            try:
+                npus = parse_npu_ids(task_labels[labels.NPUS])
+            except ValueError:
+                npus = frozenset()
+            owner = (
+                object_key(
+                    task_labels.get(labels.OWNER_NAMESPACE, ""),
+                    task_labels.get(labels.OWNER_NAME, ""),
+                )
+                + f"[{task_labels.get(labels.REPLICA, '')}]"
+            )
+        if not npus:
+            npus = _env_npus(container.get("Env") or [])
+        if not npus:
+            npus = frozenset(
+                npu
+                for resource in task.get("AssignedGenericResources") or []
+                if (resource.get("NamedResourceSpec") or {}).get("Kind") == "NPU"
+                and (
+                    npu := npu_id_from_device(
+                        str((resource.get("NamedResourceSpec") or {}).get("Value", ""))
+                    )
+                )
+                is not None
+            )
+        if npus:
+            claims.append(StoppingClaim(owner=owner, node_id=node_id, npus=npus))
+    return claims
 
 
 def _env_npus(env: list[str]) -> frozenset[int]:

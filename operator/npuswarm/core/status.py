@@ -26,6 +26,11 @@ from npuswarm.core.render import network_alias
 from npuswarm.core.snapshot import SwarmSnapshot
 
 MAX_MESSAGE = 1024
+# Unplaced for a reason that resolves by itself, soon: Progressing, never Degraded.
+PROGRESS_REASONS = frozenset({"NodeValidationPending", "Preempting"})
+# Unplaced because the fleet (or the namespace's quota) has no NPUs for it now: a deployment
+# that serves meanwhile is waiting for NPUs, not broken (docs/autoscaling.md, priority.md).
+WAITING_REASONS = frozenset({"InsufficientNPUs", "Preempted", "QuotaExceeded"})
 # A Swarm outage reads as work under way (Reconciling) this long, then as Stalled (Degraded):
 # a manager restart or a network blip should not fail a Flux or Argo CD sync, a lasting
 # outage should, with its reason, instead of leaving them waiting until their timeout.
@@ -151,9 +156,10 @@ def deployment_status(
     ready_count = sum(1 for r in replicas.statuses if r.ready)
     placed = [r for r in replicas.statuses if r.nodeId is not None]
     unplaced = [u for k, u in sorted(placement.unplaced.items()) if k[0] == md.key]
-    # Waiting a few seconds for a node's first validation check is progress, not a fault.
-    validating = [u for u in unplaced if u.reason == "NodeValidationPending"]
-    unplaced = [u for u in unplaced if u.reason != "NodeValidationPending"]
+    # Waiting a few seconds for a node's first validation check, or for the replicas it
+    # preempted to stop, is progress, not a fault.
+    validating = [u for u in unplaced if u.reason in PROGRESS_REASONS]
+    unplaced = [u for u in unplaced if u.reason not in PROGRESS_REASONS]
     conflicts = [message for owner, message in placement.conflicts if owner == md.key]
     short = waiting_for_npus(md.key, unplaced, placement.moved, ready_count)
     faults = [] if short else unplaced
@@ -164,7 +170,7 @@ def deployment_status(
     if short and degraded.status == "False" and not rolling:
         progressing = ConditionValue(
             "True",
-            "InsufficientNPUs",
+            unplaced[0].reason,  # InsufficientNPUs, or Preempted, QuotaExceeded
             f"wanted {desired_count}, placed {len(placed)}: waiting for NPUs; "
             + "; ".join(f"replica {u.slot}: {u.message}" for u in unplaced),
         )
@@ -298,7 +304,7 @@ def waiting_for_npus(
     return (
         bool(unplaced)
         and ready_count > 0
-        and all(u.reason == "InsufficientNPUs" and (key, u.slot) not in moved for u in unplaced)
+        and all(u.reason in WAITING_REASONS and (key, u.slot) not in moved for u in unplaced)
     )
 
 
@@ -348,6 +354,11 @@ def _progressing(
         )
     if starting and degraded.status == "False":
         return ConditionValue("True", "ReplicasStarting", "waiting for tasks to run")
+    preempting = [u for u in validating if u.reason == "Preempting"]
+    if preempting and degraded.status == "False":
+        return ConditionValue(
+            "True", "Preempting", "; ".join(f"replica {u.slot}: {u.message}" for u in preempting)
+        )
     if validating and degraded.status == "False":
         return ConditionValue(
             "True",
