@@ -21,6 +21,9 @@ NEEDED = [
     ("patch", "modeldeployments.npuswarm.io --subresource=status", "-A"),
     ("create", "events", "-n models"),
     ("get", "secrets", "-n models"),  # a ModelGateway's API keys Secret, by its name
+    ("get", "namespaces", ""),  # the NPU quota annotation (docs/priority.md)
+    ("list", "namespaces", ""),
+    ("watch", "namespaces", ""),
     ("get", "customresourcedefinitions.apiextensions.k8s.io", ""),
     ("list", "customresourcedefinitions.apiextensions.k8s.io", ""),
     ("watch", "customresourcedefinitions.apiextensions.k8s.io", ""),
@@ -31,7 +34,8 @@ DENIED = [
     ("delete", "modeldeployments.npuswarm.io", "-A"),
     ("list", "secrets", "-A"),
     ("watch", "secrets", "-A"),
-    ("list", "namespaces", ""),
+    ("patch", "namespaces", ""),  # quotas are the admin's: read, never written
+    ("update", "namespaces", ""),
     ("create", "pods", "-n default"),
     ("patch", "customresourcedefinitions.apiextensions.k8s.io", ""),
     ("delete", "customresourcedefinitions.apiextensions.k8s.io", ""),

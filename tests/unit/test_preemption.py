@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from npuswarm import metrics
 from npuswarm.api import labels
 from npuswarm.api.deployment import ModelDeployment
 from npuswarm.core.autoscale import headroom
@@ -81,7 +82,9 @@ def full_fleet() -> tuple[MemorySwarm, Reconciler, list[ModelDeployment]]:
 def test_a_higher_priority_replica_stops_the_fewest_lower_ones_then_waits_for_their_npus() -> None:
     swarm, r, low = full_fleet()
     urgent = md("urgent", npus=4, priority=100, minute=9, nodeSelector={"all": "y"})
+    counted = metrics.REGISTRY.get_sample_value("npuswarm_preemptions_total", {"namespace": "default"}) or 0
     first = run(r, [*low, urgent])
+    assert metrics.REGISTRY.get_sample_value("npuswarm_preemptions_total", {"namespace": "default"}) == counted + 1
     # One 4-NPU replica on node1 beats two 2-NPU replicas on node2.
     (preemption,) = first.plan.preemptions
     assert [v.name for v in preemption.victims] == ["default/big[0]"]
@@ -97,7 +100,10 @@ def test_a_higher_priority_replica_stops_the_fewest_lower_ones_then_waits_for_th
 
     # The victim's task is still in its stop grace: nothing is given its NPUs, nobody else
     # is preempted, and the victim is not placed back by stopping the preemptor.
-    waiting = run(r, [*low, urgent])
+    previous = {"default/big": first.views["default/big"].status.model_dump()}
+    waiting = run(r, [*low, urgent], previous=previous)
+    said = waiting.views["default/big"].status.replicaStatuses[0].message or ""
+    assert said.startswith("preempted by default/urgent[0] (priority 100 > 0); needs 4 free NPUs"), said
     assert waiting.plan.preemptions == [] and services_of(swarm, "urgent") == []
     assert "Preempting" in {u.reason for u in waiting.plan.placement.unplaced.values()}
     assert services_of(swarm, "small") == [f"default-small-{i}" for i in range(4)]
@@ -221,3 +227,19 @@ def test_a_lowered_quota_stops_the_replicas_beyond_it_lowest_priority_first() ->
 def test_an_unreadable_quota_is_ignored_and_reported() -> None:
     quotas = Quotas.from_annotations({"a": {"npuswarm.io/npu-quota": "lots"}, "b": {"npuswarm.io/npu-quota": "3"}})
     assert quotas.npus == {"b": 3} and quotas.problems == {"a": "lots"}
+
+
+def test_quotas_come_from_the_namespace_index_and_the_gate_waits_for_them() -> None:
+    from npuswarm.core.hostpolicy import TenantPolicy
+    from npuswarm.runtime.index import IndexGate, IndexReader
+
+    quota_index: dict[Any, Any] = {"team-a": ["8"], "plain": []}
+    reader = IndexReader(TenantPolicy(), None, {}, {}, quota_index)
+    assert reader.desired({}, {}).quotas.npus == {"team-a": 8}
+    assert reader.quota_changed("team-a", "8") and not reader.quota_changed("team-a", "8")
+    assert reader.quota_changed("team-a", None), "a removed quota asks for a pass"
+    gate = IndexGate(lambda plural: set(), lambda: {"team-a", "team-b"})
+    assert not gate.check(reader, gate.list_all()), "team-b's quota is not indexed yet"
+    quota_index["team-b"] = ["4"]
+    assert gate.check(reader, gate.list_all())
+    assert not IndexGate(lambda plural: set(), lambda: None).check(reader, None)

@@ -213,6 +213,7 @@ def report(
         writes = applied.get(md.key, Applied())
         previous = desired.previous.get(md.key, {})
         status = deployment_status(md, whole, writes, previous.get("conditions", []), now)
+        preemption.remember(status, previous)
         events = deployment_events(md, whole, writes) + task_failure_events(status)
         scaler = desired.autoscaler.get(md.key)
         if scaler is not None:

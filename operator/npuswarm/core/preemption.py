@@ -31,8 +31,9 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import combinations
+from typing import Any
 
-from npuswarm.api.deployment import ModelDeployment
+from npuswarm.api.deployment import ModelDeployment, ModelDeploymentStatus
 from npuswarm.core import topology
 from npuswarm.core.nodes import NodeInfo
 from npuswarm.core.placement import (
@@ -390,9 +391,7 @@ def _commit(
         left[d] -= n
     named = ", ".join(f"{v.name} (priority {v.priority})" for v in choice.victims)
     for victim in choice.victims:
-        why = (
-            f"preempted by {name} (priority {rank.priority} > {victim.priority}); waiting for NPUs"
-        )
+        why = f"{PREEMPTED}{name} (priority {rank.priority} > {victim.priority}); waiting for NPUs"
         for key in victim.keys:
             result.unassign(key)
             result.evicted[key] = why
@@ -421,3 +420,24 @@ def _mark(
         reason=reason,
         message=message,
     )
+
+
+PREEMPTED = "preempted by "
+
+
+def remember(status: ModelDeploymentStatus, previous: Mapping[str, Any]) -> None:
+    """A replica preempted in an earlier pass and still unplaced keeps saying why it lost its
+    place (the pass that stopped it said so first), followed by why it has none now."""
+    before = {
+        str(r.get("replica")): str(r.get("message") or "")
+        for r in previous.get("replicaStatuses") or []
+        if str(r.get("message") or "").startswith(PREEMPTED)
+    }
+    if not before:
+        return
+    for replica in status.replicaStatuses:
+        said = before.get(replica.replica)
+        if said is None or replica.nodeId is not None or not replica.message:
+            continue
+        if not replica.message.startswith(PREEMPTED):
+            replica.message = f"{said.split(';', 1)[0]}; {replica.message}"
