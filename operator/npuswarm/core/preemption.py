@@ -127,11 +127,25 @@ def preempt(result: PlacementResult, ranks: Mapping[str, Rank]) -> PreemptionRes
     victims_by_node = _victims_by_node(result, ranks)
     left = {d: _placed_replicas(result, d) - ranks[d].floor for d in ranks}
     promised: dict[str, set[int]] = {}
+    # Searches that found nothing: victims only go and promises only grow within a pass, so
+    # a replica asking the same finds nothing either (many replicas of one deployment).
+    hopeless: set[tuple[object, ...]] = set()
     for members in pending:
         leader = members[0]
         rank = ranks[leader.deployment]
+        asked = (
+            rank.priority,
+            leader.deployment if leader.one_per_node or leader.group is not None else "",
+            tuple(sorted(leader.node_selector.items())),
+            leader.npus,
+            leader.npu_ids,
+            len(members),
+        )
+        if asked in hopeless:
+            continue
         choice = _cheapest(members, rank.priority, result, victims_by_node, left, promised)
         if choice is None:
+            hopeless.add(asked)
             continue
         _commit(result, members, rank, choice, left, promised, outcome)
     return outcome
