@@ -243,3 +243,40 @@ def test_quotas_come_from_the_namespace_index_and_the_gate_waits_for_them() -> N
     quota_index["team-b"] = ["4"]
     assert gate.check(reader, gate.list_all())
     assert not IndexGate(lambda plural: set(), lambda: None).check(reader, None)
+
+
+def test_a_multi_node_group_preempts_on_enough_nodes_and_a_group_victim_goes_whole() -> None:
+    from npuswarm.core.placement import Allocation, by_priority, place_all
+    from npuswarm.core.preemption import preempt, ranks
+
+    from .builders import node
+
+    nodes = [node("a"), node("b"), node("c")]
+    low = md("low", npus=8, replicas=3)  # one 8-NPU replica on every node
+    first = place_all([low], nodes, [], now=NOW, lost_node_grace_seconds=60)
+    running = [Allocation(deployment=a.deployment, slot=a.slot, node_id=a.node_id, npus=a.npus, service=f"s{a.slot}")
+               for a in first.assignments.values()]
+    group = md("group", npus=8, nodesPerReplica=2, priority=7, minute=5,
+               engine={"tensorParallelSize": 4, "dataParallelSize": 4})
+    ranked = by_priority([low, group])
+    second = place_all(ranked, nodes, running, now=NOW, lost_node_grace_seconds=60)
+    assert not any(k[0] == group.key for k in second.assignments)
+    outcome = preempt(second, ranks(ranked))
+    (preemption,) = outcome.preemptions
+    assert len(preemption.victims) == 2 and len(set(preemption.nodes)) == 2
+    assert {k for k in second.evicted} == {k for v in preemption.victims for k in v.keys}
+
+    # The other way round: a single replica of higher priority stops a whole group (all its
+    # members, on both nodes), never half of it.
+    big = md("big", npus=8, priority=9, minute=9)
+    placed_group = place_all([group], nodes, [], now=NOW, lost_node_grace_seconds=60)
+    members = [Allocation(deployment=a.deployment, slot=a.slot, node_id=a.node_id, npus=a.npus, service=f"m{a.slot}")
+               for a in placed_group.assignments.values()]
+    filler = md("filler", npus=8, priority=9, minute=1)
+    taken = [n.id for n in nodes if n.id not in {m.node_id for m in members}]
+    members.append(Allocation(deployment=filler.key, slot="0", node_id=taken[0], npus=frozenset(range(8)), service="f0"))
+    ranked = by_priority([group, filler, big])
+    third = place_all(ranked, nodes, members, now=NOW, lost_node_grace_seconds=60)
+    (preemption,) = preempt(third, ranks(ranked)).preemptions
+    (victim,) = preemption.victims
+    assert victim.deployment == group.key and len(victim.keys) == 2 and victim.npus == 16
