@@ -128,8 +128,9 @@ def full_lab(swarm_lab: swarmlab.Lab, gateway_image: str, network: str) -> Itera
 
     def create_service(spec: dict[str, Any]) -> str:
         service_labels = spec["Labels"]
-        holders = live_holders(swarm, service_labels[labels.NODE], set(service_labels[labels.NPUS].split(",")))
-        recorded.add("create", (spec["Name"], holders))
+        if labels.NODE in service_labels:  # a replica (not the gateway)
+            npus = set(service_labels[labels.NPUS].split(","))
+            recorded.add("create", (spec["Name"], live_holders(swarm, service_labels[labels.NODE], npus)))
         return real_create(spec)
 
     swarm.remove_service = remove_service  # type: ignore[method-assign]
