@@ -209,5 +209,6 @@ def test_a_higher_priority_replica_stops_the_fewest_lower_ones_which_left_the_ga
     assert big.placedReplicas == 3 and big.phase == "Progressing"
     events = [e for r in lab.passes for e in r.views["lab/big"].events if e.reason == "Preempted"]
     assert events and "lab/urgent[0] (priority 100 > 0)" in events[0].message
-    preempting = [e for r in lab.passes for e in r.views["lab/urgent"].events if e.reason == "Preempting"]
+    preempting = [e for r in lab.passes if "lab/urgent" in r.views
+                  for e in r.views["lab/urgent"].events if e.reason == "Preempting"]
     assert preempting and victim.name in preempting[0].message
