@@ -187,6 +187,10 @@ def test_base_rbac_is_exactly_what_kopf_and_npuswarm_use(render: Any) -> None:
         ("", "events", "create", ()),
         # a ModelGateway's API keys Secret, read by name (never listed)
         ("", "secrets", "get", ()),
+        # the NPU quota annotation an admin sets on a Namespace (read only, docs/priority.md)
+        ("", "namespaces", "get", ()),
+        ("", "namespaces", "list", ()),
+        ("", "namespaces", "watch", ()),
         ("apiextensions.k8s.io", "customresourcedefinitions", "get", ()),
         ("apiextensions.k8s.io", "customresourcedefinitions", "list", ()),
         ("apiextensions.k8s.io", "customresourcedefinitions", "watch", ()),
