@@ -28,6 +28,7 @@ replicas (a node holds at most a few), with a bounded search over their subsets.
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import combinations
@@ -124,16 +125,18 @@ def preempt(result: PlacementResult, ranks: Mapping[str, Rank]) -> PreemptionRes
     pending = _pending(result, ranks, lowest)
     if not pending:
         return outcome
-    victims_by_node = _victims_by_node(result, ranks)
-    left = {d: _placed_replicas(result, d) - ranks[d].floor for d in ranks}
-    promised: dict[str, set[int]] = {}
+    state = _PassState(
+        result=result,
+        victims_by_node=_victims_by_node(result, ranks),
+        left={d: _placed_replicas(result, d) - ranks[d].floor for d in ranks},
+    )
     # Searches that found nothing: victims only go and promises only grow within a pass, so
     # a replica asking the same finds nothing either (many replicas of one deployment).
-    hopeless: set[tuple[object, ...]] = set()
+    hopeless: set[Ask] = set()
     for members in pending:
         leader = members[0]
         rank = ranks[leader.deployment]
-        asked = (
+        asked: Ask = (
             rank.priority,
             leader.deployment if leader.one_per_node or leader.group is not None else "",
             tuple(sorted(leader.node_selector.items())),
@@ -143,12 +146,45 @@ def preempt(result: PlacementResult, ranks: Mapping[str, Rank]) -> PreemptionRes
         )
         if asked in hopeless:
             continue
-        choice = _cheapest(members, rank.priority, result, victims_by_node, left, promised)
+        choice = _cheapest(members, rank.priority, asked, state)
         if choice is None:
             hopeless.add(asked)
             continue
-        _commit(result, members, rank, choice, left, promised, outcome)
+        _commit(members, rank, choice, state, outcome)
     return outcome
+
+
+# What a replica asks of preemption: priority, the deployment (when its own replicas'
+# nodes are excluded), selector, NPUs, pinned NPUs, members. Equal asks share node results.
+Ask = tuple[int, str, tuple[tuple[str, str], ...], int, frozenset[int] | None, int]
+
+
+@dataclass
+class _Search:
+    """One ask's candidate nodes and, per node, its cheapest victims (None: no room), each
+    with the node's epoch when computed. A node's answer stays right while nothing on it
+    changed and its victims are still there within their floors: victims only go, floors
+    only tighten and promises only grow in a pass, so no other subset got cheaper."""
+
+    nodes: list[NodeInfo]
+    per_node: dict[str, tuple[int, tuple[Victim, ...] | None]] = field(default_factory=dict)
+    # Single replicas: (cost, node id) of every node with room, cheapest first; entries
+    # whose node changed are recomputed when met.
+    heap: list[tuple[tuple[int, int, int, str], str]] = field(default_factory=list)
+
+
+@dataclass
+class _PassState:
+    result: PlacementResult
+    victims_by_node: dict[str, list[Victim]]
+    left: dict[str, int]  # replicas each deployment may still lose
+    promised: dict[str, set[int]] = field(default_factory=dict)
+    evicted: set[str] = field(default_factory=set)  # victims' names
+    epoch: dict[str, int] = field(default_factory=dict)  # node -> changes made on it
+    searches: dict[Ask, _Search] = field(default_factory=dict)
+
+    def touch(self, node_id: str) -> None:
+        self.epoch[node_id] = self.epoch.get(node_id, 0) + 1
 
 
 def _placed_deployments(result: PlacementResult) -> set[str]:
@@ -215,32 +251,67 @@ def _victims_by_node(result: PlacementResult, ranks: Mapping[str, Rank]) -> dict
 
 
 def _cheapest(
-    members: list[ReplicaRequest],
-    priority: int,
-    result: PlacementResult,
-    victims_by_node: Mapping[str, list[Victim]],
-    left: Mapping[str, int],
-    promised: Mapping[str, set[int]],
+    members: list[ReplicaRequest], priority: int, asked: Ask, state: _PassState
 ) -> _Choice | None:
     """The cheapest room for the replica: one node for a single replica, distinct nodes for
-    each missing member of a group."""
+    each missing member of a group. Each node's answer is computed once per ask and again
+    only when something changed on it; single replicas take the cheapest from a heap."""
     leader = members[0]
-    per_node: list[_Choice] = []
-    used = result.nodes_used.get(leader.deployment, set())
-    for node in _candidates(leader, result):
-        if (leader.one_per_node or leader.group is not None) and node.id in used:
-            continue
-        victims = [
-            v
-            for v in victims_by_node.get(node.id, ())
-            if v.priority < priority and v.deployment != leader.deployment and left[v.deployment]
-        ]
-        found = _room_on(node, leader, result, victims, promised, left)
+    result = state.result
+    search = state.searches.get(asked)
+    if search is None:
+        used = result.nodes_used.get(leader.deployment, set())
+        exclusive = leader.one_per_node or leader.group is not None
+        nodes = [n for n in _candidates(leader, result) if not (exclusive and n.id in used)]
+        search = state.searches[asked] = _Search(nodes)
+        for node in nodes:
+            found = _node_answer(node, leader, priority, search, state)
+            if found is not None:
+                search.heap.append((_cost(found, node), node.id))
+        heapq.heapify(search.heap)
+    if leader.group is not None:
+        per_node = []
+        for node in search.nodes:
+            found = _node_answer(node, leader, priority, search, state)
+            if found is not None:
+                per_node.append(_Choice(_cost(found, node), (node,), found))
+        return _group_choice(per_node, len(members), state.left)
+    by_id = {node.id: node for node in search.nodes} if search.heap else {}
+    while search.heap:
+        cost, node_id = search.heap[0]
+        node = by_id[node_id]
+        found = _node_answer(node, leader, priority, search, state)
+        if found is not None and _cost(found, node) == cost:
+            return _Choice(cost, (node,), found)
+        heapq.heappop(search.heap)  # stale: something changed on that node
         if found is not None:
-            per_node.append(_Choice(_cost(found, node), (node,), found))
-    if leader.group is None:
-        return min(per_node, key=lambda c: c.cost, default=None)
-    return _group_choice(per_node, len(members), left)
+            heapq.heappush(search.heap, (_cost(found, node), node_id))
+    return None
+
+
+def _node_answer(
+    node: NodeInfo, request: ReplicaRequest, priority: int, search: _Search, state: _PassState
+) -> tuple[Victim, ...] | None:
+    """This node's cheapest victims for the ask, from the cache while still right."""
+    epoch = state.epoch.get(node.id, 0)
+    cached = search.per_node.get(node.id)
+    if cached is not None and cached[0] == epoch:
+        found = cached[1]
+        if not found or (
+            not any(v.name in state.evicted for v in found) and _within_floors(found, state.left)
+        ):
+            return found
+    victims = [
+        v
+        for v in state.victims_by_node.get(node.id, ())
+        if v.priority < priority
+        and v.deployment != request.deployment
+        and state.left[v.deployment]
+        and v.name not in state.evicted
+    ]
+    found = _room_on(node, request, state.result, victims, state.promised, state.left)
+    search.per_node[node.id] = (epoch, found)
+    return found
 
 
 def _candidates(request: ReplicaRequest, result: PlacementResult) -> list[NodeInfo]:
@@ -357,16 +428,15 @@ def _group_choice(per_node: list[_Choice], members: int, left: Mapping[str, int]
 
 
 def _commit(
-    result: PlacementResult,
     members: list[ReplicaRequest],
     rank: Rank,
     choice: _Choice,
-    left: dict[str, int],
-    promised: dict[str, set[int]],
+    state: _PassState,
     outcome: PreemptionResult,
 ) -> None:
     """Mark the victims (within their floors: a deployment may appear twice on one node) and
     promise the room on each chosen node to this replica."""
+    result, left, promised = state.result, state.left, state.promised
     per_deployment: dict[str, int] = {}
     for victim in choice.victims:
         per_deployment[victim.deployment] = per_deployment.get(victim.deployment, 0) + 1
@@ -387,6 +457,7 @@ def _commit(
             else topology.choose(frozenset(room), leader.npus, node.topology)
         )
         promised.setdefault(node.id, set()).update(chosen or ())
+        state.touch(node.id)
         # Free NPUs promised here are not spare for this pass's surge copies either.
         result.claim(node.id, frozenset(chosen or ()) & frozenset(result.free.get(node.id, ())))
     hosts = tuple(node.hostname for node in choice.nodes)
