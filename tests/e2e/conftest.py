@@ -187,6 +187,10 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
             # One node: a failing replica could only move to other NPUs of the same node,
             # which would rewrite services tests expect unchanged. tests/lab covers moves.
             "NPUSWARM_FAILING_REPLICA_THRESHOLD": "0",
+            # The tiny stand-in ignores SIGTERM: a removed replica would hold its NPUs for the
+            # whole stop grace (120 s by default), and they are given out only once it has
+            # exited (docs/priority.md), so each test would wait for the last one's.
+            "NPUSWARM_STOP_GRACE_SECONDS": "2",
         }
         container = f"npuswarm-e2e-{uuid.uuid4().hex[:8]}"
         sa_dir = operatorimage.service_account_dir(state / "serviceaccount", token, plane.ca_file)

@@ -105,7 +105,9 @@ def test_a_higher_priority_replica_stops_the_fewest_lower_ones_then_waits_for_th
     said = waiting.views["default/big"].status.replicaStatuses[0].message or ""
     assert said.startswith("preempted by default/urgent[0] (priority 100 > 0); needs 4 free NPUs"), said
     assert waiting.plan.preemptions == [] and services_of(swarm, "urgent") == []
-    assert "Preempting" in {u.reason for u in waiting.plan.placement.unplaced.values()}
+    (held,) = [u for u in waiting.plan.placement.unplaced.values() if u.deployment == urgent.key]
+    assert held.reason == "NPUsReleasing" and "host1" in held.message
+    assert waiting.views["default/urgent"].status.phase != "Degraded"
     assert services_of(swarm, "small") == [f"default-small-{i}" for i in range(4)]
     assert held_twice(swarm) == []
 
@@ -280,3 +282,26 @@ def test_a_multi_node_group_preempts_on_enough_nodes_and_a_group_victim_goes_who
     (preemption,) = preempt(third, ranks(ranked)).preemptions
     (victim,) = preemption.victims
     assert victim.deployment == group.key and len(victim.keys) == 2 and victim.npus == 16
+
+
+def test_a_replica_waiting_for_npus_being_released_is_not_overtaken_by_a_younger_one() -> None:
+    swarm = MemorySwarm(nodes=1, npus=8)
+    swarm.stop_grace = True
+    r = reconciler(swarm)
+    going = md("going", npus=4)
+    run(r, [going])
+    swarm.run_all()
+    old_big = md("old-big", npus=8, minute=1)
+    young = md("young", npus=4, minute=2)
+    # "going" deleted: its replica's task still stops, and 4 NPUs are free.
+    r.finalize("default", "going", going.metadata.uid)
+    result = run(r, [old_big, young])
+    # The older replica waits for all 8; the younger does not take the 4 free ones meanwhile
+    # (it would have kept them for good).
+    assert services_of(swarm, "young") == [] and services_of(swarm, "old-big") == []
+    waiting = result.plan.placement.unplaced[(old_big.key, "0")]
+    assert waiting.reason == "NPUsReleasing" and "NPUs [0, 1, 2, 3] on host1" in waiting.message
+    assert result.views[old_big.key].status.phase != "Degraded"
+    swarm.finish_stopping()
+    run(r, [old_big, young])
+    assert services_of(swarm, "old-big") == ["default-old-big-0"] and held_twice(swarm) == []

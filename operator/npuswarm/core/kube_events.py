@@ -100,7 +100,7 @@ def deployment_events(md: ModelDeployment, whole: PassPlan, writes: Applied) -> 
             # Waiting for a node's first validation probe is no warning.
             kind: EventType = (
                 "Normal"
-                if unplaced.reason in ("NodeValidationPending", "Preempting")
+                if unplaced.reason in ("NodeValidationPending", "Preempting", "NPUsReleasing")
                 else "Warning"
             )
             events.append(

@@ -35,6 +35,8 @@ UnplacedReason = Literal[
     # higher-priority one waiting for the NPUs it stops.
     "Preempted",
     "Preempting",
+    # Fits once replicas still stopping on a node have exited: their NPUs are held for it.
+    "NPUsReleasing",
     # The namespace's NPU quota is used up (core/quota.py).
     "QuotaExceeded",
 ]
@@ -183,6 +185,8 @@ class PlacementResult:
     _ordered: list[NodeInfo] = field(default_factory=list)
     # NPUs held by stopping tasks of removed services, per node: free once they exit.
     releasing: dict[str, set[int]] = field(default_factory=dict)
+    # Of those, the ones a waiting replica will take once they are free (_await_release).
+    awaited: dict[str, set[int]] = field(default_factory=dict)
     # Replicas whose running service must stop although they are still wanted (preempted,
     # beyond their namespace's quota) -> why; the diff removes their services.
     evicted: dict[ReplicaKey, str] = field(default_factory=dict)
@@ -390,6 +394,8 @@ def place(
             continue
         assignment = _best_fit(request, result)
         if isinstance(assignment, Unplaced):
+            if assignment.reason == "InsufficientNPUs" and result.releasing:
+                assignment = _await_release(request, result) or assignment
             result.unplaced[request.key] = assignment
             continue
         result.assign(assignment)
@@ -509,6 +515,41 @@ def spare_assignment(result: PlacementResult, request: ReplicaRequest) -> Assign
         return None
     result.claim(assignment.node_id, assignment.npus)
     return assignment
+
+
+def _await_release(request: ReplicaRequest, result: PlacementResult) -> Unplaced | None:
+    """A replica that fits a node once its stopping tasks have exited waits for that node:
+    the free NPUs it will need there are held for it, so a replica later in the order (lower
+    priority, younger) cannot take them meanwhile and keep it out for good."""
+    for node_id in sorted(result.releasing, key=lambda n: (result._nodes[n].hostname, n)):
+        node = result._nodes[node_id]
+        used = result.nodes_used.get(request.deployment, set())
+        if (
+            not node.accepts_new_replicas
+            or not node.matches(request.node_selector)
+            or (request.pinned_node is not None and request.pinned_node != node_id)
+            or ((request.one_per_node or request.npu_ids is not None) and node_id in used)
+        ):
+            continue
+        free = result.free.get(node_id, set())
+        releasing = result.releasing[node_id] - result.awaited.get(node_id, set())
+        room = frozenset(free | releasing)
+        if request.npu_ids is not None:
+            fits = request.npu_ids <= room and topology.is_valid_set(request.npu_ids, node.topology)
+            chosen = request.npu_ids if fits else None
+        else:
+            chosen = topology.choose(room, request.npus, node.topology)
+        if chosen is None or not chosen & releasing:
+            continue
+        result.claim(node_id, chosen & frozenset(free))
+        result.awaited.setdefault(node_id, set()).update(chosen & releasing)
+        return _unplaced(
+            request,
+            "NPUsReleasing",
+            f"waiting for NPUs {sorted(chosen & releasing)} on {node.hostname}: replicas that "
+            "held them are still stopping (their stop grace)",
+        )
+    return None
 
 
 def _node_lost(node_id: str, nodes_by_id: dict[str, NodeInfo], now: datetime, grace: float) -> bool:

@@ -337,9 +337,7 @@ def _room_on(
     """The fewest victims on this node (then the fewest NPUs) whose NPUs, with the free and
     released ones nobody was promised, fit the request; () when those alone fit; None when
     nothing does."""
-    base = (result.free.get(node.id, set()) | result.releasing.get(node.id, set())) - promised.get(
-        node.id, set()
-    )
+    base = _releasing_room(result, node.id) - promised.get(node.id, set())
     if _fits(base, request, node):
         return ()
     if not victims:
@@ -370,6 +368,12 @@ def _room_on(
         if best is not None:
             return best[1]
     return None
+
+
+def _releasing_room(result: PlacementResult, node_id: str) -> set[int]:
+    """Free NPUs and those being released that no waiting replica was given."""
+    releasing = result.releasing.get(node_id, set()) - result.awaited.get(node_id, set())
+    return result.free.get(node_id, set()) | releasing
 
 
 def _within_floors(victims: Iterable[Victim], left: Mapping[str, int]) -> bool:
@@ -446,11 +450,8 @@ def _commit(
     replica = leader.group if leader.group is not None else leader.slot
     name = f"{leader.deployment}[{replica}]"
     for node in choice.nodes:
-        room = (
-            result.free.get(node.id, set())
-            | result.releasing.get(node.id, set())
-            | _freed(node.id, choice.victims)
-        ) - promised.get(node.id, set())
+        room = _releasing_room(result, node.id) | _freed(node.id, choice.victims)
+        room -= promised.get(node.id, set())
         chosen = (
             leader.npu_ids
             if leader.npu_ids is not None

@@ -27,7 +27,7 @@ from npuswarm.core.snapshot import SwarmSnapshot
 
 MAX_MESSAGE = 1024
 # Unplaced for a reason that resolves by itself, soon: Progressing, never Degraded.
-PROGRESS_REASONS = frozenset({"NodeValidationPending", "Preempting"})
+PROGRESS_REASONS = frozenset({"NodeValidationPending", "Preempting", "NPUsReleasing"})
 # Unplaced because the fleet (or the namespace's quota) has no NPUs for it now: a deployment
 # that serves meanwhile is waiting for NPUs, not broken (docs/autoscaling.md, priority.md).
 WAITING_REASONS = frozenset({"InsufficientNPUs", "Preempted", "QuotaExceeded"})
@@ -354,11 +354,12 @@ def _progressing(
         )
     if starting and degraded.status == "False":
         return ConditionValue("True", "ReplicasStarting", "waiting for tasks to run")
-    preempting = [u for u in validating if u.reason == "Preempting"]
-    if preempting and degraded.status == "False":
-        return ConditionValue(
-            "True", "Preempting", "; ".join(f"replica {u.slot}: {u.message}" for u in preempting)
-        )
+    for reason in ("Preempting", "NPUsReleasing"):
+        waiting = [u for u in validating if u.reason == reason]
+        if waiting and degraded.status == "False":
+            return ConditionValue(
+                "True", reason, "; ".join(f"replica {u.slot}: {u.message}" for u in waiting)
+            )
     if validating and degraded.status == "False":
         return ConditionValue(
             "True",
