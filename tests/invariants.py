@@ -48,12 +48,17 @@ def npu_conflicts(client: Any, label: str | None = None) -> list[str]:
     services = {s["ID"]: s for s in listed}
     holders: dict[tuple[str, str], list[str]] = {}
     for task in client.tasks():
-        if task.get("DesiredState") not in {"running", "ready", "accepted"}:
-            continue
-        if task.get("Status", {}).get("State") not in LIVE_STATES:
+        if task.get("Status", {}).get("State") not in LIVE_STATES or not task.get("NodeID"):
             continue
         service = services.get(task["ServiceID"])
-        if service is None or not task.get("NodeID"):
+        if service is None and task.get("DesiredState") == "remove" and not label:
+            # A removed service's task still stopping (its stop grace) holds its NPUs until
+            # it exits: its own spec says which.
+            service = {"Spec": {"Name": f"removed:{task['ServiceID'][:10]}",
+                                "TaskTemplate": task.get("Spec") or {}}}
+        if task.get("DesiredState") not in {"running", "ready", "accepted", "remove"}:
+            continue
+        if service is None:
             continue
         service_labels = service["Spec"].get("Labels") or {}
         if f"{PREFIX}/npu-health-probe" in service_labels or f"{PREFIX}/node-agent" in service_labels:

@@ -21,6 +21,7 @@ from npuswarm.api import deployment as deployment_api
 from npuswarm.api import gateway as gateway_api
 from npuswarm.api import meta
 from npuswarm.api.meta import metadata_key
+from npuswarm.core import quota
 from npuswarm.gateway.credentials import Credentials
 from npuswarm.gateway.push import Gateways
 from npuswarm.gateway.service import gateway_key
@@ -87,6 +88,7 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **kwargs: Any)
         ),
         index=kwargs["deployments"],
         gateway_index=kwargs["gateways"],
+        quota_index=kwargs["npu_quotas"],
         loop=asyncio.get_running_loop(),
     )
     memo.runtime = runtime
@@ -229,6 +231,25 @@ def on_gateway_delete(
     except SwarmUnavailable as error:
         raise kopf.TemporaryError(f"Swarm unavailable, services kept: {error}", delay=15) from error
     log.info("gateway deleted", gateway=metadata_key(body.metadata), services_removed=removed)
+
+
+@kopf.index("", "v1", "namespaces")
+async def npu_quotas(*, name: str, annotations: kopf.Annotations, **_: Any) -> dict[Any, Any]:
+    """Each Namespace's NPU quota annotation, set by the cluster admin (docs/priority.md);
+    a namespace without one contributes nothing (and drops out when it is removed)."""
+    value = annotations.get(quota.ANNOTATION)
+    return {name: value} if value is not None else {}
+
+
+@kopf.on.event("", "v1", "namespaces")
+async def quota_wants_pass(
+    *, name: str | None, annotations: kopf.Annotations, memo: kopf.Memo, **_: Any
+) -> None:
+    """A quota set, changed or removed: a pass (other Namespace changes ask for nothing)."""
+    runtime: Runtime | None = getattr(memo, "runtime", None)
+    value = annotations.get(quota.ANNOTATION)
+    if runtime is not None and name and runtime.reader.quota_changed(name, value):
+        runtime.request(None)
 
 
 @kopf.on.probe(id="swarm")

@@ -16,6 +16,7 @@ from npuswarm import metrics
 from npuswarm.api import deployment as deployment_api
 from npuswarm.api import meta
 from npuswarm.api.meta import object_key, split_key
+from npuswarm.core import quota
 from npuswarm.core.clock import timestamp, utcnow
 from npuswarm.gateway.access import KeySet
 
@@ -95,6 +96,23 @@ class Kube:
             "count": 1,
         }
         self.core.create_namespaced_event(namespace, body)
+
+    def quota_namespaces(self) -> set[str] | None:
+        """The namespaces whose Namespace object carries an NPU quota annotation, from one
+        complete LIST; None when it could not be read (docs/priority.md)."""
+        try:
+            listed = self.core.list_namespace()
+        except Exception as error:
+            metrics.kube_api_errors_total.labels("index_list").inc()
+            log.warning("cannot list namespaces", error=str(error))
+            return None
+        if listed.metadata and listed.metadata._continue:
+            return None
+        return {
+            str(item.metadata.name)
+            for item in listed.items or []
+            if item.metadata is not None and quota.ANNOTATION in (item.metadata.annotations or {})
+        }
 
     def existing(self, owners: set[str], plural: str = deployment_api.PLURAL) -> set[str] | None:
         """Which of ``owners`` (objects of ``plural``: ModelDeployments unless said) exist,

@@ -123,6 +123,13 @@ orphans_removed_total = Counter(
     "Services removed because their owner ModelDeployment no longer exists.",
     registry=REGISTRY,
 )
+preemptions_total = Counter(
+    "npuswarm_preemptions_total",
+    "Replicas stopped to make room for a higher-priority deployment's replica, by the "
+    "stopped replica's namespace (docs/priority.md).",
+    ["namespace"],
+    registry=REGISTRY,
+)
 background_errors_total = Counter(
     "npuswarm_background_errors_total",
     "Exceptions survived by a background loop (pass, events, task-poll, swarm-probe, "

@@ -162,6 +162,7 @@ class Reconciler:
             policy=self.policy,
             group_tracker=self.groups,
             port_range=self.settings.port_range(),
+            quotas=desired.quotas,
         )
         if unconfirmed:
             whole.unconfirmed_orphans = unconfirmed
@@ -188,6 +189,7 @@ class Reconciler:
             # the collector runs meanwhile.
             self._create_networks(whole.networks_to_create)
             applied = self._apply(whole.actions + gateway_pass.actions)
+            count_preemptions(whole, applied)
             kept = {gateway.spec.network.name for gateway in desired.gateways}
             gone = [network_id for name, network_id in whole.networks_to_remove if name not in kept]
             self._remove_networks(gone)
@@ -437,6 +439,23 @@ class Reconciler:
             self._tombstones[uid] = None
             while len(self._tombstones) > MAX_TOMBSTONES:
                 self._tombstones.popitem(last=False)
+
+
+def count_preemptions(whole: PassPlan, applied: Mapping[str, Applied]) -> None:
+    """npuswarm_preemptions_total: victims whose service this pass did remove."""
+    for preemption in whole.preemptions:
+        for victim in preemption.victims:
+            slots = {key[1] for key in victim.keys}
+            done = applied.get(victim.deployment, Applied()).done
+            if any(a.kind == "remove" and a.slot in slots for a in done):
+                log.info(
+                    "replica preempted",
+                    deployment=victim.deployment,
+                    replica=victim.replica,
+                    by=f"{preemption.deployment}[{preemption.replica}]",
+                    nodes=list(preemption.nodes),
+                )
+                metrics.preemptions_total.labels(split_key(victim.deployment)[0]).inc()
 
 
 class PhaseClock:

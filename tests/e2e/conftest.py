@@ -189,6 +189,10 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
             "NPUSWARM_FAILING_REPLICA_THRESHOLD": "0",
             # Multi-node replicas (host network) in the tests' namespaces (test_multinode_status).
             "NPUSWARM_HOST_NETWORK_NAMESPACES": "*",
+            # The tiny stand-in ignores SIGTERM: a removed replica would hold its NPUs for the
+            # whole stop grace (120 s by default), and they are given out only once it has
+            # exited (docs/priority.md), so each test would wait for the last one's.
+            "NPUSWARM_STOP_GRACE_SECONDS": "2",
         }
         container = f"npuswarm-e2e-{uuid.uuid4().hex[:8]}"
         sa_dir = operatorimage.service_account_dir(state / "serviceaccount", token, plane.ca_file)

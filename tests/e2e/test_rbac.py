@@ -24,6 +24,9 @@ NEEDED = [
     # The root key Secret, made once when NPUSWARM_ROOT_KEY is empty (handlers.with_root_key).
     ("create", "secrets", "-n npuswarm-system"),
     ("get", "secrets/npuswarm-root-key", "-n npuswarm-system"),
+    ("get", "namespaces", ""),  # the NPU quota annotation (docs/priority.md)
+    ("list", "namespaces", ""),
+    ("watch", "namespaces", ""),
     ("get", "customresourcedefinitions.apiextensions.k8s.io", ""),
     ("list", "customresourcedefinitions.apiextensions.k8s.io", ""),
     ("watch", "customresourcedefinitions.apiextensions.k8s.io", ""),
@@ -38,7 +41,8 @@ DENIED = [
     ("patch", "secrets/npuswarm-root-key", "-n npuswarm-system"),
     ("delete", "secrets/npuswarm-root-key", "-n npuswarm-system"),
     ("watch", "secrets", "-A"),
-    ("list", "namespaces", ""),
+    ("patch", "namespaces", ""),  # quotas are the admin's: read, never written
+    ("update", "namespaces", ""),
     ("create", "pods", "-n default"),
     ("patch", "customresourcedefinitions.apiextensions.k8s.io", ""),
     ("delete", "customresourcedefinitions.apiextensions.k8s.io", ""),

@@ -35,6 +35,9 @@ def test_a_replica_crashing_on_one_node_only_ends_up_running_on_another(
     # fake vLLM exits at once, on every restart (validation is off in this test).
     swarm_lab.set_runtime_installed(1, False)
     previous: dict = {}
+    # Replicas of earlier tests still stopping hold NPUs (their stop grace), so node1 would not
+    # be the emptiest node yet: wait for them to exit.
+    wait_for(lambda: not reconciler.swarm.observe().stopping, "earlier replicas to have stopped", 150, 0.5)
     try:
         started = time.monotonic()
 

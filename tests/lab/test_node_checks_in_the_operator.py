@@ -38,6 +38,9 @@ class RecordingKube:
     def listed(self, plural: str, scopes: set[str] | None = None, operation: str = "") -> set[str]:
         return set()
 
+    def quota_namespaces(self) -> set[str]:
+        return set()  # no Namespace carries an NPU quota here
+
     def patch_status(
         self, namespace: str, name: str, patch: dict[str, Any], plural: str = ""
     ) -> bool:

@@ -194,6 +194,10 @@ def test_base_rbac_is_exactly_what_kopf_and_npuswarm_use(render: Any) -> None:
         # created once (create cannot be narrowed by name), then read by its name
         ("", "secrets", "create", ()),
         ("", "secrets", "get", ("npuswarm-root-key",)),
+        # the NPU quota annotation an admin sets on a Namespace (read only, docs/priority.md)
+        ("", "namespaces", "get", ()),
+        ("", "namespaces", "list", ()),
+        ("", "namespaces", "watch", ()),
         ("apiextensions.k8s.io", "customresourcedefinitions", "get", ()),
         ("apiextensions.k8s.io", "customresourcedefinitions", "list", ()),
         ("apiextensions.k8s.io", "customresourcedefinitions", "watch", ()),

@@ -59,7 +59,13 @@ def namespace(docker_client: docker.APIClient) -> Iterator[str]:
 
 def swarm_settings() -> Settings:
     """The operator's settings for these tests: the test network shared, lost nodes soon."""
-    return Settings(lost_node_grace_seconds=5, shared_networks=SHARED_NETWORKS)
+    return Settings(lost_node_grace_seconds=5, shared_networks=SHARED_NETWORKS, stop_grace_seconds=STOP_GRACE_SECONDS)
+
+
+# The tiny stand-in (busybox httpd) ignores SIGTERM, so a removed replica runs until Swarm's
+# SIGKILL at the end of its stop grace; its NPUs are given out only once it has exited
+# (docs/priority.md), so with the 120 s default the next test would wait two minutes for them.
+STOP_GRACE_SECONDS = 2
 
 
 @pytest.fixture

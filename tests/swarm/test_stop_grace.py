@@ -8,13 +8,12 @@ import copy
 
 import docker
 
-from npuswarm.core.render import DEFAULT_STOP_GRACE_SECONDS
 from npuswarm.reconcile import Reconciler
 from npuswarm.swarm import Swarm
 
-from .conftest import converge, model, serve, wait_for
+from .conftest import STOP_GRACE_SECONDS, converge, model, serve, wait_for
 
-GRACE_NS = int(DEFAULT_STOP_GRACE_SECONDS * 1_000_000_000)
+GRACE_NS = int(STOP_GRACE_SECONDS * 1_000_000_000)
 
 
 def only_service(client: docker.APIClient, namespace: str) -> dict:

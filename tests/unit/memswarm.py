@@ -35,6 +35,8 @@ class MemorySwarm:
         self.down = False
         self.reachable: bool | None = None
         self._ids = itertools.count(1)
+        # Removed services' tasks keep running until finish_stopping() (a stop grace period).
+        self.stop_grace = False
 
     # -- the interface ------------------------------------------------------------------
 
@@ -69,7 +71,17 @@ class MemorySwarm:
         name = self.services.get(service_id, {}).get("Spec", {}).get("Name", "")
         self._call("remove_service", name)
         self.services.pop(service_id, None)
+        if self.stop_grace:
+            # As Swarm does: the task stays listed, desired state "remove", until it exits.
+            for task in self.tasks:
+                if task["ServiceID"] == service_id:
+                    task["DesiredState"] = "remove"
+            return
         self.tasks = [t for t in self.tasks if t["ServiceID"] != service_id]
+
+    def finish_stopping(self) -> None:
+        """The tasks of removed services have exited (their stop grace is over)."""
+        self.tasks = [t for t in self.tasks if t["DesiredState"] != "remove"]
 
     def create_network(self, name: str, network_labels: dict[str, str]) -> None:
         self._call("create_network", name)
@@ -153,7 +165,12 @@ class MemorySwarm:
 
     def run_all(self, state: str = "running") -> None:
         """Every npuswarm service's task runs its current spec (as Swarm would, in time)."""
-        self.tasks = [t for t in self.tasks if t["ServiceID"] not in self.services or t["ID"].startswith("task-")]
+        self.tasks = [
+            t
+            for t in self.tasks
+            if t["ServiceID"] not in self.services or t["ID"].startswith("task-") or t["DesiredState"] == "remove"
+        ]
+        self.tasks = [t for t in self.tasks if t["ServiceID"] not in self.services or not t["ID"].startswith("t-")]
         for service_id, service in self.services.items():
             spec = service["Spec"]
             if labels.NODE not in spec["Labels"]:

@@ -224,7 +224,7 @@ def test_status_says_when_the_preferred_label_could_not_be_met() -> None:
 def test_no_group_gets_a_port_block_that_a_stopping_member_still_holds_on_its_nodes(
     nodes: list[NodeInfo], requests: list[ReplicaRequest], stopping: list[tuple[int, int]]
 ) -> None:
-    """Tasks of removed members in their stop grace (core/snapshot.py stopping_members) keep
+    """Tasks of removed members in their stop grace (core/snapshot.py stopping) keep
     their block on their node: nothing new is given that block there."""
     held = {(nodes[i % len(nodes)].id, block) for i, block in stopping}
     claims = [Allocation(deployment="", slot="", node_id=node_id, npus=frozenset(), foreign=True,

@@ -210,10 +210,13 @@ def test_single_node_replicas_have_no_group_rows() -> None:
 
 
 def test_a_group_placed_where_removed_members_still_stop_takes_another_port_block() -> None:
-    """The stop grace keeps a removed member's task (and its host ports) alive for up to
-    120 s: a group placed again on those nodes must not take that block there."""
+    """The stop grace keeps a removed member's task (its NPUs and its host ports) alive for up
+    to 120 s: a group placed again on those nodes, on their other NPUs, must not take that
+    block there."""
     swarm, reconciler, _ = setup(nodes=2)
-    ds = deployment("ds", **GROUP)
+    half = {"nodesPerReplica": 2, "npusPerReplica": 4,
+            "engine": {"tensorParallelSize": 4, "dataParallelSize": 2}}
+    ds = deployment("ds", **half)
     ready_pass(reconciler, swarm, ds)
     old = {s["ID"]: s["Spec"] for s in swarm.services.values()}
     assert {s["Labels"][labels.PORT_BLOCK] for s in old.values()} == {"0"}
@@ -227,15 +230,16 @@ def test_a_group_placed_where_removed_members_still_stop_takes_another_port_bloc
             "Status": {"State": "running", "Timestamp": "2026-11-30T11:00:00Z"},
             "Spec": {"ContainerSpec": {"Labels": spec["TaskTemplate"]["ContainerSpec"]["Labels"]}},
         })
-    again = deployment("ds2", **GROUP)
+    again = deployment("ds2", **half)
     reconciler.run_pass(Desired(deployments=[again]))
     assert {s["Spec"]["Labels"][labels.PORT_BLOCK] for s in swarm.services.values()} == {"1"}
+    assert {s["Spec"]["Labels"][labels.NPUS] for s in swarm.services.values()} == {"4,5,6,7"}
     # Stopped tasks (Swarm keeps them as history, state "shutdown") hold nothing.
     for task in swarm.tasks:
         if task["ID"].startswith("stopping-"):
             task["Status"]["State"] = "shutdown"
     snapshot = swarm.observe()
-    assert snapshot.stopping_members == []
+    assert snapshot.stopping == []
 
 
 def test_the_port_range_is_a_setting() -> None:

@@ -105,6 +105,8 @@ LABEL_KEY_PATTERN = r"^([a-z0-9]([-a-z0-9.]*[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9
 # Bounds a user would expect, and that keep every number inside what Docker stores (int64
 # nanoseconds) and every list small enough for the API server's validation cost budget.
 MAX_REPLICAS = 1000
+# As Kubernetes PriorityClass values: user priorities are at most a billion.
+MAX_PRIORITY = 10**9
 MAX_ARG = 4096
 MAX_ENV_VALUE = 32768
 MAX_ITEMS = 128
@@ -568,6 +570,13 @@ class ModelDeploymentSpec(_Model):
     )
     autoscaling: Autoscaling | None = Field(
         None, description="npuswarm's own autoscaler on the engines' load (docs/autoscaling.md)."
+    )
+    priority: Annotated[int, Field(ge=-MAX_PRIORITY, le=MAX_PRIORITY)] = Field(
+        0,
+        description=(
+            "Higher first: placed before lower ones, and may stop replicas of lower-priority "
+            "deployments when it cannot be placed (docs/priority.md). Age breaks ties."
+        ),
     )
     npusPerReplica: NpuCount | None = Field(
         None, description="NPUs per replica; defaults to engine.tensorParallelSize."

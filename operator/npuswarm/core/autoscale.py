@@ -12,7 +12,8 @@ Kubernetes' HPA so that its users meet no surprise:
   nor falls below the highest one of the scale-down window, so a short burst or a short lull
   changes nothing and a scale-up is not undone before the scale-down window has passed;
 - capped by what placement can give: a scale-up never asks for a replica the fleet has no
-  NPUs for (``headroom``: the last pass's free NPUs, shared in priority order), so the
+  NPUs for (``headroom``: the last pass's free NPUs, shared in priority order) nor past its
+  namespace's NPU quota (core/quota.py), so the
   count stays where it can be served and the status says "waiting for NPUs" instead.
 
 Scale to zero (minReplicas 0) is a rule of its own, not the formula's: an engine with one
@@ -32,6 +33,7 @@ from npuswarm.api.deployment import Autoscaling, ModelDeployment
 from npuswarm.core import topology
 from npuswarm.core.nodes import NodeInfo
 from npuswarm.core.placement import PlacementResult, ReplicaRequest, replica_requests
+from npuswarm.core.quota import QuotaRoom
 
 # As HPA's --horizontal-pod-autoscaler-tolerance: a ratio this close to 1 changes nothing.
 TOLERANCE = 0.1
@@ -265,7 +267,7 @@ def headroom(
 ) -> dict[str, int]:
     """How many replicas each deployment in ``wanted`` could hold now: those placed, plus
     those the free NPUs fit of the ones it wants more. The free NPUs are handed out as the
-    next placement would hand them out: in its order (oldest deployment first, each older
+    next placement would hand them out: in its order (by priority then age, each earlier
     deployment's unplaced replicas before a younger one's new ones), best fit, so that no
     two deployments count the same NPUs and what is counted here is what the pass places.
     ``templates``: what one replica of a deployment at zero asks for (it has no request in
@@ -276,6 +278,7 @@ def headroom(
         key=lambda n: (n.hostname, n.id),
     )
     found: dict[str, int] = {}
+    quotas = QuotaRoom(placement)  # nor past its namespace's NPU quota
     for key, requests in placement.requests.items():
         placed = sum(1 for r in requests if r.key in placement.assignments)
         if key in wanted:
@@ -286,8 +289,10 @@ def headroom(
             more, template = len(unplaced), (unplaced[0] if unplaced else None)
         fitted = 0
         if template is not None and more:
+            more = quotas.cap(key, requests, more)
             used = set(placement.nodes_used.get(key, set()))
             fitted = _fit(template, accepting, pool, used, more)
+            quotas.spend(key, requests, fitted)
         if key in wanted:
             found[key] = placed + fitted
     return found

@@ -17,6 +17,7 @@ from npuswarm.api.labels import SPEC_HASH
 from npuswarm.core.groups import GroupPlan
 from npuswarm.core.nodes import NodeLimits
 from npuswarm.core.placement import PlacementResult, ReplicaRequest, spare_assignment
+from npuswarm.core.preemption import Preemption
 from npuswarm.core.render import Renderer, SlotSpec, service_name, swarm_name
 from npuswarm.core.snapshot import ObservedService, SwarmSnapshot
 
@@ -100,6 +101,8 @@ class PassPlan:
     limits: NodeLimits | None = None
     # Multi-node replicas: each group's generation, restart and back-off (core/groups.py).
     groups: GroupPlan = field(default_factory=GroupPlan)
+    # Replicas stopped for higher-priority ones in this pass (core/preemption.py).
+    preemptions: list[Preemption] = field(default_factory=list)
 
     @property
     def actions(self) -> list[Action]:
@@ -204,6 +207,12 @@ def diff(
     # A member whose group cannot be placed whole serves nothing alone (its leader or peers
     # are gone): removing it gives its NPUs back instead of holding them while it waits.
     for request in plan.requests:
+        evicted = placement.evicted.get(request.key)
+        if evicted is not None:
+            # Preempted or beyond its namespace's quota: still wanted, but it gives its NPUs
+            # back (the gateways drop it first, like every removal).
+            plan.actions.extend(_remove(s, evicted) for s in plan.by_slot.get(request.slot, []))
+            continue
         unplaced = placement.unplaced.get(request.key)
         if request.group is not None and unplaced is not None and request.slot not in plan.slots:
             plan.actions.extend(

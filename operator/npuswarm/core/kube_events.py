@@ -105,7 +105,11 @@ def deployment_events(md: ModelDeployment, whole: PassPlan, writes: Applied) -> 
     for key, unplaced in placement.unplaced_of(md.key):
         if key not in followers:
             # Waiting for a node's first validation probe is no warning.
-            kind: EventType = "Normal" if unplaced.reason == "NodeValidationPending" else "Warning"
+            kind: EventType = (
+                "Normal"
+                if unplaced.reason in ("NodeValidationPending", "Preempting", "NPUsReleasing")
+                else "Warning"
+            )
             events.append(
                 Event(kind, unplaced.reason, f"replica {unplaced.slot}: {unplaced.message}")
             )

@@ -4,8 +4,10 @@ A reader follows a deployment down without coming back up (kueue's scheduling cy
 model):
 
     1 refuse   the host policy that needs Swarm's networks      core/hostpolicy.py
-    2 place    every replica of every deployment, oldest first  core/placement.py
-    2b groups  multi-node replicas: restart a group whole       core/groups.py
+    2 place    every replica, by priority then age, sticky     core/placement.py
+               within each namespace's NPU quota                 core/quota.py
+    2b preempt lower priorities for replicas without NPUs      core/preemption.py
+    2c groups  multi-node replicas: restart a group whole       core/groups.py
     3 render   each placed replica's spec and its service       core/render.py
     4 diff     rendered against observed: create, update, remove  core/diff.py
     5 surge    spare NPUs for updates that would take a ready replica down, in priority order
@@ -29,7 +31,7 @@ from typing import Any
 from npuswarm.api.deployment import AutoscalerStatus, ModelDeployment, ModelDeploymentStatus
 from npuswarm.api.gateway import ModelGateway
 from npuswarm.api.meta import split_key
-from npuswarm.core import groups, hostpolicy, scaledown
+from npuswarm.core import groups, hostpolicy, preemption, scaledown
 from npuswarm.core.diff import (
     Action,
     Applied,
@@ -51,7 +53,8 @@ from npuswarm.core.kube_events import (
     task_failure_events,
 )
 from npuswarm.core.nodes import NodeLimits
-from npuswarm.core.placement import by_priority, place_all
+from npuswarm.core.placement import by_age, by_priority, place_all
+from npuswarm.core.quota import Quotas
 from npuswarm.core.render import Renderer, render_slots
 from npuswarm.core.snapshot import SwarmSnapshot
 from npuswarm.core.status import deployment_status, invalid_spec_status, scaling_condition
@@ -77,6 +80,8 @@ class Desired:
     # The built-in autoscaler's state of each autoscaled deployment (runtime/autoscaler.py);
     # their decided counts are already in ``deployments``.
     autoscaler: Mapping[str, AutoscalerStatus] = field(default_factory=dict)
+    # Each namespace's NPU quota (its Namespace's npuswarm.io/npu-quota annotation).
+    quotas: Quotas = field(default_factory=Quotas)
 
     def known(self) -> set[str]:
         return {md.key for md in self.deployments} | set(self.invalid) | set(self.deleting)
@@ -98,6 +103,7 @@ def plan_pass(
     policy: hostpolicy.TenantPolicy | None = None,
     group_tracker: groups.GroupTracker | None = None,
     port_range: PortRange | None = None,
+    quotas: Quotas | None = None,
 ) -> PassPlan:
     """Steps 1 to 7: one placement of every deployment, then each one's writes; writes nothing.
 
@@ -105,6 +111,7 @@ def plan_pass(
     removed by hand). ``orphan_owners``: deployments known to be gone, whose services are
     removed; the caller decides that only from a complete read of the ModelDeployments.
     ``limits``: what node checks and failing replicas keep out of placement.
+    ``quotas``: each namespace's NPU quota.
     ``renderer`` remembers specs across passes (the operator keeps one); ``group_tracker``
     the back-off of multi-node replicas that keep failing (core/groups.py)."""
     known = known_services or {}
@@ -113,13 +120,12 @@ def plan_pass(
 
     # 1. Refuse what the host policy forbids once Swarm's networks are known: a refused
     #    deployment asks for nothing and changes nothing.
-    refused = refuse_networks(
-        by_priority(deployments), snapshot, policy or hostpolicy.TenantPolicy()
-    )
+    refused = refuse_networks(by_age(deployments), snapshot, policy or hostpolicy.TenantPolicy())
     admitted = by_priority([md for md in deployments if md.key not in refused])
 
-    # 2. Place every replica of every deployment at once, oldest deployment first; a
-    #    scale-down keeps the replicas core/scaledown.py chooses (the others are removed).
+    # 2. Place every replica of every deployment at once, highest priority first, then the
+    #    oldest deployment first; a scale-down keeps the replicas core/scaledown.py chooses
+    #    (the others are removed).
     by_slot = {md.key: services_by_slot(snapshot, md.key) for md in admitted}
     kept = {md.key: scaledown.kept_slots(md, by_slot[md.key]) for md in admitted}
     placement = place_all(
@@ -131,9 +137,15 @@ def plan_pass(
         limits=limits,
         port_range=port_range,
         slots={key: slots for key, slots in kept.items() if slots is not None},
+        admit=quotas.admit if quotas is not None and quotas.npus else None,
     )
-    # 2b. Multi-node replicas live and die together: each group's generation, raised on
-    #     every member to restart the whole group when one member ended or moved.
+
+    # 2b. Replicas that found no NPUs take them from lower-priority ones: the victims are
+    #     removed by the diff (gateways first), the preemptor placed once they have exited.
+    preempted = preemption.preempt(placement, preemption.ranks(admitted))
+    # 2c. Multi-node replicas live and die together: each group's generation, raised on
+    #     every member to restart the whole group when one member ended or moved (after
+    #     preemption: a group it stops is stopped whole, not restarted).
     tracker = group_tracker or groups.GroupTracker()
     group_plan = tracker.decide(placement, snapshot, now)
     whole = PassPlan(
@@ -147,6 +159,7 @@ def plan_pass(
         lost_node_grace_seconds=lost_node_grace_seconds,
         limits=limits,
         groups=group_plan,
+        preemptions=preempted.preemptions,
     )
     plans = list(whole.plans.values())
 
@@ -226,6 +239,7 @@ def report(
         writes = applied.get(md.key, Applied())
         previous = desired.previous.get(md.key, {})
         status = deployment_status(md, whole, writes, previous.get("conditions", []), now)
+        preemption.remember(status, previous)
         events = (
             deployment_events(md, whole, writes)
             + group_events(md, whole)

@@ -1,16 +1,17 @@
 """Placement: which node and which NPUs each replica of every ModelDeployment gets. Pure.
 
-Step 2 of the pass (core/pipeline.py): place_all turns every deployment into replica requests,
-oldest first, and places them all at once. The same inputs always give the same result,
-whatever order allocations were listed in: requests come in priority order (oldest deployment
-first), and everything else is sorted. Step 5 (the surge) takes spare NPUs from the same
-result with spare_assignment.
+Step 2 of the pass (core/pipeline.py): place_all turns every deployment into replica requests
+and places them all at once. The same inputs always give the same result, whatever order
+allocations were listed in: requests come in priority order (spec.priority, higher first,
+then the oldest deployment first), and everything else is sorted. Replicas that find no NPUs
+may take them from lower-priority ones in step 2b (core/preemption.py). Step 5 (the surge)
+takes spare NPUs from the same result with spare_assignment.
 """
 
 from __future__ import annotations
 
 import heapq
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
@@ -32,6 +33,14 @@ UnplacedReason = Literal[
     "NodeValidationFailed",
     "NodeValidationPending",
     "HostFilesUnavailable",
+    # Preemption (core/preemption.py): a replica stopped for a higher-priority one, and the
+    # higher-priority one waiting for the NPUs it stops.
+    "Preempted",
+    "Preempting",
+    # Fits once replicas still stopping on a node have exited: their NPUs are held for it.
+    "NPUsReleasing",
+    # The namespace's NPU quota is used up (core/quota.py).
+    "QuotaExceeded",
 ]
 # At most this many blocked nodes are named in one message; the rest are counted.
 MAX_NAMED_BLOCKED = 3
@@ -91,6 +100,9 @@ class Allocation(BaseModel):
     foreign: bool = False
     # A member of a multi-node replica: its group's host port block (core/gang.py).
     port_block: int | None = None
+    # Held by a task of a removed service that is still stopping (its stop grace period):
+    # taken until Swarm no longer lists the task, never kept or moved.
+    stopping: bool = False
 
     @property
     def key(self) -> ReplicaKey:
@@ -162,7 +174,7 @@ class PlacementResult:
     free: dict[str, set[int]] = field(default_factory=dict)
     # Nodes that already run a replica of a deployment (for one-replica-per-node requests).
     nodes_used: dict[str, set[str]] = field(default_factory=dict)
-    # Each deployment's replica requests, by deployment key, oldest deployment first.
+    # Each deployment's replica requests, by deployment key, in placement order.
     requests: dict[str, list[ReplicaRequest]] = field(default_factory=dict)
     # Multi-node replicas placed away from their groupTopologyKey: (deployment, group) -> why.
     group_notes: dict[ReplicaKey, str] = field(default_factory=dict)
@@ -187,6 +199,15 @@ class PlacementResult:
     _keys_of_node: dict[str, list[CandidateKey]] = field(default_factory=dict)
     # Hostname order makes ties deterministic and lets a scan stop at the first exact fit.
     _ordered: list[NodeInfo] = field(default_factory=list)
+    # NPUs held by stopping tasks of removed services, per node: free once they exit.
+    releasing: dict[str, set[int]] = field(default_factory=dict)
+    # Of those, the ones a waiting replica will take once they are free (_await_release).
+    awaited: dict[str, set[int]] = field(default_factory=dict)
+    # Replicas whose running service must stop although they are still wanted (preempted,
+    # beyond their namespace's quota) -> why; the diff removes their services.
+    evicted: dict[ReplicaKey, str] = field(default_factory=dict)
+    # NPUs each namespace with a quota may still be given (core/quota.py).
+    quota_room: dict[str, int] = field(default_factory=dict)
     # (node, NPU) -> (deployment, service) of whoever claimed it (foreign: no deployment).
     _holders: dict[tuple[str, int], tuple[str, str]] = field(default_factory=dict)
 
@@ -216,6 +237,10 @@ class PlacementResult:
         self.assignments.pop(key, None)
         self._by_deployment.get(key[0], {}).pop(key[1], None)
 
+    def nodes(self) -> list[NodeInfo]:
+        """The nodes placement saw, by hostname."""
+        return self._ordered
+
     def for_deployment(self, deployment: str) -> list[Assignment]:
         """In slot order; looked up, not scanned: every deployment of a pass asks."""
         slots = self._by_deployment.get(deployment, {})
@@ -235,17 +260,26 @@ class PlacementResult:
         return [(key, self.unplaced[key]) for key in keys if key in self.unplaced]
 
 
-def priority(md: ModelDeployment, position: int) -> tuple[str, int, str, str]:
-    """Older deployments are placed first, so a newcomer can never take NPUs from them.
-
-    Objects not yet created (files given to `npuswarm plan`) come last, in the given order.
-    """
+def age(md: ModelDeployment, position: int) -> tuple[str, int, str, str]:
+    """Older deployments first, so a newcomer of the same priority can never take NPUs
+    from them. Objects not yet created (files given to `npuswarm plan`) come last, in the
+    given order."""
     created = md.metadata.creationTimestamp
     return (created or "~", 0 if created else position, md.metadata.namespace, md.metadata.name)
 
 
+def priority(md: ModelDeployment, position: int) -> tuple[int, tuple[str, int, str, str]]:
+    """spec.priority, higher first; age breaks ties (docs/priority.md)."""
+    return (-md.spec.priority, age(md, position))
+
+
 def by_priority(deployments: list[ModelDeployment]) -> list[ModelDeployment]:
     ranked = sorted(enumerate(deployments), key=lambda item: priority(item[1], item[0]))
+    return [md for _, md in ranked]
+
+
+def by_age(deployments: list[ModelDeployment]) -> list[ModelDeployment]:
+    ranked = sorted(enumerate(deployments), key=lambda item: age(item[1], item[0]))
     return [md for _, md in ranked]
 
 
@@ -289,6 +323,21 @@ def replica_requests(
     ]
 
 
+@dataclass
+class Admission:
+    """Which replica requests may be placed at all (core/quota.py decides)."""
+
+    admitted: list[ReplicaRequest]  # in the order given
+    refused: dict[ReplicaKey, Unplaced] = field(default_factory=dict)
+    # Refused replicas that run now: their services stop (-> why).
+    evicted: dict[ReplicaKey, str] = field(default_factory=dict)
+    # NPUs each namespace with a quota may still be given (for the autoscaler's headroom).
+    room: dict[str, int] = field(default_factory=dict)
+
+
+Admit = Callable[[list[ReplicaRequest], list[Allocation]], Admission]
+
+
 def place_all(
     ranked: list[ModelDeployment],
     nodes: list[NodeInfo],
@@ -299,13 +348,15 @@ def place_all(
     limits: NodeLimits | None = None,
     port_range: gang.PortRange | None = None,
     slots: Mapping[str, Sequence[str]] | None = None,
+    admit: Admit | None = None,
 ) -> PlacementResult:
     """One placement over every deployment (``ranked``: by_priority's order), so each
     deployment of a pass sees the same global answer; ``result.requests`` keeps each one's
     requests. ``limits`` (node checks, failing replicas): nodes that get no new replica (what
     runs there stays), NPUs given to nobody (a replica holding one moves), replicas that move
     and the nodes each avoids. ``slots``: the replicas a deployment keeps when it is not its
-    first spec.replicas (core/scaledown.py)."""
+    first spec.replicas (core/scaledown.py). ``admit``: which requests may be placed at all
+    (the namespaces' NPU quotas); the others are unplaced, and stop if they run."""
     placeable = limits.apply(nodes) if limits is not None else nodes
     avoid = limits.avoid if limits is not None else {}
     reports = limits.files if limits is not None else None
@@ -323,9 +374,10 @@ def place_all(
             requests = _with_host_files(md, requests, placeable, reports, files_seen)
         requests_by_deployment[md.key] = requests
         ordered.extend(requests)
+    admission = admit(ordered, allocations) if admit is not None else Admission(ordered)
     result = place(
         placeable,
-        ordered,
+        admission.admitted,
         allocations,
         now=now,
         lost_node_grace_seconds=lost_node_grace_seconds,
@@ -333,6 +385,9 @@ def place_all(
         port_range=port_range,
     )
     result.requests = requests_by_deployment
+    result.unplaced.update(admission.refused)
+    result.evicted.update(admission.evicted)
+    result.quota_room = admission.room
     return result
 
 
@@ -387,13 +442,16 @@ def place(
         if allocation.port_block is None:
             continue
         # Taken while the service runs, wanted or not, like its NPUs; and while a removed
-        # member's task still stops (foreign: snapshot.stopping_members).
+        # member's task still stops (snapshot.stopping).
         result.port_blocks.setdefault(allocation.node_id, set()).add(allocation.port_block)
-        if not allocation.foreign:
+        if not allocation.foreign and not allocation.stopping:
             result._block_of[allocation.key] = allocation.port_block
     for allocation in _claim_order(allocations, requests):
         if allocation.foreign:
             _hold_foreign(result, allocation)
+            continue
+        if allocation.stopping:
+            _hold_releasing(result, allocation)
             continue
         request = requests_by_key.get(allocation.key)
         _keep_or_move(result, allocation, request, moving, now, lost_node_grace_seconds)
@@ -406,6 +464,8 @@ def place(
             continue
         assignment = _best_fit(request, result)
         if isinstance(assignment, Unplaced):
+            if assignment.reason == "InsufficientNPUs" and result.releasing:
+                assignment = _await_release(request, result) or assignment
             result.unplaced[request.key] = assignment
             continue
         result.assign(assignment)
@@ -420,7 +480,8 @@ def place(
 
 def _claim_order(allocations: list[Allocation], requests: list[ReplicaRequest]) -> list[Allocation]:
     """Desired replicas claim first (by priority), then allocations nobody wants any more:
-    those still run until removed, so their NPUs stay taken in this pass. Foreign claims
+    those still run until removed, so their NPUs stay taken in this pass; then the tasks of
+    removed services that are still stopping (``releasing``). Foreign claims
     come last: a replica that already runs keeps its NPUs when a foreign service appears
     on them (both keep running, the conflict is reported), and no new replica is ever
     placed on them."""
@@ -429,6 +490,7 @@ def _claim_order(allocations: list[Allocation], requests: list[ReplicaRequest]) 
         allocations,
         key=lambda a: (
             a.foreign,
+            a.stopping,
             priority.get(a.key, len(priority)),
             a.deployment,
             a.slot,
@@ -460,6 +522,15 @@ def _hold_foreign(result: PlacementResult, allocation: Allocation) -> None:
             )
         )
     result.hold(allocation.node_id, allocation.npus - result.taken[allocation.node_id], "", "")
+
+
+def _hold_releasing(result: PlacementResult, allocation: Allocation) -> None:
+    """NPUs a stopping task still holds: nobody gets them until it has exited."""
+    held = allocation.npus - result.taken.get(allocation.node_id, set())
+    if not held:
+        return
+    result.releasing.setdefault(allocation.node_id, set()).update(held)
+    result.hold(allocation.node_id, frozenset(held), "", allocation.service)
 
 
 def _keep_or_move(
@@ -514,6 +585,41 @@ def spare_assignment(result: PlacementResult, request: ReplicaRequest) -> Assign
         return None
     result.claim(assignment.node_id, assignment.npus)
     return assignment
+
+
+def _await_release(request: ReplicaRequest, result: PlacementResult) -> Unplaced | None:
+    """A replica that fits a node once its stopping tasks have exited waits for that node:
+    the free NPUs it will need there are held for it, so a replica later in the order (lower
+    priority, younger) cannot take them meanwhile and keep it out for good."""
+    for node_id in sorted(result.releasing, key=lambda n: (result._nodes[n].hostname, n)):
+        node = result._nodes[node_id]
+        used = result.nodes_used.get(request.deployment, set())
+        if (
+            not node.accepts_new_replicas
+            or not node.matches(request.node_selector)
+            or (request.pinned_node is not None and request.pinned_node != node_id)
+            or ((request.one_per_node or request.npu_ids is not None) and node_id in used)
+        ):
+            continue
+        free = result.free.get(node_id, set())
+        releasing = result.releasing[node_id] - result.awaited.get(node_id, set())
+        room = frozenset(free | releasing)
+        if request.npu_ids is not None:
+            fits = request.npu_ids <= room and topology.is_valid_set(request.npu_ids, node.topology)
+            chosen = request.npu_ids if fits else None
+        else:
+            chosen = topology.choose(room, request.npus, node.topology)
+        if chosen is None or not chosen & releasing:
+            continue
+        result.claim(node_id, chosen & frozenset(free))
+        result.awaited.setdefault(node_id, set()).update(chosen & releasing)
+        return _unplaced(
+            request,
+            "NPUsReleasing",
+            f"waiting for NPUs {sorted(chosen & releasing)} on {node.hostname}: replicas that "
+            "held them are still stopping (their stop grace)",
+        )
+    return None
 
 
 def _node_lost(node_id: str, nodes_by_id: dict[str, NodeInfo], now: datetime, grace: float) -> bool:

@@ -131,11 +131,39 @@ class ForeignClaim:
         )
 
 
+@dataclass(frozen=True)
+class StoppingClaim:
+    """NPUs a task of a removed service still holds while it stops (within its stop grace
+    period): Swarm lists such a task, desired state "remove", until its container exits."""
+
+    owner: str  # "namespace/name[slot]" of npuswarm's, else the service id
+    node_id: str
+    npus: frozenset[int]
+    # A removed multi-node member's group port block: its host ports stay taken on its node
+    # until it exits, so no new group gets that block there.
+    port_block: int | None = None
+
+    def allocation(self) -> Allocation:
+        return Allocation(
+            deployment="",
+            slot="",
+            node_id=self.node_id,
+            npus=self.npus,
+            service=f"{self.owner} (stopping)",
+            stopping=True,
+            port_block=self.port_block,
+        )
+
+
 @dataclass
 class SwarmSnapshot:
     nodes: list[NodeInfo]
     services: list[ObservedService]
     foreign: list[ForeignClaim] = field(default_factory=list)
+    # NPUs (and a group member's port block) of tasks whose service is gone but which still
+    # stop: a preemptor is placed only once its victims have exited (core/preemption.py), a
+    # group never gets a block a stopping member still holds (core/gang.py).
+    stopping: list[StoppingClaim] = field(default_factory=list)
     # Network name -> "swarm", "local" or "ingress", npuswarm's or not
     # (policy.network_violations reads it).
     networks: dict[str, str] = field(default_factory=dict)
@@ -152,10 +180,6 @@ class SwarmSnapshot:
     # The namespaces whose replicas or gateways are on each network now (for networks made
     # before they carried a namespace: those namespaces keep them).
     network_users: dict[str, frozenset[str]] = field(default_factory=dict)
-    # Tasks of removed multi-node members still in their stop grace: they hold their group's
-    # host ports on their node until they exit, so no new group may take that block there
-    # (a foreign claim of no NPUs and one port block each).
-    stopping_members: list[Allocation] = field(default_factory=list)
     _by_deployment: dict[str, list[ObservedService]] = field(default_factory=dict, repr=False)
     _nodes_by_id: dict[str, NodeInfo] = field(default_factory=dict, repr=False)
 
@@ -176,10 +200,10 @@ class SwarmSnapshot:
         return set(self._by_deployment)
 
     def allocations(self) -> list[Allocation]:
-        """npuswarm's claims from its labels, then every foreign claim, then the host port
-        blocks of removed group members whose tasks still stop."""
+        """npuswarm's claims from its labels, then stopping tasks', then every foreign claim."""
         own = [a for a in (s.allocation() for s in self.services) if a is not None]
-        return own + [claim.allocation() for claim in self.foreign] + self.stopping_members
+        stopping = [claim.allocation() for claim in self.stopping]
+        return own + stopping + [claim.allocation() for claim in self.foreign]
 
     def node(self, node_id: str) -> NodeInfo | None:
         return self._nodes_by_id.get(node_id)
@@ -233,12 +257,12 @@ def snapshot_from_engine(
         for raw in others
         for claim in foreign_claims(raw, foreign_tasks.get(raw.get("ID", ""), []), hostnames)
     ]
-    foreign_ids = {raw.get("ID", "") for raw in others}
+    listed = {raw.get("ID", "") for raw in services}
     stopping = [
         claim
-        for service_id, leftover in foreign_tasks.items()
-        if service_id not in foreign_ids
-        for claim in stopping_members(leftover, instance)
+        for service_id, orphaned in foreign_tasks.items()
+        if service_id not in listed
+        for claim in stopping_claims(service_id, orphaned)
     ]
     users: dict[str, set[str]] = {}
     for service in [*by_id.values(), *gateways]:
@@ -259,6 +283,7 @@ def snapshot_from_engine(
         nodes=node_infos,
         services=sorted(by_id.values(), key=lambda s: s.name),
         foreign=sorted(foreign, key=lambda c: (c.node_id, c.service)),
+        stopping=sorted(stopping, key=lambda c: (c.node_id, c.owner)),
         networks={
             n["Name"]: "ingress" if n.get("Ingress") else str(n.get("Scope") or "local")
             for n in networks
@@ -272,32 +297,7 @@ def snapshot_from_engine(
             if is_own(n.get("Labels") or {}, instance) and "Id" in n and "Name" in n
         },
         gateway_services=sorted(gateways, key=lambda s: s.name),
-        stopping_members=stopping,
     )
-
-
-def stopping_members(tasks: list[dict[str, Any]], instance: str) -> list[Allocation]:
-    """The port blocks that tasks of a removed member service hold until they have stopped
-    (Swarm lists them, desired state "remove", through the stop grace)."""
-    found = []
-    for task in tasks:
-        task_labels = ((task.get("Spec") or {}).get("ContainerSpec") or {}).get("Labels") or {}
-        block = str(task_labels.get(labels.PORT_BLOCK, ""))
-        state = (task.get("Status") or {}).get("State")
-        if is_own(task_labels, instance) and block.isdigit() and state in LIVE_TASK_STATES:
-            node_id = str(task.get("NodeID") or task_labels.get(labels.NODE, ""))
-            found.append(
-                Allocation(
-                    deployment="",
-                    slot="",
-                    node_id=node_id,
-                    npus=frozenset(),
-                    service=f"task {task.get('ID', '')} (stopping)",
-                    foreign=True,
-                    port_block=int(block),
-                )
-            )
-    return found
 
 
 @dataclass(frozen=True)
@@ -398,6 +398,52 @@ def foreign_claims(
         for node_id, npus in sorted(claims.items())
         if npus
     ]
+
+
+def stopping_claims(service_id: str, tasks: list[dict[str, Any]]) -> list[StoppingClaim]:
+    """The NPUs the still-live tasks of a removed service hold: from npuswarm's labels on the
+    container, else its ASCEND_VISIBLE_DEVICES, else the NPU generic resources Swarm gave it;
+    and a multi-node member's port block (any installation's: its host ports are taken)."""
+    claims = []
+    for task in tasks:
+        node_id = task.get("NodeID")
+        if not node_id or (task.get("Status") or {}).get("State") not in LIVE_TASK_STATES:
+            continue
+        container = (task.get("Spec") or {}).get("ContainerSpec") or {}
+        task_labels = container.get("Labels") or {}
+        npus: frozenset[int] = frozenset()
+        owner = service_id
+        if labels.NPUS in task_labels:
+            try:
+                npus = parse_npu_ids(task_labels[labels.NPUS])
+            except ValueError:
+                npus = frozenset()
+            owner = (
+                object_key(
+                    task_labels.get(labels.OWNER_NAMESPACE, ""),
+                    task_labels.get(labels.OWNER_NAME, ""),
+                )
+                + f"[{task_labels.get(labels.REPLICA, '')}]"
+            )
+        if not npus:
+            npus = _env_npus(container.get("Env") or [])
+        if not npus:
+            npus = frozenset(
+                npu
+                for resource in task.get("AssignedGenericResources") or []
+                if (resource.get("NamedResourceSpec") or {}).get("Kind") == "NPU"
+                and (
+                    npu := npu_id_from_device(
+                        str((resource.get("NamedResourceSpec") or {}).get("Value", ""))
+                    )
+                )
+                is not None
+            )
+        block = str(task_labels.get(labels.PORT_BLOCK, ""))
+        port_block = int(block) if block.isdigit() else None
+        if npus or port_block is not None:
+            claims.append(StoppingClaim(owner, node_id, npus, port_block))
+    return claims
 
 
 def _env_npus(env: list[str]) -> frozenset[int]:

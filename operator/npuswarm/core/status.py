@@ -28,6 +28,11 @@ from npuswarm.core.render import network_alias
 from npuswarm.core.snapshot import SwarmSnapshot
 
 MAX_MESSAGE = 1024
+# Unplaced for a reason that resolves by itself, soon: Progressing, never Degraded.
+PROGRESS_REASONS = frozenset({"NodeValidationPending", "Preempting", "NPUsReleasing"})
+# Unplaced because the fleet (or the namespace's quota) has no NPUs for it now: a deployment
+# that serves meanwhile is waiting for NPUs, not broken (docs/autoscaling.md, priority.md).
+WAITING_REASONS = frozenset({"InsufficientNPUs", "Preempted", "QuotaExceeded"})
 # A Swarm outage reads as work under way (Reconciling) this long, then as Stalled (Degraded):
 # a manager restart or a network blip should not fail a Flux or Argo CD sync, a lasting
 # outage should, with its reason, instead of leaving them waiting until their timeout.
@@ -153,9 +158,10 @@ def deployment_status(
     ready_count = sum(1 for r in replicas.statuses if r.ready)
     placed = [r for r in replicas.statuses if r.nodeId is not None]
     unplaced = [u for _, u in placement.unplaced_of(md.key)]
-    # Waiting a few seconds for a node's first validation check is progress, not a fault.
-    validating = [u for u in unplaced if u.reason == "NodeValidationPending"]
-    unplaced = [u for u in unplaced if u.reason != "NodeValidationPending"]
+    # Waiting a few seconds for a node's first validation check, or for the replicas it
+    # preempted to stop, is progress, not a fault.
+    validating = [u for u in unplaced if u.reason in PROGRESS_REASONS]
+    unplaced = [u for u in unplaced if u.reason not in PROGRESS_REASONS]
     conflicts = [message for owner, message in placement.conflicts if owner == md.key]
     if md.spec.multi_node:
         # A group restarting whole in this pass has dealt with its members' failures.
@@ -171,7 +177,7 @@ def deployment_status(
     if short and degraded.status == "False" and not rolling:
         progressing = ConditionValue(
             "True",
-            "InsufficientNPUs",
+            unplaced[0].reason,  # InsufficientNPUs, or Preempted, QuotaExceeded
             f"wanted {desired_count}, placed {len(placed)}: waiting for NPUs; "
             + "; ".join(f"replica {u.slot}: {u.message}" for u in unplaced),
         )
@@ -334,7 +340,7 @@ def waiting_for_npus(
     return (
         bool(unplaced)
         and ready_count > 0
-        and all(u.reason == "InsufficientNPUs" and (key, u.slot) not in moved for u in unplaced)
+        and all(u.reason in WAITING_REASONS and (key, u.slot) not in moved for u in unplaced)
     )
 
 
@@ -384,6 +390,12 @@ def _progressing(
         )
     if starting and degraded.status == "False":
         return ConditionValue("True", "ReplicasStarting", "waiting for tasks to run")
+    for reason in ("Preempting", "NPUsReleasing"):
+        waiting = [u for u in validating if u.reason == reason]
+        if waiting and degraded.status == "False":
+            return ConditionValue(
+                "True", reason, "; ".join(f"replica {u.slot}: {u.message}" for u in waiting)
+            )
     if validating and degraded.status == "False":
         return ConditionValue(
             "True",

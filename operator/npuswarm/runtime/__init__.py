@@ -50,6 +50,8 @@ class Runtime:
     # kopf's indexes of ModelDeployments and ModelGateways: (namespace, name) -> values.
     index: Mapping[Any, Any] = field(default_factory=dict)
     gateway_index: Mapping[Any, Any] = field(default_factory=dict)
+    # kopf's index of the Namespaces' NPU quota annotations.
+    quota_index: Mapping[Any, Any] = field(default_factory=dict)
     loop: asyncio.AbstractEventLoop | None = None
     triggers: Triggers = field(init=False)
     reader: IndexReader = field(init=False)
@@ -70,6 +72,7 @@ class Runtime:
             self.leadership.namespaces,
             self.index,
             self.gateway_index,
+            self.quota_index,
         )
         self.publisher = StatusPublisher(self.kube)
         self.leader = LeadershipWatch(self.leadership, self.kube, self.settings, self.triggers)
@@ -85,7 +88,7 @@ class Runtime:
             self.reader,
             self.publisher,
             self.leader,
-            IndexGate(lister),
+            IndexGate(lister, self.kube.quota_namespaces if self.kube is not None else None),
         )
         gateways = self.reconciler.gateways
         if gateways is not None and gateways.pusher is not None:

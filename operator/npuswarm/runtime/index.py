@@ -16,6 +16,8 @@ from npuswarm.api.deployment import ModelDeployment
 from npuswarm.api.meta import Indexed, Stamp, stamp, validation_message, walk_index
 from npuswarm.core import hostpolicy
 from npuswarm.core.pipeline import Desired
+from npuswarm.core.quota import ANNOTATION as QUOTA_ANNOTATION
+from npuswarm.core.quota import Quotas
 from npuswarm.gateway.backends import parse_gateways
 
 
@@ -39,6 +41,10 @@ class IndexReader:
     index: Mapping[Any, Any] = field(default_factory=dict)
     # kopf's index of ModelGateways.
     gateway_index: Mapping[Any, Any] = field(default_factory=dict)
+    # kopf's index of Namespaces' NPU quota annotations: name -> store of values.
+    quota_index: Mapping[Any, Any] = field(default_factory=dict)
+    # The quota annotation each namespace was last seen with (a change asks for a pass).
+    quota_seen: dict[str, str | None] = field(default_factory=dict)
     parsed: dict[str, Parsed] = field(default_factory=dict)
     # The stamp each object was last seen with in kopf's events (gateways: gateway_key).
     seen: dict[str, Stamp] = field(default_factory=dict)
@@ -68,6 +74,7 @@ class IndexReader:
             del self.parsed[gone]
         gateways, gateway_previous = parse_gateways(self.gateway_index, gateways_written)
         return Desired(
+            quotas=self.quotas(),
             deployments=deployments,
             invalid=invalid,
             deleting=frozenset(deleting),
@@ -76,6 +83,22 @@ class IndexReader:
             gateways=gateways,
             gateway_previous=gateway_previous,
         )
+
+    def quotas(self) -> Quotas:
+        """Each namespace's NPU quota, from kopf's index of Namespaces."""
+        annotations: dict[str, dict[str, str]] = {}
+        for namespace, store in list(self.quota_index.items()):
+            value = next(iter(store), None)
+            if value is not None:
+                annotations[str(namespace)] = {QUOTA_ANNOTATION: str(value)}
+        return Quotas.from_annotations(annotations)
+
+    def quota_changed(self, namespace: str, value: str | None) -> bool:
+        """Whether a Namespace event changed its quota annotation (and remember it)."""
+        if self.quota_seen.get(namespace) == value:
+            return False
+        self.quota_seen[namespace] = value
+        return True
 
     def _parse(self, entry: Indexed) -> Parsed:
         key, seen = entry.key, stamp(entry.metadata)
@@ -127,6 +150,9 @@ class IndexReader:
 Lister = Callable[[str], "set[str] | None"]
 
 
+QUOTA_NAMESPACES = "namespaces-with-quota"
+
+
 @dataclass
 class IndexGate:
     """Whether kopf's indexes hold every ModelDeployment and ModelGateway yet. kopf fills
@@ -138,6 +164,9 @@ class IndexGate:
     gate stays open (later objects are events on a filled index)."""
 
     lister: Lister | None
+    # The namespaces with an NPU quota annotation (kube.Kube.quota_namespaces): a pass on a
+    # half-filled quota index would place replicas beyond a quota, to stop them next pass.
+    quota_lister: Callable[[], set[str] | None] | None = None
     complete: bool = False
 
     def list_all(self) -> dict[str, set[str]] | None:
@@ -148,6 +177,10 @@ class IndexGate:
             if listed is None:
                 return None
             found[plural] = listed
+        quotas = self.quota_lister() if self.quota_lister is not None else set()
+        if quotas is None:
+            return None
+        found[QUOTA_NAMESPACES] = quotas
         return found
 
     def check(self, reader: IndexReader, listed: dict[str, set[str]] | None) -> bool:
@@ -164,5 +197,7 @@ class IndexGate:
         ):
             if not listed[plural] <= {entry.key for entry in walk_index(index, {})}:
                 return False
+        if not listed.get(QUOTA_NAMESPACES, set()) <= {str(k) for k in reader.quota_index}:
+            return False
         self.complete = True
         return True
