@@ -45,8 +45,11 @@ def test_examples_run_with_the_right_npus_and_show_in_kubectl_get(cluster: Clust
     for name in ("vllm-qwen3", "vllm-coder"):
         wait_md(cluster, namespace, name, is_ready, "Ready")
     found = services(cluster, namespace)
-    npus = [env_of(s)["ASCEND_VISIBLE_DEVICES"] for s in found.values()]
-    assert sorted(npus) == ["0,1,2,3", "4,5,6,7"]
+    npus = [env_of(s)["ASCEND_VISIBLE_DEVICES"].split(",") for s in found.values()]
+    # 4 NPUs each, none shared: the node's 8. (Which 4 depends on earlier tests' replicas
+    # still stopping: their NPUs are given out only once they have exited.)
+    assert [len(ids) for ids in npus] == [4, 4]
+    assert sorted(int(n) for ids in npus for n in ids) == list(range(8))
     table = cluster.kubectl("-n", namespace, "get", "md").stdout.splitlines()
     assert table[0].split() == ["NAME", "READY", "REPLICAS", "NPUS", "PHASE", "AGE"]
     rows = {line.split()[0]: line.split()[1:5] for line in table[1:]}

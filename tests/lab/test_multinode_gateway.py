@@ -125,6 +125,9 @@ def test_a_gateway_serves_a_group_through_its_leader_and_drops_it_before_a_lost_
         with Load(gateway_url, MODEL, workers=2) as load:
             swarm_lab.kill_dockerd(victim)
             out = until(lambda r: backends(r) == [], "the gateway to drop the group", timeout=60)
+            # Taken out once the gateway accepted the push that the pass handed over.
+            pusher = reconciler.gateways.pusher if reconciler.gateways is not None else None
+            assert pusher is not None and pusher.settle(10), "the gateway's push did not end"
             assert out.views[md.key].status.groupStatuses[0].generation == 0, "not restarted yet"
             # The old group keeps running until npuswarm restarts it (the lost-node grace)...
             before = served(read(f"{old_url}/metrics"))

@@ -111,14 +111,14 @@ def full_lab(swarm_lab: swarmlab.Lab, gateway_image: str, network: str) -> Itera
     settings = lab_settings(gateway_root_key=ROOT_KEY, lost_node_grace_seconds=3, stop_grace_seconds=30)
     recorded = Recorded()
     gateways = Gateways(settings.instance, Credentials(ROOT_KEY, settings.instance), policy=settings.tenant_policy())
-    real_send = gateways.send
-    assert real_send is not None
+    assert gateways.pusher is not None
+    real_send = gateways.pusher.send
 
     def send(target: PushTarget, state: dict[str, Any]) -> None:
         real_send(target, state)
         recorded.add("push", {m: sorted(urls) for m, urls in state["models"].items()})
 
-    gateways.send = send
+    gateways.pusher.send = send
     swarm = Swarm(base_url=swarm_lab.endpoint)
     real_remove, real_create = swarm.remove_service, swarm.create_service
 

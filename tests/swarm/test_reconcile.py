@@ -98,10 +98,18 @@ def test_scale_down_removes_exactly_the_right_services(
     docker_client: docker.APIClient, namespace: str, reconciler: Reconciler
 ) -> None:
     converge(reconciler, model(namespace, "m", replicas=3))
-    assert len(owned(docker_client, namespace)) == 3
+    three = owned(docker_client, namespace)
+    assert len(three) == 3
+    # All ready: the scale-down keeps the replica whose task has run longest, then the lowest
+    # slot (core/scaledown.py).
+    started = {
+        name: min(t["CreatedAt"] for t in docker_client.tasks(filters={"service": service["ID"]}))
+        for name, service in three.items()
+    }
+    oldest = min(started, key=lambda name: (started[name], name))
     converge(reconciler, model(namespace, "m", replicas=1))
     names = sorted(owned(docker_client, namespace))
-    assert names == [f"{namespace}-m-0"]
+    assert names == [oldest]
 
 
 def test_spec_edit_updates_only_the_affected_deployment(
