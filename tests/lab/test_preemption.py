@@ -177,7 +177,9 @@ def test_a_higher_priority_replica_stops_the_fewest_lower_ones_which_left_the_ga
             "the priority-100 replica ready", timeout=180,
         )
         took = time.monotonic() - started
-    preemptions = [p for r in lab.passes for p in r.plan.preemptions]
+    # A pass whose victim removal waits for the gateways' acknowledgement decides the same
+    # preemption again in the next pass, which removes it: one decision, however many passes.
+    preemptions = list({p: None for r in lab.passes for p in r.plan.preemptions})
     assert len(preemptions) == 1, preemptions
     (victim,) = preemptions[0].victims
     print(f"urgent Ready {took:.1f}s after it was applied; victim {victim.name} on {preemptions[0].nodes}; "
