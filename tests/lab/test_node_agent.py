@@ -153,6 +153,13 @@ def test_a_node_without_the_runtime_gets_no_replica_is_reported_and_is_used_once
         services = swarm_lab.client(1).api.services(filters={"label": agents.AGENT})
         assert [s["Spec"]["Name"] for s in services] == ["npuswarm-agent-default-0-7"]
 
+        # The validated nodes take a replica each within a few turns (their agents are also
+        # asked about the model's host path first); the broken node never does.
+        def two_placed() -> bool:
+            loops.turn()
+            return len(loops.replicas()) >= 2
+
+        wait_for(two_placed, "replicas on the two validated nodes", timeout=60, interval=0.5)
         result = loops.turn()
         placed = {node for node, _ in loops.replicas().values()}
         assert broken_id not in placed and len(loops.replicas()) == 2, loops.replicas()
