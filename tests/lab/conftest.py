@@ -44,6 +44,19 @@ def lab_settings(**overrides: Any) -> Settings:
     return Settings(**{"shared_networks": shared, **overrides})
 
 
+def agent_settings(operator_image: str, grace: float) -> Settings:
+    """Node checks as the node-agent tests run them: agents from the operator's image, read
+    every second, a failed node re-checked every 3 s, ``grace`` before an unhealthy NPU's
+    replica moves."""
+    return Settings(
+        root_key=ROOT_KEY,
+        agent_image=operator_image,
+        npu_health_seconds=1.0,
+        node_recheck_failed_seconds=3.0,
+        npu_unhealthy_grace_seconds=grace,
+    )
+
+
 @pytest.fixture(scope="session")
 def swarm_lab():
     """A 3-node lab (node1 manager; node3 910A-style with rings of 4) for the session."""

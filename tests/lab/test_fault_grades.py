@@ -14,7 +14,7 @@ import swarmlab
 from npuswarm.settings import Settings
 from tests.helpers import wait_for
 
-from .conftest import ROOT_KEY
+from .conftest import agent_settings
 from .test_node_agent import Loops, model
 
 pytestmark = pytest.mark.lab
@@ -26,13 +26,7 @@ RESTART_REQUEST = 0x80C98008  # RestartRequest in the default table (docs/node-h
 def settings(operator_image: str) -> Settings:
     # A long grace: an isolating grade would move the replica only after it, so a move seen
     # here could only be a restart-graded fault mishandled.
-    return Settings(
-        root_key=ROOT_KEY,
-        agent_image=operator_image,
-        npu_health_seconds=1.0,
-        node_recheck_failed_seconds=3.0,
-        npu_unhealthy_grace_seconds=600.0,
-    )
+    return agent_settings(operator_image, 600.0)
 
 
 def tasks_of(lab: swarmlab.Lab, service: str) -> list[dict[str, Any]]:

@@ -25,7 +25,7 @@ from npuswarm.nodehealth import agents
 from npuswarm.settings import Settings
 from tests.helpers import wait_for
 
-from .conftest import ROOT_KEY
+from .conftest import agent_settings
 from .test_node_agent import Loops, model
 
 pytestmark = pytest.mark.lab
@@ -90,13 +90,7 @@ FORGER_SCRIPT = textwrap.dedent('''
 
 @pytest.fixture
 def settings(operator_image: str) -> Settings:
-    return Settings(
-        root_key=ROOT_KEY,
-        agent_image=operator_image,
-        npu_health_seconds=1.0,
-        node_recheck_failed_seconds=3.0,
-        npu_unhealthy_grace_seconds=3.0,
-    )
+    return agent_settings(operator_image, 3.0)
 
 
 def set_agent_label(lab: swarmlab.Lab, index: int, value: str | None) -> None:

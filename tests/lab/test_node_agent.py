@@ -32,19 +32,13 @@ from tests.invariants import npu_conflicts
 
 pytestmark = pytest.mark.lab
 
-from .conftest import ROOT_KEY
+from .conftest import ROOT_KEY, agent_settings
 GRACE = 3.0
 
 
 @pytest.fixture
 def settings(operator_image: str) -> Settings:
-    return Settings(
-        root_key=ROOT_KEY,
-        agent_image=operator_image,
-        npu_health_seconds=1.0,
-        node_recheck_failed_seconds=3.0,
-        npu_unhealthy_grace_seconds=GRACE,
-    )
+    return agent_settings(operator_image, GRACE)
 
 
 def body(name: str, replicas: int, npus: int = 8) -> dict[str, Any]:
