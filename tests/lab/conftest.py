@@ -44,6 +44,15 @@ def lab_settings(**overrides: Any) -> Settings:
     return Settings(**{"shared_networks": shared, **overrides})
 
 
+def tear_down(reconciler: Any, deployments: list[Any], gateway: str = "gw") -> None:
+    """What a lab test's operator leaves behind: each deployment's services (by its
+    finalizer), the lab gateway's, then the Reconciler's threads."""
+    for md in deployments:
+        reconciler.finalize(md.metadata.namespace, md.metadata.name, md.metadata.uid)
+    reconciler.finalize_gateway("lab", gateway)
+    reconciler.close()
+
+
 def agent_settings(operator_image: str, grace: float) -> Settings:
     """Node checks as the node-agent tests run them: agents from the operator's image, read
     every second, a failed node re-checked every 3 s, ``grace`` before an unhealthy NPU's

@@ -23,7 +23,7 @@ from npuswarm.runtime.autoscaler import Autoscaler
 from npuswarm.swarm import Swarm
 from tests.helpers import wait_for
 
-from .conftest import lab_settings
+from .conftest import lab_settings, tear_down
 from .test_gateway import ROOT_KEY, Load, gateway, network  # noqa: F401 (a fixture)
 from .test_npuswarm_on_lab import lab_model
 
@@ -112,10 +112,7 @@ def scaled(swarm_lab: swarmlab.Lab, gateway_image: str, network: str) -> Iterato
                    "the gateway and one replica ready", timeout=180)
         yield made
     finally:
-        for md in made.deployments:
-            reconciler.finalize(md.metadata.namespace, md.metadata.name, md.metadata.uid)
-        reconciler.finalize_gateway("lab", "gw")
-        reconciler.close()
+        tear_down(reconciler, made.deployments)
 
 
 def test_a_load_step_scales_up_within_the_window_and_the_new_replicas_serve(scaled: Scaled) -> None:

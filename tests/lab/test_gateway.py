@@ -31,7 +31,7 @@ from npuswarm.reconcile import PassResult, Reconciler
 from npuswarm.swarm import Swarm
 from tests.helpers import wait_for
 
-from .conftest import lab_settings, service_container
+from .conftest import lab_settings, service_container, tear_down
 from .test_npuswarm_on_lab import lab_model
 
 pytestmark = pytest.mark.lab
@@ -154,10 +154,7 @@ def setup(swarm_lab: swarmlab.Lab, gateway_image: str, network: str) -> Iterator
         made.converge(all_ready, "the gateway and both models to be ready", timeout=180)
         yield made
     finally:
-        for md in made.deployments:
-            reconciler.finalize(md.metadata.namespace, md.metadata.name, md.metadata.uid)
-        reconciler.finalize_gateway("lab", "gw")
-        reconciler.close()
+        tear_down(reconciler, made.deployments)
 
 
 # --- the client side ----------------------------------------------------------------------

@@ -30,7 +30,7 @@ from npuswarm.swarm import Swarm
 from tests.helpers import wait_for
 from tests.invariants import LIVE_STATES, npu_conflicts
 
-from .conftest import lab_settings
+from .conftest import lab_settings, tear_down
 from .test_gateway import ROOT_KEY, Load, gateway, network  # noqa: F401 (a fixture)
 from .test_gateway import model as gateway_model
 
@@ -149,10 +149,7 @@ def full_lab(swarm_lab: swarmlab.Lab, gateway_image: str, network: str) -> Itera
         )
         yield made
     finally:
-        for md in made.deployments:
-            reconciler.finalize(md.metadata.namespace, md.metadata.name, md.metadata.uid)
-        reconciler.finalize_gateway("lab", "gw")
-        reconciler.close()
+        tear_down(reconciler, made.deployments)
 
 
 def test_a_higher_priority_replica_stops_the_fewest_lower_ones_which_left_the_gateway_first(

@@ -20,7 +20,7 @@ from npuswarm.reconcile import PassResult, Reconciler
 from npuswarm.swarm import Swarm
 from tests.helpers import wait_for
 
-from .conftest import lab_settings
+from .conftest import lab_settings, tear_down
 from .test_gateway import ROOT_KEY, Load, gateway, network  # noqa: F401 (a fixture)
 from .test_npuswarm_on_lab import lab_model
 from .test_scale_to_zero import Operator
@@ -73,10 +73,7 @@ def operator(swarm_lab: swarmlab.Lab, gateway_image: str, network: str) -> Itera
                        "three replicas ready behind the gateway", timeout=240)
             yield made
     finally:
-        for md in made.deployments:
-            reconciler.finalize(md.metadata.namespace, md.metadata.name, md.metadata.uid)
-        reconciler.finalize_gateway("lab", "gw")
-        reconciler.close()
+        tear_down(reconciler, made.deployments)
 
 
 def test_a_scale_down_under_steady_light_load_fails_no_request(operator: Operator) -> None:

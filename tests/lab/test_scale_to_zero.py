@@ -30,7 +30,7 @@ from operatorloops import OperatorLoops
 from tests import invariants
 from tests.helpers import wait_for
 
-from .conftest import lab_settings
+from .conftest import lab_settings, tear_down
 from .test_gateway import ROOT_KEY, Reply, gateway, network, post  # noqa: F401 (a fixture)
 from .test_npuswarm_on_lab import lab_model
 
@@ -167,10 +167,7 @@ def operator(swarm_lab: swarmlab.Lab, gateway_image: str, network: str) -> Itera
                        "the gateway and sleepy's first replica ready", timeout=240)
             yield made
     finally:
-        for md in made.deployments:
-            reconciler.finalize(md.metadata.namespace, md.metadata.name, md.metadata.uid)
-        reconciler.finalize_gateway("lab", "gw")
-        reconciler.close()
+        tear_down(reconciler, made.deployments)
         node = swarm_lab.swarm_node(2)
         labels = {k: v for k, v in node["Spec"].get("Labels", {}).items() if k not in POOL}
         api.update_node(node["ID"], node["Version"]["Index"], dict(node["Spec"], Labels=labels))
