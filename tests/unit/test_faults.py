@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client import generate_latest
 from pydantic import ValidationError
 
 from npuswarm.api import labels
@@ -21,7 +22,7 @@ from npuswarm.settings import Settings
 
 from .builders import NOW, deployment, node
 from .memswarm import MemorySwarm
-from .test_node_agents import EIGHT, ROOT, checker_for, npu_table, ok_answer
+from .test_node_agents import EIGHT, ROOT, checker_for, exporter, npu_table, ok_answer
 
 FAKE_NPU_SMI = Path(__file__).resolve().parents[2] / "hack" / "fake-npu-smi"
 # What `npu-smi info -t health -i 0 -c 0` prints for a faulty chip (research: MindCluster's
@@ -186,20 +187,13 @@ def test_isolate_preseparate_and_node_grades() -> None:
 
 
 def test_error_codes_are_exported_as_npu_exporter_does() -> None:
-    from prometheus_client import CollectorRegistry, generate_latest
-
-    from npuswarm import metrics
-
     swarm = MemorySwarm(nodes=1, npus=8)
     reconciler = Reconciler(swarm, SETTINGS, clock=lambda: NOW)
     checker, fake = checker_for(swarm, reconciler, SETTINGS)
     fake.documents = {"node1": graded(3, "Alarm", [0xA4025021, 0x8C03A000, 0x8C084E00])}
     reconciler.run_pass(Desired(deployments=[]), checker.unusable)
     checker.step()
-    registry = CollectorRegistry()
-    collector = metrics.NpuExporterCollector()
-    collector.source = checker.npu_readings
-    registry.register(collector)
+    registry = exporter(checker)
     text = generate_latest(registry).decode()
     labels_of = {"id": "3", "model_name": "910B4", "node": "host1",
                  "pcie_bus_info": "0000:C1:00.0"}

@@ -9,6 +9,7 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
+from prometheus_client import CollectorRegistry, generate_latest
 
 from npuswarm.api import labels
 from npuswarm.cli import read_agents
@@ -333,10 +334,6 @@ def test_unhealthy_npu_moves_its_replica_after_the_grace_an_unreachable_agent_mo
 
 
 def test_readings_are_exported_under_npu_exporters_names() -> None:
-    from prometheus_client import CollectorRegistry, generate_latest
-
-    from npuswarm import metrics
-
     swarm = MemorySwarm(nodes=1, npus=8)
     reconciler = Reconciler(swarm, SETTINGS, clock=lambda: NOW)
     checker, fake = checker_for(swarm, reconciler, SETTINGS)
@@ -351,11 +348,7 @@ def test_readings_are_exported_under_npu_exporters_names() -> None:
     fake.documents = {"node1": document}
     reconciler.run_pass(Desired(deployments=[]), checker.unusable)
     checker.step()
-    registry = CollectorRegistry()
-    collector = metrics.NpuExporterCollector()
-    collector.source = checker.npu_readings
-    registry.register(collector)
-    text = generate_latest(registry).decode()
+    text = generate_latest(exporter(checker)).decode()
     labels_of = 'id="3",model_name="910B4",node="host1",pcie_bus_info="0000:C1:00.0"'
     assert f"npu_chip_info_health_status{{{labels_of}}} 0.0" in text
     assert 'npu_chip_info_health_status{id="0",' in text and "} 1.0" in text
@@ -468,3 +461,14 @@ def test_the_loop_wakes_when_an_unhealthy_npus_grace_ends() -> None:
     grace = SETTINGS.npu_unhealthy_grace_seconds
     checker.since = {("node1", 3): NOW - timedelta(seconds=grace - 20), ("node1", 4): NOW - timedelta(seconds=grace + 5)}
     assert checker.next_grace_end() == 20.0, "the soonest grace still to end; an ended one is past"
+
+
+def exporter(checker: NodeChecker) -> CollectorRegistry:
+    """A registry holding the operator's npu-exporter collector over ``checker``'s readings."""
+    from npuswarm import metrics
+
+    registry = CollectorRegistry()
+    collector = metrics.NpuExporterCollector()
+    collector.source = checker.npu_readings
+    registry.register(collector)
+    return registry
