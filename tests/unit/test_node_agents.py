@@ -82,7 +82,7 @@ def test_observe_skips_the_agent_it_shares_npus_and_claims_none() -> None:
         "Status": {"State": "running"},
     }
     snapshot = snapshot_from_engine([], [raw], [task], [])
-    assert snapshot.foreign == [] and snapshot.services == [] and snapshot.allocations() == []
+    assert snapshot.foreign == [] and snapshot.services == [] and snapshot.allocations() == ()
 
 
 def test_agent_writes_create_update_remove_and_nothing_when_equal() -> None:
@@ -237,6 +237,29 @@ def test_agents_are_started_once_stale_probes_removed_and_steady_state_writes_no
     assert swarm.writes() + swarm.calls["update_node"] + swarm.calls["create_secret"] == writes
     assert sum(swarm.calls.values()) - before == 4, "only the pass's four list calls"
     assert checker.agents_up() == [("host1", True), ("host2", True)]
+
+
+def test_a_label_written_is_not_written_again_until_a_snapshot_shows_it_gone() -> None:
+    """The node event of the agents' label writes asks for no pass (runtime/swarm_watch.py),
+    so steps in between still see the old snapshot: they must not write every label again
+    (at 1,000 nodes that was 2,000 manager calls a second). A label removed by hand, once a
+    pass has seen it gone, is put back."""
+    swarm = MemorySwarm(nodes=2, npus=8)
+    reconciler = Reconciler(swarm, SETTINGS, clock=lambda: NOW)
+    checker, _ = checker_for(swarm, reconciler, SETTINGS)
+    reconciler.run_pass(Desired(deployments=[]), checker.unusable)
+    checker.step()
+    assert swarm.calls["update_node"] == 2
+    for _ in range(3):
+        checker.step()  # no pass since: the snapshot still shows no label
+    assert swarm.calls["update_node"] == 2
+
+    reconciler.run_pass(Desired(deployments=[]), checker.unusable)
+    del swarm.nodes[0]["Spec"]["Labels"][agents.NODE_LABEL]  # by hand
+    reconciler.run_pass(Desired(deployments=[]), checker.unusable)
+    checker.step()
+    assert swarm.calls["update_node"] == 3
+    assert {n["Spec"]["Labels"][agents.NODE_LABEL] for n in swarm.nodes} == {"0-7"}
 
 
 def test_a_node_without_the_runtime_gets_no_replica_and_the_status_says_why() -> None:

@@ -335,13 +335,13 @@ class Admission:
     room: dict[str, int] = field(default_factory=dict)
 
 
-Admit = Callable[[list[ReplicaRequest], list[Allocation]], Admission]
+Admit = Callable[[list[ReplicaRequest], Sequence[Allocation]], Admission]
 
 
 def place_all(
     ranked: list[ModelDeployment],
     nodes: list[NodeInfo],
-    allocations: list[Allocation],
+    allocations: Sequence[Allocation],
     *,
     now: datetime,
     lost_node_grace_seconds: float,
@@ -418,7 +418,7 @@ def _with_host_files(
 def place(
     nodes: list[NodeInfo],
     requests: list[ReplicaRequest],
-    allocations: list[Allocation],
+    allocations: Sequence[Allocation],
     *,
     now: datetime,
     lost_node_grace_seconds: float,
@@ -478,7 +478,9 @@ def place(
     return result
 
 
-def _claim_order(allocations: list[Allocation], requests: list[ReplicaRequest]) -> list[Allocation]:
+def _claim_order(
+    allocations: Sequence[Allocation], requests: list[ReplicaRequest]
+) -> list[Allocation]:
     """Desired replicas claim first (by priority), then allocations nobody wants any more:
     those still run until removed, so their NPUs stay taken in this pass; then the tasks of
     removed services that are still stopping (``releasing``). Foreign claims

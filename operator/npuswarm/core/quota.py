@@ -15,7 +15,7 @@ lowered) stops. A multi-node replica counts the NPUs of all its nodes, all or no
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from npuswarm.api.meta import split_key
@@ -66,7 +66,7 @@ class Quotas:
                 npus[namespace] = quota
         return cls(npus, problems)
 
-    def admit(self, requests: list[ReplicaRequest], allocations: list[Allocation]) -> Admission:
+    def admit(self, requests: list[ReplicaRequest], allocations: Sequence[Allocation]) -> Admission:
         """The requests placement may place (in the order given), the others unplaced."""
         if not self.npus:
             return Admission(list(requests))
