@@ -156,15 +156,20 @@ class Swarm:
             except _TRANSIENT as error:
                 raise _translate(operation, error) from error
 
-    def _list(self, operation: str, path: str) -> list[dict[str, Any]]:
+    def _list(
+        self, operation: str, path: str, filters: dict[str, Any] | None = None
+    ) -> list[dict[str, Any]]:
         """GET a whole list through docker-py's session, decoded with orjson: at 2,000
         services the Engine JSON of one observation is about 8 MB, and the standard library's
         decoder was most of a pass's CPU."""
         api = self.api
+        params = {"filters": convert_filters(filters)} if filters else None
         with metrics.swarm_call(operation):
             try:
                 response = api.get(
-                    f"{api.base_url}/v{api.api_version}{path}", timeout=self._timeout
+                    f"{api.base_url}/v{api.api_version}{path}",
+                    params=params,
+                    timeout=self._timeout,
                 )
                 response.raise_for_status()
                 found: list[dict[str, Any]] = orjson.loads(response.content)
@@ -210,8 +215,9 @@ class Swarm:
 
     def task_states(self) -> dict[str, tuple[str, str]]:
         """Task id -> (service id, state) of every task Swarm wants running: the cheap poll
-        that notices tasks failing or becoming ready (Docker's events have no task events)."""
-        tasks = self._call("poll_tasks", "tasks", filters={"desired-state": "running"})
+        that notices tasks failing or becoming ready (Docker's events have no task events).
+        At 3,000 tasks the answer is about 7 MB: decoded with orjson, as observe's lists."""
+        tasks = self._list("poll_tasks", "/tasks", {"desired-state": "running"})
         return {
             t.get("ID", ""): (t.get("ServiceID", ""), (t.get("Status") or {}).get("State", ""))
             for t in tasks
