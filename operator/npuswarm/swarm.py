@@ -7,6 +7,7 @@ ever concluding that something is gone.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -15,7 +16,7 @@ import docker.errors
 import orjson
 import requests.exceptions
 from docker.constants import MINIMUM_DOCKER_API_VERSION
-from docker.utils import kwargs_from_env
+from docker.utils import convert_filters, kwargs_from_env
 
 from npuswarm import metrics
 from npuswarm.api import labels
@@ -131,6 +132,9 @@ class Swarm:
         self.reachable: bool | None = None
         # Whether this instance may write now (the leadership lease); None: always.
         self.fence: Callable[[], bool] | None = None
+        # Node id -> when this client last changed that node's labels (monotonic): the node
+        # event Swarm sends for it is this operator's own echo (runtime/swarm_watch.py).
+        self.labelled_at: dict[str, float] = {}
 
     @property
     def api(self) -> docker.APIClient:
@@ -321,6 +325,7 @@ class Swarm:
                 self._call(
                     "update_node", "update_node", node_id, int(node["Version"]["Index"]), spec
                 )
+                self.labelled_at[node_id] = time.monotonic()
                 return
             except SwarmRejected as error:
                 if OUT_OF_SEQUENCE not in str(error):

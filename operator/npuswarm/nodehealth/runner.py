@@ -206,6 +206,9 @@ class NodeChecker:
         self._withheld: dict[str, dict[int, str]] = {}
         self._cleaned = not manage
         self._ensured: tuple[str, float] | None = None  # (what was ensured, when)
+        # Node id -> the label written since the snapshot _labelled_in was observed.
+        self._labelled: dict[str, str] = {}
+        self._labelled_in: SwarmSnapshot | None = None
         # Since when agents may be starting: this checker's start, or its last agent write.
         self._settle_from = time.monotonic()
         self._lock = threading.Lock()
@@ -367,7 +370,7 @@ class NodeChecker:
         nodes = agents.agent_nodes(plan.snapshot.nodes)
         if self.manage and not self.problem:
             try:
-                self._ensure_agents(nodes)
+                self._ensure_agents(nodes, plan.snapshot)
             except (SwarmRejected, SwarmUnavailable) as error:
                 # The agents that run are still read; the next step tries the writes again.
                 log.warning("node agents not written", error=str(error))
@@ -501,17 +504,11 @@ class NodeChecker:
             if roce.problem(host, links) != said_roce:
                 log.info("roce links", node=host, problem=roce.problem(host, links) or "none")
 
-    def _ensure_agents(self, nodes: Sequence[NodeInfo]) -> None:
+    def _ensure_agents(self, nodes: Sequence[NodeInfo], snapshot: SwarmSnapshot) -> None:
         """Node labels, the agents' secrets and one service per NPU set: written only when
         something differs, listed only when the NPU sets change or every REPAIR_SECONDS."""
         swarm, settings, instance = self.swarm, self.settings, self.settings.instance
-        for node_id, value in agents.label_writes(nodes).items():
-            try:
-                swarm.set_node_label(node_id, agents.NODE_LABEL, value)
-                self._settle_from = time.monotonic()
-                log.info("node labelled for its agent", node=node_id, npus=value)
-            except (SwarmRejected, SwarmUnavailable) as error:
-                log.warning("node label refused", node=node_id, error=str(error))
+        self._write_labels(nodes, snapshot)
         sets = agents.wanted_sets(nodes)
         roots = settings.tenant_policy().allowed_host_paths
         key = json.dumps([sets, settings.agent_image, settings.agent_port, roots])
@@ -558,6 +555,36 @@ class NodeChecker:
             except SwarmRejected as error:  # still mounted by a task being replaced
                 log.info("agent secret kept for now", secret=stale.name, error=str(error))
         self._ensured = (key, now_s)
+
+    def _write_labels(self, nodes: Sequence[NodeInfo], snapshot: SwarmSnapshot) -> None:
+        """Each NPU node's label for its agent, NPUSWARM_WRITE_CONCURRENCY at a time: a
+        fleet's first start labels every node (two manager calls each), and one at a time
+        that took most of a minute at 1,000 nodes."""
+        wanted = agents.label_writes(nodes)
+        # A label written since this snapshot was observed is not written again: the node
+        # event of a label write asks for no pass (runtime/swarm_watch.py), so the next
+        # snapshot may be a resync away. A newer snapshot tells again.
+        if self._labelled_in is not snapshot:
+            self._labelled, self._labelled_in = {}, snapshot
+        writes = {n: v for n, v in wanted.items() if self._labelled.get(n) != v}
+        if not writes:
+            return
+
+        def write(node_id: str, value: str) -> bool:
+            try:
+                self.swarm.set_node_label(node_id, agents.NODE_LABEL, value)
+            except (SwarmRejected, SwarmUnavailable) as error:
+                log.warning("node label refused", node=node_id, error=str(error))
+                return False
+            log.info("node labelled for its agent", node=node_id, npus=value)
+            self._labelled[node_id] = value
+            return True
+
+        workers = max(1, min(self.settings.write_concurrency, len(writes)))
+        with ThreadPoolExecutor(workers, thread_name_prefix="node-label") as pool:
+            written = list(pool.map(write, writes.keys(), writes.values()))
+        if any(written):
+            self._settle_from = time.monotonic()
 
     def _remove_stale(self) -> None:
         """Probe services of earlier versions (one-shot validation and npu-smi readings)."""

@@ -80,15 +80,27 @@ class SwarmWatch:
             stream.close()
 
     def _on_event(self, event: Mapping[str, Any]) -> None:
-        if event.get("Type") == "node":
-            self.triggers.request_threadsafe(everything=True)
-            return
         actor = event.get("Actor") or {}
-        name = (actor.get("Attributes") or {}).get("name", "")
+        attributes = actor.get("Attributes") or {}
+        if event.get("Type") == "node":
+            if not self._own_label_echo(actor.get("ID", ""), attributes):
+                self.triggers.request_threadsafe(everything=True)
+            return
+        name = attributes.get("name", "")
         written = self.recent_writes.get(name)
         if written is not None and time.monotonic() - written < ECHO_SECONDS:
             return
         self.triggers.request_threadsafe(self.owner_of_service.get(actor.get("ID", "")))
+
+    def _own_label_echo(self, node_id: str, attributes: Mapping[str, Any]) -> bool:
+        """A node event that changes no state, availability or role (Swarm names those in
+        its attributes; a label change has only the name) right after this operator
+        labelled that node for its agent. At a fleet's first start each of a thousand label
+        writes asked for a whole pass, and those passes starved the writes themselves."""
+        if set(attributes) - {"name"}:
+            return False
+        written = self.swarm.labelled_at.get(node_id)
+        return written is not None and time.monotonic() - written < ECHO_SECONDS
 
     def poll_tasks(self) -> None:
         """Docker's event stream has no task events: a cheap list of the tasks Swarm wants
