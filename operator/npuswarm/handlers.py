@@ -27,7 +27,7 @@ from npuswarm.gateway.push import Gateways
 from npuswarm.gateway.service import gateway_key
 from npuswarm.kube import ROOT_KEY_SECRET, Kube, SecretKeys, own_namespace, root_key
 from npuswarm.reconcile import Reconciler
-from npuswarm.runtime import Leadership, Runtime
+from npuswarm.runtime import Leadership, Runtime, heap
 from npuswarm.settings import Settings
 from npuswarm.swarm import Swarm, SwarmUnavailable
 
@@ -92,6 +92,7 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **kwargs: Any)
         loop=asyncio.get_running_loop(),
     )
     memo.runtime = runtime
+    heap.tune()
     start_http_server(config.metrics_port, registry=metrics.REGISTRY)
     runtime.start()
     log.info("npuswarm started", metrics_port=config.metrics_port, settings=config.__dict__)

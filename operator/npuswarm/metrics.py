@@ -144,6 +144,13 @@ kube_api_errors_total = Counter(
     ["operation"],
     registry=REGISTRY,
 )
+gc_seconds_total = Counter(
+    "npuswarm_gc_seconds_total",
+    "CPU seconds CPython's cyclic garbage collector spent, by generation (2: full "
+    "collections; runtime/heap.py keeps them few and small at fleet size).",
+    ["generation"],
+    registry=REGISTRY,
+)
 workqueue_depth = Gauge(
     "workqueue_depth",
     "ModelDeployments waiting for the next pass.",
@@ -170,6 +177,8 @@ for _loop in (
 ):
     background_errors_total.labels(_loop)
 workqueue_depth.labels(CONTROLLER)
+for _generation in ("0", "1", "2"):
+    gc_seconds_total.labels(_generation)
 
 
 @contextmanager

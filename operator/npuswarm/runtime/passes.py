@@ -6,9 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
-import ctypes.util
-import gc
 import time
 import uuid
 
@@ -20,6 +17,7 @@ from npuswarm.core.pipeline import Desired
 from npuswarm.core.relocation import FailureTracker
 from npuswarm.core.status import unavailable_status
 from npuswarm.reconcile import NodeChecks, PassResult, Reconciler
+from npuswarm.runtime import heap
 from npuswarm.runtime.autoscaler import Autoscaler
 from npuswarm.runtime.index import IndexGate, IndexReader
 from npuswarm.runtime.leadership import LeadershipWatch
@@ -39,7 +37,8 @@ MAX_BACKOFF_SECONDS = 300.0
 ORPHAN_RETRY_SECONDS = 10.0
 # Until kopf's indexes are complete (IndexGate), asked again this often.
 INDEX_RETRY_SECONDS = 1.0
-# A pass with this many Swarm and status writes made a burst of garbage worth giving back.
+# A pass with this many Swarm and status writes made a burst of garbage worth giving back
+# (runtime/heap.py).
 RELEASE_AFTER_WRITES = 100
 
 
@@ -70,6 +69,7 @@ class PassLoop:
         self.autoscaler: Autoscaler | None = None
         self.sequence = 0
         self.last_metrics: metrics.PassMetrics | None = None
+        self.settled_at = time.monotonic()  # the heap's last heap.settle()
 
     async def run(self) -> None:
         triggers = self.triggers
@@ -166,8 +166,10 @@ class PassLoop:
             )
         if result.plan.unconfirmed_orphans:
             self.triggers.request_later(ORPHAN_RETRY_SECONDS, [None])
-        if result.writes + len(publisher.last_changed) >= RELEASE_AFTER_WRITES:
-            await asyncio.to_thread(_release_memory)
+        burst = result.writes + len(publisher.last_changed) >= RELEASE_AFTER_WRITES
+        if burst or time.monotonic() - self.settled_at >= heap.SETTLE_SECONDS:
+            await asyncio.to_thread(heap.settle)
+            self.settled_at = time.monotonic()
         self._count(result, served, pass_id, total)
 
     def _count(self, result: PassResult, served: set[str], pass_id: str, total: float) -> None:
@@ -263,16 +265,3 @@ class PassLoop:
             for md in desired.deployments
         }
         await self.publisher.write_statuses(statuses, desired, resync=False)
-
-
-def _release_memory() -> None:
-    """Give freed heap back to the OS after a burst (a fleet's first pass, a mass update):
-    glibc keeps freed memory in its arenas, so the resident size would stay at the burst's
-    peak for the operator's whole life. A no-op where malloc_trim does not exist."""
-    libc = ctypes.util.find_library("c")
-    if libc is None:
-        return
-    trim = getattr(ctypes.CDLL(libc), "malloc_trim", None)
-    if trim is not None:
-        gc.collect()
-        trim(0)
