@@ -262,6 +262,33 @@ def test_a_label_written_is_not_written_again_until_a_snapshot_shows_it_gone() -
     assert {n["Spec"]["Labels"][agents.NODE_LABEL] for n in swarm.nodes} == {"0-7"}
 
 
+def test_an_unchanged_answer_is_not_judged_again_but_carries_the_new_time() -> None:
+    """A 304 gives back the agent's last document: its verdict and readings are reused with
+    the time of this reading; a different document (or a changed node) is judged anew."""
+    swarm = MemorySwarm(nodes=1, npus=8)
+    reconciler = Reconciler(swarm, SETTINGS, clock=lambda: NOW)
+    times = [NOW]
+    checker, fake = checker_for(swarm, reconciler, SETTINGS, clock=lambda: times[-1])
+    reconciler.run_pass(Desired(deployments=[]), checker.unusable)
+    fake.documents = {"node1": ok_answer()}
+    checker.step()
+    first = checker.verdicts()["node1"]
+    times.append(NOW + timedelta(minutes=1))
+    checker.read_now(agents.agent_nodes(swarm_nodes(reconciler)))
+    again = checker.verdicts()["node1"]
+    assert again.checked_at == times[-1] and checker.readings()["node1"].read_at == times[-1]
+    assert again.checks is first.checks, "the same document: judged once"
+    fake.documents = {"node1": no_runtime_answer()}
+    checker.read_now(agents.agent_nodes(swarm_nodes(reconciler)))
+    assert not checker.verdicts()["node1"].ok
+
+
+def swarm_nodes(reconciler: Reconciler) -> list[NodeInfo]:
+    plan = reconciler.last_plan
+    assert plan is not None
+    return plan.snapshot.nodes
+
+
 def test_a_node_without_the_runtime_gets_no_replica_and_the_status_says_why() -> None:
     swarm = MemorySwarm(nodes=2, npus=8)
     reconciler = Reconciler(swarm, SETTINGS, clock=lambda: NOW)
