@@ -28,6 +28,7 @@ from npuswarm.gateway.service import gateway_key
 from npuswarm.kube import ROOT_KEY_SECRET, Kube, SecretKeys, own_namespace, root_key
 from npuswarm.reconcile import Reconciler
 from npuswarm.runtime import Leadership, Runtime, heap
+from npuswarm.runtime.index import index_event
 from npuswarm.settings import Settings
 from npuswarm.swarm import Swarm, SwarmUnavailable
 
@@ -86,9 +87,6 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **kwargs: Any)
             identity=IDENTITY,
             namespaces=namespaces,
         ),
-        index=kwargs["deployments"],
-        gateway_index=kwargs["gateways"],
-        quota_index=kwargs["npu_quotas"],
         loop=asyncio.get_running_loop(),
     )
     memo.runtime = runtime
@@ -129,21 +127,13 @@ async def stop(memo: kopf.Memo, **_: Any) -> None:
     await runtime.close()
 
 
-@kopf.index(*RESOURCE)
-async def deployments(
-    *, body: kopf.Body, namespace: str | None, name: str, **_: Any
-) -> dict[Any, Any]:
-    return _indexed(body, namespace, name)
-
-
-def _indexed(body: kopf.Body, namespace: str | None, name: str) -> dict[Any, Any]:
-    """What the pass reads of an object, kept by kopf's index under (namespace, name)."""
+def _indexed(body: kopf.Body) -> dict[str, Any]:
+    """What the pass reads of an object, kept in its index (filled here rather than by
+    @kopf.index: runtime/index.py index_event says why)."""
     return {
-        (namespace, name): {
-            "metadata": dict(body.metadata),
-            "spec": dict(body.spec),
-            "status": dict(body.get("status") or {}),
-        }
+        "metadata": dict(body.metadata),
+        "spec": dict(body.spec),
+        "status": dict(body.get("status") or {}),
     }
 
 
@@ -166,6 +156,7 @@ async def wants_pass(
     runtime: Runtime = memo.runtime
     metadata = body.get("metadata") or {}
     key = metadata_key(metadata)
+    index_event(runtime.index, type, (namespace, name), _indexed(body))
     if type == "DELETED":
         runtime.request(key)
         return
@@ -196,19 +187,19 @@ def on_delete(
     log.info("deployment deleted", deployment=key, services_removed=removed)
 
 
-@kopf.index(*GATEWAYS)
-async def gateways(
-    *, body: kopf.Body, namespace: str | None, name: str, **_: Any
-) -> dict[Any, Any]:
-    return _indexed(body, namespace, name)
-
-
 @kopf.on.event(*GATEWAYS)
 async def gateway_wants_pass(
-    *, type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any
+    *,
+    type: str | None,
+    body: kopf.Body,
+    namespace: str | None,
+    name: str | None,
+    memo: kopf.Memo,
+    **_: Any,
 ) -> None:
     """A new gateway or a new generation: a pass (its status writes ask for nothing)."""
     runtime: Runtime = memo.runtime
+    index_event(runtime.gateway_index, type, (namespace, name), _indexed(body))
     metadata = body.get("metadata") or {}
     changed = runtime.changed(gateway_key(metadata_key(metadata)), metadata)
     if type == "DELETED" or changed:
@@ -234,22 +225,24 @@ def on_gateway_delete(
     log.info("gateway deleted", gateway=metadata_key(body.metadata), services_removed=removed)
 
 
-@kopf.index("", "v1", "namespaces")
-async def npu_quotas(*, name: str, annotations: kopf.Annotations, **_: Any) -> dict[Any, Any]:
-    """Each Namespace's NPU quota annotation, set by the cluster admin (docs/priority.md);
-    a namespace without one contributes nothing (and drops out when it is removed)."""
-    value = annotations.get(quota.ANNOTATION)
-    return {name: value} if value is not None else {}
-
-
 @kopf.on.event("", "v1", "namespaces")
 async def quota_wants_pass(
-    *, name: str | None, annotations: kopf.Annotations, memo: kopf.Memo, **_: Any
+    *,
+    type: str | None,
+    name: str | None,
+    annotations: kopf.Annotations,
+    memo: kopf.Memo,
+    **_: Any,
 ) -> None:
-    """A quota set, changed or removed: a pass (other Namespace changes ask for nothing)."""
+    """Each Namespace's NPU quota annotation, set by the cluster admin (docs/priority.md),
+    into the quota index (a namespace without one is not in it); a quota set, changed or
+    removed asks for a pass (other Namespace changes ask for nothing)."""
     runtime: Runtime | None = getattr(memo, "runtime", None)
     value = annotations.get(quota.ANNOTATION)
-    if runtime is not None and name and runtime.reader.quota_changed(name, value):
+    if runtime is None or not name:
+        return
+    index_event(runtime.quota_index, type, name, value)
+    if runtime.reader.quota_changed(name, None if type == "DELETED" else value):
         runtime.request(None)
 
 

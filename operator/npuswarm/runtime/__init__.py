@@ -2,7 +2,7 @@
 
 - the pass loop (passes.py), which serves every trigger with one pass at a time,
 - the status publisher (publisher.py): statuses and Events, only what changed, with retries,
-- the index reader (index.py): what Kubernetes asks for, from kopf's indexes,
+- the index reader (index.py): what Kubernetes asks for, from the indexes kopf's events fill,
 - the Swarm watch (swarm_watch.py): event stream, task poll, reachability ping,
 - the leadership watch (leadership.py): kopf's peering rule, the gate of every pass,
 - the node-check loop (node_checks.py), when node validation is on,
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -47,11 +47,11 @@ class Runtime:
     reconciler: Reconciler
     kube: Kube
     leadership: Leadership
-    # kopf's indexes of ModelDeployments and ModelGateways: (namespace, name) -> values.
-    index: Mapping[Any, Any] = field(default_factory=dict)
-    gateway_index: Mapping[Any, Any] = field(default_factory=dict)
-    # kopf's index of the Namespaces' NPU quota annotations.
-    quota_index: Mapping[Any, Any] = field(default_factory=dict)
+    # The indexes of ModelDeployments and ModelGateways: (namespace, name) -> values, and of
+    # the Namespaces' NPU quota annotations, filled by kopf's event handlers (handlers.py).
+    index: MutableMapping[Any, Any] = field(default_factory=dict)
+    gateway_index: MutableMapping[Any, Any] = field(default_factory=dict)
+    quota_index: MutableMapping[Any, Any] = field(default_factory=dict)
     loop: asyncio.AbstractEventLoop | None = None
     triggers: Triggers = field(init=False)
     reader: IndexReader = field(init=False)

@@ -4,7 +4,7 @@ ModelGateways. Also the stamps of kopf's events, so a status write asks for no p
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,9 +21,27 @@ from npuswarm.core.quota import Quotas
 from npuswarm.gateway.backends import parse_gateways
 
 
+def index_event(
+    index: MutableMapping[Any, Any], event_type: str | None, key: Any, value: Any | None
+) -> None:
+    """One kopf event into an index (key -> store of values, as a kopf index holds them):
+    a deletion, or no value, drops the key; anything else sets it.
+
+    The indexes are filled by each resource's own event handler (handlers.py) rather than by
+    @kopf.index. For an indexed resource kopf makes a toggle per object during its first LIST
+    and, as each object is indexed, wakes every object still waiting for all the others:
+    quadratic, 14 s of the event loop at every operator start with 2,000 ModelDeployments
+    (bench/fleet.py under py-spy), before a single pass could run. IndexGate still says when
+    every listed object is in."""
+    if event_type == "DELETED" or value is None:
+        index.pop(key, None)
+    else:
+        index[key] = [value]
+
+
 @dataclass
 class Parsed:
-    """kopf's index entry of one ModelDeployment, parsed once per generation."""
+    """The index entry of one ModelDeployment, parsed once per generation."""
 
     stamp: Stamp
     model: ModelDeployment | None
@@ -37,12 +55,12 @@ class IndexReader:
     policy: hostpolicy.TenantPolicy
     # The namespaces this operator watches; None: all.
     namespaces: frozenset[str] | None
-    # kopf's index of ModelDeployments: (namespace, name) -> store of index values.
-    index: Mapping[Any, Any] = field(default_factory=dict)
-    # kopf's index of ModelGateways.
-    gateway_index: Mapping[Any, Any] = field(default_factory=dict)
-    # kopf's index of Namespaces' NPU quota annotations: name -> store of values.
-    quota_index: Mapping[Any, Any] = field(default_factory=dict)
+    # The index of ModelDeployments: (namespace, name) -> store of index values.
+    index: MutableMapping[Any, Any] = field(default_factory=dict)
+    # The index of ModelGateways.
+    gateway_index: MutableMapping[Any, Any] = field(default_factory=dict)
+    # The index of Namespaces' NPU quota annotations: name -> store of values.
+    quota_index: MutableMapping[Any, Any] = field(default_factory=dict)
     # The quota annotation each namespace was last seen with (a change asks for a pass).
     quota_seen: dict[str, str | None] = field(default_factory=dict)
     parsed: dict[str, Parsed] = field(default_factory=dict)
@@ -52,7 +70,7 @@ class IndexReader:
     def desired(
         self, written: Mapping[str, dict[str, Any]], gateways_written: Mapping[str, dict[str, Any]]
     ) -> Desired:
-        """Every ModelDeployment kopf's index knows, parsed once per generation; ``written``:
+        """Every ModelDeployment the index holds, parsed once per generation; ``written``:
         the statuses this operator wrote last (they count before the index catches up)."""
         deployments: list[ModelDeployment] = []
         invalid: dict[str, tuple[int, str, str]] = {}
@@ -85,7 +103,7 @@ class IndexReader:
         )
 
     def quotas(self) -> Quotas:
-        """Each namespace's NPU quota, from kopf's index of Namespaces."""
+        """Each namespace's NPU quota, from the index of Namespaces."""
         annotations: dict[str, dict[str, str]] = {}
         for namespace, store in list(self.quota_index.items()):
             value = next(iter(store), None)
@@ -155,7 +173,7 @@ QUOTA_NAMESPACES = "namespaces-with-quota"
 
 @dataclass
 class IndexGate:
-    """Whether kopf's indexes hold every ModelDeployment and ModelGateway yet. kopf fills
+    """Whether the indexes hold every ModelDeployment and ModelGateway yet. kopf fills
     them from its own LIST, object by object, and says nothing when it is done; a pass before
     that pushes gateways only some models (their clients get model_not_found) and may take
     the missing ones' services for orphans. So: a LIST of our own, and the indexes are
@@ -184,7 +202,7 @@ class IndexGate:
         return found
 
     def check(self, reader: IndexReader, listed: dict[str, set[str]] | None) -> bool:
-        """Compare with kopf's indexes: in the event loop's thread, where kopf changes them
+        """Compare with the indexes: in the event loop's thread, where kopf's events change them
         (walking them from another thread raced kopf's inserts)."""
         if self.complete or self.lister is None:
             self.complete = True
