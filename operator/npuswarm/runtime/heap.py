@@ -18,6 +18,9 @@ changes, both standard for a long-lived process with a large heap:
   back to the OS (``malloc_trim``): its arenas would otherwise keep the burst's peak
   resident for the operator's whole life.
 
+And ``tune()`` caps glibc's malloc arenas at two (MALLOC_ARENA_MAX=2): dozens of writer and
+reader threads each got an arena of their own, which kept a start's peak resident.
+
 ``npuswarm_gc_seconds_total{generation}`` says what the collector still costs.
 """
 
@@ -32,6 +35,8 @@ from typing import Any
 from npuswarm import metrics
 
 GC_THRESHOLDS = (50_000, 20, 10)
+M_ARENA_MAX = -8  # glibc's mallopt parameter
+MALLOC_ARENAS = 2
 # A quiet operator settles this often too: objects promoted since the last freeze (a new
 # deployment's model, a node's readings) leave the collector's view again.
 SETTLE_SECONDS = 600.0
@@ -63,13 +68,24 @@ def tune() -> None:
     gc.set_threshold(*GC_THRESHOLDS)
     if _timer not in gc.callbacks:
         gc.callbacks.append(_timer)
+    # glibc gives each thread that allocates its own arena (up to 8 per core); the operator's
+    # writer and reader pools (dozens of threads) then spread a burst's garbage over arenas
+    # that are never given back. Two arenas, as MALLOC_ARENA_MAX=2 would, before the pools
+    # start (a no-op where mallopt does not exist).
+    mallopt = _libc_function("mallopt")
+    if mallopt is not None:
+        mallopt(M_ARENA_MAX, MALLOC_ARENAS)
 
 
 def settle() -> None:
     gc.unfreeze()
     gc.collect()
     gc.freeze()
-    libc = ctypes.util.find_library("c")
-    trim = getattr(ctypes.CDLL(libc), "malloc_trim", None) if libc is not None else None
+    trim = _libc_function("malloc_trim")
     if trim is not None:
         trim(0)
+
+
+def _libc_function(name: str) -> Any:
+    libc = ctypes.util.find_library("c")
+    return getattr(ctypes.CDLL(libc), name, None) if libc is not None else None
