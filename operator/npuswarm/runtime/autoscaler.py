@@ -26,7 +26,7 @@ import structlog
 from npuswarm import metrics
 from npuswarm.api.deployment import AUTOSCALING_METRICS, AutoscalerStatus, ModelDeployment
 from npuswarm.api.meta import split_key
-from npuswarm.core import autoscale
+from npuswarm.core import autoscale, preemption
 from npuswarm.core.clock import timestamp, utcnow
 from npuswarm.core.diff import PassPlan
 from npuswarm.core.pipeline import Desired
@@ -149,7 +149,8 @@ class Autoscaler:
         room = {}
         if growing:
             templates = autoscale.wake_templates(autoscaled, nodes, current, wanted)
-            room = autoscale.headroom(plan.placement, nodes, wanted, templates)
+            ranks = preemption.ranks(desired.deployments)
+            room = autoscale.headroom(plan.placement, nodes, wanted, templates, ranks)
         for md in autoscaled:
             policy = md.spec.autoscaling
             assert policy is not None
