@@ -544,6 +544,8 @@ def _commit(
         return
     for d, n in per_deployment.items():
         left[d] -= n
+    # Its NPUs are promised now: the next preemptor of this pass needs other victims.
+    state.evicted.update(v.name for v in choice.victims)
     named = ", ".join(f"{v.name} (priority {v.priority})" for v in choice.victims)
     for victim in choice.victims:
         why = f"{PREEMPTED}{name} (priority {rank.priority} > {victim.priority}); waiting for NPUs"
