@@ -12,9 +12,10 @@ Kubernetes' HPA so that its users meet no surprise:
   nor falls below the highest one of the scale-down window, so a short burst or a short lull
   changes nothing and a scale-up is not undone before the scale-down window has passed;
 - capped by what placement can give: a scale-up never asks for a replica the fleet has no
-  NPUs for (``headroom``: the last pass's free NPUs, shared in priority order) nor past its
-  namespace's NPU quota (core/quota.py), so the
-  count stays where it can be served and the status says "waiting for NPUs" instead.
+  NPUs for (``headroom``: the last pass's free NPUs, shared in priority order, then what the
+  next pass's preemption would take from lower priorities) nor past its namespace's NPU
+  quota (core/quota.py), so the count stays where it can be served and the status says
+  "waiting for NPUs" instead.
 
 Scale to zero (minReplicas 0) is a rule of its own, not the formula's: an engine with one
 request running and none waiting recommends 0 replicas by the formula, but it is busy. So the

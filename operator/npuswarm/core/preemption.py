@@ -21,6 +21,9 @@ The rules (docs/priority.md):
 - NPUs being released already count as room: a preemptor that waits for them takes nobody
   else, and NPUs promised to one preemptor are not promised to another in the same pass.
 
+The autoscaler asks the same search what a scale-up would get (``room_for``, on a scratch copy
+of the last placement), so an autoscaled replica preempts by these rules too.
+
 Cost: nothing when no unplaced replica outranks a placed one (every deployment at the default
 priority); else, per unplaced replica, one look at each candidate node's lower-priority
 replicas (a node holds at most a few), with a bounded search over their subsets.
