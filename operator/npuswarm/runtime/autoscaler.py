@@ -289,6 +289,8 @@ class Autoscaler:
                 continue
             begun = self.clock()
             self.wait_for_held(waiting, due - begun)
+            if not leading():  # lost while it waited: a follower decides nothing
+                continue
             self.tick(only=waiting)
             if self.clock() - begun < wake_interval and self.at_zero() & waiting:
                 # Answered at once yet still at zero: a request held with no NPUs to wake its
