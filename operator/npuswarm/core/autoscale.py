@@ -307,7 +307,8 @@ def headroom(
         count = 0
         if template is not None and more:
             # The quota's room counts those waiting for release as given already.
-            counted = [r for r in requests if r.key not in {w.key for w in releasing}]
+            released_to = {r.key for r in releasing}
+            counted = [r for r in requests if r.key not in released_to]
             more = quotas.cap(key, counted, more)
             asked = _asked(template, waiting, requests, more)
             placed_here = _fit(asked, accepting, pool, used)
