@@ -221,9 +221,14 @@ class Swarm:
         """The states of the tasks Swarm wants running for one service (by name): after a
         scale from zero the autoscaler watches its new replica this way, rather than waiting
         for the fleet-wide poll (a client is waiting for it)."""
-        tasks = self._call(
-            "watch_tasks", "tasks", filters={"service": service, "desired-state": "running"}
-        )
+        try:
+            tasks = self._call(
+                "watch_tasks", "tasks", filters={"service": service, "desired-state": "running"}
+            )
+        except SwarmRejected as error:
+            if isinstance(error.__cause__, docker.errors.NotFound):
+                return []  # removed meanwhile (Docker refuses a filter naming no service)
+            raise
         return [(t.get("Status") or {}).get("State", "") for t in tasks]
 
     def event_stream(self) -> Any:
