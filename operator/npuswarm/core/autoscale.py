@@ -285,6 +285,7 @@ def headroom(
     quotas = QuotaRoom(placement)  # nor past its namespace's NPU quota
     lowest = preemption.lowest_placed(placement, ranks) if ranks else None
     fitted: list[Assignment] = []
+    known: Matching = {}
     short: dict[str, list[ReplicaRequest]] = {}
     placed_of: dict[str, int] = {}
     for key, requests in placement.requests.items():
@@ -296,7 +297,7 @@ def headroom(
         placed = len(requests) - len(waiting)
         used = set(placement.nodes_used.get(key, set()))
         if releasing:
-            early = _fit(releasing, accepting, pool, used)
+            early = _fit(releasing, accepting, pool, used, known)
             if releasing[0].group is None:
                 fitted.extend(early)
         if key in wanted:
@@ -311,7 +312,7 @@ def headroom(
             counted = [r for r in requests if r.key not in released_to]
             more = quotas.cap(key, counted, more)
             asked = _asked(template, waiting, requests, more)
-            placed_here = _fit(asked, accepting, pool, used)
+            placed_here = _fit(asked, accepting, pool, used, known)
             count = len(placed_here)
             if template.group is None:
                 fitted.extend(placed_here)
@@ -387,11 +388,17 @@ def wake_templates(
     return found
 
 
+# Nodes a request may go to, by (selector, pinned node): computed once per headroom, since
+# deployments share few selectors (a scan of every node per deployment was most of its time).
+Matching = dict[tuple[tuple[tuple[str, str], ...], str | None], list[NodeInfo]]
+
+
 def _fit(
     asked: Sequence[ReplicaRequest],
     nodes: Sequence[NodeInfo],
     pool: dict[str, set[int]],
     used: set[str],
+    known: Matching,
 ) -> list[Assignment]:
     """Take NPUs for as many of ``asked`` as fit (in order) out of ``pool``, each on the
     node it fills most (the placement's best fit); where they went."""
@@ -399,12 +406,15 @@ def _fit(
         return []
     request = asked[0]
     one_per_node = request.one_per_node or request.npu_ids is not None
-    matching = [
-        n
-        for n in nodes
-        if n.matches(request.node_selector)
-        and (request.pinned_node is None or n.id == request.pinned_node)
-    ]
+    key = (tuple(sorted(request.node_selector.items())), request.pinned_node)
+    matching = known.get(key)
+    if matching is None:
+        matching = known[key] = [
+            n
+            for n in nodes
+            if n.matches(request.node_selector)
+            and (request.pinned_node is None or n.id == request.pinned_node)
+        ]
     placed: list[Assignment] = []
     while len(placed) < len(asked):
         best: tuple[int, NodeInfo, frozenset[int]] | None = None
