@@ -233,11 +233,12 @@ def test_no_scale_up_the_next_placement_cannot_place_is_ever_asked_for(fleet, de
 # --- a scale-up that preempts ----------------------------------------------------------------
 
 
-def next_pass(deployments, nodes, allocations=()):
-    """The pass's steps 2 and 2b, placement then preemption (core/pipeline.py), and what Swarm
-    lists once it is applied: its replicas running, the ones it stopped still stopping
-    (their NPUs held until they exit)."""
-    result = place(deployments, nodes, allocations)
+def next_pass(deployments, nodes, allocations=(), quota: int | None = None):
+    """The pass's steps 2 and 2b, placement (within the namespace's NPU ``quota``) then
+    preemption (core/pipeline.py), and what Swarm lists once it is applied: its replicas
+    running, the ones it stopped still stopping (their NPUs held until they exit)."""
+    admit = Quotas(npus={"default": quota}).admit if quota is not None else None
+    result = place_all(by_priority(deployments), nodes, list(allocations), now=NOW, lost_node_grace_seconds=60, admit=admit)
     before = dict(result.assignments)
     preemption.preempt(result, preemption.ranks(deployments))
     stopping = [
@@ -338,13 +339,14 @@ prioritized = st.lists(
 
 
 @settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(fleet=small_fleet, demand=prioritized, floor=st.integers(0, 2))
-def test_headroom_with_preemption_is_what_the_next_pass_places_or_makes_room_for(fleet, demand, floor) -> None:
-    """Over random fleets, priorities and demand: headroom counts the replicas the next pass's
-    placement places plus those its preemption makes room for, no more (every replica of a
-    scale-up is placed or waits for NPUs being released to it) and, for a capped deployment,
-    no less (one replica more would find no NPUs). Nothing outranking a deployment loses a
-    replica to it, and no deployment goes below its floor."""
+@given(fleet=small_fleet, demand=prioritized, floor=st.integers(0, 2), quota=st.one_of(st.none(), st.integers(0, 24)))
+def test_headroom_with_preemption_is_what_the_next_pass_places_or_makes_room_for(fleet, demand, floor, quota) -> None:
+    """Over random fleets, priorities, floors, namespace quotas and demand: headroom counts the
+    replicas the next pass's placement places plus those its preemption makes room for, no
+    more (every replica of a scale-up is placed or waits for NPUs being released to it: none
+    beyond the quota, none without NPUs) and, without a quota, for a capped deployment no
+    less (one replica more would not get that). Nothing outranking a deployment loses a replica to it, and no
+    deployment goes below its floor."""
     nodes = [node(f"n{i}", npus, topology=kind) for i, (npus, kind) in enumerate(fleet)]
     deployments = []
     for i, (npus, current, _, autoscaled, priority) in enumerate(demand):
@@ -362,7 +364,7 @@ def test_headroom_with_preemption_is_what_the_next_pass_places_or_makes_room_for
             )
         else:
             deployments.append(deployment(f"d{i}", created=created, replicas=current, npusPerReplica=npus, priority=priority))
-    first, listed = next_pass(deployments, nodes)
+    first, listed = next_pass(deployments, nodes, quota=quota)
     wanted = {md.key: md.spec.replicas + demand[i][2] for i, md in enumerate(deployments) if md.spec.autoscaling is not None}
     ranks = preemption.ranks(deployments)
     room = headroom(first, nodes, wanted, ranks=ranks)
@@ -372,7 +374,7 @@ def test_headroom_with_preemption_is_what_the_next_pass_places_or_makes_room_for
         if md.key in wanted:
             counts[md.key] = decide(rule, Inputs(md.spec.replicas, waiting(wanted[md.key]), room[md.key], 0), History()).replicas
     served = autoscale.with_replicas(deployments, counts)
-    second, _ = next_pass(served, nodes, listed)
+    second, _ = next_pass(served, nodes, listed, quota)
     priority_of = {md.key: md.spec.priority for md in deployments}
     for md in deployments:
         if counts.get(md.key, 0) > md.spec.replicas:
@@ -381,16 +383,21 @@ def test_headroom_with_preemption_is_what_the_next_pass_places_or_makes_room_for
                 f"{md.key} scaled {md.spec.replicas} -> {counts[md.key]} but {lost}"
             )
     for key, why in second.evicted.items():
+        if why.startswith("beyond the NPU quota"):
+            continue  # the quota as the first pass left it (the property is about scale-ups)
         assert why.startswith(preemption.PREEMPTED)
         by = why[len(preemption.PREEMPTED) :].split("[", 1)[0]
         assert priority_of[by] > priority_of[key[0]]
-    # No less: a capped deployment given one replica more would not get it.
-    for md in deployments:
+        assert len(second.for_deployment(key[0])) >= ranks[key[0]].floor, f"{key[0]} below its floor"
+    # No less: a capped deployment given one replica more would not get it. Not under a
+    # quota: there headroom leaves a lower-priority replica waiting for NPUs its share of the
+    # quota, which admission would give to a higher-priority newcomer (cautious, never more).
+    for md in deployments if quota is None else ():
         key = md.key
         if key not in counts or counts[key] >= wanted[key] or counts[key] < md.spec.replicas or counts[key] >= 64:
             continue
         more = autoscale.with_replicas(deployments, {**counts, key: counts[key] + 1})
-        tried, _ = next_pass(more, nodes, listed)
+        tried, _ = next_pass(more, nodes, listed, quota)
         stuck = [k for k in tried.unplaced if k[0] == key and tried.unplaced[k].reason not in ("Preempting", "NPUsReleasing")]
         assert stuck, f"{key} capped at {counts[key]} (wanted {wanted[key]}) but {counts[key] + 1} fit"
 
