@@ -2,7 +2,9 @@
 
 Steps 2 (placement, with the namespaces' quotas) and 2b (preemption) of one pass, pure, on
 1,000 nodes of 8 NPUs full of 2,000 priority-0 replicas of 4 NPUs, with newcomers that are or
-are not allowed to preempt. Not a test: numbers depend on the machine, which the output names;
+are not allowed to preempt; then the autoscaler's headroom on such a full fleet, where
+autoscaled deployments want more replicas than the free NPUs hold (core/autoscale.py: with
+a higher priority it asks the pass's preemption on a scratch copy of the placement). Not a test: numbers depend on the machine, which the output names;
 the best of 3 runs. The fleet figure end to end is bench/fleet.py's (every deployment at
 priority 0 there).
 """
@@ -16,6 +18,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from npuswarm.api.deployment import ModelDeployment
+from npuswarm.core.autoscale import headroom
 from npuswarm.core.nodes import NodeInfo
 from npuswarm.core.placement import Allocation, by_priority, place_all
 from npuswarm.core.preemption import preempt, ranks
@@ -71,6 +74,29 @@ def main() -> None:
           [deployment(f"hi{i}", "new", DEPLOYMENTS + i, priority=10) for i in range(500)])
     timed("+1 priority-10 deployment of 500 replicas",
           [deployment("wide", "new", DEPLOYMENTS, priority=10, replicas=500)])
+
+    def headroom_timed(label: str, priority: int, count: int, more: int) -> None:
+        """``count`` autoscaled deployments of ``priority`` running one replica each (the
+        fleet full), each wanting ``more`` replicas more."""
+        scaled = [deployment(f"as{i}", "scaled", i, priority=priority,
+                             autoscaling={"maxReplicas": 64, "target": {
+                                 "metric": "requestsWaitingPerReplica", "value": 1}})
+                  for i in range(count)]
+        everyone = by_priority(low[count:] + scaled)
+        full = place_all(everyone, nodes, [], now=NOW, lost_node_grace_seconds=60)
+        wanted = {md.key: 1 + more for md in scaled}
+        rank = ranks(everyone)
+        runs = []
+        for _ in range(3):
+            started = time.perf_counter()
+            room = headroom(full, nodes, wanted, ranks=rank)
+            runs.append((time.perf_counter() - started, sum(room.values()) - count))
+        took, gained = min(runs)
+        print(f"  headroom: {label:42s} {took * 1000:6.1f} ms  (+{gained} replicas counted)")
+
+    headroom_timed("50 priority-0 autoscaled want +2 each", 0, 50, 2)
+    headroom_timed("50 priority-10 autoscaled want +2 each", 10, 50, 2)
+    headroom_timed("500 priority-10 autoscaled want +1 each", 10, 500, 1)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """The operator's loops in one process, for lab tests and benchmarks that drive a Reconciler
 themselves (tests/lab/test_scale_to_zero.py, bench/demand.py): the built-in autoscaler's own
-loop (``Autoscaler.run``: rounds every ``interval``, and every ``wake`` the gateways serving
-a model at zero) in its thread, and passes at once when the autoscaler asks for one, else
+loop (``Autoscaler.run``: rounds every ``interval``, and between them the gateways serving a model
+at zero, long-polled, and the task of a replica woken from zero) in its thread, and passes at once when the autoscaler asks for one, else
 every second (the task poll's pace while work is under way). ``check`` runs after every pass
 (an invariant checker) and what it returns is kept in ``violations``."""
 
@@ -37,7 +37,13 @@ class OperatorLoops:
         self.interval, self.wake = interval, wake
         self.wanted = threading.Event()
         self.stop = threading.Event()
-        self.scaler = Autoscaler(gateways.read_load, lambda key: self.wanted.set())
+        swarm = reconciler.swarm
+        self.scaler = Autoscaler(
+            gateways.read_load,
+            lambda key: self.wanted.set(),
+            wait_held=gateways.wait_for_held,
+            task_states=getattr(swarm, "task_states_of", None),
+        )
         self.previous: dict[str, dict[str, Any]] = {}
         self.last: PassResult | None = None
         self.events: list[tuple[float, Event]] = []  # (time.monotonic(), Event)

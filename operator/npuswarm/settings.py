@@ -100,8 +100,9 @@ class Settings(BaseSettings):
     # How often the built-in autoscaler reads the gateways' engine load and decides counts
     # (docs/autoscaling.md); the gateways read their backends every 2 s on their own.
     autoscaler_seconds: float = Field(5.0, gt=0, le=3600, allow_inf_nan=False)
-    # How often it reads, between those rounds, the gateways serving a deployment scaled to
-    # zero: a request held there waits this long at most for the autoscaler to see it.
+    # Between those rounds it long-polls the gateways serving a deployment scaled to zero
+    # (answered once a request is held there); this is how often it reads them when they
+    # answer at once (a front from before the long poll, a held request with no NPUs).
     autoscaler_wake_seconds: float = Field(1.0, gt=0, le=60, allow_inf_nan=False)
     # Node checks (docs/node-health.md): a node agent on each NPU node checks that Ascend
     # Docker Runtime really gives its NPUs to containers before replicas go there, and reads

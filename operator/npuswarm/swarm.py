@@ -227,6 +227,20 @@ class Swarm:
             for t in tasks
         }
 
+    def task_states_of(self, service: str) -> list[str]:
+        """The states of the tasks Swarm wants running for one service (by name): after a
+        scale from zero the autoscaler watches its new replica this way, rather than waiting
+        for the fleet-wide poll (a client is waiting for it)."""
+        try:
+            tasks = self._call(
+                "watch_tasks", "tasks", filters={"service": service, "desired-state": "running"}
+            )
+        except SwarmRejected as error:
+            if isinstance(error.__cause__, docker.errors.NotFound):
+                return []  # removed meanwhile (Docker refuses a filter naming no service)
+            raise
+        return [(t.get("Status") or {}).get("State", "") for t in tasks]
+
     def event_stream(self) -> Any:
         """Service and node events from the manager, decoded; iterate it, ``close()`` it to
         stop. A broken stream raises while iterating: see ``stream_errors``."""

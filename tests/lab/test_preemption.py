@@ -26,6 +26,7 @@ from npuswarm.core.pipeline import Desired
 from npuswarm.gateway.credentials import Credentials
 from npuswarm.gateway.push import Gateways, PushTarget
 from npuswarm.reconcile import PassResult, Reconciler
+from npuswarm.runtime.autoscaler import Autoscaler
 from npuswarm.swarm import Swarm
 from tests.helpers import wait_for
 from tests.invariants import LIVE_STATES, npu_conflicts
@@ -69,10 +70,17 @@ class Lab:
     recorded: Recorded
     last: PassResult | None = None
     passes: list[PassResult] = field(default_factory=list)
+    scaler: Autoscaler | None = None  # the autoscaler's loop body, after every pass
 
     def converge(self, check: Any, what: str, timeout: float = 180) -> PassResult:
         def done() -> PassResult | None:
-            self.last = self.reconciler.run_pass(Desired(deployments=self.deployments, gateways=[self.gateway]))
+            desired = Desired(deployments=self.deployments, gateways=[self.gateway])
+            if self.scaler is not None:
+                desired = self.scaler.serve(desired)
+            self.last = self.reconciler.run_pass(desired)
+            if self.scaler is not None:
+                self.scaler.saw_pass(self.last.plan)
+                self.scaler.tick()
             self.passes.append(self.last)
             conflicts = npu_conflicts(self.swarm.api)
             assert not conflicts, conflicts
@@ -139,7 +147,8 @@ def full_lab(swarm_lab: swarmlab.Lab, gateway_image: str, network: str) -> Itera
     # 16 + 8 NPUs: the three nodes full.
     big = low_model("big", "2026-02-01T00:00:00Z", npus=4, replicas=4)
     small = low_model("small", "2026-02-02T00:00:00Z", npus=2, replicas=4)
-    made = Lab(reconciler, swarm, [big, small], gateway(gateway_image), recorded)
+    made = Lab(reconciler, swarm, [big, small], gateway(gateway_image), recorded,
+               scaler=Autoscaler(gateways.read_load, lambda key: None))
     try:
         made.converge(
             lambda r: r.gateways["lab/gw"].readyReplicas == 2
@@ -211,3 +220,90 @@ def test_a_higher_priority_replica_stops_the_fewest_lower_ones_which_left_the_ga
     preempting = [e for r in lab.passes if "lab/urgent" in r.views
                   for e in r.views["lab/urgent"].events if e.reason == "Preempting"]
     assert preempting and victim.name in preempting[0].message
+
+
+def elastic_model() -> ModelDeployment:
+    """Priority 100, autoscaled 1 -> 2 on waiting requests; its engine runs one request at a
+    time, so a few clients keep requests waiting."""
+    md = gateway_model(
+        "elastic", "2026-02-04T00:00:00Z", npusPerReplica=2, priority=100,
+        autoscaling={
+            "minReplicas": 1,
+            "maxReplicas": 2,
+            "target": {"metric": "requestsWaitingPerReplica", "value": 1},
+            "scaleUpStabilizationSeconds": 3,
+            "scaleDownStabilizationSeconds": 600,
+        },
+    )
+    env = {**md.spec.engine.env, "FAKE_VLLM_MAX_RUNNING": "1", "FAKE_VLLM_LATENCY_SECONDS": "1"}
+    return md.model_copy(update={"spec": md.spec.model_copy(
+        update={"engine": md.spec.engine.model_copy(update={"env": env})})})
+
+
+def test_an_autoscaled_higher_priority_deployment_scales_up_by_preempting(full_lab: Lab) -> None:
+    """The lab full of priority-0 replicas (after the test above, or fresh); a priority-100
+    autoscaled deployment arrives (its first replica preempts like any replica) and, under
+    load, scales up to 2: the scale-up is decided although no NPU is free, and its replica
+    placed by stopping one more low-priority replica, which left the gateway first."""
+    lab = full_lab
+    before = lab.converge(lambda r: True, "a pass")
+    assert not any(before.plan.placement.free.values()), "the lab is full"
+    network_name = lab.gateway.spec.network.name
+    elastic = elastic_model()
+    with Load(lab.url, "small-chat", workers=4) as low_load:
+        wait_for(lambda: len(low_load.replies) >= 4, "the load under way", timeout=60, interval=0.2)
+        lab.deployments = [*lab.deployments, elastic]
+        lab.converge(
+            lambda r: r.views["lab/elastic"].status.phase == "Ready" and len(backends(r, "elastic-chat")) == 1,
+            "the first replica of elastic ready (by preemption)", timeout=180,
+        )
+        ready = lab.last
+        assert ready is not None
+        low = [s for key in ("lab/small", "lab/big") for s in ready.plan.snapshot.services_of(key)]
+        low_ips = {s.name: {t.address_on(network_name) for t in s.tasks} - {None} for s in low}
+        low_names = {s.id: s.name for s in low}
+        lab.recorded.log.clear()
+        with Load(lab.url, "elastic-chat", workers=4) as load:
+            started = time.monotonic()
+            decided = lab.converge(
+                lambda r: r.views["lab/elastic"].status.replicas == 2,
+                "the autoscaler to scale elastic up under load", timeout=90,
+            )
+            reaction = time.monotonic() - started
+            scaler = decided.views["lab/elastic"].status.autoscaler
+            assert scaler is not None
+            done = lab.converge(
+                lambda r: r.views["lab/elastic"].status.readyReplicas == 2 and len(backends(r, "elastic-chat")) == 2,
+                "the second replica of elastic ready behind the gateway", timeout=180,
+            )
+            served = time.monotonic() - started
+    scaled_up = [p for r in lab.passes for p in r.plan.preemptions if p.deployment == "lab/elastic" and p.replica == "1"]
+    assert scaled_up, "the scale-up's replica was placed by preemption"
+    (victim,) = list({v: None for p in scaled_up for v in p.victims})
+    print(f"elastic scaled up {reaction:.1f}s into its load ({scaler.lastScaleMessage}); second replica "
+          f"serving {served:.1f}s in, victim {victim.name}; {len(load.replies)} requests to elastic-chat, "
+          f"{len(load.failed())} failed; {len(low_load.replies)} to small-chat, {len(low_load.failed())} failed")
+    assert scaler.lastScaleReason == "ScaledUp" and "1 -> 2" in (scaler.lastScaleMessage or "")
+    assert victim.priority == 0 and victim.deployment in ("lab/small", "lab/big")
+
+    # The victim left every gateway replica before its service was removed.
+    log = lab.recorded.log
+    victim_service = f"lab-{victim.deployment.split('/')[1]}-{victim.replica}"
+    (removed_at,) = [i for i, (kind, what) in enumerate(log)
+                     if kind == "remove" and low_names.get(what) == victim_service]
+    model_name = f"{victim.deployment.split('/')[1]}-chat"
+    pushes_before = [what for kind, what in log[:removed_at] if kind == "push"]
+    assert len(pushes_before) >= 2, "both gateway replicas were told first"
+    victim_ips = low_ips[victim_service]
+    assert victim_ips
+    for what in pushes_before[-2:]:
+        assert not any(ip in url for ip in victim_ips for url in what.get(model_name, []))
+    (created,) = [what for kind, what in log if kind == "create" and what[0] == "lab-elastic-1"]
+    assert created[1] == [], f"NPUs still held at the create: {created[1]}"
+
+    assert not load.failed(), [r.body[:200] for r in load.failed()][:3]
+    assert not low_load.failed(), [r.body[:200] for r in low_load.failed()][:3]
+    assert done.views["lab/elastic"].status.replicas == 2
+    preempted = [e for r in lab.passes for key in ("lab/small", "lab/big") if key in r.views
+                 for e in r.views[key].events if e.reason == "Preempted" and "lab/elastic[1]" in e.message]
+    assert preempted, "the victim's Event names the autoscaled replica"

@@ -11,9 +11,10 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from npuswarm.api.deployment import Autoscaling
-from npuswarm.core import autoscale
+from npuswarm.core import autoscale, preemption
 from npuswarm.core.autoscale import Decision, History, Inputs, Load, decide, headroom
 from npuswarm.core.placement import Allocation, by_priority, place_all
+from npuswarm.core.quota import Quotas
 from npuswarm.gateway import load
 
 from .builders import NOW, deployment, node
@@ -227,6 +228,178 @@ def test_no_scale_up_the_next_placement_cannot_place_is_ever_asked_for(fleet, de
     shrunk = {k for k, count in counts.items() if count < next(md for md in deployments if md.key == k).spec.replicas}
     kept = {key for key in first.assignments if key[0] not in shrunk}
     assert kept <= set(second.assignments)
+
+
+# --- a scale-up that preempts ----------------------------------------------------------------
+
+
+def next_pass(deployments, nodes, allocations=(), quota: int | None = None):
+    """The pass's steps 2 and 2b, placement (within the namespace's NPU ``quota``) then
+    preemption (core/pipeline.py), and what Swarm lists once it is applied: its replicas
+    running, the ones it stopped still stopping (their NPUs held until they exit)."""
+    admit = Quotas(npus={"default": quota}).admit if quota is not None else None
+    result = place_all(by_priority(deployments), nodes, list(allocations), now=NOW, lost_node_grace_seconds=60, admit=admit)
+    before = dict(result.assignments)
+    preemption.preempt(result, preemption.ranks(deployments))
+    stopping = [
+        Allocation(deployment=a.deployment, slot=a.slot, node_id=a.node_id, npus=a.npus, service=f"{a.deployment}-{a.slot}", stopping=True)
+        for key, a in before.items()
+        if key in result.evicted
+    ]
+    return result, allocations_of(result) + stopping
+
+
+def ranked(name: str, priority: int, replicas: int, npus: int = 2, created: str = "2026-01-01T00:00:00Z", **autoscaling: Any):
+    """A deployment at ``priority``; autoscaled when ``autoscaling`` is given."""
+    spec: dict[str, Any] = {"replicas": replicas, "npusPerReplica": npus, "priority": priority}
+    if autoscaling:
+        spec["autoscaling"] = {"maxReplicas": 64, "target": {"metric": "requestsWaitingPerReplica", "value": 1}, **autoscaling}
+    return deployment(name, created=created, **spec)
+
+
+def test_an_autoscaled_scale_up_counts_what_preemption_takes_from_lower_priorities() -> None:
+    nodes = [node("n1", 8)]
+    batch = ranked("batch", 0, 4, created="2026-01-01T00:00:00Z")
+    chat = ranked("chat", 100, 1, created="2026-02-01T00:00:00Z", minReplicas=1)
+    first, _ = next_pass([batch, chat], nodes)
+    # The fleet is full: free NPUs alone hold no second replica of chat...
+    assert headroom(first, nodes, {chat.key: 3}) == {chat.key: 1}
+    # ...two of batch's replicas stopped do (batch keeps the rest).
+    ranks = preemption.ranks([batch, chat])
+    assert headroom(first, nodes, {chat.key: 3}, ranks=ranks) == {chat.key: 3}
+    assert headroom(first, nodes, {chat.key: 9}, ranks=ranks) == {chat.key: 4}
+    # The last pass's result is not changed by the question.
+    assert not first.evicted and len(first.assignments) == 4
+
+
+def test_headroom_preempts_neither_equal_priorities_nor_below_a_floor() -> None:
+    nodes = [node("n1", 8)]
+    peer = ranked("peer", 100, 3, created="2026-01-01T00:00:00Z")
+    chat = ranked("chat", 100, 1, created="2026-02-01T00:00:00Z", minReplicas=1)
+    first, _ = next_pass([peer, chat], nodes)
+    assert headroom(first, nodes, {chat.key: 3}, ranks=preemption.ranks([peer, chat])) == {chat.key: 1}
+    floored = ranked("floored", 0, 3, created="2026-01-01T00:00:00Z", minReplicas=2, maxReplicas=3)
+    first, _ = next_pass([floored, chat], nodes)
+    assert headroom(first, nodes, {chat.key: 4}, ranks=preemption.ranks([floored, chat])) == {chat.key: 2}
+
+
+def test_a_replica_making_room_asks_for_no_more_and_its_victim_waits() -> None:
+    """After the pass that preempted: the preemptor's replica waiting for the victims' NPUs
+    counts as held (it asks for no other victim), and the victim, autoscaled too, gets no
+    room back from it (lower priority) nor from the NPUs being released to it."""
+    nodes = [node("n1", 8)]
+    batch = ranked("batch", 0, 4, created="2026-01-01T00:00:00Z", minReplicas=1)
+    chat = ranked("chat", 100, 1, created="2026-02-01T00:00:00Z", minReplicas=1)
+    ranks = preemption.ranks([batch, chat])
+    _, full = next_pass([batch], nodes)  # batch holds all 8 NPUs when chat comes
+    placed, listed = next_pass([batch, chat], nodes, full)
+    assert placed.unplaced[(chat.key, "0")].reason == "Preempting"
+    assert len(placed.evicted) == 1
+    assert headroom(placed, nodes, {chat.key: 1, batch.key: 4}, ranks=ranks) == {chat.key: 1, batch.key: 3}
+    # The next pass (the victim still stopping): the same answers, nothing else stopped.
+    waiting, _ = next_pass([batch, chat], nodes, listed)
+    assert not waiting.evicted
+    assert waiting.unplaced[(chat.key, "0")].reason == "NPUsReleasing"
+    assert headroom(waiting, nodes, {chat.key: 1, batch.key: 5}, ranks=ranks) == {chat.key: 1, batch.key: 3}
+
+
+def test_a_deployment_losing_replicas_to_a_higher_priority_does_not_grow_meanwhile() -> None:
+    nodes = [node("n1", 8), node("n2", 4)]
+    batch = ranked("batch", 0, 3, created="2026-01-01T00:00:00Z", minReplicas=1)
+    chat = ranked("chat", 100, 1, npus=4, created="2026-02-01T00:00:00Z", minReplicas=1)
+    first, _ = next_pass([batch, chat], nodes)
+    # chat on n1, batch's three on n1 (two) and n2 (one): n2's 2 free NPUs would hold one
+    # more of batch, but chat's second replica stops batch's two on n1, and batch, losing
+    # them, grows into nothing meanwhile: it keeps 1.
+    ranks = preemption.ranks([batch, chat])
+    assert headroom(first, nodes, {chat.key: 2, batch.key: 5}, ranks=ranks) == {chat.key: 2, batch.key: 1}
+    assert headroom(first, nodes, {batch.key: 5}, ranks=ranks) == {batch.key: 4}
+
+
+def test_headroom_with_preemption_stays_within_the_namespace_quota() -> None:
+    nodes = [node("n1", 8)]
+    batch = ranked("batch", 0, 4, created="2026-01-01T00:00:00Z")
+    chat = ranked("chat", 100, 1, created="2026-02-01T00:00:00Z", minReplicas=1)
+    ranked_list = by_priority([batch, chat])
+    first = place_all(
+        ranked_list, nodes, [], now=NOW, lost_node_grace_seconds=60, admit=Quotas(npus={"default": 14}).admit
+    )
+    preemption.preempt(first, preemption.ranks([batch, chat]))
+    # 10 NPUs admitted (chat 2, batch 8, of which 6 placed: the fleet is full), 4 left in
+    # the quota: two more of chat at most, although preemption could free three.
+    assert headroom(first, nodes, {chat.key: 5}, ranks=preemption.ranks([batch, chat])) == {chat.key: 3}
+
+
+small_fleet = st.lists(st.tuples(st.sampled_from([2, 4, 8]), st.sampled_from(["any", "rings-of-4"])), min_size=1, max_size=3)
+prioritized = st.lists(
+    st.tuples(st.sampled_from([1, 2, 4]), st.integers(1, 4), st.integers(0, 6), st.booleans(), st.sampled_from([0, 10, 100])),
+    min_size=1,
+    max_size=5,
+)
+
+
+@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(fleet=small_fleet, demand=prioritized, floor=st.integers(0, 2), quota=st.one_of(st.none(), st.integers(0, 24)))
+def test_headroom_with_preemption_is_what_the_next_pass_places_or_makes_room_for(fleet, demand, floor, quota) -> None:
+    """Over random fleets, priorities, floors, namespace quotas and demand: headroom counts the
+    replicas the next pass's placement places plus those its preemption makes room for, no
+    more (every replica of a scale-up is placed or waits for NPUs being released to it: none
+    beyond the quota, none without NPUs) and, without a quota, for a capped deployment no
+    less (one replica more would not get that). Nothing outranking a deployment loses a replica to it, and no
+    deployment goes below its floor."""
+    nodes = [node(f"n{i}", npus, topology=kind) for i, (npus, kind) in enumerate(fleet)]
+    deployments = []
+    for i, (npus, current, _, autoscaled, priority) in enumerate(demand):
+        created = f"2026-01-{i + 1:02d}T00:00:00Z"
+        if autoscaled:
+            deployments.append(
+                deployment(
+                    f"d{i}",
+                    created=created,
+                    replicas=max(current, floor, 1),
+                    npusPerReplica=npus,
+                    priority=priority,
+                    autoscaling={"minReplicas": max(floor, 1), "maxReplicas": 64, "target": {"metric": "requestsWaitingPerReplica", "value": 1}},
+                )
+            )
+        else:
+            deployments.append(deployment(f"d{i}", created=created, replicas=current, npusPerReplica=npus, priority=priority))
+    first, listed = next_pass(deployments, nodes, quota=quota)
+    wanted = {md.key: md.spec.replicas + demand[i][2] for i, md in enumerate(deployments) if md.spec.autoscaling is not None}
+    ranks = preemption.ranks(deployments)
+    room = headroom(first, nodes, wanted, ranks=ranks)
+    rule = policy(maxReplicas=64, scaleUpStabilizationSeconds=0, target={"metric": "requestsWaitingPerReplica", "value": 1})
+    counts = {}
+    for md in deployments:
+        if md.key in wanted:
+            counts[md.key] = decide(rule, Inputs(md.spec.replicas, waiting(wanted[md.key]), room[md.key], 0), History()).replicas
+    served = autoscale.with_replicas(deployments, counts)
+    second, _ = next_pass(served, nodes, listed, quota)
+    priority_of = {md.key: md.spec.priority for md in deployments}
+    for md in deployments:
+        if counts.get(md.key, 0) > md.spec.replicas:
+            lost = {k: second.unplaced[k].reason for k in second.unplaced if k[0] == md.key}
+            assert all(reason in ("Preempting", "NPUsReleasing") for reason in lost.values()), (
+                f"{md.key} scaled {md.spec.replicas} -> {counts[md.key]} but {lost}"
+            )
+    for key, why in second.evicted.items():
+        if why.startswith("beyond the NPU quota"):
+            continue  # the quota as the first pass left it (the property is about scale-ups)
+        assert why.startswith(preemption.PREEMPTED)
+        by = why[len(preemption.PREEMPTED) :].split("[", 1)[0]
+        assert priority_of[by] > priority_of[key[0]]
+        assert len(second.for_deployment(key[0])) >= ranks[key[0]].floor, f"{key[0]} below its floor"
+    # No less: a capped deployment given one replica more would not get it. Not under a
+    # quota: there headroom leaves a lower-priority replica waiting for NPUs its share of the
+    # quota, which admission would give to a higher-priority newcomer (cautious, never more).
+    for md in deployments if quota is None else ():
+        key = md.key
+        if key not in counts or counts[key] >= wanted[key] or counts[key] < md.spec.replicas or counts[key] >= 64:
+            continue
+        more = autoscale.with_replicas(deployments, {**counts, key: counts[key] + 1})
+        tried, _ = next_pass(more, nodes, listed, quota)
+        stuck = [k for k in tried.unplaced if k[0] == key and tried.unplaced[k].reason not in ("Preempting", "NPUsReleasing")]
+        assert stuck, f"{key} capped at {counts[key]} (wanted {wanted[key]}) but {counts[key] + 1} fit"
 
 
 @settings(max_examples=200, deadline=None)

@@ -43,8 +43,9 @@ def autoscaled(npus: int = 1, max_replicas: int = 4, **spec: Any):
 
 
 class Setup:
-    def __init__(self, md, nodes: int = 1, npus: int = 8) -> None:
+    def __init__(self, md, nodes: int = 1, npus: int = 8, others: tuple[Any, ...] = ()) -> None:
         self.md = md
+        self.others = others  # more deployments in the same passes
         self.swarm = MemorySwarm(nodes=nodes, npus=npus)
         self.reconciler = Reconciler(self.swarm, Settings(lost_node_grace_seconds=60), clock=lambda: NOW)
         self.loads: dict[str, ModelLoad] = {}
@@ -54,7 +55,7 @@ class Setup:
         self.previous: dict[str, dict[str, Any]] = {}
 
     def run_pass(self) -> PassResult:
-        desired = self.scaler.serve(Desired(deployments=[self.md], previous=self.previous))
+        desired = self.scaler.serve(Desired(deployments=[self.md, *self.others], previous=self.previous))
         result = self.reconciler.run_pass(desired)
         self.scaler.saw_pass(result.plan)
         self.swarm.run_all()
@@ -208,3 +209,62 @@ def test_nothing_running_for_want_of_npus_is_still_degraded() -> None:
     found = conditions_of(view)
     assert (found["Degraded"].status, found["Degraded"].reason) == ("True", "InsufficientNPUs")
     assert view.status.phase == "Degraded"
+
+
+def test_a_higher_priority_scale_up_preempts_and_neither_side_flaps() -> None:
+    """A full node of a priority-0 autoscaled deployment; a priority-100 one under load
+    scales up by preempting two of its replicas; both keep wanting more (the victim's own
+    autoscaler too) and nothing moves again: the victim waits for NPUs, the preemptor keeps
+    its count, no further replica is stopped."""
+    chat = deployment(
+        "chat",
+        created="2026-02-01T00:00:00Z",
+        npusPerReplica=2,
+        priority=100,
+        autoscaling={
+            "maxReplicas": 3,
+            "target": {"metric": "requestsWaitingPerReplica", "value": 1},
+            "scaleUpStabilizationSeconds": 0,
+            "scaleDownStabilizationSeconds": 60,
+        },
+    )
+    batch = deployment(
+        "batch",
+        created="2026-01-01T00:00:00Z",
+        npusPerReplica=2,
+        autoscaling={
+            "minReplicas": 1,
+            "maxReplicas": 6,
+            "target": {"metric": "requestsWaitingPerReplica", "value": 1},
+            "scaleUpStabilizationSeconds": 0,
+            "scaleDownStabilizationSeconds": 60,
+        },
+    )
+    s = Setup(chat, nodes=1, npus=8, others=(batch,))
+    s.previous = {batch.key: {"replicas": 3}}  # batch runs 3, chat 1: the node is full
+    s.run_pass()
+    s.run_pass()
+    assert s.services() == 4
+    s.loads = {
+        chat.key: ModelLoad(replicas=1, waiting=3, running=0, kv_cache=None),
+        batch.key: ModelLoad(replicas=3, waiting=9, running=0, kv_cache=None),
+    }
+    s.scaler.tick()
+    assert s.scaler.counts == {chat.key: 3, batch.key: 3}
+    assert s.scaler.statuses[batch.key].reason == "WaitingForNPUs"
+    preempting = s.run_pass()
+    victims = [v for p in preempting.plan.preemptions for v in p.victims]
+    assert len(victims) == 2 and {v.deployment for v in victims} == {batch.key}
+    s.swarm.finish_stopping()
+    s.run_pass()
+    stopped = {name for name in s.swarm.by_name() if "batch" in name}
+    for _ in range(5):  # rounds and passes with the same load: nobody takes anything back
+        s.clock.now += 5
+        s.scaler.tick()
+        result = s.run_pass()
+        assert not result.plan.preemptions
+        assert s.scaler.counts == {chat.key: 3, batch.key: 3}
+    assert {name for name in s.swarm.by_name() if "batch" in name} == stopped and len(stopped) == 1
+    assert result.views[chat.key].status.replicas == 3
+    scaler = result.views[batch.key].status.autoscaler
+    assert scaler.reason == "WaitingForNPUs" and "the fleet has NPUs for 1" in scaler.message

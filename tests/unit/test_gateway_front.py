@@ -181,3 +181,59 @@ def test_the_hold_settings_are_parsed_and_refused_when_malformed() -> None:
                 {**pushed, "retryAfterSeconds": True}, {**pushed, "maxQueuedRequests": None}):
         with pytest.raises(ValueError):
             front.parse_hold(bad)
+
+
+def test_a_long_poll_of_load_answers_when_a_request_is_held_and_says_so() -> None:
+    """GET /load?heldWait=S (the operator, while a model this gateway serves is at zero):
+    answered as soon as a request is held, with the held count, not after the wait; without
+    a held request it answers after the wait; a plain GET /load answers at once."""
+    import asyncio
+    import time
+
+    from aiohttp import ClientSession, web
+
+    from npuswarm.gateway import protocol
+    from npuswarm.gateway.front import Front, HoldPolicy, build_apps
+
+    credential = b"k" * 32
+    signer = protocol.Signer()
+
+    async def get_load(session: ClientSession, port: int, query: str) -> tuple[dict[str, object], float]:
+        headers = signer.headers(credential, "GET", "/load", b"")
+        started = time.monotonic()
+        async with session.get(f"http://127.0.0.1:{port}/load{query}", headers=headers) as answer:
+            assert answer.status == 200, await answer.text()
+            return await answer.json(), time.monotonic() - started
+
+    async def scenario() -> None:
+        front = Front("http://127.0.0.1:1", credential, 5.0)
+        front.models = front.desired = {"sleepy": ()}
+        front.hold = HoldPolicy(frozenset({"sleepy"}), max_wait=60)
+        _, admin = build_apps(front)
+        runner = web.AppRunner(admin)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = runner.addresses[0][1]
+        async with ClientSession() as session:
+            plain, _ = await get_load(session, port, "")
+            assert plain["demand"]["sleepy"]["held"] == 0  # type: ignore[index]
+            quiet, waited = await get_load(session, port, "?heldWait=0.3")
+            assert quiet["demand"]["sleepy"]["held"] == 0 and waited >= 0.3  # type: ignore[index]
+            polling = asyncio.create_task(get_load(session, port, "?heldWait=30"))
+            holding = asyncio.create_task(front.wait_for_backend("sleepy"))
+            answer, _ = await asyncio.wait_for(polling, 10)  # not the 30 s wait
+            assert answer["demand"]["sleepy"]["held"] == 1  # type: ignore[index]
+            holding.cancel()
+        await runner.cleanup()
+
+    asyncio.run(scenario())
+
+
+def test_the_long_poll_wait_is_bounded_and_anything_else_means_answer_now() -> None:
+    from npuswarm.gateway import load
+
+    assert load.held_wait("2.5") == 2.5
+    assert load.held_wait("1e9") == load.MAX_HELD_WAIT_SECONDS
+    for bad in (None, "", "-1", "nan", "inf", "soon"):
+        assert load.held_wait(bad) == 0.0

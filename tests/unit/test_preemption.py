@@ -122,6 +122,21 @@ def test_a_higher_priority_replica_stops_the_fewest_lower_ones_then_waits_for_th
     assert placed.plan.preemptions == [] and steady.plan.preemptions == []
 
 
+def test_two_preemptors_on_one_node_stop_a_victim_each() -> None:
+    """Found by the autoscaler's headroom: the second replica of a pass was promised the
+    NPUs the first one's victim frees, and both waited for the same one."""
+    swarm = MemorySwarm(nodes=1, npus=8)
+    r = reconciler(swarm)
+    low = md("low", npus=2, replicas=4)
+    run(r, [low])
+    swarm.run_all()
+    urgent = md("urgent", npus=2, replicas=2, priority=100, minute=9)
+    result = run(r, [low, urgent])
+    victims = [v.name for p in result.plan.preemptions for v in p.victims]
+    assert len(victims) == 2 and len(set(victims)) == 2, victims
+    assert len(services_of(swarm, "low")) == 2
+
+
 def test_equal_priority_never_preempts() -> None:
     swarm, r, low = full_fleet()
     same = md("same", npus=4, priority=0, minute=9, nodeSelector={"all": "y"})

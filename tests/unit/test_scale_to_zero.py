@@ -20,6 +20,7 @@ from npuswarm.core.autoscale import History, Inputs, Load, decide, headroom, wak
 from npuswarm.gateway import load
 from npuswarm.gateway.backends import GatewayWork, waking_models
 from npuswarm.gateway.load import ModelLoad
+from tests.helpers import wait_for
 
 from .builders import deployment, node
 from .test_autoscale import allocations_of, place, policy
@@ -313,3 +314,128 @@ def test_a_gateway_is_not_degraded_by_a_model_at_zero_but_is_by_another_without_
     broken = GatewayWork(gateway=gw, backends={"z": [], "f": []}, replicas=[], from_zero=["z"])
     degraded = {c.type: c for c in gateway_status(broken, {}, [], now).conditions}["Degraded"]
     assert (degraded.status, degraded.reason, degraded.message) == ("True", "ModelWithoutBackend", "no ready replica of f")
+
+
+# --- waking fast: the long poll and the woken replica's own task ----------------------------------
+
+
+def at_zero_setup() -> Setup:
+    s = Setup(zero_deployment())
+    s.previous = {s.md.key: {"replicas": 0}}
+    s.run_pass()
+    assert s.scaler.at_zero() == {s.md.key}
+    return s
+
+
+def test_a_request_held_at_a_gateway_wakes_its_model_at_once_not_at_the_next_read() -> None:
+    """The wake reads are an hour apart here: only the long poll answering (a request held)
+    can make the loop read and wake the model."""
+    s = at_zero_setup()
+    held = threading.Event()
+    asked: list[tuple[list[str], float]] = []
+
+    def wait_held(gateways: Any, mds: Any, snapshot: Any, seconds: float) -> bool:
+        asked.append((sorted(md.key for md in mds), seconds))
+        return held.wait(seconds)
+
+    s.scaler.wait_held = wait_held
+    s.scaler.read_load = lambda gateways, mds, snapshot: (
+        {s.md.key: ModelLoad(replicas=0, waiting=0, running=0, kv_cache=None, held=1, idle_seconds=0)}
+        if held.is_set() else {}
+    )
+    stop = threading.Event()
+    thread = threading.Thread(target=s.scaler.run, args=(stop, 3600, lambda: True, 3600), daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: asked, "the loop to long-poll the gateways of the model at zero", timeout=10)
+        assert s.scaler.at_zero() == {s.md.key}
+        s.requested.clear()  # the first round's (its first status)
+        held.set()
+        wait_for(lambda: s.requested == [s.md.key], "the model woken", timeout=10)
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+    # Asked for the model at zero only, until the next full round (the clock stands still).
+    assert asked[0] == ([s.md.key], 3600)
+    assert s.scaler.counts[s.md.key] == 1
+
+
+class RecordingStop(threading.Event):
+    """A stop event that records each wait and ends the loop at the first one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waits: list[float] = []
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self.waits.append(timeout or 0.0)
+        self.set()
+        return True
+
+
+def test_a_front_without_the_long_poll_is_read_at_the_old_pace_not_in_a_spin() -> None:
+    s = at_zero_setup()
+    s.scaler.wait_held = lambda gateways, mds, snapshot, seconds: False  # answered at once
+    reads: list[int] = []
+    s.scaler.read_load = lambda gateways, mds, snapshot: reads.append(1) or {}
+    stop = RecordingStop()
+    s.scaler.run(stop, 3600, lambda: True, 1.0)
+    assert stop.waits == [1.0] and len(reads) == 2  # the round, one wake read, then 1 s
+
+
+def test_a_woken_replica_is_watched_until_its_task_runs_then_a_pass_is_asked_for() -> None:
+    s = at_zero_setup()
+    states = iter([["starting"], ["starting"], ["running"]])
+    watched: list[str] = []
+
+    def task_states(service: str) -> list[str]:
+        watched.append(service)
+        return next(states, ["running"])
+
+    s.scaler.task_states = task_states
+    s.loads = {s.md.key: ModelLoad(replicas=0, waiting=0, running=0, kv_cache=None, held=1, idle_seconds=0)}
+    s.scaler.tick(only=s.scaler.at_zero())
+    assert s.requested == [s.md.key] and s.md.key in s.scaler.starting
+    s.run_pass()  # creates the replica's service: the watch learns its name
+    (service,) = s.swarm.by_name()
+    assert s.scaler.starting[s.md.key].service == service
+    s.requested.clear()
+    for _ in range(2):
+        s.scaler.watch_starting()
+    assert s.requested == [] and watched == [service, service]
+    s.scaler.watch_starting()
+    assert s.requested == [s.md.key] and s.md.key not in s.scaler.starting
+    s.scaler.watch_starting()
+    assert len(watched) == 3, "nothing is watched once it runs"
+
+
+def test_a_woken_replica_sent_back_to_zero_is_no_longer_watched() -> None:
+    s = at_zero_setup()
+    s.scaler.task_states = lambda service: ["starting"]
+    s.loads = {s.md.key: ModelLoad(replicas=0, waiting=0, running=0, kv_cache=None, held=1, idle_seconds=0)}
+    s.scaler.tick(only=s.scaler.at_zero())
+    s.run_pass()
+    s.scaler.counts[s.md.key] = 0  # as a later decision would
+    s.scaler.watch_starting()
+    assert s.md.key not in s.scaler.starting
+
+
+def test_a_request_held_with_no_npus_to_wake_on_is_read_at_the_old_pace_not_in_a_spin() -> None:
+    s = at_zero_setup()
+    stop = RecordingStop()
+    polls: list[float] = []
+
+    def wait_held(gateways: Any, mds: Any, snapshot: Any, seconds: float) -> bool:
+        polls.append(seconds)
+        if len(polls) > 3:
+            stop.set()  # a spin: end it, and fail below
+        return True  # held, answered at once
+
+    s.scaler.wait_held = wait_held
+    s.scaler.read_load = lambda gateways, mds, snapshot: {
+        s.md.key: ModelLoad(replicas=0, waiting=0, running=0, kv_cache=None, held=1, idle_seconds=0)}
+    s.swarm.nodes[0]["Description"]["Resources"]["GenericResources"] = []  # no NPUs at all
+    s.run_pass()
+    s.scaler.run(stop, 3600, lambda: True, 1.0)
+    assert stop.waits == [1.0] and len(polls) == 1
+    assert s.scaler.statuses[s.md.key].reason == "WaitingForNPUs"

@@ -12,9 +12,10 @@ Kubernetes' HPA so that its users meet no surprise:
   nor falls below the highest one of the scale-down window, so a short burst or a short lull
   changes nothing and a scale-up is not undone before the scale-down window has passed;
 - capped by what placement can give: a scale-up never asks for a replica the fleet has no
-  NPUs for (``headroom``: the last pass's free NPUs, shared in priority order) nor past its
-  namespace's NPU quota (core/quota.py), so the
-  count stays where it can be served and the status says "waiting for NPUs" instead.
+  NPUs for (``headroom``: the last pass's free NPUs, shared in priority order, then what the
+  next pass's preemption would take from lower priorities) nor past its namespace's NPU
+  quota (core/quota.py), so the count stays where it can be served and the status says
+  "waiting for NPUs" instead.
 
 Scale to zero (minReplicas 0) is a rule of its own, not the formula's: an engine with one
 request running and none waiting recommends 0 replicas by the formula, but it is busy. So the
@@ -30,9 +31,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from npuswarm.api.deployment import Autoscaling, ModelDeployment
-from npuswarm.core import topology
+from npuswarm.core import preemption, topology
 from npuswarm.core.nodes import NodeInfo
-from npuswarm.core.placement import PlacementResult, ReplicaRequest, replica_requests
+from npuswarm.core.placement import Assignment, PlacementResult, ReplicaRequest, replica_requests
 from npuswarm.core.quota import QuotaRoom
 
 # As HPA's --horizontal-pod-autoscaler-tolerance: a ratio this close to 1 changes nothing.
@@ -264,14 +265,17 @@ def headroom(
     nodes: Sequence[NodeInfo],
     wanted: Mapping[str, int],
     templates: Mapping[str, ReplicaRequest] | None = None,
+    ranks: Mapping[str, preemption.Rank] | None = None,
 ) -> dict[str, int]:
-    """How many replicas each deployment in ``wanted`` could hold now: those placed, plus
-    those the free NPUs fit of the ones it wants more. The free NPUs are handed out as the
-    next placement would hand them out: in its order (by priority then age, each earlier
-    deployment's unplaced replicas before a younger one's new ones), best fit, so that no
-    two deployments count the same NPUs and what is counted here is what the pass places.
-    ``templates``: what one replica of a deployment at zero asks for (it has no request in
-    the placement to copy)."""
+    """How many replicas each deployment in ``wanted`` could hold now: those placed (or
+    already making room by preemption), plus those the free NPUs fit of the ones it wants
+    more, plus those the next pass's preemption would make room for. The free NPUs are
+    handed out as the next placement would hand them out: in its order (by priority then
+    age, each earlier deployment's unplaced replicas before a younger one's new ones), best
+    fit, so that no two deployments count the same NPUs and what is counted here is what the
+    pass places. What they do not fit, preemption answers (``preemption.room_for``, with
+    ``ranks``: the pass's own search on a scratch copy). ``templates``: what one replica of
+    a deployment at zero asks for (it has no request in the placement to copy)."""
     pool = {node_id: set(npus) for node_id, npus in placement.free.items()}
     accepting = sorted(
         (n for n in nodes if n.accepts_new_replicas and n.usable_npus and n.id in pool),
@@ -279,23 +283,93 @@ def headroom(
     )
     found: dict[str, int] = {}
     quotas = QuotaRoom(placement)  # nor past its namespace's NPU quota
+    lowest = preemption.lowest_placed(placement, ranks) if ranks else None
+    fitted: list[Assignment] = []
+    known: Matching = {}
+    short: dict[str, list[ReplicaRequest]] = {}
+    placed_of: dict[str, int] = {}
     for key, requests in placement.requests.items():
-        placed = sum(1 for r in requests if r.key in placement.assignments)
+        unplaced = [r for r in requests if r.key not in placement.assignments]
+        # Those waiting for NPUs being released to them ask for no more; the next placement
+        # still gives them free NPUs first where they fit.
+        releasing = [r for r in unplaced if _awaits_release(placement, r)]
+        waiting = [r for r in unplaced if not _awaits_release(placement, r)]
+        placed = len(requests) - len(waiting)
+        used = set(placement.nodes_used.get(key, set()))
+        if releasing:
+            early = _fit(releasing, accepting, pool, used, known)
+            if releasing[0].group is None:
+                fitted.extend(early)
         if key in wanted:
             more = max(0, wanted[key] - placed)
             template = requests[0] if requests else (templates or {}).get(key)
         else:
-            unplaced = [r for r in requests if r.key not in placement.assignments]
-            more, template = len(unplaced), (unplaced[0] if unplaced else None)
-        fitted = 0
+            more, template = len(waiting), (waiting[0] if waiting else None)
+        count = 0
         if template is not None and more:
-            more = quotas.cap(key, requests, more)
-            used = set(placement.nodes_used.get(key, set()))
-            fitted = _fit(template, accepting, pool, used, more)
-            quotas.spend(key, requests, fitted)
+            # The quota's room counts those waiting for release as given already.
+            released_to = {r.key for r in releasing}
+            counted = [r for r in requests if r.key not in released_to]
+            more = quotas.cap(key, counted, more)
+            asked = _asked(template, waiting, requests, more)
+            placed_here = _fit(asked, accepting, pool, used, known)
+            count = len(placed_here)
+            if template.group is None:
+                fitted.extend(placed_here)
+            rest = asked[count:]
+            # A replica the free NPUs do not hold may take lower-priority ones' (its quota
+            # kept for it, so that a younger deployment is not counted the same quota).
+            may_preempt = (
+                key in wanted
+                and rest
+                and ranks is not None
+                and lowest is not None
+                and key in ranks
+                and ranks[key].priority > lowest
+                and template.group is None
+                and template.pinned_node is None
+            )
+            if may_preempt:
+                short[key] = rest
+            quotas.spend(key, counted, more if may_preempt else count)
         if key in wanted:
-            found[key] = placed + fitted
+            found[key] = placed + count
+            placed_of[key] = placed
+    if short and ranks is not None:
+        room = preemption.room_for(placement, ranks, pool, fitted, short)
+        for key in found:
+            if room.stopped.get(key):
+                # Losing replicas to a higher priority: it grows into no NPUs meanwhile,
+                # which it would only lose again (docs/priority.md).
+                found[key] = placed_of[key] - room.stopped[key]
+            else:
+                found[key] += room.made.get(key, 0)
     return found
+
+
+def _awaits_release(placement: PlacementResult, request: ReplicaRequest) -> bool:
+    """Unplaced while NPUs are released to it: by its preemption's victims, or by stopping
+    tasks (placement's NPUsReleasing)."""
+    unplaced = placement.unplaced.get(request.key)
+    return unplaced is not None and unplaced.reason in ("Preempting", "NPUsReleasing")
+
+
+def _asked(
+    template: ReplicaRequest,
+    waiting: Sequence[ReplicaRequest],
+    requests: Sequence[ReplicaRequest],
+    more: int,
+) -> list[ReplicaRequest]:
+    """``more`` replicas: the unplaced ones first, then new ones in the lowest free slots
+    (as a scale-up fills them, core/scaledown.py)."""
+    asked = list(waiting[:more])
+    taken = {r.slot for r in requests}
+    slot = 0
+    while len(asked) < more:
+        if str(slot) not in taken:
+            asked.append(template.model_copy(update={"slot": str(slot)}))
+        slot += 1
+    return asked
 
 
 def wake_templates(
@@ -314,24 +388,35 @@ def wake_templates(
     return found
 
 
+# Nodes a request may go to, by (selector, pinned node): computed once per headroom, since
+# deployments share few selectors (a scan of every node per deployment was most of its time).
+Matching = dict[tuple[tuple[tuple[str, str], ...], str | None], list[NodeInfo]]
+
+
 def _fit(
-    request: ReplicaRequest,
+    asked: Sequence[ReplicaRequest],
     nodes: Sequence[NodeInfo],
     pool: dict[str, set[int]],
     used: set[str],
-    more: int,
-) -> int:
-    """Take NPUs for up to ``more`` replicas like ``request`` out of ``pool``, each on the
-    node it fills most (the placement's best fit); how many fitted."""
+    known: Matching,
+) -> list[Assignment]:
+    """Take NPUs for as many of ``asked`` as fit (in order) out of ``pool``, each on the
+    node it fills most (the placement's best fit); where they went."""
+    if not asked:
+        return []
+    request = asked[0]
     one_per_node = request.one_per_node or request.npu_ids is not None
-    matching = [
-        n
-        for n in nodes
-        if n.matches(request.node_selector)
-        and (request.pinned_node is None or n.id == request.pinned_node)
-    ]
-    fitted = 0
-    while fitted < more:
+    key = (tuple(sorted(request.node_selector.items())), request.pinned_node)
+    matching = known.get(key)
+    if matching is None:
+        matching = known[key] = [
+            n
+            for n in nodes
+            if n.matches(request.node_selector)
+            and (request.pinned_node is None or n.id == request.pinned_node)
+        ]
+    placed: list[Assignment] = []
+    while len(placed) < len(asked):
         best: tuple[int, NodeInfo, frozenset[int]] | None = None
         for node in matching:
             free = pool[node.id]
@@ -354,8 +439,13 @@ def _fit(
         _, node, chosen = best
         pool[node.id] -= chosen
         used.add(node.id)
-        fitted += 1
-    return fitted
+        one = asked[len(placed)]
+        placed.append(
+            Assignment(
+                deployment=one.deployment, slot=one.slot, node_id=node.id, npus=chosen, kept=False
+            )
+        )
+    return placed
 
 
 def with_replicas(

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any, Literal
 
@@ -236,6 +236,25 @@ class PlacementResult:
         """Take back a kept assignment (its service still runs, so its NPUs stay taken)."""
         self.assignments.pop(key, None)
         self._by_deployment.get(key[0], {}).pop(key[1], None)
+
+    def scratch(self) -> PlacementResult:
+        """A copy that assign/unassign/claim and preemption may change without touching this
+        one (the autoscaler asks "what would the next pass do" of the last pass's result,
+        which the status and the next round still read). Best-fit buckets are not carried:
+        a scratch copy is never placed into."""
+        return replace(
+            self,
+            assignments=dict(self.assignments),
+            unplaced=dict(self.unplaced),
+            evicted=dict(self.evicted),
+            taken={node: set(npus) for node, npus in self.taken.items()},
+            free={node: set(npus) for node, npus in self.free.items()},
+            nodes_used={key: set(nodes) for key, nodes in self.nodes_used.items()},
+            requests=dict(self.requests),
+            _by_deployment={key: dict(slots) for key, slots in self._by_deployment.items()},
+            _unplaced_index=None,
+            _keys_of_node={},
+        )
 
     def nodes(self) -> list[NodeInfo]:
         """The nodes placement saw, by hostname."""

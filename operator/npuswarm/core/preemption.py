@@ -21,6 +21,9 @@ The rules (docs/priority.md):
 - NPUs being released already count as room: a preemptor that waits for them takes nobody
   else, and NPUs promised to one preemptor are not promised to another in the same pass.
 
+The autoscaler asks the same search what a scale-up would get (``room_for``, on a scratch copy
+of the last placement), so an autoscaled replica preempts by these rules too.
+
 Cost: nothing when no unplaced replica outranks a placed one (every deployment at the default
 priority); else, per unplaced replica, one look at each candidate node's lower-priority
 replicas (a node holds at most a few), with a bounded search over their subsets.
@@ -152,6 +155,75 @@ def preempt(result: PlacementResult, ranks: Mapping[str, Rank]) -> PreemptionRes
             continue
         _commit(members, rank, choice, state, outcome)
     return outcome
+
+
+def lowest_placed(result: PlacementResult, ranks: Mapping[str, Rank]) -> int | None:
+    """The lowest priority among placed deployments: only a replica above it may preempt."""
+    placed = [ranks[d].priority for d in _placed_deployments(result) if d in ranks]
+    return min(placed) if placed else None
+
+
+@dataclass(frozen=True)
+class Room:
+    """What the next pass's preemption would do for the autoscaler's headroom, per
+    deployment (core/autoscale.py)."""
+
+    made: dict[str, int] = field(default_factory=dict)  # short replicas it makes room for
+    stopped: dict[str, int] = field(default_factory=dict)  # replicas it stops
+
+
+def room_for(
+    result: PlacementResult,
+    ranks: Mapping[str, Rank],
+    free: Mapping[str, set[int]],
+    fitted: Sequence[Assignment],
+    short: Mapping[str, Sequence[ReplicaRequest]],
+) -> Room:
+    """The autoscaler's question "if these deployments asked for more, what would the next
+    pass's preemption give them", answered by ``preempt`` itself on a scratch copy of the
+    last pass's ``result`` (not changed): ``free``, the NPUs left free once ``fitted`` (the
+    single-node replicas the free NPUs hold, placed as the next placement would place them)
+    and any multi-node ones were counted; ``short``, the replicas that found no NPUs,
+    unplaced. So the victims, rules and floors are the pass's own, and a lower-priority
+    replica the headroom fitted may be the one stopped, as in the pass."""
+    room = Room()
+    if not short:
+        return room
+    scratch = result.scratch()
+    scratch.free = {node: set(npus) for node, npus in free.items()}
+    for assignment in fitted:
+        scratch.assign(assignment)
+        scratch.unplaced.pop(assignment.key, None)
+        scratch.evicted.pop(assignment.key, None)  # the slot of a replica stopped before
+    for key, why in list(scratch.unplaced.items()):
+        if why.reason == "Preempted":  # stopped last pass: the next pass seeks NPUs for it
+            scratch.unplaced[key] = why.model_copy(update={"reason": "InsufficientNPUs"})
+    for deployment, requests in short.items():
+        known = {r.slot for r in scratch.requests.get(deployment, [])}
+        scratch.requests[deployment] = [
+            *scratch.requests.get(deployment, []),
+            *(r for r in requests if r.slot not in known),
+        ]
+        for request in requests:
+            scratch.unplaced[request.key] = Unplaced(
+                deployment=deployment,
+                slot=request.slot,
+                reason="InsufficientNPUs",
+                message="",
+            )
+    preempt(scratch, ranks)
+    for deployment, requests in short.items():
+        made = sum(
+            1
+            for r in requests
+            if r.key in scratch.unplaced and scratch.unplaced[r.key].reason == "Preempting"
+        )
+        if made:
+            room.made[deployment] = made
+    for key in scratch.evicted:
+        if key not in result.evicted:
+            room.stopped[key[0]] = room.stopped.get(key[0], 0) + 1
+    return room
 
 
 # What a replica asks of preemption: priority, the deployment (when its own replicas'
@@ -475,6 +547,8 @@ def _commit(
         return
     for d, n in per_deployment.items():
         left[d] -= n
+    # Its NPUs are promised now: the next preemptor of this pass needs other victims.
+    state.evicted.update(v.name for v in choice.victims)
     named = ", ".join(f"{v.name} (priority {v.priority})" for v in choice.victims)
     for victim in choice.victims:
         why = f"{PREEMPTED}{name} (priority {rank.priority} > {victim.priority}); waiting for NPUs"

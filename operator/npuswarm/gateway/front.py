@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -296,6 +297,9 @@ class Front:
         self.started_at = clock()
         # Notified whenever the served state changes: held requests look again.
         self.state_changed = asyncio.Condition()
+        # Notified when a request starts being held: a GET /load?heldWait= waiting for one
+        # answers at once (the operator wakes the model without waiting for its next read).
+        self.hold_started = asyncio.Condition()
         self.lock = asyncio.Lock()
         self.session: aiohttp.ClientSession | None = None
         self.last_sync_error: str | None = None
@@ -342,6 +346,8 @@ class Front:
                 model, f"{hold.max_queued} requests already wait for it to start", hold.retry_after
             )
         self.held[model] = self.held.get(model, 0) + 1
+        async with self.hold_started:
+            self.hold_started.notify_all()
         try:
             async with self.state_changed:
                 await asyncio.wait_for(
@@ -568,6 +574,15 @@ class Front:
         if refused is not None:
             log(f"admin request refused (GET /load): {refused}")
             return web.json_response({"error": f"unauthorised: {refused}"}, status=401)
+        wait = load.held_wait(request.query.get(load.HELD_WAIT))
+        if wait > 0:
+            # A long poll: the operator asks while a model it serves is at zero, and the
+            # answer comes as soon as a request is held here (or after the wait).
+            async with self.hold_started:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(
+                        self.hold_started.wait_for(lambda: any(self.held.values())), wait
+                    )
         age = -1.0 if self.scraped_at is None else self.clock() - self.scraped_at
         return web.json_response(
             load.load_body(self.readings, self.scrape_errors, age, self.demand())

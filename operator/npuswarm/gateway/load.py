@@ -65,6 +65,21 @@ def parse_metrics(text: str) -> Reading | None:
     return Reading(sums.get(WAITING, 0.0), sums.get(RUNNING, 0.0), kv_cache)
 
 
+# GET /load?heldWait=SECONDS: answer once a request is held (or after that long). The query
+# is not signed (the signature covers the path): it only bounds how long an answer waits.
+HELD_WAIT = "heldWait"
+MAX_HELD_WAIT_SECONDS = 30.0
+
+
+def held_wait(value: str | None) -> float:
+    """The long poll's wait in seconds: 0 (answer now) unless a number up to the maximum."""
+    try:
+        wait = float(value) if value is not None else 0.0
+    except ValueError:
+        return 0.0
+    return min(wait, MAX_HELD_WAIT_SECONDS) if wait > 0 and math.isfinite(wait) else 0.0
+
+
 @dataclass(frozen=True)
 class Demand:
     """A model's demand as one gateway replica sees it: requests it holds while the model

@@ -26,7 +26,7 @@ import ssl
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
@@ -61,6 +61,9 @@ PUSH_TIMEOUT_SECONDS = 5.0
 PUSH_CONCURRENCY = 8
 # Reads of GET /load (the autoscaler): at once, and each bounded like a push.
 LOAD_CONCURRENCY = 8
+# Gateway replicas long-polled at once for a held request (one each, only while a model they
+# serve is at zero); more wait their turn.
+HELD_WAITERS = 32
 # The same state is not pushed again to the same gateway task for this long: a pass where
 # nothing changed makes no call. The gateway keeps what it got; the refresh only bounds how
 # long a gateway that lost it somehow (it cannot without a new task) would go without.
@@ -96,18 +99,24 @@ def admin_request(
     method: str,
     path: str,
     body: bytes = b"",
+    query: str = "",
+    timeout: float = PUSH_TIMEOUT_SECONDS,
 ) -> tuple[int, bytes]:
-    """One signed request to a gateway replica's admin port over TLS: (status, body)."""
+    """One signed request to a gateway replica's admin port over TLS: (status, body). The
+    signature covers the path, not ``query``."""
     connection = protocol.PinnedHTTPS(
         target.replica.address,
         target.replica.admin_port,
         target.hostname,
         context,
-        PUSH_TIMEOUT_SECONDS,
+        timeout,
     )
     try:
         connection.request(
-            method, path, body=body, headers=signer.headers(target.credential, method, path, body)
+            method,
+            f"{path}?{query}" if query else path,
+            body=body,
+            headers=signer.headers(target.credential, method, path, body),
         )
         answer = connection.getresponse()
         return answer.status, answer.read()
@@ -342,11 +351,52 @@ class Gateways:
             send = https_sender(credentials, self.signer)
         self.pusher = Pusher(send, clock) if send is not None and credentials is not None else None
         self._readers = ThreadPoolExecutor(LOAD_CONCURRENCY, thread_name_prefix="gateway-load")
+        # Long polls (``wait_for_held``) wait apart: they must not hold up the rounds' reads.
+        self._waiters = ThreadPoolExecutor(HELD_WAITERS, thread_name_prefix="gateway-held")
 
     def close(self) -> None:
         if self.pusher is not None:
             self.pusher.close()
         self._readers.shutdown(wait=True)
+        self._waiters.shutdown(wait=False, cancel_futures=True)
+
+    def wait_for_held(
+        self,
+        gateways: Sequence[ModelGateway],
+        deployments: Sequence[ModelDeployment],
+        snapshot: SwarmSnapshot,
+        seconds: float,
+    ) -> bool:
+        """Wait up to ``seconds`` for a request held for one of ``deployments`` (models at
+        zero) at any running replica of the gateways serving them: True as soon as one is
+        (each replica's GET /load?heldWait= answers when a request is held there). False
+        after the wait, or when every replica answered without one (a front from before the
+        long poll answers at once: the caller then waits as it did)."""
+        if self.credentials is None or seconds <= 0:
+            return False
+        models = {md.spec.served_model_name for md in deployments}
+        pending = set()
+        for gateway in gateways:
+            if not selected(gateway, deployments):
+                continue
+            credential = self.credentials.credential(identity(gateway))
+            for replica in running_replicas(gateway, snapshot):
+                target = PushTarget(replica, identity(gateway).hostname, credential)
+                pending.add(self._waiters.submit(self._get_load, target, seconds))
+        deadline = time.monotonic() + seconds + PUSH_TIMEOUT_SECONDS
+        while pending:
+            done, pending = wait(
+                pending, timeout=max(0.0, deadline - time.monotonic()), return_when=FIRST_COMPLETED
+            )
+            if not done:
+                return False
+            for future in done:
+                if future.exception() is not None:
+                    continue
+                merged = load.merge([future.result()])
+                if any(merged[m].held for m in models if m in merged):
+                    return True
+        return False
 
     def read_load(
         self,
@@ -402,10 +452,16 @@ class Gateways:
             found[key] = model
         return found
 
-    def _get_load(self, target: PushTarget) -> dict[str, Any]:
+    def _get_load(self, target: PushTarget, held_wait: float = 0.0) -> dict[str, Any]:
         assert self.credentials is not None
         status, body = admin_request(
-            target, self.credentials.client_context(), self.signer, "GET", "/load"
+            target,
+            self.credentials.client_context(),
+            self.signer,
+            "GET",
+            "/load",
+            query=f"{load.HELD_WAIT}={held_wait:g}" if held_wait > 0 else "",
+            timeout=PUSH_TIMEOUT_SECONDS + held_wait,
         )
         if status != 200:
             raise RuntimeError(

@@ -96,9 +96,14 @@ class Runtime:
             # the pass that makes the held writes.
             gateways.pusher.fence = lambda: self.leader.leader
             gateways.pusher.on_settled = self.triggers.request_threadsafe
+        swarm = self.reconciler.swarm
         self.autoscaler = Autoscaler(
             gateways.read_load if gateways is not None else None,
             self.triggers.request_threadsafe,
+            # Scale from zero: a held request wakes its model at once (a long poll), and the
+            # woken replica's own task is watched until it runs.
+            wait_held=gateways.wait_for_held if gateways is not None else None,
+            task_states=swarm.task_states_of if isinstance(swarm, Swarm) else None,
         )
         self.passes.autoscaler = self.autoscaler
 

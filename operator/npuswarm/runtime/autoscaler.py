@@ -26,7 +26,7 @@ import structlog
 from npuswarm import metrics
 from npuswarm.api.deployment import AUTOSCALING_METRICS, AutoscalerStatus, ModelDeployment
 from npuswarm.api.meta import split_key
-from npuswarm.core import autoscale
+from npuswarm.core import autoscale, preemption
 from npuswarm.core.clock import timestamp, utcnow
 from npuswarm.core.diff import PassPlan
 from npuswarm.core.pipeline import Desired
@@ -38,6 +38,27 @@ log = structlog.get_logger("npuswarm.autoscaler")
 
 # (gateways, autoscaled deployments, snapshot) -> each deployment's load.
 LoadReader = Callable[[Any, list[ModelDeployment], SwarmSnapshot], Mapping[str, ModelLoad]]
+# (gateways, deployments at zero, snapshot, seconds) -> whether a request for one is held,
+# answered as soon as one is (gateway/push.py Gateways.wait_for_held, a long poll).
+HeldWaiter = Callable[[Any, list[ModelDeployment], SwarmSnapshot, float], bool]
+# A service's name -> the states of the tasks Swarm wants running for it (swarm.py).
+TaskStates = Callable[[str], list[str]]
+
+# A replica woken from zero: its task is looked at this often until it runs (then a pass
+# puts it behind the gateways at once), for at most this long.
+STARTING_POLL_SECONDS = 0.2
+STARTING_WATCH_SECONDS = 900.0
+# Shorter than this, a long poll is not worth its request: the round comes first.
+MIN_HELD_WAIT_SECONDS = 0.1
+
+
+@dataclasses.dataclass
+class Starting:
+    """A deployment woken from zero whose replica is starting: its service (None until the
+    pass that creates it) and when the watch gives up."""
+
+    until: float
+    service: str | None = None
 
 
 class Autoscaler:
@@ -46,10 +67,16 @@ class Autoscaler:
         read_load: LoadReader | None,
         request: Callable[[str], None],
         clock: Callable[[], float] = time.monotonic,
+        wait_held: HeldWaiter | None = None,
+        task_states: TaskStates | None = None,
     ) -> None:
         self.read_load = read_load
         self.request = request
         self.clock = clock
+        self.wait_held = wait_held
+        self.task_states = task_states
+        # Woken from zero, replica not running yet (only with ``task_states``).
+        self.starting: dict[str, Starting] = {}
         self.lock = threading.Lock()
         # What the last pass read (before the counts were put in) and planned.
         self.last_desired: Desired | None = None
@@ -95,6 +122,11 @@ class Autoscaler:
     def saw_pass(self, plan: PassPlan) -> None:
         with self.lock:
             self.last_plan = plan
+            for key, starting in self.starting.items():
+                if starting.service is None and key in plan.plans:
+                    created = [a for a in plan.plans[key].actions if a.kind == "create"]
+                    if created:
+                        starting.service = created[0].service_name
 
     # -- the loop -------------------------------------------------------------------------
 
@@ -149,7 +181,8 @@ class Autoscaler:
         room = {}
         if growing:
             templates = autoscale.wake_templates(autoscaled, nodes, current, wanted)
-            room = autoscale.headroom(plan.placement, nodes, wanted, templates)
+            ranks = preemption.ranks(desired.deployments)
+            room = autoscale.headroom(plan.placement, nodes, wanted, templates, ranks)
         for md in autoscaled:
             policy = md.spec.autoscaling
             assert policy is not None
@@ -173,6 +206,8 @@ class Autoscaler:
                 last_time, last_message = timestamp(utcnow()), decision.message
                 last_reason = decision.reason
                 self.counts[md.key] = decision.replicas
+                if decision.reason == "ScaledFromZero" and self.task_states is not None:
+                    self.starting[md.key] = Starting(self.clock() + STARTING_WATCH_SECONDS)
             # A reading that moved by noise only keeps the status as it was (no write).
             if _news(before, decision, target):
                 self.statuses[md.key] = AutoscalerStatus(
@@ -204,6 +239,7 @@ class Autoscaler:
 
     def _forget(self, key: str) -> None:
         self.counts.pop(key, None)
+        self.starting.pop(key, None)
         self.histories.pop(key, None)
         self.statuses.pop(key, None)
         namespace, name = split_key(key)
@@ -226,19 +262,73 @@ class Autoscaler:
         wake_interval: float = 1.0,
     ) -> None:
         """The loop body for runtime.triggers.survive: rounds until ``stop``, only while
-        this instance leads; between two rounds, every ``wake_interval``, the deployments
-        at zero alone."""
-        due = self.clock()
+        this instance leads. Between two rounds: the deployments at zero alone, every
+        ``wake_interval``, or at once when a gateway holds a request for one (``wait_held``,
+        a long poll until the next round); and the task of a replica just woken from zero,
+        every STARTING_POLL_SECONDS until it runs (``task_states``), so that the pass that
+        puts it behind the gateways comes at once rather than at the fleet-wide task poll."""
+        due = wake = self.clock()
         while not stop.is_set():
-            if leading():
-                if self.clock() >= due:
-                    due = self.clock() + interval
-                    self.tick()
-                else:
-                    waiting = self.at_zero()
-                    if waiting:
-                        self.tick(only=waiting)
-            stop.wait(min(interval, wake_interval))
+            if not leading():
+                stop.wait(min(interval, wake_interval))
+                continue
+            if self.clock() >= due:
+                due = self.clock() + interval
+                self.tick()
+            if self.starting:
+                self.watch_starting()
+                waiting = self.at_zero()
+                if waiting and self.clock() >= wake:
+                    wake = self.clock() + wake_interval
+                    self.tick(only=waiting)
+                stop.wait(min(STARTING_POLL_SECONDS, wake_interval))
+                continue
+            waiting = self.at_zero()
+            if not waiting:
+                stop.wait(min(interval, wake_interval))
+                continue
+            begun = self.clock()
+            self.wait_for_held(waiting, due - begun)
+            if not leading():  # lost while it waited: a follower decides nothing
+                continue
+            self.tick(only=waiting)
+            if self.clock() - begun < wake_interval and self.at_zero() & waiting:
+                # Answered at once yet still at zero: a request held with no NPUs to wake its
+                # model on, or a front from before the long poll. The old pace, not a spin.
+                stop.wait(wake_interval)
+
+    def wait_for_held(self, waiting: frozenset[str], seconds: float) -> bool:
+        """Whether a gateway serving a deployment at zero holds a request for it, waiting up
+        to ``seconds`` for one (False at once without ``wait_held``)."""
+        with self.lock:
+            desired, plan = self.last_desired, self.last_plan
+        if self.wait_held is None or desired is None or plan is None:
+            return False
+        if seconds < MIN_HELD_WAIT_SECONDS:
+            return False
+        at_zero = [md for md in desired.deployments if md.key in waiting]
+        return self.wait_held(desired.gateways, at_zero, plan.snapshot, seconds)
+
+    def watch_starting(self) -> None:
+        """Each replica woken from zero: a pass as soon as its task runs (it then joins the
+        gateways, which hold the requests that woke it); one filtered task list per woken
+        replica, only while it starts."""
+        assert self.task_states is not None
+        now = self.clock()
+        with self.lock:
+            watched = list(self.starting.items())
+        for key, starting in watched:
+            if now > starting.until or self.counts.get(key, 0) == 0:
+                with self.lock:
+                    self.starting.pop(key, None)
+                continue
+            if starting.service is None:
+                continue  # the pass creating it has not run yet
+            if "running" in self.task_states(starting.service):
+                with self.lock:
+                    self.starting.pop(key, None)
+                log.info("woken replica running", deployment=key, service=starting.service)
+                self.request(key)
 
 
 def _load(found: ModelLoad | None) -> autoscale.Load | None:
