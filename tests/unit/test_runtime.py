@@ -326,6 +326,50 @@ def test_a_refused_status_write_is_retried_in_the_background(monkeypatch: Any) -
     assert metrics.REGISTRY.get_sample_value("npuswarm_status_writes_pending") == 0
 
 
+class Recording:
+    """An API server that records what it was sent, in order."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def patch_status(self, namespace: str, name: str, patch: dict[str, Any], plural: str = "") -> bool:
+        self.calls.append(f"status {name}")
+        return True
+
+    def post_event(self, reference: dict[str, str], type_: str, reason: str, message: str) -> None:
+        self.calls.append(f"event {reference['name']}")
+
+
+def test_statuses_are_written_before_events_queued_ahead_of_them(monkeypatch: Any) -> None:
+    """At a fleet's start each deployment's first Events went into the same queue as its
+    statuses and held its Ready back; now every status waiting is sent before any Event."""
+    import asyncio
+
+    from npuswarm.api.deployment import ModelDeploymentStatus
+    from npuswarm.core.kube_events import Event
+    from npuswarm.core.pipeline import DeploymentView, Desired
+    from npuswarm.runtime import publisher as publisher_module
+
+    monkeypatch.setattr(publisher_module, "STATUS_WRITERS", 1)  # one writer: a strict order
+    rt = runtime({})
+    recording = rt.publisher.kube = Recording()
+    status = ModelDeploymentStatus(phase="Ready", replicas=1)
+    names = [f"m{i}" for i in range(5)]
+    views = {
+        f"team/{n}": DeploymentView(f"team/{n}", status, [Event("Normal", "Placed", n)])
+        for n in names
+    }
+
+    async def scenario() -> None:
+        await rt.publisher.post_events(views, {})
+        await rt.publisher.write_statuses({f"team/{n}": status for n in names}, Desired(), False)
+        await rt.publisher.settled()
+        await rt.publisher.close()
+
+    asyncio.run(scenario())
+    assert recording.calls == [f"status {n}" for n in names] + [f"event {n}" for n in names]
+
+
 class Ordered:
     """An API server whose first PATCH of an object answers only when released."""
 
