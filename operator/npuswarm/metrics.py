@@ -356,6 +356,12 @@ status_writes_pending = Gauge(
     "the background, retried with backoff; one per object, the newest).",
     registry=REGISTRY,
 )
+events_pending = Gauge(
+    "npuswarm_events_pending",
+    "Kubernetes Events handed over by passes and not yet posted (posted after every waiting "
+    "status write).",
+    registry=REGISTRY,
+)
 gateway_held_writes = Gauge(
     "npuswarm_gateway_held_writes",
     "Writes the last pass held back because a gateway may still list the replica they stop "

@@ -368,6 +368,7 @@ def test_statuses_are_written_before_events_queued_ahead_of_them(monkeypatch: An
 
     asyncio.run(scenario())
     assert recording.calls == [f"status {n}" for n in names] + [f"event {n}" for n in names]
+    assert metrics.REGISTRY.get_sample_value("npuswarm_events_pending") == 0
 
 
 class Ordered:

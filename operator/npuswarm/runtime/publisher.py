@@ -82,6 +82,7 @@ class StatusPublisher:
     # otherwise sit in front of their Ready statuses (each item: priority, order, item).
     _queue: asyncio.PriorityQueue[tuple[int, int, _Item]] | None = None
     _order: itertools.count[int] = field(default_factory=itertools.count)
+    _events: int = 0  # Events queued or being posted
     _sending: set[ObjectKey] = field(default_factory=set)
     _retries: dict[ObjectKey, int] = field(default_factory=dict)
     _workers: list[asyncio.Task[None]] = field(default_factory=list)
@@ -199,6 +200,7 @@ class StatusPublisher:
                 metrics.background_errors_total.labels("status-writer").inc()
                 log.warning("status writer error", error=repr(error))
             finally:
+                self._events -= isinstance(item, _EventPost)
                 self._queue.task_done()
                 self._count()
 
@@ -240,7 +242,9 @@ class StatusPublisher:
             self._put(self._queue, target)
 
     def _put(self, queue: asyncio.PriorityQueue[tuple[int, int, _Item]], item: _Item) -> None:
-        queue.put_nowait((1 if isinstance(item, _EventPost) else 0, next(self._order), item))
+        event = isinstance(item, _EventPost)
+        self._events += event
+        queue.put_nowait((1 if event else 0, next(self._order), item))
 
     async def _post(self, post: _EventPost) -> None:
         event = post.event
@@ -258,6 +262,7 @@ class StatusPublisher:
 
     def _count(self) -> None:
         metrics.status_writes_pending.set(len(self._pending) + len(self._sending))
+        metrics.events_pending.set(self._events)
 
 
 def _short(error: Exception) -> str:
