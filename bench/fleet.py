@@ -173,12 +173,20 @@ class Sim:
         stop_process(self.proc)
 
 
-def metric_sums(url: str) -> dict[str, float]:
-    """Totals of the operator's counters that tell passes and Engine calls apart."""
+def scrape(url: str) -> str | None:
+    """The operator's /metrics text; None when it does not answer."""
     try:
         with urllib.request.urlopen(url, timeout=5) as response:
             text = response.read().decode()
     except OSError:
+        return None
+    return text
+
+
+def metric_sums(url: str) -> dict[str, float]:
+    """Totals of the operator's counters that tell passes and Engine calls apart."""
+    text = scrape(url)
+    if text is None:
         return {}
     sums: dict[str, float] = {}
     pattern = re.compile(
@@ -199,10 +207,8 @@ def metric_sums(url: str) -> dict[str, float]:
 def writes_pending(url: str) -> float | None:
     """Status writes and Events the operator has not yet sent (npuswarm_status_writes_pending
     + npuswarm_events_pending); None when /metrics does not answer."""
-    try:
-        with urllib.request.urlopen(url, timeout=5) as response:
-            text = response.read().decode()
-    except OSError:
+    text = scrape(url)
+    if text is None:
         return None
     names = ("npuswarm_status_writes_pending ", "npuswarm_events_pending ")
     return sum(
@@ -212,10 +218,8 @@ def writes_pending(url: str) -> float | None:
 
 def agents_up(url: str) -> dict[str, int]:
     """npuswarm_node_agent_up: how many nodes' agents answered the last read, of how many."""
-    try:
-        with urllib.request.urlopen(url, timeout=5) as response:
-            text = response.read().decode()
-    except OSError:
+    text = scrape(url)
+    if text is None:
         return {}
     values = [
         float(line.rsplit(" ", 1)[1])
