@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import gc
 import time
 from typing import Any
@@ -86,6 +87,8 @@ def settle() -> None:
         trim(0)
 
 
+@functools.cache
 def _libc_function(name: str) -> Any:
+    """Looked up once: find_library runs ldconfig."""
     libc = ctypes.util.find_library("c")
     return getattr(ctypes.CDLL(libc), name, None) if libc is not None else None
