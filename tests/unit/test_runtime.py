@@ -376,10 +376,12 @@ class Ordered:
 
     def __init__(self) -> None:
         self.release = threading.Event()
+        self.first_sent = threading.Event()
         self.written: list[tuple[str, str]] = []
 
     def patch_status(self, namespace: str, name: str, patch: dict[str, Any], plural: str = "") -> bool:
         if not self.written:
+            self.first_sent.set()
             self.release.wait(10)
         self.written.append((name, patch["phase"]))
         return True
@@ -400,7 +402,8 @@ def test_a_newer_status_replaces_one_not_yet_written_and_never_lands_before_it()
         for phase in ("Pending", "Progressing", "Ready"):
             status = ModelDeploymentStatus(phase=phase, replicas=1)
             await rt.publisher.write_statuses({"team/a": status}, Desired(), resync=False)
-            await asyncio.sleep(0)  # let a writer take the first one
+            if phase == "Pending":  # a writer has the first one and hangs on it
+                assert await asyncio.to_thread(slow.first_sent.wait, 10)
         slow.release.set()
         await rt.publisher.settled()
         await rt.publisher.close()
