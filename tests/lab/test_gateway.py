@@ -197,9 +197,19 @@ def chat(url: str, model_name: str, **extra: Any) -> Reply:
     return post(f"{url}/v1/chat/completions", body)
 
 
+def listed_models(url: str) -> set[str]:
+    try:
+        with urllib.request.urlopen(f"{url}/v1/models", timeout=10) as answer:
+            return {m["id"] for m in json.loads(answer.read())["data"]}
+    except OSError:
+        return set()
+
+
 @dataclass
 class Load:
-    """Constant load: ``workers`` clients each sending one chat request after another."""
+    """Constant load: ``workers`` clients each sending one chat request after another, from
+    the moment the gateway lists the model: a pass's result names the backends it handed the
+    gateway, which the pusher delivers on its own thread a moment later."""
 
     url: str
     model_name: str
@@ -208,6 +218,8 @@ class Load:
     stop: threading.Event = field(default_factory=threading.Event)
 
     def __enter__(self) -> Load:
+        wait_for(lambda: self.model_name in listed_models(self.url),
+                 f"the gateway to list {self.model_name}", timeout=60, interval=0.2)
         self.threads = [threading.Thread(target=self._run) for _ in range(self.workers)]
         for thread in self.threads:
             thread.start()
