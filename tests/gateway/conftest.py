@@ -138,6 +138,10 @@ def fake_vllm(tmp_path: Path) -> Iterator[Any]:
         proc.communicate()
 
 
+class PortTaken(AssertionError):
+    pass
+
+
 @pytest.fixture
 def make_gateway(tmp_path: Path) -> Iterator[Any]:
     """make_gateway(*extra_args) -> a started `npuswarm-gateway` with its vllm-router child,
@@ -150,6 +154,17 @@ def make_gateway(tmp_path: Path) -> Iterator[Any]:
     started: list[tuple[subprocess.Popen[str], Any]] = []
 
     def start(*extra: str) -> Gateway:
+        # free_port's ports are free when asked, not when bound: under xdist another worker's
+        # server or outgoing connection may take one first; a gateway that lost that race is
+        # started again on others.
+        for _ in range(3):
+            try:
+                return start_once(*extra)
+            except PortTaken:
+                continue
+        return start_once(*extra)
+
+    def start_once(*extra: str) -> Gateway:
         port, admin, router, metrics = (free_port() for _ in range(4))
         log_path = tmp_path / f"gateway-{len(started)}.log"
         log = log_path.open("w")
@@ -164,7 +179,9 @@ def make_gateway(tmp_path: Path) -> Iterator[Any]:
         made = Gateway(proc, port, admin)
         def healthy() -> bool:
             if proc.poll() is not None:
-                raise AssertionError(log_path.read_text()[-3000:])
+                text = log_path.read_text()
+                raise (PortTaken if "address already in use" in text.lower() else AssertionError)(
+                    text[-3000:])
             return _listening(port) and call(f"{made.url}/health").status == 200
 
         try:
