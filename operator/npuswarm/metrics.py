@@ -398,20 +398,16 @@ REGISTRY.register(node_validation)
 
 class NpuHealthCollector:
     """Per NPU, from the last `npu-smi info` read on its node (nodehealth/runner.py sets the
-    source): npuswarm_npu_healthy, npuswarm_npu_hbm_used_bytes, npuswarm_npu_holds_replica."""
+    source): npuswarm_npu_healthy, npuswarm_npu_holds_replica. What npu-smi reads of an NPU
+    (HBM, temperature, ...) each node's agent serves itself (NpuExporterCollector)."""
 
     def __init__(self) -> None:
-        self.source: Callable[[], list[tuple[str, int, bool, int, bool]]] | None = None
+        self.source: Callable[[], list[tuple[str, int, bool, bool]]] | None = None
 
     def collect(self) -> Iterator[Metric]:
         healthy = GaugeMetricFamily(
             "npuswarm_npu_healthy",
             "1 when npu-smi reads the NPU's health as OK or Warning, 0 otherwise.",
-            labels=["node", "npu"],
-        )
-        hbm = GaugeMetricFamily(
-            "npuswarm_npu_hbm_used_bytes",
-            "HBM in use on the NPU, as npu-smi reads it.",
             labels=["node", "npu"],
         )
         holds = GaugeMetricFamily(
@@ -420,12 +416,10 @@ class NpuHealthCollector:
             labels=["node", "npu"],
         )
         source = self.source
-        for node, npu, ok, used, held in source() if source is not None else []:
+        for node, npu, ok, held in source() if source is not None else []:
             healthy.add_metric([node, str(npu)], 1 if ok else 0)
-            hbm.add_metric([node, str(npu)], used)
             holds.add_metric([node, str(npu)], 1 if held else 0)
         yield healthy
-        yield hbm
         yield holds
 
     def describe(self) -> Iterator[Metric]:
@@ -476,9 +470,10 @@ NPU_EXPORTER_GAUGES: tuple[tuple[str, str, str], ...] = (
 
 
 class NpuExporterCollector:
-    """Per NPU of the node agents' last readings, under npu-exporter's names and labels
-    (``vdie_id`` and the pod labels are not read: left out). nodehealth/runner.py sets the
-    source: (node, reading) pairs."""
+    """Per NPU of a node agent's last reading, under npu-exporter's names and labels
+    (``vdie_id`` and the pod labels are not read: left out). Served by each agent
+    (nodehealth/agent.py sets the source: (node, reading, RoCE link) triples), not by the
+    operator: its scrape would grow with every NPU of the fleet (docs/performance.md)."""
 
     def __init__(self) -> None:
         self.source: Callable[[], list[tuple[str, NpuReading, RoceLink | None]]] | None = None
@@ -550,7 +545,3 @@ def _error_codes(
 
 def _exporter_labels(node: str, reading: NpuReading) -> list[str]:
     return [str(reading.npu), reading.name, reading.bus_id, node]
-
-
-npu_exporter = NpuExporterCollector()
-REGISTRY.register(npu_exporter)

@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-
 import urllib.error
 import urllib.request
 from collections.abc import Iterator

@@ -21,6 +21,7 @@ import swarmlab
 from npuswarm import cli, metrics
 from npuswarm.api.deployment import ModelDeployment
 from npuswarm.core.pipeline import Desired
+from npuswarm.gateway import protocol
 from npuswarm.gateway.credentials import Credentials
 from npuswarm.nodehealth import agents
 from npuswarm.nodehealth.runner import NodeChecker, publish_verdicts
@@ -300,6 +301,20 @@ def test_an_unhealthy_npu_moves_its_replica_and_an_agent_killed_by_hand_moves_no
         publish_verdicts(None)
 
 
+def scrape_agent(address: str, settings: Settings) -> str:
+    """``GET /metrics`` of a node's agent as Prometheus scrapes it: TLS, no signature."""
+    context = Credentials(ROOT_KEY, settings.instance).client_context()
+    connection = protocol.PinnedHTTPS(address, settings.agent_port, agents.IDENTITY.hostname,
+                                      context, timeout=10)
+    try:
+        connection.request("GET", agents.METRICS_PATH)
+        answer = connection.getresponse()
+        assert answer.status == 200, answer.status
+        return answer.read().decode()
+    finally:
+        connection.close()
+
+
 @pytest.mark.usefixtures("agents_removed")
 def test_a_roce_link_down_is_reported_and_keeps_multi_node_members_away(
     swarm_lab: swarmlab.Lab, settings: Settings
@@ -330,8 +345,11 @@ def test_a_roce_link_down_is_reported_and_keeps_multi_node_members_away(
         nodes = {n.id: n for n in loops.last.plan.snapshot.nodes}
         limited = loops.checker.unusable(loops.last.plan.snapshot).apply(list(nodes.values()))
         assert {n.id: n.roce_problem for n in limited}[node_id] == why
-        scraped = generate_latest(metrics.REGISTRY).decode()
-        assert f'npu_chip_info_link_status{{id="3",model_name="910B4",node="{host}"' in scraped
+        # Prometheus' view: the node's own agent serves its NPUs' series, named after it.
+        scraped = scrape_agent(nodes[node_id].addr, settings)
+        (line,) = [line for line in scraped.splitlines()
+                   if line.startswith(f'npu_chip_info_link_status{{id="3",model_name="910B4",node="{host}"')]
+        assert line.endswith(" 0.0"), line
         print(f"RoCE link down reported {time.monotonic() - changed:.1f}s after it went down")
     finally:
         swarm_lab.set_roce_state(k, {})

@@ -187,13 +187,7 @@ def test_isolate_preseparate_and_node_grades() -> None:
 
 
 def test_error_codes_are_exported_as_npu_exporter_does() -> None:
-    swarm = MemorySwarm(nodes=1, npus=8)
-    reconciler = Reconciler(swarm, SETTINGS, clock=lambda: NOW)
-    checker, fake = checker_for(swarm, reconciler, SETTINGS)
-    fake.documents = {"node1": graded(3, "Alarm", [0xA4025021, 0x8C03A000, 0x8C084E00])}
-    reconciler.run_pass(Desired(deployments=[]), checker.unusable)
-    checker.step()
-    registry = exporter(checker)
+    registry = exporter(graded(3, "Alarm", [0xA4025021, 0x8C03A000, 0x8C084E00]), "host1")
     text = generate_latest(registry).decode()
     labels_of = {"id": "3", "model_name": "910B4", "node": "host1",
                  "pcie_bus_info": "0000:C1:00.0"}

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from npuswarm.gateway import protocol
 from npuswarm.gateway.credentials import Credentials, write_secret_files
@@ -42,6 +43,7 @@ def served(tmp_path: Path) -> Iterator[tuple[int, bytes]]:
         host="127.0.0.1",
         stop=stop,
         hccn_tool=str(FAKE_HCCN_TOOL),
+        node="atlas-7",
     )
     yield server.server_address[1], credential
     stop.set()
@@ -73,12 +75,35 @@ def test_the_reader_gets_the_agents_answer_then_a_cheap_unchanged(
         reader.close()
 
 
-def request(port: int, headers: dict[str, str], context: ssl.SSLContext) -> http.client.HTTPResponse:
+def request(port: int, headers: dict[str, str], context: ssl.SSLContext,
+            path: str = agents.STATE_PATH) -> http.client.HTTPResponse:
     connection = protocol.PinnedHTTPS(
         "127.0.0.1", port, agents.IDENTITY.hostname, context, timeout=5
     )
-    connection.request("GET", agents.STATE_PATH, headers=headers)
+    connection.request("GET", path, headers=headers)
     return connection.getresponse()
+
+
+def test_the_agent_serves_its_npus_metrics_unsigned_and_its_state_only_signed(
+    served: tuple[int, bytes],
+) -> None:
+    """Prometheus scrapes each node's agent as it scrapes npu-exporter (no signature), and
+    gets the NPU metrics of that node, named after it: nothing of the signed answer."""
+    port, _ = served
+    context = CREDENTIALS.client_context()
+    assert request(port, {}, context).status == 401, "the state stays the operator's"
+    scraped = request(port, {}, context, agents.METRICS_PATH)
+    assert scraped.status == 200
+    assert (scraped.getheader("Content-Type") or "").startswith("text/plain; version=")
+    text = scraped.read().decode()
+    samples = {(s.name, s.labels["id"]): (s.labels["node"], s.value)
+               for family in text_string_to_metric_families(text) for s in family.samples}
+    # The stand-in npu-smi lists the node's 8 NPUs; the container asked for 0 and 1 (what a
+    # real runtime's npu-smi in the agent's container sees is its visible NPUs).
+    assert samples[("npu_chip_info_health_status", "0")] == ("atlas-7", 1.0)
+    assert samples[("npu_chip_info_hbm_total_memory", "1")] == ("atlas-7", 32768.0)
+    assert samples[("npu_chip_info_link_status", "1")] == ("atlas-7", 1.0), "fake hccn_tool: UP"
+    assert "validation" not in text and "npuSmi" not in text
 
 
 def test_unsigned_or_wrongly_signed_requests_are_refused_and_etags_answer_304(

@@ -17,9 +17,8 @@ from npuswarm.core.nodes import NodeInfo
 from npuswarm.core.pipeline import Desired
 from npuswarm.core.snapshot import ObservedSecret, snapshot_from_engine
 from npuswarm.gateway.credentials import Credentials
-from npuswarm.nodehealth import agents
+from npuswarm.nodehealth import agent, agents, npusmi
 from npuswarm.nodehealth import checks as node_checks
-from npuswarm.nodehealth import npusmi
 from npuswarm.nodehealth.runner import Answer, NodeChecker
 from npuswarm.reconcile import Reconciler
 from npuswarm.settings import Settings
@@ -63,7 +62,8 @@ def test_an_agent_is_a_global_service_on_its_npu_set_asking_for_those_npus() -> 
     assert rendered["TaskTemplate"]["Placement"]["Constraints"] == [
         "node.labels.io.npuswarm.agent-npus==0-7"
     ]
-    assert container["Env"] == [f"ASCEND_VISIBLE_DEVICES={EIGHT}"]
+    # The node's name from Swarm's template: the node label of the NPU metrics it serves.
+    assert container["Env"] == [f"ASCEND_VISIBLE_DEVICES={EIGHT}", "NPUSWARM_NODE={{.Node.Hostname}}"]
     assert container["Command"] == ["npuswarm", "agent"]
     assert container["Args"][-2:] == ["--npus", EIGHT], "what was asked, apart from the env"
     assert container["Secrets"][0]["SecretID"] == "id1"
@@ -383,10 +383,7 @@ def test_unhealthy_npu_moves_its_replica_after_the_grace_an_unreachable_agent_mo
     assert not checker.unusable(reconciler.last_plan.snapshot).npus, "healthy again: usable"
 
 
-def test_readings_are_exported_under_npu_exporters_names() -> None:
-    swarm = MemorySwarm(nodes=1, npus=8)
-    reconciler = Reconciler(swarm, SETTINGS, clock=lambda: NOW)
-    checker, fake = checker_for(swarm, reconciler, SETTINGS)
+def test_an_agent_serves_its_readings_under_npu_exporters_names() -> None:
     document = ok_answer(table=npu_table({3}))
     document["roce"] = {
         "present": True,
@@ -395,10 +392,7 @@ def test_readings_are_exported_under_npu_exporters_names() -> None:
             "4": {"link": "link status: UP\n", "net": "net health status: Init\n"},
         },
     }
-    fake.documents = {"node1": document}
-    reconciler.run_pass(Desired(deployments=[]), checker.unusable)
-    checker.step()
-    text = generate_latest(exporter(checker)).decode()
+    text = generate_latest(exporter(document, "host1")).decode()
     labels_of = 'id="3",model_name="910B4",node="host1",pcie_bus_info="0000:C1:00.0"'
     assert f"npu_chip_info_health_status{{{labels_of}}} 0.0" in text
     assert 'npu_chip_info_health_status{id="0",' in text and "} 1.0" in text
@@ -513,12 +507,8 @@ def test_the_loop_wakes_when_an_unhealthy_npus_grace_ends() -> None:
     assert checker.next_grace_end() == 20.0, "the soonest grace still to end; an ended one is past"
 
 
-def exporter(checker: NodeChecker) -> CollectorRegistry:
-    """A registry holding the operator's npu-exporter collector over ``checker``'s readings."""
-    from npuswarm import metrics
-
-    registry = CollectorRegistry()
-    collector = metrics.NpuExporterCollector()
-    collector.source = checker.npu_readings
-    registry.register(collector)
-    return registry
+def exporter(document: dict[str, Any], node: str) -> CollectorRegistry:
+    """What ``GET /metrics`` of the agent on ``node`` serves after reading ``document``."""
+    state = agent.AgentState()
+    state.update(document)
+    return agent.exporter(state, node)

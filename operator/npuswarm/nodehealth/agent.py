@@ -8,6 +8,10 @@ nodehealth/checks.py) and reads `npu-smi info` by absolute path. It answers one 
 node cannot answer in its place, and only the operator can ask. The answer carries an ETag; a
 request with ``If-None-Match`` of the current one gets 304 and no body, so reading an
 unchanged fleet costs a header per node.
+
+It also serves its node's NPUs under Huawei npu-exporter's metric names (``GET /metrics``,
+unsigned, as npu-exporter serves them): Prometheus scrapes each node's agent, so the
+operator's own scrape does not grow with the NPUs of the fleet (docs/monitoring.md).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import contextlib
 import hashlib
 import json
 import os
+import socket
 import ssl
 import subprocess
 import threading
@@ -26,9 +31,13 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from npuswarm import metrics
 from npuswarm.core.npus import parse_npu_ids
 from npuswarm.gateway import protocol
 from npuswarm.nodehealth import agents, checks, npusmi, pathcheck, roce
+from npuswarm.nodehealth.npusmi import NpuReading
 
 NPU_SMI = "/usr/local/bin/npu-smi"
 NPU_SMI_TIMEOUT_SECONDS = 20.0
@@ -73,6 +82,7 @@ class AgentState:
         self.boot = uuid.uuid4().hex[:12]
         self.version = 0
         self.body = b"{}"
+        self.document: dict[str, Any] = {}
         self.lock = threading.Lock()
 
     @property
@@ -82,6 +92,7 @@ class AgentState:
     def update(self, document: dict[str, Any]) -> bool:
         body = json.dumps(document, sort_keys=True).encode()
         with self.lock:
+            self.document = document
             if body == self.body:
                 return False
             self.body, self.version = body, self.version + 1
@@ -90,6 +101,24 @@ class AgentState:
     def answer(self) -> tuple[str, bytes]:
         with self.lock:
             return self.etag, self.body
+
+    def exporter_readings(self, node: str) -> list[tuple[str, NpuReading, roce.RoceLink | None]]:
+        """The last reading per NPU, for the npu-exporter metrics: read as the operator reads
+        the answer (error codes with the default grades: only the codes are served)."""
+        with self.lock:
+            document = self.document
+        links = roce.links(document) or {}
+        readings = agents.npu_readings(document)
+        return [(node, reading, links.get(npu)) for npu, reading in sorted(readings.items())]
+
+
+def exporter(state: AgentState, node: str) -> CollectorRegistry:
+    """The registry ``GET /metrics`` serves: this node's NPUs under npu-exporter's names."""
+    registry = CollectorRegistry(auto_describe=False)
+    collector = metrics.NpuExporterCollector()
+    collector.source = lambda: state.exporter_readings(node)
+    registry.register(collector)
+    return registry
 
 
 def read_faults(table: str, command: str = NPU_SMI) -> dict[str, str]:
@@ -177,6 +206,7 @@ def make_handler(
     verifier: protocol.Verifier,
     clock: Callable[[], float] = time.time,
     paths: pathcheck.PathChecker | None = None,
+    scraped: CollectorRegistry | None = None,
 ) -> type[BaseHTTPRequestHandler]:
     verify_lock = threading.Lock()
     paths_lock = threading.Lock()
@@ -186,6 +216,9 @@ def make_handler(
         timeout = IDLE_SECONDS
 
         def do_GET(self) -> None:
+            if self.path == agents.METRICS_PATH and scraped is not None:
+                self._send(200, generate_latest(scraped), content_type=CONTENT_TYPE_LATEST)
+                return
             self._answer("GET", b"")
 
         def do_POST(self) -> None:
@@ -237,12 +270,14 @@ def make_handler(
             merged = json.dumps({**json.loads(body), "paths": found}, sort_keys=True).encode()
             return f'{etag[:-1]}-{digest}"', merged
 
-        def _send(self, code: int, body: bytes, etag: str = "") -> None:
+        def _send(
+            self, code: int, body: bytes, etag: str = "", content_type: str = "application/json"
+        ) -> None:
             self.send_response(code)
             if etag:
                 self.send_header("ETag", etag)
             if code != 304:
-                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Type", content_type)
                 self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             if body:
@@ -267,6 +302,7 @@ def serve(
     hccn_tool: str = roce.HCCN_TOOL,
     host_roots: tuple[str, ...] = (),
     host_view: str = agents.HOST_VIEW,
+    node: str = "",
 ) -> ThreadingHTTPServer:
     """Start reading and serving (in threads); returns the server (``shutdown()`` ends it).
     With ``recheck_failed``, a container that lacks what the runtime should give sets
@@ -293,7 +329,9 @@ def serve(
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.load_cert_chain(tls_pem)
     paths = pathcheck.PathChecker(host_roots, pathcheck.HostView(host_view), interval)
-    handler = make_handler(state, protocol.Verifier(credential), paths=paths)
+    handler = make_handler(
+        state, protocol.Verifier(credential), paths=paths, scraped=exporter(state, node)
+    )
     server = ThreadingHTTPServer((host, port), handler)
     server.daemon_threads = True
     server.socket = context.wrap_socket(server.socket, server_side=True)
@@ -329,6 +367,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="where the node's filesystem is mounted read-only in this container",
     )
     parser.add_argument(
+        "--node",
+        default=os.environ.get(agents.NODE_ENV, ""),
+        help="the node's name in the metrics' node label (the service sets it from Swarm)",
+    )
+    parser.add_argument(
         "--recheck-failed",
         type=float,
         default=60.0,
@@ -353,6 +396,7 @@ def run(args: argparse.Namespace) -> int:
         recheck_failed=args.recheck_failed,
         host_roots=tuple(r for r in args.host_roots.split(",") if r),
         host_view=args.host_view,
+        node=args.node or socket.gethostname(),
     )
     print(f"npuswarm agent: serving on :{args.port}, NPUs {visible or 'none'}", flush=True)
     with contextlib.suppress(KeyboardInterrupt):

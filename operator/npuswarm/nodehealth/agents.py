@@ -32,7 +32,7 @@ from npuswarm.gateway.credentials import AgentIdentity, Credentials
 from npuswarm.gateway.service import NewSecret, SecretMount, new_tls_secret, valid_tls
 from npuswarm.nodehealth import checks, faults
 from npuswarm.nodehealth.checks import Verdict
-from npuswarm.nodehealth.npusmi import NodeHealth, parse_npu_smi
+from npuswarm.nodehealth.npusmi import NodeHealth, NpuReading, parse_npu_smi
 
 AGENT = labels.NODE_AGENT  # value: the installation
 AGENT_SET = labels.NODE_AGENT_SET
@@ -42,6 +42,10 @@ NAME_PREFIX = "npuswarm-agent"
 CREDENTIAL_FILE = "npuswarm-agent-credential"
 TLS_FILE = "npuswarm-agent-tls.pem"
 STATE_PATH = "/v1/state"
+# npu-exporter's path: the node's NPU metrics, unsigned (nodehealth/agent.py).
+METRICS_PATH = "/metrics"
+# The node's name, from Swarm's template: the metrics' ``node`` label, as the operator names it.
+NODE_ENV = "NPUSWARM_NODE"
 # Where the agent sees the node's filesystem, read-only (nodehealth/pathcheck.py reads only
 # below the allowed host-path roots). The whole of "/" rather than each root at its own
 # path: Docker 20.10 refuses to start a task whose bind source is missing, so a root absent
@@ -135,7 +139,10 @@ def agent_spec(
                 ],
                 # npu-smi opens the driver's devices, root:HwHiAiUser 0660 on Atlas nodes.
                 "User": "0",
-                "Env": [f"ASCEND_VISIBLE_DEVICES={format_npu_ids(npus)}"],
+                "Env": [
+                    f"ASCEND_VISIBLE_DEVICES={format_npu_ids(npus)}",
+                    f"{NODE_ENV}={{{{.Node.Hostname}}}}",
+                ],
                 "Secrets": [
                     {
                         "File": {"Name": mount.file, "UID": "0", "GID": "0", "Mode": 0o400},
@@ -280,14 +287,7 @@ def health(
     """The agent's last `npu-smi info`, each NPU's error codes graded with ``table``: no
     table is no reading (nothing is concluded)."""
     reading = answer.get("npuSmi") or {}
-    readings = parse_npu_smi(str(reading.get("text", "")))
-    texts = answer.get("npuFaults") or {}
-    grades = table or faults.FaultTable.default()
-    for npu, found in list(readings.items()):
-        codes = faults.error_codes(str(texts.get(str(npu), "")))
-        fault = faults.grade(found.health, codes, grades)
-        if fault is not None:
-            readings[npu] = replace(found, fault=fault)
+    readings = npu_readings(answer, table)
     error = "" if readings else f"no npu-smi table ({reading.get('error') or 'empty output'})"
     since = {
         int(npu): datetime.fromtimestamp(float(at), UTC)
@@ -295,6 +295,22 @@ def health(
         if str(npu).isdigit() and isinstance(at, int | float)
     }
     return NodeHealth(node.id, node.hostname or node.id, now, readings, error, since)
+
+
+def npu_readings(
+    answer: Mapping[str, Any], table: faults.FaultTable | None = None
+) -> dict[int, NpuReading]:
+    """Per NPU of the agent's answer: its `npu-smi info` row, with its error codes graded
+    with ``table`` (the default grades when None)."""
+    readings = parse_npu_smi(str((answer.get("npuSmi") or {}).get("text", "")))
+    texts = answer.get("npuFaults") or {}
+    grades = table or faults.FaultTable.default()
+    for npu, found in list(readings.items()):
+        codes = faults.error_codes(str(texts.get(str(npu), "")))
+        fault = faults.grade(found.health, codes, grades)
+        if fault is not None:
+            readings[npu] = replace(found, fault=fault)
+    return readings
 
 
 def unreachable(node: NodeInfo, why: str, now: datetime) -> NodeHealth:

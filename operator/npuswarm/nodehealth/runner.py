@@ -39,7 +39,6 @@ from npuswarm.settings import Settings
 from npuswarm.swarm import SwarmRejected, SwarmUnavailable
 
 log = structlog.get_logger("npuswarm.nodehealth")
-MIB = 1024 * 1024
 READ_CONCURRENCY = 32
 READ_TIMEOUT_SECONDS = 5.0
 # Agent services are listed again this often even when no NPU set changed: a service removed
@@ -318,30 +317,17 @@ class NodeChecker:
         upcoming = [end for end in ends if end > 0]
         return min(upcoming) if upcoming else None
 
-    def npu_report(self) -> list[tuple[str, int, bool, int, bool]]:
-        """(node, NPU, healthy, HBM used bytes, holds a replica) of the last readings."""
+    def npu_report(self) -> list[tuple[str, int, bool, bool]]:
+        """(node, NPU, healthy, holds a replica) of the last readings."""
         plan = self.last_plan()
         held = held_npus(plan.snapshot) if plan is not None else {}
         with self._lock:
             readings = list(self.health.values())
         return [
-            (h.hostname, npu, r.healthy, r.hbm_used_mb * MIB, npu in held.get(h.node_id, set()))
+            (h.hostname, npu, r.healthy, npu in held.get(h.node_id, set()))
             for h in sorted(readings, key=lambda h: h.hostname)
             if not h.error
             for npu, r in sorted(h.npus.items())
-        ]
-
-    def npu_readings(self) -> list[tuple[str, npusmi.NpuReading, roce.RoceLink | None]]:
-        """(node, reading, RoCE link or None) of every NPU of the last readings, for the
-        npu-exporter metrics."""
-        with self._lock:
-            readings = list(self.health.values())
-            links = dict(self.roce)
-        return [
-            (h.hostname, reading, (links.get(h.node_id) or {}).get(npu))
-            for h in sorted(readings, key=lambda h: h.hostname)
-            if not h.error
-            for npu, reading in sorted(h.npus.items())
         ]
 
     def host_files(self) -> dict[str, dict[str, hostfiles.PathCheck]]:
@@ -667,4 +653,3 @@ def publish_verdicts(checker: NodeChecker | None) -> None:
     metrics.node_validation.source = checks if checker is not None else None
     metrics.npu_health.source = checker.npu_report if checker is not None else None
     metrics.node_agent_up.source = checker.agents_up if checker is not None else None
-    metrics.npu_exporter.source = checker.npu_readings if checker is not None else None
