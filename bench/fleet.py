@@ -519,7 +519,7 @@ class Run:
 
         # The start's last status writes and its Events are part of converging, not of the
         # steady state: the window opens once they are sent.
-        # (Every scrape costs the operator about a second of CPU at this size: every 5 s.)
+        # (Every scrape costs the operator about 0.3 s of CPU at this size: every 5 s.)
         drained = wait(lambda: self.alive() and writes_pending(metrics_url) == 0, 120, 5.0)
         self.note(
             "converge",
