@@ -310,15 +310,8 @@ def _files_lines(hostname: str, found: Mapping[str, PathCheck]) -> list[str]:
     """What the node's agent found at each host path asked (core/hostfiles.py)."""
     lines = []
     for path, check in sorted(found.items()):
-        if check.escapes:
-            lines.append(
-                f"  ! hostPath {path} resolves to {check.escapes}, outside its allowed root "
-                f"{check.root}: refused on {hostname}"
-            )
-        elif check.error:
-            lines.append(f"  ! {path} unreadable on {hostname}: {check.error}")
-        elif not check.exists:
-            lines.append(f"  ! {path} missing on {hostname}")
+        if problem := check.problem(path, hostname):
+            lines.append(f"  ! {problem}")
         else:
             more = "+" if check.truncated else ""
             lines.append(

@@ -216,3 +216,16 @@ def test_replicas_share_the_node_with_the_files_and_the_rest_say_which_node_lack
     assert unplaced.reason == "HostFilesUnavailable"
     assert "the most free on a matching node is 0" in unplaced.message
     assert "model /models/qwen missing on atlas-2" in unplaced.message
+
+
+def test_a_path_checks_problem_is_worded_once_for_status_and_cli() -> None:
+    assert PathCheck(exists=True, size=1, files=1).problem("/models/q", "atlas-1") == ""
+    assert PathCheck(exists=False).problem("/models/q", "atlas-1", "model") == (
+        "model /models/q missing on atlas-1")
+    assert PathCheck(exists=False).problem("/models/q", "atlas-1") == "/models/q missing on atlas-1"
+    assert PathCheck(exists=False, error="permission denied").problem("/models/q", "atlas-1") == (
+        "/models/q unreadable on atlas-1: permission denied")
+    escaped = PathCheck(exists=True, root="/models", escapes="/etc")
+    assert escaped.problem("/models/x", "atlas-1", "hostPath") == (
+        "hostPath /models/x resolves to /etc on atlas-1, outside its allowed root /models: "
+        "refused on that node")

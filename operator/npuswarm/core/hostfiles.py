@@ -63,6 +63,21 @@ class PathCheck:
             error=str(found.get("error") or ""),
         )
 
+    def problem(self, path: str, host: str, what: str = "") -> str:
+        """Why ``path`` (``what`` it is to a deployment, if named) cannot be mounted on
+        ``host``, or "" when it can."""
+        named = f"{what} {path}" if what else path
+        if self.escapes:
+            return (
+                f"hostPath {path} resolves to {self.escapes} on {host}, outside its allowed "
+                f"root {self.root or '?'}: refused on that node"
+            )
+        if self.error:
+            return f"{named} unreadable on {host}: {self.error}"
+        if not self.exists:
+            return f"{named} missing on {host}"
+        return ""
+
 
 @dataclass(frozen=True)
 class NeededPath:
@@ -155,14 +170,9 @@ def node_files(
             if check is None:
                 unknown.append(need.path)
             elif check.escapes:
-                evict[node.id] = (
-                    f"hostPath {need.path} resolves to {check.escapes} on {host}, outside its "
-                    f"allowed root {check.root or '?'}: refused on that node"
-                )
-            elif check.error:
-                problems.append(f"{need.what} {need.path} unreadable on {host}: {check.error}")
-            elif not check.exists:
-                problems.append(f"{need.what} {need.path} missing on {host}")
+                evict[node.id] = check.problem(need.path, host)
+            elif problem := check.problem(need.path, host, need.what):
+                problems.append(problem)
         if node.id in evict:
             exclude[node.id] = evict[node.id]
         elif problems:
