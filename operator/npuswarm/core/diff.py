@@ -187,17 +187,7 @@ def diff(
             reason, drift = "service edited outside npuswarm", "service_updated"
         else:
             reason, drift = "spec changed", None
-        action = Action(
-            kind="update",
-            slot=slot,
-            service_name=primary.name,
-            service_id=primary.id,
-            version=primary.version,
-            spec=spec,
-            reason=reason,
-            drift=drift,
-            owner=key,
-        )
+        action = update_action(primary, spec, reason, drift)
         plan.updates.append(Update(action, primary.running_current_spec and moved is None))
 
     wanted = {request.slot for request in plan.requests}
@@ -318,6 +308,23 @@ def orphans_and_networks(
         (name, network_id)
         for name, network_id in snapshot.own_networks.items()
         if name not in wanted and name not in in_use
+    )
+
+
+def update_action(
+    service: ObservedService, spec: dict[str, Any], reason: str, drift: DriftKind | None = None
+) -> Action:
+    """An update of ``service`` (at the version observed) to ``spec``."""
+    return Action(
+        kind="update",
+        slot=service.slot,
+        service_name=service.name,
+        service_id=service.id,
+        version=service.version,
+        spec=spec,
+        reason=reason,
+        drift=drift,
+        owner=service.deployment,
     )
 
 

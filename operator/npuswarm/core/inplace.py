@@ -14,7 +14,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Mapping
 
-from npuswarm.core.diff import Action, DeploymentPlan
+from npuswarm.core.diff import DeploymentPlan, update_action
 
 FORCE_UPDATE = "ForceUpdate"
 
@@ -31,15 +31,4 @@ def restart_in_place(plan: DeploymentPlan, restart: Mapping[tuple[str, str], str
         spec = copy.deepcopy(primary.spec)
         template = spec.setdefault("TaskTemplate", {})
         template[FORCE_UPDATE] = int(template.get(FORCE_UPDATE) or 0) + 1
-        plan.actions.append(
-            Action(
-                kind="update",
-                slot=slot,
-                service_name=primary.name,
-                service_id=primary.id,
-                version=primary.version,
-                spec=spec,
-                reason=f"restarted in place: {why}",
-                owner=plan.deployment,
-            )
-        )
+        plan.actions.append(update_action(primary, spec, f"restarted in place: {why}"))
