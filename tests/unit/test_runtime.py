@@ -326,6 +326,34 @@ def test_a_refused_status_write_is_retried_in_the_background(monkeypatch: Any) -
     assert metrics.REGISTRY.get_sample_value("npuswarm_status_writes_pending") == 0
 
 
+def test_a_deleted_deployments_refused_status_is_dropped_with_its_backoff(monkeypatch: Any) -> None:
+    """Refused, then the object deleted before the retry: nothing of it is written or kept
+    (a new object of that name starts without the old one's backoff)."""
+    import asyncio
+
+    from npuswarm.api.deployment import ModelDeploymentStatus
+    from npuswarm.core.pipeline import Desired
+    from npuswarm.runtime import publisher as publisher_module
+
+    monkeypatch.setattr(publisher_module, "STATUS_RETRY_SECONDS", 0.05)
+    rt = runtime({})
+    throttled = rt.publisher.kube = Throttled()
+    status = ModelDeploymentStatus(phase="Progressing", replicas=1)
+
+    async def scenario() -> None:
+        await rt.publisher.write_statuses({"team/a": status}, Desired(), resync=False)
+        deadline = asyncio.get_running_loop().time() + 10
+        while not throttled.refused and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.01)
+        rt.publisher.forget("team/a")
+        await rt.publisher.settled()
+        await rt.publisher.close()
+
+    asyncio.run(scenario())
+    assert throttled.refused == {"a"} and throttled.written == []
+    assert not rt.publisher._retries
+
+
 class Recording:
     """An API server that records what it was sent, in order."""
 

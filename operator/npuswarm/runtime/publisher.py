@@ -158,6 +158,7 @@ class StatusPublisher:
     def forget(self, key: str) -> None:
         self.written.pop(key, None)
         self._pending.pop((deployment_api.PLURAL, key), None)
+        self._retries.pop((deployment_api.PLURAL, key), None)
         self.events.forget(key)
 
     async def settled(self) -> None:
