@@ -90,3 +90,13 @@ def test_schema_refuses_an_admin_port_equal_to_the_port(cluster: Cluster, namesp
     refused = cluster.kubectl("-n", namespace, "apply", "-f", "-",
                               input=gateway_manifest("bad", adminPort=18480), check=False)
     assert refused.returncode != 0 and "adminPort must differ from port" in refused.stderr
+
+
+def test_schema_refuses_a_node_selector_key_swarm_cannot_constrain_on(
+    cluster: Cluster, namespace: str
+) -> None:
+    """A '/' in a key (a Kubernetes-style label) made Swarm refuse the gateway's service,
+    which was reported as an outage; now `kubectl apply` says what is wrong."""
+    refused = cluster.kubectl("-n", namespace, "apply", "-f", "-", check=False,
+                              input=gateway_manifest("bad", nodeSelector={"example.com/pool": "a"}))
+    assert refused.returncode != 0 and "keys must match ^[-A-Za-z0-9_.]+$" in refused.stderr

@@ -61,7 +61,10 @@ def test_gateway_defaults_and_refusals() -> None:
         "cache_aware",
     )
     assert gw.spec.publish.mode == "host"
-    for bad in ({"adminPort": 8000}, {"policy": "fastest"}, {"replicas": -1}, {"prot": 1}):
+    assert gateway(nodeSelector={"pool.gpu_class-1": "a"}).spec.nodeSelector
+    for bad in ({"adminPort": 8000}, {"policy": "fastest"}, {"replicas": -1}, {"prot": 1},
+                # Swarm refuses a '/' in a constraint's label key.
+                {"nodeSelector": {"example.com/pool": "a"}}):
         with pytest.raises(ValidationError):
             gateway(**bad)
     with pytest.raises(ValidationError):

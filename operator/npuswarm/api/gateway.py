@@ -30,6 +30,9 @@ DEFAULT_IMAGE = "npuswarm-gateway:0.1.17"
 MAX_GATEWAY_REPLICAS = 64
 Port = Annotated[int, Field(ge=1, le=65535)]
 LabelValue = Annotated[str, Field(max_length=63, pattern=r"^([A-Za-z0-9][-A-Za-z0-9_.]*)?$")]
+# What Swarm takes after `node.labels.` in a placement constraint (swarmkit's constraint
+# parser: letters, digits, '-', '_' and '.'; a '/' is refused when the service is written).
+SwarmLabelKey = Annotated[str, Field(min_length=1, max_length=253, pattern=r"^[-A-Za-z0-9_.]+$")]
 
 
 class ModelSelector(_Model):
@@ -187,8 +190,10 @@ class ModelGatewaySpec(_Model):
     )
     network: GatewayNetwork
     healthCheck: GatewayHealthCheck = Field(default_factory=GatewayHealthCheck)
-    nodeSelector: dict[str, LabelValue] = Field(
-        default_factory=dict, max_length=32, description="Node labels gateway replicas need."
+    nodeSelector: dict[SwarmLabelKey, LabelValue] = Field(
+        default_factory=dict,
+        max_length=32,
+        description="Swarm node labels gateway replicas need (keys without '/': Swarm's).",
     )
     clientAccess: ClientAccess = Field(default_factory=ClientAccess)
     requestLimits: RequestLimits = Field(default_factory=RequestLimits)
