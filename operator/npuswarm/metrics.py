@@ -151,6 +151,12 @@ gc_seconds_total = Counter(
     ["generation"],
     registry=REGISTRY,
 )
+malloc_trim_seconds_total = Counter(
+    "npuswarm_malloc_trim_seconds_total",
+    "CPU seconds spent giving glibc's free heap pages back to the OS (runtime/heap.py: after "
+    "a pass, at most once a minute).",
+    registry=REGISTRY,
+)
 workqueue_depth = Gauge(
     "workqueue_depth",
     "ModelDeployments waiting for the next pass.",

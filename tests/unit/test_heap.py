@@ -63,3 +63,25 @@ def test_settle_moves_what_lives_out_of_the_collectors_view_and_frees_cycles_fir
     frozen = gc.get_freeze_count()
     heap.settle()
     assert gc.get_freeze_count() <= frozen + 1000, "a second settle refreezes, not adds up"
+
+
+def resident_mib() -> float:
+    with open("/proc/self/status") as status:
+        line = next(line for line in status if line.startswith("VmRSS:"))
+    return int(line.split()[1]) / 1024
+
+
+def test_trim_gives_the_heap_pages_a_pass_freed_back_and_counts_its_time() -> None:
+    """A pass's garbage is freed all over the heap: glibc keeps those pages resident (it
+    returns only the top of its heap by itself) until malloc_trim."""
+    if heap._libc_function("malloc_trim") is None:
+        pytest.skip("no glibc malloc_trim here")
+    blocks = [bytes(10_000) for _ in range(30_000)]  # 300 MB through malloc, not pymalloc
+    kept = blocks[::10]  # what outlives the pass, spread over the heap: no free top to give back
+    del blocks
+    freed = resident_mib()
+    before = metrics.REGISTRY.get_sample_value("npuswarm_malloc_trim_seconds_total") or 0.0
+    heap.trim()
+    assert resident_mib() < freed - 100, (freed, resident_mib())
+    assert (metrics.REGISTRY.get_sample_value("npuswarm_malloc_trim_seconds_total") or 0.0) > before
+    assert len(kept) == 3000

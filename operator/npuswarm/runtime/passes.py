@@ -70,6 +70,7 @@ class PassLoop:
         self.sequence = 0
         self.last_metrics: metrics.PassMetrics | None = None
         self.settled_at = time.monotonic()  # the heap's last heap.settle()
+        self.trimmed_at = time.monotonic()  # and its last heap.trim() (a settle trims too)
 
     async def run(self) -> None:
         triggers = self.triggers
@@ -169,7 +170,10 @@ class PassLoop:
         burst = result.writes + len(publisher.last_changed) >= RELEASE_AFTER_WRITES
         if burst or time.monotonic() - self.settled_at >= heap.SETTLE_SECONDS:
             await asyncio.to_thread(heap.settle)
-            self.settled_at = time.monotonic()
+            self.settled_at = self.trimmed_at = time.monotonic()
+        elif time.monotonic() - self.trimmed_at >= heap.TRIM_SECONDS:
+            await asyncio.to_thread(heap.trim)
+            self.trimmed_at = time.monotonic()
         self._count(result, served, pass_id, total)
 
     def _count(self, result: PassResult, served: set[str], pass_id: str, total: float) -> None:
