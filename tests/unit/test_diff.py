@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 from npuswarm.api.deployment import ModelDeployment
@@ -201,3 +202,23 @@ def test_outage_status_keeps_replicas_but_is_never_ready() -> None:
     ready = next(c for c in status.conditions if c.type == "Ready")
     assert (ready.status, ready.reason) == ("Unknown", "SwarmUnavailable")
     assert ready.lastTransitionTime != "2026-11-30T11:00:00Z"
+
+
+def test_a_moved_replicas_old_task_keeps_its_npus_until_it_has_stopped() -> None:
+    """An update moved replica 0 of `a` from NPUs 4-7 to 0-3 (a re-placement); its old task
+    runs on through its stop grace on 4-7. A new deployment needing 4 NPUs waits for them
+    instead of starting its container on NPUs a running container still uses."""
+    a = deployment(name="a", replicas=1, npusPerReplica=4, created="2026-01-01T00:00:00Z")
+    services, tasks = converge(a)
+    old_spec = copy.deepcopy(services[0]["Spec"])
+    old_spec["TaskTemplate"]["ContainerSpec"]["Labels"]["npuswarm.io/npus"] = "4-7"
+    stopping = engine_task("id0", old_spec, state="running", desired="shutdown", task_id="old")
+    b = deployment(name="b", replicas=1, npusPerReplica=4, created="2026-01-02T00:00:00Z")
+
+    waits, snapshot = plan_for(b, services, [*tasks, stopping], others=[a])
+    assert [(c.node_id, sorted(c.npus)) for c in snapshot.stopping] == [("node-a", [4, 5, 6, 7])]
+    assert [a.kind for a in waits.actions] == [], "nothing starts on NPUs still in use"
+
+    exited = dict(stopping, Status={"State": "shutdown", "Timestamp": "2026-11-30T11:01:00Z"})
+    placed, _ = plan_for(b, services, [*tasks, exited], others=[a])
+    assert [a.kind for a in placed.actions] == ["create"], "placed once the old task exited"

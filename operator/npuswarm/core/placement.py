@@ -100,7 +100,7 @@ class Allocation(BaseModel):
     foreign: bool = False
     # A member of a multi-node replica: its group's host port block (core/gang.py).
     port_block: int | None = None
-    # Held by a task of a removed service that is still stopping (its stop grace period):
+    # Held by a task still stopping (its stop grace period), its service removed or updated:
     # taken until Swarm no longer lists the task, never kept or moved.
     stopping: bool = False
 
@@ -199,7 +199,8 @@ class PlacementResult:
     _keys_of_node: dict[str, list[CandidateKey]] = field(default_factory=dict)
     # Hostname order makes ties deterministic and lets a scan stop at the first exact fit.
     _ordered: list[NodeInfo] = field(default_factory=list)
-    # NPUs held by stopping tasks of removed services, per node: free once they exit.
+    # NPUs held by stopping tasks (of removed or updated services), per node: free once they
+    # exit.
     releasing: dict[str, set[int]] = field(default_factory=dict)
     # Of those, the ones a waiting replica will take once they are free (_await_release).
     awaited: dict[str, set[int]] = field(default_factory=dict)

@@ -133,8 +133,9 @@ class ForeignClaim:
 
 @dataclass(frozen=True)
 class StoppingClaim:
-    """NPUs a task of a removed service still holds while it stops (within its stop grace
-    period): Swarm lists such a task, desired state "remove", until its container exits."""
+    """NPUs a task of a removed service, or one an update replaced, still holds while it
+    stops (within its stop grace period): Swarm lists such a task, desired state "remove" or
+    "shutdown", until its container exits."""
 
     owner: str  # "namespace/name[slot]" of npuswarm's, else the service id
     node_id: str
@@ -160,9 +161,10 @@ class SwarmSnapshot:
     nodes: list[NodeInfo]
     services: list[ObservedService]
     foreign: list[ForeignClaim] = field(default_factory=list)
-    # NPUs (and a group member's port block) of tasks whose service is gone but which still
-    # stop: a preemptor is placed only once its victims have exited (core/preemption.py), a
-    # group never gets a block a stopping member still holds (core/gang.py).
+    # NPUs (and a group member's port block) of tasks that still stop, their service gone or
+    # updated (a replica moved keeps its old NPUs until its old task exits): a preemptor is
+    # placed only once its victims have exited (core/preemption.py), a group never gets a
+    # block a stopping member still holds (core/gang.py).
     stopping: list[StoppingClaim] = field(default_factory=list)
     # Network name -> "swarm", "local" or "ingress", npuswarm's or not
     # (policy.network_violations reads it).
@@ -248,11 +250,16 @@ def snapshot_from_engine(
             spec=spec,
         )
     foreign_tasks: dict[str, list[dict[str, Any]]] = {}
+    # Tasks an update of one of our services replaced, still in their stop grace: they hold
+    # the NPUs of the spec before the update (a replica moved to other NPUs or nodes).
+    superseded: dict[str, list[dict[str, Any]]] = {}
     for raw_task in tasks:
         service_id = raw_task.get("ServiceID", "")
         service = by_id.get(service_id)
         if service is not None:
             service.tasks.append(_task_from_engine(raw_task))
+            if raw_task.get("DesiredState") in SUPERSEDED_DESIRED_STATES:
+                superseded.setdefault(service_id, []).append(raw_task)
         else:
             foreign_tasks.setdefault(service_id, []).append(raw_task)
     gateways = [by_id.pop(i) for i in list(by_id) if labels.GATEWAY_NAME in by_id[i].labels]
@@ -269,6 +276,10 @@ def snapshot_from_engine(
         for service_id, orphaned in foreign_tasks.items()
         if service_id not in listed
         for claim in stopping_claims(service_id, orphaned)
+    ] + [
+        claim
+        for service_id, replaced in superseded.items()
+        for claim in stopping_claims(service_id, replaced)
     ]
     users: dict[str, set[str]] = {}
     for service in [*by_id.values(), *gateways]:
@@ -349,6 +360,9 @@ def is_own(object_labels: dict[str, str], instance: str) -> bool:
 LIVE_TASK_STATES = frozenset(
     {"new", "pending", "assigned", "accepted", "preparing", "ready", "starting", "running"}
 )
+# What Swarm wants of a task an update replaced or a removal ends: it is told to stop, and it
+# runs on until its container exits (within the service's stop grace period).
+SUPERSEDED_DESIRED_STATES = frozenset({"shutdown", "remove"})
 
 
 def foreign_claims(
@@ -407,7 +421,8 @@ def foreign_claims(
 
 
 def stopping_claims(service_id: str, tasks: list[dict[str, Any]]) -> list[StoppingClaim]:
-    """The NPUs the still-live tasks of a removed service hold: from npuswarm's labels on the
+    """The NPUs the still-live tasks of a removed service (or the tasks an update of one of
+    ours replaced) hold: from npuswarm's labels on the
     container, else its ASCEND_VISIBLE_DEVICES, else the NPU generic resources Swarm gave it;
     and a multi-node member's port block (any installation's: its host ports are taken)."""
     claims = []
