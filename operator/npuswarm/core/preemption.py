@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import combinations
 from typing import Any
 
@@ -191,6 +191,19 @@ def room_for(
         return room
     scratch = result.scratch()
     scratch.free = {node: set(npus) for node, npus in free.items()}
+    # A replica counted here but not asked for yet (a scale-up the answer may grant) does not
+    # make its deployment's existing replicas preemptible: the floor protects what exists.
+    # Otherwise a higher priority would be promised room that only the growth of the very
+    # deployment it preempts makes, growth the answer then withholds from it (it loses replicas).
+    asked = {r.key for requests in result.requests.values() for r in requests}
+    growth: dict[str, int] = {}
+    for assignment in fitted:
+        if assignment.key not in asked:
+            growth[assignment.deployment] = growth.get(assignment.deployment, 0) + 1
+    ranks = {
+        d: replace(rank, floor=rank.floor + growth[d]) if d in growth else rank
+        for d, rank in ranks.items()
+    }
     for assignment in fitted:
         scratch.assign(assignment)
         scratch.unplaced.pop(assignment.key, None)
