@@ -217,8 +217,8 @@ def test_a_moved_replicas_old_task_keeps_its_npus_until_it_has_stopped() -> None
 
     waits, snapshot = plan_for(b, services, [*tasks, stopping], others=[a])
     assert [(c.node_id, sorted(c.npus)) for c in snapshot.stopping] == [("node-a", [4, 5, 6, 7])]
-    assert [a.kind for a in waits.actions] == [], "nothing starts on NPUs still in use"
+    assert [action.kind for action in waits.actions] == [], "nothing starts on NPUs still in use"
 
     exited = dict(stopping, Status={"State": "shutdown", "Timestamp": "2026-11-30T11:01:00Z"})
     placed, _ = plan_for(b, services, [*tasks, exited], others=[a])
-    assert [a.kind for a in placed.actions] == ["create"], "placed once the old task exited"
+    assert [action.kind for action in placed.actions] == ["create"], "placed once the old task exited"
